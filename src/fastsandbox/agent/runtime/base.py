@@ -1,0 +1,91 @@
+"""The `Runtime` seam: what an agent needs from a container runtime, and nothing more.
+
+The containerd backend (`containerd.py`) is the real one; `fake.py` is an in-memory twin for unit
+tests. Both pass `tests/contract/test_runtime_contract.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class ContainerStatus(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """Everything needed to start one sandbox container. Empty command/args/env/working_dir
+    mean "take the image's entrypoint, cmd, env and workdir"."""
+
+    id: str
+    image: str
+    log_path: str
+    command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    working_dir: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # Path of the network namespace to join (e.g. /var/run/netns/fsb-agent-1); None = host.
+    netns_path: str | None = None
+    # cgroup path under which the container's cgroup is made, e.g. "/fastsandbox/agent-1".
+    cgroup_parent: str = "/fastsandbox"
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+    # "runc" or "gvisor".
+    runtime: str = "runc"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerState:
+    id: str
+    status: ContainerStatus
+    labels: Mapping[str, str] = field(default_factory=dict)
+    pid: int = 0
+    exit_code: int | None = None
+    started_at: float | None = None
+    exited_at: float | None = None
+    # Set when the runtime knows why the process ended, e.g. "OOMKilled".
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    name: str
+    digest: str
+
+
+class Runtime(Protocol):
+    async def pull(self, image: str) -> ImageInfo:
+        """Make `image` available locally (no-op when already present)."""
+        ...
+
+    async def images(self) -> list[ImageInfo]:
+        """Images present locally."""
+        ...
+
+    async def create(self, spec: ContainerSpec) -> ContainerState:
+        """Create and start the container. Idempotent: an existing container with the same id
+        is returned as it is. The image must have been pulled (`NotFound` otherwise)."""
+        ...
+
+    async def delete(self, container_id: str, grace_seconds: float) -> bool:
+        """SIGTERM, wait up to `grace_seconds`, SIGKILL; then remove task, container and
+        snapshot. Returns False when nothing existed (idempotent)."""
+        ...
+
+    async def get(self, container_id: str) -> ContainerState:
+        """The container's state; raises `fastsandbox.errors.NotFound` when unknown."""
+        ...
+
+    async def list(self, labels: Mapping[str, str] | None = None) -> list[ContainerState]:
+        """Containers whose labels include every given pair."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,318 @@
+"""The API objects: `Sandbox` and `SandboxPool` (`fastsandbox.io/v1alpha1`).
+
+These pydantic models are the single source of truth for the object model (DESIGN.md §3): the
+Fast-Path validates requests with them, the stores persist their JSON, and the Kubernetes CRD
+schemas are generated from them. Field names are snake_case in Python and camelCase on the wire.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "fastsandbox.io"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+CLEANUP_FINALIZER = f"{API_GROUP}/cleanup"
+DEFAULT_NAMESPACE = "default"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+
+def _dns_name(value: str) -> str:
+    if not value:
+        raise ValueError("required")
+    if len(value) > 63 or not _DNS_LABEL.match(value):
+        raise ValueError(
+            "must be a DNS label: lowercase letters, digits and '-', at most 63 characters"
+        )
+    return value
+
+
+def _required_str(value: str) -> str:
+    if not value.strip():
+        raise ValueError("required")
+    return value
+
+
+def _port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError("must be 1..65535")
+    return value
+
+
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+RequiredStr = Annotated[str, AfterValidator(_required_str)]
+Port = Annotated[int, AfterValidator(_port)]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class FailurePolicy(StrEnum):
+    MANUAL = "Manual"
+    AUTO_RECREATE = "AutoRecreate"
+
+
+class Runtime(StrEnum):
+    RUNC = "runc"
+    GVISOR = "gvisor"
+
+
+class ConsistencyMode(StrEnum):
+    FAST = "fast"
+    STRONG = "strong"
+
+
+class ObjectMeta(_Model):
+    name: DnsName
+    namespace: DnsName = DEFAULT_NAMESPACE
+    uid: str = ""
+    resource_version: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    finalizers: list[str] = Field(default_factory=list)
+    creation_timestamp: datetime | None = None
+    deletion_timestamp: datetime | None = None
+
+
+class EnvVar(_Model):
+    name: RequiredStr
+    value: str = ""
+
+
+class ResourceList(_Model):
+    """Kubernetes-style quantities: cpu `"500m"` or `"2"`, memory `"256Mi"`."""
+
+    cpu: str | None = None
+    memory: str | None = None
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        if value is not None and not _QUANTITY.match(value):
+            raise ValueError("must be a quantity such as 500m, 2, 256Mi or 1Gi")
+        return value
+
+
+def _enum_message(enum: type[StrEnum]) -> str:
+    names = [member.value for member in enum]
+    return "must be " + (" or ".join(names) if len(names) == 2 else ", ".join(names))
+
+
+class SandboxSpec(_Model):
+    image: RequiredStr
+    pool_ref: RequiredStr
+    command: list[str] = Field(default_factory=list)
+    args: list[str] = Field(default_factory=list)
+    env: list[EnvVar] = Field(default_factory=list)
+    working_dir: str = ""
+    exposed_ports: list[Port] = Field(default_factory=list)
+    expire_time: datetime | None = None
+    failure_policy: FailurePolicy = FailurePolicy.MANUAL
+    recovery_timeout_seconds: int = Field(default=60, ge=1)
+    reset_revision: str = ""
+    resources: ResourceList = Field(default_factory=ResourceList)
+
+    @field_validator("failure_policy", mode="before")
+    @classmethod
+    def _policy(cls, value: Any) -> Any:
+        if value not in {p.value for p in FailurePolicy} and not isinstance(value, FailurePolicy):
+            raise ValueError(_enum_message(FailurePolicy))
+        return value
+
+    @field_validator("exposed_ports")
+    @classmethod
+    def _unique_ports(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("ports must be unique")
+        return value
+
+    @field_validator("working_dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if value and not value.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return value
+
+
+class SandboxPhase(StrEnum):
+    PENDING = "Pending"
+    SCHEDULED = "Scheduled"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    EXPIRED = "Expired"
+    LOST = "Lost"
+    TERMINATING = "Terminating"
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: datetime = Field(default_factory=now)
+
+
+class Timings(_Model):
+    """Milliseconds since the request arrived at the Fast-Path (or the object was first seen)."""
+
+    accepted_ms: float = 0.0
+    scheduled_ms: float | None = None
+    runtime_ready_ms: float | None = None
+
+
+class SandboxStatus(_Model):
+    phase: SandboxPhase = SandboxPhase.PENDING
+    assigned_agent: str = ""
+    agent_ip: str = Field(default="", alias="agentIP")
+    endpoints: list[str] = Field(default_factory=list)
+    container_id: str = Field(default="", alias="containerID")
+    started_at: datetime | None = None
+    exit_code: int | None = None
+    observed_reset_revision: str = ""
+    conditions: list[Condition] = Field(default_factory=list)
+    timings: Timings | None = None
+    message: str = ""
+
+
+class Sandbox(_Model):
+    api_version: Literal["fastsandbox.io/v1alpha1"] = API_VERSION
+    kind: Literal["Sandbox"] = "Sandbox"
+    metadata: ObjectMeta
+    spec: SandboxSpec
+    status: SandboxStatus = Field(default_factory=SandboxStatus)
+
+
+class PoolCapacity(_Model):
+    pool_min: int = Field(default=1, ge=0)
+    pool_max: int = Field(default=1, ge=0)
+    buffer_min: int = Field(default=0, ge=0)
+    buffer_max: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.pool_max < self.pool_min:
+            raise ValueError("poolMax must be at least poolMin")
+        if self.buffer_max and self.buffer_max < self.buffer_min:
+            raise ValueError("bufferMax must be at least bufferMin")
+        return self
+
+
+class RollingUpdate(_Model):
+    max_unavailable: int = Field(default=0, ge=0)
+    max_surge: int = Field(default=1, ge=0)
+
+
+class SandboxPoolSpec(_Model):
+    runtime: Runtime = Runtime.RUNC
+    capacity: PoolCapacity = Field(default_factory=PoolCapacity)
+    max_sandboxes_per_agent: int = Field(default=5, ge=1, le=1000)
+    agent_resources: ResourceList = Field(default_factory=ResourceList)
+    agent_template: dict[str, Any] | None = None
+    agent_version: str = ""
+    rolling_update: RollingUpdate = Field(default_factory=RollingUpdate)
+    prewarm_images: list[RequiredStr] = Field(default_factory=list)
+    warm_slots: int = Field(default=0, ge=0)
+
+    @field_validator("runtime", mode="before")
+    @classmethod
+    def _runtime(cls, value: Any) -> Any:
+        if value not in {r.value for r in Runtime} and not isinstance(value, Runtime):
+            raise ValueError(_enum_message(Runtime))
+        return value
+
+
+class AgentCounts(_Model):
+    total: int = 0
+    ready: int = 0
+    updated: int = 0
+    draining: int = 0
+
+
+class SlotCounts(_Model):
+    total: int = 0
+    allocated: int = 0
+
+
+class SandboxPoolStatus(_Model):
+    agents: AgentCounts = Field(default_factory=AgentCounts)
+    slots: SlotCounts = Field(default_factory=SlotCounts)
+    cached_images: list[str] = Field(default_factory=list)
+    observed_generation: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class SandboxPool(_Model):
+    api_version: Literal["fastsandbox.io/v1alpha1"] = API_VERSION
+    kind: Literal["SandboxPool"] = "SandboxPool"
+    metadata: ObjectMeta
+    spec: SandboxPoolSpec = Field(default_factory=SandboxPoolSpec)
+    status: SandboxPoolStatus = Field(default_factory=SandboxPoolStatus)
+
+
+ApiObject = Sandbox | SandboxPool
+KINDS: dict[str, type[Sandbox] | type[SandboxPool]] = {
+    "Sandbox": Sandbox,
+    "SandboxPool": SandboxPool,
+}
+
+
+def to_wire(obj: BaseModel) -> dict[str, Any]:
+    """The object as users see it: camelCase keys, RFC 3339 times, unset optionals omitted."""
+    data: dict[str, Any] = obj.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return data
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One human line per problem, each naming the field: `spec.exposedPorts[0]: must be 1..65535`."""
+    lines = []
+    for err in exc.errors():
+        path = prefix
+        for part in err["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif part.startswith("function-after") or part.startswith("function-before"):
+                continue
+            else:
+                path += ("." if path else "") + part
+        if err["type"] == "missing":
+            message = "required"
+        elif err["type"] == "extra_forbidden":
+            message = "unknown field"
+        else:
+            message = str(err["msg"]).removeprefix("Value error, ")
+        lines.append(f"{path}: {message}" if path else message)
+    return "; ".join(lines)
+
+
+def parse_rfc3339(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        raise ValueError("needs a timezone (e.g. 2026-01-01T00:00:00Z)")
+    return parsed

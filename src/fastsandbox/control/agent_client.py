@@ -1,0 +1,106 @@
+"""The control plane's client for agents: one cached gRPC channel per agent, errors translated
+into our tree at this one seam (the agent maps its own errors to status codes on its side)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import grpc
+
+from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
+from fastsandbox.errors import FsbError, Unavailable, from_grpc
+
+T = TypeVar("T")
+
+# A Status poll or a Create must not hang the caller when an agent is wedged.
+CALL_TIMEOUT_SECONDS = 30.0
+
+
+def _translate(exc: grpc.aio.AioRpcError, target: str) -> FsbError:
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"agent at {target} is unreachable: {exc.details()}")
+    return from_grpc(code, exc.details())
+
+
+class AgentClient:
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
+
+    async def _call(self, method: Any, request: Any, timeout: float) -> Any:
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, self.target) from None
+
+    async def create(self, spec: agent_pb2.SandboxRuntimeSpec) -> agent_pb2.SandboxState:
+        reply = await self._call(
+            self._stub.CreateSandbox,
+            agent_pb2.CreateSandboxRequest(spec=spec),
+            CALL_TIMEOUT_SECONDS * 4,  # may include an image pull
+        )
+        state: agent_pb2.SandboxState = reply.sandbox
+        return state
+
+    async def delete(self, sandbox_id: str, grace_seconds: float = -1) -> bool:
+        reply = await self._call(
+            self._stub.DeleteSandbox,
+            agent_pb2.DeleteSandboxRequest(sandbox_id=sandbox_id, grace_seconds=grace_seconds),
+            CALL_TIMEOUT_SECONDS + max(grace_seconds, 10.0),
+        )
+        return bool(reply.existed)
+
+    async def status(self, timeout: float = 5.0) -> agent_pb2.StatusResponse:
+        reply: agent_pb2.StatusResponse = await self._call(
+            self._stub.Status, agent_pb2.StatusRequest(), timeout
+        )
+        return reply
+
+    async def pull(self, image: str) -> agent_pb2.PullImageResponse:
+        reply: agent_pb2.PullImageResponse = await self._call(
+            self._stub.PullImage, agent_pb2.PullImageRequest(image=image), 600.0
+        )
+        return reply
+
+    async def logs(self, sandbox_id: str, *, follow: bool, tail_lines: int) -> AsyncIterator[bytes]:
+        call = self._stub.Logs(
+            agent_pb2.SandboxLogsRequest(
+                sandbox_id=sandbox_id, follow=follow, tail_lines=tail_lines
+            )
+        )
+        try:
+            async for chunk in call:
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc, self.target) from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class AgentClients:
+    """Channels are kept per target: a fresh channel per call would add a connect to every create."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, AgentClient] = {}
+
+    def get(self, target: str) -> AgentClient:
+        client = self._clients.get(target)
+        if client is None:
+            client = self._clients[target] = AgentClient(target)
+        return client
+
+    async def drop(self, target: str) -> None:
+        client = self._clients.pop(target, None)
+        if client is not None:
+            await client.close()
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)

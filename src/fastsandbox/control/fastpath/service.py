@@ -1,0 +1,257 @@
+"""The Fast-Path gRPC service: the edge where requests are validated and errors become statuses.
+
+Requests are turned into pydantic models here (so a bad field is INVALID_ARGUMENT naming the
+field, before anything is allocated), handed to `SandboxService` / `PoolManager`, and every
+`FsbError` is mapped to its gRPC status in exactly one place (`_guard`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from pydantic import ValidationError
+
+from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
+from fastsandbox.api.models import (
+    ConsistencyMode,
+    ObjectMeta,
+    Sandbox,
+    SandboxPool,
+    SandboxSpec,
+    describe_validation_error,
+    now,
+    parse_rfc3339,
+    to_wire,
+)
+from fastsandbox.control.pools import PoolManager
+from fastsandbox.control.sandboxes import CreateOptions, SandboxService, request_hash
+from fastsandbox.errors import FsbError, InvalidArgument
+from fastsandbox.store.base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _json(obj: Sandbox | SandboxPool) -> str:
+    return json.dumps(to_wire(obj), separators=(",", ":"))
+
+
+def _validated(build: Callable[[], T], prefix: str = "") -> T:
+    try:
+        return build()
+    except ValidationError as exc:
+        raise InvalidArgument(describe_validation_error(exc, prefix)) from None
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def sandbox_from_request(req: fastpath_pb2.CreateRequest) -> Sandbox:
+    if req.expire_time and req.ttl_seconds:
+        raise InvalidArgument("give either ttl_seconds or expire_time, not both")
+    if req.ttl_seconds < 0:
+        raise InvalidArgument("spec.ttlSeconds: must be positive")
+    spec: dict[str, Any] = {
+        "image": req.image,
+        "poolRef": req.pool_ref,
+        "command": list(req.command),
+        "args": list(req.args),
+        "env": [{"name": e.name, "value": e.value} for e in req.env],
+        "workingDir": req.working_dir,
+        "exposedPorts": list(req.exposed_ports),
+        "resetRevision": req.reset_revision,
+    }
+    if req.failure_policy:
+        spec["failurePolicy"] = req.failure_policy
+    if req.recovery_timeout_seconds:
+        spec["recoveryTimeoutSeconds"] = req.recovery_timeout_seconds
+    if req.HasField("resources"):
+        spec["resources"] = {
+            k: v for k, v in (("cpu", req.resources.cpu), ("memory", req.resources.memory)) if v
+        }
+    if req.ttl_seconds:
+        spec["expireTime"] = now() + timedelta(seconds=req.ttl_seconds)
+    elif req.expire_time:
+        spec["expireTime"] = _validated(lambda: parse_rfc3339(req.expire_time), "spec.expireTime")
+    meta = _validated(
+        lambda: ObjectMeta(
+            name=req.name, namespace=req.namespace or "default", labels=dict(req.labels)
+        ),
+        "metadata",
+    )
+    parsed = _validated(lambda: SandboxSpec.model_validate(spec), "spec")
+    return Sandbox(metadata=meta, spec=parsed)
+
+
+def pool_from_json(text: str, namespace: str | None = None) -> SandboxPool:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"pool is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("pool must be a JSON object")
+    data.setdefault("apiVersion", "fastsandbox.io/v1alpha1")
+    data.setdefault("kind", "SandboxPool")
+    data.pop("status", None)
+    pool = _validated(lambda: SandboxPool.model_validate(data))
+    if namespace and not data.get("metadata", {}).get("namespace"):
+        pool.metadata.namespace = namespace
+    return pool
+
+
+class FastPathService(fastpath_pb2_grpc.FastPathServicer):
+    def __init__(self, sandboxes: SandboxService, pools: PoolManager, store: ObjectStore) -> None:
+        self.sandboxes = sandboxes
+        self.pools = pools
+        self.store = store
+
+    async def _guard(self, context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except FsbError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+            raise AssertionError("unreachable") from exc
+
+    # -- sandboxes -------------------------------------------------------------------------
+    async def Create(  # noqa: N802 (gRPC method names)
+        self,
+        request: fastpath_pb2.CreateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> fastpath_pb2.CreateResponse:
+        arrived = time.perf_counter()
+
+        async def create() -> Sandbox:
+            sb = sandbox_from_request(request)
+            mode = request.mode or ConsistencyMode.FAST.value
+            if mode not in {m.value for m in ConsistencyMode}:
+                raise InvalidArgument("mode: must be fast or strong")
+            fingerprint = MessageToDict(request, preserving_proto_field_name=True)
+            fingerprint.pop("mode", None)
+            fingerprint.pop("idempotency_key", None)
+            opts = CreateOptions(
+                mode=ConsistencyMode(mode),
+                idempotency_key=request.idempotency_key,
+                request_hash=request_hash(json.dumps(fingerprint, sort_keys=True)),
+                arrived=arrived,
+            )
+            return await self.sandboxes.create(sb, opts)
+
+        sb = await self._guard(context, create())
+        status, timings = sb.status, sb.status.timings
+        log.info(
+            "sandbox created",
+            extra={
+                "sandbox": f"{sb.metadata.namespace}/{sb.metadata.name}",
+                "agent": status.assigned_agent,
+                "ms": timings.runtime_ready_ms if timings else None,
+            },
+        )
+        return fastpath_pb2.CreateResponse(
+            name=sb.metadata.name,
+            namespace=sb.metadata.namespace,
+            uid=sb.metadata.uid,
+            container_id=status.container_id,
+            agent=status.assigned_agent,
+            agent_ip=status.agent_ip,
+            endpoints=status.endpoints,
+            phase=status.phase.value,
+            timings=fastpath_pb2.Timings(
+                accepted_ms=timings.accepted_ms if timings else 0,
+                scheduled_ms=(timings.scheduled_ms or 0) if timings else 0,
+                runtime_ready_ms=(timings.runtime_ready_ms or 0) if timings else 0,
+            ),
+            object_json=_json(sb),
+        )
+
+    async def Get(  # noqa: N802
+        self, request: fastpath_pb2.ObjectRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.ObjectReply:
+        sb = await self._guard(
+            context, self.store.get(Sandbox, request.namespace or "default", request.name)
+        )
+        return fastpath_pb2.ObjectReply(object_json=_json(sb))
+
+    async def List(  # noqa: N802
+        self, request: fastpath_pb2.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.ListReply:
+        items = await self._guard(
+            context,
+            self.store.list(
+                Sandbox, request.namespace or None, dict(request.label_selector) or None
+            ),
+        )
+        items = [
+            s
+            for s in items
+            if (not request.pool_ref or s.spec.pool_ref == request.pool_ref)
+            and (not request.phase or s.status.phase.value == request.phase)
+        ]
+        return fastpath_pb2.ListReply(objects_json=[_json(s) for s in items])
+
+    async def Delete(  # noqa: N802
+        self, request: fastpath_pb2.DeleteRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.DeleteReply:
+        sb = await self._guard(
+            context,
+            self.sandboxes.delete(request.namespace or "default", request.name, wait=request.wait),
+        )
+        return fastpath_pb2.DeleteReply(phase=sb.status.phase.value if sb else "Deleted")
+
+    async def Logs(  # noqa: N802
+        self, request: fastpath_pb2.LogsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[fastpath_pb2.LogChunk]:
+        stream = self.sandboxes.logs(
+            request.namespace or "default",
+            request.name,
+            follow=request.follow,
+            tail_lines=request.tail_lines,
+        )
+        try:
+            async for data in stream:
+                yield fastpath_pb2.LogChunk(data=data)
+        except FsbError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+
+    # -- pools -----------------------------------------------------------------------------
+    async def CreatePool(  # noqa: N802
+        self, request: fastpath_pb2.PoolRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.ObjectReply:
+        async def create() -> SandboxPool:
+            return await self.pools.create(pool_from_json(request.object_json))
+
+        pool = await self._guard(context, create())
+        return fastpath_pb2.ObjectReply(object_json=_json(pool))
+
+    async def GetPool(  # noqa: N802
+        self, request: fastpath_pb2.ObjectRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.ObjectReply:
+        pool = await self._guard(
+            context, self.store.get(SandboxPool, request.namespace or "default", request.name)
+        )
+        return fastpath_pb2.ObjectReply(object_json=_json(pool))
+
+    async def ListPools(  # noqa: N802
+        self, request: fastpath_pb2.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.ListReply:
+        pools = await self._guard(
+            context,
+            self.store.list(
+                SandboxPool, request.namespace or None, dict(request.label_selector) or None
+            ),
+        )
+        return fastpath_pb2.ListReply(objects_json=[_json(p) for p in pools])
+
+    async def DeletePool(  # noqa: N802
+        self, request: fastpath_pb2.ObjectRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.DeleteReply:
+        await self._guard(
+            context, self.pools.delete(request.namespace or "default", request.name)
+        )
+        return fastpath_pb2.DeleteReply(phase="Deleted")

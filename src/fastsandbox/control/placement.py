@@ -1,0 +1,80 @@
+"""Where a sandbox goes: a pure scoring rule, kept apart from the registry's bookkeeping.
+
+Hard filters first (same pool, same namespace, Ready, not draining, a free slot, none of the
+requested ports taken on that agent, since all sandboxes of an agent share its network namespace),
+then the lowest score wins: the agent's load plus a large penalty when the image is not cached, so
+image affinity beats load (a pull costs far more than one more neighbour) while the least-loaded
+agent wins among equals. Ties break on the name, so placement is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+UNCACHED_IMAGE_PENALTY = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    name: str
+    namespace: str
+    pool: str
+    capacity: int
+    allocated: int
+    ports_in_use: frozenset[int]
+    images: frozenset[str]
+    ready: bool = True
+    draining: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    namespace: str
+    pool: str
+    image: str
+    ports: frozenset[int]
+
+
+def fits(agent: Candidate, request: Request) -> bool:
+    return (
+        agent.ready
+        and not agent.draining
+        and agent.pool == request.pool
+        and agent.namespace == request.namespace
+        and agent.allocated < agent.capacity
+        and not (agent.ports_in_use & request.ports)
+    )
+
+
+def score(agent: Candidate, request: Request) -> int:
+    penalty = 0 if image_cached(request.image, agent.images) else UNCACHED_IMAGE_PENALTY
+    return agent.allocated + penalty
+
+
+def choose(agents: Iterable[Candidate], request: Request) -> Candidate | None:
+    best: Candidate | None = None
+    best_key: tuple[int, str] | None = None
+    for agent in agents:
+        if not fits(agent, request):
+            continue
+        key = (score(agent, request), agent.name)
+        if best_key is None or key < best_key:
+            best, best_key = agent, key
+    return best
+
+
+def normalize_image(image: str) -> str:
+    """`busybox` → `docker.io/library/busybox:latest`, the name containerd stores."""
+    name = image
+    first, _, rest = name.partition("/")
+    if not rest or ("." not in first and ":" not in first and first != "localhost"):
+        name = f"docker.io/{name}" if rest else f"docker.io/library/{name}"
+    last = name.rsplit("/", 1)[-1]
+    if "@" not in last and ":" not in last:
+        name += ":latest"
+    return name
+
+
+def image_cached(image: str, images: frozenset[str]) -> bool:
+    return image in images or normalize_image(image) in images

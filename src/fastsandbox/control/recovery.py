@@ -1,0 +1,81 @@
+"""Crash recovery: rebuild the registry from records and agent reports before serving writes.
+
+After a restart (clean or kill -9) the registry is empty while sandboxes keep running under
+containerd. Accepting a create before the registry knows them would hand out slots and ports that
+are taken, so the server runs this first: adopt the fleet's agents, ask each what it runs, and
+take a slot for every container a record points at, and for every live container the agent
+reports without a record (the agent is the capacity authority; such orphans are handled by the
+janitor of the lifecycle work, until then they keep their slot rather than be double-booked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass
+
+from fastsandbox.api.models import SandboxPool
+from fastsandbox.control.pools import PoolManager
+from fastsandbox.control.sandboxes import SandboxService
+from fastsandbox.errors import FsbError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    agents: int
+    agents_ready: int
+    records: int
+    slots_adopted: int
+    orphans: int
+
+
+async def recover(pools: PoolManager, sandboxes: SandboxService) -> RecoveryReport:
+    registry = pools.registry
+    by_key = {
+        (p.metadata.namespace, p.metadata.name): p for p in await pools.store.list(SandboxPool)
+    }
+    for handle in await pools.fleet.start():
+        pool = by_key.get((handle.namespace, handle.pool))
+        pools.register(handle, pool.spec.max_sandboxes_per_agent if pool else 1)
+
+    agents = registry.agents()
+    ready = await asyncio.gather(*(pools.wait_ready(a, timeout=20.0) for a in agents))
+
+    records = await sandboxes.load()
+    adopted = 0
+    claimed: set[str] = set()
+    for sb in records:
+        agent, sandbox_id = sb.status.assigned_agent, sb.status.container_id
+        if agent and sandbox_id and registry.get_agent(agent) is not None:
+            registry.adopt(agent, sandbox_id, sb.spec.exposed_ports)
+            claimed.add(sandbox_id)
+            adopted += 1
+
+    orphans = 0
+    for agent in agents:
+        if not agent.ready:
+            continue
+        try:
+            status = await sandboxes.agents.get(agent.target).status()
+        except FsbError:
+            continue
+        for state in status.sandboxes:
+            if state.sandbox_id in claimed or state.exited:
+                continue
+            registry.adopt(agent.name, state.sandbox_id, ())
+            orphans += 1
+            log.warning(
+                "container without a record keeps its slot",
+                extra={"agent": agent.name, "sandbox_id": state.sandbox_id},
+            )
+    report = RecoveryReport(
+        agents=len(agents),
+        agents_ready=sum(ready),
+        records=len(records),
+        slots_adopted=adopted,
+        orphans=orphans,
+    )
+    log.info("recovered", extra=asdict(report))
+    return report

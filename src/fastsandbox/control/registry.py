@@ -1,0 +1,188 @@
+"""The control plane's in-memory view of agents: slots, ports and cached images.
+
+The registry is the admission point for the Fast-Path, so allocation is synchronous (no await
+between choosing an agent and reserving its slot: two concurrent creates can never take the same
+last slot or port) and never waits on heartbeat processing, which only swaps in new snapshots of
+an agent's images and reported sandboxes. Agents are indexed by (namespace, pool), so a placement
+only looks at its own pool's agents.
+
+A slot is held by a sandbox id from `allocate` (or `adopt`, during recovery) until `release`,
+which the caller makes only after the agent confirmed the container is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from fastsandbox.control import placement
+from fastsandbox.errors import CapacityExhausted, NotFound
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AgentRecord:
+    name: str
+    namespace: str
+    pool: str
+    target: str
+    ip: str
+    capacity: int
+    version: str = ""
+    ready: bool = False
+    draining: bool = False
+    images: frozenset[str] = frozenset()
+    last_heartbeat: float = 0.0
+    # sandbox id -> ports it holds on this agent.
+    slots: dict[str, frozenset[int]] = field(default_factory=dict)
+
+    @property
+    def ports_in_use(self) -> frozenset[int]:
+        used: set[int] = set()
+        for ports in self.slots.values():
+            used |= ports
+        return frozenset(used)
+
+    def candidate(self) -> placement.Candidate:
+        return placement.Candidate(
+            name=self.name,
+            namespace=self.namespace,
+            pool=self.pool,
+            capacity=self.capacity,
+            allocated=len(self.slots),
+            ports_in_use=self.ports_in_use,
+            images=self.images,
+            ready=self.ready,
+            draining=self.draining,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    agent: str
+    target: str
+    ip: str
+    sandbox_id: str
+    ports: frozenset[int]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"{self.ip}:{port}" for port in sorted(self.ports)]
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._agents: dict[str, AgentRecord] = {}
+        self._by_pool: dict[tuple[str, str], set[str]] = defaultdict(set)
+
+    # -- agents -------------------------------------------------------------------------------
+    def upsert_agent(self, record: AgentRecord) -> AgentRecord:
+        existing = self._agents.get(record.name)
+        if existing is not None:
+            # Keep slots: they are the registry's own bookkeeping, not the agent's description.
+            record.slots = existing.slots
+            record.ready = existing.ready or record.ready
+            record.images = existing.images or record.images
+        self._agents[record.name] = record
+        self._by_pool[(record.namespace, record.pool)].add(record.name)
+        return record
+
+    def remove_agent(self, name: str) -> AgentRecord | None:
+        record = self._agents.pop(name, None)
+        if record is not None:
+            self._by_pool[(record.namespace, record.pool)].discard(name)
+        return record
+
+    def agent(self, name: str) -> AgentRecord:
+        try:
+            return self._agents[name]
+        except KeyError:
+            raise NotFound(f"agent {name} is not registered") from None
+
+    def get_agent(self, name: str) -> AgentRecord | None:
+        return self._agents.get(name)
+
+    def agents(self, namespace: str | None = None, pool: str | None = None) -> list[AgentRecord]:
+        if namespace is not None and pool is not None:
+            return [self._agents[n] for n in sorted(self._by_pool.get((namespace, pool), ()))]
+        return [
+            a
+            for a in self._agents.values()
+            if (namespace is None or a.namespace == namespace) and (pool is None or a.pool == pool)
+        ]
+
+    def heartbeat(self, name: str, *, images: Iterable[str], ready: bool = True) -> None:
+        record = self._agents.get(name)
+        if record is None:
+            return
+        record.images = frozenset(images)
+        record.ready = ready
+        record.last_heartbeat = time.monotonic()
+
+    def mark_unready(self, name: str) -> None:
+        record = self._agents.get(name)
+        if record is not None:
+            record.ready = False
+
+    # -- slots --------------------------------------------------------------------------------
+    def allocate(
+        self, *, namespace: str, pool: str, image: str, ports: Iterable[int], sandbox_id: str
+    ) -> Allocation:
+        wanted = frozenset(ports)
+        request = placement.Request(namespace=namespace, pool=pool, image=image, ports=wanted)
+        names = self._by_pool.get((namespace, pool), set())
+        chosen = placement.choose((self._agents[n].candidate() for n in names), request)
+        if chosen is None:
+            raise CapacityExhausted(self._why_no_fit(namespace, pool, wanted))
+        record = self._agents[chosen.name]
+        record.slots[sandbox_id] = wanted
+        log.debug("allocated", extra={"sandbox_id": sandbox_id, "agent": record.name})
+        return Allocation(record.name, record.target, record.ip, sandbox_id, wanted)
+
+    def adopt(self, agent: str, sandbox_id: str, ports: Iterable[int]) -> Allocation:
+        """Record a slot that is already in use (recovery, declarative objects on restart)."""
+        record = self.agent(agent)
+        record.slots[sandbox_id] = frozenset(ports)
+        return Allocation(record.name, record.target, record.ip, sandbox_id, frozenset(ports))
+
+    def release(self, agent: str, sandbox_id: str) -> None:
+        record = self._agents.get(agent)
+        if record is not None and record.slots.pop(sandbox_id, None) is not None:
+            log.debug("released", extra={"sandbox_id": sandbox_id, "agent": agent})
+
+    def holder(self, sandbox_id: str) -> AgentRecord | None:
+        for record in self._agents.values():
+            if sandbox_id in record.slots:
+                return record
+        return None
+
+    def pool_slots(self, namespace: str, pool: str) -> tuple[int, int]:
+        """(total, allocated) over the pool's agents."""
+        agents = self.agents(namespace, pool)
+        return sum(a.capacity for a in agents), sum(len(a.slots) for a in agents)
+
+    def _why_no_fit(self, namespace: str, pool: str, ports: frozenset[int]) -> str:
+        agents = self.agents(namespace, pool)
+        if not agents:
+            return (
+                f"pool {namespace}/{pool} has no agents yet; wait for it to become ready "
+                "or raise its poolMin"
+            )
+        ready = [a for a in agents if a.ready and not a.draining]
+        if not ready:
+            return f"no agent of pool {namespace}/{pool} is ready yet; retry in a moment"
+        free = [a for a in ready if len(a.slots) < a.capacity]
+        if not free:
+            total = sum(a.capacity for a in ready)
+            return (
+                f"pool {namespace}/{pool} is full ({total} of {total} slots in use); "
+                "delete a sandbox or raise the pool's poolMax / maxSandboxesPerAgent"
+            )
+        return (
+            f"every agent of pool {namespace}/{pool} with a free slot already uses port(s) "
+            f"{', '.join(map(str, sorted(ports)))}; use other ports or add agents"
+        )

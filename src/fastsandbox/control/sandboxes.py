@@ -1,0 +1,412 @@
+"""Sandbox lifecycle operations shared by the Fast-Path and the reconciler.
+
+Every operation on one sandbox runs inside that sandbox's serial section (`KeyedLocks`), so a
+Fast-Path create, a user's delete and the reconciler never interleave on the same object, while
+different sandboxes proceed in parallel.
+
+- Fast mode: allocate a slot, start the container on the agent, then write the record (already
+  Running). One store write; the record is written before the reply so a `get` right after `run`
+  always finds it.
+- Strong mode and declarative objects: the record exists first (Pending), then the same start
+  path runs and the status becomes Running.
+- Deletion goes through the `fastsandbox.io/cleanup` finalizer: the slot and ports are released
+  only after the agent confirmed the container is gone; an agent error keeps the finalizer and
+  the reconciler retries.
+Nothing is left half-made: a failure after the slot was taken releases it (and removes the
+container when it was started), and a Strong-mode record that could not be placed is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastsandbox._aio.keyed import KeyedLocks
+from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
+from fastsandbox.api.models import (
+    CLEANUP_FINALIZER,
+    Condition,
+    ConsistencyMode,
+    Sandbox,
+    SandboxPhase,
+    SandboxPool,
+    Timings,
+    now,
+)
+from fastsandbox.api.quantity import cpu_millis, memory_bytes
+from fastsandbox.control.agent_client import AgentClients
+from fastsandbox.control.registry import Allocation, Registry
+from fastsandbox.errors import (
+    AlreadyExists,
+    CapacityExhausted,
+    Conflict,
+    FsbError,
+    NotFound,
+    Unavailable,
+)
+from fastsandbox.store.base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_KEY = "fastsandbox.io/idempotency-key"
+SPEC_HASH = "fastsandbox.io/spec-hash"
+MODE = "fastsandbox.io/consistency-mode"
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class CreateOptions:
+    mode: ConsistencyMode = ConsistencyMode.FAST
+    idempotency_key: str = ""
+    # Hash of the request as the user sent it (ttl, not the expire time derived from it), so a
+    # retried request matches its first attempt.
+    request_hash: str = ""
+    # time.perf_counter() when the request arrived; timings are measured from here.
+    arrived: float = 0.0
+
+
+def request_hash(canonical_json: str) -> str:
+    return hashlib.sha256(canonical_json.encode()).hexdigest()[:32]
+
+
+def new_sandbox_id(name: str) -> str:
+    return f"{name[:50]}-{secrets.token_hex(4)}"
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 3)
+
+
+class SandboxService:
+    def __init__(
+        self,
+        store: ObjectStore,
+        registry: Registry,
+        agents: AgentClients,
+        *,
+        grace_seconds: float,
+        default_cpu: str,
+        default_memory: str,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.agents = agents
+        self.grace_seconds = grace_seconds
+        self.default_cpu = default_cpu
+        self.default_memory = default_memory
+        self.locks = KeyedLocks()
+        self._idempotency: dict[tuple[str, str], tuple[str, str]] = {}
+
+    # -- index -----------------------------------------------------------------------------
+    async def load(self) -> list[Sandbox]:
+        """Read every record (recovery) and rebuild the idempotency index from annotations."""
+        sandboxes = await self.store.list(Sandbox)
+        for sb in sandboxes:
+            self._remember(sb)
+        return sandboxes
+
+    def _remember(self, sb: Sandbox) -> None:
+        key = sb.metadata.annotations.get(IDEMPOTENCY_KEY)
+        if key:
+            self._idempotency[(sb.metadata.namespace, key)] = (
+                sb.metadata.name,
+                sb.metadata.annotations.get(SPEC_HASH, ""),
+            )
+
+    def _forget(self, sb: Sandbox) -> None:
+        key = sb.metadata.annotations.get(IDEMPOTENCY_KEY)
+        if key:
+            self._idempotency.pop((sb.metadata.namespace, key), None)
+
+    # -- create ----------------------------------------------------------------------------
+    async def create(self, sb: Sandbox, opts: CreateOptions) -> Sandbox:
+        ns, name = sb.metadata.namespace, sb.metadata.name
+        if opts.idempotency_key:
+            existing = await self._replay(ns, opts)
+            if existing is not None:
+                return existing
+        async with self.locks.hold((ns, name)):
+            if opts.idempotency_key:
+                # A concurrent twin may have finished while we waited for the lock.
+                existing = await self._replay(ns, opts)
+                if existing is not None:
+                    return existing
+            await self._check_new(sb)
+            sb.metadata.uid = sb.metadata.uid or str(uuid.uuid4())
+            sb.metadata.finalizers = [CLEANUP_FINALIZER]
+            sb.metadata.annotations[MODE] = opts.mode.value
+            if opts.idempotency_key:
+                sb.metadata.annotations[IDEMPOTENCY_KEY] = opts.idempotency_key
+                sb.metadata.annotations[SPEC_HASH] = opts.request_hash
+            timings = Timings(accepted_ms=_ms(opts.arrived))
+            if opts.mode is ConsistencyMode.STRONG:
+                sb.status.phase = SandboxPhase.PENDING
+                sb.status.timings = timings
+                stored = await self.store.create(sb)
+                try:
+                    stored = await self._start(stored, opts.arrived, timings)
+                except BaseException:
+                    await self._discard_record(stored)
+                    raise
+            else:
+                stored = await self._start_fast(sb, opts.arrived, timings)
+            self._remember(stored)
+            return stored
+
+    async def _replay(self, ns: str, opts: CreateOptions) -> Sandbox | None:
+        hit = self._idempotency.get((ns, opts.idempotency_key))
+        if hit is None:
+            return None
+        name, digest = hit
+        if digest != opts.request_hash:
+            raise AlreadyExists(
+                f"idempotency key {opts.idempotency_key!r} was used for a different request "
+                f"(sandbox {ns}/{name}); use a new key"
+            )
+        try:
+            return await self.store.get(Sandbox, ns, name)
+        except NotFound:
+            self._idempotency.pop((ns, opts.idempotency_key), None)
+            return None
+
+    async def _check_new(self, sb: Sandbox) -> None:
+        ns, name = sb.metadata.namespace, sb.metadata.name
+        try:
+            await self.store.get(Sandbox, ns, name)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyExists(
+                f"sandbox {ns}/{name} already exists; delete it first or choose another name"
+            )
+        try:
+            await self.store.get(SandboxPool, ns, sb.spec.pool_ref)
+        except NotFound:
+            raise NotFound(
+                f"pool {ns}/{sb.spec.pool_ref} not found; create it with `fsb pool create` "
+                "or pass --pool"
+            ) from None
+
+    async def _start_fast(self, sb: Sandbox, arrived: float, timings: Timings) -> Sandbox:
+        allocation = self._allocate(sb)
+        timings.scheduled_ms = _ms(arrived)
+        try:
+            state = await self._run_on_agent(sb, allocation)
+        except BaseException:
+            self.registry.release(allocation.agent, allocation.sandbox_id)
+            raise
+        timings.runtime_ready_ms = _ms(arrived)
+        self._mark_running(sb, allocation, state, timings)
+        try:
+            return await self._persist(sb)
+        except BaseException:
+            # The record could not be written: do not leave a container nobody knows about.
+            await self._remove_container(allocation)
+            raise
+
+    async def _persist(self, sb: Sandbox) -> Sandbox:
+        delay = 0.05
+        for _attempt in range(5):
+            try:
+                return await self.store.create(sb)
+            except (Unavailable, Conflict) as exc:
+                log.warning("persist retry", extra={"sandbox": sb.metadata.name, "err": str(exc)})
+                await asyncio.sleep(delay)
+                delay *= 2
+        return await self.store.create(sb)
+
+    async def _start(self, stored: Sandbox, arrived: float, timings: Timings) -> Sandbox:
+        """Place and start a sandbox whose record already exists (Strong mode, declarative)."""
+        allocation = self._allocate(stored)
+        timings.scheduled_ms = _ms(arrived)
+        try:
+            state = await self._run_on_agent(stored, allocation)
+        except BaseException:
+            self.registry.release(allocation.agent, allocation.sandbox_id)
+            raise
+        timings.runtime_ready_ms = _ms(arrived)
+        self._mark_running(stored, allocation, state, timings)
+        try:
+            return await self.store.update_status(stored)
+        except BaseException:
+            await self._remove_container(allocation)
+            raise
+
+    def _allocate(self, sb: Sandbox) -> Allocation:
+        return self.registry.allocate(
+            namespace=sb.metadata.namespace,
+            pool=sb.spec.pool_ref,
+            image=sb.spec.image,
+            ports=sb.spec.exposed_ports,
+            sandbox_id=new_sandbox_id(sb.metadata.name),
+        )
+
+    def runtime_spec(self, sb: Sandbox, sandbox_id: str) -> agent_pb2.SandboxRuntimeSpec:
+        spec = sb.spec
+        return agent_pb2.SandboxRuntimeSpec(
+            sandbox_id=sandbox_id,
+            namespace=sb.metadata.namespace,
+            name=sb.metadata.name,
+            image=spec.image,
+            command=spec.command,
+            args=spec.args,
+            env=[agent_pb2.KeyValue(key=e.name, value=e.value) for e in spec.env],
+            working_dir=spec.working_dir,
+            exposed_ports=spec.exposed_ports,
+            labels=[
+                agent_pb2.KeyValue(key="fastsandbox.io/uid", value=sb.metadata.uid),
+                agent_pb2.KeyValue(key="fastsandbox.io/pool", value=spec.pool_ref),
+            ],
+            cpu_millis=cpu_millis(spec.resources.cpu or self.default_cpu),
+            memory_bytes=memory_bytes(spec.resources.memory or self.default_memory),
+        )
+
+    async def _run_on_agent(self, sb: Sandbox, allocation: Allocation) -> agent_pb2.SandboxState:
+        client = self.agents.get(allocation.target)
+        try:
+            return await client.create(self.runtime_spec(sb, allocation.sandbox_id))
+        except CapacityExhausted:
+            # The agent is the capacity authority; our view was stale (e.g. an unknown orphan).
+            raise
+        except Unavailable:
+            # It may have started the container before the connection broke.
+            await self._remove_container(allocation)
+            raise
+
+    def _mark_running(
+        self,
+        sb: Sandbox,
+        allocation: Allocation,
+        state: agent_pb2.SandboxState,
+        timings: Timings,
+    ) -> None:
+        status = sb.status
+        status.phase = SandboxPhase.RUNNING
+        status.assigned_agent = allocation.agent
+        status.agent_ip = allocation.ip
+        status.endpoints = allocation.endpoints
+        status.container_id = state.container_id or allocation.sandbox_id
+        status.started_at = now()
+        status.timings = timings
+        status.message = ""
+        status.conditions = [Condition(type="Ready", status="True", reason="Started")]
+
+    async def _remove_container(self, allocation: Allocation) -> None:
+        try:
+            await self.agents.get(allocation.target).delete(allocation.sandbox_id, 0)
+        except FsbError:
+            log.exception(
+                "could not remove container after a failed create",
+                extra={"sandbox_id": allocation.sandbox_id, "agent": allocation.agent},
+            )
+            return  # keep the slot: the container may still exist
+        self.registry.release(allocation.agent, allocation.sandbox_id)
+
+    async def _discard_record(self, sb: Sandbox) -> None:
+        """Remove a Strong-mode record whose sandbox could not be started."""
+        try:
+            current = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
+            current.metadata.finalizers = []
+            await self.store.update(current)
+            await self.store.delete(Sandbox, sb.metadata.namespace, sb.metadata.name)
+        except NotFound:
+            pass
+
+    # -- declarative -----------------------------------------------------------------------
+    async def converge(self, key: Key) -> float | None:
+        """Bring one record to its desired state. Returns seconds until it wants another look."""
+        async with self.locks.hold(key):
+            try:
+                sb = await self.store.get(Sandbox, *key)
+            except NotFound:
+                return None
+            if sb.metadata.deletion_timestamp is not None:
+                await self._finalize(sb)
+                return None
+            if CLEANUP_FINALIZER not in sb.metadata.finalizers:
+                sb.metadata.finalizers.append(CLEANUP_FINALIZER)
+                sb = await self.store.update(sb)
+            if sb.status.phase is SandboxPhase.PENDING and not sb.status.assigned_agent:
+                return await self._schedule_pending(sb)
+            return None
+
+    async def _schedule_pending(self, sb: Sandbox) -> float | None:
+        created = sb.metadata.creation_timestamp or now()
+        arrived = time.perf_counter() - max((now() - created).total_seconds(), 0.0)
+        timings = sb.status.timings or Timings(accepted_ms=_ms(arrived))
+        try:
+            await self._start(sb, arrived, timings)
+        except CapacityExhausted as exc:
+            await self._set_unschedulable(sb, str(exc))
+            return 2.0
+        return None
+
+    async def _set_unschedulable(self, sb: Sandbox, message: str) -> None:
+        if sb.status.message == message:
+            return
+        sb.status.message = message
+        sb.status.conditions = [
+            Condition(type="Scheduled", status="False", reason="Unschedulable", message=message)
+        ]
+        await self.store.update_status(sb)
+
+    # -- delete ----------------------------------------------------------------------------
+    async def delete(self, namespace: str, name: str, *, wait: bool) -> Sandbox | None:
+        async with self.locks.hold((namespace, name)):
+            sb = await self.store.get(Sandbox, namespace, name)
+            if sb.metadata.deletion_timestamp is None:
+                marked = await self.store.delete(Sandbox, namespace, name)
+                if marked is None:
+                    self._forget(sb)
+                    return None
+                sb = marked
+            if sb.status.phase is not SandboxPhase.TERMINATING:
+                sb.status.phase = SandboxPhase.TERMINATING
+                sb = await self.store.update_status(sb)
+            if not wait and sb.status.assigned_agent:
+                return sb
+            await self._finalize(sb)
+            return None
+
+    async def _finalize(self, sb: Sandbox) -> None:
+        """Remove the container, then the slot, then the finalizer, in that order."""
+        agent_name, sandbox_id = sb.status.assigned_agent, sb.status.container_id
+        if agent_name and sandbox_id:
+            agent = self.registry.get_agent(agent_name)
+            if agent is None:
+                raise Unavailable(
+                    f"agent {agent_name} of sandbox {sb.metadata.namespace}/{sb.metadata.name} "
+                    "is not registered; deletion waits until it returns"
+                )
+            await self.agents.get(agent.target).delete(sandbox_id, self.grace_seconds)
+            self.registry.release(agent_name, sandbox_id)
+        if CLEANUP_FINALIZER in sb.metadata.finalizers:
+            sb.metadata.finalizers = [f for f in sb.metadata.finalizers if f != CLEANUP_FINALIZER]
+            try:
+                await self.store.update(sb)
+            except NotFound:
+                pass
+        self._forget(sb)
+
+    # -- reads -----------------------------------------------------------------------------
+    async def logs(
+        self, namespace: str, name: str, *, follow: bool, tail_lines: int
+    ) -> AsyncIterator[bytes]:
+        sb = await self.store.get(Sandbox, namespace, name)
+        agent = (
+            self.registry.get_agent(sb.status.assigned_agent) if sb.status.assigned_agent else None
+        )
+        if agent is None or not sb.status.container_id:
+            raise NotFound(
+                f"sandbox {namespace}/{name} has no container (phase {sb.status.phase.value})"
+            )
+        client = self.agents.get(agent.target)
+        async for chunk in client.logs(sb.status.container_id, follow=follow, tail_lines=tail_lines):
+            yield chunk

@@ -1,0 +1,161 @@
+"""The composition root: the one place that picks backends and wires the embedded server.
+
+`fsb server` = SQLite store + local fleet (agents as processes) + the control plane + the
+Fast-Path. Start order: data dir and token → containerd → store → default pool → recovery
+(rebuild the registry from records and agents) → background loops → Fast-Path (only now are
+writes accepted) → "ready". Shutdown is the reverse, and never stops a sandbox: containers
+belong to containerd's shims and keep running until the next start adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import grpc
+
+from fastsandbox._aio.tasks import TaskSet, guarded
+from fastsandbox.agent.runtime import containerd_daemon
+from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc
+from fastsandbox.api.models import ObjectMeta, PoolCapacity, SandboxPool, SandboxPoolSpec
+from fastsandbox.control.agent_client import AgentClients
+from fastsandbox.control.fastpath.auth import TokenAuth, load_or_create_token
+from fastsandbox.control.fastpath.service import FastPathService
+from fastsandbox.control.pools import PoolManager
+from fastsandbox.control.recovery import recover
+from fastsandbox.control.registry import Registry
+from fastsandbox.control.sandbox_reconciler import SandboxReconciler
+from fastsandbox.control.sandboxes import SandboxService
+from fastsandbox.errors import AlreadyExists, FsbError, NotFound
+from fastsandbox.fleet.local import LocalFleet
+from fastsandbox.logconfig import configure
+from fastsandbox.settings import ServerSettings
+from fastsandbox.store.base import ObjectStore
+from fastsandbox.store.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POOL = "default-pool"
+
+
+async def ensure_default_pool(store: ObjectStore) -> None:
+    try:
+        await store.get(SandboxPool, "default", DEFAULT_POOL)
+    except NotFound:
+        pool = SandboxPool(
+            metadata=ObjectMeta(name=DEFAULT_POOL, namespace="default"),
+            spec=SandboxPoolSpec(
+                capacity=PoolCapacity(pool_min=1, pool_max=1), max_sandboxes_per_agent=5
+            ),
+        )
+        try:
+            await store.create(pool)
+            log.info("created the default pool", extra={"pool": DEFAULT_POOL})
+        except AlreadyExists:
+            pass
+
+
+async def run(
+    settings: ServerSettings,
+    *,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    token = load_or_create_token(settings.token_path, settings.token)
+
+    containerd = await containerd_daemon.ensure(data_dir, settings.containerd_socket)
+    store = await SqliteStore.open(settings.db_path)
+    fleet = LocalFleet(
+        data_dir=data_dir,
+        containerd_socket=containerd.socket,
+        network=settings.network,
+        insecure_registries=settings.insecure_registries,
+        grace_seconds=settings.delete_grace_seconds,
+        log=settings.log,
+    )
+    registry = Registry()
+    clients = AgentClients()
+    sandboxes = SandboxService(
+        store,
+        registry,
+        clients,
+        grace_seconds=settings.delete_grace_seconds,
+        default_cpu=settings.default_sandbox_cpu,
+        default_memory=settings.default_sandbox_memory,
+    )
+    pools = PoolManager(
+        store, registry, fleet, clients, heartbeat_seconds=settings.heartbeat_seconds
+    )
+    tasks = TaskSet()
+    server: grpc.aio.Server | None = None
+    try:
+        if settings.default_pool:
+            await ensure_default_pool(store)
+        report = await recover(pools, sandboxes)
+        await pools.reconcile_all()
+        tasks.spawn(guarded("heartbeats", pools.heartbeat_loop), name="heartbeats")
+        tasks.spawn(guarded("pools", pools.reconcile_loop), name="pools")
+        tasks.spawn(guarded("sandboxes", SandboxReconciler(sandboxes).run), name="sandboxes")
+
+        server = grpc.aio.server(interceptors=[TokenAuth(token)])
+        fastpath_pb2_grpc.add_FastPathServicer_to_server(  # type: ignore[no-untyped-call]
+            FastPathService(sandboxes, pools, store), server
+        )
+        if server.add_insecure_port(settings.listen) == 0:
+            raise FsbError(f"cannot listen on {settings.listen}: address in use or invalid")
+        await server.start()
+        message = (
+            f"fsb server ready on {settings.listen} (data dir {data_dir}, "
+            f"{report.agents} agent(s), {report.records} sandbox record(s))"
+        )
+        log.info("ready", extra={"listen": settings.listen, "data_dir": str(data_dir)})
+        if announce is not None:
+            announce(message)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        if server is not None:
+            await server.stop(grace=3)
+        await tasks.close()
+        await fleet.close()
+        await clients.close()
+        await store.close()
+        await containerd.stop()
+        log.info("stopped")
+
+
+def main(settings: ServerSettings) -> int:
+    """Entry point of `fsb server`: configure logs, run until SIGTERM/SIGINT, exit code."""
+    configure(settings.log, component="server")
+
+    def announce(message: str) -> None:
+        sys.stdout.write(message + "\n")
+        sys.stdout.write(
+            "try: fsb run demo --image 127.0.0.1:5000/busybox:latest -- echo hello\n"
+            "     fsb logs demo\n"
+        )
+        sys.stdout.flush()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop=stop, announce=announce)
+
+    try:
+        asyncio.run(serve())
+    except FsbError as exc:
+        sys.stderr.write(f"error: {exc.message}\n")
+        return exc.exit_code
+    return 0

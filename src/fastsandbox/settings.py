@@ -1,0 +1,88 @@
+"""One tree of settings for the server and the agent.
+
+Precedence: command-line flags > `FSB_*` environment > config file > the defaults below.
+The CLI builds these; daemons receive them whole and never read the environment themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    """`~/.local/share/fastsandbox`, or `$XDG_DATA_HOME/fastsandbox`."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "fastsandbox"
+
+
+@dataclass(slots=True)
+class LogSettings:
+    level: str = "info"
+    """debug | info | warning | error."""
+    format: str = "auto"
+    """json | console | auto (console on a TTY, else JSON)."""
+    file: Path | None = None
+    """Also write JSON lines here, rotated at `file_max_bytes` keeping `file_backups`."""
+    file_max_bytes: int = 50 * 1024 * 1024
+    file_backups: int = 5
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    """Holds the SQLite file, the token, agent state, logs and (if we start it) containerd."""
+    listen: str = "127.0.0.1:9090"
+    """Fast-Path gRPC address (HOST:PORT)."""
+    containerd_socket: Path | None = None
+    """Use this containerd. None: use /run/containerd/containerd.sock when it answers, else
+    start our own under the data dir."""
+    insecure_registries: list[str] = field(default_factory=list)
+    """Registries (HOST:PORT) pulled from over plain HTTP."""
+    token: str | None = None
+    """API token; None reads (or creates) `<data-dir>/token`, mode 0600."""
+    default_pool: bool = True
+    """Create pool `default-pool` in namespace `default` when it does not exist."""
+    network: str = "auto"
+    """cni | host | auto (cni when the bridge plugin is installed, else host)."""
+    delete_grace_seconds: float = 10.0
+    """SIGTERM → SIGKILL grace on sandbox delete."""
+    default_sandbox_cpu: str = "1"
+    """CPU limit of a sandbox that asks for none (a quantity): no sandbox runs unbounded."""
+    default_sandbox_memory: str = "512Mi"
+    """Memory limit of a sandbox that asks for none."""
+    heartbeat_seconds: float = 1.0
+    """How often the control plane polls each agent's Status."""
+    log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "state.db"
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_dir / "token"
+
+
+@dataclass(slots=True)
+class AgentSettings:
+    name: str
+    pool: str
+    namespace: str
+    listen: str
+    """unix:///path/agent.sock or HOST:PORT."""
+    state_dir: Path
+    """Per-agent directory: sandbox logs live under `logs/`."""
+    containerd_socket: Path
+    containerd_namespace: str = "fastsandbox"
+    capacity: int = 5
+    runtime: str = "runc"
+    agent_ip: str = "127.0.0.1"
+    netns_path: str | None = None
+    """Network namespace sandboxes join (the agent's own); None = host network."""
+    cgroup_parent: str = "/fastsandbox"
+    insecure_registries: list[str] = field(default_factory=list)
+    delete_grace_seconds: float = 10.0
+    version: str = ""
+    log: LogSettings = field(default_factory=LogSettings)
