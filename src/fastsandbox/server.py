@@ -18,18 +18,11 @@ from collections.abc import Callable
 
 import grpc
 
-from fastsandbox._aio.tasks import TaskSet, guarded
 from fastsandbox.agent.runtime import containerd_daemon
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc
 from fastsandbox.api.models import ObjectMeta, PoolCapacity, SandboxPool, SandboxPoolSpec
-from fastsandbox.control.agent_client import AgentClients
 from fastsandbox.control.fastpath.auth import TokenAuth, load_or_create_token
-from fastsandbox.control.fastpath.service import FastPathService
-from fastsandbox.control.pools import PoolManager
-from fastsandbox.control.recovery import recover
-from fastsandbox.control.registry import Registry
-from fastsandbox.control.sandbox_reconciler import SandboxReconciler
-from fastsandbox.control.sandboxes import SandboxService
+from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.errors import AlreadyExists, FsbError, NotFound
 from fastsandbox.fleet.local import LocalFleet
 from fastsandbox.logconfig import configure
@@ -81,33 +74,25 @@ async def run(
         grace_seconds=settings.delete_grace_seconds,
         log=settings.log,
     )
-    registry = Registry()
-    clients = AgentClients()
-    sandboxes = SandboxService(
+    plane = ControlPlane(
         store,
-        registry,
-        clients,
-        grace_seconds=settings.delete_grace_seconds,
-        default_cpu=settings.default_sandbox_cpu,
-        default_memory=settings.default_sandbox_memory,
+        fleet,
+        PlaneSettings(
+            delete_grace_seconds=settings.delete_grace_seconds,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            default_cpu=settings.default_sandbox_cpu,
+            default_memory=settings.default_sandbox_memory,
+        ),
     )
-    pools = PoolManager(
-        store, registry, fleet, clients, heartbeat_seconds=settings.heartbeat_seconds
-    )
-    tasks = TaskSet()
     server: grpc.aio.Server | None = None
     try:
         if settings.default_pool:
             await ensure_default_pool(store)
-        report = await recover(pools, sandboxes)
-        await pools.reconcile_all()
-        tasks.spawn(guarded("heartbeats", pools.heartbeat_loop), name="heartbeats")
-        tasks.spawn(guarded("pools", pools.reconcile_loop), name="pools")
-        tasks.spawn(guarded("sandboxes", SandboxReconciler(sandboxes).run), name="sandboxes")
+        report = await plane.start()
 
         server = grpc.aio.server(interceptors=[TokenAuth(token)])
         fastpath_pb2_grpc.add_FastPathServicer_to_server(  # type: ignore[no-untyped-call]
-            FastPathService(sandboxes, pools, store), server
+            plane.servicer, server
         )
         if server.add_insecure_port(settings.listen) == 0:
             raise FsbError(f"cannot listen on {settings.listen}: address in use or invalid")
@@ -126,9 +111,7 @@ async def run(
     finally:
         if server is not None:
             await server.stop(grace=3)
-        await tasks.close()
-        await fleet.close()
-        await clients.close()
+        await plane.close()
         await store.close()
         await containerd.stop()
         log.info("stopped")

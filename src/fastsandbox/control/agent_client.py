@@ -85,7 +85,7 @@ class AgentClient:
 
 
 class AgentClients:
-    """Channels are kept per target: a fresh channel per call would add a connect to every create."""
+    """One channel per agent target: a channel per call would add a connect to every create."""
 
     def __init__(self) -> None:
         self._clients: dict[str, AgentClient] = {}

@@ -9,6 +9,7 @@ writes the pool's status (agents, slots, cached images) when it changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -104,10 +105,8 @@ class PoolManager:
             except FsbError:
                 log.exception("pool reconcile failed")
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
-            except TimeoutError:
-                pass
 
     async def reconcile_all(self) -> None:
         pools = await self.store.list(SandboxPool)
@@ -169,10 +168,9 @@ class PoolManager:
         )
         if status != pool.status:
             pool.status = status
-            try:
+            # Changed or gone meanwhile: the next pass writes a fresh view.
+            with contextlib.suppress(Conflict, NotFound):
                 await self.store.update_status(pool)
-            except (Conflict, NotFound):
-                pass  # changed or gone meanwhile; the next pass writes a fresh view
 
     # -- API ---------------------------------------------------------------------------------
     async def create(self, pool: SandboxPool) -> SandboxPool:
@@ -182,9 +180,7 @@ class PoolManager:
 
     async def delete(self, namespace: str, name: str) -> None:
         await self.store.get(SandboxPool, namespace, name)
-        users = [
-            s for s in await self.store.list(Sandbox, namespace) if s.spec.pool_ref == name
-        ]
+        users = [s for s in await self.store.list(Sandbox, namespace) if s.spec.pool_ref == name]
         if users:
             raise Conflict(
                 f"pool {namespace}/{name} still has {len(users)} sandbox(es) "

@@ -19,6 +19,7 @@ container when it was started), and a Strong-mode record that could not be place
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -389,10 +390,8 @@ class SandboxService:
             self.registry.release(agent_name, sandbox_id)
         if CLEANUP_FINALIZER in sb.metadata.finalizers:
             sb.metadata.finalizers = [f for f in sb.metadata.finalizers if f != CLEANUP_FINALIZER]
-            try:
+            with contextlib.suppress(NotFound):
                 await self.store.update(sb)
-            except NotFound:
-                pass
         self._forget(sb)
 
     # -- reads -----------------------------------------------------------------------------
@@ -408,5 +407,7 @@ class SandboxService:
                 f"sandbox {namespace}/{name} has no container (phase {sb.status.phase.value})"
             )
         client = self.agents.get(agent.target)
-        async for chunk in client.logs(sb.status.container_id, follow=follow, tail_lines=tail_lines):
+        async for chunk in client.logs(
+            sb.status.container_id, follow=follow, tail_lines=tail_lines
+        ):
             yield chunk

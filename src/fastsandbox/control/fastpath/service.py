@@ -120,7 +120,7 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
             raise AssertionError("unreachable") from exc
 
     # -- sandboxes -------------------------------------------------------------------------
-    async def Create(  # noqa: N802 (gRPC method names)
+    async def Create(
         self,
         request: fastpath_pb2.CreateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -170,7 +170,7 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
             object_json=_json(sb),
         )
 
-    async def Get(  # noqa: N802
+    async def Get(
         self, request: fastpath_pb2.ObjectRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fastpath_pb2.ObjectReply:
         sb = await self._guard(
@@ -178,7 +178,7 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
         )
         return fastpath_pb2.ObjectReply(object_json=_json(sb))
 
-    async def List(  # noqa: N802
+    async def List(
         self, request: fastpath_pb2.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fastpath_pb2.ListReply:
         items = await self._guard(
@@ -195,7 +195,7 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
         ]
         return fastpath_pb2.ListReply(objects_json=[_json(s) for s in items])
 
-    async def Delete(  # noqa: N802
+    async def Delete(
         self, request: fastpath_pb2.DeleteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fastpath_pb2.DeleteReply:
         sb = await self._guard(
@@ -204,7 +204,7 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
         )
         return fastpath_pb2.DeleteReply(phase=sb.status.phase.value if sb else "Deleted")
 
-    async def Logs(  # noqa: N802
+    async def Logs(
         self, request: fastpath_pb2.LogsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[fastpath_pb2.LogChunk]:
         stream = self.sandboxes.logs(
@@ -220,7 +220,7 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
             await context.abort(exc.grpc_code, exc.message)
 
     # -- pools -----------------------------------------------------------------------------
-    async def CreatePool(  # noqa: N802
+    async def CreatePool(
         self, request: fastpath_pb2.PoolRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fastpath_pb2.ObjectReply:
         async def create() -> SandboxPool:
@@ -229,7 +229,7 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
         pool = await self._guard(context, create())
         return fastpath_pb2.ObjectReply(object_json=_json(pool))
 
-    async def GetPool(  # noqa: N802
+    async def GetPool(
         self, request: fastpath_pb2.ObjectRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fastpath_pb2.ObjectReply:
         pool = await self._guard(
@@ -237,7 +237,7 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
         )
         return fastpath_pb2.ObjectReply(object_json=_json(pool))
 
-    async def ListPools(  # noqa: N802
+    async def ListPools(
         self, request: fastpath_pb2.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fastpath_pb2.ListReply:
         pools = await self._guard(
@@ -248,10 +248,8 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
         )
         return fastpath_pb2.ListReply(objects_json=[_json(p) for p in pools])
 
-    async def DeletePool(  # noqa: N802
+    async def DeletePool(
         self, request: fastpath_pb2.ObjectRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fastpath_pb2.DeleteReply:
-        await self._guard(
-            context, self.pools.delete(request.namespace or "default", request.name)
-        )
+        await self._guard(context, self.pools.delete(request.namespace or "default", request.name))
         return fastpath_pb2.DeleteReply(phase="Deleted")

@@ -1,0 +1,208 @@
+"""A real `fsb server` process for end-to-end tests, and the cleanup that leaves nothing behind.
+
+The server runs exactly as a user runs it (`fsb server --data-dir ...`), starting its own
+containerd under the data dir. Teardown removes every container, task and snapshot of that
+containerd, stops the server (which stops its agents and containerd), deletes the agents' network
+namespaces and the data dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+FSB = str(VENV_BIN / "fsb")
+CONTAINERD_NS = "fastsandbox"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    data_dir: Path
+    endpoint: str
+    registry: str
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[str] | None = None
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            FSB_ENDPOINT=self.endpoint,
+            FSB_DATA_DIR=str(self.data_dir),
+            FSB_NAMESPACE="default",
+        )
+        env.pop("FSB_TOKEN", None)
+        return env
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.data_dir / "containerd" / "ctd.sock"
+
+    def start(self, timeout: float = 90.0) -> None:
+        argv = [
+            FSB,
+            "server",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            self.endpoint,
+            "--insecure-registry",
+            self.registry,
+            "--log-format",
+            "json",
+            "--log-file",
+            str(self.data_dir / "server.log"),
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fsb server exited {self.proc.returncode}: {self._log_tail()}")
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                line = self.proc.stdout.readline()
+                self.output.append(line)
+                if "ready" in line:
+                    return
+        raise RuntimeError(f"fsb server not ready in {timeout}s: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        log = self.data_dir / "server.log"
+        return log.read_text(errors="replace")[-3000:] if log.exists() else "".join(self.output)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def fsb(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [FSB, *args], capture_output=True, text=True, env=self.env, timeout=timeout
+        )
+
+    def fsb_json(self, *args: str) -> dict:  # type: ignore[type-arg]
+        result = self.fsb(*args, "-o", "json")
+        assert result.returncode == 0, result.stderr
+        data: dict = json.loads(result.stdout)  # type: ignore[type-arg]
+        return data
+
+    def ctr(self, *args: str) -> str:
+        return subprocess.run(
+            ["ctr", "-a", str(self.containerd_socket), "-n", CONTAINERD_NS, *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+
+    def containers(self) -> set[str]:
+        return set(self.ctr("containers", "ls", "-q").split())
+
+    def snapshots(self) -> set[str]:
+        lines = self.ctr("snapshots", "ls").splitlines()[1:]
+        return {line.split()[0] for line in lines if line.strip()}
+
+    def running_tasks(self) -> set[str]:
+        rows = [line.split() for line in self.ctr("tasks", "ls").splitlines()[1:]]
+        return {row[0] for row in rows if len(row) >= 3 and row[2] == "RUNNING"}
+
+
+def new_server(registry: str, *extra_args: str) -> Server:
+    # Short path: unix sockets live under it (108-byte limit).
+    data_dir = Path(tempfile.mkdtemp(prefix="fsb-e2e-", dir="/tmp"))
+    return Server(
+        data_dir=data_dir,
+        endpoint=f"127.0.0.1:{free_port()}",
+        registry=registry,
+        extra_args=list(extra_args),
+    )
+
+
+def purge(server: Server) -> None:
+    """Remove everything the server made: containers, agents, netns, containerd, data dir."""
+    sock = server.containerd_socket
+    if sock.exists():
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            for cid in server.containers():
+                subprocess.run(
+                    ["ctr", "-a", str(sock), "-n", CONTAINERD_NS, "tasks", "kill", "-s", "KILL",
+                     cid],
+                    capture_output=True, timeout=30, check=False,
+                )
+            time.sleep(0.3)
+            for cid in server.containers():
+                for argv in (["tasks", "delete", "-f", cid], ["containers", "delete", cid]):
+                    subprocess.run(
+                        ["ctr", "-a", str(sock), "-n", CONTAINERD_NS, *argv],
+                        capture_output=True, timeout=30, check=False,
+                    )
+            for key in server.snapshots():
+                subprocess.run(
+                    ["ctr", "-a", str(sock), "-n", CONTAINERD_NS, "snapshots", "rm", key],
+                    capture_output=True, timeout=30, check=False,
+                )
+    server.stop()
+    netns = set()
+    for state in server.data_dir.glob("agents/*/agent.json"):
+        with contextlib.suppress(ValueError, OSError):
+            name = json.loads(state.read_text()).get("netns")
+            if name:
+                netns.add(Path(name).name)
+    _kill_processes_mentioning(str(server.data_dir))
+    for name in netns:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+    _unmount_under(server.data_dir)
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def _kill_processes_mentioning(needle: str) -> None:
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if needle in cmdline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(proc.name), signal.SIGKILL)
+
+
+def _unmount_under(root: Path) -> None:
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    targets = [m.split()[1] for m in mounts if m.split()[1].startswith(str(root))]
+    for target in sorted(targets, key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True, check=False)
