@@ -24,7 +24,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "fastsandbox.io"
-API_VERSION = f"{API_GROUP}/v1alpha1"
+API_VERSION: Literal["fastsandbox.io/v1alpha1"] = "fastsandbox.io/v1alpha1"
 CLEANUP_FINALIZER = f"{API_GROUP}/cleanup"
 DEFAULT_NAMESPACE = "default"
 
@@ -141,7 +141,8 @@ class SandboxSpec(_Model):
     @field_validator("failure_policy", mode="before")
     @classmethod
     def _policy(cls, value: Any) -> Any:
-        if value not in {p.value for p in FailurePolicy} and not isinstance(value, FailurePolicy):
+        # isinstance first: `in` on a set raises TypeError for unhashable input (a list, a dict).
+        if not isinstance(value, str) or value not in {p.value for p in FailurePolicy}:
             raise ValueError(_enum_message(FailurePolicy))
         return value
 
@@ -243,7 +244,7 @@ class SandboxPoolSpec(_Model):
     @field_validator("runtime", mode="before")
     @classmethod
     def _runtime(cls, value: Any) -> Any:
-        if value not in {r.value for r in Runtime} and not isinstance(value, Runtime):
+        if not isinstance(value, str) or value not in {r.value for r in Runtime}:
             raise ValueError(_enum_message(Runtime))
         return value
 
@@ -290,7 +291,7 @@ def to_wire(obj: BaseModel) -> dict[str, Any]:
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One human line per problem, each naming the field: `spec.exposedPorts[0]: must be 1..65535`."""
+    """One line per problem, each naming the field: `spec.exposedPorts[0]: must be 1..65535`."""
     lines = []
     for err in exc.errors():
         path = prefix

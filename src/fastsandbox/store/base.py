@@ -10,19 +10,23 @@ Semantics (tests/contract/test_store_contract.py checks them on every backend):
   `resourceVersion` is not empty and differs from the stored one it raises `Conflict`.
   `generation` increases when the spec changes. Status in the given object is ignored.
 - `update_status` replaces only status, with the same concurrency rule; generation unchanged.
+- A write that changes nothing returns the stored object as is: no new resourceVersion and no
+  event, so a reconciler writing back what it read does not wake itself up.
 - `delete` on an object with finalizers sets `deletionTimestamp` (once) and returns the object;
   without finalizers it removes it and returns None. An `update` that empties the finalizers of an
   object with `deletionTimestamp` removes it (emitting DELETED).
 - `watch(kind, since)` yields every change with resourceVersion > since in order (ADDED,
   MODIFIED, DELETED), then live changes; a BOOKMARK event carries the current resourceVersion
   when nothing else happens for a while, so a watcher can resume cheaply. `since` older than
-  the retained history raises `Conflict` (the watcher must list again).
+  the retained history (or newer than the store's) raises `Conflict` (the watcher must list
+  again).
+  Closing the store ends every watch with `Unavailable`.
 - Missing objects raise `NotFound`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, TypeVar
@@ -69,7 +73,10 @@ class ObjectStore(Protocol):
 
     def watch(
         self, kind: type[Sandbox] | type[SandboxPool], since: str = "0"
-    ) -> AsyncIterator[WatchEvent]: ...
+    ) -> AsyncGenerator[WatchEvent, None]:
+        """An async generator, so a watcher that stops early can `aclose()` it (or use
+        `contextlib.aclosing`) and unsubscribe at once instead of at garbage collection."""
+        ...
 
     async def current_resource_version(self) -> str: ...
 

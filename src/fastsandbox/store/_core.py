@@ -1,0 +1,249 @@
+"""The `ObjectStore` flow written once; backends supply five storage primitives.
+
+Why a shared core: read-modify-write under one lock, resourceVersion assignment, no-op detection,
+finalizer handling and the watch protocol (replay, then live, then bookmarks) are the subtle
+parts, and they must behave the same on the in-memory fake and on SQLite. A backend only says
+how to fetch bodies, apply one `Write` atomically, and read back retained history.
+
+Writes are serialised by one `asyncio.Lock`: the next resourceVersion is known before the write
+starts, and events are published in commit order. Reads do not take the lock.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+
+from fastsandbox.api.models import Sandbox, SandboxPool
+from fastsandbox.errors import Conflict, InvalidArgument, NotFound, Unavailable
+from fastsandbox.store import _rules as rules
+from fastsandbox.store._watch import Hub, Record
+from fastsandbox.store.base import EventType, Obj, WatchEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One atomic change: the object row and its event, at `resource_version`."""
+
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    resource_version: int
+    previous: int | None
+    """The stored resourceVersion this change is based on; None for a create."""
+    event: EventType
+    """ADDED inserts, MODIFIED replaces, DELETED removes the row."""
+    body: str
+    """The object after the change (for DELETED: its last state); also the event's body."""
+
+
+class StoreCore(abc.ABC):
+    def __init__(self, *, resource_version: int, history: int, bookmark_interval: float) -> None:
+        if history < 1:
+            raise InvalidArgument("the store must keep at least one event of history")
+        if bookmark_interval <= 0:
+            raise InvalidArgument("bookmark_interval must be positive")
+        self._rv = resource_version
+        self._history_size = history
+        self._bookmark_interval = bookmark_interval
+        self._hub = Hub(resource_version, limit=history)
+        self._write_lock = asyncio.Lock()
+        self._closed = False
+
+    # -- backend primitives ----------------------------------------------------------------
+    @abc.abstractmethod
+    async def _fetch(self, kind: str, namespace: str, name: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def _fetch_all(self, kind: str, namespace: str | None) -> list[str]:
+        """Bodies ordered by (namespace, name)."""
+
+    @abc.abstractmethod
+    async def _apply(self, write: Write) -> None:
+        """Store `write` atomically or not at all; a changed `previous` raises `Conflict`,
+        an existing key on ADDED raises `AlreadyExists`."""
+
+    @abc.abstractmethod
+    async def _replay(self, kind: str, since: int) -> tuple[list[Record], int]:
+        """Retained events of `kind` after `since` in order, and the newest trimmed-away
+        resourceVersion (read after the events, so a concurrent trim cannot hide a gap)."""
+
+    @abc.abstractmethod
+    async def _shutdown(self) -> None: ...
+
+    # -- reads -----------------------------------------------------------------------------
+    async def get(self, kind: type[Obj], namespace: str, name: str) -> Obj:
+        self._check_open()
+        kname = rules.kind_name(kind)
+        body = await self._fetch(kname, namespace, name)
+        if body is None:
+            raise NotFound(f"{rules.describe(kname, namespace, name)} not found")
+        return rules.decode(kind, body)
+
+    async def list(
+        self,
+        kind: type[Obj],
+        namespace: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[Obj]:
+        self._check_open()
+        bodies = await self._fetch_all(rules.kind_name(kind), namespace)
+        objects = [rules.decode(kind, body) for body in bodies]
+        return [obj for obj in objects if rules.labels_match(obj, labels)]
+
+    async def current_resource_version(self) -> str:
+        self._check_open()
+        return str(self._rv)
+
+    # -- writes ----------------------------------------------------------------------------
+    async def create(self, obj: Obj) -> Obj:
+        kname = rules.kind_name(type(obj))
+        async with self._write_lock:
+            self._check_open()
+            fresh = rules.for_create(obj, self._rv + 1)
+            meta = fresh.metadata
+            await self._commit(
+                Write(
+                    kind=kname,
+                    namespace=meta.namespace,
+                    name=meta.name,
+                    uid=meta.uid,
+                    resource_version=self._rv + 1,
+                    previous=None,
+                    event=EventType.ADDED,
+                    body=rules.encode(fresh),
+                )
+            )
+            return fresh
+
+    async def update(self, obj: Obj) -> Obj:
+        async with self._write_lock:
+            current = await self._load_for_write(type(obj), obj)
+            new = rules.for_update(current, obj)
+            if new is None:
+                return current
+            return await self._replace(current, new, remove=rules.is_gone(new))
+
+    async def update_status(self, obj: Obj) -> Obj:
+        async with self._write_lock:
+            current = await self._load_for_write(type(obj), obj)
+            new = rules.for_status(current, obj)
+            if new is None:
+                return current
+            return await self._replace(current, new, remove=False)
+
+    async def delete(self, kind: type[Obj], namespace: str, name: str) -> Obj | None:
+        async with self._write_lock:
+            self._check_open()
+            current = await self.get(kind, namespace, name)
+            if current.metadata.finalizers:
+                marked = rules.for_delete(current)
+                if marked is None:
+                    return current
+                return await self._replace(current, marked, remove=False)
+            await self._replace(current, current.model_copy(deep=True), remove=True)
+            return None
+
+    async def _load_for_write(self, kind: type[Obj], given: Obj) -> Obj:
+        self._check_open()
+        return await self.get(kind, given.metadata.namespace, given.metadata.name)
+
+    async def _replace(self, current: Obj, new: Obj, *, remove: bool) -> Obj:
+        rv = self._rv + 1
+        new.metadata.resource_version = str(rv)
+        meta = new.metadata
+        await self._commit(
+            Write(
+                kind=rules.kind_name(type(new)),
+                namespace=meta.namespace,
+                name=meta.name,
+                uid=meta.uid,
+                resource_version=rv,
+                previous=int(current.metadata.resource_version),
+                event=EventType.DELETED if remove else EventType.MODIFIED,
+                body=rules.encode(new),
+            )
+        )
+        return new
+
+    async def _commit(self, write: Write) -> None:
+        # A write, once started, runs to its end even if the caller is cancelled: stopping
+        # between a backend's statements would leave a transaction open on the shared
+        # connection, or a committed change that was never counted and published.
+        task = asyncio.ensure_future(self._commit_now(write))
+        interrupted = False
+        while True:
+            try:
+                await asyncio.shield(task)
+                break
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                interrupted = True
+        if interrupted:
+            raise asyncio.CancelledError
+
+    async def _commit_now(self, write: Write) -> None:
+        await self._apply(write)
+        self._rv = write.resource_version
+        self._hub.publish(Record(write.resource_version, write.kind, write.event, write.body))
+
+    # -- watch -----------------------------------------------------------------------------
+    async def watch(
+        self, kind: type[Sandbox] | type[SandboxPool], since: str = "0"
+    ) -> AsyncGenerator[WatchEvent, None]:
+        self._check_open()
+        start = rules.parse_resource_version(since)
+        kname = rules.kind_name(kind)
+        # Subscribe before reading history: a change committed meanwhile lands in both, and
+        # the resourceVersion check below drops the duplicate instead of losing it.
+        sub = self._hub.subscribe(kname)
+        try:
+            if start > self._hub.last_resource_version:
+                raise Conflict(
+                    f"resourceVersion {start} is newer than the store's "
+                    f"({self._hub.last_resource_version}): list again and watch from there"
+                )
+            records, trimmed = await self._replay(kname, start)
+            if start < trimmed:
+                raise Conflict(
+                    f"resourceVersion {start} is older than the retained history (which starts "
+                    f"after {trimmed}): list again and watch from the list's resourceVersion"
+                )
+            last = start
+            for old in records:
+                if old.resource_version > last:
+                    last = old.resource_version
+                    yield _event(kind, old)
+            while True:
+                record = await sub.next(self._bookmark_interval)
+                if record is None:
+                    # Nothing pending: every change up to the hub's last one has been seen.
+                    last = max(last, self._hub.last_resource_version)
+                    yield WatchEvent(EventType.BOOKMARK, None, str(last))
+                elif record.resource_version > last:
+                    last = record.resource_version
+                    yield _event(kind, record)
+        finally:
+            self._hub.unsubscribe(sub)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._hub.close()
+        async with self._write_lock:  # an in-flight write finishes first
+            await self._shutdown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the object store is closed")
+
+
+def _event(kind: type[Sandbox] | type[SandboxPool], record: Record) -> WatchEvent:
+    obj: Sandbox | SandboxPool = kind.model_validate_json(record.body)
+    return WatchEvent(record.type, obj, str(record.resource_version))

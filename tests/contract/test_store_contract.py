@@ -1,0 +1,508 @@
+"""One suite, every `ObjectStore` backend: the semantics of `fastsandbox.store.base`.
+
+The in-memory fake and SQLite (a real file in tmp_path, no mocks) must pass the same tests, so
+unit tests that use the fake prove something about the real store too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastsandbox.api.models import Sandbox, SandboxPhase, SandboxPool
+from fastsandbox.errors import AlreadyExists, Conflict, NotFound, Unavailable
+from fastsandbox.store.base import EventType, ObjectStore, WatchEvent
+from fastsandbox.store.memory import MemoryStore
+from fastsandbox.store.sqlite import SqliteStore
+
+HISTORY = 20
+BOOKMARK_INTERVAL = 0.05
+
+Opener = Callable[[], Awaitable[ObjectStore]]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ObjectStore]:
+    opened: ObjectStore
+    if request.param == "memory":
+        opened = MemoryStore(history=HISTORY, bookmark_interval=BOOKMARK_INTERVAL)
+    else:
+        opened = await SqliteStore.open(
+            tmp_path / "state.db", history=HISTORY, bookmark_interval=BOOKMARK_INTERVAL
+        )
+    yield opened
+    await opened.close()
+
+
+def sandbox(
+    name: str, namespace: str = "default", labels: dict[str, str] | None = None, **spec: Any
+) -> Sandbox:
+    return Sandbox.model_validate(
+        {
+            "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+            "spec": {"image": "busybox", "poolRef": "default-pool", **spec},
+        }
+    )
+
+
+def pool(name: str, namespace: str = "default") -> SandboxPool:
+    return SandboxPool.model_validate({"metadata": {"name": name, "namespace": namespace}})
+
+
+def rv(obj: Sandbox | SandboxPool) -> int:
+    return int(obj.metadata.resource_version)
+
+
+async def next_change(events: AsyncIterator[WatchEvent]) -> WatchEvent:
+    """The next non-BOOKMARK event (the suite's bookmark interval is short)."""
+    async with asyncio.timeout(5):
+        while True:
+            event = await anext(events)
+            if event.type is not EventType.BOOKMARK:
+                return event
+
+
+def describe(event: WatchEvent) -> tuple[EventType, str]:
+    assert event.object is not None
+    return event.type, event.object.metadata.name
+
+
+# -- create / get / list ---------------------------------------------------------------------
+async def test_create_assigns_identity_and_version(store: ObjectStore) -> None:
+    before = int(await store.current_resource_version())
+    created = await store.create(sandbox("a"))
+    assert created.metadata.uid
+    assert created.metadata.creation_timestamp is not None
+    assert created.metadata.deletion_timestamp is None
+    assert created.metadata.generation == 1
+    assert rv(created) > before
+    assert await store.current_resource_version() == created.metadata.resource_version
+    fetched = await store.get(Sandbox, "default", "a")
+    assert fetched == created
+
+    given = sandbox("b")
+    given.metadata.uid = "my-uid"
+    assert (await store.create(given)).metadata.uid == "my-uid"
+
+
+async def test_resource_versions_strictly_increase(store: ObjectStore) -> None:
+    seen = [rv(await store.create(sandbox(f"s{i}"))) for i in range(3)]
+    obj = await store.get(Sandbox, "default", "s0")
+    obj.metadata.labels["x"] = "1"
+    obj = await store.update(obj)
+    seen.append(rv(obj))
+    obj.status.phase = SandboxPhase.RUNNING
+    seen.append(rv(await store.update_status(obj)))
+    assert seen == sorted(seen)
+    assert len(set(seen)) == len(seen)
+
+
+async def test_objects_handed_out_are_copies(store: ObjectStore) -> None:
+    given = sandbox("a", labels={"k": "v"})
+    created = await store.create(given)
+    given.metadata.labels["k"] = "changed-input"
+    created.metadata.labels["k"] = "changed-output"
+    fetched = await store.get(Sandbox, "default", "a")
+    fetched.spec.command.append("changed")
+    again = await store.get(Sandbox, "default", "a")
+    assert again.metadata.labels == {"k": "v"}
+    assert again.spec.command == []
+
+
+async def test_create_existing_key_is_already_exists(store: ObjectStore) -> None:
+    await store.create(sandbox("a"))
+    with pytest.raises(AlreadyExists, match="a"):
+        await store.create(sandbox("a"))
+    # The key is (kind, namespace, name): other namespaces and kinds are free.
+    await store.create(sandbox("a", namespace="other"))
+    await store.create(pool("a"))
+
+
+async def test_missing_objects_are_not_found(store: ObjectStore) -> None:
+    with pytest.raises(NotFound, match="Sandbox default/nope"):
+        await store.get(Sandbox, "default", "nope")
+    with pytest.raises(NotFound):
+        await store.delete(Sandbox, "default", "nope")
+    with pytest.raises(NotFound):
+        await store.update(sandbox("nope"))
+    with pytest.raises(NotFound):
+        await store.update_status(sandbox("nope"))
+    await store.create(pool("only-a-pool"))
+    with pytest.raises(NotFound):
+        await store.get(Sandbox, "default", "only-a-pool")
+
+
+async def test_list_by_namespace_all_namespaces_and_labels(store: ObjectStore) -> None:
+    await store.create(sandbox("b", labels={"team": "x", "tier": "1"}))
+    await store.create(sandbox("a", labels={"team": "y"}))
+    await store.create(sandbox("c", namespace="other", labels={"team": "x"}))
+    await store.create(pool("default-pool"))
+
+    names = [s.metadata.name for s in await store.list(Sandbox, "default")]
+    assert names == ["a", "b"]
+    everywhere = await store.list(Sandbox)
+    assert sorted((s.metadata.namespace, s.metadata.name) for s in everywhere) == [
+        ("default", "a"),
+        ("default", "b"),
+        ("other", "c"),
+    ]
+    team_x = await store.list(Sandbox, None, {"team": "x"})
+    assert sorted(s.metadata.name for s in team_x) == ["b", "c"]
+    assert [s.metadata.name for s in await store.list(Sandbox, "default", {"team": "x"})] == ["b"]
+    assert await store.list(Sandbox, None, {"team": "x", "tier": "2"}) == []
+    assert await store.list(Sandbox, "empty-namespace") == []
+    assert [p.metadata.name for p in await store.list(SandboxPool)] == ["default-pool"]
+
+
+# -- update / update_status ------------------------------------------------------------------
+async def test_update_with_stale_resource_version_conflicts(store: ObjectStore) -> None:
+    created = await store.create(sandbox("a"))
+    first = created.model_copy(deep=True)
+    first.metadata.labels["who"] = "first"
+    await store.update(first)
+
+    stale = created.model_copy(deep=True)
+    stale.metadata.labels["who"] = "second"
+    with pytest.raises(Conflict, match="read it again"):
+        await store.update(stale)
+    with pytest.raises(Conflict):
+        await store.update_status(stale)
+    assert (await store.get(Sandbox, "default", "a")).metadata.labels == {"who": "first"}
+
+    # An empty resourceVersion means "whatever is stored": last writer wins.
+    stale.metadata.resource_version = ""
+    assert (await store.update(stale)).metadata.labels == {"who": "second"}
+
+
+async def test_generation_moves_only_with_spec(store: ObjectStore) -> None:
+    obj = await store.create(sandbox("a"))
+    obj.metadata.labels["k"] = "v"
+    obj.metadata.annotations["note"] = "hi"
+    obj = await store.update(obj)
+    assert obj.metadata.generation == 1
+    assert obj.metadata.annotations == {"note": "hi"}
+
+    obj.spec.exposed_ports = [8080]
+    obj = await store.update(obj)
+    assert obj.metadata.generation == 2
+    assert (await store.get(Sandbox, "default", "a")).spec.exposed_ports == [8080]
+
+    obj.status.phase = SandboxPhase.RUNNING
+    obj = await store.update_status(obj)
+    assert obj.metadata.generation == 2
+
+
+async def test_update_ignores_status_and_bookkeeping(store: ObjectStore) -> None:
+    created = await store.create(sandbox("a"))
+    changed = created.model_copy(deep=True)
+    changed.status.phase = SandboxPhase.RUNNING
+    changed.metadata.uid = "forged"
+    changed.metadata.generation = 42
+    changed.metadata.labels["k"] = "v"
+    updated = await store.update(changed)
+    assert updated.status.phase is SandboxPhase.PENDING
+    assert updated.metadata.uid == created.metadata.uid
+    assert updated.metadata.generation == 1
+    assert updated.metadata.creation_timestamp == created.metadata.creation_timestamp
+    assert updated.metadata.labels == {"k": "v"}
+
+
+async def test_update_status_leaves_spec_and_metadata_alone(store: ObjectStore) -> None:
+    created = await store.create(sandbox("a", labels={"k": "v"}))
+    changed = created.model_copy(deep=True)
+    changed.status.phase = SandboxPhase.RUNNING
+    changed.status.container_id = "c-1"
+    changed.spec.image = "other-image"
+    changed.metadata.labels = {}
+    changed.metadata.finalizers = ["x/y"]
+    updated = await store.update_status(changed)
+    assert updated.status.phase is SandboxPhase.RUNNING
+    stored = await store.get(Sandbox, "default", "a")
+    assert stored.status.container_id == "c-1"
+    assert stored.spec.image == "busybox"
+    assert stored.metadata.labels == {"k": "v"}
+    assert stored.metadata.finalizers == []
+    assert stored.metadata.generation == 1
+
+
+async def test_write_that_changes_nothing_keeps_version(store: ObjectStore) -> None:
+    created = await store.create(sandbox("a"))
+    assert rv(await store.update(created.model_copy(deep=True))) == rv(created)
+    assert rv(await store.update_status(created.model_copy(deep=True))) == rv(created)
+    assert await store.current_resource_version() == created.metadata.resource_version
+
+
+async def test_concurrent_updates_with_same_version_exactly_one_wins(store: ObjectStore) -> None:
+    created = await store.create(sandbox("a"))
+
+    async def attempt(i: int) -> Sandbox:
+        mine = created.model_copy(deep=True)
+        mine.metadata.labels["writer"] = str(i)
+        return await store.update(mine)
+
+    results = await asyncio.gather(*(attempt(i) for i in range(20)), return_exceptions=True)
+    winners = [r for r in results if isinstance(r, Sandbox)]
+    assert len(winners) == 1
+    assert all(isinstance(r, Conflict) for r in results if not isinstance(r, Sandbox))
+    stored = await store.get(Sandbox, "default", "a")
+    assert stored.metadata.labels == winners[0].metadata.labels
+    assert stored.metadata.resource_version == winners[0].metadata.resource_version
+
+
+# -- delete / finalizers ---------------------------------------------------------------------
+async def test_delete_without_finalizers_removes(store: ObjectStore) -> None:
+    await store.create(sandbox("a"))
+    assert await store.delete(Sandbox, "default", "a") is None
+    with pytest.raises(NotFound):
+        await store.get(Sandbox, "default", "a")
+    await store.create(sandbox("a"))  # the name is free again
+
+
+async def test_finalizers_hold_deletion_until_removed(store: ObjectStore) -> None:
+    given = sandbox("a")
+    given.metadata.finalizers = ["fastsandbox.io/cleanup", "other/one"]
+    created = await store.create(given)
+    since = await store.current_resource_version()
+
+    marked = await store.delete(Sandbox, "default", "a")
+    assert marked is not None
+    stamp = marked.metadata.deletion_timestamp
+    assert stamp is not None
+    assert rv(marked) > rv(created)
+    kept = await store.get(Sandbox, "default", "a")
+    assert kept.metadata.deletion_timestamp == stamp
+
+    again = await store.delete(Sandbox, "default", "a")  # set once, not moved
+    assert again is not None
+    assert again.metadata.deletion_timestamp == stamp
+    assert again.metadata.resource_version == marked.metadata.resource_version
+
+    kept.metadata.finalizers = ["other/one"]
+    kept = await store.update(kept)
+    assert (await store.get(Sandbox, "default", "a")).metadata.finalizers == ["other/one"]
+
+    kept.metadata.finalizers = []
+    await store.update(kept)
+    with pytest.raises(NotFound):
+        await store.get(Sandbox, "default", "a")
+
+    async with contextlib.aclosing(store.watch(Sandbox, since)) as events:
+        seen = [describe(await next_change(events)) for _ in range(3)]
+    assert seen == [
+        (EventType.MODIFIED, "a"),  # deletionTimestamp set
+        (EventType.MODIFIED, "a"),  # one finalizer removed
+        (EventType.DELETED, "a"),  # the last one removed
+    ]
+
+
+# -- watch ------------------------------------------------------------------------------------
+async def test_watch_replays_then_streams_live(store: ObjectStore) -> None:
+    await store.create(sandbox("before"))
+    since = await store.current_resource_version()
+    first = await store.create(sandbox("a"))
+    await store.create(pool("not-a-sandbox"))
+
+    async with contextlib.aclosing(store.watch(Sandbox, since)) as events:
+        replayed = await next_change(events)
+        assert describe(replayed) == (EventType.ADDED, "a")
+        assert replayed.resource_version == first.metadata.resource_version
+        assert replayed.object == first
+
+        first.status.phase = SandboxPhase.RUNNING
+        running = await store.update_status(first)
+        live = await next_change(events)
+        assert describe(live) == (EventType.MODIFIED, "a")
+        assert live.resource_version == running.metadata.resource_version
+        assert isinstance(live.object, Sandbox)
+        assert live.object.status.phase is SandboxPhase.RUNNING
+
+        await store.create(pool("another-pool"))  # other kinds do not show up
+        await store.delete(Sandbox, "default", "a")
+        deleted = await next_change(events)
+        assert describe(deleted) == (EventType.DELETED, "a")
+        assert int(deleted.resource_version) > int(live.resource_version)
+
+
+async def test_watch_from_zero_replays_everything(store: ObjectStore) -> None:
+    for name in ("a", "b", "c"):
+        await store.create(sandbox(name))
+    async with contextlib.aclosing(store.watch(Sandbox)) as events:
+        seen = [describe(await next_change(events)) for _ in range(3)]
+    assert seen == [(EventType.ADDED, n) for n in ("a", "b", "c")]
+
+
+async def test_watch_from_too_old_version_conflicts(store: ObjectStore) -> None:
+    for i in range(HISTORY * 2):
+        await store.create(sandbox(f"s{i}"))
+    with pytest.raises(Conflict, match="list again"):
+        async with contextlib.aclosing(store.watch(Sandbox, "1")) as events:
+            await anext(events)
+    # A recent version still works.
+    current = int(await store.current_resource_version())
+    async with contextlib.aclosing(store.watch(Sandbox, str(current - 2))) as events:
+        assert describe(await next_change(events)) == (EventType.ADDED, f"s{HISTORY * 2 - 2}")
+
+
+async def test_watch_from_future_version_conflicts(store: ObjectStore) -> None:
+    await store.create(sandbox("a"))
+    with pytest.raises(Conflict):
+        async with contextlib.aclosing(store.watch(Sandbox, "1000")) as events:
+            await anext(events)
+
+
+async def test_bookmark_when_idle(store: ObjectStore) -> None:
+    await store.create(sandbox("a"))
+    await store.create(pool("p"))  # the bookmark carries the store-wide version
+    current = await store.current_resource_version()
+    async with contextlib.aclosing(store.watch(Sandbox, current)) as events:
+        async with asyncio.timeout(5):
+            event = await anext(events)
+    assert event.type is EventType.BOOKMARK
+    assert event.object is None
+    assert event.resource_version == current
+
+
+async def test_closing_ends_watches_and_refuses_calls(store: ObjectStore) -> None:
+    await store.create(sandbox("a"))
+    events = store.watch(Sandbox, await store.current_resource_version())
+    waiting = asyncio.ensure_future(next_change(events))
+    await asyncio.sleep(0)  # let the watch subscribe
+    await store.close()
+    with pytest.raises(Unavailable):
+        await waiting
+    await events.aclose()
+    with pytest.raises(Unavailable):
+        await store.get(Sandbox, "default", "a")
+    with pytest.raises(Unavailable):
+        await store.create(sandbox("b"))
+
+
+async def test_cancelled_writes_leave_the_store_consistent(store: ObjectStore) -> None:
+    # Cancel creates at many points of their progress; each one either happened completely
+    # (stored, counted, published) or not at all, and the store keeps working.
+    async with contextlib.aclosing(store.watch(Sandbox, "0")) as events:
+        for steps in range(12):
+            task = asyncio.ensure_future(store.create(sandbox(f"c{steps}")))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        last = await store.create(sandbox("last"))
+        stored = [s.metadata.name for s in await store.list(Sandbox)]
+        assert int(last.metadata.resource_version) == len(stored)
+        seen = [describe(await next_change(events))[1] for _ in stored]
+    assert sorted(seen) == sorted(stored)
+    assert seen[-1] == "last"
+
+
+# -- SQLite only: the file is the truth ------------------------------------------------------
+async def test_sqlite_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "state.db"
+    store = await SqliteStore.open(path, history=HISTORY, bookmark_interval=BOOKMARK_INTERVAL)
+    try:
+        given = sandbox("a", labels={"k": "v"})
+        given.metadata.finalizers = ["fastsandbox.io/cleanup"]
+        created = await store.create(given)
+        created.status.phase = SandboxPhase.RUNNING
+        running = await store.update_status(created)
+        await store.create(pool("p"))
+        last = int(await store.current_resource_version())
+    finally:
+        await store.close()
+
+    store = await SqliteStore.open(path, history=HISTORY, bookmark_interval=BOOKMARK_INTERVAL)
+    try:
+        assert int(await store.current_resource_version()) == last
+        assert await store.get(Sandbox, "default", "a") == running
+        assert [p.metadata.name for p in await store.list(SandboxPool)] == ["p"]
+        later = await store.create(sandbox("b"))
+        assert rv(later) == last + 1
+        # History survives too: a watcher can resume across the restart.
+        async with contextlib.aclosing(store.watch(Sandbox, "0")) as events:
+            seen = [describe(await next_change(events)) for _ in range(3)]
+        assert seen == [
+            (EventType.ADDED, "a"),
+            (EventType.MODIFIED, "a"),
+            (EventType.ADDED, "b"),
+        ]
+    finally:
+        await store.close()
+
+
+async def test_sqlite_history_trim_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = await SqliteStore.open(path, history=5, bookmark_interval=BOOKMARK_INTERVAL)
+    try:
+        for i in range(30):
+            await store.create(sandbox(f"s{i}"))
+    finally:
+        await store.close()
+    store = await SqliteStore.open(path, history=5, bookmark_interval=BOOKMARK_INTERVAL)
+    try:
+        with pytest.raises(Conflict):
+            async with contextlib.aclosing(store.watch(Sandbox, "1")) as events:
+                await anext(events)
+        async with contextlib.aclosing(store.watch(Sandbox, "28")) as events:
+            assert describe(await next_change(events)) == (EventType.ADDED, "s28")
+    finally:
+        await store.close()
+
+
+async def test_sqlite_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not an sqlite database, not even close" * 100)
+    with pytest.raises(Unavailable, match=r"state\.db"):
+        await SqliteStore.open(path)
+
+
+_WRITER = """
+import asyncio, sys
+from fastsandbox.api.models import Sandbox
+from fastsandbox.store.sqlite import SqliteStore
+
+async def main() -> None:
+    store = await SqliteStore.open(sys.argv[1])
+    i = 0
+    while True:
+        sb = Sandbox.model_validate(
+            {"metadata": {"name": f"k{i}"}, "spec": {"image": "busybox", "poolRef": "p"}}
+        )
+        await store.create(sb)
+        print(f"k{i}", flush=True)
+        i += 1
+
+asyncio.run(main())
+"""
+
+
+async def test_sqlite_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WRITER, str(path), stdout=asyncio.subprocess.PIPE
+    )
+    acknowledged: list[str] = []
+    try:
+        assert child.stdout is not None
+        async with asyncio.timeout(30):
+            while len(acknowledged) < 50:
+                line = await child.stdout.readline()
+                assert line, "the writer process died"
+                acknowledged.append(line.decode().strip())
+    finally:
+        child.send_signal(signal.SIGKILL)  # mid-stream: no close, no checkpoint
+        await child.wait()
+    store = await SqliteStore.open(path)
+    try:
+        stored = {s.metadata.name for s in await store.list(Sandbox)}
+        assert set(acknowledged) <= stored
+        assert int(await store.current_resource_version()) == len(stored)
+    finally:
+        await store.close()
