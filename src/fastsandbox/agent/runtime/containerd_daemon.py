@@ -84,7 +84,7 @@ async def answers(socket: Path, timeout: float = 1.0) -> bool:
     except (TimeoutError, grpc.aio.AioRpcError):
         return False
     finally:
-        await channel.close()
+        await channel.close(None)
 
 
 async def ensure(data_dir: Path, socket: Path | None) -> Containerd:
@@ -109,9 +109,7 @@ async def _start_own(home: Path) -> Containerd:
             log.info("adopting our containerd", extra={"pid": pid, "socket": str(socket)})
             return Containerd(socket, pid)
     config = home / "config.toml"
-    config.write_text(
-        _CONFIG.format(root=home / "root", state=home / "state", socket=socket)
-    )
+    config.write_text(_CONFIG.format(root=home / "root", state=home / "state", socket=socket))
     log_file = open(home / "containerd.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = await asyncio.create_subprocess_exec(

@@ -1,0 +1,160 @@
+"""Command line of the agent daemon: `python -m fastsandbox.agent` and `fsb agent`.
+
+Plain argparse, and grpc/containerd imported only after the flags parsed: agents are started on
+pool scale-up, so the process must be serving as soon as possible (and `--help` stays instant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from fastsandbox.settings import AgentSettings, LogSettings, default_data_dir
+
+log = logging.getLogger(__name__)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def build_parser(prog: str = "fsb agent") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run a Fast Sandbox agent: host up to --capacity sandboxes on containerd "
+        "and serve the agent gRPC API.",
+    )
+    p.add_argument("--name", help="agent name, unique per containerd (default: the host name)")
+    p.add_argument("--pool", default="default-pool", help="pool this agent belongs to")
+    p.add_argument("--namespace", default="default", help="namespace of the pool")
+    p.add_argument(
+        "--listen",
+        help="unix:///path/agent.sock (made mode 0600) or HOST:PORT "
+        "(default: unix://<state-dir>/agent.sock)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="per-agent directory holding sandbox logs (default: <data-dir>/agents/<name>)",
+    )
+    p.add_argument(
+        "--containerd-socket",
+        type=Path,
+        default=Path("/run/containerd/containerd.sock"),
+        help="containerd's gRPC socket",
+    )
+    p.add_argument("--containerd-namespace", default="fastsandbox", help="containerd namespace")
+    p.add_argument("--capacity", type=_positive_int, default=5, help="max running sandboxes")
+    p.add_argument("--runtime", choices=["runc", "gvisor"], default="runc")
+    p.add_argument(
+        "--agent-ip", default="127.0.0.1", help="address sandboxes' ports are reachable at"
+    )
+    p.add_argument(
+        "--netns-path", help="network namespace sandboxes join (default: the host network)"
+    )
+    p.add_argument("--cgroup-parent", default="/fastsandbox", help="cgroup parent of sandboxes")
+    p.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="registry pulled from over plain HTTP (repeatable)",
+    )
+    p.add_argument(
+        "--grace",
+        type=_non_negative_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="SIGTERM to SIGKILL grace on sandbox delete when the request gives none",
+    )
+    p.add_argument(
+        "--version",
+        default=None,
+        help="version reported in Status, compared with the pool's agentVersion on rolling "
+        "updates (default: the installed fastsandbox version)",
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--log-format", choices=["json", "console", "auto"], default="auto")
+    p.add_argument("--log-file", type=Path, help="also write JSON logs here, size-rotated")
+    return p
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastsandbox")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+    name: str = args.name or socket.gethostname()
+    state_dir: Path = args.state_dir or default_data_dir() / "agents" / name
+    return AgentSettings(
+        name=name,
+        pool=args.pool,
+        namespace=args.namespace,
+        listen=args.listen or f"unix://{state_dir / 'agent.sock'}",
+        state_dir=state_dir,
+        containerd_socket=args.containerd_socket,
+        containerd_namespace=args.containerd_namespace,
+        capacity=args.capacity,
+        runtime=args.runtime,
+        agent_ip=args.agent_ip,
+        netns_path=args.netns_path,
+        cgroup_parent=args.cgroup_parent,
+        insecure_registries=list(args.insecure_registry),
+        delete_grace_seconds=args.grace,
+        version=args.version if args.version is not None else _package_version(),
+        log=LogSettings(level=args.log_level, format=args.log_format, file=args.log_file),
+    )
+
+
+async def _run(settings: AgentSettings) -> None:
+    import asyncio
+
+    from fastsandbox.agent.server import run
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run(settings, ready=None, stop=stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry of `python -m fastsandbox.agent` and `fsb agent`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    from fastsandbox.logconfig import configure
+
+    configure(settings.log, component="agent")
+    import asyncio
+
+    from fastsandbox.errors import FsbError
+
+    try:
+        asyncio.run(_run(settings))
+    except FsbError as exc:
+        log.error("agent failed: %s", exc.message, extra={"agent": settings.name})
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""The agent's core: sandboxes on one agent, with no gRPC in sight.
+
+Why it is shaped this way:
+- Capacity is decided here, not only in the control plane's registry: the agent is the one place
+  that knows what really runs on it, so a stale or restarted control plane can never overfill it.
+  Only sandboxes that have not exited count. The count is kept in memory (no runtime call when
+  there is room) and re-read from the runtime only when the agent looks full, because sandboxes
+  exit without telling us.
+- Every container this agent makes carries the label `fastsandbox.io/agent=<name>`; status and
+  start-up read the runtime by that label, so an agent that restarts finds its sandboxes again
+  (they belong to containerd's shims, not to this process), and an agent never touches a container
+  of another agent sharing the same containerd namespace.
+- Work on one sandbox id is serialised by a per-id lock; different ids never wait on each other.
+- Logs are read from the file containerd's shim writes, so they survive agent restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from fastsandbox._aio.keyed import KeyedLocks
+from fastsandbox.agent.runtime.base import (
+    ContainerSpec,
+    ContainerState,
+    ContainerStatus,
+    ImageInfo,
+    Runtime,
+)
+from fastsandbox.agent.runtime.refs import normalize_image_ref
+from fastsandbox.errors import (
+    AlreadyExists,
+    CapacityExhausted,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from fastsandbox.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+
+AGENT_LABEL = "fastsandbox.io/agent"
+SANDBOX_ID_LABEL = "fastsandbox.io/sandbox-id"
+NAMESPACE_LABEL = "fastsandbox.io/namespace"
+NAME_LABEL = "fastsandbox.io/name"
+PORTS_LABEL = "fastsandbox.io/ports"
+
+# containerd's own rule for ids; it also keeps ids safe to use as file names (no "/" or "..").
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
+
+# Log streaming: how often a follower looks for new bytes, how often it asks the runtime whether
+# the sandbox is still running (a runtime call is dearer than a stat), and read size.
+LOG_POLL_SECONDS = 0.1
+LOG_STATE_CHECK_SECONDS = 0.5
+LOG_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxRequest:
+    """What the control plane asks for; the gRPC layer builds it from `SandboxRuntimeSpec`."""
+
+    sandbox_id: str
+    image: str
+    namespace: str = ""
+    name: str = ""
+    command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    working_dir: str = ""
+    exposed_ports: tuple[int, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # 0 = no limit beyond the agent's.
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    image: ImageInfo
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStatus:
+    sandboxes: list[ContainerState]
+    images: list[ImageInfo]
+
+
+def _check_id(sandbox_id: str) -> None:
+    if not _ID.match(sandbox_id):
+        raise InvalidArgument(
+            f"sandbox_id {sandbox_id!r}: must be 1-76 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _live(state: ContainerState) -> bool:
+    return state.status is not ContainerStatus.STOPPED
+
+
+class SandboxManager:
+    def __init__(self, runtime: Runtime, settings: AgentSettings) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self._locks = KeyedLocks()
+        # Sandbox ids holding a slot: created (or being created) and not known to have exited.
+        self._slots: set[str] = set()
+        # Ids whose create is in flight: they hold a slot the runtime cannot show yet.
+        self._creating: set[str] = set()
+        # Image references known to be present locally; a miss only costs a no-op pull.
+        self._images: set[str] = set()
+        self._closing = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def log_dir(self) -> Path:
+        return self.settings.state_dir / "logs"
+
+    def log_path(self, sandbox_id: str) -> Path:
+        return self.log_dir / f"{sandbox_id}.log"
+
+    async def start(self) -> None:
+        """Adopt what already runs for this agent (a restart) and learn the cached images."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        await self._refresh_slots()
+        for image in await self.runtime.images():
+            self._images.add(image.name)
+        log.info(
+            "agent manager started",
+            extra={"agent": self.settings.name, "sandboxes": len(self._slots)},
+        )
+
+    def close(self) -> None:
+        """Ask log followers to end (so a server shutdown does not wait on them)."""
+        self._closing.set()
+
+    # -- create / delete ------------------------------------------------------------------------
+    async def create(self, req: SandboxRequest) -> ContainerState:
+        _check_id(req.sandbox_id)
+        if not req.image:
+            raise InvalidArgument("image: required")
+        normalize_image_ref(req.image)  # a bad reference fails before a slot is taken
+        async with self._locks.hold(req.sandbox_id):
+            held_before = req.sandbox_id in self._slots
+            await self._reserve(req.sandbox_id)
+            self._creating.add(req.sandbox_id)
+            try:
+                state = await self._create(req)
+            except BaseException:
+                if not held_before:
+                    self._slots.discard(req.sandbox_id)
+                raise
+            finally:
+                self._creating.discard(req.sandbox_id)
+            if not _live(state):
+                # Idempotent re-create of a sandbox that has already finished: no slot used.
+                self._slots.discard(req.sandbox_id)
+            return state
+
+    async def _reserve(self, sandbox_id: str) -> None:
+        """Take a slot for `sandbox_id`, or raise CapacityExhausted. Atomic between awaits."""
+        if sandbox_id in self._slots or len(self._slots) < self.settings.capacity:
+            self._slots.add(sandbox_id)
+            return
+        # Looks full: sandboxes may have exited since we last looked.
+        states = await self._refresh_slots()
+        existing = states.get(sandbox_id)
+        if existing is not None:
+            # Idempotency: a sandbox that exists is returned by `_create`, whatever the count.
+            if _live(existing):
+                self._slots.add(sandbox_id)
+            return
+        if len(self._slots) < self.settings.capacity:
+            self._slots.add(sandbox_id)
+            return
+        raise CapacityExhausted(
+            f"agent {self.settings.name} is full ({self.settings.capacity} sandboxes running); "
+            "delete a sandbox or schedule on another agent"
+        )
+
+    async def _refresh_slots(self) -> dict[str, ContainerState]:
+        """Re-count slots from the runtime, keeping what changed while we were asking."""
+        before = set(self._slots)
+        listed = await self.runtime.list(labels={AGENT_LABEL: self.settings.name})
+        states = {s.id: s for s in listed}
+        now = self._slots
+        added, removed = now - before, before - now
+        live = {sid for sid, st in states.items() if _live(st)}
+        self._slots = (live - removed) | added | (now & self._creating)
+        return states
+
+    async def _create(self, req: SandboxRequest) -> ContainerState:
+        spec = self._spec(req)
+        image = normalize_image_ref(req.image)
+        await self._ensure_image(image)
+        try:
+            state = await self.runtime.create(spec)
+        except NotFound:
+            # The image left the cache behind our back (pruned by someone): fetch it once more.
+            self._images.discard(image)
+            await self._pull(image)
+            state = await self.runtime.create(spec)
+        owner = state.labels.get(AGENT_LABEL)
+        if owner != self.settings.name:
+            raise AlreadyExists(
+                f"container id {req.sandbox_id} is already used by agent {owner or '(none)'}; "
+                "use a new sandbox id"
+            )
+        log.info(
+            "sandbox created",
+            extra={"agent": self.settings.name, "sandbox_id": req.sandbox_id, "image": req.image},
+        )
+        return state
+
+    def _spec(self, req: SandboxRequest) -> ContainerSpec:
+        labels = dict(req.labels)
+        # Ours win over the caller's: they decide ownership and how we find sandboxes again.
+        labels[AGENT_LABEL] = self.settings.name
+        labels[SANDBOX_ID_LABEL] = req.sandbox_id
+        if req.namespace:
+            labels[NAMESPACE_LABEL] = req.namespace
+        if req.name:
+            labels[NAME_LABEL] = req.name
+        if req.exposed_ports:
+            labels[PORTS_LABEL] = ",".join(str(p) for p in req.exposed_ports)
+        return ContainerSpec(
+            id=req.sandbox_id,
+            image=normalize_image_ref(req.image),
+            log_path=str(self.log_path(req.sandbox_id)),
+            command=req.command,
+            args=req.args,
+            env=req.env,
+            working_dir=req.working_dir,
+            labels=labels,
+            netns_path=self.settings.netns_path,
+            cgroup_parent=f"{self.settings.cgroup_parent.rstrip('/')}/{self.settings.name}",
+            cpu_millis=req.cpu_millis or None,
+            memory_bytes=req.memory_bytes or None,
+            runtime=self.settings.runtime,
+        )
+
+    async def delete(self, sandbox_id: str, grace_seconds: float = -1) -> bool:
+        """Stop and remove the sandbox and its log. False when it did not exist."""
+        _check_id(sandbox_id)
+        grace = self.settings.delete_grace_seconds if grace_seconds < 0 else grace_seconds
+        async with self._locks.hold(sandbox_id):
+            state = await self._own_state(sandbox_id)
+            existed = False
+            if state is not None:
+                existed = await self.runtime.delete(sandbox_id, grace)
+            self._slots.discard(sandbox_id)
+            with contextlib.suppress(FileNotFoundError):
+                self.log_path(sandbox_id).unlink()
+        if existed:
+            log.info(
+                "sandbox deleted", extra={"agent": self.settings.name, "sandbox_id": sandbox_id}
+            )
+        return existed
+
+    async def _own_state(self, sandbox_id: str) -> ContainerState | None:
+        """The sandbox's state, or None when it does not exist or belongs to another agent."""
+        try:
+            state = await self.runtime.get(sandbox_id)
+        except NotFound:
+            return None
+        if state.labels.get(AGENT_LABEL) != self.settings.name:
+            log.warning(
+                "container belongs to another agent; not touching it",
+                extra={"sandbox_id": sandbox_id, "owner": state.labels.get(AGENT_LABEL)},
+            )
+            return None
+        return state
+
+    # -- status / images ------------------------------------------------------------------------
+    async def get(self, sandbox_id: str) -> ContainerState:
+        _check_id(sandbox_id)
+        state = await self._own_state(sandbox_id)
+        if state is None:
+            raise NotFound(f"sandbox {sandbox_id} not found on agent {self.settings.name}")
+        return state
+
+    async def status(self) -> AgentStatus:
+        states, images = await asyncio.gather(self._refresh_slots(), self.runtime.images())
+        self._images.update(i.name for i in images)
+        return AgentStatus(
+            sandboxes=sorted(states.values(), key=lambda s: s.id),
+            images=images,
+        )
+
+    async def pull(self, image: str) -> PullResult:
+        if not image:
+            raise InvalidArgument("image: required")
+        began = time.monotonic()
+        info = await self._pull(normalize_image_ref(image))
+        return PullResult(info, time.monotonic() - began)
+
+    # One pull per image at a time: concurrent creates of a cold image wait for the same pull
+    # instead of each starting their own.
+    async def _ensure_image(self, image: str) -> None:
+        async with self._locks.hold(("image", image)):
+            if image not in self._images:
+                await self._pull_locked(image)
+
+    async def _pull(self, image: str) -> ImageInfo:
+        async with self._locks.hold(("image", image)):
+            return await self._pull_locked(image)
+
+    async def _pull_locked(self, image: str) -> ImageInfo:
+        info = await self.runtime.pull(image)
+        self._images.update((image, info.name))
+        log.info("image ready", extra={"image": image, "digest": info.digest})
+        return info
+
+    # -- logs -----------------------------------------------------------------------------------
+    async def logs(
+        self, sandbox_id: str, *, follow: bool = False, tail_lines: int = 0
+    ) -> AsyncGenerator[bytes, None]:
+        """The sandbox's output: the last `tail_lines` lines (0 = all), then, with `follow`, new
+        output as it is written until the sandbox is gone, or has exited and all is read."""
+        _check_id(sandbox_id)
+        path = self.log_path(sandbox_id)
+        state = await self._own_state(sandbox_id)
+        if state is None and not path.exists():
+            raise NotFound(f"sandbox {sandbox_id} not found on agent {self.settings.name}")
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            if not follow or state is None:
+                return
+            f = None
+        try:
+            if f is not None:
+                f.seek(await asyncio.to_thread(_tail_offset, path, tail_lines))
+                async for chunk in _drain(f):
+                    yield chunk
+            if not follow:
+                return
+            next_check = 0.0
+            while True:
+                if self._closing.is_set():
+                    raise Unavailable("agent is shutting down; retry on the restarted agent")
+                if f is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        f = path.open("rb")
+                got = False
+                if f is not None:
+                    async for chunk in _drain(f):
+                        got = True
+                        yield chunk
+                if got:
+                    continue
+                now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + LOG_STATE_CHECK_SECONDS
+                    state = await self._own_state(sandbox_id)
+                    if state is None or not _live(state):
+                        # The shim may still be flushing the last bytes of an exited process.
+                        await asyncio.sleep(LOG_POLL_SECONDS)
+                        if f is not None:
+                            async for chunk in _drain(f):
+                                yield chunk
+                        return
+                await asyncio.sleep(LOG_POLL_SECONDS)
+        finally:
+            if f is not None:
+                f.close()
+
+    @property
+    def used_slots(self) -> int:
+        """Sandboxes counted against capacity (for diagnostics)."""
+        return len(self._slots)
+
+
+async def _drain(f: BinaryIO) -> AsyncIterator[bytes]:
+    """Everything readable now. Local-file reads are short; no thread hop per chunk."""
+    while True:
+        chunk = f.read(LOG_CHUNK_BYTES)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _tail_offset(path: Path, lines: int) -> int:
+    """Byte offset where the last `lines` lines of the file begin (0 = whole file)."""
+    if lines <= 0:
+        return 0
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        # A final newline ends the last line; it does not start another one.
+        if end > 0:
+            f.seek(end - 1)
+            if f.read(1) == b"\n":
+                end -= 1
+        pos, seen = end, 0
+        while pos > 0:
+            step = min(LOG_CHUNK_BYTES, pos)
+            pos -= step
+            f.seek(pos)
+            block = f.read(step)
+            i = len(block)
+            while (i := block.rfind(b"\n", 0, i)) >= 0:
+                seen += 1
+                if seen == lines:
+                    return pos + i + 1
+        return 0

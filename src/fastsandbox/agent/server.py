@@ -1,0 +1,233 @@
+"""The agent's gRPC server: proto ⇄ `SandboxManager`, and the agent daemon's `run()`.
+
+Errors become gRPC statuses in one place (`_abort`, through `FsbError.grpc_code`). On a unix
+socket the file is made mode 0600: who may open the socket may drive the agent, so the socket's
+permission is the agent API's authentication. Stopping the agent never stops sandboxes; they
+belong to containerd's shims and are found again by the next agent of the same name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from fastsandbox.agent.manager import SandboxManager, SandboxRequest
+from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus, Runtime
+from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
+from fastsandbox.errors import FsbError, Unavailable
+from fastsandbox.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# In-flight calls get this long to finish on shutdown; log followers are ended before it starts.
+SHUTDOWN_GRACE_SECONDS = 2.0
+
+
+async def _abort(context: Context, exc: BaseException) -> NoReturn:
+    if isinstance(exc, FsbError):
+        await context.abort(exc.grpc_code, exc.message)
+    log.exception("agent call failed unexpectedly", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"agent error: {exc}")
+    raise AssertionError("unreachable")
+
+
+def state_to_proto(state: ContainerState) -> agent_pb2.SandboxState:
+    exited = state.status is ContainerStatus.STOPPED
+    # Stopped with no known code (e.g. its task vanished in a reboot) is not a success: -1.
+    unknown = -1 if exited else 0
+    exit_code = state.exit_code if state.exit_code is not None else unknown
+    return agent_pb2.SandboxState(
+        sandbox_id=state.id,
+        container_id=state.id,
+        state=state.status.value,
+        pid=state.pid,
+        exited=exited,
+        exit_code=exit_code,
+        started_at=state.started_at or 0.0,
+        exited_at=state.exited_at or 0.0,
+        labels=[agent_pb2.KeyValue(key=k, value=v) for k, v in sorted(state.labels.items())],
+        reason=state.reason,
+    )
+
+
+def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
+    return SandboxRequest(
+        sandbox_id=spec.sandbox_id,
+        image=spec.image,
+        namespace=spec.namespace,
+        name=spec.name,
+        command=tuple(spec.command),
+        args=tuple(spec.args),
+        env=tuple((kv.key, kv.value) for kv in spec.env),
+        working_dir=spec.working_dir,
+        exposed_ports=tuple(spec.exposed_ports),
+        labels={kv.key: kv.value for kv in spec.labels},
+        cpu_millis=spec.cpu_millis,
+        memory_bytes=spec.memory_bytes,
+    )
+
+
+class AgentService(agent_pb2_grpc.AgentServicer):
+    def __init__(self, manager: SandboxManager) -> None:
+        self.manager = manager
+        self.settings = manager.settings
+
+    async def _guard(self, context: Context, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def CreateSandbox(
+        self, request: agent_pb2.CreateSandboxRequest, context: Context
+    ) -> agent_pb2.CreateSandboxResponse:
+        state = await self._guard(context, self.manager.create(request_from_proto(request.spec)))
+        return agent_pb2.CreateSandboxResponse(sandbox=state_to_proto(state))
+
+    async def DeleteSandbox(
+        self, request: agent_pb2.DeleteSandboxRequest, context: Context
+    ) -> agent_pb2.DeleteSandboxResponse:
+        existed = await self._guard(
+            context, self.manager.delete(request.sandbox_id, request.grace_seconds)
+        )
+        return agent_pb2.DeleteSandboxResponse(existed=existed)
+
+    async def Status(
+        self, request: agent_pb2.StatusRequest, context: Context
+    ) -> agent_pb2.StatusResponse:
+        status = await self._guard(context, self.manager.status())
+        s = self.settings
+        return agent_pb2.StatusResponse(
+            agent_name=s.name,
+            pool=s.pool,
+            namespace=s.namespace,
+            agent_ip=s.agent_ip,
+            capacity=s.capacity,
+            images=sorted({i.name for i in status.images}),
+            sandboxes=[state_to_proto(st) for st in status.sandboxes],
+            runtime=s.runtime,
+            version=s.version,
+        )
+
+    async def PullImage(
+        self, request: agent_pb2.PullImageRequest, context: Context
+    ) -> agent_pb2.PullImageResponse:
+        result = await self._guard(context, self.manager.pull(request.image))
+        return agent_pb2.PullImageResponse(
+            image=result.image.name, digest=result.image.digest, seconds=result.seconds
+        )
+
+    async def Logs(
+        self, request: agent_pb2.SandboxLogsRequest, context: Context
+    ) -> AsyncIterator[agent_pb2.LogData]:
+        stream = self.manager.logs(
+            request.sandbox_id, follow=request.follow, tail_lines=request.tail_lines
+        )
+        try:
+            async for data in stream:
+                yield agent_pb2.LogData(data=data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+        finally:
+            await stream.aclose()
+
+
+def _socket_path(listen: str) -> Path | None:
+    return Path(listen.removeprefix("unix://")) if listen.startswith("unix:") else None
+
+
+def _bind(server: grpc.aio.Server, listen: str) -> None:
+    """Listen on `unix:///path` (mode 0600) or HOST:PORT."""
+    path = _socket_path(listen)
+    if path is None:
+        if server.add_insecure_port(listen) == 0:
+            raise Unavailable(f"cannot listen on {listen}: address in use or invalid")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a stale socket left by a killed agent
+    # The umask closes the window between bind and chmod in which others could connect.
+    old = os.umask(0o177)
+    try:
+        port = server.add_insecure_port(f"unix://{path}")
+    finally:
+        os.umask(old)
+    if port == 0:
+        raise Unavailable(f"cannot listen on {listen}")
+    path.chmod(0o600)
+
+
+async def serve(
+    manager: SandboxManager, *, ready: asyncio.Event | None, stop: asyncio.Event
+) -> None:
+    """Serve `manager` on `manager.settings.listen` until `stop`; the caller owns the runtime."""
+    settings = manager.settings
+    await manager.start()
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(manager), server)
+    _bind(server, settings.listen)
+    await server.start()
+    try:
+        log.info(
+            "agent ready",
+            extra={
+                "agent": settings.name,
+                "pool": settings.pool,
+                "listen": settings.listen,
+                "capacity": settings.capacity,
+                "sandboxes": manager.used_slots,
+            },
+        )
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("agent stopping", extra={"agent": settings.name})
+    finally:
+        # Order: end log followers, stop accepting and let in-flight calls finish briefly.
+        manager.close()
+        await server.stop(grace=SHUTDOWN_GRACE_SECONDS)
+        path = _socket_path(settings.listen)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+async def run(
+    settings: AgentSettings,
+    *,
+    ready: asyncio.Event | None,
+    stop: asyncio.Event,
+    runtime: Runtime | None = None,
+) -> None:
+    """The agent daemon. Builds a `ContainerdRuntime` from `settings` unless given `runtime`
+    (tests pass a fake; a given runtime is not closed here)."""
+    owned = runtime is None
+    if runtime is None:
+        from fastsandbox.agent.runtime.containerd import ContainerdRuntime
+
+        runtime = ContainerdRuntime(
+            settings.containerd_socket,
+            settings.containerd_namespace,
+            settings.insecure_registries,
+            state_dir=settings.state_dir / "runtime",
+        )
+    try:
+        await serve(SandboxManager(runtime, settings), ready=ready, stop=stop)
+    finally:
+        if owned:
+            await runtime.close()
+        log.info("agent stopped", extra={"agent": settings.name})

@@ -1,0 +1,63 @@
+"""`fsb agent` flags become one AgentSettings; defaults derive from the name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fastsandbox.agent.cli import build_parser, main, settings_from_args
+
+
+def test_flags_map_to_settings(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        [
+            "--name=a1",
+            "--pool=p1",
+            "--namespace=team",
+            "--listen=127.0.0.1:7001",
+            f"--state-dir={tmp_path}",
+            "--containerd-socket=/run/c.sock",
+            "--containerd-namespace=k8s.io",
+            "--capacity=3",
+            "--runtime=gvisor",
+            "--agent-ip=10.0.0.5",
+            "--netns-path=/var/run/netns/a1",
+            "--cgroup-parent=/fsb",
+            "--insecure-registry=127.0.0.1:5000",
+            "--insecure-registry=reg:5001",
+            "--grace=2.5",
+            "--version=v9",
+            "--log-level=debug",
+            "--log-format=json",
+            f"--log-file={tmp_path / 'a.log'}",
+        ]
+    )
+    s = settings_from_args(args)
+    assert (s.name, s.pool, s.namespace, s.listen) == ("a1", "p1", "team", "127.0.0.1:7001")
+    assert (s.state_dir, s.containerd_socket, s.containerd_namespace) == (
+        tmp_path,
+        Path("/run/c.sock"),
+        "k8s.io",
+    )
+    assert (s.capacity, s.runtime, s.agent_ip) == (3, "gvisor", "10.0.0.5")
+    assert (s.netns_path, s.cgroup_parent) == ("/var/run/netns/a1", "/fsb")
+    assert s.insecure_registries == ["127.0.0.1:5000", "reg:5001"]
+    assert (s.delete_grace_seconds, s.version) == (2.5, "v9")
+    assert (s.log.level, s.log.format, s.log.file) == ("debug", "json", tmp_path / "a.log")
+
+
+def test_defaults_follow_the_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    s = settings_from_args(build_parser().parse_args(["--name=a2"]))
+    assert s.state_dir == tmp_path / "fastsandbox" / "agents" / "a2"
+    assert s.listen == f"unix://{s.state_dir / 'agent.sock'}"
+    assert (s.capacity, s.runtime, s.netns_path, s.delete_grace_seconds) == (5, "runc", None, 10.0)
+    assert s.version
+
+
+def test_bad_flags_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--capacity=0"])
+    assert exit_.value.code == 2
+    assert "--capacity" in capsys.readouterr().err

@@ -1,0 +1,318 @@
+"""SandboxManager over the in-memory FakeRuntime: capacity, idempotency, status, logs, pull."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from fastsandbox.agent.manager import (
+    AGENT_LABEL,
+    NAME_LABEL,
+    NAMESPACE_LABEL,
+    SANDBOX_ID_LABEL,
+    SandboxManager,
+    SandboxRequest,
+)
+from fastsandbox.agent.runtime.base import ContainerSpec, ContainerStatus, ImageInfo
+from fastsandbox.agent.runtime.fake import FakeRuntime
+from fastsandbox.errors import AlreadyExists, CapacityExhausted, InvalidArgument, NotFound
+from fastsandbox.settings import AgentSettings
+
+IMG = "127.0.0.1:5000/busybox:latest"
+
+
+def settings(tmp_path: Path, name: str = "agent-1", capacity: int = 2) -> AgentSettings:
+    return AgentSettings(
+        name=name,
+        pool="p",
+        namespace="default",
+        listen=f"unix://{tmp_path / 'agent.sock'}",
+        state_dir=tmp_path / "state",
+        containerd_socket=tmp_path / "none.sock",
+        capacity=capacity,
+        netns_path="/var/run/netns/fsb-agent-1",
+        delete_grace_seconds=7.0,
+    )
+
+
+def req(sandbox_id: str, **kw: object) -> SandboxRequest:
+    kw.setdefault("image", IMG)
+    return SandboxRequest(sandbox_id=sandbox_id, **kw)  # type: ignore[arg-type]
+
+
+class CountingRuntime(FakeRuntime):
+    """Counts pull calls, even the ones the fake answers from its cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pull_calls = 0
+
+    async def pull(self, image: str) -> ImageInfo:
+        self.pull_calls += 1
+        return await super().pull(image)
+
+
+@pytest.fixture
+def runtime() -> CountingRuntime:
+    return CountingRuntime()
+
+
+@pytest.fixture
+async def manager(runtime: FakeRuntime, tmp_path: Path) -> SandboxManager:
+    m = SandboxManager(runtime, settings(tmp_path))
+    await m.start()
+    return m
+
+
+async def test_create_builds_the_spec(manager: SandboxManager, runtime: FakeRuntime) -> None:
+    state = await manager.create(
+        req(
+            "sb-1",
+            namespace="team-a",
+            name="demo",
+            command=("sh", "-c"),
+            args=("echo hi",),
+            env=(("A", "1"),),
+            working_dir="/tmp",
+            exposed_ports=(8080,),
+            labels={"fastsandbox.io/uid": "u1", AGENT_LABEL: "spoofed"},
+            cpu_millis=500,
+        )
+    )
+    assert state.status is ContainerStatus.RUNNING
+    spec: ContainerSpec = runtime.specs["sb-1"]
+    assert spec.log_path == str(manager.settings.state_dir / "logs" / "sb-1.log")
+    assert spec.netns_path == "/var/run/netns/fsb-agent-1"
+    assert spec.cgroup_parent == "/fastsandbox/agent-1"
+    assert (spec.command, spec.args, spec.env, spec.working_dir) == (
+        ("sh", "-c"),
+        ("echo hi",),
+        (("A", "1"),),
+        "/tmp",
+    )
+    assert (spec.cpu_millis, spec.memory_bytes) == (500, None)
+    assert spec.labels[AGENT_LABEL] == "agent-1"
+    assert spec.labels[SANDBOX_ID_LABEL] == "sb-1"
+    assert spec.labels[NAMESPACE_LABEL] == "team-a"
+    assert spec.labels[NAME_LABEL] == "demo"
+    assert spec.labels["fastsandbox.io/uid"] == "u1"
+
+
+async def test_create_pulls_a_missing_image_once(
+    manager: SandboxManager, runtime: CountingRuntime
+) -> None:
+    assert IMG not in {i.name for i in await runtime.images()}
+    await asyncio.gather(manager.create(req("sb-1")), manager.create(req("sb-2")))
+    assert IMG in {i.name for i in await runtime.images()}
+    assert runtime.pull_calls == 1
+
+
+async def test_an_image_pruned_behind_our_back_is_pulled_again(
+    manager: SandboxManager, runtime: CountingRuntime, tmp_path: Path
+) -> None:
+    await manager.create(req("sb-1"))
+    pruned = CountingRuntime()  # same agent, a runtime that lost its images
+    restarted = SandboxManager(pruned, manager.settings)
+    restarted._images.add(IMG)  # believes the image is cached
+    await restarted.create(req("sb-2"))
+    assert pruned.pull_calls == 1
+
+
+async def test_a_bad_image_is_refused_without_a_slot(manager: SandboxManager) -> None:
+    with pytest.raises(InvalidArgument):
+        await manager.create(SandboxRequest(sandbox_id="sb-1", image="has space"))
+    with pytest.raises(NotFound):
+        await manager.create(req("sb-1", image="127.0.0.1:5000/nope:1"))
+    assert manager.used_slots == 0
+
+
+async def test_capacity_refusal_and_slot_freed_after_delete(manager: SandboxManager) -> None:
+    await manager.create(req("sb-1"))
+    await manager.create(req("sb-2"))
+    with pytest.raises(CapacityExhausted):
+        await manager.create(req("sb-3"))
+    assert await manager.delete("sb-1") is True
+    await manager.create(req("sb-3"))
+
+
+async def test_exited_sandboxes_do_not_hold_a_slot(
+    manager: SandboxManager, runtime: FakeRuntime
+) -> None:
+    await manager.create(req("sb-1"))
+    await manager.create(req("sb-2"))
+    runtime.exit("sb-1", 3)
+    await manager.create(req("sb-3"))
+    with pytest.raises(CapacityExhausted):
+        await manager.create(req("sb-4"))
+
+
+async def test_concurrent_creates_never_exceed_capacity(manager: SandboxManager) -> None:
+    results = await asyncio.gather(
+        *(manager.create(req(f"sb-{i}")) for i in range(5)), return_exceptions=True
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 2
+    assert all(isinstance(r, CapacityExhausted) for r in results if isinstance(r, BaseException))
+
+
+async def test_create_is_idempotent_even_when_full(
+    manager: SandboxManager, runtime: FakeRuntime
+) -> None:
+    first = await manager.create(req("sb-1"))
+    await manager.create(req("sb-2"))
+    again = await manager.create(req("sb-1"))
+    assert again.id == first.id
+    assert again.pid == first.pid
+    assert len(await runtime.list()) == 2
+    concurrent = await asyncio.gather(*(manager.create(req("sb-2")) for _ in range(3)))
+    assert {s.id for s in concurrent} == {"sb-2"}
+
+
+async def test_delete_is_idempotent_and_removes_the_log(
+    manager: SandboxManager, runtime: FakeRuntime
+) -> None:
+    await manager.create(req("sb-1"))
+    log_file = manager.log_path("sb-1")
+    log_file.write_bytes(b"out\n")
+    assert await manager.delete("sb-1") is True
+    assert not log_file.exists()
+    assert await runtime.list() == []
+    assert await manager.delete("sb-1") is False
+    assert await manager.delete("never-existed") is False
+
+
+async def test_delete_uses_the_default_grace_when_negative(
+    manager: SandboxManager, runtime: FakeRuntime
+) -> None:
+    await manager.create(req("sb-1"))
+    await manager.create(req("sb-2"))
+    await manager.delete("sb-1", -1)
+    await manager.delete("sb-2", 0.5)
+    assert runtime.delete_graces == {"sb-1": 7.0, "sb-2": 0.5}
+
+
+async def test_other_agents_containers_are_left_alone(runtime: FakeRuntime, tmp_path: Path) -> None:
+    a = SandboxManager(runtime, settings(tmp_path / "a", name="agent-a"))
+    b = SandboxManager(runtime, settings(tmp_path / "b", name="agent-b"))
+    await a.start()
+    await b.start()
+    await a.create(req("sb-1"))
+    assert await b.delete("sb-1") is False
+    with pytest.raises(AlreadyExists):
+        await b.create(req("sb-1"))
+    assert [s.id for s in (await b.status()).sandboxes] == []
+    assert [s.id for s in (await a.status()).sandboxes] == ["sb-1"]
+
+
+async def test_bad_ids_are_invalid_argument(manager: SandboxManager) -> None:
+    for bad in ("", "../etc", "a/b", "-x"):
+        with pytest.raises(InvalidArgument):
+            await manager.create(req(bad))
+    with pytest.raises(InvalidArgument):
+        await manager.create(SandboxRequest(sandbox_id="ok", image=""))
+
+
+async def test_status_lists_sandboxes_with_exit_codes_and_images(
+    manager: SandboxManager, runtime: FakeRuntime
+) -> None:
+    await manager.create(req("sb-1"))
+    await manager.create(req("sb-2"))
+    runtime.exit("sb-2", 42)
+    status = await manager.status()
+    by_id = {s.id: s for s in status.sandboxes}
+    assert by_id["sb-1"].status is ContainerStatus.RUNNING
+    assert by_id["sb-1"].exit_code is None
+    assert by_id["sb-2"].status is ContainerStatus.STOPPED
+    assert by_id["sb-2"].exit_code == 42
+    assert IMG in {i.name for i in status.images}
+
+
+async def test_a_restarted_agent_finds_its_sandboxes(
+    manager: SandboxManager, runtime: FakeRuntime, tmp_path: Path
+) -> None:
+    await manager.create(req("sb-1"))
+    await manager.create(req("sb-2"))
+    restarted = SandboxManager(runtime, settings(tmp_path))
+    await restarted.start()
+    assert [s.id for s in (await restarted.status()).sandboxes] == ["sb-1", "sb-2"]
+    with pytest.raises(CapacityExhausted):
+        await restarted.create(req("sb-3"))
+
+
+async def test_pull(manager: SandboxManager, runtime: FakeRuntime) -> None:
+    result = await manager.pull(IMG)
+    assert result.image.name == IMG
+    assert result.image.digest.startswith("sha256:")
+    assert IMG in {i.name for i in (await manager.status()).images}
+    with pytest.raises(NotFound):
+        await manager.pull("127.0.0.1:5000/nope:latest")
+
+
+async def collect(manager: SandboxManager, sandbox_id: str, **kw: object) -> bytes:
+    return b"".join([c async for c in manager.logs(sandbox_id, **kw)])  # type: ignore[arg-type]
+
+
+async def test_logs_tail(manager: SandboxManager) -> None:
+    await manager.create(req("sb-1"))
+    manager.log_path("sb-1").write_bytes(b"one\ntwo\nthree\n")
+    assert await collect(manager, "sb-1") == b"one\ntwo\nthree\n"
+    assert await collect(manager, "sb-1", tail_lines=2) == b"two\nthree\n"
+    assert await collect(manager, "sb-1", tail_lines=10) == b"one\ntwo\nthree\n"
+    manager.log_path("sb-1").write_bytes(b"one\ntwo\npartial")
+    assert await collect(manager, "sb-1", tail_lines=1) == b"partial"
+
+
+async def test_logs_tail_spans_read_blocks(manager: SandboxManager) -> None:
+    await manager.create(req("sb-1"))
+    lines = [f"line {i:06d} ".encode() * 20 + b"\n" for i in range(2000)]
+    manager.log_path("sb-1").write_bytes(b"".join(lines))
+    assert await collect(manager, "sb-1", tail_lines=500) == b"".join(lines[-500:])
+
+
+async def test_logs_of_unknown_sandbox_is_not_found(manager: SandboxManager) -> None:
+    with pytest.raises(NotFound):
+        await collect(manager, "nope")
+
+
+async def test_logs_follow_until_exit(manager: SandboxManager, runtime: FakeRuntime) -> None:
+    await manager.create(req("sb-1"))
+    path = manager.log_path("sb-1")
+    path.write_bytes(b"first\n")
+    received: list[bytes] = []
+    got_first = asyncio.Event()
+
+    async def follow() -> None:
+        async for chunk in manager.logs("sb-1", follow=True):
+            received.append(chunk)
+            got_first.set()
+
+    task = asyncio.create_task(follow())
+    await asyncio.wait_for(got_first.wait(), 5)
+    with path.open("ab") as f:
+        f.write(b"second\n")
+    while b"".join(received) != b"first\nsecond\n":
+        await asyncio.sleep(0.05)
+    assert not task.done()
+    with path.open("ab") as f:
+        f.write(b"last words\n")
+    runtime.exit("sb-1", 0)
+    await asyncio.wait_for(task, 10)
+    assert b"".join(received) == b"first\nsecond\nlast words\n"
+
+
+async def test_logs_follow_ends_when_sandbox_deleted(manager: SandboxManager) -> None:
+    await manager.create(req("sb-1"))
+    manager.log_path("sb-1").write_bytes(b"x\n")
+    received: list[bytes] = []
+
+    async def follow() -> None:
+        async for chunk in manager.logs("sb-1", follow=True, tail_lines=1):
+            received.append(chunk)
+
+    task = asyncio.create_task(follow())
+    while not received:
+        await asyncio.sleep(0.05)
+    await manager.delete("sb-1")
+    await asyncio.wait_for(task, 10)
+    assert received == [b"x\n"]
