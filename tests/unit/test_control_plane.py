@@ -288,7 +288,11 @@ async def test_recovery_rebuilds_slots_from_records_and_agents(plane: Plane) -> 
             id="orphan-1",
             image=IMG,
             log_path=str(plane.fleet.root / "orphan.log"),
-            labels={"fastsandbox.io/agent": agent, "fastsandbox.io/sandbox-id": "orphan-1"},
+            labels={
+                "fastsandbox.io/agent": agent,
+                "fastsandbox.io/sandbox-id": "orphan-1",
+                "fastsandbox.io/ports": "7000",
+            },
         )
     )
     fresh = ControlPlane(plane.store, plane.fleet, PlaneSettings(heartbeat_seconds=0.1))
@@ -299,6 +303,8 @@ async def test_recovery_rebuilds_slots_from_records_and_agents(plane: Plane) -> 
         for reply in made:
             holder = fresh.registry.holder(reply.container_id)
             assert holder is not None and holder.name == reply.agent
+        orphan_holder = fresh.registry.holder("orphan-1")
+        assert orphan_holder is not None and 7000 in orphan_holder.ports_in_use
         total, allocated = fresh.registry.pool_slots("default", "p")
         assert (total, allocated) == (4, 4)
     finally:

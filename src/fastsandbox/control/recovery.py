@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
 from fastsandbox.api.models import SandboxPool
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import SandboxService
@@ -29,6 +31,17 @@ class RecoveryReport:
     records: int
     slots_adopted: int
     orphans: int
+
+
+PORTS_LABEL = "fastsandbox.io/ports"
+
+
+def _ports(labels: Iterable[agent_pb2.KeyValue]) -> list[int]:
+    """The ports an agent recorded on a container (label `fastsandbox.io/ports`, "80,443")."""
+    for kv in labels:
+        if kv.key == PORTS_LABEL:
+            return [int(p) for p in kv.value.split(",") if p.strip().isdigit()]
+    return []
 
 
 async def recover(pools: PoolManager, sandboxes: SandboxService) -> RecoveryReport:
@@ -64,7 +77,7 @@ async def recover(pools: PoolManager, sandboxes: SandboxService) -> RecoveryRepo
         for state in status.sandboxes:
             if state.sandbox_id in claimed or state.exited:
                 continue
-            registry.adopt(agent.name, state.sandbox_id, ())
+            registry.adopt(agent.name, state.sandbox_id, _ports(state.labels))
             orphans += 1
             log.warning(
                 "container without a record keeps its slot",
