@@ -1,0 +1,85 @@
+"""containerd-specific behaviour beyond the runtime contract (tests/contract)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from tests.infra import ContainerdProc
+
+from fastsandbox.agent.runtime.base import ContainerSpec, ContainerStatus
+from fastsandbox.agent.runtime.containerd import ContainerdRuntime
+from fastsandbox.errors import InvalidArgument, Unavailable
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def runtime(
+    containerd: ContainerdProc, demo_image: str, tmp_path: Path
+) -> AsyncIterator[ContainerdRuntime]:
+    rt = ContainerdRuntime(
+        containerd.socket, "fastsandbox", [demo_image.split("/", 1)[0]], state_dir=tmp_path
+    )
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+async def test_pull_repairs_an_image_whose_layers_are_gone(
+    runtime: ContainerdRuntime, containerd: ContainerdProc, demo_image: str, tmp_path: Path,
+    cgroup_parent: str,
+) -> None:  # fmt: skip
+    await runtime.pull(demo_image)
+    chain = (await runtime.image_config(demo_image)).chain_id
+    containerd.ctr("snapshots", "rm", chain)
+    await runtime.pull(demo_image)
+    spec = ContainerSpec(
+        id="repaired",
+        image=demo_image,
+        log_path=str(tmp_path / "repaired.log"),
+        command=("true",),
+        cgroup_parent=cgroup_parent,
+    )
+    try:
+        state = await runtime.create(spec)
+        assert state.status in (ContainerStatus.RUNNING, ContainerStatus.STOPPED)
+    finally:
+        await runtime.delete(spec.id, 0)
+
+
+async def test_concurrent_pulls_agree(runtime: ContainerdRuntime, demo_image: str) -> None:
+    infos = await asyncio.gather(*(runtime.pull(demo_image) for _ in range(4)))
+    assert len(set(infos)) == 1
+
+
+async def test_unknown_runtime_is_invalid(
+    runtime: ContainerdRuntime, demo_image: str, tmp_path: Path
+) -> None:
+    await runtime.pull(demo_image)
+    spec = ContainerSpec(
+        id="bad-runtime", image=demo_image, log_path=str(tmp_path / "x.log"), runtime="kata"
+    )
+    with pytest.raises(InvalidArgument, match="kata"):
+        await runtime.create(spec)
+
+
+async def test_a_silent_socket_is_unavailable(tmp_path: Path) -> None:
+    rt = ContainerdRuntime(tmp_path / "nobody-listens.sock")
+    try:
+        with pytest.raises(Unavailable):
+            await rt.images()
+    finally:
+        await rt.close()
+
+
+async def test_an_id_containerd_refuses_is_invalid(
+    runtime: ContainerdRuntime, demo_image: str, tmp_path: Path
+) -> None:
+    await runtime.pull(demo_image)
+    spec = ContainerSpec(id="bad/id", image=demo_image, log_path=str(tmp_path / "x.log"))
+    with pytest.raises(InvalidArgument):
+        await runtime.create(spec)

@@ -1,0 +1,132 @@
+"""The sandbox OCI spec is secure by default: pure-function checks of build_oci_spec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fastsandbox.agent.runtime.oci_spec import (
+    CLONE_NAMESPACE_FLAGS,
+    CTR_DEFAULT_CAPABILITIES,
+    DEFAULT_PIDS_LIMIT,
+    build_oci_spec,
+    cpu_quota_us,
+)
+
+
+def spec(**kw: Any) -> dict[str, Any]:
+    kw.setdefault("container_id", "sb-1")
+    kw.setdefault("args", ["sh", "-c", "true"])
+    kw.setdefault("env", ["PATH=/bin"])
+    kw.setdefault("cwd", "/work")
+    kw.setdefault("cgroups_path", "/fastsandbox/agent-1/sb-1")
+    return build_oci_spec(machine="x86_64", **kw)
+
+
+def denied(s: dict[str, Any]) -> dict[str, int]:
+    """Syscall name → errno for every unconditional deny rule."""
+    out = {}
+    for rule in s["linux"]["seccomp"]["syscalls"]:
+        if rule["action"] == "SCMP_ACT_ERRNO" and not rule.get("args"):
+            for name in rule["names"]:
+                out[name] = rule["errnoRet"]
+    return out
+
+
+def test_process_fields() -> None:
+    p = spec(uid=1000, gid=1001)["process"]
+    assert p["args"] == ["sh", "-c", "true"]
+    assert p["env"] == ["PATH=/bin"]
+    assert p["cwd"] == "/work"
+    assert p["user"] == {"uid": 1000, "gid": 1001}
+    assert p["terminal"] is False
+
+
+def test_dangerous_capabilities_are_dropped() -> None:
+    caps = spec()["process"]["capabilities"]
+    for kind in ("bounding", "effective", "permitted"):
+        assert not {"CAP_NET_RAW", "CAP_MKNOD", "CAP_AUDIT_WRITE", "CAP_SETFCAP"} & set(caps[kind])
+        assert "CAP_SYS_ADMIN" not in caps[kind]
+        assert set(caps[kind]) < set(CTR_DEFAULT_CAPABILITIES)
+        assert {"CAP_CHOWN", "CAP_SETUID", "CAP_NET_BIND_SERVICE", "CAP_KILL"} <= set(caps[kind])
+    assert "ambient" not in caps and "inheritable" not in caps
+
+
+def test_no_new_privileges() -> None:
+    assert spec()["process"]["noNewPrivileges"] is True
+
+
+def test_seccomp_is_a_denylist_of_dangerous_syscalls() -> None:
+    s = spec()
+    profile = s["linux"]["seccomp"]
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert "SCMP_ARCH_X86_64" in profile["architectures"]
+    names = denied(s)
+    for name in (
+        "mount", "umount2", "pivot_root", "kexec_load", "init_module", "finit_module",
+        "delete_module", "bpf", "perf_event_open", "keyctl", "add_key", "request_key",
+        "open_by_handle_at", "userfaultfd", "ptrace", "setns", "unshare", "reboot", "swapon",
+        "swapoff", "acct", "settimeofday", "clock_settime", "iopl", "ioperm", "quotactl",
+        "lookup_dcookie", "vm86", "create_module", "io_uring_setup",
+    ):  # fmt: skip
+        assert names.get(name) == 1, name
+    assert names["clone3"] == 38  # ENOSYS: libc falls back to clone, which is checked
+    assert "read" not in names and "clone" not in names
+
+
+def test_clone_with_namespace_flags_is_denied() -> None:
+    rules = [r for r in spec()["linux"]["seccomp"]["syscalls"] if r.get("args")]
+    flags = {r["args"][0]["value"] for r in rules if r["names"] == ["clone"]}
+    assert flags == set(CLONE_NAMESPACE_FLAGS.values())
+    for r in rules:
+        (arg,) = r["args"]
+        assert arg["op"] == "SCMP_CMP_MASKED_EQ"
+        assert arg["index"] == 0
+        assert arg["value"] == arg["valueTwo"]
+
+
+def test_resource_limits() -> None:
+    r = spec(cpu_millis=500, memory_bytes=256 << 20)["linux"]["resources"]
+    assert r["cpu"] == {"quota": 50_000, "period": 100_000}
+    assert r["memory"] == {"limit": 256 << 20}
+    assert r["pids"] == {"limit": DEFAULT_PIDS_LIMIT}
+    assert r["devices"] == [{"allow": False, "access": "rwm"}]
+
+
+def test_no_limits_when_none_given() -> None:
+    r = spec()["linux"]["resources"]
+    assert "cpu" not in r and "memory" not in r
+    assert r["pids"]["limit"] == DEFAULT_PIDS_LIMIT
+
+
+@pytest.mark.parametrize(("millis", "quota"), [(1, 1_000), (250, 25_000), (2000, 200_000)])
+def test_cpu_quota(millis: int, quota: int) -> None:
+    assert cpu_quota_us(millis) == quota
+
+
+def test_namespaces_join_the_agent_netns() -> None:
+    ns = spec(netns_path="/var/run/netns/fsb-agent-1")["linux"]["namespaces"]
+    assert {"type": "network", "path": "/var/run/netns/fsb-agent-1"} in ns
+    assert {n["type"] for n in ns} == {"pid", "ipc", "uts", "mount", "network"}
+
+
+def test_host_network_when_no_netns() -> None:
+    ns = spec()["linux"]["namespaces"]
+    assert {n["type"] for n in ns} == {"pid", "ipc", "uts", "mount"}
+
+
+def test_cgroup_hostname_and_paths() -> None:
+    s = spec(container_id="x" * 80)
+    assert s["linux"]["cgroupsPath"] == "/fastsandbox/agent-1/sb-1"
+    assert s["hostname"] == "x" * 63
+    assert "/proc/kcore" in s["linux"]["maskedPaths"]
+    assert "/proc/sys" in s["linux"]["readonlyPaths"]
+    assert {m["destination"] for m in s["mounts"]} >= {"/proc", "/dev", "/sys", "/dev/pts"}
+    sys_mount = next(m for m in s["mounts"] if m["destination"] == "/sys")
+    assert "ro" in sys_mount["options"]
+
+
+def test_a_command_is_required() -> None:
+    with pytest.raises(ValueError, match="command"):
+        spec(args=[])
