@@ -15,8 +15,12 @@ import structlog
 
 from fastsandbox.settings import LogSettings
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def _renderer(fmt: str) -> structlog.types.Processor:

@@ -10,11 +10,14 @@ belong to containerd's shims and keep running until the next start adopts them.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import IO
 
 import grpc
 
@@ -23,7 +26,7 @@ from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc
 from fastsandbox.api.models import ObjectMeta, PoolCapacity, SandboxPool, SandboxPoolSpec
 from fastsandbox.control.fastpath.auth import TokenAuth, load_or_create_token
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
-from fastsandbox.errors import AlreadyExists, FsbError, NotFound
+from fastsandbox.errors import AlreadyExists, FsbError, NotFound, Unavailable
 from fastsandbox.fleet.local import LocalFleet
 from fastsandbox.logconfig import configure
 from fastsandbox.settings import ServerSettings
@@ -52,6 +55,21 @@ async def ensure_default_pool(store: ObjectStore) -> None:
             pass
 
 
+def _lock_data_dir(data_dir: Path) -> IO[str]:
+    """One server per data dir: two would both adopt the same agents and containers."""
+    lock = open(data_dir / "server.lock", "w")  # noqa: SIM115 - held for the server's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise Unavailable(
+            f"another fsb server is running with data dir {data_dir}; stop it or use --data-dir"
+        ) from None
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 async def run(
     settings: ServerSettings,
     *,
@@ -62,6 +80,7 @@ async def run(
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
+    lock = _lock_data_dir(data_dir)
     token = load_or_create_token(settings.token_path, settings.token)
 
     containerd = await containerd_daemon.ensure(data_dir, settings.containerd_socket)
@@ -90,7 +109,10 @@ async def run(
             await ensure_default_pool(store)
         report = await plane.start()
 
-        server = grpc.aio.server(interceptors=[TokenAuth(token)])
+        # No SO_REUSEPORT: a second server on the same address must fail, not share the port.
+        server = grpc.aio.server(
+            interceptors=[TokenAuth(token)], options=[("grpc.so_reuseport", 0)]
+        )
         fastpath_pb2_grpc.add_FastPathServicer_to_server(  # type: ignore[no-untyped-call]
             plane.servicer, server
         )
@@ -114,6 +136,7 @@ async def run(
         await plane.close()
         await store.close()
         await containerd.stop()
+        lock.close()
         log.info("stopped")
 
 

@@ -84,5 +84,8 @@ class AgentSettings:
     cgroup_parent: str = "/fastsandbox"
     insecure_registries: list[str] = field(default_factory=list)
     delete_grace_seconds: float = 10.0
+    init_path: Path | None = None
+    """`fsb-init` binary mounted at /.fsb/init as every sandbox's PID 1; None = run the
+    sandbox's command as PID 1 (SIGTERM is then ignored unless the command handles it)."""
     version: str = ""
     log: LogSettings = field(default_factory=LogSettings)

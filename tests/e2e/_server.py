@@ -8,6 +8,7 @@ namespaces and the data dir.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -21,6 +22,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fastsandbox.fleet.local import purge as purge_agents
 
 VENV_BIN = Path(sys.executable).parent
 FSB = str(VENV_BIN / "fsb")
@@ -59,6 +62,7 @@ class Server:
         return self.data_dir / "containerd" / "ctd.sock"
 
     def start(self, timeout: float = 90.0) -> None:
+        self._close_pipe()
         argv = [
             FSB,
             "server",
@@ -99,15 +103,24 @@ class Server:
         log = self.data_dir / "server.log"
         return log.read_text(errors="replace")[-3000:] if log.exists() else "".join(self.output)
 
+    def _close_pipe(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(sig)
+        if self.proc is None:
+            return None
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+            if self.proc.poll() is not None:
+                return self.proc.returncode
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait(10)
+        finally:
+            self._close_pipe()
 
     def fsb(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -122,7 +135,16 @@ class Server:
 
     def ctr(self, *args: str) -> str:
         return subprocess.run(
-            ["ctr", "-a", str(self.containerd_socket), "-n", CONTAINERD_NS, *args],
+            [
+                "ctr",
+                "--timeout",
+                "5s",
+                "-a",
+                str(self.containerd_socket),
+                "-n",
+                CONTAINERD_NS,
+                *args,
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -153,40 +175,76 @@ def new_server(registry: str, *extra_args: str) -> Server:
 
 
 def purge(server: Server) -> None:
-    """Remove everything the server made: containers, agents, netns, containerd, data dir."""
-    sock = server.containerd_socket
-    if sock.exists():
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            for cid in server.containers():
-                subprocess.run(
-                    ["ctr", "-a", str(sock), "-n", CONTAINERD_NS, "tasks", "kill", "-s", "KILL",
-                     cid],
-                    capture_output=True, timeout=30, check=False,
-                )
-            time.sleep(0.3)
-            for cid in server.containers():
-                for argv in (["tasks", "delete", "-f", cid], ["containers", "delete", cid]):
-                    subprocess.run(
-                        ["ctr", "-a", str(sock), "-n", CONTAINERD_NS, *argv],
-                        capture_output=True, timeout=30, check=False,
-                    )
-            for key in server.snapshots():
-                subprocess.run(
-                    ["ctr", "-a", str(sock), "-n", CONTAINERD_NS, "snapshots", "rm", key],
-                    capture_output=True, timeout=30, check=False,
-                )
-    server.stop()
-    netns = set()
-    for state in server.data_dir.glob("agents/*/agent.json"):
-        with contextlib.suppress(ValueError, OSError):
-            name = json.loads(state.read_text()).get("netns")
-            if name:
-                netns.add(Path(name).name)
+    """Remove everything the server made: containers, agents, netns, containerd, data dir.
+
+    Containers are removed through containerd (killing shims alone would orphan the sandbox
+    processes); if the server's containerd is not running any more, it is started again from its
+    config just for this.
+    """
+    helper = _containerd_for_cleanup(server)
+    try:
+        if _answers(server):
+            _remove_all_containers(server)
+    finally:
+        server.stop()
+        if helper is not None:
+            helper.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                helper.wait(10)
+    asyncio.run(purge_agents(server.data_dir))
     _kill_processes_mentioning(str(server.data_dir))
-    for name in netns:
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
     _unmount_under(server.data_dir)
     shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def _answers(server: Server) -> bool:
+    try:
+        server.ctr("version")
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return True
+
+
+def _containerd_for_cleanup(server: Server) -> subprocess.Popen[bytes] | None:
+    config = server.data_dir / "containerd" / "config.toml"
+    if not config.exists() or _answers(server):
+        return None
+    proc = subprocess.Popen(
+        ["containerd", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not _answers(server):
+        time.sleep(0.1)
+    return proc
+
+
+def _remove_all_containers(server: Server) -> None:
+    def ctr(*argv: str) -> None:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            server.ctr(*argv)
+
+    for cid in server.containers():
+        ctr("tasks", "kill", "-a", "-s", "KILL", cid)
+    for cid in server.containers():
+        for _ in range(50):
+            ctr("tasks", "delete", "-f", cid)
+            if cid not in _task_ids(server):
+                break
+            time.sleep(0.1)
+        ctr("containers", "delete", cid)
+    for key in server.snapshots():
+        ctr("snapshots", "rm", key)
+
+
+def _task_ids(server: Server) -> set[str]:
+    try:
+        rows = server.ctr("tasks", "ls", "-q").split()
+    except (subprocess.SubprocessError, OSError):
+        return set()
+    return set(rows)
 
 
 def _kill_processes_mentioning(needle: str) -> None:

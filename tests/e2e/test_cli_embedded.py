@@ -52,8 +52,20 @@ def wait_for_logs(server: Server, name: str, needle: str, timeout: float = 15.0)
 def test_env_and_workdir_reach_the_process(server: Server, demo_image: str, cleanup: list[str]):
     cleanup.append("envwd")
     result = server.fsb(
-        "run", "envwd", "--image", demo_image, "-e", "V=hello_from_env", "-e", "W=two words",
-        "-w", "/tmp", "--", "sh", "-c", 'echo "$V"; echo "$W"; pwd; sleep 3600',
+        "run",
+        "envwd",
+        "--image",
+        demo_image,
+        "-e",
+        "V=hello_from_env",
+        "-e",
+        "W=two words",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        'echo "$V"; echo "$W"; pwd; sleep 3600',
     )
     assert result.returncode == 0, result.stderr
     out = wait_for_logs(server, "envwd", "/tmp")
@@ -191,15 +203,27 @@ def test_same_port_lands_on_different_agents(server: Server, demo_image: str) ->
         _wait_pool_ready(server, pool, agents=2)
         agents = []
         for name in ("port-a", "port-b"):
-            out = server.fsb("run", name, "--image", demo_image, "--pool", pool, "-p", "8080",
-                             "-o", "json", *SLEEP)
+            out = server.fsb(
+                "run",
+                name,
+                "--image",
+                demo_image,
+                "--pool",
+                pool,
+                "-p",
+                "8080",
+                "-o",
+                "json",
+                *SLEEP,
+            )
             assert out.returncode == 0, out.stderr
             status = json.loads(out.stdout)["status"]
             assert status["endpoints"][0].endswith(":8080")
             agents.append(status["assignedAgent"])
         assert agents[0] != agents[1]
-        third = server.fsb("run", "port-c", "--image", demo_image, "--pool", pool, "-p", "8080",
-                           *SLEEP)
+        third = server.fsb(
+            "run", "port-c", "--image", demo_image, "--pool", pool, "-p", "8080", *SLEEP
+        )
         assert third.returncode == 5, third.stderr
     finally:
         for name in ("port-a", "port-b", "port-c"):
@@ -226,10 +250,12 @@ def _record_phases(server: Server, name: str) -> list[tuple[str, str]]:
 
 def test_fast_and_strong_modes(server: Server, demo_image: str, cleanup: list[str]) -> None:
     cleanup.extend(["m-fast", "m-strong"])
-    fast = server.fsb("run", "m-fast", "--image", demo_image, "--mode", "fast", "-o", "json",
-                      *SLEEP)
-    strong = server.fsb("run", "m-strong", "--image", demo_image, "--mode", "strong", "-o",
-                        "json", *SLEEP)
+    fast = server.fsb(
+        "run", "m-fast", "--image", demo_image, "--mode", "fast", "-o", "json", *SLEEP
+    )
+    strong = server.fsb(
+        "run", "m-strong", "--image", demo_image, "--mode", "strong", "-o", "json", *SLEEP
+    )
     assert fast.returncode == 0, fast.stderr
     assert strong.returncode == 0, strong.stderr
     strong_obj = json.loads(strong.stdout)
@@ -245,11 +271,27 @@ def test_server_kill9_restart_keeps_sandboxes(registry_addr: str, demo_image: st
     srv = new_server(registry_addr)
     try:
         srv.start()
-        assert srv.fsb("pool", "create", "k9", "--min", "1", "--max", "1", "--per-agent",
-                       "2").returncode == 0
+        assert (
+            srv.fsb(
+                "pool", "create", "k9", "--min", "1", "--max", "1", "--per-agent", "2"
+            ).returncode
+            == 0
+        )
         _wait_pool_ready(srv, "k9", agents=1)
-        made = srv.fsb("run", "survivor", "--image", demo_image, "--pool", "k9", "-o", "json",
-                       "--", "sh", "-c", "echo alive; sleep 3600")
+        made = srv.fsb(
+            "run",
+            "survivor",
+            "--image",
+            demo_image,
+            "--pool",
+            "k9",
+            "-o",
+            "json",
+            "--",
+            "sh",
+            "-c",
+            "echo alive; sleep 3600",
+        )
         assert made.returncode == 0, made.stderr
         before = json.loads(made.stdout)
         cid = before["status"]["containerID"]
@@ -265,7 +307,9 @@ def test_server_kill9_restart_keeps_sandboxes(registry_addr: str, demo_image: st
         assert cid in srv.running_tasks()
         assert "alive" in wait_for_logs(srv, "survivor", "alive")
         # Its slot is still counted: one more fits, the one after is refused.
-        assert srv.fsb("run", "second", "--image", demo_image, "--pool", "k9", *SLEEP).returncode == 0
+        assert (
+            srv.fsb("run", "second", "--image", demo_image, "--pool", "k9", *SLEEP).returncode == 0
+        )
         third = srv.fsb("run", "third", "--image", demo_image, "--pool", "k9", *SLEEP)
         assert third.returncode == 5, third.stderr
     finally:

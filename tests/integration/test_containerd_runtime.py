@@ -83,3 +83,48 @@ async def test_an_id_containerd_refuses_is_invalid(
     spec = ContainerSpec(id="bad/id", image=demo_image, log_path=str(tmp_path / "x.log"))
     with pytest.raises(InvalidArgument):
         await runtime.create(spec)
+
+
+async def test_fsb_init_is_pid1_and_forwards_sigterm(
+    runtime: ContainerdRuntime,
+    containerd: ContainerdProc,
+    demo_image: str,
+    cgroup_parent: str,
+    tmp_path: Path,
+) -> None:
+    """With fsb-init, `sleep` (which has no SIGTERM handler) dies of a SIGTERM sent to PID 1;
+    without it, PID 1 ignores SIGTERM and every delete waits the whole grace period."""
+    from fastsandbox.agent.init_binary import find_init
+
+    init = find_init()
+    if init is None:
+        pytest.skip("fsb-init is not built (scripts/build-fsb-init)")
+    await runtime.pull(demo_image)
+    log = tmp_path / "init.log"
+    spec = ContainerSpec(
+        id="init-pid1",
+        image=demo_image,
+        log_path=str(log),
+        command=("sh", "-c", "echo pid=$$ ppid=$PPID; exec sleep 3600"),
+        cgroup_parent=cgroup_parent,
+        init_path=str(init),
+    )
+    try:
+        await runtime.create(spec)
+        for _ in range(100):
+            if "pid=" in log.read_text():
+                break
+            await asyncio.sleep(0.05)
+        # The user's command is not PID 1 but a child of it (fsb-init).
+        pid, ppid = log.read_text().split()
+        assert ppid == "ppid=1" and pid != "pid=1"
+        containerd.ctr("tasks", "kill", "-s", "SIGTERM", "init-pid1")
+        for _ in range(100):
+            state = await runtime.get("init-pid1")
+            if state.status is ContainerStatus.STOPPED:
+                break
+            await asyncio.sleep(0.05)
+        assert state.status is ContainerStatus.STOPPED
+        assert state.exit_code == 143  # 128 + SIGTERM: the child died of the forwarded signal
+    finally:
+        await runtime.delete("init-pid1", 0)

@@ -130,3 +130,12 @@ def test_cgroup_hostname_and_paths() -> None:
 def test_a_command_is_required() -> None:
     with pytest.raises(ValueError, match="command"):
         spec(args=[])
+
+
+def test_fsb_init_runs_in_front_of_the_command_read_only() -> None:
+    s = spec(args=["sleep", "1"], init_path="/opt/fsb-init")
+    assert s["process"]["args"] == ["/.fsb/init", "--", "sleep", "1"]
+    mount = next(m for m in s["mounts"] if m["destination"] == "/.fsb/init")
+    assert mount["source"] == "/opt/fsb-init"
+    assert "ro" in mount["options"] and "nosuid" in mount["options"]
+    assert spec(args=["sleep", "1"])["process"]["args"] == ["sleep", "1"]

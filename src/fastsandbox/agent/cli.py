@@ -87,6 +87,11 @@ def build_parser(prog: str = "fsb agent") -> argparse.ArgumentParser:
         help="version reported in Status, compared with the pool's agentVersion on rolling "
         "updates (default: the installed fastsandbox version)",
     )
+    p.add_argument(
+        "--init-path",
+        help="fsb-init binary run as PID 1 in sandboxes; 'none' disables it "
+        "(default: $FSB_INIT_PATH, the checkout's build, /usr/local/libexec/fastsandbox/fsb-init)",
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.add_argument("--log-format", choices=["json", "console", "auto"], default="auto")
     p.add_argument("--log-file", type=Path, help="also write JSON logs here, size-rotated")
@@ -100,6 +105,22 @@ def _package_version() -> str:
         return version("fastsandbox")
     except PackageNotFoundError:
         return "0+unknown"
+
+
+def _init_path(given: str | None) -> Path | None:
+    from fastsandbox.agent.init_binary import find_init
+
+    if given == "none":
+        return None
+    if given:
+        return Path(given)
+    found = find_init()
+    if found is None:
+        log.warning(
+            "fsb-init not found (run scripts/setup); sandbox commands run as PID 1 and "
+            "deletes wait the whole grace period unless they handle SIGTERM"
+        )
+    return found
 
 
 def settings_from_args(args: argparse.Namespace) -> AgentSettings:
@@ -120,6 +141,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         cgroup_parent=args.cgroup_parent,
         insecure_registries=list(args.insecure_registry),
         delete_grace_seconds=args.grace,
+        init_path=_init_path(args.init_path),
         version=args.version if args.version is not None else _package_version(),
         log=LogSettings(level=args.log_level, format=args.log_format, file=args.log_file),
     )

@@ -245,6 +245,7 @@ class SandboxManager:
             cpu_millis=req.cpu_millis or None,
             memory_bytes=req.memory_bytes or None,
             runtime=self.settings.runtime,
+            init_path=str(self.settings.init_path) if self.settings.init_path else None,
         )
 
     async def delete(self, sandbox_id: str, grace_seconds: float = -1) -> bool:

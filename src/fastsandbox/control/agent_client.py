@@ -14,6 +14,14 @@ from fastsandbox.errors import FsbError, Unavailable, from_grpc
 
 T = TypeVar("T")
 
+# A new agent's socket appears ~0.3 s after its process starts; grpc's default reconnect backoff
+# (1 s and growing) would make readiness and recovery wait for it long after it answers.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
 # A Status poll or a Create must not hang the caller when an agent is wedged.
 CALL_TIMEOUT_SECONDS = 30.0
 
@@ -28,7 +36,7 @@ def _translate(exc: grpc.aio.AioRpcError, target: str) -> FsbError:
 class AgentClient:
     def __init__(self, target: str) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def _call(self, method: Any, request: Any, timeout: float) -> Any:

@@ -40,6 +40,9 @@ class ContainerSpec:
     memory_bytes: int | None = None
     # "runc" or "gvisor".
     runtime: str = "runc"
+    # Host path of `fsb-init`: mounted read-only at /.fsb/init and run as PID 1 in front of the
+    # sandbox's command (signal forwarding, zombie reaping). None: the command is PID 1.
+    init_path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -346,6 +346,7 @@ class ContainerdRuntime:
             netns_path=spec.netns_path,
             cpu_millis=spec.cpu_millis,
             memory_bytes=spec.memory_bytes,
+            init_path=spec.init_path,
             annotations={SHIM_GROUP_ANNOTATION: self.shim_group} if self.shim_group else None,
         )
         container = pb.CtdContainer(

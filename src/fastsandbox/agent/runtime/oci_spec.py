@@ -207,6 +207,9 @@ def seccomp_profile(machine: str | None = None) -> dict[str, Any]:
     return profile
 
 
+INIT_MOUNT = "/.fsb/init"
+
+
 def cpu_quota_us(cpu_millis: int) -> int:
     """Millicores → CFS quota per `CPU_PERIOD_US` (1000m = one CPU = 100 ms per 100 ms)."""
     return max(MIN_CPU_QUOTA_US, cpu_millis * CPU_PERIOD_US // 1000)
@@ -230,10 +233,24 @@ def build_oci_spec(
     capabilities: Sequence[str] = DEFAULT_CAPABILITIES,
     annotations: Mapping[str, str] | None = None,
     machine: str | None = None,
+    init_path: str | None = None,
 ) -> dict[str, Any]:
-    """The runtime spec (as JSON-ready dict) for one sandbox container."""
+    """The runtime spec (as JSON-ready dict) for one sandbox container. With `init_path`, the
+    static `fsb-init` is bind-mounted read-only at `INIT_MOUNT` and runs as PID 1 in front of
+    `args`, forwarding signals and reaping zombies."""
     if not args:
         raise ValueError("a container needs a command: the spec and the image give none")
+    mounts = default_mounts()
+    if init_path:
+        mounts.append(
+            {
+                "destination": INIT_MOUNT,
+                "type": "bind",
+                "source": init_path,
+                "options": ["rbind", "ro", "nosuid", "nodev"],
+            }
+        )
+        args = [INIT_MOUNT, "--", *args]
     user: dict[str, Any] = {"uid": uid, "gid": gid}
     if additional_gids:
         user["additionalGids"] = list(additional_gids)
@@ -268,7 +285,7 @@ def build_oci_spec(
         },
         "root": {"path": "rootfs", "readonly": False},
         "hostname": container_id[:MAX_HOSTNAME],
-        "mounts": default_mounts(),
+        "mounts": mounts,
         "linux": {
             "resources": resources,
             "cgroupsPath": cgroups_path,

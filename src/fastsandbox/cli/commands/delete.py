@@ -1,0 +1,27 @@
+"""`fsb delete NAME [--wait]`: remove a sandbox (container, snapshot, then the record)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from fastsandbox.cli.options import Endpoint, Namespace, Token, client
+
+
+def delete(
+    name: Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)],
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Return only once the container and record are gone.")
+    ] = False,
+    endpoint: Endpoint = None,
+    token: Token = None,
+    namespace: Namespace = None,
+) -> None:
+    """Delete a sandbox."""
+    with client(endpoint, token, namespace) as fsb:
+        phase = fsb.delete(name, wait=wait)
+    if wait or phase in ("", "Deleted"):
+        typer.echo(f"sandbox {name} deleted")
+    else:
+        typer.echo(f"sandbox {name} deletion started ({phase}); `--wait` waits until it is gone")

@@ -1,0 +1,460 @@
+"""The I/O-free core shared by `AsyncClient` and `Client` (lightkube's `generic_client` habit).
+
+Everything that decides *what* to send lives here, once: where the server is and which token and
+namespace to use (flags > `FSB_*` env > config file > defaults), how keyword arguments become a
+validated `CreateRequest` (so a bad field fails before any RPC, named exactly as the server would
+name it), how replies become objects, and the one seam where a gRPC error becomes our error tree.
+The only I/O is reading the small config and token files during resolution; no network.
+
+Pydantic models are imported inside functions: `fsb list` only needs JSON, and importing the
+models costs more than the rest of the CLI's start-up together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import grpc
+
+from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2
+from fastsandbox.errors import FsbError, InvalidArgument, Unauthenticated, Unavailable, from_grpc
+from fastsandbox.settings import default_data_dir
+
+if TYPE_CHECKING:
+    from fastsandbox.api.models import Sandbox, SandboxPool, Timings
+
+DEFAULT_ENDPOINT = "127.0.0.1:9090"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_POOL = "default-pool"
+
+# Substrings of grpc's own (client-side) UNAVAILABLE details when nothing answers at the address;
+# a server may also answer UNAVAILABLE on purpose, and then its words are kept.
+_CONNECT_FAILURES = (
+    "failed to connect",
+    "connection refused",
+    "dns resolution failed",
+    "no such file or directory",
+    "connections to all backends failing",
+    "name resolution",
+)
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def config_path(env: Mapping[str, str]) -> Path:
+    """`$FSB_CONFIG`, else `$XDG_CONFIG_HOME/fastsandbox/config.yaml` (`~/.config` by default)."""
+    if env.get("FSB_CONFIG"):
+        return Path(env["FSB_CONFIG"])
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "fastsandbox" / "config.yaml"
+
+
+def data_dir(env: Mapping[str, str]) -> Path:
+    """Where `fsb server` keeps its token by default: `$FSB_DATA_DIR` or the XDG data dir.
+
+    Same rule as `settings.default_data_dir`, applied to `env` rather than `os.environ`.
+    """
+    if env.get("FSB_DATA_DIR"):
+        return Path(env["FSB_DATA_DIR"])
+    if env.get("XDG_DATA_HOME"):
+        return Path(env["XDG_DATA_HOME"]) / "fastsandbox"
+    return default_data_dir()
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """The config file as a mapping; a missing file is an empty config."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read config file {path}: {exc.strerror}") from None
+    import yaml  # only when there is a file: yaml costs start-up time
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidArgument(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"config file {path}: expected a mapping of keys to values")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Where to connect and as whom; `token` may be missing until a call needs it."""
+
+    endpoint: str
+    namespace: str
+    token: str | None
+    missing_token: str = "no API token"
+    """What to tell the user when `token` is None and a call is about to be made."""
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        if not self.token:
+            raise Unauthenticated(self.missing_token)
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+def _read_token(path: Path) -> tuple[str | None, str]:
+    hint = "pass --token, set FSB_TOKEN, or run on the server's machine where {} exists"
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        return None, "no API token: " + hint.format(path)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return None, f"cannot read API token from {path} ({reason}): pass --token or set FSB_TOKEN"
+    if not token:
+        return None, f"API token file {path} is empty: " + hint.format(path)
+    return token, ""
+
+
+def resolve(
+    endpoint: str | None = None,
+    token: str | None = None,
+    namespace: str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> ClientConfig:
+    """Apply the precedence argument > `FSB_*` environment > config file > default."""
+    env = os.environ if env is None else env
+    config = load_config(config_path(env))
+
+    def pick(arg: str | None, var: str, key: str, default: str | None) -> str | None:
+        for value in (arg, env.get(var), config.get(key)):
+            if value not in (None, ""):
+                return str(value)
+        return default
+
+    missing = ""
+    resolved_token = pick(token, "FSB_TOKEN", "token", None)
+    if resolved_token is None:
+        resolved_token, missing = _read_token(data_dir(env) / "token")
+    return ClientConfig(
+        endpoint=pick(endpoint, "FSB_ENDPOINT", "endpoint", DEFAULT_ENDPOINT) or DEFAULT_ENDPOINT,
+        namespace=pick(namespace, "FSB_NAMESPACE", "namespace", DEFAULT_NAMESPACE)
+        or DEFAULT_NAMESPACE,
+        token=resolved_token,
+        missing_token=missing,
+    )
+
+
+# --------------------------------------------------------------------------- the error seam
+
+
+def translate(err: grpc.RpcError, endpoint: str) -> FsbError:
+    """The one place a gRPC failure becomes an `FsbError` (and so a CLI exit code)."""
+    code: grpc.StatusCode | None = err.code() if hasattr(err, "code") else None
+    details: str = (err.details() if hasattr(err, "details") else "") or ""
+    if code is grpc.StatusCode.UNAVAILABLE and any(
+        marker in details.lower() for marker in _CONNECT_FAILURES
+    ):
+        return Unavailable(f"cannot reach fsb server at {endpoint}: is `fsb server` running?")
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        return FsbError(f"the server at {endpoint} does not support this call: upgrade fsb server")
+    return from_grpc(code, details)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+EnvInput = Mapping[str, str] | Sequence[str | tuple[str, str] | Mapping[str, str]]
+
+
+class CreateOptions(TypedDict, total=False):
+    """Keyword arguments of `create` (shared by the async and sync clients)."""
+
+    pool: str
+    """Pool to run in; default `default-pool`."""
+    command: Sequence[str]
+    args: Sequence[str]
+    env: EnvInput
+    """`{"K": "V"}`, or a list of `"K=V"`, `("K", "V")` or `{"name": "K", "value": "V"}`."""
+    working_dir: str
+    ports: Sequence[int]
+    ttl: int | timedelta
+    """Seconds until expiry; exclusive with `expire_time`."""
+    expire_time: datetime | str
+    """RFC 3339 when a string."""
+    failure_policy: str
+    """`Manual` or `AutoRecreate`."""
+    recovery_timeout: int
+    labels: Mapping[str, str]
+    mode: str
+    """`fast` (answer first, persist right after) or `strong` (persist first)."""
+    idempotency_key: str
+    resources: Mapping[str, str]
+    """`{"cpu": "500m", "memory": "256Mi"}`."""
+    namespace: str
+
+
+class PoolOptions(TypedDict, total=False):
+    """Keyword arguments of `create_pool`."""
+
+    runtime: str
+    """`runc` or `gvisor`."""
+    pool_min: int
+    pool_max: int
+    """Default: `pool_min`."""
+    buffer_min: int
+    buffer_max: int
+    per_agent: int
+    """Sandboxes per agent (`maxSandboxesPerAgent`)."""
+    prewarm_images: Sequence[str]
+    warm_slots: int
+    labels: Mapping[str, str]
+    namespace: str
+
+
+def _validated(build: Any, prefix: str) -> Any:
+    from pydantic import ValidationError
+
+    from fastsandbox.api.models import describe_validation_error
+
+    try:
+        return build()
+    except ValidationError as exc:
+        raise InvalidArgument(describe_validation_error(exc, prefix)) from None
+
+
+def env_list(env: EnvInput | None) -> list[dict[str, str]]:
+    """Normalise every accepted env shape to Kubernetes-style `[{name, value}]`."""
+    if env is None:
+        return []
+    if isinstance(env, Mapping):
+        return [{"name": str(k), "value": str(v)} for k, v in env.items()]
+    if isinstance(env, str):
+        raise InvalidArgument("spec.env: must be a mapping or a list of NAME=VALUE")
+    out: list[dict[str, str]] = []
+    for i, item in enumerate(env):
+        if isinstance(item, str):
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise InvalidArgument(f"spec.env[{i}]: {item!r} is not NAME=VALUE")
+            out.append({"name": name, "value": value})
+        elif isinstance(item, Mapping):
+            out.append({"name": str(item.get("name", "")), "value": str(item.get("value", ""))})
+        elif isinstance(item, tuple) and len(item) == 2:
+            out.append({"name": str(item[0]), "value": str(item[1])})
+        else:
+            raise InvalidArgument(f"spec.env[{i}]: expected NAME=VALUE, got {item!r}")
+    return out
+
+
+def _str_list(value: Sequence[str] | None, field: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        raise InvalidArgument(f"{field}: must be a list of strings, not one string")
+    return [str(v) for v in value]
+
+
+def _expire_time(value: datetime | str) -> datetime:
+    from fastsandbox.api.models import parse_rfc3339
+
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise InvalidArgument("spec.expireTime: needs a timezone")
+        return value
+    try:
+        return parse_rfc3339(value)
+    except ValueError as exc:
+        detail = str(exc) if "timezone" in str(exc) else "must be RFC 3339"
+        raise InvalidArgument(
+            f"spec.expireTime: {detail} (e.g. 2026-01-01T00:00:00Z), got {value!r}"
+        ) from None
+
+
+def _ttl_seconds(ttl: int | timedelta) -> int:
+    seconds = int(ttl.total_seconds()) if isinstance(ttl, timedelta) else int(ttl)
+    if seconds <= 0:
+        raise InvalidArgument("spec.ttlSeconds: must be positive")
+    return seconds
+
+
+def create_request(
+    namespace: str, name: str, image: str, options: CreateOptions
+) -> fastpath_pb2.CreateRequest:
+    """Validate with the API models, then build the request from the validated values."""
+    from fastsandbox.api.models import ConsistencyMode, ObjectMeta, SandboxSpec
+
+    meta = _validated(
+        lambda: ObjectMeta(name=name, namespace=namespace, labels=dict(options.get("labels", {}))),
+        "metadata",
+    )
+    if options.get("ttl") is not None and options.get("expire_time") is not None:
+        raise InvalidArgument("spec.expireTime: give either a TTL or an expire time, not both")
+    spec_in: dict[str, Any] = {
+        "image": image or "",
+        # An explicit empty pool is an error worth naming, not a request for the default.
+        "poolRef": DEFAULT_POOL if options.get("pool") is None else options.get("pool"),
+        "command": _str_list(options.get("command"), "spec.command"),
+        "args": _str_list(options.get("args"), "spec.args"),
+        "env": env_list(options.get("env")),
+        "workingDir": options.get("working_dir") or "",
+        "exposedPorts": list(options.get("ports") or []),
+    }
+    if options.get("failure_policy"):
+        spec_in["failurePolicy"] = options["failure_policy"]
+    if options.get("recovery_timeout") is not None:
+        spec_in["recoveryTimeoutSeconds"] = options["recovery_timeout"]
+    if options.get("resources"):
+        spec_in["resources"] = dict(options["resources"])
+    expire = options.get("expire_time")
+    if expire is not None:
+        spec_in["expireTime"] = _expire_time(expire)
+    spec = _validated(lambda: SandboxSpec.model_validate(spec_in), "spec")
+    ttl = options.get("ttl")
+    mode = options.get("mode") or ""
+    if mode and mode not in {m.value for m in ConsistencyMode}:
+        raise InvalidArgument(f"mode: must be fast or strong, got {mode!r}")
+
+    req = fastpath_pb2.CreateRequest(
+        namespace=meta.namespace,
+        name=meta.name,
+        image=spec.image,
+        command=spec.command,
+        args=spec.args,
+        env=[fastpath_pb2.EnvVar(name=e.name, value=e.value) for e in spec.env],
+        working_dir=spec.working_dir,
+        exposed_ports=spec.exposed_ports,
+        pool_ref=spec.pool_ref,
+        expire_time=spec.expire_time.isoformat() if spec.expire_time else "",
+        ttl_seconds=_ttl_seconds(ttl) if ttl is not None else 0,
+        failure_policy=spec.failure_policy.value if "failurePolicy" in spec_in else "",
+        recovery_timeout_seconds=(
+            spec.recovery_timeout_seconds if "recoveryTimeoutSeconds" in spec_in else 0
+        ),
+        labels=meta.labels,
+        mode=mode,
+        idempotency_key=options.get("idempotency_key") or "",
+    )
+    if "resources" in spec_in:
+        req.resources.cpu = spec.resources.cpu or ""
+        req.resources.memory = spec.resources.memory or ""
+    return req
+
+
+def pool_request(namespace: str, name: str, options: PoolOptions) -> fastpath_pb2.PoolRequest:
+    from fastsandbox.api.models import SandboxPool, to_wire
+
+    pool_min = options.get("pool_min")
+    pool_max = options.get("pool_max")
+    capacity: dict[str, int] = {}
+    if pool_min is not None:
+        capacity["poolMin"] = pool_min
+    if pool_max is not None:
+        capacity["poolMax"] = pool_max
+    elif pool_min is not None:
+        capacity["poolMax"] = max(pool_min, 1)
+    if options.get("buffer_min") is not None:
+        capacity["bufferMin"] = options["buffer_min"]
+    if options.get("buffer_max") is not None:
+        capacity["bufferMax"] = options["buffer_max"]
+    spec: dict[str, Any] = {"capacity": capacity}
+    if options.get("runtime"):
+        spec["runtime"] = options["runtime"]
+    if options.get("per_agent") is not None:
+        spec["maxSandboxesPerAgent"] = options["per_agent"]
+    if options.get("prewarm_images") is not None:
+        spec["prewarmImages"] = _str_list(options["prewarm_images"], "spec.prewarmImages")
+    if options.get("warm_slots") is not None:
+        spec["warmSlots"] = options["warm_slots"]
+    body = {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(options.get("labels", {})),
+        },
+        "spec": spec,
+    }
+    pool = _validated(lambda: SandboxPool.model_validate(body), "")
+    wire = to_wire(pool)
+    wire.pop("status", None)
+    return fastpath_pb2.PoolRequest(object_json=json.dumps(wire, separators=(",", ":")))
+
+
+def list_request(namespace: str, labels: Mapping[str, str] | None) -> fastpath_pb2.ListRequest:
+    """`namespace=""` lists every namespace."""
+    return fastpath_pb2.ListRequest(namespace=namespace, label_selector=dict(labels or {}))
+
+
+# --------------------------------------------------------------------------- replies
+
+
+def parse_wire(text: str) -> dict[str, Any]:
+    """A reply's object as the user-facing dict (what `-o json` prints), without pydantic."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise FsbError("the server sent an object that is not JSON: upgrade fsb") from None
+    if not isinstance(data, dict):
+        raise FsbError("the server sent an object that is not a JSON object: upgrade fsb")
+    return data
+
+
+def sandbox_from_wire(data: Mapping[str, Any]) -> Sandbox:
+    from fastsandbox.api.models import Sandbox
+
+    result: Sandbox = _validated(lambda: Sandbox.model_validate(data), "")
+    return result
+
+
+def pool_from_wire(data: Mapping[str, Any]) -> SandboxPool:
+    from fastsandbox.api.models import SandboxPool
+
+    result: SandboxPool = _validated(lambda: SandboxPool.model_validate(data), "")
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    """What `create` answers: where the sandbox runs and how long each step took."""
+
+    name: str
+    namespace: str
+    uid: str
+    container_id: str
+    agent: str
+    agent_ip: str
+    endpoints: tuple[str, ...]
+    phase: str
+    timings: Timings
+    object: Sandbox
+    """The whole object as the server stored (or is about to store) it."""
+
+
+def create_result(resp: fastpath_pb2.CreateResponse) -> CreateResult:
+    from fastsandbox.api.models import Timings
+
+    obj = sandbox_from_wire(parse_wire(resp.object_json))
+    # The object's timings keep "not reached" as None; the reply's proto fields cannot.
+    timings = obj.status.timings
+    if timings is None:
+        timings = Timings(
+            accepted_ms=resp.timings.accepted_ms,
+            scheduled_ms=resp.timings.scheduled_ms or None,
+            runtime_ready_ms=resp.timings.runtime_ready_ms or None,
+        )
+    return CreateResult(
+        name=resp.name or obj.metadata.name,
+        namespace=resp.namespace or obj.metadata.namespace,
+        uid=resp.uid or obj.metadata.uid,
+        container_id=resp.container_id or obj.status.container_id,
+        agent=resp.agent or obj.status.assigned_agent,
+        agent_ip=resp.agent_ip or obj.status.agent_ip,
+        endpoints=tuple(resp.endpoints) or tuple(obj.status.endpoints),
+        phase=resp.phase or obj.status.phase.value,
+        timings=timings,
+        object=obj,
+    )

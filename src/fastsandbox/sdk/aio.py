@@ -1,0 +1,194 @@
+"""`AsyncClient`: the Fast-Path API over `grpc.aio`, the only place the SDK does network I/O.
+
+All SDK logic is written here once, async; `Client` (sync.py) only runs these coroutines on a
+private event loop. Requests are built and errors translated by `_core`, so this module is just
+"send it, with the token, and translate whatever goes wrong".
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncGenerator, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
+
+import grpc
+
+from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
+from fastsandbox.sdk import _core
+from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
+
+if TYPE_CHECKING:
+    from fastsandbox.api._proto.fastsandbox.v1.fastpath_pb2_grpc import FastPathAsyncStub
+    from fastsandbox.api.models import Sandbox, SandboxPool
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+# A list of a few thousand sandboxes is several MB of JSON; grpc's default cap is 4 MB.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+
+
+class AsyncClient:
+    """Talks to `fsb server`. Use as `async with AsyncClient() as client:` or call `close()`.
+
+    `endpoint`, `token` and `namespace` default to `FSB_ENDPOINT` / `FSB_TOKEN` / `FSB_NAMESPACE`,
+    then `~/.config/fastsandbox/config.yaml`, then `127.0.0.1:9090`, the server's token file in
+    its data dir, and `default`. `timeout` (seconds) bounds each unary call; None waits.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        token: str | None = None,
+        namespace: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        self._config = _core.resolve(endpoint, token, namespace)
+        self._timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: FastPathAsyncStub | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self._config.endpoint
+
+    @property
+    def namespace(self) -> str:
+        return self._config.namespace
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            channel, self._channel, self._stub = self._channel, None, None
+            await channel.close(grace=None)
+
+    def _fastpath(self) -> FastPathAsyncStub:
+        # Created on first use, inside the loop that will drive it (the sync client's loop
+        # lives in another thread than the one constructing the client).
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(
+                self._config.endpoint, options=_CHANNEL_OPTIONS
+            )
+            self._stub = fastpath_pb2_grpc.FastPathStub(self._channel)
+        return self._stub
+
+    async def _unary(self, method: Any, request: Req, *, timeout: float | None = None) -> Any:
+        metadata = self._config.metadata()
+        try:
+            return await method(request, metadata=metadata, timeout=timeout or self._timeout)
+        except grpc.RpcError as err:
+            raise _core.translate(err, self._config.endpoint) from None
+
+    def _ns(self, namespace: str | None) -> str:
+        return namespace or self._config.namespace
+
+    # ------------------------------------------------------------------ sandboxes
+
+    async def create(self, name: str, image: str, **options: Unpack[CreateOptions]) -> CreateResult:
+        """Start a sandbox and answer once its container runs (see `CreateOptions`)."""
+        request = _core.create_request(self._ns(options.get("namespace")), name, image, options)
+        reply: fastpath_pb2.CreateResponse = await self._unary(self._fastpath().Create, request)
+        return _core.create_result(reply)
+
+    async def get_raw(self, name: str, *, namespace: str | None = None) -> dict[str, Any]:
+        """The sandbox as the server sent it (camelCase dict), without model parsing."""
+        ref = fastpath_pb2.ObjectRef(namespace=self._ns(namespace), name=name)
+        reply: fastpath_pb2.ObjectReply = await self._unary(self._fastpath().Get, ref)
+        return _core.parse_wire(reply.object_json)
+
+    async def get(self, name: str, *, namespace: str | None = None) -> Sandbox:
+        return _core.sandbox_from_wire(await self.get_raw(name, namespace=namespace))
+
+    async def list_raw(
+        self,
+        *,
+        namespace: str | None = None,
+        all_namespaces: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        ns = "" if all_namespaces else self._ns(namespace)
+        reply: fastpath_pb2.ListReply = await self._unary(
+            self._fastpath().List, _core.list_request(ns, labels)
+        )
+        return [_core.parse_wire(text) for text in reply.objects_json]
+
+    async def list(
+        self,
+        *,
+        namespace: str | None = None,
+        all_namespaces: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[Sandbox]:
+        raw = await self.list_raw(namespace=namespace, all_namespaces=all_namespaces, labels=labels)
+        return [_core.sandbox_from_wire(item) for item in raw]
+
+    async def delete(self, name: str, *, wait: bool = False, namespace: str | None = None) -> str:
+        """Delete; returns the phase after the call (`Deleted` once the record is gone).
+
+        With `wait`, answers only after the agent removed the container and the record is gone.
+        """
+        request = fastpath_pb2.DeleteRequest(namespace=self._ns(namespace), name=name, wait=wait)
+        reply: fastpath_pb2.DeleteReply = await self._unary(self._fastpath().Delete, request)
+        return reply.phase
+
+    async def logs(
+        self, name: str, *, follow: bool = False, namespace: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """The sandbox's stdout/stderr as raw chunks; with `follow`, until the sandbox ends."""
+        metadata = self._config.metadata()
+        request = fastpath_pb2.LogsRequest(namespace=self._ns(namespace), name=name, follow=follow)
+        call = self._fastpath().Logs(request, metadata=metadata)
+        try:
+            async for chunk in call:
+                yield chunk.data
+        except grpc.RpcError as err:
+            raise _core.translate(err, self._config.endpoint) from None
+        finally:
+            call.cancel()
+
+    # ------------------------------------------------------------------ pools
+
+    async def create_pool(self, name: str, **options: Unpack[PoolOptions]) -> SandboxPool:
+        request = _core.pool_request(self._ns(options.get("namespace")), name, options)
+        reply: fastpath_pb2.ObjectReply = await self._unary(self._fastpath().CreatePool, request)
+        return _core.pool_from_wire(_core.parse_wire(reply.object_json))
+
+    async def get_pool_raw(self, name: str, *, namespace: str | None = None) -> dict[str, Any]:
+        ref = fastpath_pb2.ObjectRef(namespace=self._ns(namespace), name=name)
+        reply: fastpath_pb2.ObjectReply = await self._unary(self._fastpath().GetPool, ref)
+        return _core.parse_wire(reply.object_json)
+
+    async def get_pool(self, name: str, *, namespace: str | None = None) -> SandboxPool:
+        return _core.pool_from_wire(await self.get_pool_raw(name, namespace=namespace))
+
+    async def list_pools_raw(
+        self, *, namespace: str | None = None, all_namespaces: bool = False
+    ) -> builtins.list[dict[str, Any]]:
+        ns = "" if all_namespaces else self._ns(namespace)
+        reply: fastpath_pb2.ListReply = await self._unary(
+            self._fastpath().ListPools, _core.list_request(ns, None)
+        )
+        return [_core.parse_wire(text) for text in reply.objects_json]
+
+    async def list_pools(
+        self, *, namespace: str | None = None, all_namespaces: bool = False
+    ) -> builtins.list[SandboxPool]:
+        raw = await self.list_pools_raw(namespace=namespace, all_namespaces=all_namespaces)
+        return [_core.pool_from_wire(item) for item in raw]
+
+    async def delete_pool(self, name: str, *, namespace: str | None = None) -> str:
+        ref = fastpath_pb2.ObjectRef(namespace=self._ns(namespace), name=name)
+        reply: fastpath_pb2.DeleteReply = await self._unary(self._fastpath().DeletePool, ref)
+        return reply.phase

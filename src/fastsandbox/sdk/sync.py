@@ -1,0 +1,193 @@
+"""`Client`: the blocking twin of `AsyncClient`, with no logic of its own (the kr8s habit).
+
+Each `Client` owns a private event loop running in a daemon thread; every method hands the
+matching `AsyncClient` coroutine to that loop and waits for it. This works the same from plain
+scripts and from inside someone else's running event loop (where `asyncio.run` would refuse),
+and the gRPC channel lives in one loop for its whole life, as grpc.aio requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
+
+from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
+from fastsandbox.sdk.aio import AsyncClient
+
+if TYPE_CHECKING:
+    from fastsandbox.api.models import Sandbox, SandboxPool
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """An event loop in a daemon thread that runs coroutines for a blocking caller."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fsb-client-loop", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        finished = threading.Event()
+
+        async def guarded() -> T:
+            try:
+                return await coro
+            finally:
+                finished.set()
+
+        future = asyncio.run_coroutine_threadsafe(guarded(), self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Ctrl-C lands here in the caller's thread: cancel the coroutine and let it unwind
+            # (close its gRPC call) before the interrupt propagates.
+            future.cancel()
+            finished.wait(timeout=5)
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self._loop.is_closed()
+
+    def stop(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+
+async def _next(iterator: AsyncIterator[T]) -> T:
+    return await anext(iterator)
+
+
+class Client:
+    """Blocking client for `fsb server`; same arguments and methods as `AsyncClient`.
+
+    Use as `with Client() as client:` or call `close()` (which also stops its loop thread).
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        token: str | None = None,
+        namespace: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        # Resolve first: a bad config raises here without leaving a thread behind.
+        self._aio = AsyncClient(endpoint, token, namespace, timeout=timeout)
+        self._loop = _LoopThread()
+
+    @property
+    def endpoint(self) -> str:
+        return self._aio.endpoint
+
+    @property
+    def namespace(self) -> str:
+        return self._aio.namespace
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel and stop the loop thread; calling it again does nothing."""
+        if self._loop.closed:
+            return
+        try:
+            self._loop.run(self._aio.close())
+        finally:
+            self._loop.stop()
+
+    def create(self, name: str, image: str, **options: Unpack[CreateOptions]) -> CreateResult:
+        return self._loop.run(self._aio.create(name, image, **options))
+
+    def get(self, name: str, *, namespace: str | None = None) -> Sandbox:
+        return self._loop.run(self._aio.get(name, namespace=namespace))
+
+    def get_raw(self, name: str, *, namespace: str | None = None) -> dict[str, Any]:
+        return self._loop.run(self._aio.get_raw(name, namespace=namespace))
+
+    def list(
+        self,
+        *,
+        namespace: str | None = None,
+        all_namespaces: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> builtins.list[Sandbox]:
+        return self._loop.run(
+            self._aio.list(namespace=namespace, all_namespaces=all_namespaces, labels=labels)
+        )
+
+    def list_raw(
+        self,
+        *,
+        namespace: str | None = None,
+        all_namespaces: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> builtins.list[dict[str, Any]]:
+        return self._loop.run(
+            self._aio.list_raw(namespace=namespace, all_namespaces=all_namespaces, labels=labels)
+        )
+
+    def delete(self, name: str, *, wait: bool = False, namespace: str | None = None) -> str:
+        return self._loop.run(self._aio.delete(name, wait=wait, namespace=namespace))
+
+    def logs(
+        self, name: str, *, follow: bool = False, namespace: str | None = None
+    ) -> Iterator[bytes]:
+        chunks = self._aio.logs(name, follow=follow, namespace=namespace)
+        try:
+            while True:
+                try:
+                    chunk = self._loop.run(_next(chunks))
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        finally:
+            # Interrupted mid-chunk, the cancelled generator has already closed its call.
+            with contextlib.suppress(RuntimeError):
+                self._loop.run(chunks.aclose())
+
+    def create_pool(self, name: str, **options: Unpack[PoolOptions]) -> SandboxPool:
+        return self._loop.run(self._aio.create_pool(name, **options))
+
+    def get_pool(self, name: str, *, namespace: str | None = None) -> SandboxPool:
+        return self._loop.run(self._aio.get_pool(name, namespace=namespace))
+
+    def get_pool_raw(self, name: str, *, namespace: str | None = None) -> dict[str, Any]:
+        return self._loop.run(self._aio.get_pool_raw(name, namespace=namespace))
+
+    def list_pools(
+        self, *, namespace: str | None = None, all_namespaces: bool = False
+    ) -> builtins.list[SandboxPool]:
+        return self._loop.run(
+            self._aio.list_pools(namespace=namespace, all_namespaces=all_namespaces)
+        )
+
+    def list_pools_raw(
+        self, *, namespace: str | None = None, all_namespaces: bool = False
+    ) -> builtins.list[dict[str, Any]]:
+        return self._loop.run(
+            self._aio.list_pools_raw(namespace=namespace, all_namespaces=all_namespaces)
+        )
+
+    def delete_pool(self, name: str, *, namespace: str | None = None) -> str:
+        return self._loop.run(self._aio.delete_pool(name, namespace=namespace))
