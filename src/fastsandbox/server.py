@@ -113,9 +113,7 @@ async def run(
         server = grpc.aio.server(
             interceptors=[TokenAuth(token)], options=[("grpc.so_reuseport", 0)]
         )
-        fastpath_pb2_grpc.add_FastPathServicer_to_server(  # type: ignore[no-untyped-call]
-            plane.servicer, server
-        )
+        fastpath_pb2_grpc.add_FastPathServicer_to_server(plane.servicer, server)
         if server.add_insecure_port(settings.listen) == 0:
             raise FsbError(f"cannot listen on {settings.listen}: address in use or invalid")
         await server.start()

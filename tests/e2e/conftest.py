@@ -1,9 +1,8 @@
-"""Fixtures for the end-to-end tier; `registry` and `demo_image` come from tests/infra_fixtures.py."""
+"""End-to-end fixtures; `registry` and `demo_image` come from tests/infra_fixtures.py."""
 
 from __future__ import annotations
 
 import pytest
-
 from tests.infra import RegistryProc
 
 

@@ -85,9 +85,7 @@ async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
     store = MemoryStore(bookmark_interval=0.5)
     await make_pool(store, "p", agents=2, per_agent=2)
     fleet = InProcessFleet(tmp_path)
-    cp = ControlPlane(
-        store, fleet, PlaneSettings(delete_grace_seconds=0, heartbeat_seconds=0.1)
-    )
+    cp = ControlPlane(store, fleet, PlaneSettings(delete_grace_seconds=0, heartbeat_seconds=0.1))
     await cp.start()
     server = grpc.aio.server(interceptors=[TokenAuth(TOKEN)])
     fastpath_pb2_grpc.add_FastPathServicer_to_server(cp.servicer, server)  # type: ignore[no-untyped-call]
@@ -269,8 +267,7 @@ async def test_logs_stream_from_the_agent(plane: Plane) -> None:
     reply = await plane.create("lg")
     plane.fleet.runtime(reply.agent).write_log(reply.container_id, b"line-1\nline-2\n")
     chunks = [
-        c.data
-        async for c in plane.stub.Logs(fastpath_pb2.LogsRequest(name="lg"), metadata=auth())
+        c.data async for c in plane.stub.Logs(fastpath_pb2.LogsRequest(name="lg"), metadata=auth())
     ]
     assert b"".join(chunks) == b"line-1\nline-2\n"
 

@@ -37,7 +37,7 @@ class AgentClient:
     def __init__(self, target: str) -> None:
         self.target = target
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = agent_pb2_grpc.AgentStub(self._channel)
 
     async def _call(self, method: Any, request: Any, timeout: float) -> Any:
         try:
@@ -89,7 +89,7 @@ class AgentClient:
             call.cancel()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
 
 class AgentClients:

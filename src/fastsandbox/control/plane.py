@@ -62,9 +62,7 @@ class ControlPlane:
         await self.pools.reconcile_all()
         self._tasks.spawn(guarded("heartbeats", self.pools.heartbeat_loop), name="heartbeats")
         self._tasks.spawn(
-            guarded(
-                "pools", lambda: self.pools.reconcile_loop(self._settings.pool_resync_seconds)
-            ),
+            guarded("pools", lambda: self.pools.reconcile_loop(self._settings.pool_resync_seconds)),
             name="pools",
         )
         self._tasks.spawn(guarded("sandboxes", self.reconciler.run), name="sandboxes")

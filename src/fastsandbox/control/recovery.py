@@ -60,9 +60,9 @@ async def recover(pools: PoolManager, sandboxes: SandboxService) -> RecoveryRepo
     adopted = 0
     claimed: set[str] = set()
     for sb in records:
-        agent, sandbox_id = sb.status.assigned_agent, sb.status.container_id
-        if agent and sandbox_id and registry.get_agent(agent) is not None:
-            registry.adopt(agent, sandbox_id, sb.spec.exposed_ports)
+        holder, sandbox_id = sb.status.assigned_agent, sb.status.container_id
+        if holder and sandbox_id and registry.get_agent(holder) is not None:
+            registry.adopt(holder, sandbox_id, sb.spec.exposed_ports)
             claimed.add(sandbox_id)
             adopted += 1
 

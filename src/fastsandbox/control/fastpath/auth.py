@@ -12,9 +12,11 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 EXEMPT = frozenset({"/grpc.health.v1.Health/Check"})
 
@@ -38,7 +40,7 @@ def load_or_create_token(path: Path, given: str | None) -> str:
     return token
 
 
-def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _deny(handler: Handler, message: str) -> Handler:
     """A handler of the same shape as `handler` (unary or streaming) that only refuses."""
 
     async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -61,15 +63,15 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
     return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
 
 
-class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(details)
         if details.method in EXEMPT or handler is None:
             return handler
