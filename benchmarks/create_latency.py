@@ -81,7 +81,8 @@ async def bench_fsb(
 
 def timed(argv: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True)
+    # Not a pipe: a detached container inherits these fds and would hold the pipe open.
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return (time.perf_counter() - started) * 1000
 
 
@@ -136,6 +137,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (it starts containerd and containers)", file=sys.stderr)
         return 2
+    # A timeout's SIGTERM must still run the cleanup below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     work = Path(tempfile.mkdtemp(prefix="fsb-bench-", dir="/tmp"))
     registry_addr = f"127.0.0.1:{free_port()}"
     server = new_server(registry_addr)
