@@ -101,6 +101,7 @@ async def run(
             heartbeat_seconds=settings.heartbeat_seconds,
             default_cpu=settings.default_sandbox_cpu,
             default_memory=settings.default_sandbox_memory,
+            expired_retention_seconds=settings.expired_retention_seconds,
         ),
     )
     server: grpc.aio.Server | None = None

@@ -52,6 +52,8 @@ class ServerSettings:
     """CPU limit of a sandbox that asks for none (a quantity): no sandbox runs unbounded."""
     default_sandbox_memory: str = "512Mi"
     """Memory limit of a sandbox that asks for none."""
+    expired_retention_seconds: float = 24 * 3600.0
+    """How long an Expired record is kept for history before it is deleted."""
     heartbeat_seconds: float = 1.0
     """How often the control plane polls each agent's Status."""
     log: LogSettings = field(default_factory=LogSettings)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from fastsandbox._aio.tasks import TaskSet, guarded
 from fastsandbox.control.agent_client import AgentClients
 from fastsandbox.control.fastpath.service import FastPathService
+from fastsandbox.control.lifecycle import SandboxLifecycle
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.recovery import RecoveryReport, recover
-from fastsandbox.control.registry import Registry
+from fastsandbox.control.registry import AgentRecord, Registry
 from fastsandbox.control.sandbox_reconciler import SandboxReconciler
 from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.fleet.base import AgentFleet
@@ -29,6 +30,7 @@ class PlaneSettings:
     default_cpu: str = "1"
     default_memory: str = "512Mi"
     pool_resync_seconds: float = 2.0
+    expired_retention_seconds: float = 24 * 3600.0
 
 
 class ControlPlane:
@@ -52,10 +54,21 @@ class ControlPlane:
             self.clients,
             heartbeat_seconds=settings.heartbeat_seconds,
         )
-        self.reconciler = SandboxReconciler(self.sandboxes)
+        self.lifecycle = SandboxLifecycle(
+            self.sandboxes, expired_retention_seconds=settings.expired_retention_seconds
+        )
+        self.reconciler = SandboxReconciler(self.lifecycle)
+        self.registry.listeners.append(self._wake_sandboxes)
         self.servicer = FastPathService(self.sandboxes, self.pools, store)
         self._settings = settings
         self._tasks = TaskSet()
+
+    def _wake_sandboxes(self, agent: AgentRecord, sandbox_ids: set[str]) -> None:
+        """An agent came or went, or reported exits: look at those sandboxes now."""
+        for sandbox_id in sandbox_ids:
+            key = self.sandboxes.keys.get(sandbox_id)
+            if key is not None:
+                self.reconciler.enqueue(key)
 
     async def start(self) -> RecoveryReport:
         report = await recover(self.pools, self.sandboxes)

@@ -16,7 +16,7 @@ import time
 
 from fastsandbox.api.models import AgentCounts, Sandbox, SandboxPool, SlotCounts
 from fastsandbox.control.agent_client import AgentClients
-from fastsandbox.control.registry import AgentRecord, Registry
+from fastsandbox.control.registry import AgentRecord, Registry, SandboxReport
 from fastsandbox.errors import Conflict, FsbError, NotFound
 from fastsandbox.fleet.base import AgentFleet, AgentHandle
 from fastsandbox.store.base import ObjectStore
@@ -75,7 +75,14 @@ class PoolManager:
         if not agent.ready:
             log.info("agent ready", extra={"agent": agent.name, "ip": agent.ip})
         agent.capacity = status.capacity or agent.capacity
-        self.registry.heartbeat(agent.name, images=status.images)
+        self.registry.heartbeat(
+            agent.name,
+            images=status.images,
+            reports={
+                st.sandbox_id: SandboxReport(st.exited, st.exit_code, st.reason)
+                for st in status.sandboxes
+            },
+        )
 
     async def wait_ready(self, agent: AgentRecord, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

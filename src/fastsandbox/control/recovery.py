@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
 from fastsandbox.api.models import SandboxPool
+from fastsandbox.api.phases import HOLDS_SLOT
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.errors import FsbError
@@ -61,7 +62,12 @@ async def recover(pools: PoolManager, sandboxes: SandboxService) -> RecoveryRepo
     claimed: set[str] = set()
     for sb in records:
         holder, sandbox_id = sb.status.assigned_agent, sb.status.container_id
-        if holder and sandbox_id and registry.get_agent(holder) is not None:
+        if (
+            holder
+            and sandbox_id
+            and sb.status.phase in HOLDS_SLOT
+            and registry.get_agent(holder) is not None
+        ):
             registry.adopt(holder, sandbox_id, sb.spec.exposed_ports)
             claimed.add(sandbox_id)
             adopted += 1

@@ -15,13 +15,27 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from fastsandbox.control import placement
 from fastsandbox.errors import CapacityExhausted, NotFound
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxReport:
+    """What an agent said about one of its containers in its last heartbeat."""
+
+    exited: bool
+    exit_code: int
+    reason: str = ""
+
+
+# Called with the agent and the sandbox ids whose state may have changed (exits, or every id
+# of the agent when it becomes reachable or unreachable).
+Listener = Callable[["AgentRecord", set[str]], None]
 
 
 @dataclass(slots=True)
@@ -37,6 +51,9 @@ class AgentRecord:
     draining: bool = False
     images: frozenset[str] = frozenset()
     last_heartbeat: float = 0.0
+    # time.monotonic() when the agent stopped answering; None while it answers.
+    unready_since: float | None = None
+    reports: dict[str, SandboxReport] = field(default_factory=dict)
     # sandbox id -> ports it holds on this agent.
     slots: dict[str, frozenset[int]] = field(default_factory=dict)
 
@@ -78,6 +95,7 @@ class Registry:
     def __init__(self) -> None:
         self._agents: dict[str, AgentRecord] = {}
         self._by_pool: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self.listeners: list[Listener] = []
 
     # -- agents -------------------------------------------------------------------------------
     def upsert_agent(self, record: AgentRecord) -> AgentRecord:
@@ -86,6 +104,8 @@ class Registry:
             # Keep slots: they are the registry's own bookkeeping, not the agent's description.
             record.slots = existing.slots
             record.ready = existing.ready or record.ready
+            record.reports = existing.reports
+            record.unready_since = existing.unready_since
             record.images = existing.images or record.images
         self._agents[record.name] = record
         self._by_pool[(record.namespace, record.pool)].add(record.name)
@@ -115,18 +135,47 @@ class Registry:
             if (namespace is None or a.namespace == namespace) and (pool is None or a.pool == pool)
         ]
 
-    def heartbeat(self, name: str, *, images: Iterable[str], ready: bool = True) -> None:
+    def heartbeat(
+        self,
+        name: str,
+        *,
+        images: Iterable[str],
+        reports: dict[str, SandboxReport] | None = None,
+    ) -> None:
         record = self._agents.get(name)
         if record is None:
             return
         record.images = frozenset(images)
-        record.ready = ready
         record.last_heartbeat = time.monotonic()
+        changed: set[str] = set()
+        if not record.ready:
+            changed |= set(record.slots)
+        record.ready = True
+        record.unready_since = None
+        if reports is not None:
+            changed |= {
+                sid for sid, rep in reports.items() if record.reports.get(sid) != rep and rep.exited
+            }
+            record.reports = reports
+        if changed:
+            self._notify(record, changed)
 
     def mark_unready(self, name: str) -> None:
         record = self._agents.get(name)
-        if record is not None:
+        if record is None:
+            return
+        if record.unready_since is None:
+            record.unready_since = time.monotonic()
+        if record.ready:
             record.ready = False
+            self._notify(record, set(record.slots))
+
+    def _notify(self, record: AgentRecord, ids: set[str]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(record, ids)
+            except Exception:
+                log.exception("registry listener failed", extra={"agent": record.name})
 
     # -- slots --------------------------------------------------------------------------------
     def allocate(

@@ -11,7 +11,8 @@ import asyncio
 import logging
 
 from fastsandbox.api.models import Sandbox
-from fastsandbox.control.sandboxes import Key, SandboxService
+from fastsandbox.control.lifecycle import SandboxLifecycle
+from fastsandbox.control.sandboxes import Key
 from fastsandbox.errors import Conflict, FsbError
 from fastsandbox.store.base import EventType
 
@@ -19,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 class SandboxReconciler:
-    def __init__(self, service: SandboxService, *, workers: int = 4) -> None:
-        self.service = service
+    def __init__(self, lifecycle: SandboxLifecycle, *, workers: int = 4) -> None:
+        self.lifecycle = lifecycle
         self.workers = workers
         self._queue: asyncio.Queue[Key] = asyncio.Queue()
         self._queued: set[Key] = set()
@@ -50,7 +51,7 @@ class SandboxReconciler:
             group.create_task(self._watch(), name="sandbox-watch")
 
     async def _watch(self) -> None:
-        store = self.service.store
+        store = self.lifecycle.store
         while True:
             since = await store.current_resource_version()
             for sb in await store.list(Sandbox):
@@ -71,7 +72,7 @@ class SandboxReconciler:
             key = await self._queue.get()
             self._queued.discard(key)
             try:
-                again = await self.service.converge(key)
+                again = await self.lifecycle.converge(key)
             except FsbError as exc:
                 delay = min(self._backoff.get(key, 0.25) * 2, 30.0)
                 self._backoff[key] = delay

@@ -32,7 +32,6 @@ from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
 from fastsandbox.api.models import (
     CLEANUP_FINALIZER,
-    Condition,
     ConsistencyMode,
     Sandbox,
     SandboxPhase,
@@ -40,6 +39,7 @@ from fastsandbox.api.models import (
     Timings,
     now,
 )
+from fastsandbox.api.phases import set_condition, transition
 from fastsandbox.api.quantity import cpu_millis, memory_bytes
 from fastsandbox.control.agent_client import AgentClients
 from fastsandbox.control.registry import Allocation, Registry
@@ -77,6 +77,10 @@ def request_hash(canonical_json: str) -> str:
     return hashlib.sha256(canonical_json.encode()).hexdigest()[:32]
 
 
+# Conditions that describe the previous container; a new one starts without them.
+_RESET_ON_START = frozenset({"Ready", "Scheduled", "AgentReachable"})
+
+
 def new_sandbox_id(name: str) -> str:
     return f"{name[:50]}-{secrets.token_hex(4)}"
 
@@ -103,7 +107,10 @@ class SandboxService:
         self.default_cpu = default_cpu
         self.default_memory = default_memory
         self.locks = KeyedLocks()
+        self.started_at = time.monotonic()
         self._idempotency: dict[tuple[str, str], tuple[str, str]] = {}
+        # container id -> sandbox key, so agent reports can wake the right sandbox.
+        self.keys: dict[str, Key] = {}
 
     # -- index -----------------------------------------------------------------------------
     async def load(self) -> list[Sandbox]:
@@ -114,6 +121,8 @@ class SandboxService:
         return sandboxes
 
     def _remember(self, sb: Sandbox) -> None:
+        if sb.status.container_id:
+            self.keys[sb.status.container_id] = (sb.metadata.namespace, sb.metadata.name)
         key = sb.metadata.annotations.get(IDEMPOTENCY_KEY)
         if key:
             self._idempotency[(sb.metadata.namespace, key)] = (
@@ -122,6 +131,7 @@ class SandboxService:
             )
 
     def _forget(self, sb: Sandbox) -> None:
+        self.keys.pop(sb.status.container_id, None)
         key = sb.metadata.annotations.get(IDEMPOTENCY_KEY)
         if key:
             self._idempotency.pop((sb.metadata.namespace, key), None)
@@ -289,15 +299,19 @@ class SandboxService:
         timings: Timings,
     ) -> None:
         status = sb.status
-        status.phase = SandboxPhase.RUNNING
+        transition(status, SandboxPhase.RUNNING)
         status.assigned_agent = allocation.agent
         status.agent_ip = allocation.ip
         status.endpoints = allocation.endpoints
         status.container_id = state.container_id or allocation.sandbox_id
         status.started_at = now()
+        status.exit_code = None
         status.timings = timings
         status.message = ""
-        status.conditions = [Condition(type="Ready", status="True", reason="Started")]
+        status.observed_reset_revision = sb.spec.reset_revision
+        status.conditions = [c for c in status.conditions if c.type not in _RESET_ON_START]
+        set_condition(status, "Ready", True, reason="Started")
+        self.keys[status.container_id] = (sb.metadata.namespace, sb.metadata.name)
 
     async def _remove_container(self, allocation: Allocation) -> None:
         try:
@@ -320,44 +334,6 @@ class SandboxService:
         except NotFound:
             pass
 
-    # -- declarative -----------------------------------------------------------------------
-    async def converge(self, key: Key) -> float | None:
-        """Bring one record to its desired state. Returns seconds until it wants another look."""
-        async with self.locks.hold(key):
-            try:
-                sb = await self.store.get(Sandbox, *key)
-            except NotFound:
-                return None
-            if sb.metadata.deletion_timestamp is not None:
-                await self._finalize(sb)
-                return None
-            if CLEANUP_FINALIZER not in sb.metadata.finalizers:
-                sb.metadata.finalizers.append(CLEANUP_FINALIZER)
-                sb = await self.store.update(sb)
-            if sb.status.phase is SandboxPhase.PENDING and not sb.status.assigned_agent:
-                return await self._schedule_pending(sb)
-            return None
-
-    async def _schedule_pending(self, sb: Sandbox) -> float | None:
-        created = sb.metadata.creation_timestamp or now()
-        arrived = time.perf_counter() - max((now() - created).total_seconds(), 0.0)
-        timings = sb.status.timings or Timings(accepted_ms=_ms(arrived))
-        try:
-            await self._start(sb, arrived, timings)
-        except CapacityExhausted as exc:
-            await self._set_unschedulable(sb, str(exc))
-            return 2.0
-        return None
-
-    async def _set_unschedulable(self, sb: Sandbox, message: str) -> None:
-        if sb.status.message == message:
-            return
-        sb.status.message = message
-        sb.status.conditions = [
-            Condition(type="Scheduled", status="False", reason="Unschedulable", message=message)
-        ]
-        await self.store.update_status(sb)
-
     # -- delete ----------------------------------------------------------------------------
     async def delete(self, namespace: str, name: str, *, wait: bool) -> Sandbox | None:
         async with self.locks.hold((namespace, name)):
@@ -369,30 +345,51 @@ class SandboxService:
                     return None
                 sb = marked
             if sb.status.phase is not SandboxPhase.TERMINATING:
-                sb.status.phase = SandboxPhase.TERMINATING
+                transition(sb.status, SandboxPhase.TERMINATING)
                 sb = await self.store.update_status(sb)
             if not wait and sb.status.assigned_agent:
                 return sb
-            await self._finalize(sb)
+            if await self.finalize(sb) is not None:
+                return sb  # the agent cannot confirm yet; the reconciler finishes it
             return None
 
-    async def _finalize(self, sb: Sandbox) -> None:
-        """Remove the container, then the slot, then the finalizer, in that order."""
+    def unreachable_for(self, agent_name: str) -> float | None:
+        """Seconds the agent has not answered (None while it answers). An agent the registry
+        does not know at all counts from when this control plane started."""
+        agent = self.registry.get_agent(agent_name)
+        if agent is not None and agent.ready:
+            return None
+        since = agent.unready_since if agent is not None else None
+        return time.monotonic() - (since if since is not None else self.started_at)
+
+    async def finalize(self, sb: Sandbox) -> float | None:
+        """Remove the container, then the slot, then the finalizer, in that order. Returns the
+        seconds to wait before trying again while the agent cannot confirm; an agent gone for
+        longer than the sandbox's recovery timeout is given up on (its container, should it
+        come back, has no record any more and is the janitor's)."""
         agent_name, sandbox_id = sb.status.assigned_agent, sb.status.container_id
         if agent_name and sandbox_id:
-            agent = self.registry.get_agent(agent_name)
-            if agent is None:
-                raise Unavailable(
-                    f"agent {agent_name} of sandbox {sb.metadata.namespace}/{sb.metadata.name} "
-                    "is not registered; deletion waits until it returns"
+            gone_for = self.unreachable_for(agent_name)
+            if gone_for is None:
+                agent = self.registry.agent(agent_name)
+                await self.agents.get(agent.target).delete(sandbox_id, self.grace_seconds)
+            elif gone_for < sb.spec.recovery_timeout_seconds:
+                return sb.spec.recovery_timeout_seconds - gone_for
+            else:
+                log.warning(
+                    "agent gone; released without its confirmation",
+                    extra={
+                        "sandbox": f"{sb.metadata.namespace}/{sb.metadata.name}",
+                        "agent": agent_name,
+                    },
                 )
-            await self.agents.get(agent.target).delete(sandbox_id, self.grace_seconds)
             self.registry.release(agent_name, sandbox_id)
         if CLEANUP_FINALIZER in sb.metadata.finalizers:
             sb.metadata.finalizers = [f for f in sb.metadata.finalizers if f != CLEANUP_FINALIZER]
             with contextlib.suppress(NotFound):
                 await self.store.update(sb)
         self._forget(sb)
+        return None
 
     # -- reads -----------------------------------------------------------------------------
     async def logs(

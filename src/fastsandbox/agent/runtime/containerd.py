@@ -70,6 +70,43 @@ SHIM_GROUP_ANNOTATION = "io.containerd.runc.v2.group"
 KILL_WAIT_SECONDS = 10.0
 _STDERR_TAIL = 2000
 
+SIGKILL_EXIT = 128 + signal.SIGKILL
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroups_path(container: pb.CtdContainer) -> str:
+    try:
+        spec = json.loads(container.spec.value or b"{}")
+    except ValueError:
+        return ""
+    path = spec.get("linux", {}).get("cgroupsPath", "")
+    return path if isinstance(path, str) else ""
+
+
+def oom_killed(cgroups_path: str, root: Path = CGROUP_ROOT) -> bool:
+    """Whether the kernel's OOM killer struck in this cgroup (v1 `memory.oom_control`, v2
+    `memory.events`). The cgroup lives until the task is deleted, so a stopped sandbox can still
+    tell why its process got SIGKILL."""
+    rel = cgroups_path.strip("/")
+    if not rel:
+        return False
+    candidates = [
+        (root / "memory" / rel / "memory.oom_control", "oom_kill"),
+        (root / rel / "memory.events", "oom_kill"),
+        (root / "unified" / rel / "memory.events", "oom_kill"),
+    ]
+    for path, key in candidates:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit() and int(value) > 0:
+                return True
+    return False
+
+
 _INDEX_TYPES = {
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -460,6 +497,9 @@ class ContainerdRuntime:
             )
         status = _TASK_STATUS.get(task.status, ContainerStatus.UNKNOWN)
         stopped = status is ContainerStatus.STOPPED
+        reason = ""
+        if stopped and task.exit_status == SIGKILL_EXIT and oom_killed(_cgroups_path(container)):
+            reason = "OOMKilled"
         return ContainerState(
             id=container.id,
             status=status,
@@ -468,6 +508,7 @@ class ContainerdRuntime:
             exit_code=task.exit_status if stopped else None,
             started_at=created,
             exited_at=_timestamp(task.exited_at) if stopped else None,
+            reason=reason,
         )
 
     async def get(self, container_id: str) -> ContainerState:

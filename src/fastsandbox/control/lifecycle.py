@@ -1,0 +1,238 @@
+"""Converging one sandbox record: the lifecycle rules that run after the create.
+
+`converge(key)` runs in the sandbox's serial section and looks at the record together with what
+its agent last reported, in this order:
+
+1. deletion requested → finalize (container, slot, finalizer);
+2. past `expireTime` → delete the container gracefully, keep the record as `Expired` without an
+   agent (deleted for good after the retention period);
+3. never placed (`Pending`) → schedule and start;
+4. agent unreachable → condition `AgentReachable=False` at once; only after
+   `recoveryTimeoutSeconds`: `Manual` → `Lost` (never rescheduled by itself), `AutoRecreate` → a new
+   container on another agent, same name. An agent that answers again in time keeps its sandbox;
+5. the process exited → `Succeeded` (0) or `Failed` (exit code, reason such as `OOMKilled`), and
+   the slot is freed while the record stays;
+6. a new `spec.resetRevision` → a new container from the same spec (fresh rootfs), then
+   `status.observedResetRevision`.
+
+It returns how long until the record needs another look (the expiry deadline, the end of a
+recovery timeout), so timers fire on time instead of on a coarse poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+from fastsandbox.api.models import (
+    CLEANUP_FINALIZER,
+    FailurePolicy,
+    Sandbox,
+    SandboxPhase,
+    Timings,
+    now,
+)
+from fastsandbox.api.phases import HOLDS_SLOT, set_condition, transition
+from fastsandbox.control.sandboxes import Key, SandboxService, _ms
+from fastsandbox.errors import CapacityExhausted, NotFound
+
+log = logging.getLogger(__name__)
+
+P = SandboxPhase
+
+
+class SandboxLifecycle:
+    def __init__(self, service: SandboxService, *, expired_retention_seconds: float) -> None:
+        self.service = service
+        self.store = service.store
+        self.registry = service.registry
+        self.expired_retention = expired_retention_seconds
+
+    async def converge(self, key: Key) -> float | None:
+        async with self.service.locks.hold(key):
+            try:
+                sb = await self.store.get(Sandbox, *key)
+            except NotFound:
+                return None
+            if sb.metadata.deletion_timestamp is not None:
+                return await self.service.finalize(sb)
+            if CLEANUP_FINALIZER not in sb.metadata.finalizers:
+                sb.metadata.finalizers.append(CLEANUP_FINALIZER)
+                sb = await self.store.update(sb)
+            return await self._converge(sb)
+
+    async def _converge(self, sb: Sandbox) -> float | None:
+        status = sb.status
+        if status.phase is P.EXPIRED:
+            return await self._collect_expired(sb)
+        expire = sb.spec.expire_time
+        if expire is not None and now() >= expire:
+            await self._expire(sb)
+            return self.expired_retention
+        wait: float | None = None
+        if status.phase is P.PENDING and not status.assigned_agent:
+            wait = await self._schedule(sb)
+        elif status.assigned_agent and status.container_id and status.phase in HOLDS_SLOT:
+            wait = await self._watch_agent(sb)
+        elif sb.spec.reset_revision != status.observed_reset_revision:
+            # Exited, or lost and left alone: a reset starts it again.
+            wait = await self._reset(sb)
+        if expire is not None:
+            until = (expire - now()).total_seconds()
+            wait = until if wait is None else min(wait, until)
+        return wait
+
+    async def _save(self, sb: Sandbox) -> None:
+        """Write the status and keep `sb` current, so the next write in this pass is not a
+        conflict with our own previous one."""
+        stored = await self.store.update_status(sb)
+        sb.metadata.resource_version = stored.metadata.resource_version
+
+    # -- placement ---------------------------------------------------------------------------
+    async def _schedule(self, sb: Sandbox) -> float | None:
+        created = sb.metadata.creation_timestamp or now()
+        arrived = time.perf_counter() - max((now() - created).total_seconds(), 0.0)
+        timings = sb.status.timings or Timings(accepted_ms=_ms(arrived))
+        return await self._start_or_wait(sb, arrived, timings)
+
+    async def _start_or_wait(self, sb: Sandbox, arrived: float, timings: Timings) -> float | None:
+        try:
+            await self.service._start(sb, arrived, timings)
+        except CapacityExhausted as exc:
+            if set_condition(
+                sb.status, "Scheduled", False, reason="Unschedulable", message=str(exc)
+            ):
+                sb.status.message = str(exc)
+                await self._save(sb)
+            return 2.0
+        return None
+
+    # -- running -----------------------------------------------------------------------------
+    async def _watch_agent(self, sb: Sandbox) -> float | None:
+        status = sb.status
+        gone_for = self.service.unreachable_for(status.assigned_agent)
+        if gone_for is not None:
+            return await self._agent_unreachable(sb, gone_for)
+        changed = set_condition(status, "AgentReachable", True, reason="Heartbeat")
+        if status.phase is P.LOST:
+            transition(status, P.RUNNING, reason="AgentReturned")
+            changed = True
+        agent = self.registry.agent(status.assigned_agent)
+        report = agent.reports.get(status.container_id)
+        if report is not None and report.exited and status.phase is P.RUNNING:
+            self._exited(sb, report.exit_code, report.reason)
+            changed = True
+        if changed:
+            await self._save(sb)
+        if sb.spec.reset_revision != status.observed_reset_revision:
+            return await self._reset(sb)
+        return None
+
+    def _exited(self, sb: Sandbox, code: int, reason: str) -> None:
+        status = sb.status
+        ok = code == 0
+        why = reason or ("Completed" if ok else "Error")
+        transition(status, P.SUCCEEDED if ok else P.FAILED, reason=why)
+        status.exit_code = code
+        set_condition(status, "Ready", False, reason=why, message=f"exit code {code}")
+        # The stopped container stays for its logs until the sandbox is deleted; its slot and
+        # ports are free for others now.
+        self.registry.release(status.assigned_agent, status.container_id)
+        log.info(
+            "sandbox exited",
+            extra={"sandbox": _name(sb), "exit_code": code, "reason": why},
+        )
+
+    async def _agent_unreachable(self, sb: Sandbox, gone_for: float) -> float | None:
+        status = sb.status
+        timeout = sb.spec.recovery_timeout_seconds
+        if set_condition(
+            status,
+            "AgentReachable",
+            False,
+            reason="HeartbeatMissed",
+            message=f"agent {status.assigned_agent} has not answered for {gone_for:.0f}s",
+        ):
+            await self._save(sb)
+        if gone_for < timeout:
+            return timeout - gone_for
+        if sb.spec.failure_policy is FailurePolicy.MANUAL:
+            if sb.spec.reset_revision != status.observed_reset_revision:
+                # The user asked for a new container: the lost one is given up on.
+                self.registry.release(status.assigned_agent, status.container_id)
+                self.service.keys.pop(status.container_id, None)
+                return await self._restart(sb)
+            if status.phase is not P.LOST:
+                transition(status, P.LOST, reason="AgentLost")
+                set_condition(status, "Ready", False, reason="AgentLost")
+                await self._save(sb)
+                log.warning("sandbox lost", extra={"sandbox": _name(sb)})
+            return None
+        old_agent = status.assigned_agent
+        self.registry.release(old_agent, status.container_id)
+        self.service.keys.pop(status.container_id, None)
+        log.warning(
+            "rescheduling after agent loss", extra={"sandbox": _name(sb), "agent": old_agent}
+        )
+        set_condition(status, "Rescheduled", True, reason="AgentLost", message=old_agent)
+        return await self._restart(sb)
+
+    async def _restart(self, sb: Sandbox) -> float | None:
+        """Start a new container for an existing record (reschedule, reset)."""
+        arrived = time.perf_counter()
+        return await self._start_or_wait(sb, arrived, Timings(accepted_ms=0.0))
+
+    async def _reset(self, sb: Sandbox) -> float | None:
+        status = sb.status
+        if status.assigned_agent and status.container_id:
+            if self.service.unreachable_for(status.assigned_agent) is not None:
+                return 2.0  # the old container must be gone first
+            agent = self.registry.agent(status.assigned_agent)
+            await self.service.agents.get(agent.target).delete(
+                status.container_id, self.service.grace_seconds
+            )
+            self.registry.release(agent.name, status.container_id)
+            self.service.keys.pop(status.container_id, None)
+        log.info("resetting", extra={"sandbox": _name(sb), "revision": sb.spec.reset_revision})
+        return await self._restart(sb)
+
+    # -- expiry ------------------------------------------------------------------------------
+    async def _expire(self, sb: Sandbox) -> None:
+        status = sb.status
+        if status.assigned_agent and status.container_id:
+            if self.service.unreachable_for(status.assigned_agent) is None:
+                # An agent error propagates: the record stays as it is and the reconciler retries.
+                agent = self.registry.agent(status.assigned_agent)
+                await self.service.agents.get(agent.target).delete(
+                    status.container_id, self.service.grace_seconds
+                )
+            # An unreachable agent's container has no record pointing at it any more: the
+            # janitor removes it when (if) the agent comes back.
+            self.registry.release(status.assigned_agent, status.container_id)
+            self.service.keys.pop(status.container_id, None)
+        transition(status, P.EXPIRED, reason="Expired")
+        status.assigned_agent = ""
+        status.agent_ip = ""
+        status.container_id = ""
+        status.endpoints = []
+        set_condition(status, "Ready", False, reason="Expired", message="past spec.expireTime")
+        await self._save(sb)
+        log.info("sandbox expired", extra={"sandbox": _name(sb)})
+
+    async def _collect_expired(self, sb: Sandbox) -> float | None:
+        """Expired records stay for history, then go after the retention period."""
+        expired_at = sb.spec.expire_time or now()
+        left = (expired_at + timedelta(seconds=self.expired_retention) - now()).total_seconds()
+        if left > 0:
+            return left
+        # Already in this sandbox's serial section: delete inline, not through service.delete.
+        marked = await self.store.delete(Sandbox, sb.metadata.namespace, sb.metadata.name)
+        if marked is not None:
+            await self.service.finalize(marked)
+        log.info("expired record collected", extra={"sandbox": _name(sb)})
+        return None
+
+
+def _name(sb: Sandbox) -> str:
+    return f"{sb.metadata.namespace}/{sb.metadata.name}"
