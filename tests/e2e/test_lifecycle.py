@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from tests.e2e._server import Server, new_server, purge
 
 pytestmark = pytest.mark.e2e
@@ -89,3 +90,82 @@ def test_ttl_expiry_keeps_the_record(server: Server, demo_image: str) -> None:
     # Without --wait, and yet gone at once: there is nothing left to stop.
     assert server.fsb("delete", "short").returncode == 0
     assert server.fsb("get", "short").returncode == 3
+
+
+def _agent_pid(server: Server, agent: str) -> int:
+    state = json.loads((server.data_dir / "agents" / agent / "agent.json").read_text())
+    pid: int = state["pid"]
+    return pid
+
+
+def _wait_pool(server: Server, pool: str, ready: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = server.fsb("pool", "get", pool, "-o", "json")
+        if got.returncode == 0 and json.loads(got.stdout)["status"]["agents"]["ready"] >= ready:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"pool {pool} has not {ready} ready agents")
+
+
+@pytest.mark.parametrize("policy", ["AutoRecreate", "Manual"])
+def test_agent_loss_follows_the_failure_policy(
+    server: Server, demo_image: str, policy: str
+) -> None:
+    pool = f"loss-{policy.lower()}"
+    assert server.fsb("pool", "create", pool, "--min", "2", "--max", "2").returncode == 0
+    name = f"victim-{policy.lower()}"
+    frozen: int | None = None
+    try:
+        _wait_pool(server, pool, 2)
+        made = server.fsb(
+            "run",
+            name,
+            "--image",
+            demo_image,
+            "--pool",
+            pool,
+            "--failure-policy",
+            policy,
+            "--recovery-timeout",
+            "5",
+            "-o",
+            "json",
+            "--",
+            "sleep",
+            "3600",
+        )
+        assert made.returncode == 0, made.stderr
+        before = json.loads(made.stdout)["status"]
+        # A hung agent: alive (so the fleet does not restart it) but not answering.
+        frozen = _agent_pid(server, before["assignedAgent"])
+        os.kill(frozen, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        deadline = stopped_at + 15
+        obj: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            obj = server.fsb_json("get", name)
+            moved = obj["status"].get("assignedAgent") != before["assignedAgent"]
+            if (policy == "AutoRecreate" and moved and obj["status"]["phase"] == "Running") or (
+                policy == "Manual" and obj["status"]["phase"] == "Lost"
+            ):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"{policy}: no action within 15 s: {obj.get('status')}")
+        # Not before the recovery timeout: the status only changes after 5 s without heartbeats.
+        assert time.monotonic() - stopped_at >= 5
+        reachable = [c for c in obj["status"]["conditions"] if c["type"] == "AgentReachable"]
+        if policy == "AutoRecreate":
+            assert obj["status"]["containerID"] != before["containerID"]
+        else:
+            assert reachable and reachable[0]["status"] == "False"
+            time.sleep(3)
+            again = server.fsb_json("get", name)["status"]
+            assert again["phase"] == "Lost"  # and stays so: never rescheduled by itself
+            assert again["assignedAgent"] == before["assignedAgent"]
+    finally:
+        if frozen is not None:
+            os.kill(frozen, signal.SIGCONT)
+        server.fsb("delete", name, "--wait")
+        server.fsb("pool", "delete", pool)
