@@ -94,12 +94,27 @@ class PoolManager:
         return False
 
     async def heartbeat_loop(self) -> None:
-        while True:
+        """One beating task per agent, so a slow or hung agent (whose Status times out) never
+        delays another agent's heartbeat; tasks follow agents as they are registered/removed."""
+        beats: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                names = {a.name for a in self.registry.agents()}
+                for name in names - beats.keys():
+                    beats[name] = asyncio.create_task(self._beat(name), name=f"beat-{name}")
+                for name in [n for n, t in beats.items() if n not in names or t.done()]:
+                    beats.pop(name).cancel()
+                await asyncio.sleep(min(self.heartbeat_seconds, 1.0))
+        finally:
+            for task in beats.values():
+                task.cancel()
+            await asyncio.gather(*beats.values(), return_exceptions=True)
+
+    async def _beat(self, name: str) -> None:
+        while (agent := self.registry.get_agent(name)) is not None:
             started = time.monotonic()
-            agents = self.registry.agents()
-            if agents:
-                await asyncio.gather(*(self.heartbeat(a) for a in agents))
-            await asyncio.sleep(max(self.heartbeat_seconds - (time.monotonic() - started), 0.05))
+            await self.heartbeat(agent)
+            await asyncio.sleep(max(self.heartbeat_seconds - (time.monotonic() - started), 0.0))
 
     # -- pools -------------------------------------------------------------------------------
     def poke(self) -> None:
