@@ -16,7 +16,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,35 @@ class FakeFastPath(fastpath_pb2_grpc.FastPathServicer):
         if self.sandboxes.pop((request.namespace, request.name), None) is None:
             await self._missing(context, "sandbox", request)
         return fastpath_pb2.DeleteReply(phase="Deleted" if request.wait else "Terminating")
+
+    async def Update(self, request: Any, context: Any) -> fastpath_pb2.ObjectReply:
+        await self._enter("Update", request, context)
+        sb = self.sandboxes.get((request.namespace, request.name))
+        if sb is None:
+            await self._missing(context, "sandbox", request)
+        assert sb is not None
+        if request.HasField("expire_time"):
+            sb.spec.expire_time = datetime.fromisoformat(request.expire_time)
+        if request.HasField("ttl_seconds"):
+            sb.spec.expire_time = CREATED + timedelta(seconds=request.ttl_seconds)
+        if request.clear_expiry:
+            sb.spec.expire_time = None
+        labels = sb.metadata.labels | dict(request.labels)
+        sb.metadata.labels = {k: v for k, v in labels.items() if k not in request.remove_labels}
+        if request.HasField("failure_policy"):
+            sb.spec.failure_policy = request.failure_policy
+        if request.HasField("recovery_timeout_seconds"):
+            sb.spec.recovery_timeout_seconds = request.recovery_timeout_seconds
+        return fastpath_pb2.ObjectReply(object_json=json.dumps(to_wire(sb)))
+
+    async def Reset(self, request: Any, context: Any) -> fastpath_pb2.ObjectReply:
+        await self._enter("Reset", request, context)
+        sb = self.sandboxes.get((request.namespace, request.name))
+        if sb is None:
+            await self._missing(context, "sandbox", request)
+        assert sb is not None
+        sb.spec.reset_revision = "2025-01-02T03:04:06.000Z"
+        return fastpath_pb2.ObjectReply(object_json=json.dumps(to_wire(sb)))
 
     async def Logs(self, request: Any, context: Any) -> AsyncIterator[fastpath_pb2.LogChunk]:
         await self._enter("Logs", request, context)

@@ -205,3 +205,15 @@ async def test_delete_while_agent_down_waits_for_the_timeout_and_leaks_nothing(
 async def _agent_unready(plane: Plane, name: str) -> bool:
     agent = plane.plane.registry.get_agent(name)
     return agent is not None and not agent.ready
+
+
+async def test_shortened_expiry_fires_on_the_new_deadline(plane: Plane) -> None:
+    from datetime import timedelta
+
+    from fastsandbox.api.models import now
+
+    await plane.create("later", ttl_seconds=3600)
+    sb = await get(plane, "later")
+    sb.spec.expire_time = now() + timedelta(seconds=1)
+    await plane.store.update(sb)
+    await eventually(lambda: phase_is(plane, "later", P.EXPIRED), timeout=3)

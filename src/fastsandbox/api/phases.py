@@ -32,7 +32,7 @@ HOLDS_SLOT = frozenset({P.SCHEDULED, P.RUNNING, P.LOST, P.TERMINATING})
 
 
 def can_move(current: SandboxPhase, to: SandboxPhase) -> bool:
-    return to is current and to is not P.RUNNING or to in ALLOWED[current]
+    return (to is current and to is not P.RUNNING) or to in ALLOWED[current]
 
 
 def transition(

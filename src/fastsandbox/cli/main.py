@@ -17,6 +17,8 @@ from typer.core import TyperGroup
 
 from fastsandbox.cli.commands import agent, delete, get, logs, pool, run, server
 from fastsandbox.cli.commands import list as list_cmd
+from fastsandbox.cli.commands import reset as reset_cmd
+from fastsandbox.cli.commands import update as update_cmd
 
 
 def _is_usage_error(exc: BaseException) -> bool:
@@ -69,6 +71,8 @@ def build_app() -> typer.Typer:
     app.command("list")(list_cmd.list_)
     app.command("logs", no_args_is_help=True)(logs.logs)
     app.command("delete", no_args_is_help=True)(delete.delete)
+    app.command("update", no_args_is_help=True)(update_cmd.update)
+    app.command("reset", no_args_is_help=True)(reset_cmd.reset)
     app.add_typer(pool.app, name="pool")
     app.command("server")(server.server)
     app.command("agent", context_settings=agent.CONTEXT, add_help_option=False)(agent.agent)

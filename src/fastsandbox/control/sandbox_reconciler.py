@@ -34,9 +34,14 @@ class SandboxReconciler:
             self._queue.put_nowait(key)
 
     def _later(self, key: Key, delay: float) -> None:
-        if key in self._timers:
-            return
+        """Look at `key` again in `delay` seconds; an earlier look already planned wins, a later
+        one is replaced (a shortened expireTime must fire on time)."""
         loop = asyncio.get_running_loop()
+        planned = self._timers.get(key)
+        if planned is not None:
+            if planned.when() <= loop.time() + delay:
+                return
+            planned.cancel()
 
         def fire() -> None:
             self._timers.pop(key, None)

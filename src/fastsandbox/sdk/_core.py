@@ -389,6 +389,72 @@ def list_request(namespace: str, labels: Mapping[str, str] | None) -> fastpath_p
     return fastpath_pb2.ListRequest(namespace=namespace, label_selector=dict(labels or {}))
 
 
+def update_request(
+    namespace: str,
+    name: str,
+    *,
+    ttl: int | timedelta | None = None,
+    expire_time: datetime | str | None = None,
+    no_expiry: bool = False,
+    labels: Mapping[str, str | None] | None = None,
+    failure_policy: str | None = None,
+    recovery_timeout: int | None = None,
+) -> fastpath_pb2.UpdateRequest:
+    """Validate an update like the server does; a label whose value is None is removed."""
+    from fastsandbox.api.models import ObjectMeta, SandboxSpec
+
+    given = [
+        flag
+        for flag, present in (
+            ("ttl", ttl is not None),
+            ("expire_time", expire_time is not None),
+            ("no_expiry", no_expiry),
+        )
+        if present
+    ]
+    if len(given) > 1:
+        raise InvalidArgument(
+            "spec.expireTime: give only one of ttl, expire_time, no_expiry "
+            f"(got {', '.join(given)})"
+        )
+    labels = dict(labels or {})
+    added = {str(k): str(v) for k, v in labels.items() if v is not None}
+    removed = [str(k) for k, v in labels.items() if v is None]
+    if any(not key for key in (*added, *removed)):
+        raise InvalidArgument("metadata.labels: a label needs a key")
+    _validated(lambda: ObjectMeta(name=name, namespace=namespace, labels=added), "metadata")
+    fields: dict[str, Any] = {}
+    if failure_policy is not None:
+        fields["failurePolicy"] = failure_policy
+    if recovery_timeout is not None:
+        if recovery_timeout > 2**31 - 1:
+            raise InvalidArgument("spec.recoveryTimeoutSeconds: too large")
+        fields["recoveryTimeoutSeconds"] = recovery_timeout
+    # Placeholders for the required fields: only the given ones can fail, named as on create.
+    _validated(lambda: SandboxSpec.model_validate({"image": "-", "poolRef": "-", **fields}), "spec")
+    req = fastpath_pb2.UpdateRequest(
+        namespace=namespace,
+        name=name,
+        clear_expiry=no_expiry,
+        labels=added,
+        remove_labels=removed,
+    )
+    if ttl is not None:
+        req.ttl_seconds = _ttl_seconds(ttl)
+    if expire_time is not None:
+        req.expire_time = _expire_time(expire_time).isoformat()
+    if failure_policy is not None:
+        req.failure_policy = failure_policy
+    if recovery_timeout is not None:
+        req.recovery_timeout_seconds = recovery_timeout
+    if not (given or added or removed or fields):
+        raise InvalidArgument(
+            "nothing to update: give a ttl, an expire time, no-expiry, labels, "
+            "a failure policy or a recovery timeout"
+        )
+    return req
+
+
 # --------------------------------------------------------------------------- replies
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import AsyncGenerator, Mapping
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
@@ -142,6 +143,46 @@ class AsyncClient:
         request = fastpath_pb2.DeleteRequest(namespace=self._ns(namespace), name=name, wait=wait)
         reply: fastpath_pb2.DeleteReply = await self._unary(self._fastpath().Delete, request)
         return reply.phase
+
+    async def update(
+        self,
+        name: str,
+        *,
+        ttl: int | timedelta | None = None,
+        expire_time: datetime | str | None = None,
+        no_expiry: bool = False,
+        labels: Mapping[str, str | None] | None = None,
+        failure_policy: str | None = None,
+        recovery_timeout: int | None = None,
+        namespace: str | None = None,
+    ) -> Sandbox:
+        """Change a sandbox's expiry, labels, failure policy or recovery timeout.
+
+        At most one of `ttl` (seconds from now), `expire_time` and `no_expiry`. `labels` are
+        merged into the existing ones; a key mapped to None is removed. Returns the stored object.
+        """
+        request = _core.update_request(
+            self._ns(namespace),
+            name,
+            ttl=ttl,
+            expire_time=expire_time,
+            no_expiry=no_expiry,
+            labels=labels,
+            failure_policy=failure_policy,
+            recovery_timeout=recovery_timeout,
+        )
+        reply: fastpath_pb2.ObjectReply = await self._unary(self._fastpath().Update, request)
+        return _core.sandbox_from_wire(_core.parse_wire(reply.object_json))
+
+    async def reset(self, name: str, *, namespace: str | None = None) -> Sandbox:
+        """Recreate the sandbox's container from the same spec with a fresh rootfs.
+
+        Sets `spec.resetRevision` to a new value and returns at once; the new container runs when
+        `status.observedResetRevision` equals it.
+        """
+        ref = fastpath_pb2.ObjectRef(namespace=self._ns(namespace), name=name)
+        reply: fastpath_pb2.ObjectReply = await self._unary(self._fastpath().Reset, ref)
+        return _core.sandbox_from_wire(_core.parse_wire(reply.object_json))
 
     async def logs(
         self, name: str, *, follow: bool = False, namespace: str | None = None

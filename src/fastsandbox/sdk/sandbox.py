@@ -11,7 +11,8 @@ Exec arrives with a later issue; this stays a thin wrapper with no logic the cli
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Unpack
 
@@ -68,6 +69,32 @@ class Sandbox:
 
     def logs(self, *, follow: bool = False) -> Iterator[bytes]:
         return self.client.logs(self.name, follow=follow, namespace=self.namespace)
+
+    def update(
+        self,
+        *,
+        ttl: int | timedelta | None = None,
+        expire_time: datetime | str | None = None,
+        no_expiry: bool = False,
+        labels: Mapping[str, str | None] | None = None,
+        failure_policy: str | None = None,
+        recovery_timeout: int | None = None,
+    ) -> models.Sandbox:
+        """Change expiry, labels, failure policy or recovery timeout (see `Client.update`)."""
+        return self.client.update(
+            self.name,
+            ttl=ttl,
+            expire_time=expire_time,
+            no_expiry=no_expiry,
+            labels=labels,
+            failure_policy=failure_policy,
+            recovery_timeout=recovery_timeout,
+            namespace=self.namespace,
+        )
+
+    def reset(self) -> models.Sandbox:
+        """Recreate the container from the same spec (see `Client.reset`)."""
+        return self.client.reset(self.name, namespace=self.namespace)
 
     def delete(self, *, wait: bool = True) -> None:
         """Delete; already gone is fine. `wait` returns once the container is really removed."""

@@ -13,6 +13,7 @@ import builtins
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
@@ -149,6 +150,34 @@ class Client:
 
     def delete(self, name: str, *, wait: bool = False, namespace: str | None = None) -> str:
         return self._loop.run(self._aio.delete(name, wait=wait, namespace=namespace))
+
+    def update(
+        self,
+        name: str,
+        *,
+        ttl: int | timedelta | None = None,
+        expire_time: datetime | str | None = None,
+        no_expiry: bool = False,
+        labels: Mapping[str, str | None] | None = None,
+        failure_policy: str | None = None,
+        recovery_timeout: int | None = None,
+        namespace: str | None = None,
+    ) -> Sandbox:
+        return self._loop.run(
+            self._aio.update(
+                name,
+                ttl=ttl,
+                expire_time=expire_time,
+                no_expiry=no_expiry,
+                labels=labels,
+                failure_policy=failure_policy,
+                recovery_timeout=recovery_timeout,
+                namespace=namespace,
+            )
+        )
+
+    def reset(self, name: str, *, namespace: str | None = None) -> Sandbox:
+        return self._loop.run(self._aio.reset(name, namespace=namespace))
 
     def logs(
         self, name: str, *, follow: bool = False, namespace: str | None = None

@@ -32,6 +32,7 @@ from fastsandbox.api.models import (
 )
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import CreateOptions, SandboxService, request_hash
+from fastsandbox.control.updates import SandboxUpdates, patch_from_request
 from fastsandbox.errors import FsbError, InvalidArgument
 from fastsandbox.store.base import ObjectStore
 
@@ -111,6 +112,7 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
         self.sandboxes = sandboxes
         self.pools = pools
         self.store = store
+        self.updates = SandboxUpdates(sandboxes)
 
     async def _guard(self, context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[T]) -> T:
         try:
@@ -203,6 +205,24 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
             self.sandboxes.delete(request.namespace or "default", request.name, wait=request.wait),
         )
         return fastpath_pb2.DeleteReply(phase=sb.status.phase.value if sb else "Deleted")
+
+    async def Update(
+        self, request: fastpath_pb2.UpdateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.ObjectReply:
+        async def update() -> Sandbox:
+            patch = patch_from_request(request, arrived=now())
+            return await self.updates.update(request.namespace or "default", request.name, patch)
+
+        sb = await self._guard(context, update())
+        return fastpath_pb2.ObjectReply(object_json=_json(sb))
+
+    async def Reset(
+        self, request: fastpath_pb2.ObjectRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.ObjectReply:
+        sb = await self._guard(
+            context, self.updates.reset(request.namespace or "default", request.name)
+        )
+        return fastpath_pb2.ObjectReply(object_json=_json(sb))
 
     async def Logs(
         self, request: fastpath_pb2.LogsRequest, context: grpc.aio.ServicerContext[Any, Any]
