@@ -306,3 +306,32 @@ async def test_recovery_rebuilds_slots_from_records_and_agents(plane: Plane) -> 
         assert (total, allocated) == (4, 4)
     finally:
         await fresh._tasks.close()
+
+
+async def test_recovery_rebuilds_a_fast_create_whose_record_was_never_written(
+    plane: Plane,
+) -> None:
+    # A Fast create that died between the agent's create and the record's write.
+    service = plane.plane.sandboxes
+    sb = Sandbox(
+        metadata=ObjectMeta(name="crashed", uid="u-1", labels={"team": "a"}),
+        spec=SandboxSpec(image=IMG, pool_ref="p", command=["sleep", "1"], exposed_ports=[7070]),
+    )
+    allocation = service._allocate(sb)
+    await service._run_on_agent(sb, allocation)
+    with pytest.raises(NotFound):
+        await plane.store.get(Sandbox, "default", "crashed")
+
+    fresh = ControlPlane(plane.store, plane.fleet, PlaneSettings(heartbeat_seconds=0.1))
+    report = await fresh.start()
+    try:
+        assert report.records_rebuilt == 1 and report.orphans == 0
+        rebuilt = await plane.store.get(Sandbox, "default", "crashed")
+        assert rebuilt.status.phase is SandboxPhase.RUNNING
+        assert rebuilt.status.container_id == allocation.sandbox_id
+        assert rebuilt.metadata.uid == "u-1" and rebuilt.metadata.labels == {"team": "a"}
+        assert rebuilt.spec.command == ["sleep", "1"]
+        assert rebuilt.status.endpoints == [f"{allocation.ip}:7070"]
+        assert CLEANUP_FINALIZER in rebuilt.metadata.finalizers
+    finally:
+        await fresh._tasks.close()

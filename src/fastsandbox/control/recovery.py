@@ -11,16 +11,18 @@ janitor of the lifecycle work, until then they keep their slot rather than be do
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
-from fastsandbox.api.models import SandboxPool
+from fastsandbox.api.models import API_VERSION, Sandbox, SandboxPool, Timings
 from fastsandbox.api.phases import HOLDS_SLOT
 from fastsandbox.control.pools import PoolManager
-from fastsandbox.control.sandboxes import SandboxService
-from fastsandbox.errors import FsbError
+from fastsandbox.control.registry import Allocation
+from fastsandbox.control.sandboxes import REQUEST_LABEL, SandboxService
+from fastsandbox.errors import AlreadyExists, FsbError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,9 @@ class RecoveryReport:
     records: int
     slots_adopted: int
     orphans: int
+    # Fast-mode creates whose record was never written (crash in between), rebuilt from the
+    # request the container carries.
+    records_rebuilt: int = 0
 
 
 PORTS_LABEL = "fastsandbox.io/ports"
@@ -43,6 +48,33 @@ def _ports(labels: Iterable[agent_pb2.KeyValue]) -> list[int]:
         if kv.key == PORTS_LABEL:
             return [int(p) for p in kv.value.split(",") if p.strip().isdigit()]
     return []
+
+
+async def _adopt_record(
+    sandboxes: SandboxService, allocation: Allocation, state: agent_pb2.SandboxState
+) -> bool:
+    body = next((kv.value for kv in state.labels if kv.key == REQUEST_LABEL), "")
+    if not body:
+        return False
+    try:
+        data = json.loads(body)
+        sb = Sandbox.model_validate({**data, "apiVersion": API_VERSION, "kind": "Sandbox"})
+    except ValueError:
+        return False
+    sandboxes.mark_running(sb, allocation, state, Timings())
+    try:
+        stored = await sandboxes.store.create(sb)
+    except AlreadyExists:
+        return False  # the name was taken meanwhile: this container is an orphan after all
+    sandboxes.remember(stored)
+    log.warning(
+        "rebuilt the record of a sandbox started just before a crash",
+        extra={
+            "sandbox": f"{sb.metadata.namespace}/{sb.metadata.name}",
+            "sandbox_id": state.sandbox_id,
+        },
+    )
+    return True
 
 
 async def recover(pools: PoolManager, sandboxes: SandboxService) -> RecoveryReport:
@@ -73,6 +105,7 @@ async def recover(pools: PoolManager, sandboxes: SandboxService) -> RecoveryRepo
             adopted += 1
 
     orphans = 0
+    rebuilt = 0
     for agent in agents:
         if not agent.ready:
             continue
@@ -83,10 +116,13 @@ async def recover(pools: PoolManager, sandboxes: SandboxService) -> RecoveryRepo
         for state in status.sandboxes:
             if state.sandbox_id in claimed or state.exited:
                 continue
-            registry.adopt(agent.name, state.sandbox_id, _ports(state.labels))
+            allocation = registry.adopt(agent.name, state.sandbox_id, _ports(state.labels))
+            if await _adopt_record(sandboxes, allocation, state):
+                rebuilt += 1
+                continue
             orphans += 1
             log.warning(
-                "container without a record keeps its slot",
+                "container without a record keeps its slot until the janitor removes it",
                 extra={"agent": agent.name, "sandbox_id": state.sandbox_id},
             )
     report = RecoveryReport(
@@ -95,6 +131,7 @@ async def recover(pools: PoolManager, sandboxes: SandboxService) -> RecoveryRepo
         records=len(records),
         slots_adopted=adopted,
         orphans=orphans,
+        records_rebuilt=rebuilt,
     )
     log.info("recovered", extra=asdict(report))
     return report

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -85,6 +86,27 @@ def new_sandbox_id(name: str) -> str:
     return f"{name[:50]}-{secrets.token_hex(4)}"
 
 
+REQUEST_LABEL = "fastsandbox.io/request"
+# containerd refuses labels over 4096 bytes (key + value).
+_MAX_LABEL = 4096 - len(REQUEST_LABEL)
+
+
+def request_label(sb: Sandbox) -> list[agent_pb2.KeyValue]:
+    """The record, without status, carried on the container as a label: if the server dies
+    between the agent's create and the record's write (Fast mode), recovery rebuilds the record
+    from it instead of leaving a running sandbox nobody knows about."""
+    body = json.dumps(
+        {
+            "metadata": sb.metadata.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "spec": sb.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        },
+        separators=(",", ":"),
+    )
+    if len(body) > _MAX_LABEL:
+        return []
+    return [agent_pb2.KeyValue(key=REQUEST_LABEL, value=body)]
+
+
 def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 3)
 
@@ -117,10 +139,10 @@ class SandboxService:
         """Read every record (recovery) and rebuild the idempotency index from annotations."""
         sandboxes = await self.store.list(Sandbox)
         for sb in sandboxes:
-            self._remember(sb)
+            self.remember(sb)
         return sandboxes
 
-    def _remember(self, sb: Sandbox) -> None:
+    def remember(self, sb: Sandbox) -> None:
         if sb.status.container_id:
             self.keys[sb.status.container_id] = (sb.metadata.namespace, sb.metadata.name)
         key = sb.metadata.annotations.get(IDEMPOTENCY_KEY)
@@ -168,7 +190,7 @@ class SandboxService:
                     raise
             else:
                 stored = await self._start_fast(sb, opts.arrived, timings)
-            self._remember(stored)
+            self.remember(stored)
             return stored
 
     async def _replay(self, ns: str, opts: CreateOptions) -> Sandbox | None:
@@ -214,7 +236,7 @@ class SandboxService:
             self.registry.release(allocation.agent, allocation.sandbox_id)
             raise
         timings.runtime_ready_ms = _ms(arrived)
-        self._mark_running(sb, allocation, state, timings)
+        self.mark_running(sb, allocation, state, timings)
         try:
             return await self._persist(sb)
         except BaseException:
@@ -243,7 +265,7 @@ class SandboxService:
             self.registry.release(allocation.agent, allocation.sandbox_id)
             raise
         timings.runtime_ready_ms = _ms(arrived)
-        self._mark_running(stored, allocation, state, timings)
+        self.mark_running(stored, allocation, state, timings)
         try:
             return await self.store.update_status(stored)
         except BaseException:
@@ -274,6 +296,7 @@ class SandboxService:
             labels=[
                 agent_pb2.KeyValue(key="fastsandbox.io/uid", value=sb.metadata.uid),
                 agent_pb2.KeyValue(key="fastsandbox.io/pool", value=spec.pool_ref),
+                *request_label(sb),
             ],
             cpu_millis=cpu_millis(spec.resources.cpu or self.default_cpu),
             memory_bytes=memory_bytes(spec.resources.memory or self.default_memory),
@@ -291,7 +314,7 @@ class SandboxService:
             await self._remove_container(allocation)
             raise
 
-    def _mark_running(
+    def mark_running(
         self,
         sb: Sandbox,
         allocation: Allocation,
