@@ -23,7 +23,7 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -289,8 +289,15 @@ class SandboxManager:
         return state
 
     async def status(self) -> AgentStatus:
+        creating = set(self._creating)
         states, images = await asyncio.gather(self._refresh_slots(), self.runtime.images())
         self._images.update(i.name for i in images)
+        # A container whose create was in flight while we read has no task yet in that read, and
+        # the runtime shows it stopped; it must not read as "exited" to the control plane.
+        for sandbox_id in (creating | self._creating) & states.keys():
+            states[sandbox_id] = replace(
+                states[sandbox_id], status=ContainerStatus.CREATED, exit_code=None, reason=""
+            )
         return AgentStatus(
             sandboxes=sorted(states.values(), key=lambda s: s.id),
             images=images,
