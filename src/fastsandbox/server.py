@@ -2,8 +2,8 @@
 
 `fsb server` = SQLite store + local fleet (agents as processes) + the control plane + the
 Fast-Path. Start order: data dir and token → containerd → store → default pool → recovery
-(rebuild the registry from records and agents) → background loops → Fast-Path (only now are
-writes accepted) → "ready". Shutdown is the reverse, and never stops a sandbox: containers
+(rebuild the registry from records and agents) → background loops → janitor → Fast-Path (only
+now are writes accepted) → "ready". Shutdown is the reverse, and never stops a sandbox: containers
 belong to containerd's shims and keep running until the next start adopts them.
 """
 
@@ -21,13 +21,18 @@ from typing import IO
 
 import grpc
 
+from fastsandbox._aio.tasks import TaskSet, guarded
 from fastsandbox.agent.runtime import containerd_daemon
+from fastsandbox.agent.runtime.containerd import ContainerdRuntime
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc
 from fastsandbox.api.models import ObjectMeta, PoolCapacity, SandboxPool, SandboxPoolSpec
 from fastsandbox.control.fastpath.auth import TokenAuth, load_or_create_token
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.errors import AlreadyExists, FsbError, NotFound, Unavailable
 from fastsandbox.fleet.local import LocalFleet
+from fastsandbox.janitor.containerd import ContainerdLeftovers
+from fastsandbox.janitor.embedded import EmbeddedKnownState
+from fastsandbox.janitor.janitor import Janitor
 from fastsandbox.logconfig import configure
 from fastsandbox.settings import ServerSettings
 from fastsandbox.store.base import ObjectStore
@@ -36,6 +41,9 @@ from fastsandbox.store.sqlite import SqliteStore
 log = logging.getLogger(__name__)
 
 DEFAULT_POOL = "default-pool"
+# Where containerd's clients (`ctr`, the Go client) make task FIFOs, whichever containerd they
+# talk to (`defaults.DefaultFIFODir`). Our sandboxes use file:// logs and have none.
+FIFO_DIR = Path("/run/containerd/fifo")
 
 
 async def ensure_default_pool(store: ObjectStore) -> None:
@@ -68,6 +76,46 @@ def _lock_data_dir(data_dir: Path) -> IO[str]:
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     return lock
+
+
+async def _start_janitor(
+    settings: ServerSettings,
+    plane: ControlPlane,
+    fleet: LocalFleet,
+    containerd: containerd_daemon.Containerd,
+    tasks: TaskSet,
+) -> list[ContainerdRuntime | ContainerdLeftovers]:
+    """Start the janitor over our containerd namespace; it frees the registry slot of every
+    orphan it removes (recovery gave live containers without a record a slot)."""
+    registry = plane.registry
+
+    def release(sandbox_id: str) -> None:
+        holder = registry.holder(sandbox_id)
+        if holder is not None:
+            registry.release(holder.name, sandbox_id)
+
+    known = EmbeddedKnownState(
+        plane.store,
+        agents=lambda: [a.name for a in registry.agents()],
+        held=lambda: [sid for a in registry.agents() for sid in a.slots],
+        release=release,
+    )
+    await known.prime()
+    runtime = ContainerdRuntime(containerd.socket, fleet.containerd_namespace)
+    leftovers = ContainerdLeftovers(containerd.socket, fleet.containerd_namespace)
+    janitor = Janitor(
+        runtime,
+        known,
+        orphan_timeout=settings.orphan_timeout_seconds,
+        interval=settings.janitor_interval_seconds,
+        in_flight=known.in_flight,
+        on_removed=known.removed,
+        agents_dir=fleet.agents_dir,
+        leftovers=leftovers,
+        fifo_dir=FIFO_DIR,
+    )
+    tasks.spawn(guarded("janitor", janitor.run), name="janitor")
+    return [runtime, leftovers]
 
 
 async def run(
@@ -105,10 +153,13 @@ async def run(
         ),
     )
     server: grpc.aio.Server | None = None
+    janitor_tasks = TaskSet()
+    janitor_clients: list[ContainerdRuntime | ContainerdLeftovers] = []
     try:
         if settings.default_pool:
             await ensure_default_pool(store)
         report = await plane.start()
+        janitor_clients = await _start_janitor(settings, plane, fleet, containerd, janitor_tasks)
 
         # No SO_REUSEPORT: a second server on the same address must fail, not share the port.
         server = grpc.aio.server(
@@ -132,6 +183,9 @@ async def run(
     finally:
         if server is not None:
             await server.stop(grace=3)
+        await janitor_tasks.close()
+        for client in janitor_clients:
+            await client.close()
         await plane.close()
         await store.close()
         await containerd.stop()

@@ -56,6 +56,11 @@ class ServerSettings:
     """How long an Expired record is kept for history before it is deleted."""
     heartbeat_seconds: float = 1.0
     """How often the control plane polls each agent's Status."""
+    janitor_interval_seconds: float = 10.0
+    """How often the janitor looks for orphaned containers, snapshots, logs and FIFOs."""
+    orphan_timeout_seconds: float = 30.0
+    """How long a container must stay orphaned (no record, or its agent gone) before the janitor
+    removes it: far longer than the few ms between a Fast-mode start and its record."""
     log: LogSettings = field(default_factory=LogSettings)
 
     @property

@@ -78,6 +78,24 @@ def server(
             help="Also write JSON logs here, size-rotated.",
         ),
     ] = None,
+    orphan_timeout: Annotated[
+        float,
+        typer.Option(
+            "--orphan-timeout",
+            envvar="FSB_ORPHAN_TIMEOUT",
+            metavar="SECONDS",
+            help="Remove a container left without a record (or agent) this long.",
+        ),
+    ] = 30.0,
+    janitor_interval: Annotated[
+        float,
+        typer.Option(
+            "--janitor-interval",
+            envvar="FSB_JANITOR_INTERVAL",
+            metavar="SECONDS",
+            help="How often the janitor looks for orphans.",
+        ),
+    ] = 10.0,
 ) -> None:
     """Run the control plane and its agents on this machine (prints `ready` when serving)."""
     from fastsandbox.errors import InvalidArgument
@@ -91,6 +109,10 @@ def server(
         )
     if log_format not in ("auto", "json", "console"):
         raise InvalidArgument(f"--log-format: must be auto, json or console, not {log_format!r}")
+    if orphan_timeout < 0:
+        raise InvalidArgument(f"--orphan-timeout: must be >= 0 seconds, not {orphan_timeout}")
+    if janitor_interval <= 0:
+        raise InvalidArgument(f"--janitor-interval: must be > 0 seconds, not {janitor_interval}")
     settings = ServerSettings(
         listen=listen,
         containerd_socket=containerd_socket,
@@ -99,6 +121,8 @@ def server(
         default_pool=not no_default_pool,
         network=network,
         log=LogSettings(level=log_level.lower(), format=log_format, file=log_file),
+        janitor_interval_seconds=janitor_interval,
+        orphan_timeout_seconds=orphan_timeout,
     )
     if data_dir is not None:
         settings.data_dir = data_dir.expanduser().absolute()
