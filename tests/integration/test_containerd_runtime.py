@@ -30,12 +30,27 @@ async def runtime(
 
 
 async def test_pull_repairs_an_image_whose_layers_are_gone(
-    runtime: ContainerdRuntime, containerd: ContainerdProc, demo_image: str, tmp_path: Path,
-    cgroup_parent: str,
+    containerd: ContainerdProc, demo_image: str, tmp_path: Path, cgroup_parent: str,
+) -> None:  # fmt: skip
+    # A namespace of its own: a container of another test sharing the image's snapshot chain
+    # would make the layer removal below fail ("cannot remove snapshot with child").
+    namespace = "fsb-repair-test"
+    runtime = ContainerdRuntime(
+        containerd.socket, namespace, [demo_image.split("/", 1)[0]], state_dir=tmp_path
+    )
+    try:
+        await _pull_repair(runtime, containerd, namespace, demo_image, tmp_path, cgroup_parent)
+    finally:
+        await runtime.close()
+
+
+async def _pull_repair(
+    runtime: ContainerdRuntime, containerd: ContainerdProc, namespace: str, demo_image: str,
+    tmp_path: Path, cgroup_parent: str,
 ) -> None:  # fmt: skip
     await runtime.pull(demo_image)
     chain = (await runtime.image_config(demo_image)).chain_id
-    containerd.ctr("snapshots", "rm", chain)
+    containerd.ctr("snapshots", "rm", chain, namespace=namespace)
     await runtime.pull(demo_image)
     spec = ContainerSpec(
         id="repaired",
