@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests.infra import ContainerdProc
 
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, ContainerStatus, Runtime
 from fastsandbox.agent.runtime.containerd import MANAGED_LABEL, ContainerdRuntime
 from fastsandbox.agent.runtime.fake import FakeRuntime
 from fastsandbox.errors import NotFound
+from tests.infra import ContainerdProc
 
 _ids = itertools.count()
 WAIT_SECONDS = 15.0

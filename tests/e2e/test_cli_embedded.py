@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from tests.e2e._server import Server, new_server, purge
 
 pytestmark = pytest.mark.e2e

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from tests.e2e._server import Server, new_server, purge
 
 pytestmark = pytest.mark.e2e

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from tests.e2e._server import Server, new_server, purge
 
 pytestmark = pytest.mark.e2e

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tests.infra import ContainerdProc, RegistryProc
 
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
+from tests.infra import ContainerdProc, RegistryProc
 
 pytestmark = pytest.mark.integration
 

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from tests.infra import ContainerdProc
 
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerStatus
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
 from fastsandbox.errors import InvalidArgument, Unavailable
+from tests.infra import ContainerdProc
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.infra import ContainerdProc
-from tests.integration._testnet import TEST_SUBNET, ip, make_network, remove_bridge, require_cni
 
 from fastsandbox.api.models import ObjectMeta, SandboxPool, SandboxPoolSpec
 from fastsandbox.control.agent_client import AgentClient
@@ -28,6 +26,8 @@ from fastsandbox.fleet import netns
 from fastsandbox.fleet.base import AgentHandle
 from fastsandbox.fleet.local import LocalFleet, purge
 from fastsandbox.fleet.netns import CniNetwork
+from tests.infra import ContainerdProc
+from tests.integration._testnet import TEST_SUBNET, ip, make_network, remove_bridge, require_cni
 
 pytestmark = pytest.mark.integration
 

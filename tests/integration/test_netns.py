@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+
+from fastsandbox.fleet import netns
+from fastsandbox.fleet.netns import CniNetwork
 from tests.integration._testnet import (
     TEST_SUBNET,
     bridge_exists,
@@ -18,9 +21,6 @@ from tests.integration._testnet import (
     remove_bridge,
     require_cni,
 )
-
-from fastsandbox.fleet import netns
-from fastsandbox.fleet.netns import CniNetwork
 
 pytestmark = pytest.mark.integration
 

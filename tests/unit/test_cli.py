@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from tests.unit.fastpath_fake import TOKEN, FakeFastPath, free_port, isolate_env, serve
 from typer.testing import CliRunner
 
 from fastsandbox.cli.main import app, main
+from tests.unit.fastpath_fake import TOKEN, FakeFastPath, free_port, isolate_env, serve
 
 runner = CliRunner()
 WIRE_KEYS = ["apiVersion", "kind", "metadata", "spec", "status"]
@@ -287,7 +287,7 @@ def test_run_file_missing_is_exit_2(tmp_path: Path) -> None:
         ("CreatePool", grpc.StatusCode.ALREADY_EXISTS, ["pool", "create", "p"], 4),
     ],
 )
-def test_server_errors_map_to_exit_codes(  # noqa: PLR0917 - pytest passes fixtures positionally
+def test_server_errors_map_to_exit_codes(
     fake: FakeFastPath,
     endpoint: str,
     method: str,

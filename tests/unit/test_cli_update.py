@@ -12,11 +12,11 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from tests.unit.fastpath_fake import TOKEN, FakeFastPath, isolate_env, serve
 from typer.testing import CliRunner
 
 from fastsandbox.cli.main import app
 from fastsandbox.sdk import AsyncClient, Client, Conflict, InvalidArgument, NotFound, Sandbox
+from tests.unit.fastpath_fake import TOKEN, FakeFastPath, isolate_env, serve
 
 runner = CliRunner()
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tests.unit.test_control_plane import TOKEN, Plane, auth, eventually, free_port, make_pool
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
 from fastsandbox.api.models import Sandbox, SandboxPhase
@@ -18,6 +17,7 @@ from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.errors import NotFound
 from fastsandbox.fleet.inprocess import InProcessFleet
 from fastsandbox.store.memory import MemoryStore
+from tests.unit.test_control_plane import TOKEN, Plane, auth, eventually, free_port, make_pool
 
 P = SandboxPhase
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tests.unit.fastpath_fake import TOKEN, FakeFastPath, free_port, isolate_env, serve
 
 from fastsandbox import sdk
 from fastsandbox.sdk import (
@@ -26,6 +25,7 @@ from fastsandbox.sdk import (
     Unavailable,
 )
 from fastsandbox.sdk._core import resolve
+from tests.unit.fastpath_fake import TOKEN, FakeFastPath, free_port, isolate_env, serve
 
 
 @pytest.fixture(autouse=True)
