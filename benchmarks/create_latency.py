@@ -39,9 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e._server import Server, free_port, new_server, purge  # noqa: E402
-
 from fastsandbox.sdk import AsyncClient  # noqa: E402
+from tests.e2e._server import Server, free_port, new_server, purge  # noqa: E402
 
 TRAP_SLEEP = ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
 
