@@ -9,7 +9,6 @@ from fastsandbox.control.placement import (
     Candidate,
     Request,
     choose,
-    normalize_image,
 )
 from fastsandbox.control.registry import AgentRecord, Registry
 from fastsandbox.errors import CapacityExhausted
@@ -76,20 +75,6 @@ def test_full_unready_and_draining_agents_are_skipped() -> None:
     assert choose([agent("a", draining=True)], req()) is None
 
 
-@pytest.mark.parametrize(
-    ("given", "expected"),
-    [
-        ("busybox", "docker.io/library/busybox:latest"),
-        ("library/busybox:1", "docker.io/library/busybox:1"),
-        ("127.0.0.1:5000/busybox", "127.0.0.1:5000/busybox:latest"),
-        ("localhost/x:2", "localhost/x:2"),
-        ("ghcr.io/a/b@sha256:abc", "ghcr.io/a/b@sha256:abc"),
-    ],
-)
-def test_normalize_image(given: str, expected: str) -> None:
-    assert normalize_image(given) == expected
-
-
 def _registry(*agents: tuple[str, int]) -> Registry:
     registry = Registry()
     for name, capacity in agents:
@@ -124,3 +109,9 @@ def test_registry_spreads_same_port_over_agents() -> None:
 def test_registry_unknown_pool_says_what_to_do() -> None:
     with pytest.raises(CapacityExhausted, match="no agents"):
         Registry().allocate(namespace="default", pool="p", image=IMG, ports=[], sandbox_id="x")
+
+
+def test_affinity_matches_the_normalised_image_name() -> None:
+    # Agents report images as containerd stores them; users write short names.
+    cached = agent("a", allocated=3, images={"docker.io/library/busybox:latest"})
+    assert choose([agent("b"), cached], req(image="busybox")) == cached

@@ -6,7 +6,7 @@ import pytest
 
 from fastsandbox.agent.runtime.base import ContainerSpec
 from fastsandbox.agent.runtime.containerd import ImageConfig, chain_id, merge_process, parse_user
-from fastsandbox.agent.runtime.refs import normalize_image_ref, registry_host
+from fastsandbox.api.images import normalize_image_ref, registry_host
 from fastsandbox.errors import InvalidArgument
 
 

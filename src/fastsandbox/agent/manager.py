@@ -35,7 +35,7 @@ from fastsandbox.agent.runtime.base import (
     ImageInfo,
     Runtime,
 )
-from fastsandbox.agent.runtime.refs import normalize_image_ref
+from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.errors import (
     AlreadyExists,
     CapacityExhausted,

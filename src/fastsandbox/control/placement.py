@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from fastsandbox.api.images import normalize_image_ref
+from fastsandbox.errors import InvalidArgument
+
 UNCACHED_IMAGE_PENALTY = 1000
 
 
@@ -64,17 +67,10 @@ def choose(agents: Iterable[Candidate], request: Request) -> Candidate | None:
     return best
 
 
-def normalize_image(image: str) -> str:
-    """`busybox` → `docker.io/library/busybox:latest`, the name containerd stores."""
-    name = image
-    first, _, rest = name.partition("/")
-    if not rest or ("." not in first and ":" not in first and first != "localhost"):
-        name = f"docker.io/{name}" if rest else f"docker.io/library/{name}"
-    last = name.rsplit("/", 1)[-1]
-    if "@" not in last and ":" not in last:
-        name += ":latest"
-    return name
-
-
 def image_cached(image: str, images: frozenset[str]) -> bool:
-    return image in images or normalize_image(image) in images
+    if image in images:
+        return True
+    try:
+        return normalize_image_ref(image) in images
+    except InvalidArgument:
+        return False

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, ContainerStatus, ImageInfo
-from fastsandbox.agent.runtime.refs import normalize_image_ref
+from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.errors import NotFound
 
 _PID_BASE = 40_000
