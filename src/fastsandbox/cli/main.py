@@ -15,7 +15,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from fastsandbox.cli.commands import agent, delete, get, logs, pool, run, server
+from fastsandbox.cli.commands import agent, apply, delete, get, logs, pool, run, server
 from fastsandbox.cli.commands import list as list_cmd
 from fastsandbox.cli.commands import reset as reset_cmd
 from fastsandbox.cli.commands import update as update_cmd
@@ -73,6 +73,7 @@ def build_app() -> typer.Typer:
     app.command("delete", no_args_is_help=True)(delete.delete)
     app.command("update", no_args_is_help=True)(update_cmd.update)
     app.command("reset", no_args_is_help=True)(reset_cmd.reset)
+    app.command("apply", no_args_is_help=True)(apply.apply)
     app.add_typer(pool.app, name="pool")
     app.command("server")(server.server)
     app.command("agent", context_settings=agent.CONTEXT, add_help_option=False)(agent.agent)

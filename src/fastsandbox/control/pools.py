@@ -1,29 +1,57 @@
 """Pools: their records, their agents, and the agents' heartbeats.
 
-`PoolManager` keeps at least `poolMin` agents per pool (started through the `AgentFleet`),
-registers them, polls each agent's Status every heartbeat interval, all agents concurrently, so
-one slow agent never delays another's heartbeat and placement never waits on any of it, and
-writes the pool's status (agents, slots, cached images) when it changes.
+`PoolManager` sizes every pool by what `pool_planner.plan` says (agents to start, to drain, to
+stop) from a snapshot of the pool's agents and its pending demand, polls each agent's Status
+every heartbeat interval, all agents concurrently, so one slow agent never delays another's
+heartbeat and placement never waits on any of it, and writes the pool's status (agents, slots,
+cached images) when it changes.
+
+Agents start in the background: a pool pass never waits for one, so a slow start in one pool
+delays no other pool and a rolling update sees its surge agent become Ready on a later pass.
+Demand reaches the loop through `note_demand` (a create that found no free slot) and through
+Pending, unplaced sandbox records.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
 
-from fastsandbox.api.models import AgentCounts, Sandbox, SandboxPool, SlotCounts
+from fastsandbox.api.models import (
+    AgentCounts,
+    Sandbox,
+    SandboxPhase,
+    SandboxPool,
+    SlotCounts,
+)
+from fastsandbox.control import pool_planner
 from fastsandbox.control.agent_client import AgentClients
+from fastsandbox.control.pool_planner import AgentView, Plan
 from fastsandbox.control.registry import AgentRecord, Registry, SandboxReport
-from fastsandbox.errors import Conflict, FsbError, NotFound
+from fastsandbox.errors import Conflict, FsbError, InvalidArgument, NotFound, Unavailable
 from fastsandbox.fleet.base import AgentFleet, AgentHandle
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
 AGENT_POOL_LABEL = "fastsandbox.io/pool"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolEvent:
+    """One step of a pool's agents: started, ready, draining, stopped (newest last)."""
+
+    at: float
+    kind: str
+    namespace: str
+    pool: str
+    agent: str
 
 
 def new_agent_name(pool: str) -> str:
@@ -40,13 +68,32 @@ class PoolManager:
         agents: AgentClients,
         *,
         heartbeat_seconds: float,
+        demand_seconds: float = 60.0,
+        start_timeout: float = 60.0,
     ) -> None:
         self.store = store
         self.registry = registry
         self.fleet = fleet
         self.agents = agents
         self.heartbeat_seconds = heartbeat_seconds
+        # How long a noted demand holds a free slot for a create that has not come back.
+        self.demand_seconds = demand_seconds
+        # An agent not Ready this long after its start is stopped (and the start retried).
+        self.start_timeout = start_timeout
         self._wake = asyncio.Event()
+        self._pass_lock = asyncio.Lock()
+        # (namespace, pool) -> request key -> time.monotonic() the demand lapses at.
+        self._demand: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+        self._starting: dict[tuple[str, str], set[asyncio.Task[None]]] = defaultdict(set)
+        # Starts whose agent is not registered yet (a registered one counts as an agent).
+        self._launching: dict[tuple[str, str], int] = defaultdict(int)
+        # (namespace, pool) -> (no start before, last delay) after failed starts.
+        self._backoff: dict[tuple[str, str], tuple[float, float]] = {}
+        # Recent agent steps of every pool, for diagnostics and tests.
+        self.events: deque[PoolEvent] = deque(maxlen=1000)
+
+    def _event(self, kind: str, agent: AgentRecord) -> None:
+        self.events.append(PoolEvent(time.time(), kind, agent.namespace, agent.pool, agent.name))
 
     # -- agents ------------------------------------------------------------------------------
     def register(self, handle: AgentHandle, capacity: int) -> AgentRecord:
@@ -74,6 +121,7 @@ class PoolManager:
             return
         if not agent.ready:
             log.info("agent ready", extra={"agent": agent.name, "ip": agent.ip})
+            self._event("ready", agent)
         agent.capacity = status.capacity or agent.capacity
         self.registry.heartbeat(
             agent.name,
@@ -87,6 +135,8 @@ class PoolManager:
     async def wait_ready(self, agent: AgentRecord, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.registry.get_agent(agent.name) is not agent:
+                return False
             await self.heartbeat(agent)
             if agent.ready:
                 return True
@@ -116,53 +166,185 @@ class PoolManager:
             await self.heartbeat(agent)
             await asyncio.sleep(max(self.heartbeat_seconds - (time.monotonic() - started), 0.0))
 
+    # -- demand ------------------------------------------------------------------------------
+    def note_demand(self, namespace: str, pool: str, key: str) -> None:
+        """A create for `namespace/pool` found no free slot (`CapacityExhausted`).
+
+        `key` names the request (the sandbox's name): notes with the same key count once. The
+        demand holds one free slot for it until a sandbox of that name exists, or for
+        `demand_seconds`; the pool loop wakes now and starts agents in the background, so the
+        caller still fails at once and a retry succeeds once an agent is Ready.
+        """
+        self._demand[(namespace, pool)][key] = time.monotonic() + self.demand_seconds
+        self.poke()
+
+    def _pending(self, key: tuple[str, str], sandboxes: list[Sandbox]) -> int:
+        names = {s.metadata.name for s in sandboxes}
+        waiting = {
+            s.metadata.name
+            for s in sandboxes
+            if s.status.phase is SandboxPhase.PENDING
+            and not s.status.assigned_agent
+            and s.metadata.deletion_timestamp is None
+        }
+        demand = self._demand.get(key)
+        if demand:
+            clock = time.monotonic()
+            for name in [n for n, until in demand.items() if until <= clock or n in names]:
+                del demand[name]
+            waiting |= demand.keys()
+            if not demand:
+                del self._demand[key]
+        return len(waiting)
+
     # -- pools -------------------------------------------------------------------------------
     def poke(self) -> None:
         self._wake.set()
 
     async def reconcile_loop(self, interval: float = 2.0) -> None:
-        while True:
-            try:
-                await self.reconcile_all()
-            except FsbError:
-                log.exception("pool reconcile failed")
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    await self.reconcile_all(wait=False)
+                except FsbError:
+                    log.exception("pool reconcile failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), interval)
+        finally:
+            await self._cancel_starts()
 
-    async def reconcile_all(self) -> None:
-        pools = await self.store.list(SandboxPool)
-        live = {(p.metadata.namespace, p.metadata.name) for p in pools}
-        for agent in self.registry.agents():
-            if (agent.namespace, agent.pool) not in live and not agent.slots:
-                log.info("stopping agent of a deleted pool", extra={"agent": agent.name})
-                await self.fleet.stop_agent(agent.name)
-                self.registry.remove_agent(agent.name)
-                await self.agents.drop(agent.target)
-        await asyncio.gather(*(self.reconcile(pool) for pool in pools))
+    async def reconcile_all(self, *, wait: bool = True) -> None:
+        """One pass over every pool. With `wait`, returns only after the agents this pass
+        started are Ready (or given up on), so a caller can place sandboxes right after."""
+        async with self._pass_lock:
+            pools = await self.store.list(SandboxPool)
+            sandboxes = await self.store.list(Sandbox)
+            live = {(p.metadata.namespace, p.metadata.name) for p in pools}
+            for agent in self.registry.agents():
+                if (agent.namespace, agent.pool) not in live and not agent.slots:
+                    log.info("stopping agent of a deleted pool", extra={"agent": agent.name})
+                    await self._stop_agent(agent)
+            by_pool: dict[tuple[str, str], list[Sandbox]] = defaultdict(list)
+            for sb in sandboxes:
+                by_pool[(sb.metadata.namespace, sb.spec.pool_ref)].append(sb)
+            for key in [k for k in self._demand if k not in live]:
+                del self._demand[key]
+            await asyncio.gather(
+                *(
+                    self.reconcile(p, by_pool[(p.metadata.namespace, p.metadata.name)])
+                    for p in pools
+                )
+            )
+        if wait:
+            starts = [t for tasks in self._starting.values() for t in tasks]
+            await asyncio.gather(*starts, return_exceptions=True)
 
-    async def reconcile(self, pool: SandboxPool) -> None:
+    async def reconcile(self, pool: SandboxPool, sandboxes: list[Sandbox] | None = None) -> Plan:
         ns, name = pool.metadata.namespace, pool.metadata.name
         if pool.metadata.deletion_timestamp is not None:
-            return
+            return Plan()
+        key = (ns, name)
+        if sandboxes is None:
+            sandboxes = [s for s in await self.store.list(Sandbox, ns) if s.spec.pool_ref == name]
         agents = self.registry.agents(ns, name)
-        missing = pool.spec.capacity.pool_min - len(agents)
-        if missing > 0:
-            started = await asyncio.gather(
-                *(self._start_agent(pool) for _ in range(missing)), return_exceptions=True
+        plan = pool_planner.plan(
+            pool.spec,
+            [self._view(a) for a in agents],
+            pending=self._pending(key, sandboxes),
+            starting=self._launching.get(key, 0),
+            can_start=self._backoff.get(key, (0.0, 0.0))[0] <= time.monotonic(),
+        )
+        if not plan.empty:
+            log.info(
+                "pool plan",
+                extra={
+                    "pool": f"{ns}/{name}",
+                    "start": plan.start,
+                    "drain": list(plan.drain),
+                    "stop": list(plan.stop),
+                },
             )
-            for result in started:
-                if isinstance(result, BaseException):
-                    log.error("could not start agent", exc_info=result, extra={"pool": name})
+        for agent_name in plan.drain:
+            agent = self.registry.get_agent(agent_name)
+            if agent is not None and not agent.draining:
+                # Synchronous with the snapshot: placement skips it from here on.
+                agent.draining = True
+                self._event("draining", agent)
+                log.info("agent draining", extra={"agent": agent_name, "pool": name})
+        for agent_name in plan.stop:
+            agent = self.registry.get_agent(agent_name)
+            # Draining since before any await, so no slot can have been taken meanwhile.
+            if agent is not None and agent.draining and not agent.slots:
+                await self._stop_agent(agent)
+        for _ in range(plan.start):
+            task = asyncio.create_task(self._start_agent(pool), name=f"start-agent-{name}")
+            self._starting[key].add(task)
+            task.add_done_callback(functools.partial(self._started, key))
         await self._write_status(pool)
+        return plan
+
+    def _view(self, agent: AgentRecord) -> AgentView:
+        return AgentView(
+            name=agent.name,
+            version=agent.version,
+            capacity=agent.capacity,
+            used=len(agent.slots),
+            containers=len(agent.reports),
+            ready=agent.ready,
+            draining=agent.draining,
+            lost=not agent.ready and agent.last_heartbeat > 0,
+        )
+
+    def _started(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        self._starting[key].discard(task)
+        if not self._starting[key]:
+            del self._starting[key]
+        failed = task.cancelled() or task.exception() is not None
+        if failed:
+            if not task.cancelled():
+                log.error("could not start agent", exc_info=task.exception(), extra={"pool": key})
+            delay = min(max(self._backoff.get(key, (0.0, 0.5))[1] * 2, 1.0), 30.0)
+            self._backoff[key] = (time.monotonic() + delay, delay)
+        else:
+            self._backoff.pop(key, None)
+        self.poke()
+
+    async def _cancel_starts(self) -> None:
+        tasks = [t for tasks in self._starting.values() for t in tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stop_agent(self, agent: AgentRecord) -> None:
+        log.info("stopping agent", extra={"agent": agent.name, "pool": agent.pool})
+        with contextlib.suppress(NotFound):
+            await self.fleet.stop_agent(agent.name)
+        self.registry.remove_agent(agent.name)
+        self._event("stopped", agent)
+        await self.agents.drop(agent.target)
 
     async def _start_agent(self, pool: SandboxPool) -> None:
-        handle = await self.fleet.start_agent(pool, new_agent_name(pool.metadata.name))
-        agent = self.register(handle, pool.spec.max_sandboxes_per_agent)
+        key = (pool.metadata.namespace, pool.metadata.name)
+        self._launching[key] += 1
+        try:
+            handle = await self.fleet.start_agent(pool, new_agent_name(pool.metadata.name))
+            agent = self.register(handle, pool.spec.max_sandboxes_per_agent)
+        finally:
+            self._launching[key] -= 1
+            if not self._launching[key]:
+                del self._launching[key]
         log.info("agent started", extra={"agent": agent.name, "pool": pool.metadata.name})
-        if not await self.wait_ready(agent, timeout=30.0):
-            log.warning("agent not ready after 30s", extra={"agent": agent.name})
-            return
+        self._event("started", agent)
+        if not await self.wait_ready(agent, timeout=self.start_timeout):
+            if self.registry.get_agent(agent.name) is not agent:
+                return  # drained and stopped meanwhile: not wanted any more
+            log.warning(
+                "agent not ready in time; stopping it",
+                extra={"agent": agent.name, "seconds": self.start_timeout},
+            )
+            await self._stop_agent(agent)
+            raise Unavailable(f"agent {agent.name} was not ready after {self.start_timeout}s")
         for image in pool.spec.prewarm_images:
             try:
                 await self.agents.get(agent.target).pull(image)
@@ -210,3 +392,22 @@ class PoolManager:
             )
         await self.store.delete(SandboxPool, namespace, name)
         self.poke()
+
+    async def update(self, pool: SandboxPool) -> SandboxPool:
+        """Replace the pool's spec. A non-empty `metadata.resourceVersion` must match the stored
+        one (`Conflict` otherwise); an empty one replaces whatever is stored."""
+        ns, name = pool.metadata.namespace, pool.metadata.name
+        current = await self.store.get(SandboxPool, ns, name)
+        if current.metadata.deletion_timestamp is not None:
+            raise Conflict(f"pool {ns}/{name} is being deleted")
+        if pool.spec.runtime != current.spec.runtime:
+            raise InvalidArgument(
+                f"spec.runtime: runtime is immutable (pool {ns}/{name} uses "
+                f"{current.spec.runtime.value}); create a new pool for {pool.spec.runtime.value}"
+            )
+        current.spec = pool.spec
+        if pool.metadata.resource_version:
+            current.metadata.resource_version = pool.metadata.resource_version
+        stored = await self.store.update(current)
+        self.poke()
+        return stored

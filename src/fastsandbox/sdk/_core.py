@@ -384,6 +384,28 @@ def pool_request(namespace: str, name: str, options: PoolOptions) -> fastpath_pb
     return fastpath_pb2.PoolRequest(object_json=json.dumps(wire, separators=(",", ":")))
 
 
+def pool_object_request(
+    pool: SandboxPool | Mapping[str, Any], namespace: str
+) -> fastpath_pb2.PoolRequest:
+    """A whole SandboxPool (model, or its camelCase dict as in YAML), validated, status dropped;
+    `namespace` fills an empty metadata.namespace."""
+    from fastsandbox.api.models import SandboxPool, to_wire
+
+    if isinstance(pool, Mapping):
+        body = {"apiVersion": "fastsandbox.io/v1alpha1", "kind": "SandboxPool", **pool}
+        body.pop("status", None)
+        meta = dict(body.get("metadata") or {})
+        meta["namespace"] = meta.get("namespace") or namespace
+        body["metadata"] = meta
+        model: SandboxPool = _validated(lambda: SandboxPool.model_validate(body), "")
+    else:
+        model = pool
+    wire = to_wire(model)
+    wire.pop("status", None)
+    wire["metadata"]["namespace"] = wire["metadata"].get("namespace") or namespace
+    return fastpath_pb2.PoolRequest(object_json=json.dumps(wire, separators=(",", ":")))
+
+
 def list_request(namespace: str, labels: Mapping[str, str] | None) -> fastpath_pb2.ListRequest:
     """`namespace=""` lists every namespace."""
     return fastpath_pb2.ListRequest(namespace=namespace, label_selector=dict(labels or {}))

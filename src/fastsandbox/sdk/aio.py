@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 import grpc
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
+from fastsandbox.errors import Conflict
 from fastsandbox.sdk import _core
 from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
 
@@ -205,6 +206,47 @@ class AsyncClient:
         request = _core.pool_request(self._ns(options.get("namespace")), name, options)
         reply: fastpath_pb2.ObjectReply = await self._unary(self._fastpath().CreatePool, request)
         return _core.pool_from_wire(_core.parse_wire(reply.object_json))
+
+    async def create_pool_object(
+        self, pool: SandboxPool | Mapping[str, Any], *, namespace: str | None = None
+    ) -> SandboxPool:
+        """Create a pool from a whole SandboxPool (model or camelCase dict, e.g. from YAML)."""
+        request = _core.pool_object_request(pool, self._ns(namespace))
+        reply: fastpath_pb2.ObjectReply = await self._unary(self._fastpath().CreatePool, request)
+        return _core.pool_from_wire(_core.parse_wire(reply.object_json))
+
+    async def update_pool(
+        self, pool: SandboxPool | Mapping[str, Any], *, namespace: str | None = None
+    ) -> SandboxPool:
+        """Replace a pool's spec. With `metadata.resourceVersion` set, raises `Conflict` when
+        the pool changed since it was read; `spec.runtime` cannot change."""
+        request = _core.pool_object_request(pool, self._ns(namespace))
+        reply: fastpath_pb2.ObjectReply = await self._unary(self._fastpath().UpdatePool, request)
+        return _core.pool_from_wire(_core.parse_wire(reply.object_json))
+
+    async def scale_pool(
+        self,
+        name: str,
+        *,
+        pool_min: int,
+        pool_max: int | None = None,
+        namespace: str | None = None,
+    ) -> SandboxPool:
+        """Set `poolMin` (and `poolMax`; without it, raised to `pool_min` when below it)."""
+        for attempt in range(5):
+            raw = await self.get_pool_raw(name, namespace=namespace)
+            capacity = raw.setdefault("spec", {}).setdefault("capacity", {})
+            capacity["poolMin"] = pool_min
+            if pool_max is not None:
+                capacity["poolMax"] = pool_max
+            else:
+                capacity["poolMax"] = max(int(capacity.get("poolMax", 1)), pool_min)
+            try:
+                return await self.update_pool(raw, namespace=namespace)
+            except Conflict:
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
 
     async def get_pool_raw(self, name: str, *, namespace: str | None = None) -> dict[str, Any]:
         ref = fastpath_pb2.ObjectRef(namespace=self._ns(namespace), name=name)

@@ -198,6 +198,28 @@ class Client:
     def create_pool(self, name: str, **options: Unpack[PoolOptions]) -> SandboxPool:
         return self._loop.run(self._aio.create_pool(name, **options))
 
+    def create_pool_object(
+        self, pool: SandboxPool | Mapping[str, Any], *, namespace: str | None = None
+    ) -> SandboxPool:
+        return self._loop.run(self._aio.create_pool_object(pool, namespace=namespace))
+
+    def update_pool(
+        self, pool: SandboxPool | Mapping[str, Any], *, namespace: str | None = None
+    ) -> SandboxPool:
+        return self._loop.run(self._aio.update_pool(pool, namespace=namespace))
+
+    def scale_pool(
+        self,
+        name: str,
+        *,
+        pool_min: int,
+        pool_max: int | None = None,
+        namespace: str | None = None,
+    ) -> SandboxPool:
+        return self._loop.run(
+            self._aio.scale_pool(name, pool_min=pool_min, pool_max=pool_max, namespace=namespace)
+        )
+
     def get_pool(self, name: str, *, namespace: str | None = None) -> SandboxPool:
         return self._loop.run(self._aio.get_pool(name, namespace=namespace))
 

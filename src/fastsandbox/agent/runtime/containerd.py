@@ -54,8 +54,8 @@ from fastsandbox.agent.runtime.base import (
     ImageInfo,
 )
 from fastsandbox.agent.runtime.oci_spec import build_oci_spec
-from fastsandbox.api.images import normalize_image_ref, registry_host
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
+from fastsandbox.api.images import normalize_image_ref, registry_host
 from fastsandbox.errors import AlreadyExists, InvalidArgument, NotFound, RuntimeFailure
 
 log = logging.getLogger(__name__)

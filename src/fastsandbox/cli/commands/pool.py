@@ -1,4 +1,4 @@
-"""`fsb pool create|list|get|delete`: warm pools of agents and their capacity rules."""
+"""`fsb pool create|list|get|scale|delete`: warm pools of agents and their capacity rules."""
 
 from __future__ import annotations
 
@@ -117,6 +117,37 @@ def get(
         render.pool_detail(item)
     else:
         render.structured(item, output)
+
+
+@app.command("scale")
+def scale(
+    name: Name,
+    *,
+    pool_min: Annotated[int, typer.Option("--min", help="Fewest agents.", show_default=False)],
+    pool_max: Annotated[
+        int | None,
+        typer.Option("--max", help="Most agents (default: unchanged, raised to --min if lower)."),
+    ] = None,
+    output: OutputOpt = Output.table,
+    endpoint: Endpoint = None,
+    token: Token = None,
+    namespace: Namespace = None,
+) -> None:
+    """Change a pool's agent bounds; agents are started or drained in the background."""
+    from fastsandbox.cli import render
+
+    with client(endpoint, token, namespace) as fsb:
+        pool = fsb.scale_pool(name, pool_min=pool_min, pool_max=pool_max)
+    if output is Output.table:
+        cap = pool.spec.capacity
+        typer.echo(
+            f"pool {pool.metadata.namespace}/{pool.metadata.name} scaled "
+            f"(min {cap.pool_min}, max {cap.pool_max})"
+        )
+    else:
+        from fastsandbox.api.models import to_wire
+
+        render.structured(to_wire(pool), output)
 
 
 @app.command("delete")

@@ -33,7 +33,7 @@ from fastsandbox.api.models import (
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import CreateOptions, SandboxService, request_hash
 from fastsandbox.control.updates import SandboxUpdates, patch_from_request
-from fastsandbox.errors import FsbError, InvalidArgument
+from fastsandbox.errors import CapacityExhausted, FsbError, InvalidArgument
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,13 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
                 request_hash=request_hash(json.dumps(fingerprint, sort_keys=True)),
                 arrived=arrived,
             )
-            return await self.sandboxes.create(sb, opts)
+            try:
+                return await self.sandboxes.create(sb, opts)
+            except CapacityExhausted:
+                # Still an immediate RESOURCE_EXHAUSTED; the pool scales up in the background
+                # so that a retry succeeds.
+                self.pools.note_demand(sb.metadata.namespace, sb.spec.pool_ref, sb.metadata.name)
+                raise
 
         sb = await self._guard(context, create())
         status, timings = sb.status, sb.status.timings
@@ -267,6 +273,15 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
             ),
         )
         return fastpath_pb2.ListReply(objects_json=[_json(p) for p in pools])
+
+    async def UpdatePool(
+        self, request: fastpath_pb2.PoolRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.ObjectReply:
+        async def update() -> SandboxPool:
+            return await self.pools.update(pool_from_json(request.object_json))
+
+        pool = await self._guard(context, update())
+        return fastpath_pb2.ObjectReply(object_json=_json(pool))
 
     async def DeletePool(
         self, request: fastpath_pb2.ObjectRef, context: grpc.aio.ServicerContext[Any, Any]

@@ -1,0 +1,181 @@
+"""What a pool should do next, as a pure function of its spec and a snapshot of its agents.
+
+`plan()` does no I/O and keeps no state, so every rule is tested exhaustively on plain values;
+`PoolManager` takes the snapshot, applies the plan, and asks again on the next pass. The rules:
+
+- Size: keep `bufferMin ≤ free slots ≤ bufferMax` (plus one free slot per pending sandbox)
+  within `poolMin..poolMax` agents. Agents still starting count with their whole capacity (they
+  are coming), lost agents (were Ready, stopped answering) with none; both count as agents.
+- Scale down only by draining *idle* agents (no slot, no container), and only while the free
+  slots left still cover `bufferMin` + pending. A draining agent takes no new sandboxes
+  (placement skips it) and is stopped once idle; an agent holding a sandbox is never stopped.
+- Rolling update: agents whose version differs from `agentVersion` are replaced. At most
+  `desired + maxSurge` agents are active at once, and an old agent drains only while at least
+  `desired - maxUnavailable` active agents stay Ready — with the default `maxUnavailable=0` the
+  surge agent is Ready before any old one drains. An old agent that still holds sandboxes stays
+  (draining) until they end; sandboxes are never moved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fastsandbox.api.models import SandboxPoolSpec
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    name: str
+    version: str
+    capacity: int
+    # Slots held (sandboxes placed, not yet released).
+    used: int = 0
+    # Containers the agent reported in its last heartbeat (exited ones too, kept for logs).
+    containers: int = 0
+    ready: bool = False
+    draining: bool = False
+    # Was Ready once and stopped answering: no usable capacity until it returns.
+    lost: bool = False
+
+    @property
+    def idle(self) -> bool:
+        return self.used == 0 and self.containers == 0
+
+    @property
+    def free(self) -> int:
+        return 0 if self.lost else max(self.capacity - self.used, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    start: int = 0
+    drain: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.start or self.drain or self.stop)
+
+
+def buffer_bounds(spec: SandboxPoolSpec) -> tuple[int, int]:
+    """(bufferMin, bufferMax) with an unset (0) or too small bufferMax read as bufferMin."""
+    low = spec.capacity.buffer_min
+    return low, max(spec.capacity.buffer_max, low)
+
+
+def plan(
+    spec: SandboxPoolSpec,
+    agents: Sequence[AgentView],
+    *,
+    pending: int = 0,
+    starting: int = 0,
+    can_start: bool = True,
+) -> Plan:
+    """The next actions for one pool.
+
+    `pending`: sandboxes of the pool that could not be placed for lack of capacity;
+    `starting`: agents being started that are not registered yet; `can_start=False` (e.g. while
+    backing off after failed starts) plans no starts but everything else.
+    """
+    cap = spec.max_sandboxes_per_agent
+    version = spec.agent_version
+    buffer_min, buffer_max = buffer_bounds(spec)
+    pool_min, pool_max = spec.capacity.pool_min, spec.capacity.pool_max
+    want_free = buffer_min + max(pending, 0)
+
+    active = [a for a in agents if not a.draining]
+    count = len(active) + starting
+    free = sum(a.free for a in active) + starting * cap
+    # Scale-up need counts what is free now (fragmented across agents as it is).
+    up = count + math.ceil((want_free - free) / cap) if free < want_free else 0
+
+    if any(a.version != version for a in active):
+        surge = spec.rolling_update.max_surge
+        unavailable = spec.rolling_update.max_unavailable
+        if surge == 0 and unavailable == 0:
+            surge = 1
+        # The size the pool will have once rolled: its sandboxes packed on new agents plus
+        # the free slots it needs (sandboxes on agents already draining stay where they are).
+        used = sum(a.used for a in active)
+        desired = max(math.ceil((used + want_free) / cap), up)
+        desired = min(max(desired, pool_min), pool_max)
+        start, drain = _roll(active, starting, version, desired, surge, unavailable)
+    else:
+        desired = min(max(up or count, pool_min), pool_max)
+        drain = _scale_down(active, count, free, want_free, buffer_max, pool_min, pool_max)
+        start = max(desired - count, 0)
+    if not can_start:
+        start = 0
+
+    stop = tuple(
+        sorted(a.name for a in agents if (a.draining or a.name in drain) and a.idle and not a.lost)
+    )
+    return Plan(start=start, drain=tuple(sorted(drain)), stop=stop)
+
+
+def _scale_down(
+    active: list[AgentView],
+    count: int,
+    free: int,
+    want_free: int,
+    buffer_max: int,
+    pool_min: int,
+    pool_max: int,
+) -> set[str]:
+    """Idle agents to drain: surplus free slots above bufferMax (never below bufferMin +
+    pending, nor below poolMin usable agents), and any agents above poolMax."""
+    drain: set[str] = set()
+    # Lost agents do not count towards poolMin here: never drain the last usable ones.
+    usable = count - sum(1 for a in active if a.lost)
+    idle = sorted((a for a in active if a.idle and not a.lost), key=lambda a: (a.ready, a.name))
+    for agent in idle:
+        if usable <= pool_min or free <= buffer_max:
+            break
+        if free - agent.free >= want_free:
+            drain.add(agent.name)
+            free -= agent.free
+            usable -= 1
+            count -= 1
+    # Above poolMax (it was lowered): idle agents go; busy ones stay until they are idle.
+    for agent in idle:
+        if count <= pool_max:
+            break
+        if agent.name not in drain:
+            drain.add(agent.name)
+            count -= 1
+    return drain
+
+
+def _roll(
+    active: list[AgentView],
+    starting: int,
+    version: str,
+    desired: int,
+    surge: int,
+    unavailable: int,
+) -> tuple[int, set[str]]:
+    """Replace old-version agents: at most `desired + surge` active agents, at least
+    `desired - unavailable` of them Ready. Returns (agents to start, agents to drain)."""
+    old = [a for a in active if a.version != version]
+    total = len(active) + starting
+    new_count = total - len(old)
+    start = max(min(desired - new_count, desired + surge - total), 0)
+    ready = sum(1 for a in active if a.ready and not a.lost)
+    may_lose = ready - (desired - unavailable)
+    # Never fewer than `desired - maxUnavailable` agents in total, counting replacements.
+    excess = total + start - max(desired - unavailable, 0)
+    drain: set[str] = set()
+    # Unready and idle old agents first: draining them costs no availability / no sandbox.
+    for agent in sorted(old, key=lambda a: (a.ready and not a.lost, not a.idle, a.name)):
+        if excess <= 0:
+            break
+        counts = agent.ready and not agent.lost
+        if counts and may_lose <= 0:
+            continue
+        drain.add(agent.name)
+        excess -= 1
+        if counts:
+            may_lose -= 1
+    return start, drain
