@@ -3,7 +3,7 @@ SHELL := /bin/bash
 DATA_DIR ?= $(HOME)/.local/share/fastsandbox
 REGISTRY ?= 127.0.0.1:5000
 
-.PHONY: setup run test check unit integration e2e bench demo-registry clean
+.PHONY: setup run test check unit integration e2e kube kube-tools bench demo-registry clean
 
 setup:
 	scripts/setup
@@ -13,10 +13,21 @@ run: setup
 	scripts/demo-registry "$(DATA_DIR)" "$(REGISTRY)"
 	.venv/bin/fsb server --data-dir "$(DATA_DIR)" --insecure-registry "$(REGISTRY)"
 
-## make test: install, check (lint, types, contracts), then the whole suite.
-test: setup
+## make test: install, build the Kubernetes tier's binaries (cached outside the tree), check
+## (lint, types, contracts), then the whole suite, both shapes.
+test: setup kube-tools
 	scripts/check
 	.venv/bin/pytest -q -p no:cacheprovider tests
+
+## kube-tools: kube-apiserver, etcd, kubectl and helm for the Kubernetes tier, in ~/.cache/fastsandbox
+## (cold: several minutes on 2 cores; cached: instant).
+kube-tools:
+	scripts/build-kube-apiserver >/dev/null
+	if [ -x scripts/build-helm ]; then scripts/build-helm >/dev/null; fi
+
+## make kube: only the Kubernetes tier (real etcd + kube-apiserver + process kubelet).
+kube: setup kube-tools
+	.venv/bin/pytest -q -m kubernetes tests
 
 check: setup
 	scripts/check

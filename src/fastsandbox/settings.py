@@ -73,6 +73,48 @@ class ServerSettings:
 
 
 @dataclass(slots=True)
+class ControllerSettings:
+    """`fsb controller`: the control plane on Kubernetes (one of several replicas)."""
+
+    kubeconfig: Path | None = None
+    """Kubeconfig file; None: `$KUBECONFIG`, else the Pod's service account (in-cluster)."""
+    namespace: str | None = None
+    """The controller's own namespace (its Lease and token Secrets); None: the kubeconfig
+    context's namespace, or the service account's."""
+    watch_namespace: str | None = None
+    """Adopt agent Pods of this namespace only; None: every namespace."""
+    listen: str = "127.0.0.1:9090"
+    """Fast-Path gRPC address (HOST:PORT); in a Pod, 0.0.0.0:PORT."""
+    token: str | None = None
+    """API token; None reads Secret `fastsandbox-api-token` (key `token`) in `namespace`,
+    creating it with a random token when it does not exist (every replica reads the same)."""
+    agent_image: str = "fastsandbox/fastsandbox:0.1.0"
+    """Image of the agent Pods (its entrypoint runs `fsb agent`)."""
+    identity: str | None = None
+    """This replica's name in the Lease; None: `<hostname>-<random>` (unique per process)."""
+    lease_duration_seconds: int = 15
+    """Leader Lease duration: a dead leader is replaced after at most this plus a renew
+    interval (duration / 3); the leader steps down when it cannot renew for 2/3 of it."""
+    insecure_registries: list[str] = field(default_factory=list)
+    """Registries (HOST:PORT) the agents pull from over plain HTTP."""
+    containerd_namespace: str = "k8s.io"
+    """containerd namespace the agents use: the node's image cache."""
+    delete_grace_seconds: float = 10.0
+    """SIGTERM → SIGKILL grace on sandbox delete."""
+    default_sandbox_cpu: str = "1"
+    """CPU limit of a sandbox that asks for none (a quantity): no sandbox runs unbounded."""
+    default_sandbox_memory: str = "512Mi"
+    """Memory limit of a sandbox that asks for none."""
+    expired_retention_seconds: float = 24 * 3600.0
+    """How long an Expired record is kept for history before it is deleted."""
+    heartbeat_seconds: float = 1.0
+    """How often every replica polls each agent's Status."""
+    agent_sync_seconds: float = 2.0
+    """How often every replica lists agent Pods (agents another replica started or stopped)."""
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+@dataclass(slots=True)
 class AgentSettings:
     name: str
     pool: str
@@ -95,4 +137,18 @@ class AgentSettings:
     """`fsb-init` binary mounted at /.fsb/init as every sandbox's PID 1; None = run the
     sandbox's command as PID 1 (SIGTERM is then ignored unless the command handles it)."""
     version: str = ""
+    token: str | None = None
+    """Bearer token every call must carry. Required on a HOST:PORT listen address (anyone who
+    reaches the port could otherwise start root containers); a unix socket is guarded by its
+    file mode (0600) instead and needs none."""
+    insecure_no_token: bool = False
+    """Serve HOST:PORT without a token anyway (only for a network nobody else can reach)."""
+    pod_uid: str | None = None
+    """Running in this Kubernetes Pod: sandboxes join the Pod's network namespace and cgroup
+    (found through its CRI sandbox in containerd; these override `netns_path` and
+    `cgroup_parent`), and `fsb-init` is copied into `state_dir`, a hostPath at the same path."""
     log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def listens_on_tcp(self) -> bool:
+        return not self.listen.startswith("unix:")

@@ -152,3 +152,64 @@ spec:
     finally:
         server.fsb("delete", "applied", "--wait")
         server.fsb("pool", "delete", "applypool")
+
+
+def test_version_change_rolls_agents_surge_ready_first(
+    server: Server, demo_image: str, tmp_path: Path
+) -> None:
+    """Two busy agents, then agentVersion v2 (`fsb apply`): a v2 agent is Ready before any old
+    agent drains, the old agents keep their sandboxes (draining, never stopped while busy), and
+    go once their sandboxes are deleted."""
+    pool = "roller"
+    made = server.fsb("pool", "create", pool, "--min", "1", "--max", "3", "--per-agent", "1")
+    assert made.returncode == 0, made.stderr
+    names = ["ro-a", "ro-b"]
+    try:
+        placed = {}
+        for name in names:
+            run_until_placed(server, name, pool, demo_image)
+            placed[name] = server.fsb_json("get", name)["status"]["assignedAgent"]
+        assert len(set(placed.values())) == 2
+        manifest = tmp_path / "pool.yaml"
+        manifest.write_text(
+            f"kind: SandboxPool\nmetadata: {{name: {pool}}}\n"
+            "spec:\n  capacity: {poolMin: 1, poolMax: 3}\n  maxSandboxesPerAgent: 1\n"
+            "  agentVersion: v2\n"
+        )
+        applied = server.fsb("apply", "-f", str(manifest))
+        assert applied.returncode == 0, applied.stderr
+        assert f"pool default/{pool} configured" in applied.stdout
+
+        seen: list[dict] = []  # type: ignore[type-arg]
+
+        def rolled(status: dict) -> bool:  # type: ignore[type-arg]
+            agents = status.get("agents", {})
+            seen.append(agents)
+            return bool(agents.get("updated") == 1 and agents.get("draining") == 2)
+
+        status = wait_pool(server, pool, rolled, timeout=60)["status"]
+        assert status["agents"]["total"] == 3 and status["agents"]["ready"] == 3
+        for agents in seen:
+            # maxSurge 1 over 2 needed agents; maxUnavailable 0: nothing drains before a v2
+            # agent is registered and every agent is Ready.
+            assert agents.get("total", 0) <= 3, seen
+            if agents.get("draining", 0):
+                assert agents.get("updated", 0) >= 1, seen
+                assert agents.get("ready") == agents.get("total"), seen
+        for name, agent in placed.items():
+            got = server.fsb_json("get", name)["status"]
+            assert (got["phase"], got["assignedAgent"]) == ("Running", agent)
+
+        for name in names:
+            deleted = server.fsb("delete", name, "--wait")
+            assert deleted.returncode == 0, deleted.stderr
+        status = wait_pool(
+            server,
+            pool,
+            lambda st: st["agents"].get("total") == 1 and st["agents"].get("draining", 0) == 0,
+        )["status"]
+        assert status["agents"]["updated"] == 1
+    finally:
+        for name in names:
+            server.fsb("delete", name, "--wait")
+        server.fsb("pool", "delete", pool)

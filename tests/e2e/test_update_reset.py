@@ -1,6 +1,6 @@
-"""`fsb update` and `fsb reset` end to end, against a real `fsb server` (real containerd + runc,
-real SQLite): the spec fields they change, the errors they refuse with, and what a reset does to
-the container."""
+"""`fsb update` and `fsb reset` end to end, on both shapes (a real `fsb server` with real
+containerd + runc and SQLite, and `fsb controller` replicas on a real kube-apiserver): the spec
+fields they change, the errors they refuse with, and what a reset does to the container."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e._server import Server, new_server, purge
+from tests.e2e.conftest import AnyServer
 
 pytestmark = pytest.mark.e2e
 
@@ -21,17 +21,12 @@ SLEEP = ["--", "sleep", "3600"]
 
 
 @pytest.fixture(scope="module")
-def server(registry_addr: str) -> Iterator[Server]:
-    srv = new_server(registry_addr)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        purge(srv)
+def server(shaped_server: AnyServer) -> AnyServer:
+    return shaped_server
 
 
 @pytest.fixture
-def sandbox(server: Server, demo_image: str, request: pytest.FixtureRequest) -> Iterator[str]:
+def sandbox(server: AnyServer, demo_image: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """A running sandbox named after the test, deleted afterwards whatever happened."""
     name = re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_").lower())
     name = name[:50].strip("-")
@@ -47,7 +42,7 @@ def parse(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def test_update_ttl_labels_policy_then_no_expiry(server: Server, sandbox: str) -> None:
+def test_update_ttl_labels_policy_then_no_expiry(server: AnyServer, sandbox: str) -> None:
     before = datetime.now(UTC)
     obj = server.fsb_json("update", sandbox, "--ttl", "3600", "--label", "team=ml", "-l", "x=1")
     after = datetime.now(UTC)
@@ -88,7 +83,7 @@ def test_update_ttl_labels_policy_then_no_expiry(server: Server, sandbox: str) -
     ],
 )
 def test_bad_values_exit_2_naming_the_field(
-    server: Server, sandbox: str, args: list[str], named: str
+    server: AnyServer, sandbox: str, args: list[str], named: str
 ) -> None:
     before = server.fsb_json("get", sandbox)
     result = server.fsb("update", sandbox, *args)
@@ -98,12 +93,12 @@ def test_bad_values_exit_2_naming_the_field(
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
 
 
-def test_unknown_sandbox_exits_3(server: Server) -> None:
+def test_unknown_sandbox_exits_3(server: AnyServer) -> None:
     assert server.fsb("update", "no-such-sandbox", "--ttl", "5").returncode == 3
     assert server.fsb("reset", "no-such-sandbox").returncode == 3
 
 
-def wait_observed(server: Server, name: str, revision: str, timeout: float = 15.0) -> Any:
+def wait_observed(server: AnyServer, name: str, revision: str, timeout: float = 15.0) -> Any:
     deadline = time.monotonic() + timeout
     got: Any = {}
     while time.monotonic() < deadline:
@@ -114,7 +109,7 @@ def wait_observed(server: Server, name: str, revision: str, timeout: float = 15.
     raise AssertionError(f"observedResetRevision never became {revision}: {got.get('status')}")
 
 
-def test_reset_sets_a_revision_and_recreates_the_container(server: Server, sandbox: str) -> None:
+def test_reset_sets_a_revision_and_recreates_the_container(server: AnyServer, sandbox: str) -> None:
     old = server.fsb_json("get", sandbox)["status"]["containerID"]
 
     result = server.fsb("reset", sandbox)

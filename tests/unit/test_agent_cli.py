@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fastsandbox.agent.cli import build_parser, main, settings_from_args
+from fastsandbox.agent.cli import UsageError, build_parser, main, settings_from_args
 
 
 def test_flags_map_to_settings(tmp_path: Path) -> None:
@@ -16,6 +16,7 @@ def test_flags_map_to_settings(tmp_path: Path) -> None:
             "--pool=p1",
             "--namespace=team",
             "--listen=127.0.0.1:7001",
+            "--insecure-no-token",
             f"--state-dir={tmp_path}",
             "--containerd-socket=/run/c.sock",
             "--containerd-namespace=k8s.io",
@@ -61,3 +62,54 @@ def test_bad_flags_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--capacity=0"])
     assert exit_.value.code == 2
     assert "--capacity" in capsys.readouterr().err
+
+
+def test_a_network_listen_address_needs_a_token(tmp_path: Path) -> None:
+    parse = build_parser().parse_args
+    with pytest.raises(UsageError, match="--token-file or \\$FSB_AGENT_TOKEN"):
+        settings_from_args(parse(["--name=a", "--listen=10.1.2.3:7443"]), environ={})
+
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    by_file = settings_from_args(
+        parse(["--name=a", "--listen=10.1.2.3:7443", f"--token-file={token_file}"]),
+        environ={"FSB_AGENT_TOKEN": "from-env"},
+    )
+    assert (by_file.token, by_file.insecure_no_token) == ("s3cret", False)
+    by_env = settings_from_args(
+        parse(["--name=a", "--listen=10.1.2.3:7443"]), environ={"FSB_AGENT_TOKEN": "from-env"}
+    )
+    assert by_env.token == "from-env"
+    open_ = settings_from_args(
+        parse(["--name=a", "--listen=10.1.2.3:7443", "--insecure-no-token"]), environ={}
+    )
+    assert (open_.token, open_.insecure_no_token) == (None, True)
+
+    token_file.write_text("\n")
+    with pytest.raises(UsageError, match="is empty"):
+        settings_from_args(
+            parse(["--name=a", "--listen=10.1.2.3:7443", f"--token-file={token_file}"]), {}
+        )
+
+
+def test_a_unix_socket_needs_no_token(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--name=a", f"--listen=unix://{tmp_path}/a.sock"])
+    assert settings_from_args(args, environ={}).token is None
+
+
+def test_missing_token_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FSB_AGENT_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--name=a", "--listen=127.0.0.1:0"])
+    assert exit_.value.code == 2
+    assert "--insecure-no-token" in capsys.readouterr().err
+
+
+def test_an_ipv6_pod_ip_is_bracketed() -> None:
+    parse = build_parser().parse_args
+    args = parse(["--name=a", "--listen=fd00::5:7443", "--insecure-no-token"])
+    assert settings_from_args(args, environ={}).listen == "[fd00::5]:7443"
+    args = parse(["--name=a", "--listen=10.0.0.5:7443", "--insecure-no-token"])
+    assert settings_from_args(args, environ={}).listen == "10.0.0.5:7443"

@@ -18,7 +18,10 @@ from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus
 from fastsandbox.agent.runtime.fake import FakeRuntime
 from fastsandbox.agent.server import run, state_to_proto
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
+from fastsandbox.control.agent_client import AgentClients
+from fastsandbox.errors import InvalidArgument, Unauthenticated
 from fastsandbox.settings import AgentSettings
+from tests.infra import free_port
 
 IMG = "127.0.0.1:5000/busybox:latest"
 
@@ -212,3 +215,57 @@ def test_a_stopped_sandbox_without_exit_code_is_not_a_success() -> None:
     running = ContainerState(id="sb-2", status=ContainerStatus.RUNNING, pid=7)
     assert (state_to_proto(vanished).exited, state_to_proto(vanished).exit_code) == (True, -1)
     assert (state_to_proto(running).exited, state_to_proto(running).exit_code) == (False, 0)
+
+
+async def test_a_network_agent_requires_its_token(tmp_path: Path) -> None:
+    """On HOST:PORT every call, streaming ones included, needs the bearer token; the control
+    plane's `AgentClients` sends it, and only to network targets."""
+    listen = f"127.0.0.1:{free_port()}"
+    settings = AgentSettings(
+        name="agent-tcp",
+        pool="p",
+        namespace="default",
+        listen=listen,
+        state_dir=tmp_path / "state",
+        containerd_socket=tmp_path / "none.sock",
+        token="t0ken",
+    )
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run(settings, ready=ready, stop=stop, runtime=FakeRuntime()))
+    await asyncio.wait_for(ready.wait(), 10)
+    channel = grpc.aio.insecure_channel(listen)
+    good, bad = AgentClients(token="t0ken"), AgentClients(token="wrong")
+    try:
+        stub = agent_pb2_grpc.AgentStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Status(agent_pb2.StatusRequest())
+        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "missing agent token" in (err.value.details() or "")
+        logs = stub.Logs(agent_pb2.SandboxLogsRequest(sandbox_id="x"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in logs:
+                pass
+        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+        assert (await good.get(listen).status()).agent_name == "agent-tcp"
+        with pytest.raises(Unauthenticated, match="invalid agent token"):
+            await bad.get(listen).status()
+    finally:
+        await good.close()
+        await bad.close()
+        await channel.close(None)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_network_agent_without_token_refuses_to_start(tmp_path: Path) -> None:
+    settings = AgentSettings(
+        name="agent-open",
+        pool="p",
+        namespace="default",
+        listen=f"127.0.0.1:{free_port()}",
+        state_dir=tmp_path / "state",
+        containerd_socket=tmp_path / "none.sock",
+    )
+    with pytest.raises(InvalidArgument, match="--insecure-no-token"):
+        await run(settings, ready=None, stop=asyncio.Event(), runtime=FakeRuntime())

@@ -3,6 +3,7 @@ agent loss with both failure policies, deletion while the agent is down, expired
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -217,3 +218,50 @@ async def test_shortened_expiry_fires_on_the_new_deadline(plane: Plane) -> None:
     sb.spec.expire_time = now() + timedelta(seconds=1)
     await plane.store.update(sb)
     await eventually(lambda: phase_is(plane, "later", P.EXPIRED), timeout=3)
+
+
+async def test_a_reschedule_without_room_does_not_resume_on_the_returning_agent(
+    plane: Plane,
+) -> None:
+    """AutoRecreate gives up the old container after the timeout; if no slot is free and the old
+    agent then comes back, the sandbox must not be Running on the given-up container without a
+    slot. Once the janitor has removed that container, a new one starts with a slot."""
+    first = await plane.create("auto", failure_policy="AutoRecreate", recovery_timeout_seconds=1)
+    # Fill the pool (2 agents x 2): the fillers never move by themselves.
+    for i in range(3):
+        await plane.create(f"fill{i}", failure_policy="Manual", recovery_timeout_seconds=3600)
+    await plane.fleet.kill(first.agent)
+
+    async def waiting_unassigned() -> bool:
+        s = await get(plane, "auto")
+        scheduled = condition(s.status, "Scheduled")
+        return (
+            not s.status.assigned_agent
+            and scheduled is not None
+            and scheduled.reason == "Unschedulable"
+        )
+
+    await eventually(waiting_unassigned, timeout=5)
+    await plane.fleet.start()  # the old agent comes back, still running the given-up container
+    await eventually(lambda: _agent_ready(plane, first.agent), timeout=3)
+    await asyncio.sleep(0.5)  # several heartbeats and reconciler passes
+    sb = await get(plane, "auto")
+    assert sb.status.phase is P.PENDING and not sb.status.container_id
+
+    # What the janitor does with a container no record claims:
+    await plane.fleet.runtime(first.agent).delete(first.container_id, 0)
+
+    async def running_again() -> bool:
+        s = await get(plane, "auto")
+        return s.status.phase is P.RUNNING and bool(s.status.container_id)
+
+    await eventually(running_again, timeout=5)
+    sb = await get(plane, "auto")
+    assert sb.status.container_id != first.container_id
+    holder = plane.plane.registry.holder(sb.status.container_id)
+    assert holder is not None and holder.name == sb.status.assigned_agent
+
+
+async def _agent_ready(plane: Plane, name: str) -> bool:
+    agent = plane.plane.registry.get_agent(name)
+    return agent is not None and agent.ready

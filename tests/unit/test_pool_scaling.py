@@ -1,14 +1,16 @@
 """Pool sizing and rolling updates: the pure planner case by case (and by simulation), then
-`PoolManager` over InProcessFleet with its fleet calls and agent steps recorded."""
+`PoolManager` over InProcessFleet with its fleet calls and agent steps recorded, then its demand
+counting and stop races over a registry the test plays by hand, then `fsb apply`."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,16 +20,23 @@ from fastsandbox.api.models import (
     RollingUpdate,
     Runtime,
     Sandbox,
+    SandboxPhase,
     SandboxPool,
     SandboxPoolSpec,
     SandboxSpec,
 )
+from fastsandbox.api.phases import set_condition
+from fastsandbox.control.agent_client import AgentClients
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.control.pool_planner import AgentView, Plan, plan
+from fastsandbox.control.pools import PoolManager
+from fastsandbox.control.registry import AgentRecord, Registry
 from fastsandbox.control.sandboxes import CreateOptions
 from fastsandbox.errors import CapacityExhausted, Conflict, InvalidArgument
+from fastsandbox.fleet.base import AgentHandle
 from fastsandbox.fleet.inprocess import InProcessFleet
 from fastsandbox.store.memory import MemoryStore
+from tests.unit.fastpath_fake import TOKEN, FakeFastPath, isolate_env, serve
 
 IMG = "127.0.0.1:5000/busybox:latest"
 
@@ -510,7 +519,9 @@ status: {agents: {total: 9}}
         ("SandboxPool", "other", "p1"),
         ("Sandbox", "team", "s1"),
     ]
-    assert "status" not in docs[0].raw
+    pool = docs[0].obj
+    assert isinstance(pool, SandboxPool)
+    assert pool.status.agents.total == 0  # status is the server's: dropped
 
 
 @pytest.mark.parametrize(
@@ -533,3 +544,213 @@ def test_apply_rejects_bad_documents_before_sending_anything(text: str, message:
 
     with pytest.raises(InvalidArgument, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_documents(text, "default")
+
+
+# ---------------------------------------------------------------- PoolManager: demand and races
+
+
+class HandFleet(InProcessFleet):
+    """Agents that never answer (the test plays their heartbeats on the registry), and a
+    stop_agent that waits at a gate, so a test can act while an agent is being stopped."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = asyncio.Event()
+        self.stopping = asyncio.Event()
+
+    async def start_agent(self, pool: SandboxPool, name: str) -> AgentHandle:
+        self.started.append(name)
+        target = f"unix://{self.root}/{name}.sock"
+        return AgentHandle(name, pool.metadata.name, pool.metadata.namespace, target, "10.0.0.9")
+
+    async def stop_agent(self, name: str) -> None:
+        self.stopping.set()
+        await self.gate.wait()
+        self.stopped.append(name)
+
+
+@dataclass
+class Bare:
+    """A PoolManager over a registry the test fills by hand (no agent processes)."""
+
+    pools: PoolManager
+    store: MemoryStore
+    registry: Registry
+    fleet: HandFleet
+
+    def add_agent(self, name: str, *, capacity: int = 1) -> AgentRecord:
+        record = self.registry.upsert_agent(
+            AgentRecord(name, "default", "p", f"unix:///nonexistent/{name}", "10.0.0.1", capacity)
+        )
+        self.registry.heartbeat(name, images=[], reports={})
+        return record
+
+    def take_slot(self, sandbox_id: str) -> None:
+        self.registry.allocate(
+            namespace="default", pool="p", image=IMG, ports=[], sandbox_id=sandbox_id
+        )
+
+    async def add_sandbox(
+        self,
+        name: str,
+        phase: SandboxPhase,
+        *,
+        agent: str = "",
+        container: str = "",
+        unschedulable: bool = False,
+    ) -> Sandbox:
+        sb = Sandbox(metadata=ObjectMeta(name=name), spec=SandboxSpec(image=IMG, pool_ref="p"))
+        sb.status.phase = phase
+        sb.status.assigned_agent = agent
+        sb.status.container_id = container
+        if unschedulable:
+            # What the lifecycle writes when a (re)start finds no free slot.
+            set_condition(sb.status, "Scheduled", False, reason="Unschedulable", message="full")
+        return await self.store.create(sb)
+
+    async def plan(self) -> Plan:
+        return await self.pools.reconcile(await self.store.get(SandboxPool, "default", "p"))
+
+
+@pytest.fixture
+async def bare(tmp_path: Path) -> AsyncIterator[Bare]:
+    store = MemoryStore()
+    await store.create(SandboxPool(metadata=ObjectMeta(name="p"), spec=spec(1, 3, 1)))
+    registry = Registry()
+    fleet = HandFleet(tmp_path)
+    clients = AgentClients()
+    pools = PoolManager(store, registry, fleet, clients, heartbeat_seconds=0.1)
+    try:
+        yield Bare(pools, store, registry, fleet)
+    finally:
+        fleet.gate.set()
+        await pools.close()
+        await clients.close()
+        await fleet.close()
+        await store.close()
+
+
+async def test_a_create_in_flight_is_not_counted_as_demand_twice(bare: Bare) -> None:
+    """A Strong-mode (or declarative) record is Pending, unassigned, while its container starts
+    on the slot it already holds; a Fast create retried after RESOURCE_EXHAUSTED holds its slot
+    before its record exists. Neither is missing capacity: no agent may start for it."""
+    bare.add_agent("a")
+    await bare.add_sandbox("strong", SandboxPhase.PENDING)
+    bare.take_slot("strong-0001")
+    assert (await bare.plan()).empty
+
+    bare.registry.release("a", "strong-0001")
+    await bare.store.delete(Sandbox, "default", "strong")
+    bare.pools.note_demand("default", "p", "fast")
+    bare.take_slot("fast-0001")
+    assert (await bare.plan()).empty
+
+
+async def test_a_sandbox_waiting_to_be_rescheduled_is_demand(bare: Bare) -> None:
+    """AutoRecreate after agent loss (or a reset) that found no free slot keeps its old agent in
+    its status and says so in its Scheduled condition: the pool must scale up for it."""
+    bare.add_agent("a")
+    await bare.add_sandbox("held", SandboxPhase.RUNNING, agent="a", container="h-1")
+    bare.take_slot("h-1")
+    await bare.add_sandbox(
+        "moved", SandboxPhase.RUNNING, agent="gone", container="m-1", unschedulable=True
+    )
+    assert (await bare.plan()) == Plan(start=1)
+
+
+async def test_an_expired_record_is_no_demand(bare: Bare) -> None:
+    bare.add_agent("a")
+    await bare.add_sandbox("held", SandboxPhase.RUNNING, agent="a", container="h-1")
+    bare.take_slot("h-1")
+    await bare.add_sandbox("old", SandboxPhase.EXPIRED, unschedulable=True)
+    assert (await bare.plan()).empty
+
+
+async def test_no_sandbox_lands_on_an_agent_while_it_is_being_stopped(bare: Bare) -> None:
+    """The agent of a deleted pool is stopped; a create that got past the pool check before the
+    delete must not be placed on it while the fleet is stopping it."""
+    bare.add_agent("a")
+    await bare.store.delete(SandboxPool, "default", "p")
+    sweep = asyncio.create_task(bare.pools.reconcile_all(wait=False))
+    await bare.fleet.stopping.wait()
+    with pytest.raises(CapacityExhausted):
+        bare.take_slot("late-0001")
+    bare.fleet.gate.set()
+    await sweep
+    assert bare.registry.get_agent("a") is None
+
+
+async def test_an_agent_holding_a_sandbox_is_not_stopped_when_its_start_times_out(
+    bare: Bare,
+) -> None:
+    """A new agent answered its heartbeat task once, took a sandbox, then stopped answering
+    before its start timeout: it is drained, not stopped under the sandbox."""
+    bare.fleet.gate.set()
+    bare.pools.start_timeout = 0.5
+    assert await bare.plan() == Plan(start=1)
+    await eventually(lambda: bool(bare.registry.agents("default", "p")))
+    (agent,) = bare.registry.agents("default", "p")
+    bare.registry.heartbeat(agent.name, images=[], reports={})
+    bare.take_slot("s-0001")
+    await eventually(lambda: agent.draining, timeout=5)
+    await asyncio.sleep(0.2)
+    assert bare.fleet.stopped == []
+    assert bare.registry.get_agent(agent.name) is agent
+
+
+# ---------------------------------------------------------------- fsb apply: against a Fast-Path
+
+
+@pytest.fixture
+def fastpath(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeFastPath]:
+    isolate_env(monkeypatch, tmp_path)
+    fake = FakeFastPath()
+    fake.add_sandbox("s1", exposedPorts=[8080], labels={"app": "a"})
+    with serve(fake) as address:
+        monkeypatch.setenv("FSB_ENDPOINT", address)
+        monkeypatch.setenv("FSB_TOKEN", TOKEN)
+        yield fake
+
+
+def apply_text(tmp_path: Path, text: str) -> Any:
+    from typer.testing import CliRunner
+
+    from fastsandbox.cli.main import app
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(text)
+    return CliRunner().invoke(app, ["apply", "-f", str(manifest)])
+
+
+@pytest.mark.parametrize("key", ["exposedPorts", "exposed_ports"])
+def test_apply_refuses_a_changed_immutable_field_however_it_is_spelled(
+    fastpath: FakeFastPath, tmp_path: Path, key: str
+) -> None:
+    """The models accept snake_case names too: a change spelled so must not read as
+    'unchanged'."""
+    result = apply_text(
+        tmp_path,
+        f"kind: Sandbox\nmetadata: {{name: s1}}\n"
+        f"spec: {{image: busybox, poolRef: default-pool, {key}: [9090]}}\n",
+    )
+    assert result.exit_code == 2, result.output
+    assert "spec.exposedPorts cannot change" in result.output
+    assert "Update" not in fastpath.methods()
+
+
+def test_apply_updates_only_the_mutable_fields_given(
+    fastpath: FakeFastPath, tmp_path: Path
+) -> None:
+    result = apply_text(
+        tmp_path,
+        "kind: Sandbox\nmetadata: {name: s1, labels: {team: ml}}\n"
+        "spec: {image: busybox, poolRef: default-pool, failurePolicy: AutoRecreate}\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert "sandbox default/s1 configured" in result.stdout
+    req = fastpath.calls[-1].request
+    assert fastpath.methods()[-1] == "Update"
+    assert dict(req.labels) == {"team": "ml"}
+    assert list(req.remove_labels) == ["app"]
+    assert req.failure_policy == "AutoRecreate"
+    assert not req.HasField("recovery_timeout_seconds")

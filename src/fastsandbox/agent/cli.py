@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from fastsandbox.settings import AgentSettings, LogSettings, default_data_dir
 
 log = logging.getLogger(__name__)
+
+# The agent Pod gets its token from a Secret through this variable (fleet/kubernetes.py).
+TOKEN_ENV = "FSB_AGENT_TOKEN"
+
+
+class UsageError(ValueError):
+    """Flags that parse but do not fit together; `main` reports it as a usage error (exit 2).
+    Not an `FsbError`: that would import grpc before the flags are even checked."""
 
 
 def _positive_int(text: str) -> int:
@@ -47,6 +57,17 @@ def build_parser(prog: str = "fsb agent") -> argparse.ArgumentParser:
         "(default: unix://<state-dir>/agent.sock)",
     )
     p.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the bearer token every API call must carry (default: $FSB_AGENT_TOKEN); "
+        "required when --listen is HOST:PORT",
+    )
+    p.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help="serve HOST:PORT without a token: anyone reaching the port can run root containers",
+    )
+    p.add_argument(
         "--state-dir",
         type=Path,
         help="per-agent directory holding sandbox logs (default: <data-dir>/agents/<name>)",
@@ -67,6 +88,12 @@ def build_parser(prog: str = "fsb agent") -> argparse.ArgumentParser:
         "--netns-path", help="network namespace sandboxes join (default: the host network)"
     )
     p.add_argument("--cgroup-parent", default="/fastsandbox", help="cgroup parent of sandboxes")
+    p.add_argument(
+        "--pod-uid",
+        help="the uid of the Kubernetes Pod the agent runs in: sandboxes join that Pod's network "
+        "namespace and cgroup (overriding --netns-path and --cgroup-parent), and fsb-init is "
+        "copied into --state-dir, which must be a hostPath mounted at the same path",
+    )
     p.add_argument(
         "--insecure-registry",
         action="append",
@@ -123,14 +150,46 @@ def _init_path(given: str | None) -> Path | None:
     return found
 
 
-def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """`--token-file`, else $FSB_AGENT_TOKEN; None when neither is given."""
+    if args.token_file is not None:
+        try:
+            token: str = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"--token-file: cannot read {args.token_file}: {exc}") from None
+        if not token:
+            raise UsageError(f"--token-file: {args.token_file} is empty")
+        return token
+    return environ.get(TOKEN_ENV, "").strip() or None
+
+
+def _listen_address(listen: str) -> str:
+    """`HOST:PORT` with an IPv6 host bracketed: a Pod's `$(POD_IP):7443` may be `fd00::5:7443`."""
+    if listen.startswith("unix:") or listen.startswith("["):
+        return listen
+    host, sep, port = listen.rpartition(":")
+    return f"[{host}]:{port}" if sep and ":" in host else listen
+
+
+def settings_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> AgentSettings:
+    """Raises `UsageError` for a HOST:PORT listen address without a token (and without
+    `--insecure-no-token`), or an unreadable token file."""
     name: str = args.name or socket.gethostname()
     state_dir: Path = args.state_dir or default_data_dir() / "agents" / name
+    listen = _listen_address(args.listen or f"unix://{state_dir / 'agent.sock'}")
+    token = _token(args, os.environ if environ is None else environ)
+    if token is None and not listen.startswith("unix:") and not args.insecure_no_token:
+        raise UsageError(
+            f"--listen {listen} is a network address: give a token with --token-file or "
+            f"${TOKEN_ENV} (or pass --insecure-no-token on a network nobody else can reach)"
+        )
     return AgentSettings(
         name=name,
         pool=args.pool,
         namespace=args.namespace,
-        listen=args.listen or f"unix://{state_dir / 'agent.sock'}",
+        listen=listen,
         state_dir=state_dir,
         containerd_socket=args.containerd_socket,
         containerd_namespace=args.containerd_namespace,
@@ -143,6 +202,9 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         delete_grace_seconds=args.grace,
         init_path=_init_path(args.init_path),
         version=args.version if args.version is not None else _package_version(),
+        token=token,
+        insecure_no_token=args.insecure_no_token,
+        pod_uid=args.pod_uid or None,
         log=LogSettings(level=args.log_level, format=args.log_format, file=args.log_file),
     )
 
@@ -161,8 +223,12 @@ async def _run(settings: AgentSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry of `python -m fastsandbox.agent` and `fsb agent`; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    settings = settings_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except UsageError as exc:
+        parser.error(str(exc))  # exits 2, like any other bad flag
     from fastsandbox.logconfig import configure
 
     configure(settings.log, component="agent")

@@ -2,8 +2,12 @@
 
 Errors become gRPC statuses in one place (`_abort`, through `FsbError.grpc_code`). On a unix
 socket the file is made mode 0600: who may open the socket may drive the agent, so the socket's
-permission is the agent API's authentication. Stopping the agent never stops sandboxes; they
-belong to containerd's shims and are found again by the next agent of the same name.
+permission is the agent API's authentication. On HOST:PORT (an agent in a Pod, serving on its
+podIP) every call must carry the bearer token instead (`_grpc_auth.TokenAuth`); serving a
+network address without one is refused unless `insecure_no_token` says so explicitly.
+
+Stopping the agent never stops sandboxes; they belong to containerd's shims and are found again
+by the next agent of the same name.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from fastsandbox._grpc_auth import TokenAuth
 from fastsandbox.agent.manager import SandboxManager, SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus, Runtime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
-from fastsandbox.errors import FsbError, Unavailable
+from fastsandbox.errors import FsbError, InvalidArgument, Unavailable
 from fastsandbox.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -171,13 +176,39 @@ def _bind(server: grpc.aio.Server, listen: str) -> None:
     path.chmod(0o600)
 
 
+def _interceptors(settings: AgentSettings) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+    if settings.token:
+        return [
+            TokenAuth(
+                settings.token,
+                exempt=(),
+                missing="missing agent token: the control plane must send the agent's token "
+                "(Secret fastsandbox-agent-token)",
+                invalid="invalid agent token: the control plane and the agent disagree on the "
+                "token (Secret fastsandbox-agent-token)",
+            )
+        ]
+    if settings.listens_on_tcp and not settings.insecure_no_token:
+        raise InvalidArgument(
+            f"agent listens on {settings.listen} without a token: give one "
+            "(--token-file / $FSB_AGENT_TOKEN) or pass --insecure-no-token"
+        )
+    if settings.listens_on_tcp:
+        log.warning(
+            "agent API open to anyone who reaches the port (--insecure-no-token)",
+            extra={"agent": settings.name, "listen": settings.listen},
+        )
+    return []
+
+
 async def serve(
     manager: SandboxManager, *, ready: asyncio.Event | None, stop: asyncio.Event
 ) -> None:
     """Serve `manager` on `manager.settings.listen` until `stop`; the caller owns the runtime."""
     settings = manager.settings
+    interceptors = _interceptors(settings)
     await manager.start()
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=interceptors)
     agent_pb2_grpc.add_AgentServicer_to_server(AgentService(manager), server)
     _bind(server, settings.listen)
     await server.start()
@@ -215,6 +246,10 @@ async def run(
 ) -> None:
     """The agent daemon. Builds a `ContainerdRuntime` from `settings` unless given `runtime`
     (tests pass a fake; a given runtime is not closed here)."""
+    if settings.pod_uid:
+        from fastsandbox.agent.pod import join_pod
+
+        settings = await join_pod(settings)
     owned = runtime is None
     if runtime is None:
         from fastsandbox.agent.runtime.containerd import ContainerdRuntime

@@ -30,6 +30,8 @@ DEFAULT_NAMESPACE = "default"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+# Kubernetes' container env name rule (before 1.30 relaxed it): the apiserver and the models agree.
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 
 
 class _Model(BaseModel):
@@ -60,6 +62,15 @@ def _required_str(value: str) -> str:
 def _port(value: int) -> int:
     if not 1 <= value <= 65535:
         raise ValueError("must be 1..65535")
+    return value
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.match(value):
+        raise ValueError(
+            "must be an environment variable name: letters, digits, '_', '-' or '.',"
+            " not starting with a digit"
+        )
     return value
 
 
@@ -101,7 +112,7 @@ class ObjectMeta(_Model):
 
 
 class EnvVar(_Model):
-    name: RequiredStr
+    name: Annotated[RequiredStr, AfterValidator(_env_name)]
     value: str = ""
 
 
@@ -275,6 +286,36 @@ class SandboxPool(_Model):
     metadata: ObjectMeta
     spec: SandboxPoolSpec = Field(default_factory=SandboxPoolSpec)
     status: SandboxPoolStatus = Field(default_factory=SandboxPoolStatus)
+
+
+class Event(_Model):
+    """Something that happened to an object, for `fsb describe` (Kubernetes' core/v1 Event,
+    trimmed): recorded best effort, never watched, without a resourceVersion.
+
+    `timestamp` is the latest occurrence; `count` says how many times in a row the same
+    `type`/`reason`/`message` happened (repeats update one event instead of adding more).
+    """
+
+    kind: str
+    """`Sandbox` or `SandboxPool`."""
+    namespace: str
+    name: str
+    uid: str = ""
+    """The object's uid: an event of an earlier object with the same name is not this one's."""
+    type: Literal["Normal", "Warning"] = "Normal"
+    reason: str
+    """One CamelCase word: Scheduled, Started, Exited, Expired, Reset, AgentLost, ..."""
+    message: str = ""
+    timestamp: datetime = Field(default_factory=now)
+    count: int = Field(default=1, ge=1)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        # Naive times are taken as UTC: every backend stores and orders them the same way.
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 ApiObject = Sandbox | SandboxPool

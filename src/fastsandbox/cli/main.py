@@ -16,6 +16,10 @@ import typer
 from typer.core import TyperGroup
 
 from fastsandbox.cli.commands import agent, apply, delete, get, logs, pool, run, server
+from fastsandbox.cli.commands import controller as controller_cmd
+from fastsandbox.cli.commands import crds as crds_cmd
+from fastsandbox.cli.commands import describe as describe_cmd
+from fastsandbox.cli.commands import janitor as janitor_cmd
 from fastsandbox.cli.commands import list as list_cmd
 from fastsandbox.cli.commands import reset as reset_cmd
 from fastsandbox.cli.commands import update as update_cmd
@@ -68,6 +72,7 @@ def build_app() -> typer.Typer:
     )
     app.command("run", no_args_is_help=True)(run.run)
     app.command("get", no_args_is_help=True)(get.get)
+    app.command("describe", no_args_is_help=True)(describe_cmd.describe)
     app.command("list")(list_cmd.list_)
     app.command("logs", no_args_is_help=True)(logs.logs)
     app.command("delete", no_args_is_help=True)(delete.delete)
@@ -76,7 +81,10 @@ def build_app() -> typer.Typer:
     app.command("apply", no_args_is_help=True)(apply.apply)
     app.add_typer(pool.app, name="pool")
     app.command("server")(server.server)
+    app.command("controller")(controller_cmd.controller)
     app.command("agent", context_settings=agent.CONTEXT, add_help_option=False)(agent.agent)
+    app.command("crds")(crds_cmd.crds)
+    app.command("janitor", no_args_is_help=True)(janitor_cmd.janitor)
     return app
 
 

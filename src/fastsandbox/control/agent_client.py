@@ -1,5 +1,10 @@
 """The control plane's client for agents: one cached gRPC channel per agent, errors translated
-into our tree at this one seam (the agent maps its own errors to status codes on its side)."""
+into our tree at this one seam (the agent maps its own errors to status codes on its side).
+
+Agents on a unix socket (embedded) need no token: the socket's mode is their authentication.
+Agents on `podIP:port` (Kubernetes) require the bearer token the fleet shares with them; give it
+to `AgentClients(token=...)` and every call carries it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from fastsandbox._grpc_auth import bearer_metadata
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
 from fastsandbox.errors import FsbError, Unavailable, from_grpc
 
@@ -34,14 +40,15 @@ def _translate(exc: grpc.aio.AioRpcError, target: str) -> FsbError:
 
 
 class AgentClient:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, token: str | None = None) -> None:
         self.target = target
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = agent_pb2_grpc.AgentStub(self._channel)
+        self._metadata = bearer_metadata(token) if token else None
 
     async def _call(self, method: Any, request: Any, timeout: float) -> Any:
         try:
-            return await method(request, timeout=timeout)
+            return await method(request, timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc, self.target) from None
 
@@ -78,7 +85,8 @@ class AgentClient:
         call = self._stub.Logs(
             agent_pb2.SandboxLogsRequest(
                 sandbox_id=sandbox_id, follow=follow, tail_lines=tail_lines
-            )
+            ),
+            metadata=self._metadata,
         )
         try:
             async for chunk in call:
@@ -95,13 +103,17 @@ class AgentClient:
 class AgentClients:
     """One channel per agent target: a channel per call would add a connect to every create."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
+        # One token for every agent: on Kubernetes they all read the same Secret. A unix-socket
+        # target never gets it (it needs none, and it should not leak to a local process).
+        self._token = token
         self._clients: dict[str, AgentClient] = {}
 
     def get(self, target: str) -> AgentClient:
         client = self._clients.get(target)
         if client is None:
-            client = self._clients[target] = AgentClient(target)
+            token = None if target.startswith("unix:") else self._token
+            client = self._clients[target] = AgentClient(target, token)
         return client
 
     async def drop(self, target: str) -> None:

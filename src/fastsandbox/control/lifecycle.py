@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from fastsandbox.api.models import (
     CLEANUP_FINALIZER,
@@ -33,9 +33,9 @@ from fastsandbox.api.models import (
     Timings,
     now,
 )
-from fastsandbox.api.phases import HOLDS_SLOT, set_condition, transition
-from fastsandbox.control.sandboxes import Key, SandboxService, _ms
-from fastsandbox.errors import CapacityExhausted, NotFound
+from fastsandbox.api.phases import HOLDS_SLOT, condition, set_condition, transition
+from fastsandbox.control.sandboxes import MODE, Key, SandboxService, _ms
+from fastsandbox.errors import CapacityExhausted, FsbError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,13 @@ class SandboxLifecycle:
         self.service = service
         self.store = service.store
         self.registry = service.registry
+        self.events = service.events
         self.expired_retention = expired_retention_seconds
+        # With several control-plane replicas: how long a Pending record made through a
+        # Fast-Path (it carries the consistency-mode annotation) is left to the replica that is
+        # creating it, which holds no lock this replica could see. Past it, the creator is
+        # taken for dead and the record is scheduled here.
+        self.creator_grace_seconds = 0.0
 
     async def converge(self, key: Key) -> float | None:
         async with self.service.locks.hold(key):
@@ -92,6 +98,10 @@ class SandboxLifecycle:
     # -- placement ---------------------------------------------------------------------------
     async def _schedule(self, sb: Sandbox) -> float | None:
         created = sb.metadata.creation_timestamp or now()
+        if self.creator_grace_seconds and MODE in sb.metadata.annotations:
+            left = self.creator_grace_seconds - (now() - created).total_seconds()
+            if left > 0:
+                return left
         arrived = time.perf_counter() - max((now() - created).total_seconds(), 0.0)
         timings = sb.status.timings or Timings(accepted_ms=_ms(arrived))
         return await self._start_or_wait(sb, arrived, timings)
@@ -100,12 +110,17 @@ class SandboxLifecycle:
         try:
             await self.service._start(sb, arrived, timings)
         except CapacityExhausted as exc:
+            # Every retry is recorded: the store counts repeats into one event.
+            self.events.warning(sb, "Unschedulable", str(exc))
             if set_condition(
                 sb.status, "Scheduled", False, reason="Unschedulable", message=str(exc)
             ):
                 sb.status.message = str(exc)
                 await self._save(sb)
             return 2.0
+        except FsbError as exc:
+            self.events.warning(sb, "FailedStart", f"{exc.message}; retrying")
+            raise
         return None
 
     # -- running -----------------------------------------------------------------------------
@@ -114,10 +129,19 @@ class SandboxLifecycle:
         gone_for = self.service.unreachable_for(status.assigned_agent)
         if gone_for is not None:
             return await self._agent_unreachable(sb, gone_for)
+        before = condition(status, "AgentReachable")
         changed = set_condition(status, "AgentReachable", True, reason="Heartbeat")
-        if status.phase is P.LOST:
+        was_lost = status.phase is P.LOST
+        if was_lost:
             transition(status, P.RUNNING, reason="AgentReturned")
             changed = True
+        if was_lost or (before is not None and before.status == "False"):
+            self.events.record(
+                sb,
+                "AgentReturned",
+                f"agent {status.assigned_agent} answers again; container {status.container_id} "
+                "kept",
+            )
         agent = self.registry.agent(status.assigned_agent)
         report = agent.reports.get(status.container_id)
         if report is not None and report.exited and status.phase is P.RUNNING:
@@ -139,6 +163,12 @@ class SandboxLifecycle:
         # The stopped container stays for its logs until the sandbox is deleted; its slot and
         # ports are free for others now.
         self.registry.release(status.assigned_agent, status.container_id)
+        self.events.record(
+            sb,
+            "Exited",
+            f"container {status.container_id} exited with code {code} ({why})",
+            type_="Normal" if ok else "Warning",
+        )
         log.info(
             "sandbox exited",
             extra={"sandbox": _name(sb), "exit_code": code, "reason": why},
@@ -147,6 +177,7 @@ class SandboxLifecycle:
     async def _agent_unreachable(self, sb: Sandbox, gone_for: float) -> float | None:
         status = sb.status
         timeout = sb.spec.recovery_timeout_seconds
+        before = condition(status, "AgentReachable")
         if set_condition(
             status,
             "AgentReachable",
@@ -155,11 +186,28 @@ class SandboxLifecycle:
             message=f"agent {status.assigned_agent} has not answered for {gone_for:.0f}s",
         ):
             await self._save(sb)
+            if before is None or before.status != "False":
+                self.events.warning(
+                    sb,
+                    "AgentUnreachable",
+                    f"agent {status.assigned_agent} has not answered for {gone_for:.0f}s; "
+                    f"waiting recoveryTimeoutSeconds ({timeout}s) for it",
+                )
         if gone_for < timeout:
             return timeout - gone_for
+        lost = (
+            f"agent {status.assigned_agent} did not answer for recoveryTimeoutSeconds ({timeout}s)"
+        )
         if sb.spec.failure_policy is FailurePolicy.MANUAL:
             if sb.spec.reset_revision != status.observed_reset_revision:
                 # The user asked for a new container: the lost one is given up on.
+                if not _retrying_start(sb):
+                    self.events.record(
+                        sb,
+                        "Reset",
+                        f"{lost}: container {status.container_id} given up; starting a new "
+                        f"one (spec.resetRevision {sb.spec.reset_revision})",
+                    )
                 self.registry.release(status.assigned_agent, status.container_id)
                 self.service.keys.pop(status.container_id, None)
                 return await self._restart(sb)
@@ -167,26 +215,65 @@ class SandboxLifecycle:
                 transition(status, P.LOST, reason="AgentLost")
                 set_condition(status, "Ready", False, reason="AgentLost")
                 await self._save(sb)
+                self.events.warning(
+                    sb,
+                    "AgentLost",
+                    f"{lost}; failurePolicy Manual: Lost, not rescheduled "
+                    "(`fsb reset` starts a new container)",
+                )
                 log.warning("sandbox lost", extra={"sandbox": _name(sb)})
             return None
-        old_agent = status.assigned_agent
+        old_agent, old_container = status.assigned_agent, status.container_id
         self.registry.release(old_agent, status.container_id)
         self.service.keys.pop(status.container_id, None)
         log.warning(
             "rescheduling after agent loss", extra={"sandbox": _name(sb), "agent": old_agent}
         )
-        set_condition(status, "Rescheduled", True, reason="AgentLost", message=old_agent)
+        # Once per lost agent, not on every retry of a start that found no free slot.
+        if set_condition(status, "Rescheduled", True, reason="AgentLost", message=old_agent):
+            self.events.warning(
+                sb, "AgentLost", f"{lost}; failurePolicy AutoRecreate: rescheduling"
+            )
+            self.events.record(
+                sb,
+                "Rescheduled",
+                f"container {old_container} on agent {old_agent} given up; starting a new one "
+                "on another agent",
+            )
         return await self._restart(sb)
+
+    async def _unassign(self, sb: Sandbox) -> None:
+        """Forget the given-up container before starting a new one. If the start then finds no
+        free slot, the record must not still point at the old agent: were that agent to come
+        back, the sandbox would look Running there again without holding a slot."""
+        status = sb.status
+        if not status.assigned_agent and not status.container_id:
+            return
+        transition(status, P.PENDING, reason="Restarting")
+        status.assigned_agent = ""
+        status.agent_ip = ""
+        status.container_id = ""
+        status.endpoints = []
+        await self._save(sb)
 
     async def _restart(self, sb: Sandbox) -> float | None:
         """Start a new container for an existing record (reschedule, reset)."""
+        await self._unassign(sb)
         arrived = time.perf_counter()
         return await self._start_or_wait(sb, arrived, Timings(accepted_ms=0.0))
 
     async def _reset(self, sb: Sandbox) -> float | None:
         status = sb.status
+        revision = f"spec.resetRevision {sb.spec.reset_revision}"
+        old = status.container_id
         if status.assigned_agent and status.container_id:
             if self.service.unreachable_for(status.assigned_agent) is not None:
+                self.events.warning(
+                    sb,
+                    "ResetPending",
+                    f"{revision}: agent {status.assigned_agent} does not answer; the old "
+                    "container must be gone first",
+                )
                 return 2.0  # the old container must be gone first
             agent = self.registry.agent(status.assigned_agent)
             await self.service.agents.get(agent.target).delete(
@@ -194,18 +281,35 @@ class SandboxLifecycle:
             )
             self.registry.release(agent.name, status.container_id)
             self.service.keys.pop(status.container_id, None)
+        if not _retrying_start(sb):
+            self.events.record(
+                sb,
+                "Reset",
+                f"{revision}: container {old} deleted; starting a new one"
+                if old
+                else f"{revision}: starting a new container",
+            )
         log.info("resetting", extra={"sandbox": _name(sb), "revision": sb.spec.reset_revision})
         return await self._restart(sb)
 
     # -- expiry ------------------------------------------------------------------------------
     async def _expire(self, sb: Sandbox) -> None:
         status = sb.status
+        expire = sb.spec.expire_time
+        deadline = expire.astimezone(UTC).isoformat().replace("+00:00", "Z") if expire else "?"
+        what = f"past spec.expireTime ({deadline})"
         if status.assigned_agent and status.container_id:
             if self.service.unreachable_for(status.assigned_agent) is None:
+                what += f": container {status.container_id} deleted"
                 # An agent error propagates: the record stays as it is and the reconciler retries.
                 agent = self.registry.agent(status.assigned_agent)
                 await self.service.agents.get(agent.target).delete(
                     status.container_id, self.service.grace_seconds
+                )
+            else:
+                what += (
+                    f": container {status.container_id} left to the janitor (agent "
+                    f"{status.assigned_agent} does not answer)"
                 )
             # An unreachable agent's container has no record pointing at it any more: the
             # janitor removes it when (if) the agent comes back.
@@ -218,6 +322,7 @@ class SandboxLifecycle:
         status.endpoints = []
         set_condition(status, "Ready", False, reason="Expired", message="past spec.expireTime")
         await self._save(sb)
+        self.events.record(sb, "Expired", what)
         log.info("sandbox expired", extra={"sandbox": _name(sb)})
 
     async def _collect_expired(self, sb: Sandbox) -> float | None:
@@ -232,6 +337,13 @@ class SandboxLifecycle:
             await self.service.finalize(marked)
         log.info("expired record collected", extra={"sandbox": _name(sb)})
         return None
+
+
+def _retrying_start(sb: Sandbox) -> bool:
+    """A start of this sandbox found no free slot and is being retried (its Reset or
+    Rescheduled event was recorded by the first attempt)."""
+    scheduled = condition(sb.status, "Scheduled")
+    return scheduled is not None and scheduled.status == "False"
 
 
 def _name(sb: Sandbox) -> str:

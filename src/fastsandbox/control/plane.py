@@ -1,14 +1,27 @@
 """The control plane as one object: registry, agent clients, sandbox and pool services, their
 background loops and the Fast-Path servicer, over any `ObjectStore` and `AgentFleet`.
 
-`start()` runs crash recovery before anything else, so by the time a caller serves the Fast-Path
-the registry already holds every slot in use. The composition root (`server.py`) and the unit
-tests build the plane the same way, with different backends.
+Its work comes in two parts, because the Kubernetes controller runs several replicas:
+
+- `start_serving()` — what every replica needs to serve the Fast-Path: crash recovery (so the
+  registry holds every slot in use before a write is accepted), agent heartbeats, and, when
+  replicas share agents, the sync that keeps this registry in step with the others' writes
+  (`replica_sync`);
+- `start_leading()` / `stop_leading()` — what exactly one replica may do at a time, the Lease
+  holder: the sandbox reconciler (declarative objects, exits, expiry, agent loss, reset, expired
+  record GC) and pool reconciling/scaling (starting and stopping agents).
+
+`start()` does both for the embedded server, which is one replica that always leads. The
+composition roots (`server.py`, `controller.py`) and the unit tests build the plane the same way,
+with different backends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from fastsandbox._aio.tasks import TaskSet, guarded
 from fastsandbox.control.agent_client import AgentClients
@@ -17,10 +30,14 @@ from fastsandbox.control.lifecycle import SandboxLifecycle
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.recovery import RecoveryReport, recover
 from fastsandbox.control.registry import AgentRecord, Registry
+from fastsandbox.control.replica_sync import ReplicaSync
 from fastsandbox.control.sandbox_reconciler import SandboxReconciler
 from fastsandbox.control.sandboxes import SandboxService
+from fastsandbox.errors import FsbError
 from fastsandbox.fleet.base import AgentFleet
 from fastsandbox.store.base import ObjectStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +48,20 @@ class PlaneSettings:
     default_memory: str = "512Mi"
     pool_resync_seconds: float = 2.0
     expired_retention_seconds: float = 24 * 3600.0
+    agent_token: str | None = None
+    """Bearer token sent to agents on a network address (Kubernetes); unix sockets need none."""
+    shared_agents: bool = False
+    """Other control-plane replicas use the same agents and store (the Kubernetes controller):
+    learn their agents from the fleet and their slots from the store's records."""
+    agent_sync_seconds: float = 2.0
+    """With `shared_agents`, how often the fleet is listed for agents other replicas started."""
+    creator_grace_seconds: float = 10.0
+    """With `shared_agents`: how long the leader leaves a Pending record made through another
+    replica's Fast-Path to that replica before it schedules the record itself."""
+    rebuild_records: bool = True
+    """Recovery writes the record of a container that carries its request but has none (a Fast
+    create cut off before its write). Only safe with one writer: with replicas, the container
+    may be another replica's create whose write is still on its way."""
 
 
 class ControlPlane:
@@ -38,7 +69,7 @@ class ControlPlane:
         self.store = store
         self.fleet = fleet
         self.registry = Registry()
-        self.clients = AgentClients()
+        self.clients = AgentClients(token=settings.agent_token)
         self.sandboxes = SandboxService(
             store,
             self.registry,
@@ -60,29 +91,98 @@ class ControlPlane:
         self.reconciler = SandboxReconciler(self.lifecycle)
         self.registry.listeners.append(self._wake_sandboxes)
         self.servicer = FastPathService(self.sandboxes, self.pools, store)
+        self.replicas = ReplicaSync(
+            self.pools,
+            self.sandboxes,
+            leading=lambda: self.leading,
+            interval=settings.agent_sync_seconds,
+        )
+        if settings.shared_agents:
+            self.sandboxes.refresh_agents = self.replicas.refresh
+            self.pools.on_demand = self.replicas.note_demand
+            self.lifecycle.creator_grace_seconds = settings.creator_grace_seconds
+        self.leading = False
         self._settings = settings
         self._tasks = TaskSet()
+        # The leader-only loops, also owned by `_tasks` (so closing it stops everything).
+        self._leader_tasks: list[asyncio.Task[Any]] = []
 
     def _wake_sandboxes(self, agent: AgentRecord, sandbox_ids: set[str]) -> None:
         """An agent came or went, or reported exits: look at those sandboxes now."""
+        if not self.leading:
+            return  # a follower converges nothing; the leader's heartbeats see the same
         for sandbox_id in sandbox_ids:
             key = self.sandboxes.keys.get(sandbox_id)
             if key is not None:
                 self.reconciler.enqueue(key)
 
     async def start(self) -> RecoveryReport:
-        report = await recover(self.pools, self.sandboxes)
-        await self.pools.reconcile_all()
-        self._tasks.spawn(guarded("heartbeats", self.pools.heartbeat_loop), name="heartbeats")
-        self._tasks.spawn(
-            guarded("pools", lambda: self.pools.reconcile_loop(self._settings.pool_resync_seconds)),
-            name="pools",
+        """One replica that always leads (embedded): recovery, then every loop."""
+        report = await recover(
+            self.pools, self.sandboxes, rebuild_records=self._settings.rebuild_records
         )
-        self._tasks.spawn(guarded("sandboxes", self.reconciler.run), name="sandboxes")
+        await self.start_leading()
+        self._serve()
         return report
+
+    async def start_serving(self) -> RecoveryReport:
+        """Every replica, before it serves the Fast-Path: recovery, heartbeats, replica sync."""
+        report = await recover(
+            self.pools, self.sandboxes, rebuild_records=self._settings.rebuild_records
+        )
+        self._serve()
+        return report
+
+    def _serve(self) -> None:
+        self._tasks.spawn(guarded("heartbeats", self.pools.heartbeat_loop), name="heartbeats")
+        if self._settings.shared_agents:
+            self._tasks.spawn(guarded("agent-sync", self.replicas.agents_loop), name="agent-sync")
+            self._tasks.spawn(
+                guarded("record-sync", self.replicas.records_loop), name="record-sync"
+            )
+
+    async def start_leading(self, *, wait: bool = True) -> None:
+        """Become the one replica that converges records and sizes pools. With `wait`, the first
+        pool pass (and the agents it starts) completes before this returns."""
+        if self.leading:
+            return
+        if self._settings.shared_agents:
+            # Agents a previous leader started since our last look; from now on our own pool
+            # passes register (and stop) agents.
+            try:
+                await self.replicas.sync_agents()
+            except FsbError as exc:
+                log.warning("agent sync before leading failed", extra={"err": str(exc)})
+        self.leading = True
+        if wait:
+            await self.pools.reconcile_all()
+        self._leader_tasks = [
+            self._tasks.spawn(
+                guarded(
+                    "pools", lambda: self.pools.reconcile_loop(self._settings.pool_resync_seconds)
+                ),
+                name="pools",
+            ),
+            self._tasks.spawn(guarded("sandboxes", self.reconciler.run), name="sandboxes"),
+        ]
+        if self._settings.shared_agents:
+            self._leader_tasks.append(
+                self._tasks.spawn(guarded("demand", self.replicas.demand_loop), name="demand")
+            )
+
+    async def stop_leading(self) -> None:
+        """Stop converging and scaling (another replica leads now); serving goes on."""
+        self.leading = False
+        tasks, self._leader_tasks = self._leader_tasks, []
+        for task in tasks:
+            task.cancel()
+        # Keys still queued are looked at again in the next term: converging is idempotent.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
         """Stop the loops and the fleet's supervision; sandboxes keep running."""
+        self.leading = False
         await self._tasks.close()
+        await self.sandboxes.events.close()
         await self.fleet.close()
         await self.clients.close()

@@ -8,8 +8,9 @@ cached images) when it changes.
 
 Agents start in the background: a pool pass never waits for one, so a slow start in one pool
 delays no other pool and a rolling update sees its surge agent become Ready on a later pass.
-Demand reaches the loop through `note_demand` (a create that found no free slot) and through
-Pending, unplaced sandbox records.
+Demand reaches the loop through `note_demand` (a create that found no free slot), through
+Pending, unplaced sandbox records and through records the lifecycle could not place again
+(condition Scheduled=False, reason Unschedulable: a reschedule or a reset).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastsandbox.api.models import (
@@ -30,6 +32,7 @@ from fastsandbox.api.models import (
     SandboxPool,
     SlotCounts,
 )
+from fastsandbox.api.phases import condition
 from fastsandbox.control import pool_planner
 from fastsandbox.control.agent_client import AgentClients
 from fastsandbox.control.pool_planner import AgentView, Plan
@@ -41,6 +44,8 @@ from fastsandbox.store.base import ObjectStore
 log = logging.getLogger(__name__)
 
 AGENT_POOL_LABEL = "fastsandbox.io/pool"
+# The Scheduled condition's reason while a sandbox finds no free slot (set by the lifecycle).
+UNSCHEDULABLE = "Unschedulable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,18 @@ class PoolEvent:
     namespace: str
     pool: str
     agent: str
+
+
+def _wants_slot(sb: Sandbox) -> bool:
+    """Not placed (yet, or again after its agent was lost or a reset) and still wanted."""
+    if sb.metadata.deletion_timestamp is not None or sb.status.phase is SandboxPhase.EXPIRED:
+        return False
+    if sb.status.phase is SandboxPhase.PENDING and not sb.status.assigned_agent:
+        return True
+    scheduled = condition(sb.status, "Scheduled")
+    return (
+        scheduled is not None and scheduled.status == "False" and scheduled.reason == UNSCHEDULABLE
+    )
 
 
 def new_agent_name(pool: str) -> str:
@@ -91,6 +108,9 @@ class PoolManager:
         self._backoff: dict[tuple[str, str], tuple[float, float]] = {}
         # Recent agent steps of every pool, for diagnostics and tests.
         self.events: deque[PoolEvent] = deque(maxlen=1000)
+        # With several control-plane replicas: hands demand noted here on to the leader, whose
+        # pool loop is the one that scales (`replica_sync`).
+        self.on_demand: Callable[[str, str, str], None] | None = None
 
     def _event(self, kind: str, agent: AgentRecord) -> None:
         self.events.append(PoolEvent(time.time(), kind, agent.namespace, agent.pool, agent.name))
@@ -177,16 +197,17 @@ class PoolManager:
         """
         self._demand[(namespace, pool)][key] = time.monotonic() + self.demand_seconds
         self.poke()
+        if self.on_demand is not None:
+            self.on_demand(namespace, pool, key)
 
-    def _pending(self, key: tuple[str, str], sandboxes: list[Sandbox]) -> int:
+    def _pending(
+        self, key: tuple[str, str], sandboxes: list[Sandbox], agents: list[AgentRecord]
+    ) -> int:
+        """Sandboxes of the pool that need a slot they do not hold: unplaced records, records
+        waiting to be placed again (reschedule, reset) and noted demand, less the slots held
+        by creates still in flight."""
         names = {s.metadata.name for s in sandboxes}
-        waiting = {
-            s.metadata.name
-            for s in sandboxes
-            if s.status.phase is SandboxPhase.PENDING
-            and not s.status.assigned_agent
-            and s.metadata.deletion_timestamp is None
-        }
+        waiting = {s.metadata.name for s in sandboxes if _wants_slot(s)}
         demand = self._demand.get(key)
         if demand:
             clock = time.monotonic()
@@ -195,7 +216,13 @@ class PoolManager:
             waiting |= demand.keys()
             if not demand:
                 del self._demand[key]
-        return len(waiting)
+        # A create in flight already holds its slot while its record is still Pending (Strong
+        # mode, declarative) or not written yet (a Fast retry after noted demand): counting it
+        # again would start an agent nobody needs, drained again a pass later. Slots no record
+        # names are those creates (or adopted orphans, until the janitor removes them).
+        recorded = {s.status.container_id for s in sandboxes if s.status.container_id}
+        in_flight = sum(1 for a in agents for sid in a.slots if sid not in recorded)
+        return max(len(waiting) - in_flight, 0)
 
     # -- pools -------------------------------------------------------------------------------
     def poke(self) -> None:
@@ -212,7 +239,7 @@ class PoolManager:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), interval)
         finally:
-            await self._cancel_starts()
+            await self.close()
 
     async def reconcile_all(self, *, wait: bool = True) -> None:
         """One pass over every pool. With `wait`, returns only after the agents this pass
@@ -251,7 +278,7 @@ class PoolManager:
         plan = pool_planner.plan(
             pool.spec,
             [self._view(a) for a in agents],
-            pending=self._pending(key, sandboxes),
+            pending=self._pending(key, sandboxes, agents),
             starting=self._launching.get(key, 0),
             can_start=self._backoff.get(key, (0.0, 0.0))[0] <= time.monotonic(),
         )
@@ -310,13 +337,17 @@ class PoolManager:
             self._backoff.pop(key, None)
         self.poke()
 
-    async def _cancel_starts(self) -> None:
+    async def close(self) -> None:
+        """Cancel the agent starts in flight (the agents already started stay)."""
         tasks = [t for tasks in self._starting.values() for t in tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _stop_agent(self, agent: AgentRecord) -> None:
+        # Placement skips it from here on: stopping takes a while (graceful exit, a Pod's
+        # deletion), and not every caller drained it first (deleted pool, start timeout).
+        agent.draining = True
         log.info("stopping agent", extra={"agent": agent.name, "pool": agent.pool})
         with contextlib.suppress(NotFound):
             await self.fleet.stop_agent(agent.name)
@@ -343,7 +374,11 @@ class PoolManager:
                 "agent not ready in time; stopping it",
                 extra={"agent": agent.name, "seconds": self.start_timeout},
             )
-            await self._stop_agent(agent)
+            agent.draining = True
+            # It may have answered its heartbeat task once and taken a sandbox meanwhile:
+            # then it stays, draining, until the pool finds it idle.
+            if not agent.slots:
+                await self._stop_agent(agent)
             raise Unavailable(f"agent {agent.name} was not ready after {self.start_timeout}s")
         for image in pool.spec.prewarm_images:
             try:

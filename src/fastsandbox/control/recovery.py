@@ -67,6 +67,12 @@ async def _adopt_record(
     except AlreadyExists:
         return False  # the name was taken meanwhile: this container is an orphan after all
     sandboxes.remember(stored)
+    sandboxes.events.warning(
+        stored,
+        "Recovered",
+        f"record rebuilt from container {state.sandbox_id} on agent {allocation.agent}: the "
+        "control plane stopped between starting it and storing its record",
+    )
     log.warning(
         "rebuilt the record of a sandbox started just before a crash",
         extra={
@@ -77,7 +83,9 @@ async def _adopt_record(
     return True
 
 
-async def recover(pools: PoolManager, sandboxes: SandboxService) -> RecoveryReport:
+async def recover(
+    pools: PoolManager, sandboxes: SandboxService, *, rebuild_records: bool = True
+) -> RecoveryReport:
     registry = pools.registry
     by_key = {
         (p.metadata.namespace, p.metadata.name): p for p in await pools.store.list(SandboxPool)
@@ -117,7 +125,7 @@ async def recover(pools: PoolManager, sandboxes: SandboxService) -> RecoveryRepo
             if state.sandbox_id in claimed or state.exited:
                 continue
             allocation = registry.adopt(agent.name, state.sandbox_id, _ports(state.labels))
-            if await _adopt_record(sandboxes, allocation, state):
+            if rebuild_records and await _adopt_record(sandboxes, allocation, state):
                 rebuilt += 1
                 continue
             orphans += 1

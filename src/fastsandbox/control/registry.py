@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from fastsandbox.control import placement
@@ -179,11 +179,22 @@ class Registry:
 
     # -- slots --------------------------------------------------------------------------------
     def allocate(
-        self, *, namespace: str, pool: str, image: str, ports: Iterable[int], sandbox_id: str
+        self,
+        *,
+        namespace: str,
+        pool: str,
+        image: str,
+        ports: Iterable[int],
+        sandbox_id: str,
+        exclude: Collection[str] | None = None,
     ) -> Allocation:
+        """Reserve a slot on the best agent of the pool, skipping the agents in `exclude`
+        (ones that just refused this request)."""
         wanted = frozenset(ports)
         request = placement.Request(namespace=namespace, pool=pool, image=image, ports=wanted)
         names = self._by_pool.get((namespace, pool), set())
+        if exclude:
+            names = names - set(exclude)
         chosen = placement.choose((self._agents[n].candidate() for n in names), request)
         if chosen is None:
             raise CapacityExhausted(self._why_no_fit(namespace, pool, wanted))

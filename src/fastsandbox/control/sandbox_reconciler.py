@@ -13,7 +13,7 @@ import logging
 from fastsandbox.api.models import Sandbox
 from fastsandbox.control.lifecycle import SandboxLifecycle
 from fastsandbox.control.sandboxes import Key
-from fastsandbox.errors import Conflict, FsbError
+from fastsandbox.errors import Conflict, FsbError, Unavailable
 from fastsandbox.store.base import EventType
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,13 @@ class SandboxReconciler:
 
     async def _watch(self) -> None:
         store = self.lifecycle.store
+        outage = 0.0
         while True:
-            since = await store.current_resource_version()
-            for sb in await store.list(Sandbox):
-                self.enqueue((sb.metadata.namespace, sb.metadata.name))
             try:
+                since = await store.current_resource_version()
+                for sb in await store.list(Sandbox):
+                    self.enqueue((sb.metadata.namespace, sb.metadata.name))
+                outage = 0.0
                 async for event in store.watch(Sandbox, since):
                     if event.type is EventType.BOOKMARK or event.object is None:
                         continue
@@ -71,6 +73,15 @@ class SandboxReconciler:
                     self.enqueue((meta.namespace, meta.name))
             except Conflict:
                 log.info("watch history expired; listing again")
+            except Unavailable as exc:
+                # A remote store (the Kubernetes API server) can be away for a while; the loop
+                # must outlive that instead of ending the plane's task group.
+                outage = min(max(outage * 2, 0.5), 10.0)
+                log.warning(
+                    "object store unavailable; listing again",
+                    extra={"err": exc.message, "retry_in": outage},
+                )
+                await asyncio.sleep(outage)
 
     async def _work(self) -> None:
         while True:

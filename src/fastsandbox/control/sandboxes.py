@@ -26,7 +26,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from fastsandbox._aio.keyed import KeyedLocks
@@ -43,6 +43,7 @@ from fastsandbox.api.models import (
 from fastsandbox.api.phases import set_condition, transition
 from fastsandbox.api.quantity import cpu_millis, memory_bytes
 from fastsandbox.control.agent_client import AgentClients
+from fastsandbox.control.events import EventRecorder
 from fastsandbox.control.registry import Allocation, Registry
 from fastsandbox.errors import (
     AlreadyExists,
@@ -111,6 +112,20 @@ def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 3)
 
 
+def _after(ms: float | None) -> str:
+    return f" after {ms:.1f} ms" if ms else ""
+
+
+def _deleting(sb: Sandbox, grace: float) -> str:
+    status = sb.status
+    if not (status.assigned_agent and status.container_id):
+        return "deletion requested; no container to stop"
+    return (
+        f"deletion requested; stopping container {status.container_id} on agent "
+        f"{status.assigned_agent} (grace {grace:g}s)"
+    )
+
+
 class SandboxService:
     def __init__(
         self,
@@ -121,10 +136,13 @@ class SandboxService:
         grace_seconds: float,
         default_cpu: str,
         default_memory: str,
+        events: EventRecorder | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.agents = agents
+        # What `fsb describe` shows; the lifecycle, updates and recovery record through it too.
+        self.events = events or EventRecorder(store)
         self.grace_seconds = grace_seconds
         self.default_cpu = default_cpu
         self.default_memory = default_memory
@@ -133,6 +151,11 @@ class SandboxService:
         self._idempotency: dict[tuple[str, str], tuple[str, str]] = {}
         # container id -> sandbox key, so agent reports can wake the right sandbox.
         self.keys: dict[str, Key] = {}
+        # With several control-plane replicas (Kubernetes): bring this replica's view of a
+        # pool's agents up to date (namespace, pool) → whether it gained a ready agent. A create
+        # that finds no room asks once before refusing: another replica may have just started
+        # the agent.
+        self.refresh_agents: Callable[[str, str], Awaitable[bool]] | None = None
 
     # -- index -----------------------------------------------------------------------------
     async def load(self) -> list[Sandbox]:
@@ -228,57 +251,113 @@ class SandboxService:
             ) from None
 
     async def _start_fast(self, sb: Sandbox, arrived: float, timings: Timings) -> Sandbox:
-        allocation = self._allocate(sb)
-        timings.scheduled_ms = _ms(arrived)
-        try:
-            state = await self._run_on_agent(sb, allocation)
-        except BaseException:
-            self.registry.release(allocation.agent, allocation.sandbox_id)
-            raise
+        allocation, state = await self._place(sb, arrived, timings)
         timings.runtime_ready_ms = _ms(arrived)
         self.mark_running(sb, allocation, state, timings)
         try:
-            return await self._persist(sb)
+            stored = await self._persist(sb)
         except BaseException:
             # The record could not be written: do not leave a container nobody knows about.
             await self._remove_container(allocation)
             raise
+        self._record_started(stored)
+        return stored
 
     async def _persist(self, sb: Sandbox) -> Sandbox:
         delay = 0.05
         for _attempt in range(5):
             try:
-                return await self.store.create(sb)
+                stored = await self.store.create(sb)
+                break
             except (Unavailable, Conflict) as exc:
                 log.warning("persist retry", extra={"sandbox": sb.metadata.name, "err": str(exc)})
                 await asyncio.sleep(delay)
                 delay *= 2
-        return await self.store.create(sb)
-
-    async def _start(self, stored: Sandbox, arrived: float, timings: Timings) -> Sandbox:
-        """Place and start a sandbox whose record already exists (Strong mode, declarative)."""
-        allocation = self._allocate(stored)
-        timings.scheduled_ms = _ms(arrived)
-        try:
-            state = await self._run_on_agent(stored, allocation)
-        except BaseException:
-            self.registry.release(allocation.agent, allocation.sandbox_id)
-            raise
-        timings.runtime_ready_ms = _ms(arrived)
-        self.mark_running(stored, allocation, state, timings)
+        else:
+            stored = await self.store.create(sb)
+        if stored.status.phase is sb.status.phase:
+            return stored
+        # The store keeps no status on create (Kubernetes: the status subresource owns it):
+        # write it now; failing that, take the record back, so nothing is left half-made.
+        stored.status = sb.status.model_copy(deep=True)
         try:
             return await self.store.update_status(stored)
         except BaseException:
-            await self._remove_container(allocation)
+            await asyncio.shield(self._discard_record(stored))
             raise
 
-    def _allocate(self, sb: Sandbox) -> Allocation:
+    async def _start(self, stored: Sandbox, arrived: float, timings: Timings) -> Sandbox:
+        """Place and start a sandbox whose record already exists (Strong mode, declarative)."""
+        allocation, state = await self._place(stored, arrived, timings)
+        timings.runtime_ready_ms = _ms(arrived)
+        self.mark_running(stored, allocation, state, timings)
+        try:
+            running = await self.store.update_status(stored)
+        except BaseException:
+            await self._remove_container(allocation)
+            raise
+        self._record_started(running)
+        return running
+
+    def _record_started(self, sb: Sandbox) -> None:
+        """Scheduled and Started, once the record says so (events of unstored objects are
+        dropped)."""
+        status, timings = sb.status, sb.status.timings or Timings()
+        where = status.assigned_agent + (f" ({status.agent_ip})" if status.agent_ip else "")
+        self.events.record(
+            sb, "Scheduled", f"assigned to agent {where}{_after(timings.scheduled_ms)}"
+        )
+        self.events.record(
+            sb,
+            "Started",
+            f"container {status.container_id} running{_after(timings.runtime_ready_ms)}",
+        )
+
+    async def _place(
+        self, sb: Sandbox, arrived: float, timings: Timings
+    ) -> tuple[Allocation, agent_pb2.SandboxState]:
+        """Take a slot and start the container there. An agent that refuses for capacity is
+        skipped for the next candidate: its own count is the truth, and ours lags behind creates
+        made meanwhile by other control-plane replicas (Kubernetes) or unknown orphans. When no
+        candidate is left, the last refusal is the answer (RESOURCE_EXHAUSTED)."""
+        refused: set[str] = set()
+        last: CapacityExhausted | None = None
+        refreshed = self.refresh_agents is None
+        while True:
+            try:
+                allocation = self._allocate(sb, exclude=refused)
+            except CapacityExhausted:
+                if not refreshed:
+                    refreshed = True
+                    assert self.refresh_agents is not None
+                    if await self.refresh_agents(sb.metadata.namespace, sb.spec.pool_ref):
+                        continue
+                if last is not None:
+                    raise last from None
+                raise
+            timings.scheduled_ms = _ms(arrived)
+            try:
+                return allocation, await self._run_on_agent(sb, allocation)
+            except CapacityExhausted as exc:
+                self.registry.release(allocation.agent, allocation.sandbox_id)
+                refused.add(allocation.agent)
+                last = exc
+                log.info(
+                    "agent refused for capacity; trying the next one",
+                    extra={"sandbox": sb.metadata.name, "agent": allocation.agent},
+                )
+            except BaseException:
+                self.registry.release(allocation.agent, allocation.sandbox_id)
+                raise
+
+    def _allocate(self, sb: Sandbox, exclude: set[str] | None = None) -> Allocation:
         return self.registry.allocate(
             namespace=sb.metadata.namespace,
             pool=sb.spec.pool_ref,
             image=sb.spec.image,
             ports=sb.spec.exposed_ports,
             sandbox_id=new_sandbox_id(sb.metadata.name),
+            exclude=exclude,
         )
 
     def runtime_spec(self, sb: Sandbox, sandbox_id: str) -> agent_pb2.SandboxRuntimeSpec:
@@ -370,6 +449,7 @@ class SandboxService:
             if sb.status.phase is not SandboxPhase.TERMINATING:
                 transition(sb.status, SandboxPhase.TERMINATING)
                 sb = await self.store.update_status(sb)
+                self.events.record(sb, "Deleting", _deleting(sb, self.grace_seconds))
             if not wait and sb.status.assigned_agent:
                 return sb
             if await self.finalize(sb) is not None:
@@ -395,8 +475,19 @@ class SandboxService:
             gone_for = self.unreachable_for(agent_name)
             if gone_for is None:
                 agent = self.registry.agent(agent_name)
-                await self.agents.get(agent.target).delete(sandbox_id, self.grace_seconds)
+                try:
+                    await self.agents.get(agent.target).delete(sandbox_id, self.grace_seconds)
+                except FsbError as exc:
+                    self.events.warning(sb, "DeleteFailed", f"{exc.message}; retrying")
+                    raise
             elif gone_for < sb.spec.recovery_timeout_seconds:
+                self.events.warning(
+                    sb,
+                    "DeletePending",
+                    f"agent {agent_name} does not answer: the record stays until it confirms "
+                    f"the container is gone, or for recoveryTimeoutSeconds "
+                    f"({sb.spec.recovery_timeout_seconds}s)",
+                )
                 return sb.spec.recovery_timeout_seconds - gone_for
             else:
                 log.warning(
@@ -410,7 +501,17 @@ class SandboxService:
         if CLEANUP_FINALIZER in sb.metadata.finalizers:
             sb.metadata.finalizers = [f for f in sb.metadata.finalizers if f != CLEANUP_FINALIZER]
             with contextlib.suppress(NotFound):
-                await self.store.update(sb)
+                try:
+                    await self.store.update(sb)
+                except Conflict:
+                    # Written meanwhile (on Kubernetes, another replica may be finalizing it
+                    # too): the container is gone either way; take the finalizer off what is
+                    # there now, if it is still on (and still this object, not a new one).
+                    current = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
+                    same = current.metadata.uid == sb.metadata.uid
+                    if same and CLEANUP_FINALIZER in current.metadata.finalizers:
+                        current.metadata.finalizers.remove(CLEANUP_FINALIZER)
+                        await self.store.update(current)
         self._forget(sb)
         return None
 

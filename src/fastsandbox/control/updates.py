@@ -145,6 +145,26 @@ def patch_from_request(req: fastpath_pb2.UpdateRequest, *, arrived: datetime) ->
     )
 
 
+def describe_patch(patch: SandboxPatch) -> str:
+    """What an update changed, in the API's field names, for its event."""
+    parts = []
+    if patch.expiry_set:
+        at = patch.expire_time
+        expiry = (
+            at.astimezone(UTC).isoformat().replace("+00:00", "Z") if at else "none (never expires)"
+        )
+        parts.append(f"spec.expireTime {expiry}")
+    if patch.labels or patch.remove_labels:
+        changes = [f"{k}={v}" for k, v in sorted(patch.labels.items())]
+        changes += [f"-{k}" for k in patch.remove_labels]
+        parts.append(f"labels {' '.join(changes)}")
+    if patch.failure_policy is not None:
+        parts.append(f"spec.failurePolicy {patch.failure_policy.value}")
+    if patch.recovery_timeout_seconds is not None:
+        parts.append(f"spec.recoveryTimeoutSeconds {patch.recovery_timeout_seconds}")
+    return "; ".join(parts)
+
+
 def format_revision(when: datetime) -> str:
     """RFC 3339 in UTC with milliseconds: `2026-01-02T03:04:05.678Z`."""
     utc = when.astimezone(UTC)
@@ -197,6 +217,7 @@ class SandboxUpdates:
                 sb.spec.recovery_timeout_seconds = patch.recovery_timeout_seconds
 
         stored = await self._write(namespace, name, change)
+        self.sandboxes.events.record(stored, "Updated", describe_patch(patch))
         log.info("sandbox updated", extra={"sandbox": f"{namespace}/{name}"})
         return stored
 

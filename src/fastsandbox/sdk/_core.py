@@ -27,7 +27,7 @@ from fastsandbox.errors import FsbError, InvalidArgument, Unauthenticated, Unava
 from fastsandbox.settings import default_data_dir
 
 if TYPE_CHECKING:
-    from fastsandbox.api.models import Sandbox, SandboxPool, Timings
+    from fastsandbox.api.models import Event, Sandbox, SandboxPool, Timings
 
 DEFAULT_ENDPOINT = "127.0.0.1:9090"
 DEFAULT_NAMESPACE = "default"
@@ -489,6 +489,26 @@ def parse_wire(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FsbError("the server sent an object that is not a JSON object: upgrade fsb")
     return data
+
+
+EVENT_KINDS = ("Sandbox", "SandboxPool")
+
+
+def events_request(
+    namespace: str, name: str, *, kind: str = "Sandbox", limit: int = 0
+) -> fastpath_pb2.EventsRequest:
+    if kind not in EVENT_KINDS:
+        raise InvalidArgument(f"kind: must be Sandbox or SandboxPool, not {kind!r}")
+    if not 0 <= limit <= 2**31 - 1:
+        raise InvalidArgument("limit: must be 0 (the server's default) or more")
+    return fastpath_pb2.EventsRequest(namespace=namespace, name=name, kind=kind, limit=limit)
+
+
+def event_from_wire(data: Mapping[str, Any]) -> Event:
+    from fastsandbox.api.models import Event
+
+    result: Event = _validated(lambda: Event.model_validate(data), "")
+    return result
 
 
 def sandbox_from_wire(data: Mapping[str, Any]) -> Sandbox:

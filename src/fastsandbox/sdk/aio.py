@@ -22,7 +22,7 @@ from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
 
 if TYPE_CHECKING:
     from fastsandbox.api._proto.fastsandbox.v1.fastpath_pb2_grpc import FastPathAsyncStub
-    from fastsandbox.api.models import Sandbox, SandboxPool
+    from fastsandbox.api.models import Event, Sandbox, SandboxPool
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -184,6 +184,23 @@ class AsyncClient:
         ref = fastpath_pb2.ObjectRef(namespace=self._ns(namespace), name=name)
         reply: fastpath_pb2.ObjectReply = await self._unary(self._fastpath().Reset, ref)
         return _core.sandbox_from_wire(_core.parse_wire(reply.object_json))
+
+    async def events_raw(
+        self, name: str, *, kind: str = "Sandbox", limit: int = 0, namespace: str | None = None
+    ) -> builtins.list[dict[str, Any]]:
+        """The object's recent events as the server sent them (camelCase dicts), oldest first."""
+        request = _core.events_request(self._ns(namespace), name, kind=kind, limit=limit)
+        reply: fastpath_pb2.EventsReply = await self._unary(self._fastpath().ListEvents, request)
+        return [_core.parse_wire(text) for text in reply.events_json]
+
+    async def events(
+        self, name: str, *, kind: str = "Sandbox", limit: int = 0, namespace: str | None = None
+    ) -> builtins.list[Event]:
+        """What happened to a sandbox (or, with `kind="SandboxPool"`, a pool), oldest first:
+        Scheduled, Started, Exited, Expired, Reset, AgentLost, Rescheduled, ... The most recent
+        `limit` (0: the server's default, 50); `NotFound` when the object does not exist."""
+        raw = await self.events_raw(name, kind=kind, limit=limit, namespace=namespace)
+        return [_core.event_from_wire(item) for item in raw]
 
     async def logs(
         self, name: str, *, follow: bool = False, namespace: str | None = None

@@ -70,6 +70,10 @@ class Sandbox:
     def logs(self, *, follow: bool = False) -> Iterator[bytes]:
         return self.client.logs(self.name, follow=follow, namespace=self.namespace)
 
+    def events(self, *, limit: int = 0) -> list[models.Event]:
+        """What happened to it so far, oldest first (see `Client.events`)."""
+        return self.client.events(self.name, limit=limit, namespace=self.namespace)
+
     def update(
         self,
         *,

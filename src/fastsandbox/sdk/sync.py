@@ -21,7 +21,7 @@ from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
 from fastsandbox.sdk.aio import AsyncClient
 
 if TYPE_CHECKING:
-    from fastsandbox.api.models import Sandbox, SandboxPool
+    from fastsandbox.api.models import Event, Sandbox, SandboxPool
 
 T = TypeVar("T")
 
@@ -178,6 +178,18 @@ class Client:
 
     def reset(self, name: str, *, namespace: str | None = None) -> Sandbox:
         return self._loop.run(self._aio.reset(name, namespace=namespace))
+
+    def events(
+        self, name: str, *, kind: str = "Sandbox", limit: int = 0, namespace: str | None = None
+    ) -> builtins.list[Event]:
+        return self._loop.run(self._aio.events(name, kind=kind, limit=limit, namespace=namespace))
+
+    def events_raw(
+        self, name: str, *, kind: str = "Sandbox", limit: int = 0, namespace: str | None = None
+    ) -> builtins.list[dict[str, Any]]:
+        return self._loop.run(
+            self._aio.events_raw(name, kind=kind, limit=limit, namespace=namespace)
+        )
 
     def logs(
         self, name: str, *, follow: bool = False, namespace: str | None = None

@@ -1,9 +1,10 @@
-"""The `ObjectStore` flow written once; backends supply five storage primitives.
+"""The `ObjectStore` flow written once; backends supply a few storage primitives.
 
 Why a shared core: read-modify-write under one lock, resourceVersion assignment, no-op detection,
 finalizer handling and the watch protocol (replay, then live, then bookmarks) are the subtle
 parts, and they must behave the same on the in-memory fake and on SQLite. A backend only says
-how to fetch bodies, apply one `Write` atomically, and read back retained history.
+how to fetch bodies, apply one `Write` atomically, and read back retained history; for object
+events, how to keep one (deciding with `event_applies` and `merge_event`) and read them back.
 
 Writes are serialised by one `asyncio.Lock`: the next resourceVersion is known before the write
 starts, and events are published in commit order. Reads do not take the lock.
@@ -13,14 +14,15 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncGenerator, Mapping
+import builtins
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from fastsandbox.api.models import Sandbox, SandboxPool
+from fastsandbox.api.models import KINDS, Event, Sandbox, SandboxPool
 from fastsandbox.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from fastsandbox.store import _rules as rules
 from fastsandbox.store._watch import Hub, Record
-from fastsandbox.store.base import EventType, Obj, WatchEvent
+from fastsandbox.store.base import DEFAULT_EVENT_LIMIT, EventType, Obj, WatchEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,16 @@ class StoreCore(abc.ABC):
         resourceVersion (read after the events, so a concurrent trim cannot hide a gap)."""
 
     @abc.abstractmethod
+    async def _keep_event(self, event: Event) -> None:
+        """Store `event` atomically, or merge it into the object's latest (`merge_event`),
+        or drop it when `event_applies` says it is not the stored object's; then trim the
+        object's events to `MAX_EVENTS_PER_OBJECT`."""
+
+    @abc.abstractmethod
+    async def _fetch_events(self, kind: str, namespace: str, name: str, limit: int) -> list[str]:
+        """Bodies of the object's `limit` most recent events, oldest first."""
+
+    @abc.abstractmethod
     async def _shutdown(self) -> None: ...
 
     # -- reads -----------------------------------------------------------------------------
@@ -97,6 +109,24 @@ class StoreCore(abc.ABC):
     async def current_resource_version(self) -> str:
         self._check_open()
         return str(self._rv)
+
+    # -- events ----------------------------------------------------------------------------
+    async def record_event(self, event: Event) -> None:
+        check_event_kind(event.kind)
+        # Under the write lock: the backend's writer runs one transaction at a time.
+        async with self._write_lock:
+            self._check_open()
+            await self._to_the_end(lambda: self._keep_event(event))
+
+    async def list_events(
+        self, kind: str, namespace: str, name: str, limit: int = DEFAULT_EVENT_LIMIT
+    ) -> builtins.list[Event]:
+        self._check_open()
+        check_event_kind(kind)
+        if limit < 1:
+            raise InvalidArgument(f"limit must be at least 1, not {limit}")
+        bodies = await self._fetch_events(kind, namespace, name, limit)
+        return [Event.model_validate_json(body) for body in bodies]
 
     # -- writes ----------------------------------------------------------------------------
     async def create(self, obj: Obj) -> Obj:
@@ -170,10 +200,14 @@ class StoreCore(abc.ABC):
         return new
 
     async def _commit(self, write: Write) -> None:
+        await self._to_the_end(lambda: self._commit_now(write))
+
+    @staticmethod
+    async def _to_the_end(start: Callable[[], Awaitable[None]]) -> None:
         # A write, once started, runs to its end even if the caller is cancelled: stopping
         # between a backend's statements would leave a transaction open on the shared
         # connection, or a committed change that was never counted and published.
-        task = asyncio.ensure_future(self._commit_now(write))
+        task = asyncio.ensure_future(start())
         interrupted = False
         while True:
             try:
@@ -242,6 +276,35 @@ class StoreCore(abc.ABC):
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable("the object store is closed")
+
+
+# -- event rules (pure; every backend applies them the same way) ------------------------------
+def check_event_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise InvalidArgument(f"events are kept for {' and '.join(KINDS)}, not {kind!r}")
+
+
+def event_applies(event: Event, stored_uid: str | None) -> bool:
+    """Whether `event` belongs to the stored object (uid None: there is none). An event that
+    names no uid belongs to whatever object has its name."""
+    return stored_uid is not None and (not event.uid or event.uid == stored_uid)
+
+
+def merge_event(latest: Event | None, event: Event) -> Event | None:
+    """`latest` updated by a repeat of itself, or None when `event` is a new one."""
+    if latest is None or (latest.type, latest.reason, latest.message) != (
+        event.type,
+        event.reason,
+        event.message,
+    ):
+        return None
+    return latest.model_copy(
+        update={"count": latest.count + event.count, "timestamp": event.timestamp}
+    )
+
+
+def encode_event(event: Event) -> str:
+    return event.model_dump_json(by_alias=True)
 
 
 def _event(kind: type[Sandbox] | type[SandboxPool], record: Record) -> WatchEvent:

@@ -22,16 +22,35 @@ Semantics (tests/contract/test_store_contract.py checks them on every backend):
   again).
   Closing the store ends every watch with `Unavailable`.
 - Missing objects raise `NotFound`.
+
+Events (`fastsandbox.api.models.Event`; tests/contract/test_store_events_contract.py) are a
+side record for diagnostics, not objects: no resourceVersion, no watch, best effort.
+
+- `record_event` keeps an event of an object that exists (and, when the event names a uid, is
+  that uid); an event of a missing object or of an earlier one with the same name is dropped,
+  never an error. When it repeats the object's latest event (same type, reason and message)
+  that one is updated instead (count grows by the event's count, timestamp becomes the
+  event's), so a retry loop cannot push every other event out.
+- `list_events` returns the object's most recent `limit` events, oldest first; none (not
+  `NotFound`) for an object without any.
+- A backend keeps about the last `MAX_EVENTS_PER_OBJECT` events of each object and drops them
+  all when the object is removed.
 """
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, TypeVar
 
-from fastsandbox.api.models import Sandbox, SandboxPool
+from fastsandbox.api.models import Event, Sandbox, SandboxPool
+
+# Events kept per object; older ones are dropped first.
+MAX_EVENTS_PER_OBJECT = 100
+# `list_events`' default `limit`.
+DEFAULT_EVENT_LIMIT = 50
 
 Obj = TypeVar("Obj", Sandbox, SandboxPool)
 
@@ -79,5 +98,16 @@ class ObjectStore(Protocol):
         ...
 
     async def current_resource_version(self) -> str: ...
+
+    async def record_event(self, event: Event) -> None:
+        """Keep `event` (or merge it into the object's latest, see above). Never raises
+        because the object is gone; raises `Unavailable` when the store itself fails."""
+        ...
+
+    async def list_events(
+        self, kind: str, namespace: str, name: str, limit: int = DEFAULT_EVENT_LIMIT
+    ) -> builtins.list[Event]:
+        """The object's most recent `limit` events, oldest first."""
+        ...
 
     async def close(self) -> None: ...

@@ -9,13 +9,15 @@ where the bytes live. History is a bounded deque; a watcher asking for older cha
 
 from __future__ import annotations
 
+import json
 from collections import deque
 
+from fastsandbox.api.models import Event
 from fastsandbox.errors import AlreadyExists, Conflict
 from fastsandbox.store import _rules as rules
-from fastsandbox.store._core import StoreCore, Write
+from fastsandbox.store._core import StoreCore, Write, encode_event, event_applies, merge_event
 from fastsandbox.store._watch import Record
-from fastsandbox.store.base import EventType
+from fastsandbox.store.base import MAX_EVENTS_PER_OBJECT, EventType
 
 _Key = tuple[str, str, str]
 
@@ -28,6 +30,8 @@ class MemoryStore(StoreCore):
         self._objects: dict[_Key, tuple[int, str]] = {}
         self._events: deque[Record] = deque(maxlen=history)
         self._trimmed = 0
+        # Object events by object key, oldest first; JSON text like everything else here.
+        self._object_events: dict[_Key, deque[str]] = {}
 
     async def _fetch(self, kind: str, namespace: str, name: str) -> str | None:
         row = self._objects.get((kind, namespace, name))
@@ -51,6 +55,7 @@ class MemoryStore(StoreCore):
             raise Conflict(f"{what} was modified meanwhile: read it again and retry")
         if write.event is EventType.DELETED:
             del self._objects[key]
+            self._object_events.pop(key, None)
         else:
             self._objects[key] = (write.resource_version, write.body)
         if len(self._events) == self._events.maxlen:
@@ -61,6 +66,24 @@ class MemoryStore(StoreCore):
         records = [r for r in self._events if r.kind == kind and r.resource_version > since]
         return records, self._trimmed
 
+    async def _keep_event(self, event: Event) -> None:
+        key = (event.kind, event.namespace, event.name)
+        row = self._objects.get(key)
+        uid = str(json.loads(row[1])["metadata"].get("uid", "")) if row else None
+        if not event_applies(event, uid):
+            return
+        kept = self._object_events.setdefault(key, deque(maxlen=MAX_EVENTS_PER_OBJECT))
+        merged = merge_event(Event.model_validate_json(kept[-1]) if kept else None, event)
+        if merged is not None:
+            kept[-1] = encode_event(merged)
+        else:
+            kept.append(encode_event(event))
+
+    async def _fetch_events(self, kind: str, namespace: str, name: str, limit: int) -> list[str]:
+        kept = self._object_events.get((kind, namespace, name), ())
+        return list(kept)[-limit:]
+
     async def _shutdown(self) -> None:
         self._objects.clear()
         self._events.clear()
+        self._object_events.clear()

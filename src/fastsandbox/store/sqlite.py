@@ -7,7 +7,8 @@ Layout: `objects` holds one row per object (its JSON body plus the key and resou
 as columns, so lookups and the optimistic-concurrency check run on indexed columns); `events`
 holds the last `history` changes for watchers resuming from an older resourceVersion; `meta`
 is one row with the store-wide resourceVersion counter, bumped in the same transaction as the
-change it numbers.
+change it numbers. `object_events` holds each object's recent `Event`s (for `fsb describe`),
+removed in the same transaction as their object; they take no resourceVersion.
 
 One server process owns the file. Watchers replay history from `events`, then receive live
 changes in-process from the writer (`_watch.Hub`) — nothing polls the database, so another
@@ -30,15 +31,17 @@ from typing import Any
 
 import aiosqlite
 
+from fastsandbox.api.models import Event
 from fastsandbox.errors import AlreadyExists, Conflict, Unavailable
 from fastsandbox.store import _rules as rules
-from fastsandbox.store._core import StoreCore, Write
+from fastsandbox.store._core import StoreCore, Write, encode_event, event_applies, merge_event
 from fastsandbox.store._watch import Record
-from fastsandbox.store.base import EventType
+from fastsandbox.store.base import MAX_EVENTS_PER_OBJECT, EventType
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2: object_events (a version-1 file gets the table on open).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 BEGIN;
@@ -64,7 +67,15 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, resource_version);
-PRAGMA user_version = 1;
+CREATE TABLE IF NOT EXISTS object_events (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS object_events_by_object ON object_events (kind, namespace, name, id);
+PRAGMA user_version = 2;
 COMMIT;
 """
 
@@ -236,6 +247,10 @@ class SqliteStore(StoreCore):
                         " AND resource_version = ?",
                         key,
                     )
+                    await self._exec(
+                        "DELETE FROM object_events WHERE kind = ? AND namespace = ? AND name = ?",
+                        key[:3],
+                    )
                 else:
                     changed = await self._exec(
                         "UPDATE objects SET uid = ?, resource_version = ?, body = ?"
@@ -256,6 +271,57 @@ class SqliteStore(StoreCore):
             raise
         if trim_to is not None:
             self._trimmed = trim_to
+
+    async def _keep_event(self, event: Event) -> None:
+        key = (event.kind, event.namespace, event.name)
+        await self._exec("BEGIN IMMEDIATE")
+        try:
+            rows = await self._rows(
+                self._writer,
+                "SELECT uid FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
+                key,
+            )
+            if event_applies(event, str(rows[0][0]) if rows else None):
+                await self._insert_or_merge(key, event)
+            await self._exec("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+
+    async def _insert_or_merge(self, key: tuple[str, str, str], event: Event) -> None:
+        latest = await self._rows(
+            self._writer,
+            "SELECT id, body FROM object_events WHERE kind = ? AND namespace = ? AND name = ?"
+            " ORDER BY id DESC LIMIT 1",
+            key,
+        )
+        merged = merge_event(Event.model_validate_json(latest[0][1]) if latest else None, event)
+        if merged is not None:
+            await self._exec(
+                "UPDATE object_events SET body = ? WHERE id = ?",
+                (encode_event(merged), latest[0][0]),
+            )
+            return
+        await self._exec(
+            "INSERT INTO object_events (kind, namespace, name, body) VALUES (?, ?, ?, ?)",
+            (*key, encode_event(event)),
+        )
+        await self._exec(
+            "DELETE FROM object_events WHERE kind = ? AND namespace = ? AND name = ? AND id <= ("
+            " SELECT id FROM object_events WHERE kind = ? AND namespace = ? AND name = ?"
+            " ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (*key, *key, MAX_EVENTS_PER_OBJECT),
+        )
+
+    async def _fetch_events(self, kind: str, namespace: str, name: str, limit: int) -> list[str]:
+        rows = await self._rows(
+            self._reader,
+            "SELECT body FROM (SELECT id, body FROM object_events"
+            " WHERE kind = ? AND namespace = ? AND name = ? ORDER BY id DESC LIMIT ?)"
+            " ORDER BY id",
+            (kind, namespace, name, limit),
+        )
+        return [str(row[0]) for row in rows]
 
     async def _bump_counter(self, rv: int, trim_to: int | None) -> None:
         if trim_to is None:

@@ -28,15 +28,15 @@ if TYPE_CHECKING:
     from fastsandbox.errors import FsbError
     from fastsandbox.sdk.sync import Client
 
-# Sandbox spec fields `Update` cannot change (camelCase, as in YAML).
+# Sandbox spec fields `Update` cannot change.
 IMMUTABLE = (
     "image",
-    "poolRef",
+    "pool_ref",
     "command",
     "args",
     "env",
-    "workingDir",
-    "exposedPorts",
+    "working_dir",
+    "exposed_ports",
     "resources",
 )
 
@@ -45,7 +45,6 @@ IMMUTABLE = (
 class Document:
     index: int
     kind: str
-    raw: dict[str, Any]
     obj: Sandbox | SandboxPool
 
 
@@ -91,7 +90,7 @@ def load_documents(text: str, namespace: str) -> list[Document]:
             )
             name = meta.get("name", "?")
             raise InvalidArgument(f"document {i} ({kind} {name}): {detail}") from None
-        docs.append(Document(i, kind, body, obj))
+        docs.append(Document(i, kind, obj))
     # Pools first, each kind in file order.
     return sorted(docs, key=lambda d: (d.kind != "SandboxPool", d.index))
 
@@ -115,7 +114,7 @@ def apply_pool(fsb: Client, doc: Document) -> str:
 
 
 def apply_sandbox(fsb: Client, doc: Document, timeout: float) -> str:
-    from fastsandbox.api.models import Sandbox
+    from fastsandbox.api.models import Sandbox, SandboxSpec
     from fastsandbox.errors import InvalidArgument, NotFound
 
     sb = doc.obj
@@ -126,37 +125,38 @@ def apply_sandbox(fsb: Client, doc: Document, timeout: float) -> str:
     except NotFound:
         _create(fsb, sb, timeout)
         return f"sandbox {ns}/{name} created"
-    given: dict[str, Any] = doc.raw.get("spec") or {}
+    # What the document names, however it spells it (camelCase or snake_case).
+    given = sb.spec.model_fields_set
     changed = [
-        f"spec.{field}"
+        f"spec.{SandboxSpec.model_fields[field].alias}"
         for field in IMMUTABLE
-        if field in given and _spec_value(sb, field) != _spec_value(current, field)
+        if field in given and getattr(sb.spec, field) != getattr(current.spec, field)
     ]
     if changed:
         raise InvalidArgument(
             f"sandbox {ns}/{name}: {', '.join(changed)} cannot change; "
             f"delete it (`fsb delete {name}`) and apply again"
         )
-    if "resetRevision" in given and sb.spec.reset_revision != current.spec.reset_revision:
+    if "reset_revision" in given and sb.spec.reset_revision != current.spec.reset_revision:
         raise InvalidArgument(
             f"sandbox {ns}/{name}: spec.resetRevision cannot be set by apply yet "
             f"(the Update call has no reset revision); use `fsb reset {name}`"
         )
     update: dict[str, Any] = {}
-    if "expireTime" in given:
+    if "expire_time" in given:
         if sb.spec.expire_time is None:
             if current.spec.expire_time is not None:
                 update["no_expiry"] = True
         elif sb.spec.expire_time != current.spec.expire_time:
             update["expire_time"] = sb.spec.expire_time
-    if "failurePolicy" in given and sb.spec.failure_policy != current.spec.failure_policy:
+    if "failure_policy" in given and sb.spec.failure_policy != current.spec.failure_policy:
         update["failure_policy"] = sb.spec.failure_policy.value
     if (
-        "recoveryTimeoutSeconds" in given
+        "recovery_timeout_seconds" in given
         and sb.spec.recovery_timeout_seconds != current.spec.recovery_timeout_seconds
     ):
         update["recovery_timeout"] = sb.spec.recovery_timeout_seconds
-    if "labels" in (doc.raw.get("metadata") or {}):
+    if "labels" in sb.metadata.model_fields_set:
         want, have = sb.metadata.labels, current.metadata.labels
         labels: dict[str, str | None] = {k: v for k, v in want.items() if have.get(k) != v}
         labels.update({k: None for k in have if k not in want})
@@ -166,10 +166,6 @@ def apply_sandbox(fsb: Client, doc: Document, timeout: float) -> str:
         return f"sandbox {ns}/{name} unchanged"
     fsb.update(name, namespace=ns, **update)
     return f"sandbox {ns}/{name} configured"
-
-
-def _spec_value(sb: Sandbox, field: str) -> Any:
-    return sb.spec.model_dump(mode="json", by_alias=True).get(field)
 
 
 def _create(fsb: Client, sb: Sandbox, timeout: float) -> None:
@@ -190,7 +186,7 @@ def _create(fsb: Client, sb: Sandbox, timeout: float) -> None:
     }
     if spec.expire_time is not None:
         options["expire_time"] = spec.expire_time
-    resources = {k: v for k, v in (("cpu", spec.resources.cpu), ("memory", spec.resources.memory))}
+    resources = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
     if any(resources.values()):
         options["resources"] = {k: v for k, v in resources.items() if v}
     deadline = time.monotonic() + timeout

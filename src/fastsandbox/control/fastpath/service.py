@@ -20,7 +20,9 @@ from pydantic import ValidationError
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
 from fastsandbox.api.models import (
+    KINDS,
     ConsistencyMode,
+    Event,
     ObjectMeta,
     Sandbox,
     SandboxPool,
@@ -34,7 +36,7 @@ from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import CreateOptions, SandboxService, request_hash
 from fastsandbox.control.updates import SandboxUpdates, patch_from_request
 from fastsandbox.errors import CapacityExhausted, FsbError, InvalidArgument
-from fastsandbox.store.base import ObjectStore
+from fastsandbox.store.base import DEFAULT_EVENT_LIMIT, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +231,30 @@ class FastPathService(fastpath_pb2_grpc.FastPathServicer):
             context, self.updates.reset(request.namespace or "default", request.name)
         )
         return fastpath_pb2.ObjectReply(object_json=_json(sb))
+
+    async def ListEvents(
+        self, request: fastpath_pb2.EventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.EventsReply:
+        async def events() -> list[Event]:
+            kind = request.kind or "Sandbox"
+            if kind not in KINDS:
+                raise InvalidArgument(f"kind: must be {' or '.join(KINDS)}, not {kind!r}")
+            if request.limit < 0:
+                raise InvalidArgument("limit: must not be negative")
+            namespace = request.namespace or "default"
+            # NOT_FOUND for a missing object, as `get` says: "no events" would hide a typo.
+            if kind == "SandboxPool":
+                await self.store.get(SandboxPool, namespace, request.name)
+            else:
+                await self.store.get(Sandbox, namespace, request.name)
+            return await self.store.list_events(
+                kind, namespace, request.name, request.limit or DEFAULT_EVENT_LIMIT
+            )
+
+        found = await self._guard(context, events())
+        return fastpath_pb2.EventsReply(
+            events_json=[e.model_dump_json(by_alias=True) for e in found]
+        )
 
     async def Logs(
         self, request: fastpath_pb2.LogsRequest, context: grpc.aio.ServicerContext[Any, Any]

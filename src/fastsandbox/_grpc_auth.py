@@ -1,0 +1,86 @@
+"""Bearer-token authentication for our gRPC servers (the Fast-Path and the agent API).
+
+Shared by `control` and `agent`, which never import each other: the check is the same on both
+(`authorization: Bearer <token>`, compared in constant time), only the hint telling a refused
+caller where the token comes from differs.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeAlias
+
+import grpc
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata that authenticates a client to a `TokenAuth` server."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _deny(handler: Handler, message: str) -> Handler:
+    """A handler of the same shape as `handler` (unary or streaming) that only refuses."""
+
+    async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def abort_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Refuse every call without the right bearer token, except the `exempt` methods.
+
+    The refusal messages tell the caller where the token is configured.
+    """
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        exempt: Iterable[str] = (HEALTH_CHECK,),
+        missing: str = "missing API token: pass --token or set FSB_TOKEN",
+        invalid: str = "invalid API token: check --token / FSB_TOKEN",
+    ) -> None:
+        if not token:
+            raise ValueError("an empty token would let anyone in")
+        self._expected = f"Bearer {token}".encode()
+        self._exempt = frozenset(exempt)
+        self._missing = missing
+        self._invalid = invalid
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(details)
+        if details.method in self._exempt or handler is None:
+            return handler
+        given = ""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value if isinstance(value, str) else value.decode()
+        if not given:
+            return _deny(handler, self._missing)
+        if not hmac.compare_digest(given.encode(), self._expected):
+            return _deny(handler, self._invalid)
+        return handler

@@ -1,0 +1,145 @@
+"""`fsb controller`: the control plane on Kubernetes, one of several replicas behind a Lease."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def controller(
+    *,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(
+            "--kubeconfig",
+            metavar="PATH",
+            help="Kubeconfig file (default: $KUBECONFIG, else the in-cluster service account).",
+            show_default=False,
+        ),
+    ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option(
+            "--namespace",
+            envvar="FSB_CONTROLLER_NAMESPACE",
+            metavar="NS",
+            help="The controller's namespace: its Lease and token Secrets (default: the "
+            "kubeconfig context's, or the service account's).",
+            show_default=False,
+        ),
+    ] = None,
+    watch_namespace: Annotated[
+        str | None,
+        typer.Option(
+            "--watch-namespace",
+            metavar="NS",
+            help="Adopt agent Pods of this namespace only (default: every namespace).",
+            show_default=False,
+        ),
+    ] = None,
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen", envvar="FSB_LISTEN", metavar="HOST:PORT", help="Fast-Path address."
+        ),
+    ] = "127.0.0.1:9090",
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="FSB_TOKEN",
+            help="Require this API token (default: Secret fastsandbox-api-token in the "
+            "controller's namespace, created once).",
+            show_default=False,
+        ),
+    ] = None,
+    agent_image: Annotated[
+        str,
+        typer.Option(
+            "--agent-image", envvar="FSB_AGENT_IMAGE", metavar="IMAGE", help="Agent Pod image."
+        ),
+    ] = "fastsandbox/fastsandbox:0.1.0",
+    identity: Annotated[
+        str | None,
+        typer.Option(
+            "--identity",
+            envvar="FSB_IDENTITY",
+            metavar="ID",
+            help="This replica's name in the leader Lease (default: <hostname>-<random>).",
+            show_default=False,
+        ),
+    ] = None,
+    lease_duration: Annotated[
+        int,
+        typer.Option(
+            "--lease-duration",
+            envvar="FSB_LEASE_DURATION",
+            metavar="SECONDS",
+            help="Leader Lease duration; a dead leader is replaced within about 4/3 of it.",
+        ),
+    ] = 15,
+    insecure_registry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--insecure-registry",
+            metavar="HOST:PORT",
+            help="Agents pull over plain HTTP (repeatable).",
+        ),
+    ] = None,
+    heartbeat: Annotated[
+        float,
+        typer.Option(
+            "--heartbeat", metavar="SECONDS", help="How often each agent's Status is polled."
+        ),
+    ] = 1.0,
+    log_level: Annotated[
+        str, typer.Option("--log-level", envvar="FSB_LOG_LEVEL", metavar="debug|info|warning|error")
+    ] = "info",
+    log_format: Annotated[
+        str, typer.Option("--log-format", envvar="FSB_LOG_FORMAT", metavar="auto|json|console")
+    ] = "auto",
+    log_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--log-file",
+            envvar="FSB_LOG_FILE",
+            metavar="PATH",
+            help="Also write JSON logs here, size-rotated.",
+        ),
+    ] = None,
+) -> None:
+    """Run the control plane on Kubernetes (prints `ready` when serving the Fast-Path)."""
+    from fastsandbox.errors import InvalidArgument
+    from fastsandbox.settings import ControllerSettings, LogSettings
+
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise InvalidArgument(
+            f"--log-level: must be debug, info, warning or error, not {log_level!r}"
+        )
+    if log_format not in ("auto", "json", "console"):
+        raise InvalidArgument(f"--log-format: must be auto, json or console, not {log_format!r}")
+    if lease_duration < 2:
+        raise InvalidArgument(f"--lease-duration: must be >= 2 seconds, not {lease_duration}")
+    if heartbeat <= 0:
+        raise InvalidArgument(f"--heartbeat: must be > 0 seconds, not {heartbeat}")
+    if kubeconfig is not None and not kubeconfig.is_file():
+        raise InvalidArgument(f"--kubeconfig: {kubeconfig} is not a file")
+    settings = ControllerSettings(
+        kubeconfig=kubeconfig.expanduser().absolute() if kubeconfig is not None else None,
+        namespace=namespace or None,
+        watch_namespace=watch_namespace or None,
+        listen=listen,
+        token=token or None,
+        agent_image=agent_image,
+        identity=identity or None,
+        lease_duration_seconds=lease_duration,
+        insecure_registries=list(insecure_registry or []),
+        heartbeat_seconds=heartbeat,
+        log=LogSettings(level=log_level.lower(), format=log_format, file=log_file),
+    )
+
+    from fastsandbox.controller import main as controller_main  # heavy: only when serving
+
+    raise typer.Exit(controller_main(settings))

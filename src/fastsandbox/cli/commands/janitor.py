@@ -1,0 +1,145 @@
+"""`fsb janitor --node NODE`: the janitor DaemonSet's entry point (one per Kubernetes node).
+
+The composition root of the node janitor: the Kubernetes store and the agent-Pod lister are
+built here and handed to `fastsandbox.janitor.kubernetes.run`, so the janitor package never
+imports a store backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from fastsandbox.janitor.kubernetes import NodeJanitorSettings
+
+
+def janitor(
+    *,
+    node: Annotated[
+        str,
+        typer.Option(
+            "--node",
+            envvar="FSB_NODE_NAME",
+            metavar="NODE",
+            help="The node to clean (the DaemonSet passes spec.nodeName).",
+            show_default=False,
+        ),
+    ],
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(
+            "--kubeconfig",
+            metavar="PATH",
+            help="Kubeconfig file (default: $KUBECONFIG, else the Pod's service account).",
+            show_default=False,
+        ),
+    ] = None,
+    containerd_socket: Annotated[
+        Path,
+        typer.Option(
+            "--containerd-socket",
+            envvar="FSB_CONTAINERD_SOCKET",
+            metavar="PATH",
+            help="The node's containerd socket.",
+        ),
+    ] = Path("/run/containerd/containerd.sock"),
+    containerd_namespace: Annotated[
+        str,
+        typer.Option(
+            "--containerd-namespace",
+            metavar="NAME",
+            help="containerd namespace the agent Pods make sandboxes in.",
+        ),
+    ] = "k8s.io",
+    agents_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--agents-dir",
+            metavar="DIR",
+            help="The agents' host directory (<dir>/<pod>/logs/): sweeps stale logs.",
+            show_default=False,
+        ),
+    ] = None,
+    orphan_timeout: Annotated[
+        float,
+        typer.Option(
+            "--orphan-timeout",
+            envvar="FSB_ORPHAN_TIMEOUT",
+            metavar="SECONDS",
+            help="Remove a container left without a record (or agent) this long.",
+        ),
+    ] = 30.0,
+    interval: Annotated[
+        float,
+        typer.Option(
+            "--interval",
+            envvar="FSB_JANITOR_INTERVAL",
+            metavar="SECONDS",
+            help="How often the janitor looks for orphans.",
+        ),
+    ] = 10.0,
+    log_level: Annotated[
+        str, typer.Option("--log-level", envvar="FSB_LOG_LEVEL", metavar="debug|info|warning|error")
+    ] = "info",
+    log_format: Annotated[
+        str, typer.Option("--log-format", envvar="FSB_LOG_FORMAT", metavar="auto|json|console")
+    ] = "auto",
+) -> None:
+    """Remove what agent Pods on NODE left behind once their sandbox or agent is gone."""
+    from fastsandbox.errors import InvalidArgument
+
+    if not node:
+        raise InvalidArgument("--node: required (the DaemonSet passes spec.nodeName)")
+    if orphan_timeout < 0:
+        raise InvalidArgument(f"--orphan-timeout: must be >= 0 seconds, not {orphan_timeout}")
+    if interval <= 0:
+        raise InvalidArgument(f"--interval: must be > 0 seconds, not {interval}")
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise InvalidArgument(
+            f"--log-level: must be debug, info, warning or error, not {log_level!r}"
+        )
+    if log_format not in ("auto", "json", "console"):
+        raise InvalidArgument(f"--log-format: must be auto, json or console, not {log_format!r}")
+
+    from fastsandbox.janitor.kubernetes import NodeJanitorSettings
+    from fastsandbox.logconfig import configure
+    from fastsandbox.settings import LogSettings
+
+    settings = NodeJanitorSettings(
+        node=node,
+        containerd_socket=containerd_socket,
+        containerd_namespace=containerd_namespace,
+        agents_dir=agents_dir.absolute() if agents_dir else None,
+        interval_seconds=interval,
+        orphan_timeout_seconds=orphan_timeout,
+    )
+    configure(LogSettings(level=log_level.lower(), format=log_format), component="janitor")
+    _serve(settings, kubeconfig)
+
+
+def _serve(settings: NodeJanitorSettings, kubeconfig: Path | None) -> None:
+    import asyncio
+    import signal
+
+    from fastsandbox._kube.config import make_client
+    from fastsandbox.janitor.kubernetes import LightkubeAgentPods, run
+    from fastsandbox.store.kubernetes import KubernetesStore
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        # Two clients: the store owns (and closes) its own; the Pod lister's is ours to close.
+        store = await KubernetesStore.open(kubeconfig)
+        pods_client = await make_client(kubeconfig)
+        try:
+            await run(settings, store, LightkubeAgentPods(pods_client), stop=stop)
+        finally:
+            await pods_client.close()
+            await store.close()
+
+    asyncio.run(main())

@@ -1,0 +1,276 @@
+"""The composition root for Kubernetes: `fsb controller`, sibling of `server.py`.
+
+KubernetesStore (our CRDs) + KubernetesFleet (agents as Pods) + the same control plane + the
+Fast-Path, plus leader election. Every replica serves the Fast-Path: creates from any replica are
+safe together because each agent refuses a create beyond its capacity and the create then tries
+the next agent or answers RESOURCE_EXHAUSTED. Only the replica holding the Lease
+`fastsandbox-controller` converges records and sizes pools (`ControlPlane.start_leading`).
+
+Start order: clients → agent token (Secret) → recovery (adopt agent Pods, rebuild slots) →
+heartbeats and replica sync → API token → Fast-Path → "ready" → campaign for the Lease. Shutdown
+releases the Lease first (another replica takes over at once), then stops serving. Agent Pods
+and sandboxes keep running: they are cluster state, adopted by whoever comes next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import cast
+
+import grpc
+from lightkube import AsyncClient
+from lightkube.resources.core_v1 import Secret
+
+from fastsandbox._kube.config import FIELD_MANAGER, make_client
+from fastsandbox._kube.errors import translate
+from fastsandbox._kube.lease import LEASE_NAME, KubeLeaseApi, LeaderElector
+from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc
+from fastsandbox.control.fastpath.auth import TokenAuth
+from fastsandbox.control.plane import ControlPlane, PlaneSettings
+from fastsandbox.errors import AlreadyExists, Conflict, FsbError, NotFound
+from fastsandbox.fleet.kubernetes import KubernetesFleet
+from fastsandbox.logconfig import configure
+from fastsandbox.settings import ControllerSettings
+from fastsandbox.store.kubernetes import KubernetesStore
+
+log = logging.getLogger(__name__)
+
+API_TOKEN_SECRET = "fastsandbox-api-token"
+API_TOKEN_KEY = "token"
+
+
+def default_identity() -> str:
+    """Unique per process: a restarted Pod keeps its hostname but must not inherit the Lease
+    as if it had never stopped leading."""
+    return f"{socket.gethostname()}-{secrets.token_hex(4)}"
+
+
+def token_hint(namespace: str) -> str:
+    return (
+        f"kubectl -n {namespace} get secret {API_TOKEN_SECRET} "
+        f"-o jsonpath='{{.data.{API_TOKEN_KEY}}}' | base64 -d"
+    )
+
+
+def _decode(secret: Secret) -> str:
+    data = secret.data or {}
+    try:
+        return base64.b64decode(data.get(API_TOKEN_KEY, "")).decode().strip()
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+
+
+async def api_token(client: AsyncClient, namespace: str, given: str | None) -> tuple[str, bool]:
+    """The Fast-Path token: `given`, else Secret `fastsandbox-api-token` in `namespace`, created
+    with a random token when missing. Returns (token, created) — every replica ends up with
+    the same token: one creates the Secret, the others read it."""
+    if given:
+        return given, False
+    what = f"Secret {namespace}/{API_TOKEN_SECRET}"
+    for _ in range(3):
+        try:
+            secret = await client.get(Secret, API_TOKEN_SECRET, namespace=namespace)
+        except Exception as exc:
+            error = translate(exc, what)
+            if not isinstance(error, NotFound):
+                raise error from None
+        else:
+            token = _decode(secret)
+            if not token:
+                raise FsbError(
+                    f"{what} has no {API_TOKEN_KEY!r} key: set one, or delete the Secret and "
+                    "restart the controller to generate it"
+                )
+            return token, False
+        token = secrets.token_urlsafe(32)
+        body = Secret.from_dict(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": API_TOKEN_SECRET,
+                    "namespace": namespace,
+                    "labels": {"app.kubernetes.io/part-of": "fastsandbox"},
+                },
+                "type": "Opaque",
+                "stringData": {API_TOKEN_KEY: token},
+            }
+        )
+        try:
+            await client.create(cast(Secret, body), field_manager=FIELD_MANAGER)
+        except Exception as exc:
+            error = translate(exc, what)
+            if isinstance(error, AlreadyExists):
+                continue  # another replica made it first: read theirs
+            raise error from None
+        log.info("created the API token Secret", extra={"secret": what})
+        return token, True
+    raise Conflict(f"{what} keeps changing; retry")
+
+
+class Leadership:
+    """The elector's callbacks around the plane, with the moments they happened (logs, tests)."""
+
+    def __init__(self, plane: ControlPlane, identity: str) -> None:
+        self.plane = plane
+        self.identity = identity
+        self.since: float | None = None
+
+    async def started(self) -> None:
+        self.since = time.monotonic()
+        log.info(
+            "leading: reconcilers and pool scaling run here", extra={"identity": self.identity}
+        )
+        # No waiting for agents to start: the loops run at once and retry what cannot fit yet.
+        await self.plane.start_leading(wait=False)
+
+    async def stopped(self) -> None:
+        if self.since is not None:
+            log.info(
+                "following: serving the Fast-Path only",
+                extra={"identity": self.identity, "led_s": round(time.monotonic() - self.since, 1)},
+            )
+        self.since = None
+        await self.plane.stop_leading()
+
+
+async def run(
+    settings: ControllerSettings,
+    *,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    identity = settings.identity or default_identity()
+    client = await make_client(settings.kubeconfig)
+    namespace = settings.namespace or client.namespace or "default"
+    store = KubernetesStore(await make_client(settings.kubeconfig))
+    fleet = KubernetesFleet(
+        client,
+        agent_image=settings.agent_image,
+        namespace=namespace,
+        watch_namespace=settings.watch_namespace,
+        containerd_namespace=settings.containerd_namespace,
+        insecure_registries=settings.insecure_registries,
+        grace_seconds=settings.delete_grace_seconds,
+        log=settings.log,
+    )
+    plane: ControlPlane | None = None
+    server: grpc.aio.Server | None = None
+    election: asyncio.Task[None] | None = None
+    try:
+        plane = ControlPlane(
+            store,
+            fleet,
+            PlaneSettings(
+                delete_grace_seconds=settings.delete_grace_seconds,
+                heartbeat_seconds=settings.heartbeat_seconds,
+                default_cpu=settings.default_sandbox_cpu,
+                default_memory=settings.default_sandbox_memory,
+                expired_retention_seconds=settings.expired_retention_seconds,
+                agent_token=await fleet.token(),
+                shared_agents=True,
+                agent_sync_seconds=settings.agent_sync_seconds,
+                rebuild_records=False,
+            ),
+        )
+        report = await plane.start_serving()
+        token, created = await api_token(client, namespace, settings.token)
+
+        server = grpc.aio.server(
+            interceptors=[TokenAuth(token)], options=[("grpc.so_reuseport", 0)]
+        )
+        fastpath_pb2_grpc.add_FastPathServicer_to_server(plane.servicer, server)
+        if server.add_insecure_port(settings.listen) == 0:
+            raise FsbError(f"cannot listen on {settings.listen}: address in use or invalid")
+        await server.start()
+
+        leadership = Leadership(plane, identity)
+        elector = LeaderElector(
+            KubeLeaseApi(client, namespace, LEASE_NAME),
+            identity,
+            lease_duration=settings.lease_duration_seconds,
+        )
+        election = asyncio.create_task(
+            elector.run(leadership.started, leadership.stopped), name="leader-election"
+        )
+        log.info(
+            "ready",
+            extra={
+                "listen": settings.listen,
+                "namespace": namespace,
+                "identity": identity,
+                "agents": report.agents,
+                "records": report.records,
+            },
+        )
+        if announce is not None:
+            lines = []
+            if not settings.token:
+                verb = "created" if created else "in"
+                where = f"Secret {namespace}/{API_TOKEN_SECRET}"
+                lines.append(f"API token {verb} {where}: {token_hint(namespace)}")
+            # Last: scripts (and the tests) wait for this line.
+            lines.append(
+                f"fsb controller ready on {settings.listen} (namespace {namespace}, identity "
+                f"{identity}, {report.agents} agent(s), {report.records} sandbox record(s))"
+            )
+            announce("\n".join(lines))
+        if ready is not None:
+            ready.set()
+        stop_wait = asyncio.create_task(stop.wait())
+        try:
+            # The election only ends by a bug; then this replica must not go on serving silently.
+            done, _ = await asyncio.wait({stop_wait, election}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+        if election in done:
+            election.result()
+            raise FsbError("leader election ended unexpectedly")
+        log.info("stopping")
+    finally:
+        if election is not None:
+            # First: release the Lease (and stop leading) so another replica takes over now.
+            election.cancel()
+            with contextlib.suppress(asyncio.CancelledError, FsbError):
+                await election
+        if server is not None:
+            await server.stop(grace=3)
+        if plane is not None:
+            await plane.close()
+        await store.close()
+        await client.close()
+        log.info("stopped")
+
+
+def main(settings: ControllerSettings) -> int:
+    """Entry point of `fsb controller`: configure logs, run until SIGTERM/SIGINT, exit code."""
+    configure(settings.log, component="controller")
+
+    def announce(message: str) -> None:
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop=stop, announce=announce)
+
+    try:
+        asyncio.run(serve())
+    except FsbError as exc:
+        sys.stderr.write(f"error: {exc.message}\n")
+        return exc.exit_code
+    return 0

@@ -1,0 +1,660 @@
+"""The Kubernetes fleet: every agent is a Pod, owned by its SandboxPool.
+
+One Pod per agent, named by the caller (`PoolManager` picks `<pool>-<random>`), in the pool's
+namespace (an ownerReference cannot cross namespaces). The agent serves its gRPC API on
+`$(POD_IP):7443` and requires the bearer token from Secret `fastsandbox-agent-token` (key
+`token`): the fleet creates that Secret, with a random token, in every namespace it starts agents
+in, and the control plane's `AgentClients` sends the same token (`await fleet.token()`).
+
+What behaves differently from the embedded fleet, and why:
+- Restarts are the kubelet's job (`restartPolicy: Always`); the Pod keeps its IP across them, so
+  the handle stays valid and the control plane just sees the agent unready for a moment.
+- `close()` leaves the Pods running. They are cluster state, not children of this process: the
+  next controller (another replica after a failover, or this one restarted) adopts them in
+  `start()`, and their sandboxes never notice.
+- `start()` adopts every agent Pod it finds (label `app.kubernetes.io/name=fastsandbox-agent`) that
+  has an IP, without waiting for any; Pods that finished (evicted, failed) or have had no IP for
+  longer than `start_timeout` are deleted, as the pool loop would stop such an agent anyway.
+- Drain, surge and rolling updates are decided by `PoolManager` exactly as embedded; the fleet
+  only starts Pods with the pool's `agentVersion` (label + `--version`) and deletes them.
+
+The agent container runs in the node's containerd namespace `k8s.io` (the node's image cache).
+Paths the agent hands to containerd are resolved by containerd and the runc shim on the *host*,
+not in the Pod: sandbox log files, and the `fsb-init` binary bind-mounted into every sandbox.
+So the agent's state lives on a hostPath mounted at the same path inside the Pod, where host and
+agent see the same files, and the agent is started with `--pod-uid`: it finds its Pod's CRI
+sandbox in containerd and makes its sandboxes join the Pod's network namespace and cgroup
+(`agent/pod.py`), so their endpoints are `podIP:port` and the Pod's resources bound them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import hashlib
+import logging
+import re
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import httpx2 as httpx
+from lightkube import ALL_NS, ApiError, AsyncClient
+from lightkube.resources.core_v1 import Pod, Secret
+
+from fastsandbox._kube.config import FIELD_MANAGER
+from fastsandbox._kube.errors import translate
+from fastsandbox.api.models import API_VERSION, SandboxPool
+from fastsandbox.errors import (
+    AlreadyExists,
+    Conflict,
+    FsbError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from fastsandbox.fleet.base import AgentHandle
+from fastsandbox.settings import LogSettings
+
+log = logging.getLogger(__name__)
+
+AGENT_PORT = 7443
+AGENT_CONTAINER = "agent"
+APP_LABEL = "app.kubernetes.io/name"
+APP_NAME = "fastsandbox-agent"
+POOL_LABEL = "fastsandbox.io/pool"
+VERSION_LABEL = "fastsandbox.io/agent-version"
+# The exact version: a label value allows only [A-Za-z0-9-_.] and 63 characters.
+VERSION_ANNOTATION = "fastsandbox.io/agent-version"
+TOKEN_SECRET = "fastsandbox-agent-token"
+TOKEN_KEY = "token"
+TOKEN_ENV = "FSB_AGENT_TOKEN"
+CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
+# Host directory holding every agent's state (sandbox logs, the staged fsb-init), mounted at the
+# same path in the Pod: containerd opens these paths on the host.
+STATE_ROOT = "/var/lib/fastsandbox"
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def version_label(version: str) -> str:
+    """`version` as a label value: kept when valid, else a readable digest of it."""
+    if len(version) <= 63 and _LABEL_VALUE.match(version):
+        return version
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", version).strip("-_.")[:50].strip("-_.")
+    digest = hashlib.sha256(version.encode()).hexdigest()
+    return f"{cleaned}-{digest[:8]}" if cleaned else digest[:12]
+
+
+def merge_template(template: Mapping[str, Any] | None, pod: dict[str, Any]) -> dict[str, Any]:
+    """Overlay our Pod on the pool's `agentTemplate` (a PodTemplateSpec: metadata + spec).
+
+    The template contributes what we do not decide: node selection, tolerations, priority, pull
+    secrets, sidecars, extra env/mounts/volumes, resources, even the agent image. Everything
+    the agent needs to work (labels, owner, args, token, ports, probe, containerd socket,
+    state dir) comes from `pod` and wins on a clash. The template's container named `agent` is
+    merged into ours; its other containers are kept as they are.
+    """
+    if not template:
+        return pod
+    tmeta = dict(template.get("metadata") or {})
+    tspec = copy.deepcopy(dict(template.get("spec") or {}))
+    meta = pod["metadata"]
+    for key in ("labels", "annotations"):
+        merged = {**(tmeta.get(key) or {}), **meta.get(key, {})}
+        if merged:
+            meta[key] = merged
+    ours = pod["spec"]
+    spec: dict[str, Any] = {**tspec, **{k: v for k, v in ours.items() if k != "containers"}}
+    spec["volumes"] = _merge_named(tspec.get("volumes"), ours.get("volumes"))
+    (agent,) = ours["containers"]
+    containers = []
+    for container in tspec.get("containers") or []:
+        if container.get("name") == AGENT_CONTAINER:
+            agent = _merge_agent(container, agent)
+        else:
+            containers.append(container)
+    spec["containers"] = [agent, *containers]
+    pod["spec"] = spec
+    return pod
+
+
+def _merge_named(theirs: Sequence[Any] | None, ours: Sequence[Any] | None) -> list[Any]:
+    mine = {item["name"]: item for item in ours or ()}
+    return [i for i in theirs or () if i.get("name") not in mine] + list(ours or ())
+
+
+def _merge_agent(theirs: Mapping[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {**theirs, **ours}
+    if theirs.get("image"):
+        merged["image"] = theirs["image"]  # a pool may pin its own agent image
+    if theirs.get("resources"):
+        merged["resources"] = theirs["resources"]
+    for key in ("env", "volumeMounts", "ports"):
+        if key == "volumeMounts":
+            by_path = {m["mountPath"] for m in ours.get(key, ())}
+            extra = [m for m in theirs.get(key) or () if m.get("mountPath") not in by_path]
+            merged[key] = list(ours.get(key, ())) + extra
+        else:
+            merged[key] = _merge_named(theirs.get(key), ours.get(key))
+    # The template's args go first: for a flag given twice argparse keeps the last, so the
+    # template can add flags (--insecure-registry, --init-path, ...) but not override ours.
+    merged["args"] = list(theirs.get("args") or ()) + list(ours.get("args", ()))
+    return merged
+
+
+class KubernetesFleet:
+    """`AgentFleet` on a Kubernetes API server (see the module docstring).
+
+    `client` is owned by the caller (the composition root closes it). `namespace` is the
+    controller's own namespace, where the token Secret is read or made first; `watch_namespace`
+    limits adoption to one namespace (None: every namespace).
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        *,
+        agent_image: str,
+        namespace: str = "default",
+        watch_namespace: str | None = None,
+        token: str | None = None,
+        containerd_namespace: str = "k8s.io",
+        insecure_registries: Sequence[str] = (),
+        grace_seconds: float = 10.0,
+        pod_grace_seconds: int = 30,
+        start_timeout: float = 60.0,
+        stop_timeout: float = 15.0,
+        image_pull_policy: str = "IfNotPresent",
+        log: LogSettings | None = None,
+    ) -> None:
+        self.client = client
+        self.agent_image = agent_image
+        self.namespace = namespace
+        self.watch_namespace = watch_namespace
+        self.containerd_namespace = containerd_namespace
+        self.insecure_registries = list(insecure_registries)
+        self.grace_seconds = grace_seconds
+        self.pod_grace_seconds = pod_grace_seconds
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.image_pull_policy = image_pull_policy
+        self.log_settings = log or LogSettings()
+        self._token = token
+        self._token_given = token is not None
+        self._token_lock = asyncio.Lock()
+        self._secrets: set[str] = set()  # namespaces whose Secret holds our token
+        self._agents: dict[str, AgentHandle] = {}
+
+    # -- token -------------------------------------------------------------------------------
+    async def token(self) -> str:
+        """The agents' bearer token (for `AgentClients`): the one given to the constructor, else
+        the one in the controller namespace's Secret (made with a random token if missing), so
+        every fleet replica agrees on one token."""
+        async with self._token_lock:
+            await self._ensure_secret(self.namespace)
+            assert self._token is not None
+            return self._token
+
+    async def _ensure_secret(self, namespace: str) -> None:
+        """Make Secret `fastsandbox-agent-token` in `namespace` hold our token (call locked).
+        The controller's namespace decides the token; the others get a copy of it."""
+        if namespace in self._secrets:
+            return
+        if namespace != self.namespace:
+            await self._ensure_secret(self.namespace)
+        what = f"secret {namespace}/{TOKEN_SECRET}"
+        for _ in range(3):
+            try:
+                secret = await self.client.get(Secret, TOKEN_SECRET, namespace=namespace)
+            except ApiError as exc:
+                if exc.status.code != 404:
+                    raise translate(exc, what) from None
+            except httpx.HTTPError as exc:
+                raise translate(exc, what) from None
+            else:
+                stored = _secret_token(secret)
+                if stored and namespace == self.namespace and not self._token_given:
+                    self._token = stored  # the controller namespace's decides: replicas agree
+                if stored == self._token:
+                    self._secrets.add(namespace)
+                    return
+                # Agents here would get a token the control plane does not send: make it ours.
+                log.warning("agent token Secret differs; replacing it", extra={"secret": what})
+                try:
+                    await self.client.patch(
+                        Secret,
+                        TOKEN_SECRET,
+                        {"stringData": {TOKEN_KEY: self._token}},
+                        namespace=namespace,
+                        field_manager=FIELD_MANAGER,
+                    )
+                except (ApiError, httpx.HTTPError) as exc:
+                    raise translate(exc, what) from None
+                self._secrets.add(namespace)
+                return
+            if self._token is None:
+                self._token = secrets.token_urlsafe(32)
+            body = Secret.from_dict(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {
+                        "name": TOKEN_SECRET,
+                        "namespace": namespace,
+                        "labels": {"app.kubernetes.io/part-of": "fastsandbox"},
+                    },
+                    "type": "Opaque",
+                    "stringData": {TOKEN_KEY: self._token},
+                }
+            )
+            try:
+                await self.client.create(cast(Secret, body), field_manager=FIELD_MANAGER)
+            except ApiError as exc:
+                if exc.status.code == 409:
+                    continue  # another replica made it first: read (and, here, adopt) theirs
+                raise translate(exc, what) from None
+            except httpx.HTTPError as exc:
+                raise translate(exc, what) from None
+            log.info("created the agent token Secret", extra={"secret": what})
+            self._secrets.add(namespace)
+            return
+        raise Conflict(f"{what} keeps changing; retry")
+
+    # -- AgentFleet --------------------------------------------------------------------------
+    async def start(self) -> list[AgentHandle]:
+        await self.token()
+        now = time.time()
+        # Terminating Pods are on their way out: not adopted.
+        for pod in [p for p in await self._list_agent_pods() if not _deleting(p)]:
+            if _pod_ip(pod) and not _finished(pod):
+                self._remember(pod)
+            elif _finished(pod) or now - _created(pod) > self.start_timeout:
+                log.warning(
+                    "deleting an agent Pod that ended or never started",
+                    extra={"agent": _name(pod), "why": _why(pod)},
+                )
+                await self._delete(_namespace(pod), _name(pod), grace=0)
+            # Else still starting (a previous controller's start): not waited for here, so a
+            # pending Pod never delays serving; `agents()` lists it once it has its IP.
+        log.info("adopted agent Pods", extra={"agents": sorted(self._agents)})
+        return list(self._agents.values())
+
+    async def start_agent(self, pool: SandboxPool, name: str) -> AgentHandle:
+        ns = pool.metadata.namespace
+        if not pool.metadata.uid:
+            raise InvalidArgument(
+                f"pool {ns}/{pool.metadata.name} has no uid: the Kubernetes fleet needs pools "
+                "stored in Kubernetes (the Pod's ownerReference names the pool's uid)"
+            )
+        async with self._token_lock:
+            await self._ensure_secret(ns)
+        manifest = self.pod_manifest(pool, name)
+        try:
+            created = await self.client.create(
+                cast(Pod, Pod.from_dict(manifest)), field_manager=FIELD_MANAGER
+            )
+        except ApiError as exc:
+            if exc.status.code != 409 or exc.status.reason != "AlreadyExists":
+                raise translate(exc, f"creating agent Pod {ns}/{name}") from None
+            created = await self._get(ns, name)  # a retried start: share the first one's Pod
+            if _labels(created).get(POOL_LABEL) != pool.metadata.name:
+                raise AlreadyExists(
+                    f"Pod {ns}/{name} exists and is not an agent of this pool"
+                ) from None
+        except httpx.HTTPError as exc:
+            raise translate(exc, f"creating agent Pod {ns}/{name}") from None
+        log.info("agent Pod created", extra={"agent": name, "pool": f"{ns}/{pool.metadata.name}"})
+        try:
+            pod = await self._wait_ip(ns, name, created)
+        except FsbError:
+            # Never registered, so nothing else would ever delete it.
+            with contextlib.suppress(FsbError):
+                await asyncio.shield(self._delete(ns, name, grace=0))
+            # If it failed for a Secret removed behind our back, the next start remakes it.
+            self._secrets.discard(ns)
+            raise
+        return self._remember(pod)
+
+    async def stop_agent(self, name: str) -> None:
+        handle = self._agents.get(name)
+        namespace = handle.namespace if handle else await self._find_namespace(name)
+        if namespace is None:
+            return  # gone already
+        try:
+            await self._delete(namespace, name)
+            await self._wait_gone(namespace, name)
+        finally:
+            self._agents.pop(name, None)
+        log.info("agent Pod deleted", extra={"agent": name, "namespace": namespace})
+
+    async def agents(self) -> list[AgentHandle]:
+        live: dict[str, AgentHandle] = {}
+        for pod in await self._list_agent_pods():
+            if _pod_ip(pod) and not _finished(pod) and not _deleting(pod):
+                live[_name(pod)] = self._handle(pod)
+        self._agents = live
+        return list(live.values())
+
+    async def close(self) -> None:
+        """Forget the agents but leave their Pods running (see the module docstring)."""
+        self._agents.clear()
+
+    # -- the Pod -----------------------------------------------------------------------------
+    def pod_manifest(self, pool: SandboxPool, name: str) -> dict[str, Any]:
+        """The agent Pod for `pool` (pure: no API calls), the pool's `agentTemplate` merged."""
+        ns, pool_name = pool.metadata.namespace, pool.metadata.name
+        version = pool.spec.agent_version
+        labels = {APP_LABEL: APP_NAME, POOL_LABEL: pool_name}
+        annotations = {}
+        if version:
+            labels[VERSION_LABEL] = version_label(version)
+            annotations[VERSION_ANNOTATION] = version
+        args = [
+            "--name=$(POD_NAME)",
+            f"--pool={pool_name}",
+            f"--namespace={ns}",
+            f"--listen=$(POD_IP):{AGENT_PORT}",
+            "--agent-ip=$(POD_IP)",
+            f"--state-dir={STATE_ROOT}/agents/$(POD_NAME)",
+            f"--containerd-socket={CONTAINERD_SOCKET}",
+            f"--containerd-namespace={self.containerd_namespace}",
+            f"--capacity={pool.spec.max_sandboxes_per_agent}",
+            f"--runtime={pool.spec.runtime.value}",
+            # Sandboxes join this Pod's network namespace and cgroup (agent/pod.py).
+            "--pod-uid=$(POD_UID)",
+            f"--grace={self.grace_seconds:g}",
+            f"--log-level={self.log_settings.level}",
+            "--log-format=json",
+        ]
+        if version:
+            args.append(f"--version={version}")
+        args += [f"--insecure-registry={r}" for r in self.insecure_registries]
+        resources = {
+            k: v
+            for k, v in (
+                ("cpu", pool.spec.agent_resources.cpu),
+                ("memory", pool.spec.agent_resources.memory),
+            )
+            if v
+        }
+        container: dict[str, Any] = {
+            "name": AGENT_CONTAINER,
+            "image": self.agent_image,
+            "imagePullPolicy": self.image_pull_policy,
+            "args": args,
+            "env": [
+                _field_env("POD_NAME", "metadata.name"),
+                _field_env("POD_NAMESPACE", "metadata.namespace"),
+                _field_env("POD_UID", "metadata.uid"),
+                _field_env("POD_IP", "status.podIP"),
+                _field_env("NODE_NAME", "spec.nodeName"),
+                {
+                    "name": TOKEN_ENV,
+                    "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}},
+                },
+            ],
+            "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
+            "readinessProbe": {
+                "tcpSocket": {"port": AGENT_PORT},
+                "periodSeconds": 2,
+                "timeoutSeconds": 1,
+                "failureThreshold": 3,
+            },
+            "volumeMounts": [
+                {"name": "containerd-socket", "mountPath": CONTAINERD_SOCKET},
+                {"name": "state", "mountPath": STATE_ROOT},
+                {"name": "tmp", "mountPath": "/tmp"},
+            ],
+            # The agent never needs a privilege of its own: containerd and the runc shim, on
+            # the host, do every privileged step (namespaces, mounts, cgroups, pulls). It runs
+            # as uid 0 only because the containerd socket and the hostPath state dir are
+            # root-owned (mode 0660 / 0755): with every capability dropped, root passes plain
+            # owner permission checks and nothing more. No privilege escalation, a read-only
+            # root filesystem (writes go to the state dir and /tmp), the runtime's default
+            # seccomp profile. The real power is the socket itself: whoever drives containerd
+            # owns the node, which is why the agent API needs its token.
+            "securityContext": {
+                "runAsUser": 0,
+                "runAsNonRoot": False,
+                "privileged": False,
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+        }
+        if resources:
+            # Sizes the Pod for the scheduler; sandboxes get cgroups of their own.
+            container["resources"] = {"requests": resources, "limits": resources}
+        pod: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "labels": labels,
+                "ownerReferences": [
+                    {
+                        "apiVersion": API_VERSION,
+                        "kind": "SandboxPool",
+                        "name": pool_name,
+                        "uid": pool.metadata.uid,
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
+            "spec": {
+                "restartPolicy": "Always",
+                "terminationGracePeriodSeconds": self.pod_grace_seconds,
+                # The agent talks to containerd, never to the API server.
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+                "containers": [container],
+                "volumes": [
+                    {
+                        "name": "containerd-socket",
+                        "hostPath": {"path": CONTAINERD_SOCKET, "type": "Socket"},
+                    },
+                    {
+                        "name": "state",
+                        "hostPath": {"path": STATE_ROOT, "type": "DirectoryOrCreate"},
+                    },
+                    {"name": "tmp", "emptyDir": {}},
+                ],
+            },
+        }
+        if annotations:
+            pod["metadata"]["annotations"] = annotations
+        return merge_template(pool.spec.agent_template, pod)
+
+    # -- API helpers -------------------------------------------------------------------------
+    def _handle(self, pod: Pod) -> AgentHandle:
+        ip = _pod_ip(pod)
+        meta = pod.metadata
+        assert meta is not None
+        annotations = meta.annotations or {}
+        labels = meta.labels or {}
+        return AgentHandle(
+            name=_name(pod),
+            pool=labels.get(POOL_LABEL, ""),
+            namespace=_namespace(pod),
+            target=f"[{ip}]:{AGENT_PORT}" if ":" in ip else f"{ip}:{AGENT_PORT}",
+            ip=ip,
+            version=annotations.get(VERSION_ANNOTATION, labels.get(VERSION_LABEL, "")),
+        )
+
+    def _remember(self, pod: Pod) -> AgentHandle:
+        handle = self._handle(pod)
+        self._agents[handle.name] = handle
+        return handle
+
+    async def _list_agent_pods(self) -> list[Pod]:
+        try:
+            return [
+                p
+                async for p in self.client.list(
+                    Pod,
+                    namespace=self.watch_namespace or ALL_NS,
+                    labels={APP_LABEL: APP_NAME},
+                )
+            ]
+        except (ApiError, httpx.HTTPError) as exc:
+            raise translate(exc, "listing agent Pods") from None
+
+    async def _get(self, namespace: str, name: str) -> Pod:
+        try:
+            return await self.client.get(Pod, name, namespace=namespace)
+        except (ApiError, httpx.HTTPError) as exc:
+            raise translate(exc, f"agent Pod {namespace}/{name}") from None
+
+    async def _find_namespace(self, name: str) -> str | None:
+        try:
+            pods = [
+                p
+                async for p in self.client.list(
+                    Pod,
+                    namespace=self.watch_namespace or ALL_NS,
+                    labels={APP_LABEL: APP_NAME},
+                    fields={"metadata.name": name},
+                )
+            ]
+        except (ApiError, httpx.HTTPError) as exc:
+            raise translate(exc, f"finding agent Pod {name}") from None
+        return _namespace(pods[0]) if pods else None
+
+    async def _delete(self, namespace: str, name: str, grace: int | None = None) -> None:
+        try:
+            await self.client.delete(Pod, name, namespace=namespace, grace_period=grace)
+        except ApiError as exc:
+            if exc.status.code != 404:
+                raise translate(exc, f"deleting agent Pod {namespace}/{name}") from None
+        except httpx.HTTPError as exc:
+            raise translate(exc, f"deleting agent Pod {namespace}/{name}") from None
+
+    async def _wait_ip(self, namespace: str, name: str, pod: Pod | None = None) -> Pod:
+        """The Pod once it has an IP; `Unavailable` when it finishes or `start_timeout` passes."""
+        deadline = time.monotonic() + self.start_timeout
+        what = f"agent Pod {namespace}/{name}"
+        try:
+            async with asyncio.timeout(self.start_timeout):
+                while True:
+                    if pod is None:
+                        pod = await self._get(namespace, name)
+                    if _deleting(pod) or _finished(pod):
+                        raise Unavailable(f"{what} ended before it got an IP: {_why(pod)}")
+                    if _pod_ip(pod):
+                        return pod
+                    pod = await self._next_change(namespace, name, pod, deadline)
+        except TimeoutError:
+            raise Unavailable(
+                f"{what} got no IP within {self.start_timeout:g}s (unschedulable, image pull, "
+                f"or no kubelet?): {_why(pod) if pod else 'not found'}"
+            ) from None
+
+    async def _wait_gone(self, namespace: str, name: str) -> None:
+        deadline = time.monotonic() + self.stop_timeout
+        pod: Pod | None = None
+        try:
+            async with asyncio.timeout(self.stop_timeout):
+                while True:
+                    try:
+                        pod = await self._get(namespace, name) if pod is None else pod
+                    except NotFound:
+                        return
+                    pod = await self._next_change(namespace, name, pod, deadline)
+        except TimeoutError:
+            log.warning(
+                "agent Pod still terminating", extra={"agent": name, "seconds": self.stop_timeout}
+            )
+        except NotFound:
+            return
+
+    async def _next_change(self, namespace: str, name: str, pod: Pod, deadline: float) -> Pod:
+        """Wait (watch) for the next version of `pod`; `NotFound` once it is deleted. A broken or
+        expired watch falls back to a fresh GET."""
+        rv = pod.metadata.resourceVersion if pod.metadata else None
+        timeout = max(int(deadline - time.monotonic()) + 1, 1)
+        try:
+            async for kind, obj in self.client.watch(
+                Pod,
+                namespace=namespace,
+                fields={"metadata.name": name},
+                resource_version=rv,
+                server_timeout=timeout,
+            ):
+                if kind == "DELETED":
+                    raise NotFound(f"agent Pod {namespace}/{name} was deleted")
+                return obj
+        except ApiError as exc:
+            if exc.status.code != 410:  # 410: our version is too old; GET afresh
+                raise translate(exc, f"watching agent Pod {namespace}/{name}") from None
+        except httpx.HTTPError:
+            await asyncio.sleep(0.2)  # a broken watch: GET afresh after a breath
+        return await self._get(namespace, name)
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _secret_token(secret: Secret) -> str | None:
+    raw = (secret.data or {}).get(TOKEN_KEY)
+    if not raw:
+        return None
+    return base64.b64decode(raw).decode().strip() or None
+
+
+def _name(pod: Pod) -> str:
+    assert pod.metadata is not None and pod.metadata.name is not None
+    return pod.metadata.name
+
+
+def _namespace(pod: Pod) -> str:
+    assert pod.metadata is not None and pod.metadata.namespace is not None
+    return pod.metadata.namespace
+
+
+def _labels(pod: Pod) -> dict[str, str]:
+    return dict(pod.metadata.labels or {}) if pod.metadata else {}
+
+
+def _pod_ip(pod: Pod) -> str:
+    return (pod.status.podIP if pod.status else None) or ""
+
+
+def _finished(pod: Pod) -> bool:
+    return bool(pod.status and pod.status.phase in ("Succeeded", "Failed"))
+
+
+def _created(pod: Pod) -> float:
+    stamp = pod.metadata.creationTimestamp if pod.metadata else None
+    return stamp.timestamp() if stamp else time.time()
+
+
+def _deleting(pod: Pod) -> bool:
+    return bool(pod.metadata and pod.metadata.deletionTimestamp)
+
+
+def _why(pod: Pod) -> str:
+    """A short account of where the Pod is stuck, from its status."""
+    status = pod.status
+    if status is None:
+        return "no status yet (not scheduled)"
+    parts = [f"phase {status.phase or 'Pending'}"]
+    for cond in status.conditions or ():
+        if cond.status != "True" and cond.reason:
+            parts.append(f"{cond.type}={cond.reason}: {cond.message or ''}".rstrip(": "))
+    for cs in status.containerStatuses or ():
+        state = cs.state
+        if state and state.waiting and state.waiting.reason:
+            parts.append(f"{cs.name} waiting: {state.waiting.reason} {state.waiting.message or ''}")
+        if state and state.terminated:
+            parts.append(f"{cs.name} exited {state.terminated.exitCode}")
+    if status.message:
+        parts.append(status.message)
+    return "; ".join(p.strip() for p in parts)

@@ -1,0 +1,180 @@
+"""The agent Pod the Kubernetes fleet makes (pure: no apiserver), and how an agent in a Pod finds
+its Pod's network namespace and cgroup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from lightkube.resources.core_v1 import Pod
+
+from fastsandbox.agent.pod import pod_cgroup, read_pod_sandbox, slice_path, stage_init
+from fastsandbox.api.models import ObjectMeta, SandboxPool, SandboxPoolSpec
+from fastsandbox.errors import Unavailable
+from fastsandbox.fleet.kubernetes import KubernetesFleet, merge_template, version_label
+
+
+def fleet(**kwargs: Any) -> KubernetesFleet:
+    return KubernetesFleet(cast(Any, None), agent_image="reg/agent:1", **kwargs)
+
+
+def pool(**spec: Any) -> SandboxPool:
+    return SandboxPool(
+        metadata=ObjectMeta(name="p1", namespace="team", uid="uid-1"),
+        spec=SandboxPoolSpec(**spec),
+    )
+
+
+def agent_container(manifest: dict[str, Any]) -> dict[str, Any]:
+    (agent,) = [c for c in manifest["spec"]["containers"] if c["name"] == "agent"]
+    return agent
+
+
+def test_the_agent_pod() -> None:
+    manifest = fleet(insecure_registries=["r:5000"]).pod_manifest(
+        pool(max_sandboxes_per_agent=4, agent_version="v2", agent_resources={"cpu": "2"}),
+        "p1-abcde",
+    )
+    Pod.from_dict(manifest)  # a valid Pod as far as the typed model can tell
+    meta = manifest["metadata"]
+    assert (meta["name"], meta["namespace"]) == ("p1-abcde", "team")
+    assert meta["labels"] == {
+        "app.kubernetes.io/name": "fastsandbox-agent",
+        "fastsandbox.io/pool": "p1",
+        "fastsandbox.io/agent-version": "v2",
+    }
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "fastsandbox.io/v1alpha1",
+            "kind": "SandboxPool",
+            "name": "p1",
+            "uid": "uid-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    agent = agent_container(manifest)
+    assert agent["image"] == "reg/agent:1"
+    for arg in (
+        "--name=$(POD_NAME)",
+        "--listen=$(POD_IP):7443",
+        "--agent-ip=$(POD_IP)",
+        "--pod-uid=$(POD_UID)",
+        "--containerd-namespace=k8s.io",
+        "--containerd-socket=/run/containerd/containerd.sock",
+        "--state-dir=/var/lib/fastsandbox/agents/$(POD_NAME)",
+        "--capacity=4",
+        "--version=v2",
+        "--insecure-registry=r:5000",
+    ):
+        assert arg in agent["args"]
+    env = {e["name"]: e.get("valueFrom") for e in agent["env"]}
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["FSB_AGENT_TOKEN"] == {
+        "secretKeyRef": {"name": "fastsandbox-agent-token", "key": "token"}
+    }
+    assert agent["readinessProbe"]["tcpSocket"] == {"port": 7443}
+    security = agent["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert (security["privileged"], security["allowPrivilegeEscalation"]) == (False, False)
+    assert agent["resources"] == {"requests": {"cpu": "2"}, "limits": {"cpu": "2"}}
+    volumes = {v["name"]: v for v in manifest["spec"]["volumes"]}
+    assert volumes["containerd-socket"]["hostPath"]["path"] == "/run/containerd/containerd.sock"
+    # The state dir is mounted where it is on the host: containerd opens its paths there.
+    assert {"name": "state", "mountPath": "/var/lib/fastsandbox"} in agent["volumeMounts"]
+    assert volumes["state"]["hostPath"]["path"] == "/var/lib/fastsandbox"
+    assert manifest["spec"]["automountServiceAccountToken"] is False
+
+
+def test_without_a_version_the_agent_reports_its_own() -> None:
+    manifest = fleet().pod_manifest(pool(), "p1-abcde")
+    assert "fastsandbox.io/agent-version" not in manifest["metadata"]["labels"]
+    assert not any(a.startswith("--version") for a in agent_container(manifest)["args"])
+
+
+def test_the_pool_template_adds_but_does_not_override() -> None:
+    template = {
+        "metadata": {"labels": {"team": "a", "fastsandbox.io/pool": "evil"}},
+        "spec": {
+            "nodeSelector": {"disk": "ssd"},
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "agent",
+                    "image": "reg/agent:custom",
+                    "args": ["--listen=0.0.0.0:1", "--init-path=none"],
+                    "env": [{"name": "EXTRA", "value": "1"}, {"name": "POD_IP", "value": "x"}],
+                    "resources": {"limits": {"memory": "1Gi"}},
+                },
+                {"name": "sidecar", "image": "busybox"},
+            ],
+            "volumes": [{"name": "extra", "emptyDir": {}}],
+        },
+    }
+    manifest = fleet().pod_manifest(pool(agent_template=template), "p1-abcde")
+    assert manifest["metadata"]["labels"]["team"] == "a"
+    assert manifest["metadata"]["labels"]["fastsandbox.io/pool"] == "p1"
+    spec = manifest["spec"]
+    assert (spec["nodeSelector"], spec["restartPolicy"]) == ({"disk": "ssd"}, "Always")
+    assert [c["name"] for c in spec["containers"]] == ["agent", "sidecar"]
+    agent = agent_container(manifest)
+    assert agent["image"] == "reg/agent:custom"
+    assert agent["resources"] == {"limits": {"memory": "1Gi"}}
+    # argparse keeps the last of a repeated flag: ours come last.
+    listens = [a for a in agent["args"] if a.startswith("--listen")]
+    assert listens[-1] == "--listen=$(POD_IP):7443"
+    assert "--init-path=none" in agent["args"]
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["EXTRA"]["value"] == "1"
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert {v["name"] for v in spec["volumes"]} >= {"extra", "state", "containerd-socket"}
+    Pod.from_dict(manifest)
+
+
+def test_version_labels() -> None:
+    assert version_label("v1.2.3") == "v1.2.3"
+    odd = version_label("1.0+build 7")
+    assert odd.startswith("1.0-build-7-") and len(odd) <= 63
+    assert len(version_label("x" * 100)) <= 63
+    assert version_label("+++") != version_label("---")
+
+
+def test_merge_without_template_is_identity() -> None:
+    pod: dict[str, Any] = {"metadata": {}, "spec": {"containers": [{"name": "agent"}]}}
+    assert merge_template(None, pod) is pod
+
+
+def test_pod_cgroup_from_the_sandbox_cgroups_path() -> None:
+    assert pod_cgroup("/kubepods/besteffort/pod123/abc") == "/kubepods/besteffort/pod123"
+    assert slice_path("kubepods-besteffort-pod1_2.slice") == (
+        "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1_2.slice"
+    )
+    assert pod_cgroup("kubepods-burstable-pod9.slice:cri-containerd:abc") == (
+        "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod9.slice"
+    )
+
+
+def test_read_pod_sandbox() -> None:
+    spec = {
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}],
+            "cgroupsPath": "/kubepods/pod1/sb",
+        }
+    }
+    assert read_pod_sandbox(spec) == ("/var/run/netns/cni-1", "/kubepods/pod1")
+    with pytest.raises(Unavailable, match="host-network"):
+        read_pod_sandbox({"linux": {"namespaces": [{"type": "network"}], "cgroupsPath": "/a/b"}})
+
+
+def test_stage_init_copies_atomically(tmp_path: Path) -> None:
+    source = tmp_path / "fsb-init"
+    source.write_bytes(b"\x7fELF one")
+    state = tmp_path / "state"
+    staged = stage_init(source, state)
+    assert staged == state / "fsb-init"
+    assert staged.read_bytes() == b"\x7fELF one" and staged.stat().st_mode & 0o111
+    source.write_bytes(b"\x7fELF two")
+    assert stage_init(source, state).read_bytes() == b"\x7fELF two"
+    assert sorted(p.name for p in state.iterdir()) == ["fsb-init"]
