@@ -15,7 +15,7 @@ from fastsandbox.agent.manager import (
     SandboxManager,
     SandboxRequest,
 )
-from fastsandbox.agent.runtime.base import ContainerSpec, ContainerStatus, ImageInfo
+from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, ContainerStatus, ImageInfo
 from fastsandbox.agent.runtime.fake import FakeRuntime
 from fastsandbox.errors import AlreadyExists, CapacityExhausted, InvalidArgument, NotFound
 from fastsandbox.settings import AgentSettings
@@ -154,6 +154,42 @@ async def test_concurrent_creates_never_exceed_capacity(manager: SandboxManager)
     )
     assert sum(not isinstance(r, BaseException) for r in results) == 2
     assert all(isinstance(r, CapacityExhausted) for r in results if isinstance(r, BaseException))
+
+
+class SlowRuntime(FakeRuntime):
+    """Holds every create until `go` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def create(self, spec: ContainerSpec) -> ContainerState:
+        self.entered.set()
+        await self.go.wait()
+        return await super().create(spec)
+
+
+async def test_a_create_whose_caller_goes_away_finishes(tmp_path: Path) -> None:
+    # A control plane killed mid-call: Status said a create is in flight, and a restarted
+    # control plane adopts what it finds once none is, so the create must come to run.
+    runtime = SlowRuntime()
+    manager = SandboxManager(runtime, settings(tmp_path))
+    await manager.start()
+    call = asyncio.create_task(manager.create(req("sb-1")))
+    await runtime.entered.wait()
+    assert (await manager.status()).creating == 1
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    runtime.go.set()
+    for _ in range(100):
+        if await runtime.list():
+            break
+        await asyncio.sleep(0.01)
+    [state] = (await manager.status()).sandboxes
+    assert (state.id, state.status) == ("sb-1", ContainerStatus.RUNNING)
+    assert manager.used_slots == 1
 
 
 async def test_create_is_idempotent_even_when_full(

@@ -10,10 +10,12 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, ContainerStatus
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
 from fastsandbox.api.models import (
     CLEANUP_FINALIZER,
@@ -27,6 +29,7 @@ from fastsandbox.api.models import (
 )
 from fastsandbox.control.fastpath.auth import TokenAuth
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
+from fastsandbox.control.sandboxes import CreateOptions
 from fastsandbox.errors import NotFound
 from fastsandbox.fleet.inprocess import InProcessFleet
 from fastsandbox.store.memory import MemoryStore
@@ -335,3 +338,87 @@ async def test_recovery_rebuilds_a_fast_create_whose_record_was_never_written(
         assert CLEANUP_FINALIZER in rebuilt.metadata.finalizers
     finally:
         await fresh._tasks.close()
+
+
+async def test_recovery_waits_for_a_create_left_in_flight_at_the_agent(plane: Plane) -> None:
+    # The control plane died while the agent was still making a container for it: the create
+    # finishes at the agent, and the next control plane's recovery waits for it, then rebuilds
+    # its record (a record rebuilt earlier could claim a container that never runs).
+    service = plane.plane.sandboxes
+    sb = Sandbox(
+        metadata=ObjectMeta(name="inflight", uid="u-2"),
+        spec=SandboxSpec(image=IMG, pool_ref="p", command=["sleep", "1"]),
+    )
+    allocation = service._allocate(sb)
+    runtime = plane.fleet.runtime(allocation.agent)
+    entered, go = asyncio.Event(), asyncio.Event()
+    create = runtime.create
+
+    async def slow_create(spec: ContainerSpec) -> ContainerState:
+        entered.set()
+        await go.wait()
+        return await create(spec)
+
+    runtime.create = slow_create  # type: ignore[method-assign]
+    client = plane.plane.clients.get(allocation.target)
+    # The bare call, without the control plane's own cleanup: its process is gone mid-call.
+    call = asyncio.create_task(client.create(service.runtime_spec(sb, allocation.sandbox_id)))
+    await entered.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    fresh = ControlPlane(plane.store, plane.fleet, PlaneSettings(heartbeat_seconds=0.1))
+    starting = asyncio.create_task(fresh.start())
+    try:
+        await asyncio.sleep(0.5)
+        assert not starting.done(), "recovery did not wait for the create in flight"
+        go.set()
+        report = await starting
+        assert report.records_rebuilt == 1 and report.orphans == 0
+        rebuilt = await plane.store.get(Sandbox, "default", "inflight")
+        assert rebuilt.status.phase is SandboxPhase.RUNNING
+        assert rebuilt.status.container_id == allocation.sandbox_id
+        state = await runtime.get(allocation.sandbox_id)
+        assert state.status is ContainerStatus.RUNNING
+    finally:
+        go.set()
+        await starting
+        await fresh._tasks.close()
+
+
+async def test_a_create_whose_caller_hangs_up_leaves_no_container(plane: Plane) -> None:
+    # The agent finishes a create whatever happens to the call; the control plane, still alive,
+    # takes the container back when its own caller is gone.
+    service = plane.plane.sandboxes
+    agents = plane.plane.registry.agents("default", "p")
+    runtimes = [plane.fleet.runtime(a.name) for a in agents]
+    entered, go = asyncio.Event(), asyncio.Event()
+    for runtime in runtimes:
+        create = runtime.create
+
+        async def slow_create(spec: ContainerSpec, create: Any = create) -> ContainerState:
+            entered.set()
+            await go.wait()
+            state: ContainerState = await create(spec)
+            return state
+
+        runtime.create = slow_create  # type: ignore[method-assign]
+    sb = Sandbox(
+        metadata=ObjectMeta(name="hangup"),
+        spec=SandboxSpec(image=IMG, pool_ref="p", command=["sleep", "1"]),
+    )
+    call = asyncio.create_task(service.create(sb, CreateOptions()))
+    await entered.wait()
+    call.cancel()
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    async def gone() -> bool:
+        listed = [s for r in runtimes for s in await r.list() if s.id.startswith("hangup-")]
+        return not listed and all(not a.slots for a in agents)
+
+    await eventually(gone)
+    with pytest.raises(NotFound):
+        await plane.store.get(Sandbox, "default", "hangup")

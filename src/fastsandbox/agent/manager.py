@@ -10,6 +10,11 @@ Why it is shaped this way:
   start-up read the runtime by that label, so an agent that restarts finds its sandboxes again
   (they belong to containerd's shims, not to this process), and an agent never touches a container
   of another agent sharing the same containerd namespace.
+- Draining is decided here too (`cordon`): every control-plane replica places sandboxes, but only
+  one plans which agents to stop, and the others learn of a drain a heartbeat later. A cordoned
+  agent refuses new slots, checked in the same step that takes one, so a Status read after the
+  cordon that shows no slot and no container means nothing more can start here. A restarted agent
+  starts uncordoned; the control plane cordons it again.
 - Work on one sandbox id is serialised by a per-id lock; different ids never wait on each other.
 - Logs are read from the file containerd's shim writes, so they survive agent restarts.
 """
@@ -92,6 +97,10 @@ class PullResult:
 class AgentStatus:
     sandboxes: list[ContainerState]
     images: list[ImageInfo]
+    cordoned: bool = False
+    # Slots counted against capacity, creates in flight included.
+    used_slots: int = 0
+    creating: int = 0
 
 
 def _check_id(sandbox_id: str) -> None:
@@ -115,9 +124,13 @@ class SandboxManager:
         self._slots: set[str] = set()
         # Ids whose create is in flight: they hold a slot the runtime cannot show yet.
         self._creating: set[str] = set()
+        # Create tasks, kept referenced until done (they outlive a caller that went away).
+        self._detached: set[asyncio.Task[ContainerState]] = set()
         # Image references known to be present locally; a miss only costs a no-op pull.
         self._images: set[str] = set()
         self._closing = asyncio.Event()
+        # Refusing new slots (the control plane is draining this agent).
+        self._cordoned = False
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -148,6 +161,25 @@ class SandboxManager:
         if not req.image:
             raise InvalidArgument("image: required")
         normalize_image_ref(req.image)  # a bad reference fails before a slot is taken
+        # A create runs to its end even when its caller goes away (a control plane killed or
+        # timed out mid-call): Status reports a create in flight as a sandbox on its way, and a
+        # restarted control plane adopts it on that word; cut off, the create would be rolled
+        # back under the record rebuilt for it. A caller that no longer wants the sandbox
+        # deletes it, and the delete waits for the create on the sandbox's lock.
+        task = asyncio.get_running_loop().create_task(
+            self._create_held(req), name=f"create {req.sandbox_id}"
+        )
+        self._detached.add(task)
+        task.add_done_callback(self._create_done)
+        return await asyncio.shield(task)
+
+    def _create_done(self, task: asyncio.Task[ContainerState]) -> None:
+        self._detached.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Reported to the caller if it is still there; the runtime logged the failure.
+            log.debug("create failed", extra={"task": task.get_name()})
+
+    async def _create_held(self, req: SandboxRequest) -> ContainerState:
         async with self._locks.hold(req.sandbox_id):
             held_before = req.sandbox_id in self._slots
             await self._reserve(req.sandbox_id)
@@ -166,18 +198,24 @@ class SandboxManager:
             return state
 
     async def _reserve(self, sandbox_id: str) -> None:
-        """Take a slot for `sandbox_id`, or raise CapacityExhausted. Atomic between awaits."""
-        if sandbox_id in self._slots or len(self._slots) < self.settings.capacity:
+        """Take a slot for `sandbox_id`, or raise CapacityExhausted. Atomic between awaits:
+        the cordon is checked in the same step that adds a new slot."""
+        if sandbox_id in self._slots:
+            return  # a retry of a create that holds its slot already
+        if len(self._slots) < self.settings.capacity and not self._cordoned:
             self._slots.add(sandbox_id)
             return
-        # Looks full: sandboxes may have exited since we last looked.
+        # Looks full (or cordoned): sandboxes may have exited since we last looked, and a
+        # retried create of a sandbox that exists is returned whatever the count or cordon.
         states = await self._refresh_slots()
         existing = states.get(sandbox_id)
         if existing is not None:
-            # Idempotency: a sandbox that exists is returned by `_create`, whatever the count.
             if _live(existing):
                 self._slots.add(sandbox_id)
             return
+        if sandbox_id in self._slots:
+            return
+        self._check_not_cordoned()
         if len(self._slots) < self.settings.capacity:
             self._slots.add(sandbox_id)
             return
@@ -186,15 +224,41 @@ class SandboxManager:
             "delete a sandbox or schedule on another agent"
         )
 
+    def _check_not_cordoned(self) -> None:
+        if self._cordoned:
+            raise CapacityExhausted(
+                f"agent {self.settings.name} is draining and takes no new sandboxes; "
+                "schedule on another agent of the pool"
+            )
+
+    def cordon(self, cordoned: bool) -> bool:
+        """Refuse (True) or accept again (False) new sandboxes. Returns whether this changed
+        anything; creates already past the check finish and keep their slots."""
+        changed = self._cordoned != cordoned
+        self._cordoned = cordoned
+        if changed:
+            log.info(
+                "agent cordoned" if cordoned else "agent uncordoned",
+                extra={"agent": self.settings.name, "sandboxes": len(self._slots)},
+            )
+        return changed
+
+    @property
+    def cordoned(self) -> bool:
+        return self._cordoned
+
     async def _refresh_slots(self) -> dict[str, ContainerState]:
         """Re-count slots from the runtime, keeping what changed while we were asking."""
         before = set(self._slots)
+        # A create in flight when the list starts may finish (its container made after the
+        # runtime answered) before we look again: its slot stays, or Status would read empty.
+        creating = set(self._creating)
         listed = await self.runtime.list(labels={AGENT_LABEL: self.settings.name})
         states = {s.id: s for s in listed}
         now = self._slots
         added, removed = now - before, before - now
         live = {sid for sid, st in states.items() if _live(st)}
-        self._slots = (live - removed) | added | (now & self._creating)
+        self._slots = (live - removed) | added | (now & (self._creating | creating))
         return states
 
     async def _create(self, req: SandboxRequest) -> ContainerState:
@@ -298,9 +362,13 @@ class SandboxManager:
             states[sandbox_id] = replace(
                 states[sandbox_id], status=ContainerStatus.CREATED, exit_code=None, reason=""
             )
+        # Read after the refresh, with no await since: a create refused or counted here.
         return AgentStatus(
             sandboxes=sorted(states.values(), key=lambda s: s.id),
             images=images,
+            cordoned=self._cordoned,
+            used_slots=len(self._slots),
+            creating=len(self._creating),
         )
 
     async def pull(self, image: str) -> PullResult:

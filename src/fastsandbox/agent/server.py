@@ -124,7 +124,16 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             sandboxes=[state_to_proto(st) for st in status.sandboxes],
             runtime=s.runtime,
             version=s.version,
+            cordoned=status.cordoned,
+            used_slots=status.used_slots,
+            creating=status.creating,
         )
+
+    async def Cordon(
+        self, request: agent_pb2.CordonRequest, context: Context
+    ) -> agent_pb2.CordonResponse:
+        changed = self.manager.cordon(request.cordon)
+        return agent_pb2.CordonResponse(cordoned=self.manager.cordoned, changed=changed)
 
     async def PullImage(
         self, request: agent_pb2.PullImageRequest, context: Context

@@ -75,6 +75,13 @@ class AgentClient:
         )
         return reply
 
+    async def cordon(self, cordon: bool, timeout: float = 5.0) -> agent_pb2.CordonResponse:
+        """Make the agent refuse (True) or accept again (False) new sandboxes; idempotent."""
+        reply: agent_pb2.CordonResponse = await self._call(
+            self._stub.Cordon, agent_pb2.CordonRequest(cordon=cordon), timeout
+        )
+        return reply
+
     async def pull(self, image: str) -> agent_pb2.PullImageResponse:
         reply: agent_pb2.PullImageResponse = await self._call(
             self._stub.PullImage, agent_pb2.PullImageRequest(image=image), 600.0

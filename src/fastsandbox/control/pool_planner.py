@@ -6,9 +6,15 @@
 - Size: keep `bufferMin ≤ free slots ≤ bufferMax` (plus one free slot per pending sandbox)
   within `poolMin..poolMax` agents. Agents still starting count with their whole capacity (they
   are coming), lost agents (were Ready, stopped answering) with none; both count as agents.
-- Scale down only by draining *idle* agents (no slot, no container), and only while the free
-  slots left still cover `bufferMin` + pending. A draining agent takes no new sandboxes
-  (placement skips it) and is stopped once idle; an agent holding a sandbox is never stopped.
+- Scale down only by draining *idle* agents (no slot, no container, none counted by the agent
+  itself), and only while the free slots left still cover `bufferMin` + pending. A draining
+  agent takes no new sandboxes (placement skips it; the agent refuses them too) and is stopped
+  once idle; an agent holding a sandbox is never stopped.
+- A drain is undone before anything is started: when the pool is short (below `poolMin`, or
+  fewer free slots than it needs, or fewer current-version agents than a roll wants), Ready
+  draining agents of the current version with a free slot take sandboxes again (`undrain`),
+  the roomiest first, and only the rest of the shortage starts new agents. That covers demand
+  coming back while an agent drains and a roll cancelled by setting the old version again.
 - Rolling update: agents whose version differs from `agentVersion` are replaced. At most
   `desired + maxSurge` agents are active at once, and an old agent drains only while at least
   `desired - maxUnavailable` active agents stay Ready — with the default `maxUnavailable=0` the
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastsandbox.api.models import SandboxPoolSpec
 
@@ -38,14 +44,17 @@ class AgentView:
     draining: bool = False
     # Was Ready once and stopped answering: no usable capacity until it returns.
     lost: bool = False
+    # Slots the agent itself counted in its last Status, its creates in flight included (made
+    # through other control-plane replicas, not in this one's `used` yet).
+    agent_used: int = 0
 
     @property
     def idle(self) -> bool:
-        return self.used == 0 and self.containers == 0
+        return self.used == 0 and self.containers == 0 and self.agent_used == 0
 
     @property
     def free(self) -> int:
-        return 0 if self.lost else max(self.capacity - self.used, 0)
+        return 0 if self.lost else max(self.capacity - max(self.used, self.agent_used), 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +62,12 @@ class Plan:
     start: int = 0
     drain: tuple[str, ...] = ()
     stop: tuple[str, ...] = ()
+    # Draining agents that take sandboxes again.
+    undrain: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not (self.start or self.drain or self.stop)
+        return not (self.start or self.drain or self.stop or self.undrain)
 
 
 def buffer_bounds(spec: SandboxPoolSpec) -> tuple[int, int]:
@@ -86,12 +97,35 @@ def plan(
     want_free = buffer_min + max(pending, 0)
 
     active = [a for a in agents if not a.draining]
+    # Draining agents that could take sandboxes again at once, roomiest first.
+    reclaimable = sorted(
+        (
+            a
+            for a in agents
+            if a.draining and a.version == version and a.ready and not a.lost and a.free > 0
+        ),
+        key=lambda a: (-a.free, a.name),
+    )
+    undrain: list[AgentView] = []
+    rolling = any(a.version != version for a in active)
+    if not rolling:
+        # Short of agents or of free slots: each undrained agent brings its free slots. Stops
+        # as soon as the need is covered, so none of them is surplus to drain again right away.
+        count = len(active) + starting
+        free = sum(a.free for a in active) + starting * cap
+        for a in reclaimable:
+            if count >= pool_max or (count >= pool_min and free >= want_free):
+                break
+            undrain.append(a)
+            count += 1
+            free += a.free
+        active += [_undrained(a) for a in undrain]
     count = len(active) + starting
     free = sum(a.free for a in active) + starting * cap
     # Scale-up need counts what is free now (fragmented across agents as it is).
     up = count + math.ceil((want_free - free) / cap) if free < want_free else 0
 
-    if any(a.version != version for a in active):
+    if rolling:
         surge = spec.rolling_update.max_surge
         unavailable = spec.rolling_update.max_unavailable
         if surge == 0 and unavailable == 0:
@@ -101,6 +135,11 @@ def plan(
         used = sum(a.used for a in active)
         desired = max(math.ceil((used + want_free) / cap), up)
         desired = min(max(desired, pool_min), pool_max)
+        # New-version agents still short of `desired` (within the surge): draining ones first.
+        new_count = sum(1 for a in active if a.version == version) + starting
+        room = min(desired - new_count, desired + surge - count)
+        undrain = reclaimable[: max(room, 0)]
+        active += [_undrained(a) for a in undrain]
         start, drain = _roll(active, starting, version, desired, surge, unavailable)
     else:
         desired = min(max(up or count, pool_min), pool_max)
@@ -109,10 +148,19 @@ def plan(
     if not can_start:
         start = 0
 
+    kept = {a.name for a in undrain}
     stop = tuple(
-        sorted(a.name for a in agents if (a.draining or a.name in drain) and a.idle and not a.lost)
+        sorted(
+            a.name
+            for a in agents
+            if (a.draining or a.name in drain) and a.name not in kept and a.idle and not a.lost
+        )
     )
-    return Plan(start=start, drain=tuple(sorted(drain)), stop=stop)
+    return Plan(start=start, drain=tuple(sorted(drain)), stop=stop, undrain=tuple(sorted(kept)))
+
+
+def _undrained(agent: AgentView) -> AgentView:
+    return replace(agent, draining=False)
 
 
 def _scale_down(

@@ -6,6 +6,8 @@ are taken, so the server runs this first: adopt the fleet's agents, ask each wha
 take a slot for every container a record points at, and for every live container the agent
 reports without a record (the agent is the capacity authority; such orphans are handled by the
 janitor of the lifecycle work, until then they keep their slot rather than be double-booked).
+Creates the previous control plane left in flight at an agent run to their end there; the
+agent's report is read once they have, so a record is rebuilt only for a container that runs.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
 from fastsandbox.api.models import API_VERSION, Sandbox, SandboxPool, Timings
 from fastsandbox.api.phases import HOLDS_SLOT
+from fastsandbox.control.agent_client import AgentClient
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.registry import Allocation
 from fastsandbox.control.sandboxes import REQUEST_LABEL, SandboxService
@@ -40,6 +44,11 @@ class RecoveryReport:
 
 
 PORTS_LABEL = "fastsandbox.io/ports"
+# How long recovery waits for creates an agent still had in flight for the previous control
+# plane; a create takes well under a second, several on a loaded machine, longer only with an
+# image pull (then its record is rebuilt while it runs, and converges like any other).
+SETTLE_SECONDS = 15.0
+_SETTLE_POLL_SECONDS = 0.2
 
 
 def _ports(labels: Iterable[agent_pb2.KeyValue]) -> list[int]:
@@ -83,6 +92,43 @@ async def _adopt_record(
     return True
 
 
+async def _settled_status(
+    client: AgentClient, *, settle: bool, timeout: float = SETTLE_SECONDS
+) -> agent_pb2.StatusResponse | None:
+    """The agent's report, read (with `settle`) once the creates it still had in flight for the
+    previous control plane have finished, or at `timeout`; None when it does not answer.
+
+    Those creates run to their end at the agent (or fail and are removed); a report read before
+    they finish may miss their container, or show one whose record, rebuilt from it, would claim
+    a container that never runs. The report used is asked for after one that showed no create
+    in flight: a create finishing while the agent reads the runtime can be in neither the list
+    nor the count of that same report."""
+    deadline = time.monotonic() + timeout
+    latest: agent_pb2.StatusResponse | None = None
+    quiet = not settle
+    while True:
+        try:
+            latest = await client.status()
+        except FsbError as exc:
+            log.warning(
+                "agent status failed during recovery",
+                extra={"target": client.target, "err": exc.message},
+            )
+        else:
+            if quiet:
+                return latest
+            quiet = latest.creating == 0
+            if quiet:
+                continue
+            log.info(
+                "waiting for creates in flight at the agent",
+                extra={"target": client.target, "creating": latest.creating},
+            )
+        if time.monotonic() >= deadline:
+            return latest
+        await asyncio.sleep(_SETTLE_POLL_SECONDS)
+
+
 async def recover(
     pools: PoolManager, sandboxes: SandboxService, *, rebuild_records: bool = True
 ) -> RecoveryReport:
@@ -112,14 +158,16 @@ async def recover(
             claimed.add(sandbox_id)
             adopted += 1
 
+    live = [a for a in agents if a.ready]
+    # With replicas (no rebuilt records), creates in flight are the other replicas' live work,
+    # not a dead control plane's leftovers: there is nothing to wait for.
+    reports = await asyncio.gather(
+        *(_settled_status(sandboxes.agents.get(a.target), settle=rebuild_records) for a in live)
+    )
     orphans = 0
     rebuilt = 0
-    for agent in agents:
-        if not agent.ready:
-            continue
-        try:
-            status = await sandboxes.agents.get(agent.target).status()
-        except FsbError:
+    for agent, status in zip(live, reports, strict=True):
+        if status is None:
             continue
         for state in status.sandboxes:
             if state.sandbox_id in claimed or state.exited:

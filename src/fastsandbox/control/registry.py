@@ -48,7 +48,17 @@ class AgentRecord:
     capacity: int
     version: str = ""
     ready: bool = False
+    # Takes no new sandboxes. On the replica that plans pools (the leader) the pool loop sets
+    # and clears it; on every replica a heartbeat whose agent says it is cordoned sets it, and
+    # one that says it is not clears it unless this replica's pool loop is draining the agent.
     draining: bool = False
+    # What the agent said of itself in its last Status (or Cordon) answer.
+    cordoned: bool = False
+    # Slots the agent itself counts, its creates in flight included (last Status).
+    agent_slots: int = 0
+    # time.monotonic() of the last Cordon call this replica made: a Status asked before it is
+    # stale about `cordoned`.
+    cordon_changed_at: float = 0.0
     images: frozenset[str] = frozenset()
     last_heartbeat: float = 0.0
     # time.monotonic() when the agent stopped answering; None while it answers.
@@ -74,7 +84,8 @@ class AgentRecord:
             ports_in_use=self.ports_in_use,
             images=self.images,
             ready=self.ready,
-            draining=self.draining,
+            # The agent's own word counts even before this replica's bookkeeping follows it.
+            draining=self.draining or self.cordoned,
         )
 
 
@@ -107,6 +118,10 @@ class Registry:
             record.reports = existing.reports
             record.unready_since = existing.unready_since
             record.images = existing.images or record.images
+            record.draining = existing.draining or record.draining
+            record.cordoned = existing.cordoned
+            record.agent_slots = existing.agent_slots
+            record.cordon_changed_at = existing.cordon_changed_at
         self._agents[record.name] = record
         self._by_pool[(record.namespace, record.pool)].add(record.name)
         return record
@@ -234,6 +249,11 @@ class Registry:
             )
         ready = [a for a in agents if a.ready and not a.draining]
         if not ready:
+            if any(a.ready for a in agents):
+                return (
+                    f"every ready agent of pool {namespace}/{pool} is draining; retry once the "
+                    "pool has started a new one"
+                )
             return f"no agent of pool {namespace}/{pool} is ready yet; retry in a moment"
         free = [a for a in ready if len(a.slots) < a.capacity]
         if not free:

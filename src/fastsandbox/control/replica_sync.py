@@ -11,6 +11,10 @@ agents, so each replica also learns what the others did:
   takes that slot here as well, and gives it back when the record says the container is gone
   (exited, expired, moved, deleted).
 
+- **drains** from the agents themselves: the leader cordons an agent it drains, and every
+  replica's heartbeat reads `cordoned` from the agent's Status (`PoolManager.heartbeat`), so
+  placement here skips it within a heartbeat; until then the agent refuses the create.
+
 - **demand** for the leader: a create refused for lack of room on a follower is noted in its
   pool's annotation `fastsandbox.io/demand` (`{sandbox name: unix deadline}`, batched); the
   leader hands each entry to its own pool loop (which is what scales) and clears the annotation.

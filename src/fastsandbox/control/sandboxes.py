@@ -392,6 +392,11 @@ class SandboxService:
             # It may have started the container before the connection broke.
             await self._remove_container(allocation)
             raise
+        except asyncio.CancelledError:
+            # Our caller went away (its client hung up): the agent finishes a create whatever
+            # happens to the call, so the container is taken back here, as nobody will record it.
+            await asyncio.shield(self._remove_container(allocation))
+            raise
 
     def mark_running(
         self,
