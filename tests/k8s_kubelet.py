@@ -641,13 +641,17 @@ class ProcessKubelet:
         env = await self._env(run, spec)
         command = [expand(a, env) for a in spec.get("command") or ()]
         args = [expand(a, env) for a in spec.get("args") or ()]
+        # The image's entrypoint is a program of this host (the image table), not a path inside
+        # the container: it is never rewritten, or a checkout under a mounted path such as /tmp
+        # would be looked for inside the emptyDir.
+        entrypoint: list[str] = []
         if not command:
             image = spec.get("image", "")
             entry = next((v for k, v in self.images.items() if fnmatch.fnmatch(image, k)), None)
             if entry is None:
                 raise ConfigError(f"image {image!r} is not in the process kubelet's image table")
-            command = list(entry)
-        argv = [_rewrite(a, mounts) for a in command + args]
+            entrypoint = list(entry)
+        argv = entrypoint + [_rewrite(a, mounts) for a in command + args]
         full = {**self.base_env, "HOSTNAME": run.name}
         full.update({k: _rewrite(v, mounts) for k, v in env.items()})
         cwd = spec.get("workingDir")
