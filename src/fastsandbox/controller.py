@@ -20,7 +20,6 @@ import binascii
 import contextlib
 import logging
 import secrets
-import signal
 import socket
 import sys
 import time
@@ -31,6 +30,7 @@ import grpc
 from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Secret
 
+from fastsandbox._aio.signals import run_until_stopped
 from fastsandbox._kube.config import FIELD_MANAGER, make_client
 from fastsandbox._kube.errors import translate
 from fastsandbox._kube.lease import LEASE_NAME, KubeLeaseApi, LeaderElector
@@ -261,16 +261,4 @@ def main(settings: ControllerSettings) -> int:
         sys.stdout.write(message + "\n")
         sys.stdout.flush()
 
-    async def serve() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop=stop, announce=announce)
-
-    try:
-        asyncio.run(serve())
-    except FsbError as exc:
-        sys.stderr.write(f"error: {exc.message}\n")
-        return exc.exit_code
-    return 0
+    return run_until_stopped(lambda stop: run(settings, stop=stop, announce=announce))

@@ -13,7 +13,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import IO
 
 import grpc
 
+from fastsandbox._aio.signals import run_until_stopped
 from fastsandbox._aio.tasks import TaskSet, guarded
 from fastsandbox.agent.runtime import containerd_daemon
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
@@ -205,16 +205,4 @@ def main(settings: ServerSettings) -> int:
         )
         sys.stdout.flush()
 
-    async def serve() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop=stop, announce=announce)
-
-    try:
-        asyncio.run(serve())
-    except FsbError as exc:
-        sys.stderr.write(f"error: {exc.message}\n")
-        return exc.exit_code
-    return 0
+    return run_until_stopped(lambda stop: run(settings, stop=stop, announce=announce))

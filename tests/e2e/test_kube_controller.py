@@ -16,19 +16,19 @@ measured failover time and create latencies).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import json
 import signal
 import statistics
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from lightkube import ApiError
+import yaml
 
-from fastsandbox._kube.resources import SandboxResource
 from fastsandbox.errors import CapacityExhausted
 from fastsandbox.sdk.aio import AsyncClient
 from tests.e2e._kube_server import NAMESPACE, KubeServer, purge_kube
@@ -76,22 +76,38 @@ def wait_pool_ready(server: KubeServer, pool: str, agents: int, timeout: float =
     raise AssertionError(f"pool {pool} not ready with {agents} agent(s): {status}")
 
 
+@functools.cache
+def kubectl_binary() -> str:
+    """The kubectl built next to the test apiserver (same version; cached, so this is quick)."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "build-kube-apiserver"
+    out = subprocess.run([str(script)], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.startswith("KUBECTL="):
+            return line.removeprefix("KUBECTL=")
+    raise AssertionError(f"scripts/build-kube-apiserver printed no KUBECTL=: {out!r}")
+
+
+def kubectl(server: KubeServer, *args: str, stdin: str | None = None) -> str:
+    argv = [kubectl_binary(), "--kubeconfig", str(server.kubeconfig), "-n", NAMESPACE, *args]
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
 def apply_sandbox(server: KubeServer, name: str, **spec: Any) -> None:
-    """What `kubectl apply -f sandbox.yaml` does: the object goes to the apiserver, not the
-    Fast-Path; the controller finds it through its watch."""
+    """`kubectl apply -f sandbox.yaml`: the object goes to the apiserver, not the Fast-Path; the
+    controller finds it through its watch."""
     body = {
         "apiVersion": "fastsandbox.io/v1alpha1",
         "kind": "Sandbox",
         "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {"poolRef": "default-pool", **spec},
     }
-    with contextlib.closing(server.admin()) as client:
-        client.create(SandboxResource.from_dict(body))
+    kubectl(server, "apply", "-f", "-", stdin=yaml.safe_dump(body))
 
 
 def kubectl_delete(server: KubeServer, name: str) -> None:
-    with contextlib.closing(server.admin()) as client, contextlib.suppress(ApiError):
-        client.delete(SandboxResource, name, namespace=NAMESPACE)
+    kubectl(server, "delete", "sandbox", name, "--ignore-not-found", "--wait=false")
 
 
 def gone(server: KubeServer, name: str, timeout: float = 30) -> None:
@@ -131,6 +147,9 @@ def test_kubectl_apply_of_a_sandbox_converges_to_running(
     try:
         obj = wait_phase(kube_server, "applied", "Running", timeout=60)
         status = obj["status"]
+        # The printer columns show what `fsb get` shows.
+        row = kubectl(kube_server, "get", "sandboxes", "applied", "--no-headers").split()
+        assert row[:3] == ["applied", "Running", status["assignedAgent"]], row
         assert status["assignedAgent"] and status["agentIP"]
         assert "fastsandbox.io/cleanup" in obj["metadata"]["finalizers"]
         cid = status["containerID"]

@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from fastsandbox.sdk.sync import Client
+    from fastsandbox.settings import LogSettings
 
 CLIENT_PANEL = "Client options"
 
@@ -71,3 +74,33 @@ def client(endpoint: str | None, token: str | None, namespace: str | None) -> Cl
     from fastsandbox.sdk.sync import Client
 
     return Client(endpoint, token, namespace)
+
+
+# Logging of the long-running commands (server, controller, janitor).
+LogLevel = Annotated[
+    str, typer.Option("--log-level", envvar="FSB_LOG_LEVEL", metavar="debug|info|warning|error")
+]
+LogFormat = Annotated[
+    str, typer.Option("--log-format", envvar="FSB_LOG_FORMAT", metavar="auto|json|console")
+]
+LogFile = Annotated[
+    "Path | None",
+    typer.Option(
+        "--log-file",
+        envvar="FSB_LOG_FILE",
+        metavar="PATH",
+        help="Also write JSON logs here, size-rotated.",
+    ),
+]
+
+
+def log_settings(level: str, format_: str, file: Path | None = None) -> LogSettings:
+    """The validated log options, or InvalidArgument naming the flag."""
+    from fastsandbox.errors import InvalidArgument
+    from fastsandbox.settings import LogSettings
+
+    if level.lower() not in ("debug", "info", "warning", "error"):
+        raise InvalidArgument(f"--log-level: must be debug, info, warning or error, not {level!r}")
+    if format_ not in ("auto", "json", "console"):
+        raise InvalidArgument(f"--log-format: must be auto, json or console, not {format_!r}")
+    return LogSettings(level=level.lower(), format=format_, file=file)

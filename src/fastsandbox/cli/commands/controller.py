@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, log_settings
+
 
 def controller(
     *,
@@ -94,32 +96,15 @@ def controller(
             "--heartbeat", metavar="SECONDS", help="How often each agent's Status is polled."
         ),
     ] = 1.0,
-    log_level: Annotated[
-        str, typer.Option("--log-level", envvar="FSB_LOG_LEVEL", metavar="debug|info|warning|error")
-    ] = "info",
-    log_format: Annotated[
-        str, typer.Option("--log-format", envvar="FSB_LOG_FORMAT", metavar="auto|json|console")
-    ] = "auto",
-    log_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--log-file",
-            envvar="FSB_LOG_FILE",
-            metavar="PATH",
-            help="Also write JSON logs here, size-rotated.",
-        ),
-    ] = None,
+    log_level: LogLevel = "info",
+    log_format: LogFormat = "auto",
+    log_file: LogFile = None,
 ) -> None:
     """Run the control plane on Kubernetes (prints `ready` when serving the Fast-Path)."""
     from fastsandbox.errors import InvalidArgument
-    from fastsandbox.settings import ControllerSettings, LogSettings
+    from fastsandbox.settings import ControllerSettings
 
-    if log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise InvalidArgument(
-            f"--log-level: must be debug, info, warning or error, not {log_level!r}"
-        )
-    if log_format not in ("auto", "json", "console"):
-        raise InvalidArgument(f"--log-format: must be auto, json or console, not {log_format!r}")
+    log = log_settings(log_level, log_format, log_file)
     if lease_duration < 2:
         raise InvalidArgument(f"--lease-duration: must be >= 2 seconds, not {lease_duration}")
     if heartbeat <= 0:
@@ -137,7 +122,7 @@ def controller(
         lease_duration_seconds=lease_duration,
         insecure_registries=list(insecure_registry or []),
         heartbeat_seconds=heartbeat,
-        log=LogSettings(level=log_level.lower(), format=log_format, file=log_file),
+        log=log,
     )
 
     from fastsandbox.controller import main as controller_main  # heavy: only when serving

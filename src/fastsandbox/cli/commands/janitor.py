@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fastsandbox.cli.options import LogFormat, LogLevel, log_settings
+
 if TYPE_CHECKING:
     from fastsandbox.janitor.kubernetes import NodeJanitorSettings
 
@@ -81,12 +83,8 @@ def janitor(
             help="How often the janitor looks for orphans.",
         ),
     ] = 10.0,
-    log_level: Annotated[
-        str, typer.Option("--log-level", envvar="FSB_LOG_LEVEL", metavar="debug|info|warning|error")
-    ] = "info",
-    log_format: Annotated[
-        str, typer.Option("--log-format", envvar="FSB_LOG_FORMAT", metavar="auto|json|console")
-    ] = "auto",
+    log_level: LogLevel = "info",
+    log_format: LogFormat = "auto",
 ) -> None:
     """Remove what agent Pods on NODE left behind once their sandbox or agent is gone."""
     from fastsandbox.errors import InvalidArgument
@@ -97,16 +95,10 @@ def janitor(
         raise InvalidArgument(f"--orphan-timeout: must be >= 0 seconds, not {orphan_timeout}")
     if interval <= 0:
         raise InvalidArgument(f"--interval: must be > 0 seconds, not {interval}")
-    if log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise InvalidArgument(
-            f"--log-level: must be debug, info, warning or error, not {log_level!r}"
-        )
-    if log_format not in ("auto", "json", "console"):
-        raise InvalidArgument(f"--log-format: must be auto, json or console, not {log_format!r}")
+    log = log_settings(log_level, log_format)
 
     from fastsandbox.janitor.kubernetes import NodeJanitorSettings
     from fastsandbox.logconfig import configure
-    from fastsandbox.settings import LogSettings
 
     settings = NodeJanitorSettings(
         node=node,
@@ -116,23 +108,19 @@ def janitor(
         interval_seconds=interval,
         orphan_timeout_seconds=orphan_timeout,
     )
-    configure(LogSettings(level=log_level.lower(), format=log_format), component="janitor")
+    configure(log, component="janitor")
     _serve(settings, kubeconfig)
 
 
 def _serve(settings: NodeJanitorSettings, kubeconfig: Path | None) -> None:
     import asyncio
-    import signal
 
+    from fastsandbox._aio.signals import run_until_stopped
     from fastsandbox._kube.config import make_client
     from fastsandbox.janitor.kubernetes import LightkubeAgentPods, run
     from fastsandbox.store.kubernetes import KubernetesStore
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    async def main(stop: asyncio.Event) -> None:
         # Two clients: the store owns (and closes) its own; the Pod lister's is ours to close.
         store = await KubernetesStore.open(kubeconfig)
         pods_client = await make_client(kubeconfig)
@@ -142,4 +130,6 @@ def _serve(settings: NodeJanitorSettings, kubeconfig: Path | None) -> None:
             await pods_client.close()
             await store.close()
 
-    asyncio.run(main())
+    code = run_until_stopped(main)
+    if code:
+        raise typer.Exit(code)

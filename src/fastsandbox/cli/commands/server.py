@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, log_settings
+
 
 def server(
     *,
@@ -63,21 +65,9 @@ def server(
             help="Agent networking: CNI bridge per agent, or the host's.",
         ),
     ] = "auto",
-    log_level: Annotated[
-        str, typer.Option("--log-level", envvar="FSB_LOG_LEVEL", metavar="debug|info|warning|error")
-    ] = "info",
-    log_format: Annotated[
-        str, typer.Option("--log-format", envvar="FSB_LOG_FORMAT", metavar="auto|json|console")
-    ] = "auto",
-    log_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--log-file",
-            envvar="FSB_LOG_FILE",
-            metavar="PATH",
-            help="Also write JSON logs here, size-rotated.",
-        ),
-    ] = None,
+    log_level: LogLevel = "info",
+    log_format: LogFormat = "auto",
+    log_file: LogFile = None,
     orphan_timeout: Annotated[
         float,
         typer.Option(
@@ -99,16 +89,11 @@ def server(
 ) -> None:
     """Run the control plane and its agents on this machine (prints `ready` when serving)."""
     from fastsandbox.errors import InvalidArgument
-    from fastsandbox.settings import LogSettings, ServerSettings
+    from fastsandbox.settings import ServerSettings
 
     if network not in ("auto", "cni", "host"):
         raise InvalidArgument(f"--network: must be auto, cni or host, not {network!r}")
-    if log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise InvalidArgument(
-            f"--log-level: must be debug, info, warning or error, not {log_level!r}"
-        )
-    if log_format not in ("auto", "json", "console"):
-        raise InvalidArgument(f"--log-format: must be auto, json or console, not {log_format!r}")
+    log = log_settings(log_level, log_format, log_file)
     if orphan_timeout < 0:
         raise InvalidArgument(f"--orphan-timeout: must be >= 0 seconds, not {orphan_timeout}")
     if janitor_interval <= 0:
@@ -120,7 +105,7 @@ def server(
         token=token,
         default_pool=not no_default_pool,
         network=network,
-        log=LogSettings(level=log_level.lower(), format=log_format, file=log_file),
+        log=log,
         janitor_interval_seconds=janitor_interval,
         orphan_timeout_seconds=orphan_timeout,
     )
