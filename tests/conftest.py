@@ -12,3 +12,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "kubernetes: needs a real kube-apiserver (built by scripts/build-kube-apiserver)"
     )
+    config.addinivalue_line(
+        "markers", "image: builds the deployable image (scripts/build-image), with FSB_TEST_IMAGE=1"
+    )

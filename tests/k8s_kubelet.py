@@ -96,7 +96,8 @@ NODE = "local-0"
 HOST_IP = "127.0.0.1"
 # The image the agent Pods of the tests use, and what it runs here.
 AGENT_IMAGE = "fastsandbox.test/agent:dev"
-AGENT_ARGV = (sys.executable, "-m", "fastsandbox.agent")
+# The image's entrypoint, as in the real image (scripts/build-image): `fsb`; the Pod gives `agent`.
+AGENT_ARGV = (str(Path(sys.executable).parent / "fsb"),)
 CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 STATE_ROOT = "/var/lib/fastsandbox"
 # How long a deleted Pod's processes get after SIGTERM at most, whatever their grace period.

@@ -140,9 +140,11 @@ def _merge_agent(theirs: Mapping[str, Any], ours: dict[str, Any]) -> dict[str, A
             merged[key] = list(ours.get(key, ())) + extra
         else:
             merged[key] = _merge_named(theirs.get(key), ours.get(key))
-    # The template's args go first: for a flag given twice argparse keeps the last, so the
-    # template can add flags (--insecure-registry, --init-path, ...) but not override ours.
-    merged["args"] = list(theirs.get("args") or ()) + list(ours.get("args", ()))
+    # The subcommand, then the template's args, then ours: for a flag given twice argparse
+    # keeps the last, so the template can add flags (--insecure-registry, --init-path, ...) but
+    # not override ours.
+    command, *flags = ours["args"]
+    merged["args"] = [command, *(theirs.get("args") or ()), *flags]
     return merged
 
 
@@ -353,7 +355,9 @@ class KubernetesFleet:
         if version:
             labels[VERSION_LABEL] = version_label(version)
             annotations[VERSION_ANNOTATION] = version
+        # The image's entrypoint is `fsb`; an agent Pod runs `fsb agent ...`.
         args = [
+            "agent",
             "--name=$(POD_NAME)",
             f"--pool={pool_name}",
             f"--namespace={ns}",
