@@ -34,8 +34,7 @@ from fastsandbox._aio.signals import run_until_stopped
 from fastsandbox._kube.config import FIELD_MANAGER, make_client
 from fastsandbox._kube.errors import translate
 from fastsandbox._kube.lease import LEASE_NAME, KubeLeaseApi, LeaderElector
-from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc
-from fastsandbox.control.fastpath.auth import TokenAuth
+from fastsandbox.control.fastpath.serve import start_fastpath
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.errors import AlreadyExists, Conflict, FsbError, NotFound
 from fastsandbox.fleet.kubernetes import KubernetesFleet
@@ -172,12 +171,8 @@ async def run(
         plane = ControlPlane(
             store,
             fleet,
-            PlaneSettings(
-                delete_grace_seconds=settings.delete_grace_seconds,
-                heartbeat_seconds=settings.heartbeat_seconds,
-                default_cpu=settings.default_sandbox_cpu,
-                default_memory=settings.default_sandbox_memory,
-                expired_retention_seconds=settings.expired_retention_seconds,
+            PlaneSettings.of(
+                settings,
                 agent_token=await fleet.token(),
                 shared_agents=True,
                 agent_sync_seconds=settings.agent_sync_seconds,
@@ -187,13 +182,7 @@ async def run(
         report = await plane.start_serving()
         token, created = await api_token(client, namespace, settings.token)
 
-        server = grpc.aio.server(
-            interceptors=[TokenAuth(token)], options=[("grpc.so_reuseport", 0)]
-        )
-        fastpath_pb2_grpc.add_FastPathServicer_to_server(plane.servicer, server)
-        if server.add_insecure_port(settings.listen) == 0:
-            raise FsbError(f"cannot listen on {settings.listen}: address in use or invalid")
-        await server.start()
+        server = await start_fastpath(plane.servicer, token, settings.listen)
 
         leadership = Leadership(plane, identity)
         elector = LeaderElector(

@@ -24,11 +24,11 @@ from fastsandbox._aio.signals import run_until_stopped
 from fastsandbox._aio.tasks import TaskSet, guarded
 from fastsandbox.agent.runtime import containerd_daemon
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
-from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc
 from fastsandbox.api.models import ObjectMeta, PoolCapacity, SandboxPool, SandboxPoolSpec
-from fastsandbox.control.fastpath.auth import TokenAuth, load_or_create_token
+from fastsandbox.control.fastpath.auth import load_or_create_token
+from fastsandbox.control.fastpath.serve import start_fastpath
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
-from fastsandbox.errors import AlreadyExists, FsbError, NotFound, Unavailable
+from fastsandbox.errors import AlreadyExists, NotFound, Unavailable
 from fastsandbox.fleet.local import LocalFleet
 from fastsandbox.janitor.containerd import ContainerdLeftovers
 from fastsandbox.janitor.embedded import EmbeddedKnownState
@@ -141,17 +141,7 @@ async def run(
         grace_seconds=settings.delete_grace_seconds,
         log=settings.log,
     )
-    plane = ControlPlane(
-        store,
-        fleet,
-        PlaneSettings(
-            delete_grace_seconds=settings.delete_grace_seconds,
-            heartbeat_seconds=settings.heartbeat_seconds,
-            default_cpu=settings.default_sandbox_cpu,
-            default_memory=settings.default_sandbox_memory,
-            expired_retention_seconds=settings.expired_retention_seconds,
-        ),
-    )
+    plane = ControlPlane(store, fleet, PlaneSettings.of(settings))
     server: grpc.aio.Server | None = None
     janitor_tasks = TaskSet()
     janitor_clients: list[ContainerdRuntime | ContainerdLeftovers] = []
@@ -161,14 +151,7 @@ async def run(
         report = await plane.start()
         janitor_clients = await _start_janitor(settings, plane, fleet, containerd, janitor_tasks)
 
-        # No SO_REUSEPORT: a second server on the same address must fail, not share the port.
-        server = grpc.aio.server(
-            interceptors=[TokenAuth(token)], options=[("grpc.so_reuseport", 0)]
-        )
-        fastpath_pb2_grpc.add_FastPathServicer_to_server(plane.servicer, server)
-        if server.add_insecure_port(settings.listen) == 0:
-            raise FsbError(f"cannot listen on {settings.listen}: address in use or invalid")
-        await server.start()
+        server = await start_fastpath(plane.servicer, token, settings.listen)
         message = (
             f"fsb server ready on {settings.listen} (data dir {data_dir}, "
             f"{report.agents} agent(s), {report.records} sandbox record(s))"

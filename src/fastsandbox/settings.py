@@ -30,7 +30,23 @@ class LogSettings:
 
 
 @dataclass(slots=True)
-class ServerSettings:
+class SandboxDefaults:
+    """What both control planes (`fsb server`, `fsb controller`) apply to every sandbox."""
+
+    delete_grace_seconds: float = 10.0
+    """SIGTERM → SIGKILL grace on sandbox delete."""
+    default_sandbox_cpu: str = "1"
+    """CPU limit of a sandbox that asks for none (a quantity): no sandbox runs unbounded."""
+    default_sandbox_memory: str = "512Mi"
+    """Memory limit of a sandbox that asks for none."""
+    expired_retention_seconds: float = 24 * 3600.0
+    """How long an Expired record is kept for history before it is deleted."""
+    heartbeat_seconds: float = 1.0
+    """How often the control plane (every replica) polls each agent's Status."""
+
+
+@dataclass(slots=True)
+class ServerSettings(SandboxDefaults):
     data_dir: Path = field(default_factory=default_data_dir)
     """Holds the SQLite file, the token, agent state, logs and (if we start it) containerd."""
     listen: str = "127.0.0.1:9090"
@@ -46,16 +62,6 @@ class ServerSettings:
     """Create pool `default-pool` in namespace `default` when it does not exist."""
     network: str = "auto"
     """cni | host | auto (cni when the bridge plugin is installed, else host)."""
-    delete_grace_seconds: float = 10.0
-    """SIGTERM → SIGKILL grace on sandbox delete."""
-    default_sandbox_cpu: str = "1"
-    """CPU limit of a sandbox that asks for none (a quantity): no sandbox runs unbounded."""
-    default_sandbox_memory: str = "512Mi"
-    """Memory limit of a sandbox that asks for none."""
-    expired_retention_seconds: float = 24 * 3600.0
-    """How long an Expired record is kept for history before it is deleted."""
-    heartbeat_seconds: float = 1.0
-    """How often the control plane polls each agent's Status."""
     janitor_interval_seconds: float = 10.0
     """How often the janitor looks for orphaned containers, snapshots, logs and FIFOs."""
     orphan_timeout_seconds: float = 30.0
@@ -73,7 +79,7 @@ class ServerSettings:
 
 
 @dataclass(slots=True)
-class ControllerSettings:
+class ControllerSettings(SandboxDefaults):
     """`fsb controller`: the control plane on Kubernetes (one of several replicas)."""
 
     kubeconfig: Path | None = None
@@ -99,16 +105,6 @@ class ControllerSettings:
     """Registries (HOST:PORT) the agents pull from over plain HTTP."""
     containerd_namespace: str = "k8s.io"
     """containerd namespace the agents use: the node's image cache."""
-    delete_grace_seconds: float = 10.0
-    """SIGTERM → SIGKILL grace on sandbox delete."""
-    default_sandbox_cpu: str = "1"
-    """CPU limit of a sandbox that asks for none (a quantity): no sandbox runs unbounded."""
-    default_sandbox_memory: str = "512Mi"
-    """Memory limit of a sandbox that asks for none."""
-    expired_retention_seconds: float = 24 * 3600.0
-    """How long an Expired record is kept for history before it is deleted."""
-    heartbeat_seconds: float = 1.0
-    """How often every replica polls each agent's Status."""
     agent_sync_seconds: float = 2.0
     """How often every replica lists agent Pods (agents another replica started or stopped)."""
     log: LogSettings = field(default_factory=LogSettings)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import os
 import select
 import shutil
@@ -42,7 +41,7 @@ from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import Namespace, Pod, Secret
 
 from fastsandbox._kube.resources import SandboxPoolResource, SandboxResource
-from tests.e2e._server import FSB, free_port
+from tests.e2e._server import FSB, ServerSurface, free_port
 from tests.k8s_fixtures import remove_all
 from tests.k8s_kubelet import (
     AGENT_ARGV,
@@ -141,8 +140,10 @@ class Replica:
 
 
 @dataclass
-class KubeServer:
+class KubeServer(ServerSurface):
     """N `fsb controller` replicas over one cluster (see the module docstring)."""
+
+    containerd_namespace = CONTAINERD_NS  # the node's image cache, as on Kubernetes
 
     kubeconfig: Path
     containerd_socket: Path
@@ -285,46 +286,6 @@ class KubeServer:
         finally:
             if proc.stdout is not None:
                 proc.stdout.close()
-
-    def fsb(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [FSB, *args], capture_output=True, text=True, env=self.env, timeout=timeout
-        )
-
-    def fsb_json(self, *args: str) -> dict:  # type: ignore[type-arg]
-        result = self.fsb(*args, "-o", "json")
-        assert result.returncode == 0, result.stderr
-        data: dict = json.loads(result.stdout)  # type: ignore[type-arg]
-        return data
-
-    def ctr(self, *args: str) -> str:
-        return subprocess.run(
-            [
-                "ctr",
-                "--timeout",
-                "5s",
-                "-a",
-                str(self.containerd_socket),
-                "-n",
-                CONTAINERD_NS,
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout
-
-    def containers(self) -> set[str]:
-        return set(self.ctr("containers", "ls", "-q").split())
-
-    def snapshots(self) -> set[str]:
-        lines = self.ctr("snapshots", "ls").splitlines()[1:]
-        return {line.split()[0] for line in lines if line.strip()}
-
-    def running_tasks(self) -> set[str]:
-        rows = [line.split() for line in self.ctr("tasks", "ls").splitlines()[1:]]
-        return {row[0] for row in rows if len(row) >= 3 and row[2] == "RUNNING"}
 
     # -- Kubernetes only -------------------------------------------------------------------
     def admin(self) -> Client:

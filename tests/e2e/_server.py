@@ -37,8 +37,57 @@ def free_port() -> int:
         return port
 
 
+class ServerSurface:
+    """What tests use of a running server of either shape: the CLI with its environment, and
+    the containerd it drives (`Server` here, `KubeServer` in tests/e2e/_kube_server.py)."""
+
+    containerd_namespace = CONTAINERD_NS
+    env: dict[str, str]
+    containerd_socket: Path
+
+    def fsb(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [FSB, *args], capture_output=True, text=True, env=self.env, timeout=timeout
+        )
+
+    def fsb_json(self, *args: str) -> dict:  # type: ignore[type-arg]
+        result = self.fsb(*args, "-o", "json")
+        assert result.returncode == 0, result.stderr
+        data: dict = json.loads(result.stdout)  # type: ignore[type-arg]
+        return data
+
+    def ctr(self, *args: str) -> str:
+        return subprocess.run(
+            [
+                "ctr",
+                "--timeout",
+                "5s",
+                "-a",
+                str(self.containerd_socket),
+                "-n",
+                self.containerd_namespace,
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+
+    def containers(self) -> set[str]:
+        return set(self.ctr("containers", "ls", "-q").split())
+
+    def snapshots(self) -> set[str]:
+        lines = self.ctr("snapshots", "ls").splitlines()[1:]
+        return {line.split()[0] for line in lines if line.strip()}
+
+    def running_tasks(self) -> set[str]:
+        rows = [line.split() for line in self.ctr("tasks", "ls").splitlines()[1:]]
+        return {row[0] for row in rows if len(row) >= 3 and row[2] == "RUNNING"}
+
+
 @dataclass
-class Server:
+class Server(ServerSurface):
     data_dir: Path
     endpoint: str
     registry: str
@@ -121,46 +170,6 @@ class Server:
                 return self.proc.wait(10)
         finally:
             self._close_pipe()
-
-    def fsb(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [FSB, *args], capture_output=True, text=True, env=self.env, timeout=timeout
-        )
-
-    def fsb_json(self, *args: str) -> dict:  # type: ignore[type-arg]
-        result = self.fsb(*args, "-o", "json")
-        assert result.returncode == 0, result.stderr
-        data: dict = json.loads(result.stdout)  # type: ignore[type-arg]
-        return data
-
-    def ctr(self, *args: str) -> str:
-        return subprocess.run(
-            [
-                "ctr",
-                "--timeout",
-                "5s",
-                "-a",
-                str(self.containerd_socket),
-                "-n",
-                CONTAINERD_NS,
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout
-
-    def containers(self) -> set[str]:
-        return set(self.ctr("containers", "ls", "-q").split())
-
-    def snapshots(self) -> set[str]:
-        lines = self.ctr("snapshots", "ls").splitlines()[1:]
-        return {line.split()[0] for line in lines if line.strip()}
-
-    def running_tasks(self) -> set[str]:
-        rows = [line.split() for line in self.ctr("tasks", "ls").splitlines()[1:]]
-        return {row[0] for row in rows if len(row) >= 3 and row[2] == "RUNNING"}
 
 
 def new_server(registry: str, *extra_args: str) -> Server:

@@ -130,7 +130,7 @@ def _fields(pairs: Iterable[tuple[str, Any]]) -> None:
         typer.echo(f"{key + ':':<{width}} {value}")
 
 
-def _timings(timings: Mapping[str, Any] | None) -> str:
+def timings_text(timings: Mapping[str, Any] | None) -> str:
     if not timings:
         return ""
     parts = []
@@ -157,7 +157,7 @@ def created(result: CreateResult) -> None:
             ("endpoints", ", ".join(result.endpoints)),
             (
                 "timings",
-                _timings(
+                timings_text(
                     {
                         "acceptedMs": t.accepted_ms,
                         "scheduledMs": t.scheduled_ms,
@@ -204,7 +204,7 @@ def sandbox_detail(item: Mapping[str, Any]) -> None:
             ("Endpoints", ", ".join(status.get("endpoints", []))),
             ("Started", status.get("startedAt")),
             ("Exit code", status.get("exitCode")),
-            ("Timings", _timings(status.get("timings"))),
+            ("Timings", timings_text(status.get("timings"))),
             ("Conditions", conditions),
         ]
     )

@@ -35,6 +35,7 @@ from fastsandbox.control.sandbox_reconciler import SandboxReconciler
 from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.errors import FsbError
 from fastsandbox.fleet.base import AgentFleet
+from fastsandbox.settings import SandboxDefaults
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,19 @@ class PlaneSettings:
     creator_grace_seconds: float = 10.0
     """With `shared_agents`: how long the leader leaves a Pending record made through another
     replica's Fast-Path to that replica before it schedules the record itself."""
+
+    @classmethod
+    def of(cls, defaults: SandboxDefaults, **extra: Any) -> PlaneSettings:
+        """The plane's settings from a composition root's (server or controller) settings."""
+        return cls(
+            delete_grace_seconds=defaults.delete_grace_seconds,
+            heartbeat_seconds=defaults.heartbeat_seconds,
+            default_cpu=defaults.default_sandbox_cpu,
+            default_memory=defaults.default_sandbox_memory,
+            expired_retention_seconds=defaults.expired_retention_seconds,
+            **extra,
+        )
+
     rebuild_records: bool = True
     """Recovery writes the record of a container that carries its request but has none (a Fast
     create cut off before its write). Only safe with one writer: with replicas, the container

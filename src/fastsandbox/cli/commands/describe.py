@@ -48,7 +48,7 @@ def describe_text(
     item: Mapping[str, Any], events: Sequence[Mapping[str, Any]], now: datetime | None = None
 ) -> str:
     """The human view of a sandbox (wire form) and its events (wire form, oldest first)."""
-    from fastsandbox.cli.render import age
+    from fastsandbox.cli.render import age, timings_text
 
     now = now or datetime.now(UTC)
     meta: Mapping[str, Any] = item.get("metadata", {})
@@ -124,7 +124,7 @@ def describe_text(
             ("Started", when(status.get("startedAt"))),
             ("Exit Code", str(status["exitCode"]) if status.get("exitCode") is not None else NONE),
             ("Observed Reset Revision", status.get("observedResetRevision") or NONE),
-            ("Timings", _timings(status.get("timings")) or NONE),
+            ("Timings", timings_text(status.get("timings")) or NONE),
         ],
     )
     conditions = status.get("conditions", [])
@@ -200,20 +200,6 @@ def _argv(argv: Sequence[str]) -> str:
     import shlex
 
     return " ".join(shlex.quote(a) for a in argv) if argv else NONE
-
-
-def _timings(timings: Mapping[str, Any] | None) -> str:
-    if not timings:
-        return ""
-    parts = []
-    for key, label in (
-        ("acceptedMs", "accepted"),
-        ("scheduledMs", "scheduled"),
-        ("runtimeReadyMs", "runtime ready"),
-    ):
-        if timings.get(key) is not None:
-            parts.append(f"{label} {float(timings[key]):.1f} ms")
-    return ", ".join(parts)
 
 
 def _parse(timestamp: str) -> datetime:
