@@ -57,7 +57,8 @@ def test_a_syscall_newer_than_the_profile_is_refused(name: str) -> None:
 @pytest.mark.parametrize(
     "name",
     ["read", "write", "openat", "execve", "mmap", "futex", "epoll_wait", "rt_sigaction",
-     "wait4", "getrandom", "statx", "rseq", "prlimit64", "accept4", "chroot", "arch_prctl"],
+     "wait4", "getrandom", "statx", "rseq", "prlimit64", "accept4", "chroot", "arch_prctl",
+     "pipe", "pipe2"],
 )  # fmt: skip
 def test_ordinary_syscalls_are_allowed(name: str) -> None:
     assert decide(name) == ALLOW

@@ -62,7 +62,8 @@ ALLOWED_SYSCALLS: tuple[str, ...] = (
     "epoll_create", "epoll_create1", "epoll_ctl", "epoll_ctl_old", "epoll_pwait",
     "epoll_pwait2", "epoll_wait", "epoll_wait_old", "eventfd", "eventfd2", "fanotify_mark",
     "inotify_add_watch", "inotify_init", "inotify_init1", "inotify_rm_watch", "poll", "ppoll",
-    "ppoll_time64", "pselect6", "pselect6_time64", "select", "_newselect", "ioctl",
+    "ppoll_time64", "pselect6", "pselect6_time64", "select", "_newselect", "ioctl", "pipe",
+    "pipe2",
     # asynchronous I/O (the classic kind; io_uring is refused)
     "io_cancel", "io_destroy", "io_getevents", "io_pgetevents", "io_pgetevents_time64",
     "io_setup", "io_submit", "ioprio_get", "ioprio_set",
