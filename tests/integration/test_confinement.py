@@ -1,6 +1,8 @@
-"""The allowlist seccomp profile, checked from inside a real runc container: a static probe
-(probes/seccomp_probe.c, compiled here) calls what hostile code would and what ordinary programs
-do, and prints the errno of each call. Ordinary busybox programs run in the same image."""
+"""A sandbox's confinement, checked from inside a real runc container: the allowlist seccomp
+profile (a static probe, probes/seccomp_probe.c compiled here, calls what hostile code would and
+what ordinary programs do, and prints the errno of each call), ordinary busybox programs running
+unaffected, and every masked and read-only path of the spec (oci_spec.MASKED_PATHS,
+READONLY_PATHS)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerStatus
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
+from fastsandbox.agent.runtime.oci_spec import MASKED_PATHS, READONLY_PATHS
 from tests.infra import ContainerdProc, RegistryProc, build_demo_image, push_image
 
 pytestmark = pytest.mark.integration
@@ -104,3 +107,33 @@ async def test_busybox_programs_run_unaffected(
         runtime, demo_image, ("sh", "-c", script), cgroup_parent, tmp_path / "bb.log", "bb-ok"
     )
     assert out.splitlines()[0] == "hi" and out.rstrip().endswith("ok"), out
+
+
+async def test_masked_and_read_only_paths_from_inside(
+    runtime: ContainerdRuntime, demo_image: str, cgroup_parent: str, tmp_path: Path
+) -> None:
+    # A masked file reads as empty (/dev/null over it), a masked directory lists as empty
+    # (a read-only tmpfs over it); nothing under a read-only path or /sys can be written.
+    checks = []
+    for path in MASKED_PATHS:
+        checks.append(
+            f"if [ -d {path} ]; then n=$(ls -A {path} | wc -l); else n=$(head -c 64 {path} "
+            f"2>/dev/null | wc -c); fi; echo masked {path} $n"
+        )
+    for path in (*READONLY_PATHS, "/proc/sys/kernel/hostname", "/sys/kernel"):
+        target = f"{path}/fsb-probe" if path in ("/proc/sys", "/proc/bus") else path
+        checks.append(
+            f"if {{ echo x > {target}; }} 2>/dev/null; then w=1; else w=0; fi; echo wrote {path} $w"
+        )
+    checks.append("if mknod /tmp/sda b 8 0 2>/dev/null; then echo mknod 1; else echo mknod 0; fi")
+    out = await _run_to_exit(
+        runtime, demo_image, ("sh", "-c", "; ".join(checks)), cgroup_parent,
+        tmp_path / "paths.log", "paths-probe",
+    )  # fmt: skip
+    print(out)
+    lines = out.splitlines()
+    seen_masked = {line.split()[1] for line in lines if line.startswith("masked ")}
+    assert seen_masked == set(MASKED_PATHS), out
+    for line in lines:
+        assert line.split()[-1] == "0", f"not confined: {line}"
+    assert sum(line.startswith("wrote ") for line in lines) == len(READONLY_PATHS) + 2
