@@ -72,7 +72,7 @@ def proc_status(pid: int) -> dict[str, str]:
     """Fields of /proc/PID/status; empty once the process is fully gone (reaped)."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone between open and read
         return {}
     return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
 

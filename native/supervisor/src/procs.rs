@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -81,7 +81,13 @@ pub struct Proc {
     wake: OwnedFd,
     stdin: Mutex<Option<Arc<File>>>,
     master: Option<Arc<File>>,
+    /// Held while the pump writes (possibly blocked by a slow agent): never taken by the
+    /// reaper, ps or the table's pruning, which read `attached` instead.
     out: Mutex<Output>,
+    attached: AtomicBool,
+    /// A duplicate of the attached socket, outside `out`, so a new attach can shut a stalled
+    /// connection down (unblocking the pump's write) without waiting for the pump.
+    current: Mutex<Option<UnixStream>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -151,6 +157,7 @@ impl Proc {
             }
             let _ = conn.shutdown(Shutdown::Both);
             out.conn = None;
+            self.attached.store(false, Ordering::Relaxed);
         }
         out.ring.push(ty, data);
     }
@@ -160,6 +167,7 @@ impl Proc {
         let mut out = lock(&self.out);
         out.drained = true;
         if let Some((_, mut conn)) = out.conn.take() {
+            self.attached.store(false, Ordering::Relaxed);
             let _ = frame::write_json(&mut conn, &exit);
             end_stream(&conn);
         }
@@ -167,7 +175,7 @@ impl Proc {
 
     pub fn describe(&self) -> Value {
         let st = lock(&self.exit);
-        let attached = lock(&self.out).conn.is_some();
+        let attached = self.attached.load(Ordering::Relaxed);
         json!({
             "pid": self.pid, "argv": self.argv, "tag": self.tag, "pty": self.pty,
             "started_at": self.started_at, "attached": attached, "running": st.status.is_none(),
@@ -181,6 +189,13 @@ impl Proc {
         static GEN: AtomicU64 = AtomicU64::new(1);
         let generation = GEN.fetch_add(1, Ordering::Relaxed);
         let Ok(mut reader) = conn.try_clone() else { return };
+        let Ok(ctl) = conn.try_clone() else { return };
+        {
+            let mut current = lock(&self.current);
+            if let Some(old) = current.replace(ctl) {
+                let _ = old.shutdown(Shutdown::Both);
+            }
+        }
         {
             let mut out = lock(&self.out);
             if let Some((_, old)) = out.conn.take() {
@@ -200,6 +215,7 @@ impl Proc {
                 return;
             }
             out.conn = Some((generation, conn));
+            self.attached.store(true, Ordering::Relaxed);
         }
         loop {
             match frame::read_frame(&mut reader) {
@@ -228,6 +244,7 @@ impl Proc {
         let mut out = lock(&self.out);
         if out.conn.as_ref().is_some_and(|(g, _)| *g == generation) {
             out.conn = None;
+            self.attached.store(false, Ordering::Relaxed);
         }
     }
 
@@ -331,7 +348,9 @@ fn drain_until_closed(reader: &mut UnixStream) {
 pub fn thread_small(f: impl FnOnce() + Send + 'static) {
     // Small stacks: only touched pages count towards RSS, but a small reserve keeps many
     // concurrent streams cheap in address space too.
-    let _ = std::thread::Builder::new().stack_size(256 * 1024).spawn(f);
+    if let Err(e) = std::thread::Builder::new().stack_size(256 * 1024).spawn(f) {
+        eprintln!("fsb-supervisor: cannot start a thread: {e}");
+    }
 }
 
 pub struct ExecReq {
@@ -390,6 +409,8 @@ impl Table {
             stdin: Mutex::new(stdin),
             master,
             out: Mutex::new(Output { ring: Ring::default(), conn: None, drained: main }),
+            attached: AtomicBool::new(false),
+            current: Mutex::new(None),
         });
         table.insert(pid, Arc::clone(&proc));
         drop(table);
@@ -416,7 +437,7 @@ impl Table {
     fn prune(table: &mut HashMap<i32, Arc<Proc>>) {
         table.retain(|_, p| {
             let at = lock(&p.exit).at;
-            at.is_none_or(|t| t.elapsed() < KEEP_EXITED) || lock(&p.out).conn.is_some()
+            at.is_none_or(|t| t.elapsed() < KEEP_EXITED) || p.attached.load(Ordering::Relaxed)
         });
     }
 
