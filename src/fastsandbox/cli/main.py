@@ -1,8 +1,9 @@
 """The `fsb` (alias `fsb-ctl`) command line: builds the Typer app and maps errors to exit codes.
 
 Each verb lives in `cli/commands/<verb>.py`. Every `FsbError` becomes one line on stderr and its
-`exit_code` here, in `_Group.invoke`, and nowhere else; click's own usage errors exit 2. Scripts
-call `fsb` thousands of times, so nothing heavier than typer is imported before a verb runs.
+exit code here, in `_Group.invoke`, and nowhere else; the codes themselves come from the one table
+in `errors.py` (click's own usage errors exit as `InvalidArgument` does, 2). Scripts call `fsb`
+thousands of times, so nothing heavier than typer is imported before a verb runs.
 """
 
 from __future__ import annotations
@@ -34,16 +35,16 @@ def _is_usage_error(exc: BaseException) -> bool:
 def _report(exc: BaseException) -> int | None:
     """Print `exc` as one line and return its exit code; None when it is not ours to report."""
     from fastsandbox.cli.render import error
-    from fastsandbox.errors import FsbError
+    from fastsandbox.errors import FsbError, InvalidArgument, exit_code_of
 
     if isinstance(exc, FsbError):
         error(exc.message)
-        return exc.exit_code
+        return exit_code_of(exc)
     if _is_usage_error(exc):
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         error(exc.format_message() + hint)  # type: ignore[attr-defined]
-        return 2
+        return InvalidArgument.exit_code
     return None
 
 

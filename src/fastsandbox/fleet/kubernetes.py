@@ -47,7 +47,9 @@ from lightkube.resources.core_v1 import Pod, Secret
 
 from fastsandbox._kube.config import FIELD_MANAGER
 from fastsandbox._kube.errors import translate
-from fastsandbox.api.models import API_VERSION, SandboxPool
+from fastsandbox.api import labels
+from fastsandbox.api.labels import API_VERSION
+from fastsandbox.api.models import SandboxPool
 from fastsandbox.errors import (
     AlreadyExists,
     Conflict,
@@ -57,7 +59,7 @@ from fastsandbox.errors import (
     Unavailable,
 )
 from fastsandbox.fleet.base import AgentHandle
-from fastsandbox.settings import LogSettings
+from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,10 @@ AGENT_PORT = 7443
 AGENT_CONTAINER = "agent"
 APP_LABEL = "app.kubernetes.io/name"
 APP_NAME = "fastsandbox-agent"
-POOL_LABEL = "fastsandbox.io/pool"
-VERSION_LABEL = "fastsandbox.io/agent-version"
+POOL_LABEL = labels.POOL_LABEL
+VERSION_LABEL = labels.VERSION_LABEL
 # The exact version: a label value allows only [A-Za-z0-9-_.] and 63 characters.
-VERSION_ANNOTATION = "fastsandbox.io/agent-version"
+VERSION_ANNOTATION = labels.VERSION_ANNOTATION
 TOKEN_SECRET = "fastsandbox-agent-token"
 TOKEN_KEY = "token"
 TOKEN_ENV = "FSB_AGENT_TOKEN"
@@ -166,7 +168,7 @@ class KubernetesFleet:
         token: str | None = None,
         containerd_namespace: str = "k8s.io",
         insecure_registries: Sequence[str] = (),
-        grace_seconds: float = 10.0,
+        grace_seconds: float = DELETE_GRACE_SECONDS,
         pod_grace_seconds: int = 30,
         start_timeout: float = 60.0,
         stop_timeout: float = 15.0,

@@ -46,7 +46,7 @@ from fastsandbox.errors import InvalidArgument, Unavailable
 from fastsandbox.fleet import netns
 from fastsandbox.fleet.base import AgentHandle
 from fastsandbox.fleet.netns import CniNetwork
-from fastsandbox.settings import LogSettings
+from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class LocalFleet:
         containerd_socket: Path,
         network: str = "auto",
         insecure_registries: Sequence[str] = (),
-        grace_seconds: float = 10.0,
+        grace_seconds: float = DELETE_GRACE_SECONDS,
         log: LogSettings | None = None,
         cni: CniNetwork | None = None,
         containerd_namespace: str = "fastsandbox",
