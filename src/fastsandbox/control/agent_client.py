@@ -16,7 +16,7 @@ import grpc
 
 from fastsandbox._grpc_auth import bearer_metadata
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
-from fastsandbox.errors import FsbError, Unavailable, from_grpc
+from fastsandbox.errors import FsbError, Unavailable, from_grpc, never_answered
 
 T = TypeVar("T")
 
@@ -33,10 +33,10 @@ CALL_TIMEOUT_SECONDS = 30.0
 
 
 def _translate(exc: grpc.aio.AioRpcError, target: str) -> FsbError:
-    code = exc.code()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"agent at {target} is unreachable: {exc.details()}")
-    return from_grpc(code, exc.details())
+    code, details = exc.code(), exc.details()
+    if never_answered(code, details):
+        return Unavailable(f"agent at {target} is unreachable: {details}")
+    return from_grpc(code, details)  # the agent's own words, e.g. containerd being down
 
 
 class AgentClient:

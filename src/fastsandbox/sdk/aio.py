@@ -35,8 +35,9 @@ class AsyncClient:
     """Talks to `fsb server`. Use as `async with AsyncClient() as client:` or call `close()`.
 
     `endpoint`, `token` and `namespace` default to `FSB_ENDPOINT` / `FSB_TOKEN` / `FSB_NAMESPACE`,
-    then `~/.config/fastsandbox/config.yaml`, then `127.0.0.1:9090`, the server's token file in
-    its data dir, and `default`. `timeout` (seconds) bounds each unary call; None waits.
+    then `~/.config/fastsandbox/config.yaml`, then `settings.DEFAULT_ENDPOINT`, the server's
+    token file in its data dir, and `default`. `timeout` (seconds) bounds each unary call; None
+    waits.
     """
 
     def __init__(

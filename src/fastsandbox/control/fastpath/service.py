@@ -19,6 +19,7 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import ValidationError
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
+from fastsandbox.api.labels import API_VERSION
 from fastsandbox.api.models import (
     KINDS,
     ConsistencyMode,
@@ -100,7 +101,7 @@ def pool_from_json(text: str, namespace: str | None = None) -> SandboxPool:
         raise InvalidArgument(f"pool is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidArgument("pool must be a JSON object")
-    data.setdefault("apiVersion", "fastsandbox.io/v1alpha1")
+    data.setdefault("apiVersion", API_VERSION)
     data.setdefault("kind", "SandboxPool")
     data.pop("status", None)
     pool = _validated(lambda: SandboxPool.model_validate(data))
