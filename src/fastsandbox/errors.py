@@ -7,10 +7,13 @@ Every failure a user can see is one of these, split by what the caller should do
     ├── NotFound             check the name / namespace  gRPC NOT_FOUND          exit 3
     ├── AlreadyExists        pick another name / key     gRPC ALREADY_EXISTS     exit 4
     ├── Conflict             re-read and retry           gRPC ABORTED            exit 4
+    │   └── FailedPrecondition  wait for the state it needs gRPC FAILED_PRECONDITION exit 4
     ├── CapacityExhausted    wait, delete, or grow pool  gRPC RESOURCE_EXHAUSTED exit 5
     ├── Unauthenticated      give a valid token          gRPC UNAUTHENTICATED    exit 6
     ├── Unavailable          retry later                 gRPC UNAVAILABLE        exit 6
-    └── RuntimeFailure       the runtime said no         gRPC INTERNAL           exit 1
+    ├── RuntimeFailure       the runtime said no         gRPC INTERNAL           exit 1
+    ├── CommandFailed        `CommandResult.check()` on a non-zero exit    exit = the command's
+    └── CommandTimeout       a command outlived its timeout (client side)  exit 124
 
 Third-party errors (grpc, containerd, sqlite, kubernetes) are translated into this tree at one
 seam each; the gRPC status code and CLI exit code are mapped here and nowhere else.
@@ -54,6 +57,13 @@ class Conflict(FsbError):
     exit_code = 4
 
 
+class FailedPrecondition(Conflict):
+    """The object is not in the state the call needs (e.g. exec into a sandbox not Running)."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    exit_code = 4
+
+
 class CapacityExhausted(FsbError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     exit_code = 5
@@ -74,6 +84,25 @@ class RuntimeFailure(FsbError):
 
     grpc_code = grpc.StatusCode.INTERNAL
     exit_code = 1
+
+
+class CommandTimeout(FsbError):
+    """A command in a sandbox ran past its timeout and was killed.
+
+    Exit 124 as GNU `timeout` uses it: `fsb exec` passes the command's own code through, so its
+    failures cannot reuse 1-7 without looking like the command's.
+    """
+
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    exit_code = 124
+
+
+class CommandFailed(FsbError):
+    """`CommandResult.check()` on a non-zero exit; `exit_code` is the command's own."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 _BY_CODE: dict[grpc.StatusCode, type[FsbError]] = {
@@ -102,7 +131,10 @@ def from_grpc(code: grpc.StatusCode | None, details: str | None) -> FsbError:
 __all__ = [
     "AlreadyExists",
     "CapacityExhausted",
+    "CommandFailed",
+    "CommandTimeout",
     "Conflict",
+    "FailedPrecondition",
     "FsbError",
     "InvalidArgument",
     "NotFound",
