@@ -118,7 +118,7 @@ _BY_CODE: dict[grpc.StatusCode, type[FsbError]] = {
     )
 }
 _BY_CODE[grpc.StatusCode.ABORTED] = Conflict
-_BY_CODE[grpc.StatusCode.FAILED_PRECONDITION] = Conflict
+_BY_CODE[grpc.StatusCode.FAILED_PRECONDITION] = FailedPrecondition  # a Conflict, exit 4
 _BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
 
 
