@@ -89,14 +89,18 @@ class FakeAgentIo(agent_pb2_grpc.AgentServicer):
             fcntl.ioctl(
                 slave, termios.TIOCSWINSZ, struct.pack("HHHH", start.pty.rows, start.pty.cols, 0, 0)
             )
+            # `setsid -c`: a new session whose controlling terminal is the PTY, so Ctrl-C typed
+            # into it is a SIGINT (no preexec_fn: forking a process full of grpc threads with
+            # Python code to run in the child can deadlock).
             proc = await asyncio.create_subprocess_exec(
+                "setsid",
+                "-c",
                 *start.argv,
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
                 env=env,
                 cwd=cwd,
-                start_new_session=True,
             )
             os.close(slave)
             done = asyncio.Event()
