@@ -7,9 +7,11 @@ Every failure a user can see is one of these, split by what the caller should do
     ├── NotFound             check the name / namespace  gRPC NOT_FOUND          exit 3
     ├── AlreadyExists        pick another name / key     gRPC ALREADY_EXISTS     exit 4
     ├── Conflict             re-read and retry           gRPC ABORTED            exit 4
-    │   └── FailedPrecondition  wait for the state it needs gRPC FAILED_PRECONDITION exit 4
+    │   └── FailedPrecondition  the object is in the wrong state (a sandbox that is not
+    │                        running, a directory where a file is wanted)  FAILED_PRECONDITION
     ├── CapacityExhausted    wait, delete, or grow pool  gRPC RESOURCE_EXHAUSTED exit 5
     ├── Unauthenticated      give a valid token          gRPC UNAUTHENTICATED    exit 6
+    ├── PermissionDenied     a path's permissions say no gRPC PERMISSION_DENIED  exit 6
     ├── Unavailable          retry later                 gRPC UNAVAILABLE        exit 6
     ├── RuntimeFailure       the runtime said no         gRPC INTERNAL           exit 1
     ├── CommandFailed        `CommandResult.check()` on a non-zero exit    exit = the command's
@@ -58,7 +60,8 @@ class Conflict(FsbError):
 
 
 class FailedPrecondition(Conflict):
-    """The object is not in the state the call needs (e.g. exec into a sandbox not Running)."""
+    """The object is not in a state the call needs (e.g. the sandbox is not running). A
+    `Conflict` so that callers catching that keep working."""
 
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
     exit_code = 4
@@ -71,6 +74,13 @@ class CapacityExhausted(FsbError):
 
 class Unauthenticated(FsbError):
     grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    exit_code = 6
+
+
+class PermissionDenied(FsbError):
+    """A file operation inside a sandbox was refused by the path's permissions."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
     exit_code = 6
 
 
@@ -118,7 +128,8 @@ _BY_CODE: dict[grpc.StatusCode, type[FsbError]] = {
     )
 }
 _BY_CODE[grpc.StatusCode.ABORTED] = Conflict
-_BY_CODE[grpc.StatusCode.FAILED_PRECONDITION] = FailedPrecondition  # a Conflict, exit 4
+_BY_CODE[grpc.StatusCode.FAILED_PRECONDITION] = FailedPrecondition
+_BY_CODE[grpc.StatusCode.PERMISSION_DENIED] = PermissionDenied
 _BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
 
 
@@ -138,6 +149,7 @@ __all__ = [
     "FsbError",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
     "RuntimeFailure",
     "Unauthenticated",
     "Unavailable",
