@@ -7,15 +7,20 @@ Every failure a user can see is one of these, split by what the caller should do
     ├── NotFound             check the name / namespace   gRPC NOT_FOUND          exit 3
     ├── AlreadyExists        pick another name / key      gRPC ALREADY_EXISTS     exit 4
     ├── Conflict             re-read and retry            gRPC ABORTED            exit 4
+    │   └── FailedPrecondition  wrong state for the call (a sandbox not Running, a
+    │                        directory where a file is wanted)  gRPC FAILED_PRECONDITION  exit 4
     ├── CapacityExhausted    wait, delete, or grow pool   gRPC RESOURCE_EXHAUSTED exit 5
     ├── Unauthenticated      give a valid token           gRPC UNAUTHENTICATED    exit 6
     │   └── PermissionDenied ask for the right to do it   gRPC PERMISSION_DENIED  exit 6
     ├── Unavailable          retry later                  gRPC UNAVAILABLE        exit 7
-    └── RuntimeFailure       the runtime said no          gRPC INTERNAL           exit 1
+    ├── RuntimeFailure       the runtime said no          gRPC INTERNAL           exit 1
+    ├── CommandFailed        `CommandResult.check()` on a non-zero exit   exit = the command's
+    └── CommandTimeout       a command outlived its timeout (and was killed)      exit 124
 
 Exit codes are for scripts: 0 ok, 1 failure, 2 usage or validation, 3 not found, 4 already exists
 or conflict, 5 capacity exhausted, 6 unauthenticated or permission denied, 7 unavailable (the
 server could not be reached or is overloaded: worth a retry).
+CommandTimeout and CommandFailed are raised by the client (SDK, CLI), never sent over gRPC.
 
 Third-party errors (grpc, containerd, sqlite, kubernetes) are translated into this tree at one
 seam each; the gRPC status codes and CLI exit codes are mapped here, in `TABLE`, and nowhere
@@ -57,6 +62,11 @@ class Conflict(FsbError):
     """An optimistic-concurrency check failed: the object changed since it was read."""
 
 
+class FailedPrecondition(Conflict):
+    """The object is not in a state the call needs (e.g. the sandbox is not running). A
+    `Conflict` so that callers catching that keep working."""
+
+
 class CapacityExhausted(FsbError):
     pass
 
@@ -80,6 +90,23 @@ class RuntimeFailure(FsbError):
 
 S = grpc.StatusCode
 
+
+class CommandTimeout(FsbError):
+    """A command in a sandbox ran past its timeout and was killed.
+
+    Exit 124 as GNU `timeout` uses it: `fsb exec` passes the command's own code through, so its
+    failures cannot reuse 1-7 without looking like the command's.
+    """
+
+
+class CommandFailed(FsbError):
+    """`CommandResult.check()` on a non-zero exit; `exit_code` is the command's own."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 # The one table: error class ⇄ gRPC status code ⇄ CLI exit code.
 TABLE: Final[tuple[tuple[type[FsbError], grpc.StatusCode, int], ...]] = (
     (FsbError, S.INTERNAL, 1),
@@ -92,17 +119,21 @@ TABLE: Final[tuple[tuple[type[FsbError], grpc.StatusCode, int], ...]] = (
     (PermissionDenied, S.PERMISSION_DENIED, 6),
     (Unavailable, S.UNAVAILABLE, 7),
     (RuntimeFailure, S.INTERNAL, 1),
+    (FailedPrecondition, S.FAILED_PRECONDITION, 4),
 )
 
 # Codes received that no class sends, and what they mean to the caller.
 _RECEIVED_ALSO: Final[dict[grpc.StatusCode, type[FsbError]]] = {
-    S.FAILED_PRECONDITION: Conflict,  # the state is not what the call needs: re-read, retry
     S.DEADLINE_EXCEEDED: Unavailable,  # no answer in time: retry later
 }
 
 for _cls, _code, _exit in TABLE:
     _cls.grpc_code = _code
     _cls.exit_code = _exit
+
+# Client-side only (never a gRPC status): exit 124 as GNU `timeout`, since `fsb exec` passes the
+# command's own exit code through and 1-7 would look like the command's.
+CommandTimeout.exit_code = 124
 
 # Received INTERNAL is RuntimeFailure (the later row wins): our servers send INTERNAL for those.
 _BY_CODE: Final[dict[grpc.StatusCode, type[FsbError]]] = {
@@ -156,7 +187,10 @@ __all__ = [
     "TABLE",
     "AlreadyExists",
     "CapacityExhausted",
+    "CommandFailed",
+    "CommandTimeout",
     "Conflict",
+    "FailedPrecondition",
     "FsbError",
     "InvalidArgument",
     "NotFound",

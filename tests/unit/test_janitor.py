@@ -242,9 +242,14 @@ async def test_janitor_removes_an_orphan_after_the_timeout_and_calls_the_hook(
     log_dir = tmp_path / "agents" / "a1" / "logs"
     age(log_dir / "orphan.log", TIMEOUT + 1)
     age(log_dir / "live.log", TIMEOUT + 1)
+    channels = tmp_path / "agents" / "a1" / "channels"
+    for sid in ("orphan", "live"):
+        (channels / sid).mkdir(parents=True)
+        age(channels / sid, TIMEOUT + 1)
     report = await j.scan()
-    assert report.logs_removed == [str(log_dir / "orphan.log")]
+    assert report.logs_removed == [str(log_dir / "orphan.log"), str(channels / "orphan")]
     assert (log_dir / "live.log").exists()
+    assert (channels / "live").is_dir() and not (channels / "orphan").exists()
 
 
 async def test_janitor_keeps_a_container_whose_record_lands_in_time(tmp_path: Path) -> None:

@@ -107,3 +107,35 @@ def test_fsb_init_runs_in_front_of_the_command_read_only() -> None:
     assert mount["source"] == "/opt/fsb-init"
     assert "ro" in mount["options"] and "nosuid" in mount["options"]
     assert spec(args=["sleep", "1"])["process"]["args"] == ["sleep", "1"]
+
+
+def test_supervisor_channel_mounted_read_only_with_its_env() -> None:
+    s = spec(
+        args=[],
+        env=["PATH=/bin"],
+        init_path="/opt/fsb-supervisor",
+        channel_dir="/state/channels/sb-1",
+        init_env=["FSB_CHANNEL=/.fsb/run", "FSB_SANDBOX_ID=sb-1"],
+    )
+    # No command: the supervisor alone keeps the sandbox up, idle.
+    assert s["process"]["args"] == ["/.fsb/init"]
+    assert s["process"]["env"] == ["PATH=/bin", "FSB_CHANNEL=/.fsb/run", "FSB_SANDBOX_ID=sb-1"]
+    mount = next(m for m in s["mounts"] if m["destination"] == "/.fsb/run")
+    assert mount["source"] == "/state/channels/sb-1" and "ro" in mount["options"]
+
+
+def test_process_defaults_leave_out_the_supervisor_env() -> None:
+    from fastsandbox.agent.runtime.containerd import process_defaults_of
+
+    s = spec(
+        args=["sh"],
+        env=["A=1"],
+        cwd="/w",
+        uid=1000,
+        gid=1000,
+        init_path="/i",
+        channel_dir="/c",
+        init_env=["FSB_SUPERVISOR_SECRET=ab"],
+    )
+    d = process_defaults_of(s)
+    assert (d.env, d.cwd, d.user) == (("A=1",), "/w", "1000:1000")

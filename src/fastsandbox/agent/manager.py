@@ -17,6 +17,10 @@ Why it is shaped this way:
   starts uncordoned; the control plane cordons it again.
 - Work on one sandbox id is serialised by a per-id lock; different ids never wait on each other.
 - Logs are read from the file containerd's shim writes, so they survive agent restarts.
+- Each sandbox's supervisor channel (`supervisor.ChannelHub`) listens from before its container
+  is made until it is deleted; a restarted agent listens again for every sandbox it adopts, and
+  their supervisors redial. Work inside a sandbox goes through `supervisor(id)`, which refuses a
+  sandbox that is not running with the state it is in.
 """
 
 from __future__ import annotations
@@ -38,13 +42,16 @@ from fastsandbox.agent.runtime.base import (
     ContainerState,
     ContainerStatus,
     ImageInfo,
+    ProcessDefaults,
     Runtime,
 )
+from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
 from fastsandbox.api import labels
 from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.errors import (
     AlreadyExists,
     CapacityExhausted,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -132,6 +139,10 @@ class SandboxManager:
         self._closing = asyncio.Event()
         # Refusing new slots (the control plane is draining this agent).
         self._cordoned = False
+        # Supervisor channels exist only when sandboxes get a supervisor as PID 1.
+        self.channels = ChannelHub(settings.state_dir) if settings.init_path else None
+        # Process env/cwd/user of each sandbox, read once from the runtime per agent life.
+        self._defaults: dict[str, ProcessDefaults] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -144,7 +155,11 @@ class SandboxManager:
     async def start(self) -> None:
         """Adopt what already runs for this agent (a restart) and learn the cached images."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        await self._refresh_slots()
+        states = await self._refresh_slots()
+        if self.channels is not None:
+            for sandbox_id, state in sorted(states.items()):
+                if _live(state):
+                    await self.channels.open(sandbox_id)
         for image in await self.runtime.images():
             self._images.add(image.name)
         log.info(
@@ -155,6 +170,12 @@ class SandboxManager:
     def close(self) -> None:
         """Ask log followers to end (so a server shutdown does not wait on them)."""
         self._closing.set()
+
+    async def aclose(self) -> None:
+        """Stop listening for supervisors (sandboxes keep running; their directories stay)."""
+        self.close()
+        if self.channels is not None:
+            await self.channels.close()
 
     # -- create / delete ------------------------------------------------------------------------
     async def create(self, req: SandboxRequest) -> ContainerState:
@@ -186,10 +207,14 @@ class SandboxManager:
             await self._reserve(req.sandbox_id)
             self._creating.add(req.sandbox_id)
             try:
+                if self.channels is not None:
+                    await self.channels.open(req.sandbox_id)
                 state = await self._create(req)
             except BaseException:
                 if not held_before:
                     self._slots.discard(req.sandbox_id)
+                    if self.channels is not None:
+                        await self.channels.remove(req.sandbox_id)
                 raise
             finally:
                 self._creating.discard(req.sandbox_id)
@@ -286,6 +311,7 @@ class SandboxManager:
         return state
 
     def _spec(self, req: SandboxRequest) -> ContainerSpec:
+        channels = self.channels
         labels = dict(req.labels)
         # Ours win over the caller's: they decide ownership and how we find sandboxes again.
         labels[AGENT_LABEL] = self.settings.name
@@ -311,6 +337,8 @@ class SandboxManager:
             memory_bytes=req.memory_bytes or None,
             runtime=self.settings.runtime,
             init_path=str(self.settings.init_path) if self.settings.init_path else None,
+            channel_dir=str(channels.directory(req.sandbox_id)) if channels else None,
+            init_env=channels.supervisor_env(req.sandbox_id) if channels else (),
         )
 
     async def delete(self, sandbox_id: str, grace_seconds: float = -1) -> bool:
@@ -323,6 +351,9 @@ class SandboxManager:
             if state is not None:
                 existed = await self.runtime.delete(sandbox_id, grace)
             self._slots.discard(sandbox_id)
+            self._defaults.pop(sandbox_id, None)
+            if self.channels is not None:
+                await self.channels.remove(sandbox_id)
             with contextlib.suppress(FileNotFoundError):
                 self.log_path(sandbox_id).unlink()
         if existed:
@@ -344,6 +375,33 @@ class SandboxManager:
             )
             return None
         return state
+
+    # -- inside a sandbox -----------------------------------------------------------------------
+    async def supervisor(self, sandbox_id: str) -> tuple[SupervisorClient, ProcessDefaults]:
+        """The sandbox's supervisor and what its processes inherit. NotFound for an unknown
+        sandbox, FailedPrecondition (naming its state) when it is not running, Unavailable
+        when its supervisor does not connect in time (`Channel.control`)."""
+        state = await self.get(sandbox_id)
+        if state.status is not ContainerStatus.RUNNING:
+            how = f" (exit code {state.exit_code})" if state.exit_code is not None else ""
+            raise FailedPrecondition(
+                f"sandbox {sandbox_id} is {state.status.value}{how}, not running"
+            )
+        client = self.channels.client(sandbox_id) if self.channels is not None else None
+        if client is None and self.channels is not None:
+            # Running but not listened for: adopted by a racing start, or made by an older agent.
+            await self.channels.open(sandbox_id)
+            client = self.channels.client(sandbox_id)
+        if client is None:
+            raise FailedPrecondition(
+                f"sandbox {sandbox_id} has no supervisor: agent {self.settings.name} runs "
+                "sandboxes without one (no init binary found; see --init-path)"
+            )
+        defaults = self._defaults.get(sandbox_id)
+        if defaults is None:
+            defaults = await self.runtime.process_defaults(sandbox_id)
+            self._defaults[sandbox_id] = defaults
+        return client, defaults
 
     # -- status / images ------------------------------------------------------------------------
     async def get(self, sandbox_id: str) -> ContainerState:

@@ -23,6 +23,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from fastsandbox._grpc_auth import TokenAuth
+from fastsandbox.agent.io_service import IoMethods
 from fastsandbox.agent.manager import SandboxManager, SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus, Runtime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
@@ -82,7 +83,7 @@ def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
     )
 
 
-class AgentService(agent_pb2_grpc.AgentServicer):
+class AgentService(IoMethods, agent_pb2_grpc.AgentServicer):
     def __init__(self, manager: SandboxManager) -> None:
         self.manager = manager
         self.settings = manager.settings
@@ -240,6 +241,7 @@ async def serve(
         # Order: end log followers, stop accepting and let in-flight calls finish briefly.
         manager.close()
         await server.stop(grace=SHUTDOWN_GRACE_SECONDS)
+        await manager.aclose()
         path = _socket_path(settings.listen)
         if path is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -222,6 +222,19 @@ class Sandbox(_Model):
     spec: SandboxSpec
     status: SandboxStatus = Field(default_factory=SandboxStatus)
 
+    # Shortcuts for SDK users (`Client().list()` items read like E2B's `SandboxInfo`).
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+    @property
+    def phase(self) -> str:
+        return self.status.phase.value
+
 
 class PoolCapacity(_Model):
     pool_min: int = Field(default=1, ge=0)

@@ -18,8 +18,10 @@ from typer.core import TyperGroup
 
 from fastsandbox.cli.commands import agent, apply, delete, get, logs, pool, run, server
 from fastsandbox.cli.commands import controller as controller_cmd
+from fastsandbox.cli.commands import cp as cp_cmd
 from fastsandbox.cli.commands import crds as crds_cmd
 from fastsandbox.cli.commands import describe as describe_cmd
+from fastsandbox.cli.commands import exec as exec_cmd
 from fastsandbox.cli.commands import janitor as janitor_cmd
 from fastsandbox.cli.commands import list as list_cmd
 from fastsandbox.cli.commands import reset as reset_cmd
@@ -93,6 +95,8 @@ def build_app() -> typer.Typer:
     app.command("describe", no_args_is_help=True)(describe_cmd.describe)
     app.command("list")(list_cmd.list_)
     app.command("logs", no_args_is_help=True)(logs.logs)
+    app.command("exec", no_args_is_help=True)(exec_cmd.exec_)
+    app.command("cp", no_args_is_help=True)(cp_cmd.cp)
     app.command("delete", no_args_is_help=True)(delete.delete)
     app.command("update", no_args_is_help=True)(update_cmd.update)
     app.command("reset", no_args_is_help=True)(reset_cmd.reset)

@@ -7,7 +7,8 @@ snapshot, through `Runtime.delete`) only after it has been seen orphaned for `or
 without a break. Then it sweeps what a container leaves outside containerd's records:
 
 - log files under `<agents_dir>/<agent>/logs/<id>.log` whose container is gone and that no
-  record points at, untouched for `orphan_timeout`;
+  record points at, untouched for `orphan_timeout`; supervisor channel directories
+  (`<agents_dir>/<agent>/channels/<id>/`) by the same rule;
 - active snapshots keyed like a sandbox id that no container in the namespace references
   (an interrupted delete), older than `orphan_timeout` (needs a `Leftovers` backend);
 - task FIFOs (`<fifo dir>/<dir>/<id>-stdin|stdout|stderr`) of containers this janitor removed.
@@ -28,6 +29,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import stat
 import time
 from collections import deque
@@ -199,7 +201,7 @@ class Janitor:
 
         existing = {s.id for s in states} - set(report.removed)
         keep = existing | recorded | in_flight
-        report.logs_removed = self._sweep_logs(keep)
+        report.logs_removed = self._sweep_logs(keep) + self._sweep_channels(keep)
         if self.leftovers is not None:
             report.snapshots_removed = await self._sweep_snapshots(in_flight)
         report.fifos_removed = self._sweep_fifos(existing)
@@ -230,6 +232,29 @@ class Janitor:
                 continue
             removed.append(str(path))
             log.info("removed stale log file", extra={"path": str(path)})
+        return removed
+
+    def _sweep_channels(self, keep: Collection[str]) -> list[str]:
+        """Channel directories (a socket inside) of sandboxes that are gone."""
+        if self.agents_dir is None:
+            return []
+        removed = []
+        for path in self.agents_dir.glob("*/channels/*"):
+            if path.name in keep or not _ID.match(path.name) or not path.is_dir():
+                continue
+            try:
+                if not self._old(path.stat().st_mtime):
+                    continue
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning(
+                    "could not remove stale channel", extra={"path": str(path), "err": str(exc)}
+                )
+                continue
+            removed.append(str(path))
+            log.info("removed stale channel directory", extra={"path": str(path)})
         return removed
 
     async def _sweep_snapshots(self, in_flight: Collection[str]) -> list[str]:

@@ -97,6 +97,21 @@ class AsyncClient:
     def _ns(self, namespace: str | None) -> str:
         return namespace or self._config.namespace
 
+    def _rpc(self) -> tuple[FastPathAsyncStub, tuple[tuple[str, str], ...]]:
+        """The stub and call metadata, for the SDK's streaming modules (commands, files)."""
+        return self._fastpath(), self._config.metadata()
+
+    def _translate(self, err: grpc.RpcError) -> Exception:
+        return _core.translate(err, self._config.endpoint)
+
+    async def renew_lease(self, name: str, *, namespace: str | None = None) -> str:
+        """Extend a leased sandbox's life by its lease; answers the new lapse time (RFC 3339)."""
+        request = fastpath_pb2.RenewLeaseRequest(namespace=self._ns(namespace), name=name)
+        reply: fastpath_pb2.RenewLeaseReply = await self._unary(
+            self._fastpath().RenewLease, request
+        )
+        return reply.lease_expire_time
+
     # ------------------------------------------------------------------ sandboxes
 
     async def create(self, name: str, image: str, **options: Unpack[CreateOptions]) -> CreateResult:

@@ -43,6 +43,10 @@ class ContainerSpec:
     # Host path of `fsb-init`: mounted read-only at /.fsb/init and run as PID 1 in front of the
     # sandbox's command (signal forwarding, zombie reaping). None: the command is PID 1.
     init_path: str | None = None
+    # Host directory of the sandbox's supervisor channel, mounted read-only at /.fsb/run (only
+    # with `init_path`), and the environment PID 1 gets on top of the process env to dial it.
+    channel_dir: str | None = None
+    init_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,16 @@ class ContainerState:
     exited_at: float | None = None
     # Set when the runtime knows why the process ended, e.g. "OOMKilled".
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessDefaults:
+    """What a process started later in the sandbox inherits: the sandbox's own environment
+    (image env merged with the sandbox's), working directory and user ("uid:gid", "" = root)."""
+
+    env: tuple[str, ...]
+    cwd: str
+    user: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +103,11 @@ class Runtime(Protocol):
 
     async def list(self, labels: Mapping[str, str] | None = None) -> list[ContainerState]:
         """Containers whose labels include every given pair."""
+        ...
+
+    async def process_defaults(self, container_id: str) -> ProcessDefaults:
+        """The env, cwd and user the container's main process was given (its PID 1's own
+        channel variables left out); `NotFound` when unknown."""
         ...
 
     async def close(self) -> None: ...

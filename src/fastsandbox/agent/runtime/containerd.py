@@ -52,6 +52,7 @@ from fastsandbox.agent.runtime.base import (
     ContainerState,
     ContainerStatus,
     ImageInfo,
+    ProcessDefaults,
 )
 from fastsandbox.agent.runtime.oci_spec import build_oci_spec
 from fastsandbox.api import labels
@@ -122,7 +123,10 @@ _TASK_STATUS = {
     pb.CTD_TASK_STATUS_PAUSING: ContainerStatus.RUNNING,
 }
 
-GVISOR_WRAPPER = '#!/bin/sh\nexec {runsc} --network=host "$@"\n'
+# --host-uds=open lets the sandbox connect to its agent's channel socket (a host unix socket in
+# a bind mount); it still cannot create or listen on one (the deprecated spelling is
+# --fsgofer-host-uds).
+GVISOR_WRAPPER = '#!/bin/sh\nexec {runsc} --network=host --host-uds=open "$@"\n'
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,7 +374,7 @@ class ContainerdRuntime:
         options = self._runtime_options(spec.runtime)
         image = await self.image_config(ref)
         argv, env, cwd = merge_process(spec, image)
-        if not argv:
+        if not argv and not spec.init_path:
             raise InvalidArgument(f"image {ref} has no entrypoint or cmd: give a command")
         uid, gid = parse_user(image.user)
         oci = build_oci_spec(
@@ -385,6 +389,8 @@ class ContainerdRuntime:
             cpu_millis=spec.cpu_millis,
             memory_bytes=spec.memory_bytes,
             init_path=spec.init_path,
+            channel_dir=spec.channel_dir,
+            init_env=[f"{k}={v}" for k, v in spec.init_env],
             annotations={SHIM_GROUP_ANNOTATION: self.shim_group} if self.shim_group else None,
         )
         container = pb.CtdContainer(
@@ -529,8 +535,27 @@ class ContainerdRuntime:
         by_id = {t.container_id or t.id: t for t in tasks}
         return sorted((self._state(c, by_id.get(c.id)) for c in containers), key=lambda s: s.id)
 
+    async def process_defaults(self, container_id: str) -> ProcessDefaults:
+        container = await self._api.get_container(container_id)
+        try:
+            spec = json.loads(container.spec.value or b"{}")
+        except ValueError:
+            spec = {}
+        return process_defaults_of(spec)
+
     async def close(self) -> None:
         await self._api.close()
+
+
+def process_defaults_of(oci: Mapping[str, Any]) -> ProcessDefaults:
+    """A sandbox's process env/cwd/user from its OCI spec, without PID 1's own FSB_* vars."""
+    process = oci.get("process") or {}
+    env = tuple(e for e in process.get("env") or () if not str(e).startswith("FSB_"))
+    user = process.get("user") or {}
+    uid, gid = int(user.get("uid", 0)), int(user.get("gid", 0))
+    return ProcessDefaults(
+        env=env, cwd=str(process.get("cwd") or "/"), user=f"{uid}:{gid}" if uid or gid else ""
+    )
 
 
 def _quote(value: str) -> str:

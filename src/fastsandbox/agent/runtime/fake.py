@@ -19,7 +19,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, ContainerStatus, ImageInfo
+from fastsandbox.agent.runtime.base import (
+    ContainerSpec,
+    ContainerState,
+    ContainerStatus,
+    ImageInfo,
+    ProcessDefaults,
+)
 from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.errors import NotFound
 
@@ -128,6 +134,14 @@ class FakeRuntime:
             for _, s in sorted(self._containers.items())
             if all(s.labels.get(k) == v for k, v in wanted.items())
         ]
+
+    async def process_defaults(self, container_id: str) -> ProcessDefaults:
+        self._get(container_id)
+        spec = self.specs[container_id]
+        # The fake's image has no env or workdir of its own: the sandbox's are all there is.
+        return ProcessDefaults(
+            env=tuple(f"{k}={v}" for k, v in spec.env), cwd=spec.working_dir or "/"
+        )
 
     async def close(self) -> None:
         self.closed = True

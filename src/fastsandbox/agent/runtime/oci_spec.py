@@ -90,6 +90,7 @@ def default_mounts() -> list[dict[str, Any]]:
 
 
 INIT_MOUNT = "/.fsb/init"
+CHANNEL_MOUNT = "/.fsb/run"
 
 
 def cpu_quota_us(cpu_millis: int) -> int:
@@ -116,11 +117,15 @@ def build_oci_spec(
     annotations: Mapping[str, str] | None = None,
     machine: str | None = None,
     init_path: str | None = None,
+    channel_dir: str | None = None,
+    init_env: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The runtime spec (as JSON-ready dict) for one sandbox container. With `init_path`, the
-    static `fsb-init` is bind-mounted read-only at `INIT_MOUNT` and runs as PID 1 in front of
-    `args`, forwarding signals and reaping zombies."""
-    if not args:
+    static supervisor is bind-mounted read-only at `INIT_MOUNT` and runs as PID 1 in front of
+    `args` (with no args it keeps the sandbox up, idle); with `channel_dir` too, that directory
+    is mounted read-only at `CHANNEL_MOUNT` and `init_env` (which PID 1 scrubs from every
+    child) tells the supervisor how to dial its agent."""
+    if not args and not init_path:
         raise ValueError("a container needs a command: the spec and the image give none")
     mounts = default_mounts()
     if init_path:
@@ -132,7 +137,19 @@ def build_oci_spec(
                 "options": ["rbind", "ro", "nosuid", "nodev"],
             }
         )
-        args = [INIT_MOUNT, "--", *args]
+        if channel_dir:
+            # Read-only: connecting to a socket needs no write access, and sandbox code must
+            # not replace the socket with its own.
+            mounts.append(
+                {
+                    "destination": CHANNEL_MOUNT,
+                    "type": "bind",
+                    "source": channel_dir,
+                    "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+                }
+            )
+            env = [*env, *init_env]
+        args = [INIT_MOUNT, "--", *args] if args else [INIT_MOUNT]
     user: dict[str, Any] = {"uid": uid, "gid": gid}
     if additional_gids:
         user["additionalGids"] = list(additional_gids)

@@ -33,6 +33,7 @@ from fastsandbox.api.models import (
     parse_rfc3339,
     to_wire,
 )
+from fastsandbox.control.fastpath.io_relay import IoRelayRpcs
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import CreateOptions, SandboxService, request_hash
 from fastsandbox.control.updates import SandboxUpdates, patch_from_request
@@ -110,7 +111,9 @@ def pool_from_json(text: str, namespace: str | None = None) -> SandboxPool:
     return pool
 
 
-class FastPathService(fastpath_pb2_grpc.FastPathServicer):
+class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
+    """Sandboxes and pools here; exec and files (relayed to agents) in `IoRelayRpcs`."""
+
     def __init__(self, sandboxes: SandboxService, pools: PoolManager, store: ObjectStore) -> None:
         self.sandboxes = sandboxes
         self.pools = pools
