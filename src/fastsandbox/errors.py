@@ -131,8 +131,10 @@ for _cls, _code, _exit in TABLE:
     _cls.grpc_code = _code
     _cls.exit_code = _exit
 
-# Client-side only (never a gRPC status): exit 124 as GNU `timeout`, since `fsb exec` passes the
-# command's own exit code through and 1-7 would look like the command's.
+# Raised by clients only, never sent as a gRPC status. CommandTimeout exits 124 as GNU `timeout`
+# does, since `fsb exec` passes the command's own exit code through and 1-7 would look like the
+# command's; CommandFailed exits with the command's own code (set per instance).
+CLIENT_ONLY: Final[tuple[type[FsbError], ...]] = (CommandTimeout, CommandFailed)
 CommandTimeout.exit_code = 124
 
 # Received INTERNAL is RuntimeFailure (the later row wins): our servers send INTERNAL for those.
@@ -184,6 +186,7 @@ def from_grpc(
 
 
 __all__ = [
+    "CLIENT_ONLY",
     "TABLE",
     "AlreadyExists",
     "CapacityExhausted",

@@ -10,10 +10,14 @@ import pytest
 
 from fastsandbox import errors
 from fastsandbox.errors import (
+    CLIENT_ONLY,
     TABLE,
     AlreadyExists,
     CapacityExhausted,
+    CommandFailed,
+    CommandTimeout,
     Conflict,
+    FailedPrecondition,
     FsbError,
     InvalidArgument,
     NotFound,
@@ -39,6 +43,7 @@ PINNED = [
     (PermissionDenied, S.PERMISSION_DENIED, 6),
     (Unavailable, S.UNAVAILABLE, 7),
     (RuntimeFailure, S.INTERNAL, 1),
+    (FailedPrecondition, S.FAILED_PRECONDITION, 4),
 ]
 
 
@@ -50,7 +55,12 @@ def test_every_error_class_has_a_row() -> None:
     classes = {
         obj for _, obj in inspect.getmembers(errors, inspect.isclass) if issubclass(obj, FsbError)
     }
-    assert classes == {cls for cls, _, _ in TABLE}
+    assert classes == {cls for cls, _, _ in TABLE} | set(CLIENT_ONLY)
+
+
+def test_client_only_errors_exit_as_a_command_would() -> None:
+    assert exit_code_of(CommandTimeout("slow")) == 124
+    assert exit_code_of(CommandFailed("exit 3", exit_code=3)) == 3
 
 
 @pytest.mark.parametrize(("cls", "code", "exit_code"), PINNED)
@@ -76,7 +86,6 @@ def test_a_sent_code_comes_back_as_its_class(
 @pytest.mark.parametrize(
     ("code", "cls"),
     [
-        (S.FAILED_PRECONDITION, Conflict),
         (S.DEADLINE_EXCEEDED, Unavailable),
         (S.UNKNOWN, FsbError),
         (S.UNIMPLEMENTED, FsbError),
