@@ -19,8 +19,16 @@ in batches of 5 at once (each on its own Lease). Series, in seconds, p50/p95/p99
   step-down after cut      a's Lease API stops answering → a's on_stopped_leading (its renew
                            deadline, 2/3 of the duration): always before b leads
 
-The kube series needs the kube-apiserver binaries (scripts/build-kube-apiserver, cached in
-~/.cache/fastsandbox/; no root needed). Nothing is asserted.
+and, with real `fsb controller` processes (two replicas on the same kube-apiserver, no agents;
+`--controllers 0` leaves it out):
+
+  controller kill -9       SIGKILL of the replica holding the Lease → the other replica is the
+                           Lease's holder (polled every 100 ms through the apiserver); the
+                           killed replica is restarted, as a follower, before the next sample
+
+The kube series need the kube-apiserver binaries (scripts/build-kube-apiserver, cached in
+~/.cache/fastsandbox/); the controller series also needs root (the process kubelet's containerd).
+Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -193,18 +201,81 @@ async def kube_series(n: int, lease: int) -> dict[str, list[float]]:
             api.stop()
 
 
+def controller_series(n: int, lease: int) -> list[float]:
+    import contextlib
+    import functools
+    import operator
+    import os
+    import signal
+    import time
+
+    from lightkube import Client, KubeConfig
+
+    from tests.e2e._kube_server import new_kube_server, purge_kube
+    from tests.infra import missing_requirements, remove_cgroup, start_containerd
+    from tests.k8s_fixtures import install_crds
+    from tests.k8s_infra import start_kube_apiserver
+
+    why = missing_requirements()
+    if why:
+        print(f"controller kill -9 series left out: {why}", file=sys.stderr)
+        return []
+    cgroup = f"/fsb-bench-failover-{os.getpid()}"
+    with tempfile.TemporaryDirectory(prefix="fsb-bench-ctl-", dir="/tmp") as tmp:
+        api = start_kube_apiserver(Path(tmp))
+        containerd = None
+        server = None
+        try:
+            with contextlib.closing(Client(KubeConfig.from_file(api.kubeconfig))) as client:
+                install_crds(client)
+            containerd = start_containerd(Path(tmp))
+            server = new_kube_server(
+                api.kubeconfig,
+                containerd.socket,
+                "127.0.0.1:5000",  # no agents run: nothing is pulled
+                cgroup,
+                replicas=2,
+                lease_duration=lease,
+                default_pool=False,
+            )
+            server.start()
+            found: list[float] = []
+            for _ in range(n):
+                leader = server.wait_leader(timeout=120)
+                time.sleep(lease * 1.5)  # the follower has seen the holder renew
+                killed = time.monotonic()
+                server.stop_replica(leader, signal.SIGKILL)
+                server.wait_leader(functools.partial(operator.ne, leader), timeout=lease * 20)
+                found.append(time.monotonic() - killed)
+                server.start_replica(leader)
+            return found
+        finally:
+            if server is not None:
+                purge_kube(server)
+            if containerd is not None:
+                containerd.stop()
+            api.stop()
+            remove_cgroup(cgroup)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=20, help="takeovers per series")
     parser.add_argument("--lease", type=int, default=3, help="lease duration, seconds")
     parser.add_argument("--no-kube", action="store_true", help="only the in-memory baseline")
+    parser.add_argument(
+        "--controllers", type=int, default=10, help="kill -9 samples of real fsb controllers"
+    )
     args = parser.parse_args()
     # The electors log every step-down; the table is the output.
     logging.getLogger("fastsandbox").setLevel(logging.ERROR)
 
     results = {"memory Lease (baseline)": asyncio.run(memory_series(args.n, args.lease))}
+    killed: list[float] = []
     if not args.no_kube:
         results["kube-apiserver Lease"] = asyncio.run(kube_series(args.n, args.lease))
+        if args.controllers:
+            killed = controller_series(args.controllers, args.lease)
     renew = args.lease / 3
     print(
         f"leader takeover, lease {args.lease} s (renew interval {renew:.2f} s, renew deadline "
@@ -213,6 +284,8 @@ def main() -> int:
     for where, found in results.items():
         for name in SERIES:
             print(row(f"{where}: {name}", found[name]))
+    if killed:
+        print(row("fsb controller: kill -9 → other replica holds", killed))
     print("boundaries: see the docstring of benchmarks/leader_failover.py")
     return 0
 
