@@ -7,6 +7,7 @@ Every failure a user can see is one of these, split by what the caller should do
     ├── NotFound             check the name / namespace  gRPC NOT_FOUND          exit 3
     ├── AlreadyExists        pick another name / key     gRPC ALREADY_EXISTS     exit 4
     ├── Conflict             re-read and retry           gRPC ABORTED            exit 4
+    │   └── FailedPrecondition  not in a state for it    gRPC FAILED_PRECONDITION exit 4
     ├── CapacityExhausted    wait, delete, or grow pool  gRPC RESOURCE_EXHAUSTED exit 5
     ├── Unauthenticated      give a valid token          gRPC UNAUTHENTICATED    exit 6
     ├── Unavailable          retry later                 gRPC UNAVAILABLE        exit 6
@@ -54,6 +55,13 @@ class Conflict(FsbError):
     exit_code = 4
 
 
+class FailedPrecondition(Conflict):
+    """The object exists but is not in a state for this call (e.g. renewing the lease of a
+    sandbox that has none)."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class CapacityExhausted(FsbError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     exit_code = 5
@@ -89,7 +97,7 @@ _BY_CODE: dict[grpc.StatusCode, type[FsbError]] = {
     )
 }
 _BY_CODE[grpc.StatusCode.ABORTED] = Conflict
-_BY_CODE[grpc.StatusCode.FAILED_PRECONDITION] = Conflict
+_BY_CODE[grpc.StatusCode.FAILED_PRECONDITION] = FailedPrecondition
 _BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
 
 
@@ -103,6 +111,7 @@ __all__ = [
     "AlreadyExists",
     "CapacityExhausted",
     "Conflict",
+    "FailedPrecondition",
     "FsbError",
     "InvalidArgument",
     "NotFound",

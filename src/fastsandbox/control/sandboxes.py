@@ -41,9 +41,9 @@ from fastsandbox.api.models import (
     now,
 )
 from fastsandbox.api.phases import set_condition, transition
-from fastsandbox.api.quantity import cpu_millis, memory_bytes
 from fastsandbox.control.agent_client import AgentClients
 from fastsandbox.control.events import EventRecorder
+from fastsandbox.control.limits import Limits, effective_limits, server_defaults
 from fastsandbox.control.registry import Allocation, Registry
 from fastsandbox.errors import (
     AlreadyExists,
@@ -323,6 +323,8 @@ class SandboxService:
         refused: set[str] = set()
         last: CapacityExhausted | None = None
         refreshed = self.refresh_agents is None
+        # Before a slot is taken: a limit above the pool's maximum is refused with nothing made.
+        limits = await self.limits(sb)
         while True:
             try:
                 allocation = self._allocate(sb, exclude=refused)
@@ -337,7 +339,10 @@ class SandboxService:
                 raise
             timings.scheduled_ms = _ms(arrived)
             try:
-                return allocation, await self._run_on_agent(sb, allocation)
+                state = await self._run_on_agent(sb, allocation, limits)
+                if state.pulled_ms:
+                    timings.pulled_ms = round(state.pulled_ms, 3)
+                return allocation, state
             except CapacityExhausted as exc:
                 self.registry.release(allocation.agent, allocation.sandbox_id)
                 refused.add(allocation.agent)
@@ -360,8 +365,25 @@ class SandboxService:
             exclude=exclude,
         )
 
-    def runtime_spec(self, sb: Sandbox, sandbox_id: str) -> agent_pb2.SandboxRuntimeSpec:
+    async def limits(self, sb: Sandbox) -> Limits:
+        """The sandbox's limits from its spec, its pool's defaults and maximum, and ours."""
+        try:
+            pool = await self.store.get(SandboxPool, sb.metadata.namespace, sb.spec.pool_ref)
+        except NotFound:
+            pool = None  # placement says so, naming the pool
+        return effective_limits(
+            sb.spec.resources,
+            pool.spec if pool is not None else None,
+            server_defaults(self.default_cpu, self.default_memory),
+        )
+
+    def runtime_spec(
+        self, sb: Sandbox, sandbox_id: str, limits: Limits | None = None
+    ) -> agent_pb2.SandboxRuntimeSpec:
         spec = sb.spec
+        if limits is None:
+            fallback = server_defaults(self.default_cpu, self.default_memory)
+            limits = effective_limits(spec.resources, None, fallback)
         return agent_pb2.SandboxRuntimeSpec(
             sandbox_id=sandbox_id,
             namespace=sb.metadata.namespace,
@@ -377,14 +399,19 @@ class SandboxService:
                 agent_pb2.KeyValue(key="fastsandbox.io/pool", value=spec.pool_ref),
                 *request_label(sb),
             ],
-            cpu_millis=cpu_millis(spec.resources.cpu or self.default_cpu),
-            memory_bytes=memory_bytes(spec.resources.memory or self.default_memory),
+            cpu_millis=limits.cpu_millis,
+            memory_bytes=limits.memory_bytes,
+            pids_limit=limits.pids,
+            disk_bytes=limits.disk_bytes,
+            log_max_bytes=limits.log_max_bytes,
         )
 
-    async def _run_on_agent(self, sb: Sandbox, allocation: Allocation) -> agent_pb2.SandboxState:
+    async def _run_on_agent(
+        self, sb: Sandbox, allocation: Allocation, limits: Limits | None = None
+    ) -> agent_pb2.SandboxState:
         client = self.agents.get(allocation.target)
         try:
-            return await client.create(self.runtime_spec(sb, allocation.sandbox_id))
+            return await client.create(self.runtime_spec(sb, allocation.sandbox_id, limits))
         except CapacityExhausted:
             # The agent is the capacity authority; our view was stale (e.g. an unknown orphan).
             raise
