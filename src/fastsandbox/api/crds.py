@@ -67,9 +67,7 @@ def _quantity_at_least(pattern: str, minimum: str) -> dict[str, Any]:
 def _default_within_max(name: str) -> dict[str, str]:
     wire = to_camel(name)
     d, m = f"self.sandboxDefaults.{wire}", f"self.sandboxMax.{wire}"
-    present = (
-        f"has(self.sandboxDefaults) && has({d}) && has(self.sandboxMax) && has({m})"
-    )
+    present = f"has(self.sandboxDefaults) && has({d}) && has(self.sandboxMax) && has({m})"
     if name in {"pids", "log_max_bytes"}:
         within = f"{d} <= {m}"
     else:

@@ -16,4 +16,3 @@ async def renew(
     lapse = await renew_lease(service, request.namespace or "default", request.name)
     stamp = lapse.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return fastpath_pb2.RenewLeaseReply(lease_expire_time=stamp)
-
