@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
@@ -202,6 +203,9 @@ class SandboxService:
                 sb.metadata.annotations[IDEMPOTENCY_KEY] = opts.idempotency_key
                 sb.metadata.annotations[SPEC_HASH] = opts.request_hash
             timings = Timings(accepted_ms=_ms(opts.arrived))
+            if sb.spec.lease_seconds:
+                # Persisted with the record, so a restarted control plane re-arms the lease.
+                sb.status.lease_expire_time = now() + timedelta(seconds=sb.spec.lease_seconds)
             if opts.mode is ConsistencyMode.STRONG:
                 sb.status.phase = SandboxPhase.PENDING
                 sb.status.timings = timings
