@@ -287,3 +287,25 @@ async def test_a_lease_lapses_through_a_control_plane_restart(harness: _Harness)
     plane = await harness.start()  # a new control plane over the same store and agents
     assert not await _gone(plane, "survivor")
     await eventually(lambda: _gone(plane, "survivor"), timeout=10)
+
+
+async def test_a_declarative_record_above_the_pool_max_is_not_started(harness: _Harness) -> None:
+    plane = await harness.start()
+    await plane.store.create(
+        Sandbox(
+            metadata=ObjectMeta(name="declared"),
+            spec=SandboxSpec(image=IMG, pool_ref="p", resources=SandboxResources(memory="2Gi")),
+        )
+    )
+
+    async def refused() -> bool:
+        sb = await plane.store.get(Sandbox, "default", "declared")
+        return any(
+            c.type == "Scheduled" and c.reason == "InvalidSpec" for c in sb.status.conditions
+        )
+
+    await eventually(refused)
+    sb = await plane.store.get(Sandbox, "default", "declared")
+    assert "sandboxMax.memory" in sb.status.message
+    assert not sb.status.container_id
+    assert plane.plane.registry.pool_slots("default", "p")[1] == 0

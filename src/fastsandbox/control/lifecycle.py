@@ -37,7 +37,7 @@ from fastsandbox.api.models import (
 from fastsandbox.api.phases import HOLDS_SLOT, condition, set_condition, transition
 from fastsandbox.control.leases import lease_lapses_at, lease_left
 from fastsandbox.control.sandboxes import MODE, Key, SandboxService, _ms
-from fastsandbox.errors import CapacityExhausted, FsbError, NotFound
+from fastsandbox.errors import CapacityExhausted, FsbError, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,16 @@ class SandboxLifecycle:
                 sb.status.message = str(exc)
                 await self._save(sb)
             return 2.0
+        except InvalidArgument as exc:
+            # A declarative record the pool cannot take as written (a limit above its
+            # sandboxMax): retrying cannot help; a changed spec brings it back here.
+            self.events.warning(sb, "InvalidSpec", exc.message)
+            if set_condition(
+                sb.status, "Scheduled", False, reason="InvalidSpec", message=exc.message
+            ):
+                sb.status.message = exc.message
+                await self._save(sb)
+            return None
         except FsbError as exc:
             self.events.warning(sb, "FailedStart", f"{exc.message}; retrying")
             raise
