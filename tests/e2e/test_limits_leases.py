@@ -26,7 +26,9 @@ import grpc
 import pytest
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
+from tests.e2e._kube_server import KubeServer, purge_kube
 from tests.e2e._server import FSB, Server, new_server, purge
+from tests.e2e.conftest import AnyServer, start_kube_server
 from tests.infra import build_demo_image, push_image
 
 pytestmark = pytest.mark.e2e
@@ -51,17 +53,20 @@ def server(registry_addr: str) -> Iterator[Server]:
         purge(srv)
 
 
-def _stub(srv: Server) -> tuple[fastpath_pb2_grpc.FastPathStub, grpc.Channel]:
+def _stub(srv: AnyServer) -> tuple[fastpath_pb2_grpc.FastPathStub, grpc.Channel]:
     channel = grpc.insecure_channel(srv.endpoint)
     return fastpath_pb2_grpc.FastPathStub(channel), channel
 
 
-def _auth(srv: Server) -> tuple[tuple[str, str], ...]:
-    token = (srv.data_dir / "token").read_text().strip()
+def _auth(srv: AnyServer) -> tuple[tuple[str, str], ...]:
+    if isinstance(srv, KubeServer):
+        token = srv.token
+    else:
+        token = (srv.data_dir / "token").read_text().strip()
     return (("authorization", f"Bearer {token}"),)
 
 
-def _make_pool(srv: Server, name: str, spec: dict[str, Any]) -> None:
+def _make_pool(srv: AnyServer, name: str, spec: dict[str, Any]) -> None:
     stub, channel = _stub(srv)
     with channel:
         body = {"metadata": {"name": name}, "spec": spec}
@@ -90,7 +95,7 @@ def pool(server: Server) -> str:
     return POOL
 
 
-def _get(srv: Server, name: str) -> dict[str, Any] | None:
+def _get(srv: AnyServer, name: str) -> dict[str, Any] | None:
     result = srv.fsb("get", name, "-o", "json")
     if result.returncode != 0:
         return None
@@ -98,7 +103,7 @@ def _get(srv: Server, name: str) -> dict[str, Any] | None:
     return data
 
 
-def _wait(srv: Server, name: str, check: Any, timeout: float, what: str) -> dict[str, Any]:
+def _wait(srv: AnyServer, name: str, check: Any, timeout: float, what: str) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     obj = None
     while time.monotonic() < deadline:
@@ -109,7 +114,7 @@ def _wait(srv: Server, name: str, check: Any, timeout: float, what: str) -> dict
     raise AssertionError(f"{name}: {what} not reached in {timeout}s: {obj and obj['status']}")
 
 
-def _run(srv: Server, name: str, *args: str) -> dict[str, Any]:
+def _run(srv: AnyServer, name: str, *args: str) -> dict[str, Any]:
     result = srv.fsb("run", name, "-o", "json", *args)
     assert result.returncode == 0, result.stderr
     data: dict[str, Any] = json.loads(result.stdout)
@@ -271,7 +276,7 @@ def test_a_cold_create_reports_pulled_ms_and_the_cli_says_it_is_pulling(
 # -- leases --------------------------------------------------------------------------------
 
 
-def _create_leased(srv: Server, name: str, image: str, pool: str, lease: int) -> str:
+def _create_leased(srv: AnyServer, name: str, image: str, pool: str, lease: int) -> str:
     stub, channel = _stub(srv)
     with channel:
         reply = stub.Create(
@@ -285,7 +290,7 @@ def _create_leased(srv: Server, name: str, image: str, pool: str, lease: int) ->
     return container
 
 
-def _renew(srv: Server, name: str) -> grpc.StatusCode:
+def _renew(srv: AnyServer, name: str) -> grpc.StatusCode:
     stub, channel = _stub(srv)
     with channel:
         try:
@@ -299,6 +304,22 @@ def _renew(srv: Server, name: str) -> grpc.StatusCode:
 def test_a_renewed_lease_keeps_the_sandbox_and_a_lapsed_one_deletes_it(
     server: Server, pool: str, demo_image: str
 ) -> None:
+    _renew_then_lapse(server, pool, demo_image)
+
+
+@pytest.mark.kubernetes
+def test_a_lapsed_lease_deletes_the_sandbox_through_the_controller(
+    request: pytest.FixtureRequest, demo_image: str
+) -> None:
+    kube = start_kube_server(request)
+    try:
+        _make_pool(kube, "leases", {"capacity": {"poolMin": 1, "poolMax": 1}})
+        _renew_then_lapse(kube, "leases", demo_image)
+    finally:
+        purge_kube(kube)
+
+
+def _renew_then_lapse(server: AnyServer, pool: str, demo_image: str) -> None:
     lease = 5
     cid = _create_leased(server, "leased", demo_image, pool, lease)
     began = time.monotonic()

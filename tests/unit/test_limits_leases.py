@@ -309,3 +309,21 @@ async def test_a_declarative_record_above_the_pool_max_is_not_started(harness: _
     assert "sandboxMax.memory" in sb.status.message
     assert not sb.status.container_id
     assert plane.plane.registry.pool_slots("default", "p")[1] == 0
+
+
+def test_the_sdk_request_carries_lease_and_every_limit() -> None:
+    from fastsandbox.sdk._core import create_request
+
+    req = create_request(
+        "default",
+        "r",
+        IMG,
+        {"lease": 30, "resources": {"cpu": "250m", "memory": "64Mi", "pids": 64, "disk": "1Gi"}},
+    )
+    assert req.lease_seconds == 30
+    assert (req.resources.cpu, req.resources.memory) == ("250m", "64Mi")
+    assert (req.resources.pids, req.resources.disk) == (64, "1Gi")
+    with pytest.raises(InvalidArgument, match=r"spec.resources.pids"):
+        create_request("default", "r", IMG, {"resources": {"pids": 0}})
+    with pytest.raises(InvalidArgument, match=r"spec.leaseSeconds"):
+        create_request("default", "r", IMG, {"lease": 0})
