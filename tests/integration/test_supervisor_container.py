@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import ContainerdProc
+from tests.infra import ContainerdProc, missing_requirements
 from tests.unit.supervisor_agent import BOUND, DATA, EOF, FakeAgent
 
 pytestmark = pytest.mark.integration
@@ -47,17 +48,35 @@ def build() -> Path:
     return REPO / "native" / "bin" / "fsb-supervisor"
 
 
+def runc_binary(runtime: str, tmp_path: Path) -> list[str]:
+    """ctr's `--runc-binary` for gVisor: runsc through the runc shim (as the agent runs it),
+    allowed to connect to host unix sockets (PROTOCOL.md: the supervisor dials out)."""
+    if runtime == "runc":
+        return []
+    if (why := missing_requirements(gvisor=True)) is not None:
+        pytest.skip(why)
+    wrapper = tmp_path / "runsc-wrapper"
+    runsc = shutil.which("runsc")
+    wrapper.write_text(f'#!/bin/sh\nexec {runsc} --network=host --host-uds=open "$@"\n')
+    wrapper.chmod(0o755)
+    return ["--runc-binary", str(wrapper)]
+
+
+@pytest.mark.parametrize("runtime", ["runc", "gvisor"])
 async def test_supervisor_is_pid1_serves_its_agent_and_survives_an_agent_restart(
     containerd: ContainerdProc,
     demo_image: str,
     cgroup_parent: str,
     channel: tuple[Path, bytes, FakeAgent],
+    tmp_path: Path,
+    runtime: str,
 ) -> None:
     chan, secret, agent = channel
     binary = build()
+    extra = runc_binary(runtime, tmp_path)
     containerd.ctr("images", "pull", "--plain-http", demo_image)
     containerd.ctr(
-        "run", "-d",
+        "run", "-d", *extra,
         "--cgroup", f"{cgroup_parent}/{CID}",
         "--mount", f"type=bind,src={binary},dst=/.fsb/init,options=rbind:ro",
         "--mount", f"type=bind,src={chan},dst=/.fsb/run,options=rbind:ro",

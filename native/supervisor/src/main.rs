@@ -44,6 +44,7 @@ fn take_env(table: &Arc<Table>) -> Config {
     let dir = get("FSB_CHANNEL");
     let secret = get("FSB_SUPERVISOR_SECRET");
     let sandbox = get("FSB_SANDBOX_ID").unwrap_or_default();
+    wipe_secret_in_place();
     let keys: Vec<String> = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).filter(|k| k.starts_with("FSB_")).collect();
     for k in keys {
         // SAFETY: single-threaded at this point.
@@ -60,6 +61,31 @@ fn take_env(table: &Arc<Table>) -> Config {
         channel::Channel { socket: PathBuf::from(d).join("agent.sock"), secret, sandbox, table: Arc::clone(table) }
     });
     Config { channel }
+}
+
+unsafe extern "C" {
+    static mut environ: *mut *mut libc::c_char;
+}
+
+/// Overwrites the secret's value in the process's original environment block, which is what
+/// /proc/1/environ shows (unsetenv only drops the pointer). PR_SET_DUMPABLE already keeps
+/// sandbox code out of that file; this holds even where a runtime's kernel (gVisor) might not.
+fn wipe_secret_in_place() {
+    const NAME: &[u8] = b"FSB_SUPERVISOR_SECRET=";
+    // SAFETY: single-threaded; environ is a NULL-terminated array of NUL-terminated strings,
+    // and only the bytes of one value (up to its NUL) are overwritten.
+    unsafe {
+        let mut p = environ;
+        while !p.is_null() && !(*p).is_null() {
+            let entry = *p;
+            let len = libc::strlen(entry);
+            let bytes = std::slice::from_raw_parts_mut(entry.cast::<u8>(), len);
+            if bytes.starts_with(NAME) {
+                bytes[NAME.len()..].fill(b'0');
+            }
+            p = p.add(1);
+        }
+    }
 }
 
 fn main() {
