@@ -246,6 +246,8 @@ async def test_exec_errors_name_what_failed(sandbox: Sandbox, tmp_path: Path) ->
     assert err(denied)["code"] == "EACCES"
     cwd = await sandbox.agent.request("exec", stream="t3", argv=["true"], cwd="/nonexistent-fsb")
     assert err(cwd)["code"] == "ENOENT" and "/nonexistent-fsb" in err(cwd)["message"]
+    not_dir = await sandbox.agent.request("exec", stream="t6", argv=["true"], cwd=str(data))
+    assert err(not_dir)["code"] == "ENOTDIR" and str(data) in err(not_dir)["message"]
     user = await sandbox.agent.request("exec", stream="t4", argv=["true"], user="nobody-fsb")
     assert err(user) == {
         "code": "EINVAL",
@@ -287,6 +289,16 @@ async def test_pty_is_a_terminal_of_the_given_size_and_resizes(sandbox: Sandbox)
     conn.send(DATA, b"\n")
     out = await conn.collect()
     assert b"40 120" in out.stdout and out.exit["code"] == 0
+
+    # The same through the control connection (no data connection needed).
+    reply2, conn2 = await sandbox.agent.stream(
+        "exec", argv=["sh", "-c", "read x; stty size"], env=[PATH_ENV], pty={"cols": 10, "rows": 5}
+    )
+    assert conn2 is not None
+    resized = await sandbox.agent.request("resize", pid=reply2["pid"], cols=77, rows=33)
+    assert resized["ok"], resized
+    conn2.send(DATA, b"\n")
+    assert b"33 77" in (await conn2.collect()).stdout
     ps = (await sandbox.agent.request("ps"))["processes"]
     assert [p["pty"] for p in ps if p["pid"] == reply["pid"]] == [True]
 
