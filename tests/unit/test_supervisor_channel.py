@@ -144,6 +144,16 @@ async def test_signals_reach_the_process_group(sandbox: Sandbox) -> None:
     assert err(gone)["code"] == "ESRCH"
 
 
+async def test_a_background_child_holding_the_pipe_does_not_hold_the_exit_back(
+    sandbox: Sandbox,
+) -> None:
+    out = await sandbox.agent.run(["sh", "-c", "sleep 100 & echo $!"])
+    try:
+        assert out.exit["code"] == 0
+    finally:
+        os.kill(int(out.stdout), signal.SIGKILL)
+
+
 async def test_timeout_kills_and_reports(sandbox: Sandbox) -> None:
     out = await sandbox.agent.run(["sleep", "100"], timeout_ms=100)
     assert out.exit == {"code": 137, "signal": 9, "timed_out": True}

@@ -463,14 +463,17 @@ impl Table {
         }
     }
 
-    /// SIGKILL to every process group we started that is still running (used when the main
-    /// process ends and we are not PID 1, where kill(-1) would reach far beyond the sandbox).
+    /// SIGKILL to every process group we started (used when the main process ends, or an idle
+    /// supervisor is stopped, and we are not PID 1, where kill(-1) would reach far beyond the
+    /// sandbox). Exited leaders too: their background children may still be in the group.
     pub fn kill_all(&self) {
         for p in lock(&self.procs).values() {
-            if p.running() {
-                let target = if p.own_group { -p.pid } else { p.pid };
+            if p.own_group {
+                // SAFETY: plain kill(2) of a process group we created.
+                unsafe { libc::kill(-p.pid, libc::SIGKILL) };
+            } else if p.running() {
                 // SAFETY: plain kill(2).
-                unsafe { libc::kill(target, libc::SIGKILL) };
+                unsafe { libc::kill(p.pid, libc::SIGKILL) };
             }
         }
     }
