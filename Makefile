@@ -3,7 +3,7 @@ SHELL := /bin/bash
 DATA_DIR ?= $(HOME)/.local/share/fastsandbox
 REGISTRY ?= 127.0.0.1:5000
 
-.PHONY: setup run test check unit integration e2e kube kube-tools bench demo-registry clean
+.PHONY: setup run test check unit native-test integration e2e kube kube-tools bench demo-registry clean
 
 setup:
 	scripts/setup
@@ -15,7 +15,7 @@ run: setup
 
 ## make test: install, build the Kubernetes tier's binaries (cached outside the tree), check
 ## (lint, types, contracts), then the whole suite, both shapes.
-test: setup kube-tools
+test: setup kube-tools native-test
 	scripts/check
 	.venv/bin/pytest -q -p no:cacheprovider tests
 
@@ -32,8 +32,13 @@ kube: setup kube-tools
 check: setup
 	scripts/check
 
-unit: setup
+unit: setup native-test
 	.venv/bin/pytest -q tests/unit tests/contract -m "not integration"
+
+## native-test: the Rust crates' own tests (cargo test in every native/*/Cargo.toml).
+native-test:
+	@cargo=$$(command -v cargo || echo $$HOME/.cargo/bin/cargo); \
+	for m in native/*/Cargo.toml; do "$$cargo" test --quiet --locked --manifest-path "$$m" || exit 1; done
 
 integration: setup
 	.venv/bin/pytest -q tests/integration

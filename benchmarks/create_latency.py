@@ -1,4 +1,4 @@
-"""Create latency of Fast Sandbox against raw `ctr run -d` and `runc run -d`, in one run.
+"""Create latency of Fast Sandbox against `runc run -d`, `ctr run -d` and `docker run -d`.
 
 Run as root after `scripts/setup`:  .venv/bin/python benchmarks/create_latency.py [-n 30]
 
@@ -15,9 +15,12 @@ the busybox demo image, an `fsb server` with its own containerd in a temp data d
                        image already unpacked; includes ctr's own start-up)
   runc run -d          `runc run -d --bundle B ID` process spawned → exited (an unpacked bundle,
                        no containerd at all: the floor for starting a container here)
+  docker run -d        `docker run -d --network none IMAGE sleep` process spawned → exited, against
+                       a private dockerd (Debian's docker.io) with its own containerd (skipped,
+                       and said so, when docker.io is not installed)
 
 Each sandbox is deleted before the next create, outside the timed span. Numbers are printed as
-p50/p95/p99/mean in milliseconds.
+p50/p95/p99/max in milliseconds (benchmarks/peers.py).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,23 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.peers import Docker, RuncBundle, bench_ctr_run, docker_peer, row  # noqa: E402
+
 from fastsandbox.sdk import AsyncClient  # noqa: E402
 from tests.e2e._server import Server, free_port, new_server, purge  # noqa: E402
 
 TRAP_SLEEP = ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
-
-
-def row(name: str, values: list[float]) -> str:
-    return (
-        f"{name:<22} n={len(values):<4} p50={pct(values, 50):8.1f}  p95={pct(values, 95):8.1f}"
-        f"  p99={pct(values, 99):8.1f}  mean={statistics.fmean(values):8.1f}  ms"
-    )
 
 
 async def bench_fsb(
@@ -76,57 +67,6 @@ async def bench_fsb(
                 server_ms.append(result.timings.runtime_ready_ms)
             await client.delete(name, wait=True)
     return client_ms, server_ms
-
-
-def timed(argv: list[str]) -> float:
-    started = time.perf_counter()
-    # Not a pipe: a detached container inherits these fds and would hold the pipe open.
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return (time.perf_counter() - started) * 1000
-
-
-def bench_ctr(sock: Path, image: str, n: int) -> list[float]:
-    ctr = ["ctr", "-a", str(sock), "-n", "fastsandbox"]
-    out = []
-    for i in range(n):
-        cid = f"bench-ctr-{i}"
-        out.append(timed([*ctr, "run", "-d", image, cid, "sleep", "3600"]))
-        subprocess.run([*ctr, "tasks", "kill", "-s", "KILL", cid], capture_output=True)
-        for _ in range(50):
-            if subprocess.run([*ctr, "tasks", "delete", cid], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.05)
-        subprocess.run([*ctr, "containers", "delete", cid], capture_output=True)
-    return out
-
-
-def bench_runc(layout: Path, work: Path, n: int) -> list[float]:
-    bundle = work / "bundle"
-    subprocess.run(
-        ["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)],
-        check=True,
-        capture_output=True,
-    )
-    config = json.loads((bundle / "config.json").read_text())
-    config["process"]["args"] = ["sleep", "3600"]
-    config["process"]["terminal"] = False
-    (bundle / "config.json").write_text(json.dumps(config))
-    state = work / "runc-state"
-    out = []
-    for i in range(n):
-        cid = f"bench-runc-{i}"
-        out.append(timed(["runc", "--root", str(state), "run", "-d", "--bundle", str(bundle), cid]))
-        subprocess.run(["runc", "--root", str(state), "kill", cid, "KILL"], capture_output=True)
-        for _ in range(50):
-            if (
-                subprocess.run(
-                    ["runc", "--root", str(state), "delete", cid], capture_output=True
-                ).returncode
-                == 0
-            ):
-                break
-            time.sleep(0.05)
-    return out
 
 
 def main() -> int:
@@ -164,8 +104,12 @@ def main() -> int:
 
         fast, fast_server = asyncio.run(bench_fsb(server, image, args.n, "fast"))
         strong, _ = asyncio.run(bench_fsb(server, image, args.n, "strong"))
-        ctr = bench_ctr(server.containerd_socket, image, args.n)
-        runc = bench_runc(work / "demo-image", work, args.n)
+        ctr = bench_ctr_run(server.containerd_socket, image, args.n)
+        runc = RuncBundle.unpack(work / "demo-image", work).bench_run(args.n)
+        docker: list[float] = []
+        if Docker.missing() is None:
+            with docker_peer(work / "docker", work / "demo-image") as (peer, tag):
+                docker = peer.bench_run(tag, args.n)
 
         print(
             f"\nFast Sandbox create latency, {args.n} sequential samples each "
@@ -176,6 +120,10 @@ def main() -> int:
         print(row("server runtimeReady", fast_server))
         print(row("ctr run -d", ctr))
         print(row("runc run -d", runc))
+        if docker:
+            print(row("docker run -d", docker))
+        else:
+            print(f"docker run -d: not measured ({Docker.missing()})")
         print("boundaries: see the docstring of benchmarks/create_latency.py")
     finally:
         purge(server)

@@ -1,0 +1,85 @@
+"""Fast Sandbox: isolated containers in milliseconds, and a Python SDK to work inside them.
+
+    from fastsandbox import Sandbox
+
+    with Sandbox.create(image="busybox") as sb:
+        print(sb.commands.run("echo hi").stdout)
+
+The SDK names are loaded on first use (PEP 562): the CLI and the servers import this package
+too, and must not pay for grpc and the SDK at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastsandbox.errors import (
+        AlreadyExists,
+        CapacityExhausted,
+        CommandFailed,
+        CommandTimeout,
+        Conflict,
+        FailedPrecondition,
+        FsbError,
+        InvalidArgument,
+        NotFound,
+        Unauthenticated,
+        Unavailable,
+    )
+    from fastsandbox.sdk import (
+        AsyncClient,
+        AsyncSandbox,
+        Client,
+        CommandHandle,
+        CommandResult,
+        EntryInfo,
+        Sandbox,
+    )
+
+__all__ = [
+    "AlreadyExists",
+    "AsyncClient",
+    "AsyncSandbox",
+    "CapacityExhausted",
+    "Client",
+    "CommandFailed",
+    "CommandHandle",
+    "CommandResult",
+    "CommandTimeout",
+    "Conflict",
+    "EntryInfo",
+    "FailedPrecondition",
+    "FsbError",
+    "InvalidArgument",
+    "NotFound",
+    "Sandbox",
+    "Unauthenticated",
+    "Unavailable",
+]
+
+_SDK = frozenset(__all__) - {
+    "AlreadyExists",
+    "CapacityExhausted",
+    "CommandFailed",
+    "CommandTimeout",
+    "Conflict",
+    "FailedPrecondition",
+    "FsbError",
+    "InvalidArgument",
+    "NotFound",
+    "Unauthenticated",
+    "Unavailable",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SDK:
+        from fastsandbox import sdk
+
+        return getattr(sdk, name)
+    if name in __all__:
+        from fastsandbox import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module 'fastsandbox' has no attribute {name!r}")

@@ -1,25 +1,35 @@
-"""The one error tree of Fast Sandbox.
+"""The one error tree of Fast Sandbox, and the one table that maps it to gRPC and exit codes.
 
 Every failure a user can see is one of these, split by what the caller should do next::
 
-    FsbError
-    ├── InvalidArgument      fix the request            gRPC INVALID_ARGUMENT   exit 2
-    ├── NotFound             check the name / namespace  gRPC NOT_FOUND          exit 3
-    ├── AlreadyExists        pick another name / key     gRPC ALREADY_EXISTS     exit 4
-    ├── Conflict             re-read and retry           gRPC ABORTED            exit 4
-    │   └── FailedPrecondition  the object is in the wrong state (a sandbox that is not
-    │                        running, a directory where a file is wanted)  FAILED_PRECONDITION
-    ├── CapacityExhausted    wait, delete, or grow pool  gRPC RESOURCE_EXHAUSTED exit 5
-    ├── Unauthenticated      give a valid token          gRPC UNAUTHENTICATED    exit 6
-    ├── PermissionDenied     a path's permissions say no gRPC PERMISSION_DENIED  exit 6
-    ├── Unavailable          retry later                 gRPC UNAVAILABLE        exit 6
-    └── RuntimeFailure       the runtime said no         gRPC INTERNAL           exit 1
+    FsbError                 (anything else)              gRPC INTERNAL           exit 1
+    ├── InvalidArgument      fix the request              gRPC INVALID_ARGUMENT   exit 2
+    ├── NotFound             check the name / namespace   gRPC NOT_FOUND          exit 3
+    ├── AlreadyExists        pick another name / key      gRPC ALREADY_EXISTS     exit 4
+    ├── Conflict             re-read and retry            gRPC ABORTED            exit 4
+    │   └── FailedPrecondition  wrong state for the call (a sandbox not Running, a
+    │                        directory where a file is wanted)  gRPC FAILED_PRECONDITION  exit 4
+    ├── CapacityExhausted    wait, delete, or grow pool   gRPC RESOURCE_EXHAUSTED exit 5
+    ├── Unauthenticated      give a valid token           gRPC UNAUTHENTICATED    exit 6
+    │   └── PermissionDenied ask for the right to do it   gRPC PERMISSION_DENIED  exit 6
+    ├── Unavailable          retry later                  gRPC UNAVAILABLE        exit 7
+    ├── RuntimeFailure       the runtime said no          gRPC INTERNAL           exit 1
+    ├── CommandFailed        `CommandResult.check()` on a non-zero exit   exit = the command's
+    └── CommandTimeout       a command outlived its timeout (and was killed)      exit 124
+
+Exit codes are for scripts: 0 ok, 1 failure, 2 usage or validation, 3 not found, 4 already exists
+or conflict, 5 capacity exhausted, 6 unauthenticated or permission denied, 7 unavailable (the
+server could not be reached or is overloaded: worth a retry).
+CommandTimeout and CommandFailed are raised by the client (SDK, CLI), never sent over gRPC.
 
 Third-party errors (grpc, containerd, sqlite, kubernetes) are translated into this tree at one
-seam each; the gRPC status code and CLI exit code are mapped here and nowhere else.
+seam each; the gRPC status codes and CLI exit codes are mapped here, in `TABLE`, and nowhere
+else: `FsbError.grpc_code` / `exit_code` are filled from it, `from_grpc` reads it backwards.
 """
 
 from __future__ import annotations
+
+from typing import Final
 
 import grpc
 
@@ -27,8 +37,9 @@ import grpc
 class FsbError(Exception):
     """Base of every error Fast Sandbox raises on purpose."""
 
-    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    exit_code: int = 1
+    # Filled from `TABLE` below; declared here so every subclass has them.
+    grpc_code: grpc.StatusCode
+    exit_code: int
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -36,91 +47,151 @@ class FsbError(Exception):
 
 
 class InvalidArgument(FsbError):
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-    exit_code = 2
+    pass
 
 
 class NotFound(FsbError):
-    grpc_code = grpc.StatusCode.NOT_FOUND
-    exit_code = 3
+    pass
 
 
 class AlreadyExists(FsbError):
-    grpc_code = grpc.StatusCode.ALREADY_EXISTS
-    exit_code = 4
+    pass
 
 
 class Conflict(FsbError):
     """An optimistic-concurrency check failed: the object changed since it was read."""
-
-    grpc_code = grpc.StatusCode.ABORTED
-    exit_code = 4
 
 
 class FailedPrecondition(Conflict):
     """The object is not in a state the call needs (e.g. the sandbox is not running). A
     `Conflict` so that callers catching that keep working."""
 
-    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
-    exit_code = 4
-
 
 class CapacityExhausted(FsbError):
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    exit_code = 5
+    pass
 
 
 class Unauthenticated(FsbError):
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
-    exit_code = 6
+    pass
 
 
-class PermissionDenied(FsbError):
-    """A file operation inside a sandbox was refused by the path's permissions."""
-
-    grpc_code = grpc.StatusCode.PERMISSION_DENIED
-    exit_code = 6
+class PermissionDenied(Unauthenticated):
+    """Authenticated, but not allowed (RBAC, file modes). A subclass: the remedy is the same
+    conversation with whoever hands out credentials."""
 
 
 class Unavailable(FsbError):
-    grpc_code = grpc.StatusCode.UNAVAILABLE
-    exit_code = 6
+    """Nothing answered, or what answered is not ready or overloaded: retrying may succeed."""
 
 
 class RuntimeFailure(FsbError):
     """containerd/runc refused or failed; the message carries the runtime's words."""
 
-    grpc_code = grpc.StatusCode.INTERNAL
-    exit_code = 1
+
+S = grpc.StatusCode
 
 
-_BY_CODE: dict[grpc.StatusCode, type[FsbError]] = {
-    cls.grpc_code: cls
-    for cls in (
-        InvalidArgument,
-        NotFound,
-        AlreadyExists,
-        CapacityExhausted,
-        Unauthenticated,
-        Unavailable,
-        RuntimeFailure,
-    )
+class CommandTimeout(FsbError):
+    """A command in a sandbox ran past its timeout and was killed.
+
+    Exit 124 as GNU `timeout` uses it: `fsb exec` passes the command's own code through, so its
+    failures cannot reuse 1-7 without looking like the command's.
+    """
+
+
+class CommandFailed(FsbError):
+    """`CommandResult.check()` on a non-zero exit; `exit_code` is the command's own."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# The one table: error class ⇄ gRPC status code ⇄ CLI exit code.
+TABLE: Final[tuple[tuple[type[FsbError], grpc.StatusCode, int], ...]] = (
+    (FsbError, S.INTERNAL, 1),
+    (InvalidArgument, S.INVALID_ARGUMENT, 2),
+    (NotFound, S.NOT_FOUND, 3),
+    (AlreadyExists, S.ALREADY_EXISTS, 4),
+    (Conflict, S.ABORTED, 4),
+    (CapacityExhausted, S.RESOURCE_EXHAUSTED, 5),
+    (Unauthenticated, S.UNAUTHENTICATED, 6),
+    (PermissionDenied, S.PERMISSION_DENIED, 6),
+    (Unavailable, S.UNAVAILABLE, 7),
+    (RuntimeFailure, S.INTERNAL, 1),
+    (FailedPrecondition, S.FAILED_PRECONDITION, 4),
+)
+
+# Codes received that no class sends, and what they mean to the caller.
+_RECEIVED_ALSO: Final[dict[grpc.StatusCode, type[FsbError]]] = {
+    S.DEADLINE_EXCEEDED: Unavailable,  # no answer in time: retry later
 }
-_BY_CODE[grpc.StatusCode.ABORTED] = Conflict
-_BY_CODE[grpc.StatusCode.FAILED_PRECONDITION] = FailedPrecondition
-_BY_CODE[grpc.StatusCode.PERMISSION_DENIED] = PermissionDenied
-_BY_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
+
+for _cls, _code, _exit in TABLE:
+    _cls.grpc_code = _code
+    _cls.exit_code = _exit
+
+# Raised by clients only, never sent as a gRPC status. CommandTimeout exits 124 as GNU `timeout`
+# does, since `fsb exec` passes the command's own exit code through and 1-7 would look like the
+# command's; CommandFailed exits with the command's own code (set per instance).
+CLIENT_ONLY: Final[tuple[type[FsbError], ...]] = (CommandTimeout, CommandFailed)
+CommandTimeout.exit_code = 124
+
+# Received INTERNAL is RuntimeFailure (the later row wins): our servers send INTERNAL for those.
+_BY_CODE: Final[dict[grpc.StatusCode, type[FsbError]]] = {
+    **{code: cls for cls, code, _ in TABLE},
+    **_RECEIVED_ALSO,
+}
+
+# How grpc's own client-side failures begin, when no server answered at all (connection refused,
+# no such socket, DNS). A server's UNAVAILABLE says something else ("agent ... is unreachable:
+# failed to connect ..." quotes one, which is why these are prefixes and not substrings).
+_NEVER_REACHED: Final = (
+    "failed to connect to all addresses",
+    "connections to all backends failing",
+    "dns resolution failed",
+    "errors resolving",
+    "name resolution failure",
+    "empty address list",
+)
+# grpc's own words when the call's deadline passed without any status from the server.
+_CLIENT_DEADLINE: Final = "deadline exceeded"
 
 
-def from_grpc(code: grpc.StatusCode | None, details: str | None) -> FsbError:
-    """Translate a gRPC status received from one of our servers back into the tree."""
-    cls = _BY_CODE.get(code, FsbError) if code is not None else FsbError
+def exit_code_of(exc: BaseException) -> int:
+    """The CLI exit code for `exc`: its row of `TABLE`; 1 for anything that is not ours."""
+    return exc.exit_code if isinstance(exc, FsbError) else 1
+
+
+def never_answered(code: grpc.StatusCode | None, details: str | None) -> bool:
+    """True when grpc itself failed the call because no server answered: it could not connect
+    (refused, no socket, DNS), or the deadline passed with no status. An UNAVAILABLE that a
+    server sent is not this: its reason is the server's and must reach the user."""
+    text = (details or "").strip().lower()
+    if code is S.UNAVAILABLE:
+        return text.startswith(_NEVER_REACHED)
+    return code is S.DEADLINE_EXCEEDED and text == _CLIENT_DEADLINE
+
+
+def from_grpc(
+    code: grpc.StatusCode | None,
+    details: str | None,
+    *,
+    fallback: type[FsbError] = FsbError,
+) -> FsbError:
+    """Translate a gRPC status back into the tree; `details` becomes the message. A code the
+    table does not know (UNKNOWN, UNIMPLEMENTED, ...) becomes `fallback`."""
+    cls = _BY_CODE.get(code, fallback) if code is not None else fallback
     return cls(details or (code.name if code is not None else "unknown error"))
 
 
 __all__ = [
+    "CLIENT_ONLY",
+    "TABLE",
     "AlreadyExists",
     "CapacityExhausted",
+    "CommandFailed",
+    "CommandTimeout",
     "Conflict",
     "FailedPrecondition",
     "FsbError",
@@ -130,5 +201,7 @@ __all__ = [
     "RuntimeFailure",
     "Unauthenticated",
     "Unavailable",
+    "exit_code_of",
     "from_grpc",
+    "never_answered",
 ]

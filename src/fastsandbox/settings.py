@@ -9,6 +9,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
+
+# Defaults more than one command or client needs, each spelled here once (a unit test,
+# tests/unit/test_constants_once.py, fails when the endpoint is spelled anywhere else in src/).
+DEFAULT_ENDPOINT: Final = "127.0.0.1:9090"
+"""Where `fsb server` listens and where every client looks first."""
+DELETE_GRACE_SECONDS: Final = 10.0
+"""SIGTERM → SIGKILL grace on sandbox delete when the request gives none."""
+CONTAINERD_SOCKET: Final = Path("/run/containerd/containerd.sock")
+"""The system containerd's socket."""
+JANITOR_INTERVAL_SECONDS: Final = 10.0
+"""How often the janitor looks for orphaned containers, snapshots, logs and FIFOs."""
+ORPHAN_TIMEOUT_SECONDS: Final = 30.0
+"""How long a container must stay orphaned (no record, or its agent gone) before the janitor
+removes it: far longer than the few ms between a Fast-mode start and its record."""
 
 
 def default_data_dir() -> Path:
@@ -33,7 +48,7 @@ class LogSettings:
 class SandboxDefaults:
     """What both control planes (`fsb server`, `fsb controller`) apply to every sandbox."""
 
-    delete_grace_seconds: float = 10.0
+    delete_grace_seconds: float = DELETE_GRACE_SECONDS
     """SIGTERM → SIGKILL grace on sandbox delete."""
     default_sandbox_cpu: str = "1"
     """CPU limit of a sandbox that asks for none (a quantity): no sandbox runs unbounded."""
@@ -49,7 +64,7 @@ class SandboxDefaults:
 class ServerSettings(SandboxDefaults):
     data_dir: Path = field(default_factory=default_data_dir)
     """Holds the SQLite file, the token, agent state, logs and (if we start it) containerd."""
-    listen: str = "127.0.0.1:9090"
+    listen: str = DEFAULT_ENDPOINT
     """Fast-Path gRPC address (HOST:PORT)."""
     containerd_socket: Path | None = None
     """Use this containerd. None: use /run/containerd/containerd.sock when it answers, else
@@ -62,9 +77,9 @@ class ServerSettings(SandboxDefaults):
     """Create pool `default-pool` in namespace `default` when it does not exist."""
     network: str = "auto"
     """cni | host | auto (cni when the bridge plugin is installed, else host)."""
-    janitor_interval_seconds: float = 10.0
+    janitor_interval_seconds: float = JANITOR_INTERVAL_SECONDS
     """How often the janitor looks for orphaned containers, snapshots, logs and FIFOs."""
-    orphan_timeout_seconds: float = 30.0
+    orphan_timeout_seconds: float = ORPHAN_TIMEOUT_SECONDS
     """How long a container must stay orphaned (no record, or its agent gone) before the janitor
     removes it: far longer than the few ms between a Fast-mode start and its record."""
     log: LogSettings = field(default_factory=LogSettings)
@@ -89,7 +104,7 @@ class ControllerSettings(SandboxDefaults):
     context's namespace, or the service account's."""
     watch_namespace: str | None = None
     """Adopt agent Pods of this namespace only; None: every namespace."""
-    listen: str = "127.0.0.1:9090"
+    listen: str = DEFAULT_ENDPOINT
     """Fast-Path gRPC address (HOST:PORT); in a Pod, 0.0.0.0:PORT."""
     token: str | None = None
     """API token; None reads Secret `fastsandbox-api-token` (key `token`) in `namespace`,
@@ -128,7 +143,7 @@ class AgentSettings:
     """Network namespace sandboxes join (the agent's own); None = host network."""
     cgroup_parent: str = "/fastsandbox"
     insecure_registries: list[str] = field(default_factory=list)
-    delete_grace_seconds: float = 10.0
+    delete_grace_seconds: float = DELETE_GRACE_SECONDS
     init_path: Path | None = None
     """`fsb-init` binary mounted at /.fsb/init as every sandbox's PID 1; None = run the
     sandbox's command as PID 1 (SIGTERM is then ignored unless the command handles it)."""

@@ -49,7 +49,7 @@ pytestmark = [
 
 BUILD = REPO_ROOT / "scripts" / "build-image"
 NAMESPACE = "fsb-image-it"
-INIT_PATH = "/usr/local/libexec/fastsandbox/fsb-init"
+INIT_PATH = "/usr/local/libexec/fastsandbox/fsb-supervisor"
 ENTRYPOINT = "/opt/fastsandbox/bin/fsb"
 FSB_UID = 65532
 READY_TIMEOUT = 60.0

@@ -1,16 +1,77 @@
-"""`fsb agent` flags become one AgentSettings; defaults derive from the name."""
+"""`fsb agent` flags become one AgentSettings; defaults derive from the name; the command line the
+fleets build (`AgentArgs.argv()`) is parsed back by the real `fsb agent` parser unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from fastsandbox.agent.cli import UsageError, build_parser, main, settings_from_args
+from fastsandbox.agent.args import DEFAULTS, AgentArgs, flag_of
+from fastsandbox.agent.cli import main, settings_from_args
+from fastsandbox.cli.commands.agent import parse
+from fastsandbox.cli.main import app
+from fastsandbox.errors import InvalidArgument
+
+EVERY_FLAG = AgentArgs(
+    name="a1",
+    pool="p1",
+    namespace="team",
+    listen="127.0.0.1:7001",
+    token_file=Path("/etc/fsb/token"),
+    insecure_no_token=True,
+    state_dir=Path("/var/lib/fsb/agents/a1"),
+    containerd_socket=Path("/run/c.sock"),
+    containerd_namespace="k8s.io",
+    capacity=3,
+    runtime="gvisor",
+    agent_ip="10.0.0.5",
+    netns_path="/var/run/netns/a1",
+    cgroup_parent="/fsb",
+    pod_uid="0b9c-uid",
+    insecure_registry=("127.0.0.1:5000", "reg:5001"),
+    grace=2.5,
+    version="v9",
+    init_path="none",
+    log_level="debug",
+    log_format="json",
+    log_file=Path("/tmp/a.log"),
+)
+
+
+def test_every_field_is_set_in_the_sample() -> None:
+    """The round trip below covers every flag: a new field must be added to the sample."""
+    for f in dataclasses.fields(AgentArgs):
+        assert getattr(EVERY_FLAG, f.name) != f.default, f.name
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        EVERY_FLAG,
+        DEFAULTS,
+        AgentArgs(name="$(POD_NAME)", listen="$(POD_IP):7443", grace=0.1 + 0.2, capacity=1),
+        AgentArgs(state_dir=Path("/d/agents/p-1"), insecure_registry=("r:1",), version="-odd"),
+    ],
+)
+def test_the_built_command_line_parses_back_unchanged(args: AgentArgs) -> None:
+    argv = args.argv()
+    assert parse(argv) == args
+    assert all(a.startswith("--") for a in argv)  # one token per flag: `--flag=value`
+
+
+def test_the_flags_are_the_field_names() -> None:
+    argv = EVERY_FLAG.argv()
+    assert "--insecure-no-token" in argv
+    assert f"{flag_of('state_dir')}=/var/lib/fsb/agents/a1" in argv
+    assert argv.count("--insecure-registry=127.0.0.1:5000") == 1
+    assert "--grace=2.5" in argv
 
 
 def test_flags_map_to_settings(tmp_path: Path) -> None:
-    args = build_parser().parse_args(
+    args = parse(
         [
             "--name=a1",
             "--pool=p1",
@@ -26,7 +87,8 @@ def test_flags_map_to_settings(tmp_path: Path) -> None:
             "--netns-path=/var/run/netns/a1",
             "--cgroup-parent=/fsb",
             "--insecure-registry=127.0.0.1:5000",
-            "--insecure-registry=reg:5001",
+            "--insecure-registry",
+            "reg:5001",
             "--grace=2.5",
             "--version=v9",
             "--log-level=debug",
@@ -50,23 +112,39 @@ def test_flags_map_to_settings(tmp_path: Path) -> None:
 
 def test_defaults_follow_the_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
-    s = settings_from_args(build_parser().parse_args(["--name=a2"]))
+    s = settings_from_args(parse(["--name=a2"]))
     assert s.state_dir == tmp_path / "fastsandbox" / "agents" / "a2"
     assert s.listen == f"unix://{s.state_dir / 'agent.sock'}"
     assert (s.capacity, s.runtime, s.netns_path, s.delete_grace_seconds) == (5, "runc", None, 10.0)
     assert s.version
 
 
-def test_bad_flags_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        main(["--capacity=0"])
-    assert exit_.value.code == 2
-    assert "--capacity" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--capacity=0"], "--capacity"),
+        (["--grace=-1"], "--grace"),
+        (["--runtime=kata"], "--runtime"),
+        (["--log-level=loud"], "--log-level"),
+        (["--no-such-flag"], "--no-such-flag"),
+    ],
+)
+def test_bad_flags_are_usage_errors(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_fsb_agent_help_lists_the_flags() -> None:
+    result = CliRunner().invoke(app, ["agent", "--help"])
+    assert result.exit_code == 0, result.output
+    for f in dataclasses.fields(AgentArgs):
+        assert flag_of(f.name) in result.output
 
 
 def test_a_network_listen_address_needs_a_token(tmp_path: Path) -> None:
-    parse = build_parser().parse_args
-    with pytest.raises(UsageError, match="--token-file or \\$FSB_AGENT_TOKEN"):
+    with pytest.raises(InvalidArgument, match="--token-file or \\$FSB_AGENT_TOKEN"):
         settings_from_args(parse(["--name=a", "--listen=10.1.2.3:7443"]), environ={})
 
     token_file = tmp_path / "token"
@@ -86,14 +164,14 @@ def test_a_network_listen_address_needs_a_token(tmp_path: Path) -> None:
     assert (open_.token, open_.insecure_no_token) == (None, True)
 
     token_file.write_text("\n")
-    with pytest.raises(UsageError, match="is empty"):
+    with pytest.raises(InvalidArgument, match="is empty"):
         settings_from_args(
             parse(["--name=a", "--listen=10.1.2.3:7443", f"--token-file={token_file}"]), {}
         )
 
 
 def test_a_unix_socket_needs_no_token(tmp_path: Path) -> None:
-    args = build_parser().parse_args(["--name=a", f"--listen=unix://{tmp_path}/a.sock"])
+    args = parse(["--name=a", f"--listen=unix://{tmp_path}/a.sock"])
     assert settings_from_args(args, environ={}).token is None
 
 
@@ -101,14 +179,11 @@ def test_missing_token_is_a_usage_error(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("FSB_AGENT_TOKEN", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        main(["--name=a", "--listen=127.0.0.1:0"])
-    assert exit_.value.code == 2
+    assert main(["--name=a", "--listen=127.0.0.1:0"]) == 2
     assert "--insecure-no-token" in capsys.readouterr().err
 
 
 def test_an_ipv6_pod_ip_is_bracketed() -> None:
-    parse = build_parser().parse_args
     args = parse(["--name=a", "--listen=fd00::5:7443", "--insecure-no-token"])
     assert settings_from_args(args, environ={}).listen == "[fd00::5]:7443"
     args = parse(["--name=a", "--listen=10.0.0.5:7443", "--insecure-no-token"])

@@ -281,8 +281,14 @@ def test_run_file_missing_is_exit_2(tmp_path: Path) -> None:
         ("Create", grpc.StatusCode.ALREADY_EXISTS, ["run", "x", "--image", "b"], 4),
         ("Create", grpc.StatusCode.INVALID_ARGUMENT, ["run", "x", "--image", "b"], 2),
         ("Create", grpc.StatusCode.NOT_FOUND, ["run", "x", "--image", "b", "--pool", "nope"], 3),
-        ("Delete", grpc.StatusCode.UNAVAILABLE, ["delete", "x"], 6),
+        ("Delete", grpc.StatusCode.UNAVAILABLE, ["delete", "x"], 7),
+        ("Delete", grpc.StatusCode.DEADLINE_EXCEEDED, ["delete", "x"], 7),
+        ("Get", grpc.StatusCode.PERMISSION_DENIED, ["get", "x"], 6),
+        ("Get", grpc.StatusCode.UNAUTHENTICATED, ["get", "x"], 6),
+        ("Update", grpc.StatusCode.ABORTED, ["update", "x", "--ttl", "5"], 4),
+        ("Update", grpc.StatusCode.FAILED_PRECONDITION, ["update", "x", "--ttl", "5"], 4),
         ("List", grpc.StatusCode.INTERNAL, ["list"], 1),
+        ("List", grpc.StatusCode.UNKNOWN, ["list"], 1),
         ("Logs", grpc.StatusCode.NOT_FOUND, ["logs", "x"], 3),
         ("CreatePool", grpc.StatusCode.ALREADY_EXISTS, ["pool", "create", "p"], 4),
     ],
@@ -313,13 +319,39 @@ def test_wrong_token_is_exit_6(endpoint: str) -> None:
     assert "invalid API token" in result.stderr
 
 
-def test_server_down_is_exit_6_with_a_hint() -> None:
+def test_server_down_is_exit_7_with_a_hint() -> None:
+    """Nothing listens on the port: the one case that says "cannot reach" (worth a retry)."""
     address = f"127.0.0.1:{free_port()}"
     result = fsb("list", "--endpoint", address, "--token", "t")
-    assert result.exit_code == 6
+    assert result.exit_code == 7
     assert result.stderr == (
         f"error: cannot reach fsb server at {address}: is `fsb server` running?\n"
     )
+
+
+def test_no_socket_is_exit_7_with_a_hint(tmp_path: Path) -> None:
+    address = f"unix://{tmp_path}/nobody.sock"
+    result = fsb("get", "x", "--endpoint", address, "--token", "t")
+    assert result.exit_code == 7
+    assert result.stderr == (
+        f"error: cannot reach fsb server at {address}: is `fsb server` running?\n"
+    )
+
+
+def test_an_unavailable_server_answer_keeps_the_servers_reason(
+    fake: FakeFastPath, endpoint: str
+) -> None:
+    """The server answered UNAVAILABLE: exit 7 like an unreachable one, but the user reads the
+    server's reason, even when it quotes a connection failure of its own (to an agent)."""
+    reason = (
+        "agent at unix:///d/agents/a1/agent.sock is unreachable: failed to connect to all "
+        "addresses; connection refused"
+    )
+    fake.fail("Create", grpc.StatusCode.UNAVAILABLE, reason)
+    result = fsb("run", "x", "--image", "busybox")
+    assert result.exit_code == 7, result.output
+    assert result.stderr == f"error: {reason}\n"
+    assert "cannot reach" not in result.stderr
 
 
 # ---------------------------------------------------------------- token, endpoint, namespace

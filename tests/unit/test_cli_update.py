@@ -212,13 +212,14 @@ def test_sync_client_and_handle(fake: FakeFastPath, endpoint: str) -> None:
     with Client(endpoint, TOKEN) as client:
         assert client.update("s1", labels={"x": "y"}).metadata.labels["x"] == "y"
         assert client.reset("s1").spec.reset_revision
-        handle = Sandbox.create(client, "h1", "busybox")
+        handle = Sandbox.create("busybox", name="h1", endpoint=endpoint, token=TOKEN)
         assert handle.update(failure_policy="AutoRecreate").spec.failure_policy == "AutoRecreate"
         assert handle.reset().spec.reset_revision == "2025-01-02T03:04:06.000Z"
         fake.fail("Update", grpc.StatusCode.ABORTED, "being deleted")
         with pytest.raises(Conflict):
             handle.update(ttl=5)
         handle.delete(wait=False)
+        handle.close()
     assert [c.request.name for c in fake.calls if c.method in ("Update", "Reset")][-3:] == [
         "h1",
         "h1",

@@ -17,8 +17,8 @@ import pytest
 
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, ContainerStatus
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
+from fastsandbox.api.labels import CLEANUP_FINALIZER
 from fastsandbox.api.models import (
-    CLEANUP_FINALIZER,
     ObjectMeta,
     PoolCapacity,
     Sandbox,

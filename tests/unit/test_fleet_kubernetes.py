@@ -9,10 +9,13 @@ from typing import Any, cast
 import pytest
 from lightkube.resources.core_v1 import Pod
 
+from fastsandbox.agent.args import AgentArgs
 from fastsandbox.agent.pod import pod_cgroup, read_pod_sandbox, slice_path, stage_init
 from fastsandbox.api.models import ObjectMeta, SandboxPool, SandboxPoolSpec
+from fastsandbox.cli.commands.agent import parse
 from fastsandbox.errors import Unavailable
-from fastsandbox.fleet.kubernetes import KubernetesFleet, merge_template, version_label
+from fastsandbox.fleet.kubernetes import KubernetesFleet
+from fastsandbox.fleet.kubernetes_manifest import merge_template, version_label
 
 
 def fleet(**kwargs: Any) -> KubernetesFleet:
@@ -94,6 +97,29 @@ def test_without_a_version_the_agent_reports_its_own() -> None:
     assert not any(a.startswith("--version") for a in agent_container(manifest)["args"])
 
 
+def test_the_pod_args_are_what_fsb_agent_parses() -> None:
+    manifest = fleet(insecure_registries=["r:5000"], grace_seconds=2.5).pod_manifest(
+        pool(max_sandboxes_per_agent=4, agent_version="v2"), "p1-abcde"
+    )
+    command, *flags = agent_container(manifest)["args"]
+    assert command == "agent"
+    assert parse(flags) == AgentArgs(
+        name="$(POD_NAME)",
+        pool="p1",
+        namespace="team",
+        listen="$(POD_IP):7443",
+        agent_ip="$(POD_IP)",
+        state_dir=Path("/var/lib/fastsandbox/agents/$(POD_NAME)"),
+        containerd_namespace="k8s.io",
+        capacity=4,
+        pod_uid="$(POD_UID)",
+        insecure_registry=("r:5000",),
+        grace=2.5,
+        version="v2",
+        log_format="json",
+    )
+
+
 def test_the_pool_template_adds_but_does_not_override() -> None:
     template = {
         "metadata": {"labels": {"team": "a", "fastsandbox.io/pool": "evil"}},
@@ -122,10 +148,13 @@ def test_the_pool_template_adds_but_does_not_override() -> None:
     agent = agent_container(manifest)
     assert agent["image"] == "reg/agent:custom"
     assert agent["resources"] == {"limits": {"memory": "1Gi"}}
-    # argparse keeps the last of a repeated flag: ours come last.
+    # The parser keeps the last of a repeated flag: ours come last.
     listens = [a for a in agent["args"] if a.startswith("--listen")]
     assert listens[-1] == "--listen=$(POD_IP):7443"
     assert "--init-path=none" in agent["args"]
+    assert agent["args"][0] == "agent"
+    parsed = parse(agent["args"][1:])  # what `fsb agent` in the Pod runs with
+    assert (parsed.listen, parsed.init_path) == ("$(POD_IP):7443", "none")
     env = {e["name"]: e for e in agent["env"]}
     assert env["EXTRA"]["value"] == "1"
     assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastsandbox.agent.cli import build_parser, settings_from_args
+from fastsandbox.agent.cli import settings_from_args
+from fastsandbox.cli.commands.agent import parse
 from fastsandbox.fleet.local import MAX_SOCKET_PATH, AgentState, LocalFleet
 from fastsandbox.fleet.netns import CniNetwork
 from fastsandbox.settings import LogSettings
@@ -47,7 +48,7 @@ def test_agent_argv_is_understood_by_the_agent(tmp_path: Path) -> None:
     argv = f._argv(state(), tmp_path / "agents" / "p-1")
     assert argv[1:3] == ["-m", "fastsandbox.agent"]
 
-    s = settings_from_args(build_parser().parse_args(argv[3:]))
+    s = settings_from_args(parse(argv[3:]))
 
     assert (s.name, s.pool, s.namespace) == ("p-1", "p", "team")
     assert s.listen == "unix:///d/agents/p-1/agent.sock"
@@ -65,7 +66,7 @@ def test_host_network_agent_has_no_netns(tmp_path: Path) -> None:
     argv = fleet(tmp_path)._argv(
         state(network="host", netns="", ip="127.0.0.1", version=""), tmp_path
     )
-    s = settings_from_args(build_parser().parse_args(argv[3:]))
+    s = settings_from_args(parse(argv[3:]))
     assert (s.netns_path, s.agent_ip) == (None, "127.0.0.1")
 
 

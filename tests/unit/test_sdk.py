@@ -48,11 +48,18 @@ def test_public_surface_is_pinned() -> None:
     assert sorted(sdk.__all__) == [
         "AlreadyExists",
         "AsyncClient",
+        "AsyncSandbox",
         "CapacityExhausted",
         "Client",
+        "CommandFailed",
+        "CommandHandle",
+        "CommandResult",
+        "CommandTimeout",
         "Conflict",
         "CreateOptions",
         "CreateResult",
+        "EntryInfo",
+        "FailedPrecondition",
         "FsbError",
         "InvalidArgument",
         "NotFound",
@@ -266,15 +273,15 @@ async def test_sync_client_works_inside_a_running_loop(fake: FakeFastPath, endpo
 
 
 def test_sandbox_handle_deletes_on_exit(fake: FakeFastPath, endpoint: str) -> None:
-    with Client(endpoint, TOKEN) as client:
-        with Sandbox.create(client, "demo", "busybox", command=["echo", "hi"]) as sb:
-            assert sb.name == "demo" and sb.endpoints == ()
-            assert sb.get().spec.command == ["echo", "hi"]
-            assert b"hello" in b"".join(sb.logs())
-        assert fake.calls[-1].method == "Delete"
-        assert fake.calls[-1].request.wait is True
-        assert ("default", "demo") not in fake.sandboxes
-        sb.delete()  # already gone: fine
+    with Sandbox.create(
+        "busybox", name="demo", command=["echo", "hi"], endpoint=endpoint, token=TOKEN
+    ) as sb:
+        assert sb.name == "demo" and sb.endpoints == ()
+        assert sb.get().spec.command == ["echo", "hi"]
+        assert b"hello" in b"".join(sb.logs())
+    assert fake.calls[-1].method == "Delete"
+    assert fake.calls[-1].request.wait is True
+    assert ("default", "demo") not in fake.sandboxes
 
 
 def test_sandbox_handle_owns_a_client_from_the_environment(
@@ -282,8 +289,8 @@ def test_sandbox_handle_owns_a_client_from_the_environment(
 ) -> None:
     monkeypatch.setenv("FSB_ENDPOINT", endpoint)
     monkeypatch.setenv("FSB_TOKEN", TOKEN)
-    with Sandbox.create(None, "demo", "busybox") as sb:
-        assert sb.client.endpoint == endpoint
+    with Sandbox.create("busybox", name="demo") as sb:
+        assert sb.name == "demo"
     assert fake.methods() == ["Create", "Delete"]
 
 

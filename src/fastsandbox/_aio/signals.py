@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
-from fastsandbox.errors import FsbError
+from fastsandbox.errors import FsbError, exit_code_of
 
 
 def run_until_stopped(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
@@ -26,5 +26,5 @@ def run_until_stopped(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
         asyncio.run(main())
     except FsbError as exc:
         sys.stderr.write(f"error: {exc.message}\n")
-        return exc.exit_code
+        return exit_code_of(exc)  # the one table, errors.py
     return 0

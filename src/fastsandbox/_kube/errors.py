@@ -5,7 +5,8 @@
     409 Conflict (resourceVersion)  → Conflict        read it again and retry
     410 Gone / Expired (watch)      → Conflict        list again and watch from there
     400, 422 Invalid                → InvalidArgument with the apiserver's field messages
-    401, 403                        → Unauthenticated (credentials or RBAC)
+    401                             → Unauthenticated (credentials)
+    403                             → PermissionDenied (RBAC)
     429, 5xx, connection failures   → Unavailable
 
 `what` names the object the caller was working on ("Sandbox default/a") so messages say which.
@@ -25,6 +26,7 @@ from fastsandbox.errors import (
     FsbError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unauthenticated,
     Unavailable,
 )
@@ -56,9 +58,13 @@ def from_status(status: dict[str, Any], what: str) -> FsbError:
             for c in causes
         ]
         return InvalidArgument(f"{what} is invalid: {'; '.join(fields) if fields else message}")
-    if code in (401, 403):
+    if code == 403:
+        return PermissionDenied(
+            f"the Kubernetes apiserver forbids {what}: {message} (check the RBAC rules)"
+        )
+    if code == 401:
         return Unauthenticated(
-            f"the Kubernetes apiserver refused {what}: {message} (check the credentials and RBAC)"
+            f"the Kubernetes apiserver refused {what}: {message} (check the credentials)"
         )
     if code == 429 or code >= 500:
         return Unavailable(f"the Kubernetes apiserver could not serve {what}: {message}")

@@ -23,8 +23,8 @@ from lightkube.generic_resource import GenericNamespacedResource, create_namespa
 from pydantic import ValidationError
 
 from fastsandbox.api.crds import GROUP, PLURALS, VERSION
+from fastsandbox.api.labels import API_VERSION
 from fastsandbox.api.models import (
-    API_VERSION,
     Event,
     ObjectMeta,
     Sandbox,

@@ -1,128 +1,22 @@
-"""Command line of the agent daemon: `python -m fastsandbox.agent` and `fsb agent`.
+"""The agent daemon's start-up: `AgentArgs` (what `fsb agent` parsed) → `AgentSettings` → run.
 
-Plain argparse, and grpc/containerd imported only after the flags parsed: agents are started on
-pool scale-up, so the process must be serving as soon as possible (and `--help` stays instant).
+The flags themselves are the `fsb agent` verb (`cli/commands/agent.py`), built by the fleets
+through `AgentArgs.argv()` (agent/args.py); `python -m fastsandbox.agent` runs that same verb.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import socket
-import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from fastsandbox.agent.args import TOKEN_ENV, AgentArgs
 from fastsandbox.settings import AgentSettings, LogSettings, default_data_dir
 
 log = logging.getLogger(__name__)
-
-# The agent Pod gets its token from a Secret through this variable (fleet/kubernetes.py).
-TOKEN_ENV = "FSB_AGENT_TOKEN"
-
-
-class UsageError(ValueError):
-    """Flags that parse but do not fit together; `main` reports it as a usage error (exit 2).
-    Not an `FsbError`: that would import grpc before the flags are even checked."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
-
-def build_parser(prog: str = "fsb agent") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Run a Fast Sandbox agent: host up to --capacity sandboxes on containerd "
-        "and serve the agent gRPC API.",
-    )
-    p.add_argument("--name", help="agent name, unique per containerd (default: the host name)")
-    p.add_argument("--pool", default="default-pool", help="pool this agent belongs to")
-    p.add_argument("--namespace", default="default", help="namespace of the pool")
-    p.add_argument(
-        "--listen",
-        help="unix:///path/agent.sock (made mode 0600) or HOST:PORT "
-        "(default: unix://<state-dir>/agent.sock)",
-    )
-    p.add_argument(
-        "--token-file",
-        type=Path,
-        help="file holding the bearer token every API call must carry (default: $FSB_AGENT_TOKEN); "
-        "required when --listen is HOST:PORT",
-    )
-    p.add_argument(
-        "--insecure-no-token",
-        action="store_true",
-        help="serve HOST:PORT without a token: anyone reaching the port can run root containers",
-    )
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        help="per-agent directory holding sandbox logs (default: <data-dir>/agents/<name>)",
-    )
-    p.add_argument(
-        "--containerd-socket",
-        type=Path,
-        default=Path("/run/containerd/containerd.sock"),
-        help="containerd's gRPC socket",
-    )
-    p.add_argument("--containerd-namespace", default="fastsandbox", help="containerd namespace")
-    p.add_argument("--capacity", type=_positive_int, default=5, help="max running sandboxes")
-    p.add_argument("--runtime", choices=["runc", "gvisor"], default="runc")
-    p.add_argument(
-        "--agent-ip", default="127.0.0.1", help="address sandboxes' ports are reachable at"
-    )
-    p.add_argument(
-        "--netns-path", help="network namespace sandboxes join (default: the host network)"
-    )
-    p.add_argument("--cgroup-parent", default="/fastsandbox", help="cgroup parent of sandboxes")
-    p.add_argument(
-        "--pod-uid",
-        help="the uid of the Kubernetes Pod the agent runs in: sandboxes join that Pod's network "
-        "namespace and cgroup (overriding --netns-path and --cgroup-parent), and fsb-init is "
-        "copied into --state-dir, which must be a hostPath mounted at the same path",
-    )
-    p.add_argument(
-        "--insecure-registry",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="registry pulled from over plain HTTP (repeatable)",
-    )
-    p.add_argument(
-        "--grace",
-        type=_non_negative_float,
-        default=10.0,
-        metavar="SECONDS",
-        help="SIGTERM to SIGKILL grace on sandbox delete when the request gives none",
-    )
-    p.add_argument(
-        "--version",
-        default=None,
-        help="version reported in Status, compared with the pool's agentVersion on rolling "
-        "updates (default: the installed fastsandbox version)",
-    )
-    p.add_argument(
-        "--init-path",
-        help="fsb-init binary run as PID 1 in sandboxes; 'none' disables it "
-        "(default: $FSB_INIT_PATH, the checkout's build, /usr/local/libexec/fastsandbox/fsb-init)",
-    )
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    p.add_argument("--log-format", choices=["json", "console", "auto"], default="auto")
-    p.add_argument("--log-file", type=Path, help="also write JSON logs here, size-rotated")
-    return p
 
 
 def _package_version() -> str:
@@ -150,15 +44,17 @@ def _init_path(given: str | None) -> Path | None:
     return found
 
 
-def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+def _token(args: AgentArgs, environ: Mapping[str, str]) -> str | None:
     """`--token-file`, else $FSB_AGENT_TOKEN; None when neither is given."""
+    from fastsandbox.errors import InvalidArgument
+
     if args.token_file is not None:
         try:
-            token: str = args.token_file.read_text().strip()
+            token = args.token_file.read_text().strip()
         except OSError as exc:
-            raise UsageError(f"--token-file: cannot read {args.token_file}: {exc}") from None
+            raise InvalidArgument(f"--token-file: cannot read {args.token_file}: {exc}") from None
         if not token:
-            raise UsageError(f"--token-file: {args.token_file} is empty")
+            raise InvalidArgument(f"--token-file: {args.token_file} is empty")
         return token
     return environ.get(TOKEN_ENV, "").strip() or None
 
@@ -171,17 +67,17 @@ def _listen_address(listen: str) -> str:
     return f"[{host}]:{port}" if sep and ":" in host else listen
 
 
-def settings_from_args(
-    args: argparse.Namespace, environ: Mapping[str, str] | None = None
-) -> AgentSettings:
-    """Raises `UsageError` for a HOST:PORT listen address without a token (and without
-    `--insecure-no-token`), or an unreadable token file."""
-    name: str = args.name or socket.gethostname()
-    state_dir: Path = args.state_dir or default_data_dir() / "agents" / name
+def settings_from_args(args: AgentArgs, environ: Mapping[str, str] | None = None) -> AgentSettings:
+    """Raises `InvalidArgument` (exit 2) for a HOST:PORT listen address without a token (and
+    without `--insecure-no-token`), or an unreadable token file."""
+    from fastsandbox.errors import InvalidArgument
+
+    name = args.name or socket.gethostname()
+    state_dir = args.state_dir or default_data_dir() / "agents" / name
     listen = _listen_address(args.listen or f"unix://{state_dir / 'agent.sock'}")
     token = _token(args, os.environ if environ is None else environ)
     if token is None and not listen.startswith("unix:") and not args.insecure_no_token:
-        raise UsageError(
+        raise InvalidArgument(
             f"--listen {listen} is a network address: give a token with --token-file or "
             f"${TOKEN_ENV} (or pass --insecure-no-token on a network nobody else can reach)"
         )
@@ -209,40 +105,41 @@ def settings_from_args(
     )
 
 
-async def _run(settings: AgentSettings) -> None:
+async def _serve(settings: AgentSettings) -> None:
     import asyncio
 
-    from fastsandbox.agent.server import run
+    from fastsandbox.agent.server import run as serve
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run(settings, ready=None, stop=stop)
+    await serve(settings, ready=None, stop=stop)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry of `python -m fastsandbox.agent` and `fsb agent`; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-    except UsageError as exc:
-        parser.error(str(exc))  # exits 2, like any other bad flag
-    from fastsandbox.logconfig import configure
-
-    configure(settings.log, component="agent")
+def run(args: AgentArgs) -> None:
+    """Serve until SIGTERM/SIGINT. An `FsbError` is logged (the agent's log is JSON for the
+    fleets to read) and raised on, for `fsb`'s one error-to-exit-code seam (cli/main.py)."""
     import asyncio
 
     from fastsandbox.errors import FsbError
+    from fastsandbox.logconfig import configure
 
+    settings = settings_from_args(args)
+    configure(settings.log, component="agent")
     try:
-        asyncio.run(_run(settings))
+        asyncio.run(_serve(settings))
     except FsbError as exc:
         log.error("agent failed: %s", exc.message, extra={"agent": settings.name})
-        return exc.exit_code
-    return 0
+        raise
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m fastsandbox.agent ARGS` is `fsb agent ARGS`; returns the exit code."""
+    import sys
+
+    from fastsandbox.cli.main import agent_app
+    from fastsandbox.cli.main import main as fsb
+
+    args = ["agent", *(sys.argv[1:] if argv is None else argv)]
+    return fsb(args, prog_name="fsb", typer_app=agent_app())

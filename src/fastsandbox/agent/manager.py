@@ -46,6 +46,7 @@ from fastsandbox.agent.runtime.base import (
     Runtime,
 )
 from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
+from fastsandbox.api import labels
 from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.errors import (
     AlreadyExists,
@@ -59,11 +60,11 @@ from fastsandbox.settings import AgentSettings
 
 log = logging.getLogger(__name__)
 
-AGENT_LABEL = "fastsandbox.io/agent"
-SANDBOX_ID_LABEL = "fastsandbox.io/sandbox-id"
-NAMESPACE_LABEL = "fastsandbox.io/namespace"
-NAME_LABEL = "fastsandbox.io/name"
-PORTS_LABEL = "fastsandbox.io/ports"
+AGENT_LABEL = labels.AGENT_LABEL
+SANDBOX_ID_LABEL = labels.SANDBOX_ID_LABEL
+NAMESPACE_LABEL = labels.NAMESPACE_LABEL
+NAME_LABEL = labels.NAME_LABEL
+PORTS_LABEL = labels.PORTS_LABEL
 
 # containerd's own rule for ids; it also keeps ids safe to use as file names (no "/" or "..").
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")

@@ -27,10 +27,11 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
 from fastsandbox.api import models
-from fastsandbox.api.models import API_GROUP, Sandbox, SandboxPool
+from fastsandbox.api.labels import API_GROUP, API_VERSION, GENERATED_BY_ANNOTATION
+from fastsandbox.api.models import Sandbox, SandboxPool
 
 GROUP = API_GROUP
-VERSION = models.API_VERSION.split("/", 1)[1]
+VERSION = API_VERSION.split("/", 1)[1]
 PLURALS: dict[str, str] = {"Sandbox": "sandboxes", "SandboxPool": "sandboxpools"}
 SINGULARS: dict[str, str] = {"Sandbox": "sandbox", "SandboxPool": "sandboxpool"}
 SHORT_NAMES: dict[str, list[str]] = {"Sandbox": ["sbx"], "SandboxPool": ["sbxpool"]}
@@ -278,7 +279,7 @@ def crd_manifest(model: type[Sandbox] | type[SandboxPool]) -> dict[str, Any]:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{plural}.{GROUP}",
-            "annotations": {"fastsandbox.io/generated-by": _GENERATED_NOTE},
+            "annotations": {GENERATED_BY_ANNOTATION: _GENERATED_NOTE},
             "labels": {"app.kubernetes.io/part-of": "fastsandbox"},
         },
         "spec": {

@@ -1,4 +1,4 @@
-"""The API objects: `Sandbox` and `SandboxPool` (`fastsandbox.io/v1alpha1`).
+"""The API objects: `Sandbox` and `SandboxPool` (`API_VERSION`, api/labels.py).
 
 These pydantic models are the single source of truth for the object model (DESIGN.md §3): the
 Fast-Path validates requests with them, the stores persist their JSON, and the Kubernetes CRD
@@ -23,9 +23,11 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-API_GROUP = "fastsandbox.io"
-API_VERSION: Literal["fastsandbox.io/v1alpha1"] = "fastsandbox.io/v1alpha1"
-CLEANUP_FINALIZER = f"{API_GROUP}/cleanup"
+from fastsandbox.api.labels import API_GROUP, API_VERSION, CLEANUP_FINALIZER, ApiVersion
+
+# Defined in api/labels.py; still importable from here for code written before it existed.
+__reexported__ = (API_GROUP, CLEANUP_FINALIZER)
+
 DEFAULT_NAMESPACE = "default"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -214,11 +216,24 @@ class SandboxStatus(_Model):
 
 
 class Sandbox(_Model):
-    api_version: Literal["fastsandbox.io/v1alpha1"] = API_VERSION
+    api_version: ApiVersion = API_VERSION
     kind: Literal["Sandbox"] = "Sandbox"
     metadata: ObjectMeta
     spec: SandboxSpec
     status: SandboxStatus = Field(default_factory=SandboxStatus)
+
+    # Shortcuts for SDK users (`Client().list()` items read like E2B's `SandboxInfo`).
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+    @property
+    def phase(self) -> str:
+        return self.status.phase.value
 
 
 class PoolCapacity(_Model):
@@ -281,7 +296,7 @@ class SandboxPoolStatus(_Model):
 
 
 class SandboxPool(_Model):
-    api_version: Literal["fastsandbox.io/v1alpha1"] = API_VERSION
+    api_version: ApiVersion = API_VERSION
     kind: Literal["SandboxPool"] = "SandboxPool"
     metadata: ObjectMeta
     spec: SandboxPoolSpec = Field(default_factory=SandboxPoolSpec)

@@ -1,8 +1,9 @@
 """The `fsb` (alias `fsb-ctl`) command line: builds the Typer app and maps errors to exit codes.
 
 Each verb lives in `cli/commands/<verb>.py`. Every `FsbError` becomes one line on stderr and its
-`exit_code` here, in `_Group.invoke`, and nowhere else; click's own usage errors exit 2. Scripts
-call `fsb` thousands of times, so nothing heavier than typer is imported before a verb runs.
+exit code here, in `_Group.invoke`, and nowhere else; the codes themselves come from the one table
+in `errors.py` (click's own usage errors exit as `InvalidArgument` does, 2). Scripts call `fsb`
+thousands of times, so nothing heavier than typer is imported before a verb runs.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typer.core import TyperGroup
 
 from fastsandbox.cli.commands import agent, apply, delete, get, logs, pool, run, server
 from fastsandbox.cli.commands import controller as controller_cmd
+from fastsandbox.cli.commands import cp as cp_cmd
 from fastsandbox.cli.commands import crds as crds_cmd
 from fastsandbox.cli.commands import describe as describe_cmd
+from fastsandbox.cli.commands import exec as exec_cmd
 from fastsandbox.cli.commands import janitor as janitor_cmd
 from fastsandbox.cli.commands import list as list_cmd
 from fastsandbox.cli.commands import reset as reset_cmd
@@ -34,16 +37,16 @@ def _is_usage_error(exc: BaseException) -> bool:
 def _report(exc: BaseException) -> int | None:
     """Print `exc` as one line and return its exit code; None when it is not ours to report."""
     from fastsandbox.cli.render import error
-    from fastsandbox.errors import FsbError
+    from fastsandbox.errors import FsbError, InvalidArgument, exit_code_of
 
     if isinstance(exc, FsbError):
         error(exc.message)
-        return exc.exit_code
+        return exit_code_of(exc)
     if _is_usage_error(exc):
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         error(exc.format_message() + hint)  # type: ignore[attr-defined]
-        return 2
+        return InvalidArgument.exit_code
     return None
 
 
@@ -60,8 +63,8 @@ class _Group(TyperGroup):
             raise typer.Exit(code) from None
 
 
-def build_app() -> typer.Typer:
-    app = typer.Typer(
+def _typer_app() -> typer.Typer:
+    return typer.Typer(
         cls=_Group,
         name="fsb",
         help="Fast Sandbox: isolated containers running in milliseconds.",
@@ -70,11 +73,30 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
+
+
+def agent_app() -> typer.Typer:
+    """`fsb` with only its `agent` verb, for `python -m fastsandbox.agent`: agents start on pool
+    scale-up, and building every other verb's options first would delay each one (~60 ms)."""
+    app = _typer_app()
+    app.callback()(_group_only)  # a callback keeps it a `_Group`, the one error seam
+    app.command("agent")(agent.agent)
+    return app
+
+
+def _group_only() -> None:
+    """Fast Sandbox agent."""
+
+
+def build_app() -> typer.Typer:
+    app = _typer_app()
     app.command("run", no_args_is_help=True)(run.run)
     app.command("get", no_args_is_help=True)(get.get)
     app.command("describe", no_args_is_help=True)(describe_cmd.describe)
     app.command("list")(list_cmd.list_)
     app.command("logs", no_args_is_help=True)(logs.logs)
+    app.command("exec", no_args_is_help=True)(exec_cmd.exec_)
+    app.command("cp", no_args_is_help=True)(cp_cmd.cp)
     app.command("delete", no_args_is_help=True)(delete.delete)
     app.command("update", no_args_is_help=True)(update_cmd.update)
     app.command("reset", no_args_is_help=True)(reset_cmd.reset)
@@ -82,7 +104,7 @@ def build_app() -> typer.Typer:
     app.add_typer(pool.app, name="pool")
     app.command("server")(server.server)
     app.command("controller")(controller_cmd.controller)
-    app.command("agent", context_settings=agent.CONTEXT, add_help_option=False)(agent.agent)
+    app.command("agent")(agent.agent)
     app.command("crds")(crds_cmd.crds)
     app.command("janitor", no_args_is_help=True)(janitor_cmd.janitor)
     return app
@@ -91,10 +113,14 @@ def build_app() -> typer.Typer:
 app = build_app()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    prog_name: str | None = None,
+    typer_app: typer.Typer | None = None,
+) -> int:
     """Console-script entry point; returns the process exit code."""
     try:
-        app(args=list(argv) if argv is not None else None)
+        (typer_app or app)(args=list(argv) if argv is not None else None, prog_name=prog_name)
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)

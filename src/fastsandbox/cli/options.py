@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fastsandbox.settings import DEFAULT_ENDPOINT
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -34,7 +36,7 @@ Endpoint = Annotated[
         "--endpoint",
         envvar="FSB_ENDPOINT",
         metavar="HOST:PORT",
-        help="Fast-Path address of fsb server (default: config file, else 127.0.0.1:9090).",
+        help=f"Fast-Path address of fsb server (default: config file, else {DEFAULT_ENDPOINT}).",
         rich_help_panel=CLIENT_PANEL,
         show_default=False,
     ),

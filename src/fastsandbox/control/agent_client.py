@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import grpc
 
 from fastsandbox._grpc_auth import bearer_metadata
-from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
-from fastsandbox.errors import FsbError, Unavailable, from_grpc
+from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc, io_pb2
+from fastsandbox.errors import FsbError, Unavailable, from_grpc, never_answered
 
 T = TypeVar("T")
 
@@ -33,10 +33,32 @@ CALL_TIMEOUT_SECONDS = 30.0
 
 
 def _translate(exc: grpc.aio.AioRpcError, target: str) -> FsbError:
+    code, details = exc.code(), exc.details()
+    if never_answered(code, details):
+        return Unavailable(f"agent at {target} is unreachable: {details}")
+    return from_grpc(code, details)  # the agent's own words, e.g. containerd being down
+
+
+class AgentStatus(FsbError):
+    """An agent's own status on an exec/files call, relayed to the Fast-Path caller unchanged.
+
+    The agent already chose the right code (NOT_FOUND for a path, PERMISSION_DENIED, a
+    FAILED_PRECONDITION for "is a directory"); folding it into our tree and back would lose it.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.grpc_code = code
+
+
+def _relayed(exc: grpc.aio.AioRpcError, target: str) -> FsbError:
     code = exc.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"agent at {target} is unreachable: {exc.details()}")
-    return from_grpc(code, exc.details())
+        # Either the agent is unreachable or it says the sandbox's supervisor is: both retry.
+        return Unavailable(f"agent at {target}: {exc.details()}")
+    if code is grpc.StatusCode.CANCELLED:
+        return Unavailable(f"agent at {target} ended the call: {exc.details()}")
+    return AgentStatus(code, exc.details() or code.name)
 
 
 class AgentClient:
@@ -102,6 +124,71 @@ class AgentClient:
             raise _translate(exc, self.target) from None
         finally:
             call.cancel()
+
+    # -- exec and files: streams relayed message by message (grpc's flow control is the
+    # backpressure: nothing here reads ahead of what the other side has taken) -------------
+
+    async def exec(
+        self, inputs: AsyncIterator[io_pb2.ExecInput]
+    ) -> AsyncIterator[io_pb2.ExecOutput]:
+        call = self._stub.Exec(inputs, metadata=self._metadata)
+        try:
+            async for out in call:
+                yield out
+        except grpc.aio.AioRpcError as exc:
+            raise _relayed(exc, self.target) from None
+        finally:
+            call.cancel()
+
+    async def read_file(self, request: io_pb2.ReadFileRequest) -> AsyncIterator[io_pb2.FileChunk]:
+        call = self._stub.ReadFile(request, metadata=self._metadata)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise _relayed(exc, self.target) from None
+        finally:
+            call.cancel()
+
+    async def watch(self, request: io_pb2.WatchRequest) -> AsyncIterator[io_pb2.WatchEvent]:
+        call = self._stub.Watch(request, metadata=self._metadata)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise _relayed(exc, self.target) from None
+        finally:
+            call.cancel()
+
+    async def write_file(
+        self, inputs: AsyncIterator[io_pb2.WriteFileInput]
+    ) -> io_pb2.WriteFileResponse:
+        call = self._stub.WriteFile(inputs, metadata=self._metadata)
+        try:
+            reply: io_pb2.WriteFileResponse = await call
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            raise _relayed(exc, self.target) from None
+        finally:
+            call.cancel()
+
+    async def file_op(self, request: io_pb2.FileOpRequest) -> io_pb2.FileOpResponse:
+        try:
+            reply: io_pb2.FileOpResponse = await self._stub.FileOp(
+                request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata
+            )
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            raise _relayed(exc, self.target) from None
+
+    async def list_processes(self, request: io_pb2.ProcessesRequest) -> io_pb2.ProcessesResponse:
+        try:
+            reply: io_pb2.ProcessesResponse = await self._stub.ListProcesses(
+                request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata
+            )
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            raise _relayed(exc, self.target) from None
 
     async def close(self) -> None:
         await self._channel.close(None)

@@ -25,8 +25,8 @@ import logging
 import time
 from datetime import UTC, timedelta
 
+from fastsandbox.api.labels import CLEANUP_FINALIZER
 from fastsandbox.api.models import (
-    CLEANUP_FINALIZER,
     FailurePolicy,
     Sandbox,
     SandboxPhase,

@@ -35,7 +35,7 @@ from fastsandbox.control.sandbox_reconciler import SandboxReconciler
 from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.errors import FsbError
 from fastsandbox.fleet.base import AgentFleet
-from fastsandbox.settings import SandboxDefaults
+from fastsandbox.settings import DELETE_GRACE_SECONDS, SandboxDefaults
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class PlaneSettings:
-    delete_grace_seconds: float = 10.0
+    delete_grace_seconds: float = DELETE_GRACE_SECONDS
     heartbeat_seconds: float = 1.0
     default_cpu: str = "1"
     default_memory: str = "512Mi"

@@ -33,6 +33,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fastsandbox.api import labels
 from fastsandbox.api.models import (
     AgentCounts,
     Sandbox,
@@ -51,7 +52,7 @@ from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
-AGENT_POOL_LABEL = "fastsandbox.io/pool"
+AGENT_POOL_LABEL = labels.POOL_LABEL
 # The Scheduled condition's reason while a sandbox finds no free slot (set by the lifecycle).
 UNSCHEDULABLE = "Unschedulable"
 

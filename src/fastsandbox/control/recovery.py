@@ -20,7 +20,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
-from fastsandbox.api.models import API_VERSION, Sandbox, SandboxPool, Timings
+from fastsandbox.api.labels import API_VERSION, PORTS_LABEL
+from fastsandbox.api.models import Sandbox, SandboxPool, Timings
 from fastsandbox.api.phases import HOLDS_SLOT
 from fastsandbox.control.agent_client import AgentClient
 from fastsandbox.control.pools import PoolManager
@@ -43,7 +44,6 @@ class RecoveryReport:
     records_rebuilt: int = 0
 
 
-PORTS_LABEL = "fastsandbox.io/ports"
 # How long recovery waits for creates an agent still had in flight for the previous control
 # plane; a create takes well under a second, several on a loaded machine, longer only with an
 # image pull (then its record is rebuilt while it runs, and converges like any other).

@@ -34,6 +34,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from fastsandbox.api import labels
 from fastsandbox.api.models import Sandbox, SandboxPool
 from fastsandbox.api.phases import HOLDS_SLOT
 from fastsandbox.control.pools import PoolManager
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 REFRESH_SPACING = 0.5
 
 # Where followers leave demand for the leader: {sandbox name: unix time it lapses}.
-DEMAND_ANNOTATION = "fastsandbox.io/demand"
+DEMAND_ANNOTATION = labels.DEMAND_ANNOTATION
 # How long a relayed demand holds (PoolManager.demand_seconds applies again on the leader).
 DEMAND_SECONDS = 60.0
 # Demand noted within this many seconds goes to the store in one write per pool.

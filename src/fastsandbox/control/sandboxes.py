@@ -30,9 +30,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from fastsandbox._aio.keyed import KeyedLocks
+from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
+from fastsandbox.api.labels import CLEANUP_FINALIZER
 from fastsandbox.api.models import (
-    CLEANUP_FINALIZER,
     ConsistencyMode,
     Sandbox,
     SandboxPhase,
@@ -57,9 +58,9 @@ from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
-IDEMPOTENCY_KEY = "fastsandbox.io/idempotency-key"
-SPEC_HASH = "fastsandbox.io/spec-hash"
-MODE = "fastsandbox.io/consistency-mode"
+IDEMPOTENCY_KEY = labels.IDEMPOTENCY_KEY_ANNOTATION
+SPEC_HASH = labels.SPEC_HASH_ANNOTATION
+MODE = labels.MODE_ANNOTATION
 
 Key = tuple[str, str]
 
@@ -87,7 +88,7 @@ def new_sandbox_id(name: str) -> str:
     return f"{name[:50]}-{secrets.token_hex(4)}"
 
 
-REQUEST_LABEL = "fastsandbox.io/request"
+REQUEST_LABEL = labels.REQUEST_LABEL
 # containerd refuses labels over 4096 bytes (key + value).
 _MAX_LABEL = 4096 - len(REQUEST_LABEL)
 
@@ -373,8 +374,8 @@ class SandboxService:
             working_dir=spec.working_dir,
             exposed_ports=spec.exposed_ports,
             labels=[
-                agent_pb2.KeyValue(key="fastsandbox.io/uid", value=sb.metadata.uid),
-                agent_pb2.KeyValue(key="fastsandbox.io/pool", value=spec.pool_ref),
+                agent_pb2.KeyValue(key=labels.UID_LABEL, value=sb.metadata.uid),
+                agent_pb2.KeyValue(key=labels.POOL_LABEL, value=spec.pool_ref),
                 *request_label(sb),
             ],
             cpu_millis=cpu_millis(spec.resources.cpu or self.default_cpu),

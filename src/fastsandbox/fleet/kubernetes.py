@@ -25,6 +25,9 @@ So the agent's state lives on a hostPath mounted at the same path inside the Pod
 agent see the same files, and the agent is started with `--pod-uid`: it finds its Pod's CRI
 sandbox in containerd and makes its sandboxes join the Pod's network namespace and cgroup
 (`agent/pod.py`), so their endpoints are `podIP:port` and the Pod's resources bound them.
+
+What the Pod is (the pure manifest) lives in `kubernetes_manifest.py`; this module is its
+lifecycle: the token Secret, create, wait for an IP, adopt, delete.
 """
 
 from __future__ import annotations
@@ -32,13 +35,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import copy
-import hashlib
 import logging
-import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 import httpx2 as httpx
@@ -47,7 +47,7 @@ from lightkube.resources.core_v1 import Pod, Secret
 
 from fastsandbox._kube.config import FIELD_MANAGER
 from fastsandbox._kube.errors import translate
-from fastsandbox.api.models import API_VERSION, SandboxPool
+from fastsandbox.api.models import SandboxPool
 from fastsandbox.errors import (
     AlreadyExists,
     Conflict,
@@ -57,95 +57,21 @@ from fastsandbox.errors import (
     Unavailable,
 )
 from fastsandbox.fleet.base import AgentHandle
-from fastsandbox.settings import LogSettings
+from fastsandbox.fleet.kubernetes_manifest import (
+    AGENT_PORT,
+    APP_LABEL,
+    APP_NAME,
+    POOL_LABEL,
+    TOKEN_KEY,
+    TOKEN_SECRET,
+    VERSION_ANNOTATION,
+    VERSION_LABEL,
+    AgentPodSpec,
+    pod_manifest,
+)
+from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
 
 log = logging.getLogger(__name__)
-
-AGENT_PORT = 7443
-AGENT_CONTAINER = "agent"
-APP_LABEL = "app.kubernetes.io/name"
-APP_NAME = "fastsandbox-agent"
-POOL_LABEL = "fastsandbox.io/pool"
-VERSION_LABEL = "fastsandbox.io/agent-version"
-# The exact version: a label value allows only [A-Za-z0-9-_.] and 63 characters.
-VERSION_ANNOTATION = "fastsandbox.io/agent-version"
-TOKEN_SECRET = "fastsandbox-agent-token"
-TOKEN_KEY = "token"
-TOKEN_ENV = "FSB_AGENT_TOKEN"
-CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
-# Host directory holding every agent's state (sandbox logs, the staged fsb-init), mounted at the
-# same path in the Pod: containerd opens these paths on the host.
-STATE_ROOT = "/var/lib/fastsandbox"
-
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-
-
-def version_label(version: str) -> str:
-    """`version` as a label value: kept when valid, else a readable digest of it."""
-    if len(version) <= 63 and _LABEL_VALUE.match(version):
-        return version
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", version).strip("-_.")[:50].strip("-_.")
-    digest = hashlib.sha256(version.encode()).hexdigest()
-    return f"{cleaned}-{digest[:8]}" if cleaned else digest[:12]
-
-
-def merge_template(template: Mapping[str, Any] | None, pod: dict[str, Any]) -> dict[str, Any]:
-    """Overlay our Pod on the pool's `agentTemplate` (a PodTemplateSpec: metadata + spec).
-
-    The template contributes what we do not decide: node selection, tolerations, priority, pull
-    secrets, sidecars, extra env/mounts/volumes, resources, even the agent image. Everything
-    the agent needs to work (labels, owner, args, token, ports, probe, containerd socket,
-    state dir) comes from `pod` and wins on a clash. The template's container named `agent` is
-    merged into ours; its other containers are kept as they are.
-    """
-    if not template:
-        return pod
-    tmeta = dict(template.get("metadata") or {})
-    tspec = copy.deepcopy(dict(template.get("spec") or {}))
-    meta = pod["metadata"]
-    for key in ("labels", "annotations"):
-        merged = {**(tmeta.get(key) or {}), **meta.get(key, {})}
-        if merged:
-            meta[key] = merged
-    ours = pod["spec"]
-    spec: dict[str, Any] = {**tspec, **{k: v for k, v in ours.items() if k != "containers"}}
-    spec["volumes"] = _merge_named(tspec.get("volumes"), ours.get("volumes"))
-    (agent,) = ours["containers"]
-    containers = []
-    for container in tspec.get("containers") or []:
-        if container.get("name") == AGENT_CONTAINER:
-            agent = _merge_agent(container, agent)
-        else:
-            containers.append(container)
-    spec["containers"] = [agent, *containers]
-    pod["spec"] = spec
-    return pod
-
-
-def _merge_named(theirs: Sequence[Any] | None, ours: Sequence[Any] | None) -> list[Any]:
-    mine = {item["name"]: item for item in ours or ()}
-    return [i for i in theirs or () if i.get("name") not in mine] + list(ours or ())
-
-
-def _merge_agent(theirs: Mapping[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
-    merged: dict[str, Any] = {**theirs, **ours}
-    if theirs.get("image"):
-        merged["image"] = theirs["image"]  # a pool may pin its own agent image
-    if theirs.get("resources"):
-        merged["resources"] = theirs["resources"]
-    for key in ("env", "volumeMounts", "ports"):
-        if key == "volumeMounts":
-            by_path = {m["mountPath"] for m in ours.get(key, ())}
-            extra = [m for m in theirs.get(key) or () if m.get("mountPath") not in by_path]
-            merged[key] = list(ours.get(key, ())) + extra
-        else:
-            merged[key] = _merge_named(theirs.get(key), ours.get(key))
-    # The subcommand, then the template's args, then ours: for a flag given twice argparse
-    # keeps the last, so the template can add flags (--insecure-registry, --init-path, ...) but
-    # not override ours.
-    command, *flags = ours["args"]
-    merged["args"] = [command, *(theirs.get("args") or ()), *flags]
-    return merged
 
 
 class KubernetesFleet:
@@ -166,7 +92,7 @@ class KubernetesFleet:
         token: str | None = None,
         containerd_namespace: str = "k8s.io",
         insecure_registries: Sequence[str] = (),
-        grace_seconds: float = 10.0,
+        grace_seconds: float = DELETE_GRACE_SECONDS,
         pod_grace_seconds: int = 30,
         start_timeout: float = 60.0,
         stop_timeout: float = 15.0,
@@ -348,133 +274,16 @@ class KubernetesFleet:
     # -- the Pod -----------------------------------------------------------------------------
     def pod_manifest(self, pool: SandboxPool, name: str) -> dict[str, Any]:
         """The agent Pod for `pool` (pure: no API calls), the pool's `agentTemplate` merged."""
-        ns, pool_name = pool.metadata.namespace, pool.metadata.name
-        version = pool.spec.agent_version
-        labels = {APP_LABEL: APP_NAME, POOL_LABEL: pool_name}
-        annotations = {}
-        if version:
-            labels[VERSION_LABEL] = version_label(version)
-            annotations[VERSION_ANNOTATION] = version
-        # The image's entrypoint is `fsb`; an agent Pod runs `fsb agent ...`.
-        args = [
-            "agent",
-            "--name=$(POD_NAME)",
-            f"--pool={pool_name}",
-            f"--namespace={ns}",
-            f"--listen=$(POD_IP):{AGENT_PORT}",
-            "--agent-ip=$(POD_IP)",
-            f"--state-dir={STATE_ROOT}/agents/$(POD_NAME)",
-            f"--containerd-socket={CONTAINERD_SOCKET}",
-            f"--containerd-namespace={self.containerd_namespace}",
-            f"--capacity={pool.spec.max_sandboxes_per_agent}",
-            f"--runtime={pool.spec.runtime.value}",
-            # Sandboxes join this Pod's network namespace and cgroup (agent/pod.py).
-            "--pod-uid=$(POD_UID)",
-            f"--grace={self.grace_seconds:g}",
-            f"--log-level={self.log_settings.level}",
-            "--log-format=json",
-        ]
-        if version:
-            args.append(f"--version={version}")
-        args += [f"--insecure-registry={r}" for r in self.insecure_registries]
-        resources = {
-            k: v
-            for k, v in (
-                ("cpu", pool.spec.agent_resources.cpu),
-                ("memory", pool.spec.agent_resources.memory),
-            )
-            if v
-        }
-        container: dict[str, Any] = {
-            "name": AGENT_CONTAINER,
-            "image": self.agent_image,
-            "imagePullPolicy": self.image_pull_policy,
-            "args": args,
-            "env": [
-                _field_env("POD_NAME", "metadata.name"),
-                _field_env("POD_NAMESPACE", "metadata.namespace"),
-                _field_env("POD_UID", "metadata.uid"),
-                _field_env("POD_IP", "status.podIP"),
-                _field_env("NODE_NAME", "spec.nodeName"),
-                {
-                    "name": TOKEN_ENV,
-                    "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}},
-                },
-            ],
-            "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
-            "readinessProbe": {
-                "tcpSocket": {"port": AGENT_PORT},
-                "periodSeconds": 2,
-                "timeoutSeconds": 1,
-                "failureThreshold": 3,
-            },
-            "volumeMounts": [
-                {"name": "containerd-socket", "mountPath": CONTAINERD_SOCKET},
-                {"name": "state", "mountPath": STATE_ROOT},
-                {"name": "tmp", "mountPath": "/tmp"},
-            ],
-            # The agent never needs a privilege of its own: containerd and the runc shim, on
-            # the host, do every privileged step (namespaces, mounts, cgroups, pulls). It runs
-            # as uid 0 only because the containerd socket and the hostPath state dir are
-            # root-owned (mode 0660 / 0755): with every capability dropped, root passes plain
-            # owner permission checks and nothing more. No privilege escalation, a read-only
-            # root filesystem (writes go to the state dir and /tmp), the runtime's default
-            # seccomp profile. The real power is the socket itself: whoever drives containerd
-            # owns the node, which is why the agent API needs its token.
-            "securityContext": {
-                "runAsUser": 0,
-                "runAsNonRoot": False,
-                "privileged": False,
-                "allowPrivilegeEscalation": False,
-                "readOnlyRootFilesystem": True,
-                "capabilities": {"drop": ["ALL"]},
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
-        }
-        if resources:
-            # Sizes the Pod for the scheduler; sandboxes get cgroups of their own.
-            container["resources"] = {"requests": resources, "limits": resources}
-        pod: dict[str, Any] = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": name,
-                "namespace": ns,
-                "labels": labels,
-                "ownerReferences": [
-                    {
-                        "apiVersion": API_VERSION,
-                        "kind": "SandboxPool",
-                        "name": pool_name,
-                        "uid": pool.metadata.uid,
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
-            },
-            "spec": {
-                "restartPolicy": "Always",
-                "terminationGracePeriodSeconds": self.pod_grace_seconds,
-                # The agent talks to containerd, never to the API server.
-                "automountServiceAccountToken": False,
-                "enableServiceLinks": False,
-                "containers": [container],
-                "volumes": [
-                    {
-                        "name": "containerd-socket",
-                        "hostPath": {"path": CONTAINERD_SOCKET, "type": "Socket"},
-                    },
-                    {
-                        "name": "state",
-                        "hostPath": {"path": STATE_ROOT, "type": "DirectoryOrCreate"},
-                    },
-                    {"name": "tmp", "emptyDir": {}},
-                ],
-            },
-        }
-        if annotations:
-            pod["metadata"]["annotations"] = annotations
-        return merge_template(pool.spec.agent_template, pod)
+        spec = AgentPodSpec(
+            agent_image=self.agent_image,
+            containerd_namespace=self.containerd_namespace,
+            insecure_registries=tuple(self.insecure_registries),
+            grace_seconds=self.grace_seconds,
+            pod_grace_seconds=self.pod_grace_seconds,
+            image_pull_policy=self.image_pull_policy,
+            log=self.log_settings,
+        )
+        return pod_manifest(pool, name, spec)
 
     # -- API helpers -------------------------------------------------------------------------
     def _handle(self, pod: Pod) -> AgentHandle:
@@ -600,10 +409,6 @@ class KubernetesFleet:
         except httpx.HTTPError:
             await asyncio.sleep(0.2)  # a broken watch: GET afresh after a breath
         return await self._get(namespace, name)
-
-
-def _field_env(name: str, path: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
 def _secret_token(secret: Secret) -> str | None:

@@ -41,12 +41,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fastsandbox._aio.tasks import TaskSet, guarded
+from fastsandbox.agent.args import AgentArgs, flag_of
 from fastsandbox.api.models import SandboxPool
 from fastsandbox.errors import InvalidArgument, Unavailable
 from fastsandbox.fleet import netns
 from fastsandbox.fleet.base import AgentHandle
 from fastsandbox.fleet.netns import CniNetwork
-from fastsandbox.settings import LogSettings
+from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class LocalFleet:
         containerd_socket: Path,
         network: str = "auto",
         insecure_registries: Sequence[str] = (),
-        grace_seconds: float = 10.0,
+        grace_seconds: float = DELETE_GRACE_SECONDS,
         log: LogSettings | None = None,
         cni: CniNetwork | None = None,
         containerd_namespace: str = "fastsandbox",
@@ -303,30 +304,26 @@ class LocalFleet:
         self._save(agent)
 
     def _argv(self, state: AgentState, state_dir: Path) -> list[str]:
-        argv = [
-            *self.agent_argv,
-            "--name", state.name,
-            "--pool", state.pool,
-            "--namespace", state.namespace,
-            "--listen", state.target,
-            "--state-dir", str(state_dir),
-            "--containerd-socket", str(self.containerd_socket),
-            "--containerd-namespace", self.containerd_namespace,
-            "--capacity", str(state.capacity),
-            "--runtime", state.runtime,
-            "--agent-ip", state.ip,
-            "--cgroup-parent", self.cgroup_parent,
-            "--grace", str(self.grace_seconds),
-            "--log-level", self.log_settings.level,
-            "--log-format", self.log_settings.format,
-        ]  # fmt: skip
-        if state.netns:
-            argv += ["--netns-path", netns.netns_path(state.netns)]
-        if state.version:
-            argv += ["--version", state.version]
-        for registry in self.insecure_registries:
-            argv += ["--insecure-registry", registry]
-        return argv
+        args = AgentArgs(
+            name=state.name,
+            pool=state.pool,
+            namespace=state.namespace,
+            listen=state.target,
+            state_dir=state_dir,
+            containerd_socket=self.containerd_socket,
+            containerd_namespace=self.containerd_namespace,
+            capacity=state.capacity,
+            runtime=state.runtime,
+            agent_ip=state.ip,
+            netns_path=netns.netns_path(state.netns) if state.netns else None,
+            cgroup_parent=self.cgroup_parent,
+            insecure_registry=tuple(self.insecure_registries),
+            grace=self.grace_seconds,
+            version=state.version or None,
+            log_level=self.log_settings.level,
+            log_format=self.log_settings.format,
+        )
+        return [*self.agent_argv, *args.argv()]
 
     def _save(self, agent: _Agent) -> None:
         path = agent.state_dir / STATE_FILE
@@ -473,10 +470,13 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def _is_our_agent(pid: int, state_dir: Path) -> bool:
-    """Guards against pid reuse: the process must run with this agent's `--state-dir`."""
+    """Guards against pid reuse: the process must run with this agent's `--state-dir` (as
+    `--state-dir=DIR`, or `--state-dir DIR` as agents started by older versions have it)."""
     args = _cmdline(pid)
-    return not _is_zombie(pid) and any(
-        a == "--state-dir" and b == str(state_dir) for a, b in itertools.pairwise(args)
+    flag = flag_of("state_dir")
+    return not _is_zombie(pid) and (
+        f"{flag}={state_dir}" in args
+        or any(a == flag and b == str(state_dir) for a, b in itertools.pairwise(args))
     )
 
 

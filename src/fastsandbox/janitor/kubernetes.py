@@ -38,13 +38,14 @@ from fastsandbox.agent.runtime.containerd import ContainerdRuntime
 from fastsandbox.api.models import Sandbox
 from fastsandbox.janitor.containerd import ContainerdLeftovers
 from fastsandbox.janitor.janitor import Janitor, Leftovers, SnapshotSeen
+from fastsandbox.settings import CONTAINERD_SOCKET, JANITOR_INTERVAL_SECONDS, ORPHAN_TIMEOUT_SECONDS
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
 AGENT_POD_LABEL = ("app.kubernetes.io/name", "fastsandbox-agent")
 DEFAULT_CONTAINERD_NAMESPACE = "k8s.io"
-DEFAULT_CONTAINERD_SOCKET = Path("/run/containerd/containerd.sock")
+DEFAULT_CONTAINERD_SOCKET = CONTAINERD_SOCKET
 # Phases in which a Pod's containers have all stopped for good: its agent is gone.
 _FINISHED = frozenset({"Succeeded", "Failed"})
 # Our sandbox ids are `<name[:50]>-<8 hex>` (control.sandboxes.new_sandbox_id); CRI's are 64 hex.
@@ -152,9 +153,9 @@ class NodeJanitorSettings:
     agents_dir: Path | None = None
     """The agents' host directory (`<dir>/<pod>/logs/<id>.log`); None skips the log sweep and
     leaves containers of agents gone before this janitor started to their labels alone."""
-    interval_seconds: float = 10.0
+    interval_seconds: float = JANITOR_INTERVAL_SECONDS
     """Time between scans."""
-    orphan_timeout_seconds: float = 30.0
+    orphan_timeout_seconds: float = ORPHAN_TIMEOUT_SECONDS
     """How long a container stays orphaned before it is removed: far longer than the few ms
     between a Fast-mode start and its record."""
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import PurePath
 
-AGENT_LABEL = "fastsandbox.io/agent"
-SANDBOX_ID_LABEL = "fastsandbox.io/sandbox-id"
+from fastsandbox.api.labels import AGENT_LABEL
 
 
 class Reason(StrEnum):

@@ -1,10 +1,11 @@
-"""The Python SDK of Fast Sandbox: `Client`, `AsyncClient` and the `Sandbox` handle.
+"""The Python SDK of Fast Sandbox, shaped like E2B's: `Sandbox` / `AsyncSandbox` to work inside
+one sandbox, `Client` / `AsyncClient` for the whole API.
 
-    from fastsandbox.sdk import Client
+    from fastsandbox import Sandbox
 
-    with Client() as client:
-        result = client.create("demo", "busybox", command=["echo", "hello"])
-        print(result.agent, result.endpoints, result.timings.runtime_ready_ms)
+    with Sandbox.create(image="busybox", env={"A": "1"}) as sb:
+        r = sb.commands.run("echo $A; exit 3")  # r.exit_code == 3, r.stdout == "1\\n"
+        sb.files.write("/tmp/x.txt", "data")
 
 Every failure is an `FsbError` subclass (see `fastsandbox.errors`), re-exported here.
 """
@@ -12,7 +13,10 @@ Every failure is an `FsbError` subclass (see `fastsandbox.errors`), re-exported 
 from fastsandbox.errors import (
     AlreadyExists,
     CapacityExhausted,
+    CommandFailed,
+    CommandTimeout,
     Conflict,
+    FailedPrecondition,
     FsbError,
     InvalidArgument,
     NotFound,
@@ -22,17 +26,27 @@ from fastsandbox.errors import (
 )
 from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
 from fastsandbox.sdk.aio import AsyncClient
-from fastsandbox.sdk.sandbox import Sandbox
+from fastsandbox.sdk.commands import CommandResult
+from fastsandbox.sdk.files import EntryInfo
+from fastsandbox.sdk.sandbox import CommandHandle, Sandbox
+from fastsandbox.sdk.sandbox_aio import AsyncSandbox
 from fastsandbox.sdk.sync import Client
 
 __all__ = [
     "AlreadyExists",
     "AsyncClient",
+    "AsyncSandbox",
     "CapacityExhausted",
     "Client",
+    "CommandFailed",
+    "CommandHandle",
+    "CommandResult",
+    "CommandTimeout",
     "Conflict",
     "CreateOptions",
     "CreateResult",
+    "EntryInfo",
+    "FailedPrecondition",
     "FsbError",
     "InvalidArgument",
     "NotFound",

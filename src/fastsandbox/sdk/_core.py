@@ -23,26 +23,22 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import grpc
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2
-from fastsandbox.errors import FsbError, InvalidArgument, Unauthenticated, Unavailable, from_grpc
-from fastsandbox.settings import default_data_dir
+from fastsandbox.api.labels import API_VERSION
+from fastsandbox.errors import (
+    FsbError,
+    InvalidArgument,
+    Unauthenticated,
+    Unavailable,
+    from_grpc,
+    never_answered,
+)
+from fastsandbox.settings import DEFAULT_ENDPOINT, default_data_dir
 
 if TYPE_CHECKING:
     from fastsandbox.api.models import Event, Sandbox, SandboxPool, Timings
 
-DEFAULT_ENDPOINT = "127.0.0.1:9090"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_POOL = "default-pool"
-
-# Substrings of grpc's own (client-side) UNAVAILABLE details when nothing answers at the address;
-# a server may also answer UNAVAILABLE on purpose, and then its words are kept.
-_CONNECT_FAILURES = (
-    "failed to connect",
-    "connection refused",
-    "dns resolution failed",
-    "no such file or directory",
-    "connections to all backends failing",
-    "name resolution",
-)
 
 
 # --------------------------------------------------------------------------- resolution
@@ -156,9 +152,10 @@ def translate(err: grpc.RpcError, endpoint: str) -> FsbError:
     """The one place a gRPC failure becomes an `FsbError` (and so a CLI exit code)."""
     code: grpc.StatusCode | None = err.code() if hasattr(err, "code") else None
     details: str = (err.details() if hasattr(err, "details") else "") or ""
-    if code is grpc.StatusCode.UNAVAILABLE and any(
-        marker in details.lower() for marker in _CONNECT_FAILURES
-    ):
+    # Only when nothing answered; a server's own UNAVAILABLE keeps its reason (errors.py).
+    if never_answered(code, details):
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Unavailable(f"no answer from fsb server at {endpoint} in time: retry later")
         return Unavailable(f"cannot reach fsb server at {endpoint}: is `fsb server` running?")
     if code is grpc.StatusCode.UNIMPLEMENTED:
         return FsbError(f"the server at {endpoint} does not support this call: upgrade fsb server")
@@ -392,7 +389,7 @@ def pool_object_request(
     from fastsandbox.api.models import SandboxPool, to_wire
 
     if isinstance(pool, Mapping):
-        body = {"apiVersion": "fastsandbox.io/v1alpha1", "kind": "SandboxPool", **pool}
+        body = {"apiVersion": API_VERSION, "kind": "SandboxPool", **pool}
         body.pop("status", None)
         meta = dict(body.get("metadata") or {})
         meta["namespace"] = meta.get("namespace") or namespace

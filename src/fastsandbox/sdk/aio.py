@@ -35,8 +35,9 @@ class AsyncClient:
     """Talks to `fsb server`. Use as `async with AsyncClient() as client:` or call `close()`.
 
     `endpoint`, `token` and `namespace` default to `FSB_ENDPOINT` / `FSB_TOKEN` / `FSB_NAMESPACE`,
-    then `~/.config/fastsandbox/config.yaml`, then `127.0.0.1:9090`, the server's token file in
-    its data dir, and `default`. `timeout` (seconds) bounds each unary call; None waits.
+    then `~/.config/fastsandbox/config.yaml`, then `settings.DEFAULT_ENDPOINT`, the server's
+    token file in its data dir, and `default`. `timeout` (seconds) bounds each unary call; None
+    waits.
     """
 
     def __init__(
@@ -95,6 +96,21 @@ class AsyncClient:
 
     def _ns(self, namespace: str | None) -> str:
         return namespace or self._config.namespace
+
+    def _rpc(self) -> tuple[FastPathAsyncStub, tuple[tuple[str, str], ...]]:
+        """The stub and call metadata, for the SDK's streaming modules (commands, files)."""
+        return self._fastpath(), self._config.metadata()
+
+    def _translate(self, err: grpc.RpcError) -> Exception:
+        return _core.translate(err, self._config.endpoint)
+
+    async def renew_lease(self, name: str, *, namespace: str | None = None) -> str:
+        """Extend a leased sandbox's life by its lease; answers the new lapse time (RFC 3339)."""
+        request = fastpath_pb2.RenewLeaseRequest(namespace=self._ns(namespace), name=name)
+        reply: fastpath_pb2.RenewLeaseReply = await self._unary(
+            self._fastpath().RenewLease, request
+        )
+        return reply.lease_expire_time
 
     # ------------------------------------------------------------------ sandboxes
 

@@ -5,11 +5,10 @@ only messages, with containerd's field numbers; the methods are called here by t
 containerd path (`/containerd.services.tasks.v1.Tasks/Create`), so no generated stub carries the
 wrong package name. Every call sends the `containerd-namespace` metadata.
 
-This module is the one seam where gRPC errors from containerd become our error tree:
-NOT_FOUND → `NotFound`, ALREADY_EXISTS → `AlreadyExists`, INVALID_ARGUMENT → `InvalidArgument`
-(e.g. a container id containerd refuses), UNAVAILABLE → `Unavailable` (containerd is not
-answering: retry later), anything else → `RuntimeFailure`, each carrying containerd's
-own message and what we were doing.
+This module is the one seam where gRPC errors from containerd become our error tree, through
+the one code table (`errors.from_grpc`: NOT_FOUND → `NotFound`, UNAVAILABLE → `Unavailable`, ...);
+a code the table does not know becomes `RuntimeFailure`. Each carries containerd's own message
+and what we were doing.
 """
 
 from __future__ import annotations
@@ -22,14 +21,7 @@ from typing import Any, Protocol, TypeVar, cast
 import grpc
 
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
-from fastsandbox.errors import (
-    AlreadyExists,
-    FsbError,
-    InvalidArgument,
-    NotFound,
-    RuntimeFailure,
-    Unavailable,
-)
+from fastsandbox.errors import FsbError, RuntimeFailure, from_grpc
 
 NAMESPACE_HEADER = "containerd-namespace"
 # Ordinary calls are quick metadata operations; a stuck containerd must not hang an agent.
@@ -54,15 +46,7 @@ def translate(err: grpc.aio.AioRpcError, what: str) -> FsbError:
     """containerd's gRPC error → our error tree, with containerd's words kept."""
     code = err.code()
     message = f"containerd: {what}: {err.details() or code.name}"
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(message)
-    if code == grpc.StatusCode.ALREADY_EXISTS:
-        return AlreadyExists(message)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(message)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(message)
-    return RuntimeFailure(message)
+    return from_grpc(code, message, fallback=RuntimeFailure)
 
 
 def _serialize(message: Any) -> bytes:

@@ -55,13 +55,14 @@ from fastsandbox.agent.runtime.base import (
     ProcessDefaults,
 )
 from fastsandbox.agent.runtime.oci_spec import build_oci_spec
+from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
 from fastsandbox.api.images import normalize_image_ref, registry_host
 from fastsandbox.errors import AlreadyExists, InvalidArgument, NotFound, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
-MANAGED_LABEL = "fastsandbox.io/managed"
+MANAGED_LABEL = labels.MANAGED_LABEL
 RUNC_SHIM = "io.containerd.runc.v2"
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"

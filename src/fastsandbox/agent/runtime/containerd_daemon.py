@@ -21,10 +21,11 @@ from pathlib import Path
 import grpc
 
 from fastsandbox.errors import RuntimeFailure
+from fastsandbox.settings import CONTAINERD_SOCKET
 
 log = logging.getLogger(__name__)
 
-SYSTEM_SOCKET = Path("/run/containerd/containerd.sock")
+SYSTEM_SOCKET = CONTAINERD_SOCKET
 
 _CONFIG = """version = 2
 root = "{root}"

@@ -7,14 +7,8 @@ Where we differ, and why:
   shared network namespace), MKNOD (device nodes), AUDIT_WRITE and SETFCAP (file capabilities
   that would outlive the sandbox's own limits). Untrusted code gets what ordinary programs need.
 - `noNewPrivileges`: setuid binaries in an image cannot regain dropped privileges.
-- Seccomp is a *denylist* (default action ALLOW; listed syscalls fail with EPERM). An allowlist
-  like Docker's is stricter but is a few hundred names that must track the kernel and libc; the
-  denylist blocks the same dangerous families Docker's profile blocks — kernel modules and kexec,
-  the mount APIs and pivot_root, namespaces (setns, unshare, clone with CLONE_NEW* flags),
-  keyrings, bpf, perf, ptrace and cross-process memory access, userfaultfd, io_uring, clock and
-  swap control, raw I/O ports, quotas, reboot, accounting — so a sandbox cannot reach kernel
-  surface that ordinary programs never use. clone3 gets ENOSYS (its flags live in memory that
-  seccomp cannot inspect) so libc falls back to clone, whose flags we can check.
+- Seccomp is an allowlist (`seccomp.py`): what ordinary programs need, Docker's coverage;
+  every other syscall, including ones newer than the profile, fails with EPERM.
 - Limits: CPU quota from millicores (period 100 ms), memory limit, and a pids limit so a fork
   bomb stays inside its sandbox.
 - Namespaces: new pid, ipc, uts and mount namespaces; the network namespace is the agent's (a
@@ -25,9 +19,10 @@ Where we differ, and why:
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from fastsandbox.agent.runtime.seccomp import seccomp_profile
 
 OCI_VERSION = "1.0.2-dev"
 
@@ -58,96 +53,6 @@ CPU_PERIOD_US = 100_000
 # runc refuses quotas under 1 ms per period.
 MIN_CPU_QUOTA_US = 1_000
 MAX_HOSTNAME = 63
-EPERM = 1
-ENOSYS = 38
-
-DENIED_SYSCALLS = (
-    # kernel modules and replacing the kernel
-    "init_module",
-    "finit_module",
-    "delete_module",
-    "create_module",
-    "get_kernel_syms",
-    "query_module",
-    "kexec_load",
-    "kexec_file_load",
-    # filesystems and the root: the classic mount API, the new one, pivot_root
-    "mount",
-    "umount",
-    "umount2",
-    "pivot_root",
-    "fsopen",
-    "fsconfig",
-    "fsmount",
-    "fspick",
-    "move_mount",
-    "open_tree",
-    "mount_setattr",
-    # namespaces
-    "setns",
-    "unshare",
-    # kernel keyrings (not namespaced)
-    "keyctl",
-    "add_key",
-    "request_key",
-    # kernel attack surface and introspection
-    "bpf",
-    "perf_event_open",
-    "userfaultfd",
-    "io_uring_setup",
-    "io_uring_enter",
-    "io_uring_register",
-    "lookup_dcookie",
-    "kcmp",
-    "syslog",
-    "_sysctl",
-    "sysfs",
-    "uselib",
-    "nfsservctl",
-    "vhangup",
-    # other processes' memory and file handles that bypass path checks
-    "ptrace",
-    "process_vm_readv",
-    "process_vm_writev",
-    "open_by_handle_at",
-    "name_to_handle_at",
-    # the host's clock, swap, power, quotas, accounting, raw I/O
-    "settimeofday",
-    "stime",
-    "clock_settime",
-    "clock_settime64",
-    "clock_adjtime",
-    "clock_adjtime64",
-    "adjtimex",
-    "swapon",
-    "swapoff",
-    "reboot",
-    "quotactl",
-    "quotactl_fd",
-    "acct",
-    "iopl",
-    "ioperm",
-    "vm86",
-    "vm86old",
-)
-
-# clone(2) flags that create namespaces; each one gets its own rule (rules are OR-ed, and seccomp
-# has no "masked not equal").
-CLONE_NAMESPACE_FLAGS = {
-    "CLONE_NEWNS": 0x00020000,
-    "CLONE_NEWCGROUP": 0x02000000,
-    "CLONE_NEWUTS": 0x04000000,
-    "CLONE_NEWIPC": 0x08000000,
-    "CLONE_NEWUSER": 0x10000000,
-    "CLONE_NEWPID": 0x20000000,
-    "CLONE_NEWNET": 0x40000000,
-}
-
-_SECCOMP_ARCHES = {
-    "x86_64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-    "aarch64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
-}
-
 MASKED_PATHS = (
     "/proc/acpi",
     "/proc/asound",
@@ -182,29 +87,6 @@ def default_mounts() -> list[dict[str, Any]]:
         {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
     ]  # fmt: skip
-
-
-def seccomp_profile(machine: str | None = None) -> dict[str, Any]:
-    """The default seccomp profile: allow everything except `DENIED_SYSCALLS` (EPERM), clone
-    with namespace flags (EPERM) and clone3 (ENOSYS, so libc falls back to clone)."""
-    arch = machine or platform.machine()
-    rules: list[dict[str, Any]] = [
-        {"names": list(DENIED_SYSCALLS), "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM},
-        {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS},
-    ]
-    for flag in CLONE_NAMESPACE_FLAGS.values():
-        rules.append(
-            {
-                "names": ["clone"],
-                "action": "SCMP_ACT_ERRNO",
-                "errnoRet": EPERM,
-                "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
-            }
-        )
-    profile: dict[str, Any] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}
-    if arch in _SECCOMP_ARCHES:
-        profile["architectures"] = list(_SECCOMP_ARCHES[arch])
-    return profile
 
 
 INIT_MOUNT = "/.fsb/init"

@@ -52,6 +52,7 @@ def load_documents(text: str, namespace: str) -> list[Document]:
     """Parse and validate every document; errors name the document (1-based) and the field."""
     import yaml
 
+    from fastsandbox.api.labels import API_VERSION
     from fastsandbox.api.models import Sandbox, SandboxPool, describe_validation_error
     from fastsandbox.errors import InvalidArgument
 
@@ -76,7 +77,7 @@ def load_documents(text: str, namespace: str) -> list[Document]:
                 f"document {i}: kind must be Sandbox or SandboxPool, got {kind!r}"
             )
         body = {k: v for k, v in raw.items() if k != "status"}
-        body.setdefault("apiVersion", "fastsandbox.io/v1alpha1")
+        body.setdefault("apiVersion", API_VERSION)
         meta = dict(body.get("metadata") or {})
         meta["namespace"] = meta.get("namespace") or namespace
         body["metadata"] = meta

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, log_settings
+from fastsandbox.settings import DEFAULT_ENDPOINT
 
 
 def controller(
@@ -46,7 +47,7 @@ def controller(
         typer.Option(
             "--listen", envvar="FSB_LISTEN", metavar="HOST:PORT", help="Fast-Path address."
         ),
-    ] = "127.0.0.1:9090",
+    ] = DEFAULT_ENDPOINT,
     token: Annotated[
         str | None,
         typer.Option(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fastsandbox.cli.options import LogFormat, LogLevel, log_settings
+from fastsandbox.settings import CONTAINERD_SOCKET, JANITOR_INTERVAL_SECONDS, ORPHAN_TIMEOUT_SECONDS
 
 if TYPE_CHECKING:
     from fastsandbox.janitor.kubernetes import NodeJanitorSettings
@@ -47,7 +48,7 @@ def janitor(
             metavar="PATH",
             help="The node's containerd socket.",
         ),
-    ] = Path("/run/containerd/containerd.sock"),
+    ] = CONTAINERD_SOCKET,
     containerd_namespace: Annotated[
         str,
         typer.Option(
@@ -73,7 +74,7 @@ def janitor(
             metavar="SECONDS",
             help="Remove a container left without a record (or agent) this long.",
         ),
-    ] = 30.0,
+    ] = ORPHAN_TIMEOUT_SECONDS,
     interval: Annotated[
         float,
         typer.Option(
@@ -82,7 +83,7 @@ def janitor(
             metavar="SECONDS",
             help="How often the janitor looks for orphans.",
         ),
-    ] = 10.0,
+    ] = JANITOR_INTERVAL_SECONDS,
     log_level: LogLevel = "info",
     log_format: LogFormat = "auto",
 ) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, log_settings
+from fastsandbox.settings import DEFAULT_ENDPOINT, JANITOR_INTERVAL_SECONDS, ORPHAN_TIMEOUT_SECONDS
 
 
 def server(
@@ -27,7 +28,7 @@ def server(
         typer.Option(
             "--listen", envvar="FSB_LISTEN", metavar="HOST:PORT", help="Fast-Path address."
         ),
-    ] = "127.0.0.1:9090",
+    ] = DEFAULT_ENDPOINT,
     containerd_socket: Annotated[
         Path | None,
         typer.Option(
@@ -76,7 +77,7 @@ def server(
             metavar="SECONDS",
             help="Remove a container left without a record (or agent) this long.",
         ),
-    ] = 30.0,
+    ] = ORPHAN_TIMEOUT_SECONDS,
     janitor_interval: Annotated[
         float,
         typer.Option(
@@ -85,7 +86,7 @@ def server(
             metavar="SECONDS",
             help="How often the janitor looks for orphans.",
         ),
-    ] = 10.0,
+    ] = JANITOR_INTERVAL_SECONDS,
 ) -> None:
     """Run the control plane and its agents on this machine (prints `ready` when serving)."""
     from fastsandbox.errors import InvalidArgument

@@ -19,6 +19,7 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import ValidationError
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
+from fastsandbox.api.labels import API_VERSION
 from fastsandbox.api.models import (
     KINDS,
     ConsistencyMode,
@@ -32,6 +33,7 @@ from fastsandbox.api.models import (
     parse_rfc3339,
     to_wire,
 )
+from fastsandbox.control.fastpath.io_relay import IoRelayRpcs
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import CreateOptions, SandboxService, request_hash
 from fastsandbox.control.updates import SandboxUpdates, patch_from_request
@@ -100,7 +102,7 @@ def pool_from_json(text: str, namespace: str | None = None) -> SandboxPool:
         raise InvalidArgument(f"pool is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidArgument("pool must be a JSON object")
-    data.setdefault("apiVersion", "fastsandbox.io/v1alpha1")
+    data.setdefault("apiVersion", API_VERSION)
     data.setdefault("kind", "SandboxPool")
     data.pop("status", None)
     pool = _validated(lambda: SandboxPool.model_validate(data))
@@ -109,7 +111,9 @@ def pool_from_json(text: str, namespace: str | None = None) -> SandboxPool:
     return pool
 
 
-class FastPathService(fastpath_pb2_grpc.FastPathServicer):
+class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
+    """Sandboxes and pools here; exec and files (relayed to agents) in `IoRelayRpcs`."""
+
     def __init__(self, sandboxes: SandboxService, pools: PoolManager, store: ObjectStore) -> None:
         self.sandboxes = sandboxes
         self.pools = pools

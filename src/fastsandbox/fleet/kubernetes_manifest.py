@@ -1,0 +1,257 @@
+"""The agent Pod of the Kubernetes fleet, as a pure manifest: no API calls, no state.
+
+`fleet/kubernetes.py` owns the Pod's lifecycle (create, wait for an IP, adopt, delete); this
+module only says what the Pod is: labels and ownerReference, `fsb agent` args (built by
+`AgentArgs`, agent/args.py), the token from a Secret, the containerd socket and the hostPath
+state dir, a locked-down securityContext, and the pool's `agentTemplate` merged in.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastsandbox import settings
+from fastsandbox.agent.args import TOKEN_ENV, AgentArgs
+from fastsandbox.api import labels as keys
+from fastsandbox.api.labels import API_VERSION
+from fastsandbox.api.models import SandboxPool
+from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
+
+AGENT_PORT = 7443
+AGENT_CONTAINER = "agent"
+APP_LABEL = "app.kubernetes.io/name"
+APP_NAME = "fastsandbox-agent"
+POOL_LABEL = keys.POOL_LABEL
+VERSION_LABEL = keys.VERSION_LABEL
+# The exact version: a label value allows only [A-Za-z0-9-_.] and 63 characters.
+VERSION_ANNOTATION = keys.VERSION_ANNOTATION
+TOKEN_SECRET = "fastsandbox-agent-token"
+TOKEN_KEY = "token"
+CONTAINERD_SOCKET = str(settings.CONTAINERD_SOCKET)  # the node's, mounted at the same path
+# Host directory holding every agent's state (sandbox logs, the staged fsb-init), mounted at the
+# same path in the Pod: containerd opens these paths on the host.
+STATE_ROOT = "/var/lib/fastsandbox"
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def version_label(version: str) -> str:
+    """`version` as a label value: kept when valid, else a readable digest of it."""
+    if len(version) <= 63 and _LABEL_VALUE.match(version):
+        return version
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", version).strip("-_.")[:50].strip("-_.")
+    digest = hashlib.sha256(version.encode()).hexdigest()
+    return f"{cleaned}-{digest[:8]}" if cleaned else digest[:12]
+
+
+def merge_template(template: Mapping[str, Any] | None, pod: dict[str, Any]) -> dict[str, Any]:
+    """Overlay our Pod on the pool's `agentTemplate` (a PodTemplateSpec: metadata + spec).
+
+    The template contributes what we do not decide: node selection, tolerations, priority, pull
+    secrets, sidecars, extra env/mounts/volumes, resources, even the agent image. Everything
+    the agent needs to work (labels, owner, args, token, ports, probe, containerd socket,
+    state dir) comes from `pod` and wins on a clash. The template's container named `agent` is
+    merged into ours; its other containers are kept as they are.
+    """
+    if not template:
+        return pod
+    tmeta = dict(template.get("metadata") or {})
+    tspec = copy.deepcopy(dict(template.get("spec") or {}))
+    meta = pod["metadata"]
+    for key in ("labels", "annotations"):
+        merged = {**(tmeta.get(key) or {}), **meta.get(key, {})}
+        if merged:
+            meta[key] = merged
+    ours = pod["spec"]
+    spec: dict[str, Any] = {**tspec, **{k: v for k, v in ours.items() if k != "containers"}}
+    spec["volumes"] = _merge_named(tspec.get("volumes"), ours.get("volumes"))
+    (agent,) = ours["containers"]
+    containers = []
+    for container in tspec.get("containers") or []:
+        if container.get("name") == AGENT_CONTAINER:
+            agent = _merge_agent(container, agent)
+        else:
+            containers.append(container)
+    spec["containers"] = [agent, *containers]
+    pod["spec"] = spec
+    return pod
+
+
+def _merge_named(theirs: Sequence[Any] | None, ours: Sequence[Any] | None) -> list[Any]:
+    mine = {item["name"]: item for item in ours or ()}
+    return [i for i in theirs or () if i.get("name") not in mine] + list(ours or ())
+
+
+def _merge_agent(theirs: Mapping[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {**theirs, **ours}
+    if theirs.get("image"):
+        merged["image"] = theirs["image"]  # a pool may pin its own agent image
+    if theirs.get("resources"):
+        merged["resources"] = theirs["resources"]
+    for key in ("env", "volumeMounts", "ports"):
+        if key == "volumeMounts":
+            by_path = {m["mountPath"] for m in ours.get(key, ())}
+            extra = [m for m in theirs.get(key) or () if m.get("mountPath") not in by_path]
+            merged[key] = list(ours.get(key, ())) + extra
+        else:
+            merged[key] = _merge_named(theirs.get(key), ours.get(key))
+    # The subcommand, then the template's args, then ours: for a flag given twice argparse
+    # keeps the last, so the template can add flags (--insecure-registry, --init-path, ...) but
+    # not override ours.
+    command, *flags = ours["args"]
+    merged["args"] = [command, *(theirs.get("args") or ()), *flags]
+    return merged
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPodSpec:
+    """What the fleet decides for every agent Pod it makes (the pool decides the rest)."""
+
+    agent_image: str
+    containerd_namespace: str = "k8s.io"
+    insecure_registries: tuple[str, ...] = ()
+    grace_seconds: float = DELETE_GRACE_SECONDS
+    """The agents' default SIGTERM → SIGKILL grace on sandbox delete."""
+    pod_grace_seconds: int = 30
+    image_pull_policy: str = "IfNotPresent"
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, Any]:
+    """The agent Pod for `pool`, the pool's `agentTemplate` merged."""
+    ns, pool_name = pool.metadata.namespace, pool.metadata.name
+    version = pool.spec.agent_version
+    labels = {APP_LABEL: APP_NAME, POOL_LABEL: pool_name}
+    annotations = {}
+    if version:
+        labels[VERSION_LABEL] = version_label(version)
+        annotations[VERSION_ANNOTATION] = version
+    # The image's entrypoint is `fsb`; an agent Pod runs `fsb agent ...`.
+    agent = AgentArgs(
+        name="$(POD_NAME)",
+        pool=pool_name,
+        namespace=ns,
+        listen=f"$(POD_IP):{AGENT_PORT}",
+        agent_ip="$(POD_IP)",
+        state_dir=Path(f"{STATE_ROOT}/agents/$(POD_NAME)"),
+        containerd_socket=Path(CONTAINERD_SOCKET),
+        containerd_namespace=spec.containerd_namespace,
+        capacity=pool.spec.max_sandboxes_per_agent,
+        runtime=pool.spec.runtime.value,
+        # Sandboxes join this Pod's network namespace and cgroup (agent/pod.py).
+        pod_uid="$(POD_UID)",
+        grace=spec.grace_seconds,
+        log_level=spec.log.level,
+        log_format="json",
+        version=version or None,
+        insecure_registry=tuple(spec.insecure_registries),
+    )
+    args = ["agent", *agent.argv()]
+    resources = {
+        k: v
+        for k, v in (
+            ("cpu", pool.spec.agent_resources.cpu),
+            ("memory", pool.spec.agent_resources.memory),
+        )
+        if v
+    }
+    container: dict[str, Any] = {
+        "name": AGENT_CONTAINER,
+        "image": spec.agent_image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "args": args,
+        "env": [
+            _field_env("POD_NAME", "metadata.name"),
+            _field_env("POD_NAMESPACE", "metadata.namespace"),
+            _field_env("POD_UID", "metadata.uid"),
+            _field_env("POD_IP", "status.podIP"),
+            _field_env("NODE_NAME", "spec.nodeName"),
+            {
+                "name": TOKEN_ENV,
+                "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}},
+            },
+        ],
+        "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
+        "readinessProbe": {
+            "tcpSocket": {"port": AGENT_PORT},
+            "periodSeconds": 2,
+            "timeoutSeconds": 1,
+            "failureThreshold": 3,
+        },
+        "volumeMounts": [
+            {"name": "containerd-socket", "mountPath": CONTAINERD_SOCKET},
+            {"name": "state", "mountPath": STATE_ROOT},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        # The agent never needs a privilege of its own: containerd and the runc shim, on
+        # the host, do every privileged step (namespaces, mounts, cgroups, pulls). It runs
+        # as uid 0 only because the containerd socket and the hostPath state dir are
+        # root-owned (mode 0660 / 0755): with every capability dropped, root passes plain
+        # owner permission checks and nothing more. No privilege escalation, a read-only
+        # root filesystem (writes go to the state dir and /tmp), the runtime's default
+        # seccomp profile. The real power is the socket itself: whoever drives containerd
+        # owns the node, which is why the agent API needs its token.
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if resources:
+        # Sizes the Pod for the scheduler; sandboxes get cgroups of their own.
+        container["resources"] = {"requests": resources, "limits": resources}
+    pod: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "SandboxPool",
+                    "name": pool_name,
+                    "uid": pool.metadata.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": spec.pod_grace_seconds,
+            # The agent talks to containerd, never to the API server.
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "containers": [container],
+            "volumes": [
+                {
+                    "name": "containerd-socket",
+                    "hostPath": {"path": CONTAINERD_SOCKET, "type": "Socket"},
+                },
+                {
+                    "name": "state",
+                    "hostPath": {"path": STATE_ROOT, "type": "DirectoryOrCreate"},
+                },
+                {"name": "tmp", "emptyDir": {}},
+            ],
+        },
+    }
+    if annotations:
+        pod["metadata"]["annotations"] = annotations
+    return merge_template(pool.spec.agent_template, pod)
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}

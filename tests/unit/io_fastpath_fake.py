@@ -1,0 +1,82 @@
+"""The fake Fast-Path (`fastpath_fake`) with the real exec/files relay, in front of the fake
+agent (`agent_io_fake`): SDK and CLI tests drive commands and files through the real relay code
+and the real token check, with no containerd underneath."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc, io_pb2
+from fastsandbox.control.agent_client import AgentClient, AgentClients
+from fastsandbox.control.fastpath.auth import TokenAuth
+from fastsandbox.control.fastpath.io_relay import IoRelayRpcs, running_on
+from fastsandbox.errors import NotFound
+from tests.unit.agent_io_fake import FakeAgentIo, serve_agent
+from tests.unit.fastpath_fake import TOKEN, FakeFastPath
+
+
+@dataclass
+class IoFastPath(IoRelayRpcs, FakeFastPath):  # type: ignore[misc]
+    agent_target: str = ""
+    _clients: AgentClients | None = None
+
+    async def _agent_for(self, target: io_pb2.SandboxTarget) -> tuple[AgentClient, str]:
+        sb = self.sandboxes.get((target.namespace or "default", target.name))  # type: ignore[attr-defined]
+        if sb is None:
+            raise NotFound(f"sandbox {target.namespace or 'default'}/{target.name} not found")
+        _, sandbox_id = running_on(sb)
+        if self._clients is None:
+            self._clients = AgentClients()
+        return self._clients.get(self.agent_target), sandbox_id
+
+
+@dataclass
+class Rig:
+    endpoint: str
+    fastpath: IoFastPath
+    agent: FakeAgentIo
+    root: Path
+
+
+@contextlib.contextmanager
+def serve_io(tmp_path: Path) -> Iterator[Rig]:
+    root = tmp_path / "sandbox-root"
+    (root / "tmp").mkdir(parents=True)
+    agent = FakeAgentIo(root)
+    with serve_agent(agent, tmp_path / "agent.sock") as target:
+        fastpath = IoFastPath(agent_target=target)
+        loop = asyncio.new_event_loop()
+        started = threading.Event()
+        state: dict[str, Any] = {}
+
+        async def main() -> None:
+            server = grpc.aio.server(interceptors=[TokenAuth(TOKEN)])
+            fastpath_pb2_grpc.add_FastPathServicer_to_server(fastpath, server)
+            state["port"] = server.add_insecure_port("127.0.0.1:0")
+            state["stop"] = asyncio.Event()
+            await server.start()
+            started.set()
+            try:
+                await state["stop"].wait()
+            finally:
+                await server.stop(grace=None)
+                if fastpath._clients is not None:
+                    await fastpath._clients.close()
+
+        thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+        thread.start()
+        started.wait(10)
+        try:
+            yield Rig(f"127.0.0.1:{state['port']}", fastpath, agent, root)
+        finally:
+            loop.call_soon_threadsafe(state["stop"].set)
+            thread.join(timeout=10)
+            loop.close()
