@@ -48,3 +48,7 @@ e2e: setup
 
 bench: setup
 	.venv/bin/python benchmarks/create_latency.py
+
+## make fuzz: the property-based fuzz targets at full size (CI runs 500 cases per target).
+fuzz: setup
+	FSB_FUZZ_EXAMPLES=10000 .venv/bin/pytest -q -p no:cacheprovider tests/fuzz

@@ -55,7 +55,7 @@ def _validated(build: Callable[[], T], prefix: str = "") -> T:
     except ValidationError as exc:
         raise InvalidArgument(describe_validation_error(exc, prefix)) from None
     except ValueError as exc:
-        raise InvalidArgument(str(exc)) from None
+        raise InvalidArgument(f"{prefix}: {exc}" if prefix else str(exc)) from None
 
 
 def sandbox_from_request(req: fastpath_pb2.CreateRequest) -> Sandbox:
@@ -82,7 +82,10 @@ def sandbox_from_request(req: fastpath_pb2.CreateRequest) -> Sandbox:
             k: v for k, v in (("cpu", req.resources.cpu), ("memory", req.resources.memory)) if v
         }
     if req.ttl_seconds:
-        spec["expireTime"] = now() + timedelta(seconds=req.ttl_seconds)
+        try:
+            spec["expireTime"] = now() + timedelta(seconds=req.ttl_seconds)
+        except OverflowError:  # past year 9999 (found by tests/fuzz)
+            raise InvalidArgument("spec.ttlSeconds: too large") from None
     elif req.expire_time:
         spec["expireTime"] = _validated(lambda: parse_rfc3339(req.expire_time), "spec.expireTime")
     meta = _validated(
