@@ -31,7 +31,7 @@ from tests.integration.test_agent_process import AgentProc
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
-BIG = {"runc": 200 * MiB, "gvisor": 32 * MiB}
+BIG = 200 * MiB
 RSS_BUDGET = 64 * MiB
 
 
@@ -179,7 +179,7 @@ async def test_exec_and_files(agent: AgentProc, demo_image: str, runtime_name: s
             print(f"gVisor dmesg: {r.stdout[:200]!r}")
             assert b"gVisor" in r.stdout
         await file_errors(stub, sid)
-        await big_round_trip(stub, sid, agent, BIG[runtime_name])
+        await big_round_trip(stub, sid, agent, BIG)
         await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id=sid, grace_seconds=1))
         assert not (agent.state_dir / "channels" / sid).exists()
 
@@ -276,8 +276,6 @@ async def big_round_trip(
 async def test_agent_restart_during_exec(
     agent: AgentProc, demo_image: str, runtime_name: str
 ) -> None:
-    if runtime_name == "gvisor":
-        pytest.skip("the restart path is the same code under gVisor; runc covers it")
     agent.start()
     await agent.ready()
     sid = "it-restart"
