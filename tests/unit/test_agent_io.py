@@ -285,3 +285,15 @@ async def test_agent_restart_keeps_processes(env: Env) -> None:
     out = await _exec(env.stub, io_pb2.ExecStart(target=target(), argv=["echo", "new"]))
     assert out[1].stdout == b"new\n"
     assert env.sup.controls >= 2
+
+
+async def test_stdin_refused_without_stdin_even_while_silent(env: Env) -> None:
+    """Input the call must refuse ends it at once, not at the process's next output."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _exec(
+            env.stub,
+            io_pb2.ExecStart(target=target(), argv=["sleep", "30"]),
+            io_pb2.ExecInput(stdin=b"x"),
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stdin" in str(err.value.details())

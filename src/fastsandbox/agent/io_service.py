@@ -20,7 +20,7 @@ from fastsandbox.agent.manager import SandboxManager
 from fastsandbox.agent.runtime.base import ProcessDefaults
 from fastsandbox.agent.supervisor import Entry, ExitStatus, Process
 from fastsandbox.api._proto.fastsandbox.v1 import io_pb2
-from fastsandbox.errors import FsbError, InvalidArgument
+from fastsandbox.errors import FailedPrecondition, FsbError, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -89,30 +89,31 @@ class IoMethods:
         except Exception as exc:
             await _abort(context, exc)
         yield io_pb2.ExecOutput(started=io_pb2.ExecStarted(pid=process.pid))
+        refused: list[InvalidArgument] = []
+        stdin = first.start.stdin or bool(first.start.attach_pid)
         pumping = asyncio.create_task(
-            self._pump_input(
-                request_iterator, process, stdin=first.start.stdin or bool(first.start.attach_pid)
-            ),
+            self._pump_input(request_iterator, process, stdin=stdin, refused=refused),
             name=f"exec input {process.pid}",
         )
         try:
-            async for event in process.events():
-                if pumping.done() and pumping.exception() is not None:
-                    break
-                if isinstance(event, ExitStatus):
-                    yield io_pb2.ExecOutput(
-                        exited=io_pb2.ExecExited(
-                            exit_code=event.code,
-                            signal=event.signal or 0,
-                            timed_out=event.timed_out,
+            try:
+                async for event in process.events():
+                    if isinstance(event, ExitStatus):
+                        yield io_pb2.ExecOutput(
+                            exited=io_pb2.ExecExited(
+                                exit_code=event.code,
+                                signal=event.signal or 0,
+                                timed_out=event.timed_out,
+                            )
                         )
-                    )
-                elif event.stream == "stdout":
-                    yield io_pb2.ExecOutput(stdout=event.data)
-                else:
-                    yield io_pb2.ExecOutput(stderr=event.data)
-            if pumping.done() and not pumping.cancelled() and pumping.exception() is not None:
-                raise pumping.exception()  # type: ignore[misc]
+                    elif event.stream == "stdout":
+                        yield io_pb2.ExecOutput(stdout=event.data)
+                    else:
+                        yield io_pb2.ExecOutput(stderr=event.data)
+            except Unavailable:
+                if refused:  # the input pump closed the stream to end the call with its error
+                    raise refused[0] from None
+                raise
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -148,8 +149,28 @@ class IoMethods:
             tag=start.tag,
         )
 
-    @staticmethod
+    @classmethod
     async def _pump_input(
+        cls,
+        inputs: AsyncIterator[io_pb2.ExecInput],
+        process: Process,
+        *,
+        stdin: bool,
+        refused: list[InvalidArgument],
+    ) -> None:
+        """Relay the caller's input. A message the call must refuse ends the call (the
+        output side sees its stream closed and raises `refused[0]`); input that arrives after
+        the process has exited is dropped, since its exit status is on its way."""
+        try:
+            await cls._relay_input(inputs, process, stdin=stdin)
+        except InvalidArgument as exc:
+            refused.append(exc)
+            await process.close()
+        except FailedPrecondition:
+            log.debug("exec input after the process's stream closed", extra={"pid": process.pid})
+
+    @staticmethod
+    async def _relay_input(
         inputs: AsyncIterator[io_pb2.ExecInput], process: Process, *, stdin: bool
     ) -> None:
         async for message in inputs:
