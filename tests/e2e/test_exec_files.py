@@ -24,12 +24,14 @@ from pathlib import Path
 import pytest
 
 from fastsandbox import AsyncSandbox, Client, CommandTimeout, Sandbox
+from tests.docs_examples import python_blocks, run_block
 from tests.e2e._server import FSB
 from tests.e2e.conftest import AnyServer
 
 pytestmark = pytest.mark.e2e
 
 MiB = 1024 * 1024
+DOC_BLOCKS = python_blocks("sdk.md")
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +247,13 @@ def test_the_issue_sdk_example_async(server: AnyServer, demo_image: str) -> None
             await again.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("name", "code"), DOC_BLOCKS, ids=[b[0] for b in DOC_BLOCKS])
+def test_docs_examples(
+    server: AnyServer, demo_image: str, name: str, code: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in creds(server).items():
+        monkeypatch.setenv(f"FSB_{key.upper()}", value)
+    monkeypatch.setenv("FSB_NAMESPACE", "default")
+    run_block(code, name, {'image="busybox"': f'image="{demo_image}"'})

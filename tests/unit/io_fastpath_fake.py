@@ -26,6 +26,7 @@ from tests.unit.fastpath_fake import TOKEN, FakeFastPath
 @dataclass
 class IoFastPath(IoRelayRpcs, FakeFastPath):  # type: ignore[misc]
     agent_target: str = ""
+    agent: FakeAgentIo | None = None
     _clients: AgentClients | None = None
 
     async def _agent_for(self, target: io_pb2.SandboxTarget) -> tuple[AgentClient, str]:
@@ -33,6 +34,9 @@ class IoFastPath(IoRelayRpcs, FakeFastPath):  # type: ignore[misc]
         if sb is None:
             raise NotFound(f"sandbox {target.namespace or 'default'}/{target.name} not found")
         _, sandbox_id = running_on(sb)
+        if self.agent is not None:
+            # What the real agent knows from CreateSandbox: the sandbox's own environment.
+            self.agent.sandbox_env[sandbox_id] = {e.name: e.value for e in sb.spec.env}
         if self._clients is None:
             self._clients = AgentClients()
         return self._clients.get(self.agent_target), sandbox_id
@@ -52,7 +56,7 @@ def serve_io(tmp_path: Path) -> Iterator[Rig]:
     (root / "tmp").mkdir(parents=True)
     agent = FakeAgentIo(root)
     with serve_agent(agent, tmp_path / "agent.sock") as target:
-        fastpath = IoFastPath(agent_target=target)
+        fastpath = IoFastPath(agent_target=target, agent=agent)
         loop = asyncio.new_event_loop()
         started = threading.Event()
         state: dict[str, Any] = {}
