@@ -18,7 +18,7 @@ one agent, one idle sandbox (its PID 1 is the supervisor). Then, sequentially, n
   docker exec true     `docker exec ID true`, only when a docker engine answers `docker info`
 
 Numbers are printed as p50/p95/p99/mean in milliseconds, with the targets of issue 9
-(p50 ≤ 5 ms, ≤ 0.4 × runc exec, ≤ 0.1 × docker exec) checked against this run's own baselines.
+(p50 ≤ 5 ms, ≤ 0.4 x runc exec, ≤ 0.1 x docker exec) checked against this run's own baselines.
 """
 
 from __future__ import annotations
