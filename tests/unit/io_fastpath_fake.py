@@ -8,13 +8,13 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc, io_pb2
+from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc, io_pb2
 from fastsandbox.control.agent_client import AgentClient, AgentClients
 from fastsandbox.control.fastpath.auth import TokenAuth
 from fastsandbox.control.fastpath.io_relay import IoRelayRpcs, running_on
@@ -28,6 +28,14 @@ class IoFastPath(IoRelayRpcs, FakeFastPath):  # type: ignore[misc]
     agent_target: str = ""
     agent: FakeAgentIo | None = None
     _clients: AgentClients | None = None
+    serve_leases: bool = False
+    renewals: list[str] = field(default_factory=list)
+
+    async def RenewLease(self, request: Any, context: Any) -> Any:
+        if not self.serve_leases:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RenewLease: not served here")
+        self.renewals.append(request.name)
+        return fastpath_pb2.RenewLeaseReply(lease_expire_time="2030-01-01T00:00:00Z")
 
     async def _agent_for(self, target: io_pb2.SandboxTarget) -> tuple[AgentClient, str]:
         sb = self.sandboxes.get((target.namespace or "default", target.name))  # type: ignore[attr-defined]
