@@ -11,6 +11,8 @@ one agent, one idle sandbox (its PID 1 is the supervisor). Then, sequentially, n
                        the agent, the agent → supervisor channel, `/bin/sh -c true` forked
                        and reaped in the sandbox, exit status back the same way)
   sdk run(["true"])    same, argv without a shell (the fork+exec of sh taken out)
+  agent Exec direct    `Exec(["true"])` straight to the agent's unix socket (no client SDK, no
+                       Fast-Path, no relay): the agent → supervisor → process part alone
   fsb Get (unary)      `AsyncClient.get()` of the same sandbox: the client → server gRPC floor
                        (auth + one store read), for where the time goes
   runc exec true       `runc exec ID true` process spawned → exited, on a container started
@@ -43,6 +45,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from create_latency import pct, row, timed  # noqa: E402
 
 from fastsandbox import AsyncSandbox  # noqa: E402
+from fastsandbox.api._proto.fastsandbox.v1 import io_pb2  # noqa: E402
+from fastsandbox.control.agent_client import AgentClient  # noqa: E402
 from tests.e2e._server import Server, free_port, new_server, purge  # noqa: E402
 
 
@@ -54,7 +58,34 @@ async def bench_sdk(server: Server, image: str, n: int) -> dict[str, list[float]
     ) as sb:
         for _ in range(20):  # warm-up: channels, the agent's supervisor connection, caches
             await sb.commands.run("true")
+        obj = await sb.refresh()
+        sockets = [
+            p
+            for p in server.data_dir.rglob("agent.sock")
+            if p.parent.name == obj.status.assigned_agent
+        ]
+        agent = AgentClient(f"unix:{sockets[0]}") if sockets else None
+        out["agent Exec direct"] = []
+
+        async def direct() -> None:
+            assert agent is not None
+            start = io_pb2.ExecStart(
+                target=io_pb2.SandboxTarget(sandbox_id=obj.status.container_id), argv=["true"]
+            )
+
+            async def inputs():  # type: ignore[no-untyped-def]
+                yield io_pb2.ExecInput(start=start)
+                await asyncio.sleep(3600)  # keep the input side open, as the SDK does
+
+            async for msg in agent.exec(inputs()):
+                if msg.WhichOneof("kind") == "exited":
+                    return
+
         for _ in range(n):
+            if agent is not None:
+                started = time.perf_counter()
+                await direct()
+                out["agent Exec direct"].append((time.perf_counter() - started) * 1000)
             started = time.perf_counter()
             r = await sb.commands.run("true")
             out['sdk run("true")'].append((time.perf_counter() - started) * 1000)
@@ -65,6 +96,10 @@ async def bench_sdk(server: Server, image: str, n: int) -> dict[str, list[float]
             started = time.perf_counter()
             await sb.client.get(sb.name)
             out["fsb Get"].append((time.perf_counter() - started) * 1000)
+        if agent is not None:
+            await agent.close()
+    if not out["agent Exec direct"]:
+        del out["agent Exec direct"]
     return out
 
 
