@@ -132,6 +132,11 @@ class AgentSettings:
     init_path: Path | None = None
     """`fsb-init` binary mounted at /.fsb/init as every sandbox's PID 1; None = run the
     sandbox's command as PID 1 (SIGTERM is then ignored unless the command handles it)."""
+    logger_path: Path | None = None
+    """`fsb-logger`, containerd's `binary://` log driver: keeps stdout and stderr apart, stamps
+    each line and caps the log. None = containerd's `file://` (one uncapped file, streams mixed)."""
+    log_max_bytes: int = 10 * 1024 * 1024
+    """Cap of one sandbox's captured output when its spec asks for none (newest kept)."""
     version: str = ""
     token: str | None = None
     """Bearer token every call must carry. Required on a HOST:PORT listen address (anyone who

@@ -286,7 +286,7 @@ async def test_pull(manager: SandboxManager, runtime: FakeRuntime) -> None:
 
 
 async def collect(manager: SandboxManager, sandbox_id: str, **kw: object) -> bytes:
-    return b"".join([c async for c in manager.logs(sandbox_id, **kw)])  # type: ignore[arg-type]
+    return b"".join([c.data async for c in manager.logs(sandbox_id, **kw)])  # type: ignore[arg-type]
 
 
 async def test_logs_tail(manager: SandboxManager) -> None:
@@ -320,7 +320,7 @@ async def test_logs_follow_until_exit(manager: SandboxManager, runtime: FakeRunt
 
     async def follow() -> None:
         async for chunk in manager.logs("sb-1", follow=True):
-            received.append(chunk)
+            received.append(chunk.data)
             got_first.set()
 
     task = asyncio.create_task(follow())
@@ -344,7 +344,7 @@ async def test_logs_follow_ends_when_sandbox_deleted(manager: SandboxManager) ->
 
     async def follow() -> None:
         async for chunk in manager.logs("sb-1", follow=True, tail_lines=1):
-            received.append(chunk)
+            received.append(chunk.data)
 
     task = asyncio.create_task(follow())
     while not received:

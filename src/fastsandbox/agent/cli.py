@@ -119,6 +119,19 @@ def build_parser(prog: str = "fsb agent") -> argparse.ArgumentParser:
         help="fsb-init binary run as PID 1 in sandboxes; 'none' disables it "
         "(default: $FSB_INIT_PATH, the checkout's build, /usr/local/libexec/fastsandbox/fsb-init)",
     )
+    p.add_argument(
+        "--logger-path",
+        help="fsb-logger binary, containerd's binary:// log driver (stdout/stderr apart, "
+        "capped); 'none' uses file:// (default: $FSB_LOGGER_PATH, the checkout's build, "
+        "/usr/local/libexec/fastsandbox/fsb-logger)",
+    )
+    p.add_argument(
+        "--log-max-bytes",
+        type=_log_cap,
+        default=10 * 1024 * 1024,
+        metavar="BYTES",
+        help="cap of a sandbox's captured output when its spec gives none (newest kept)",
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.add_argument("--log-format", choices=["json", "console", "auto"], default="auto")
     p.add_argument("--log-file", type=Path, help="also write JSON logs here, size-rotated")
@@ -148,6 +161,32 @@ def _init_path(given: str | None) -> Path | None:
             "deletes wait the whole grace period unless they handle SIGTERM"
         )
     return found
+
+
+def _logger_path(given: str | None) -> Path | None:
+    from fastsandbox.agent.logger_binary import find_logger
+
+    if given == "none":
+        return None
+    if given:
+        return Path(given)
+    found = find_logger()
+    if found is None:
+        log.warning(
+            "fsb-logger not found (run scripts/setup); sandbox logs mix stdout and stderr "
+            "in one file with no cap"
+        )
+    return found
+
+
+def _log_cap(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
+    if value < 64 * 1024:
+        raise argparse.ArgumentTypeError(f"{value} is less than 65536 (64 KiB)")
+    return value
 
 
 def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
@@ -201,6 +240,8 @@ def settings_from_args(
         insecure_registries=list(args.insecure_registry),
         delete_grace_seconds=args.grace,
         init_path=_init_path(args.init_path),
+        logger_path=_logger_path(args.logger_path),
+        log_max_bytes=args.log_max_bytes,
         version=args.version if args.version is not None else _package_version(),
         token=token,
         insecure_no_token=args.insecure_no_token,

@@ -21,6 +21,7 @@ from fastsandbox.errors import (
     Unavailable,
 )
 from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
+from fastsandbox.sdk._logs import LogRecord
 from fastsandbox.sdk.aio import AsyncClient
 from fastsandbox.sdk.sandbox import Sandbox
 from fastsandbox.sdk.sync import Client
@@ -35,6 +36,7 @@ __all__ = [
     "CreateResult",
     "FsbError",
     "InvalidArgument",
+    "LogRecord",
     "NotFound",
     "PoolOptions",
     "RuntimeFailure",

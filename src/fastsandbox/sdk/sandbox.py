@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Unpack
 
 from fastsandbox.errors import NotFound
 from fastsandbox.sdk._core import CreateOptions, CreateResult
+from fastsandbox.sdk._logs import LogRecord, Since
 from fastsandbox.sdk.sync import Client
 
 if TYPE_CHECKING:
@@ -67,8 +68,20 @@ class Sandbox:
         """The object as the server has it now."""
         return self.client.get(self.name, namespace=self.namespace)
 
-    def logs(self, *, follow: bool = False) -> Iterator[bytes]:
-        return self.client.logs(self.name, follow=follow, namespace=self.namespace)
+    def logs(
+        self, *, follow: bool = False, tail: int = 0, since: Since | None = None
+    ) -> Iterator[bytes]:
+        return self.client.logs(
+            self.name, follow=follow, namespace=self.namespace, tail=tail, since=since
+        )
+
+    def log_records(
+        self, *, follow: bool = False, tail: int = 0, since: Since | None = None
+    ) -> Iterator[LogRecord]:
+        """Its output with stdout and stderr apart (see `Client.log_records`)."""
+        return self.client.log_records(
+            self.name, follow=follow, namespace=self.namespace, tail=tail, since=since
+        )
 
     def events(self, *, limit: int = 0) -> list[models.Event]:
         """What happened to it so far, oldest first (see `Client.events`)."""

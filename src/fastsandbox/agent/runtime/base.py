@@ -43,6 +43,11 @@ class ContainerSpec:
     # Host path of `fsb-init`: mounted read-only at /.fsb/init and run as PID 1 in front of the
     # sandbox's command (signal forwarding, zombie reaping). None: the command is PID 1.
     init_path: str | None = None
+    # Cap of the captured stdout + stderr in bytes (`fsb-logger` keeps the newest).
+    log_max_bytes: int = 10 * 1024 * 1024
+    # Host path of `fsb-logger`, containerd's `binary://` log driver; None: `file://` (streams
+    # mixed, no cap, no timestamps).
+    logger_path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
