@@ -7,6 +7,7 @@ Waits are bounded polls on what the log holds; nothing asserts how fast anything
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -80,18 +81,23 @@ async def until(check: Callable[[], object]) -> None:
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("oci_runtime", ["runc", "gvisor"])
 async def test_both_streams_apart_with_timestamps_tail_and_since(
     runtime: ContainerdRuntime,
     demo_image: str,
     cgroup_parent: str,
     logger_path: str,
     tmp_path: Path,
+    oci_runtime: str,
 ) -> None:
+    if oci_runtime == "gvisor" and shutil.which("runsc") is None:
+        pytest.skip("runsc is not installed")
     began = time.time()
     script = "echo out1; echo err1 >&2; echo out2; sleep 1; echo err2 >&2; printf 'no newline'"
     log = await start(
         runtime, "logs-streams", script, demo_image, tmp_path,
         cgroup_parent=cgroup_parent, logger_path=logger_path, log_max_bytes=1024 * 1024,
+        runtime=oci_runtime,
     )  # fmt: skip
 
     async def running() -> bool:
