@@ -138,6 +138,12 @@ def _start(
     """(file index, offset) of the first record to send."""
     if tail_lines <= 0 and since_unix <= 0:
         return 0, 0
+    if tail_lines <= 0:
+        # Everything is new enough when the oldest record is: no need to scan for the start.
+        files[0].seek(0)
+        first_ts, _ = parser.header(files[0].readline(4096).rstrip(b"\n"))
+        if first_ts >= since_unix:
+            return 0, 0
     seen = 0
     first = True
     for index in range(len(files) - 1, -1, -1):
