@@ -113,3 +113,16 @@ def test_an_ipv6_pod_ip_is_bracketed() -> None:
     assert settings_from_args(args, environ={}).listen == "[fd00::5]:7443"
     args = parse(["--name=a", "--listen=10.0.0.5:7443", "--insecure-no-token"])
     assert settings_from_args(args, environ={}).listen == "10.0.0.5:7443"
+
+
+def test_logger_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parse = build_parser().parse_args
+    s = settings_from_args(parse(["--name=a", "--logger-path=/opt/fsb-logger"]), environ={})
+    assert (s.logger_path, s.log_max_bytes) == (Path("/opt/fsb-logger"), 10 * 1024 * 1024)
+    s = settings_from_args(
+        parse(["--name=a", "--logger-path=none", "--log-max-bytes=1048576"]), environ={}
+    )
+    assert (s.logger_path, s.log_max_bytes) == (None, 1048576)
+    with pytest.raises(SystemExit):
+        parse(["--log-max-bytes=100"])
+    assert "--log-max-bytes" in capsys.readouterr().err

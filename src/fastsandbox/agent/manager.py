@@ -159,6 +159,7 @@ class SandboxManager:
         if not req.image:
             raise InvalidArgument("image: required")
         normalize_image_ref(req.image)  # a bad reference fails before a slot is taken
+        self._log_cap(req.log_max_bytes)  # so does a bad log cap
         # A create runs to its end even when its caller goes away (a control plane killed or
         # timed out mid-call): Status reports a create in flight as a sandbox on its way, and a
         # restarted control plane adopts it on that word; cut off, the create would be rolled
