@@ -45,7 +45,9 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Config, Str
     let mut it = args.into_iter();
     while let Some(key) = it.next() {
         let name = key.trim_start_matches('-').to_string();
-        let value = it.next().ok_or_else(|| format!("argument {key}: missing its value"))?;
+        let value = it
+            .next()
+            .ok_or_else(|| format!("argument {key}: missing its value"))?;
         match name.as_str() {
             "path" => path = Some(PathBuf::from(value)),
             "max-bytes" => {
@@ -58,7 +60,11 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Config, Str
                     .parse()
                     .map_err(|_| format!("max-line {value:?}: not a number of bytes"))?
             }
-            _ => return Err(format!("unknown argument {key:?} (known: path, max-bytes, max-line)")),
+            _ => {
+                return Err(format!(
+                    "unknown argument {key:?} (known: path, max-bytes, max-line)"
+                ))
+            }
         }
     }
     let path = path.ok_or("argument path: required (the log file to write)")?;
@@ -69,7 +75,11 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Config, Str
     // A record must fit in half the cap, or no rotation could keep the total under it.
     let room = (max_bytes / 2) as usize / 4;
     let max_line = max_line.clamp(1, room.max(1));
-    Ok(Config { path, max_bytes, max_line })
+    Ok(Config {
+        path,
+        max_bytes,
+        max_line,
+    })
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`: RFC 3339 in UTC with all nine fraction digits.
@@ -148,7 +158,10 @@ impl LogFile {
         if let Some(dir) = self.path.parent() {
             fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         self.size = file.metadata()?.len();
         self.file = Some(file);
         Ok(())
@@ -169,7 +182,10 @@ impl LogFile {
         if let Err(err) = fs::rename(&self.path, &self.rotated) {
             if err.kind() != io::ErrorKind::NotFound {
                 self.note_error("rotate", &err);
-                OpenOptions::new().write(true).open(&self.path)?.set_len(0)?;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&self.path)?
+                    .set_len(0)?;
             }
         }
         self.reopen()
@@ -269,7 +285,8 @@ impl Logger {
 
     fn record(&mut self, ts: &str, stream: usize, partial: bool, content: &[u8]) {
         let len = content.len() + HEADER_BYTES;
-        if !self.batch.is_empty() && self.file.size + (self.batch.len() + len) as u64 > self.file.half
+        if !self.batch.is_empty()
+            && self.file.size + (self.batch.len() + len) as u64 > self.file.half
         {
             self.flush_batch();
         }

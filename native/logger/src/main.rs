@@ -80,7 +80,11 @@ fn main() -> ExitCode {
             );
         }
     }
-    if config.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(2) }
+    if config.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
 }
 
 fn run(logger: &mut Option<Logger>, mut streams: [Option<File>; 2]) {
@@ -117,7 +121,9 @@ fn run(logger: &mut Option<Logger>, mut streams: [Option<File>; 2]) {
             if fds[i].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL) == 0 {
                 continue;
             }
-            let Some(file) = streams[i].as_mut() else { continue };
+            let Some(file) = streams[i].as_mut() else {
+                continue;
+            };
             match file.read(&mut buf) {
                 Ok(0) => streams[i] = None,
                 Ok(got) => {

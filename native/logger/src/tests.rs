@@ -10,7 +10,8 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("fsb-logger-test-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("fsb-logger-test-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -24,7 +25,11 @@ impl Drop for TempDir {
 }
 
 fn config(dir: &TempDir, max_bytes: u64, max_line: usize) -> Config {
-    Config { path: dir.0.join("sb.log"), max_bytes, max_line }
+    Config {
+        path: dir.0.join("sb.log"),
+        max_bytes,
+        max_line,
+    }
 }
 
 fn read(path: &Path) -> String {
@@ -34,22 +39,49 @@ fn read(path: &Path) -> String {
 #[test]
 fn timestamps_are_rfc3339_utc_with_nanoseconds() {
     assert_eq!(format_timestamp(at(0, 0)), "1970-01-01T00:00:00.000000000Z");
-    assert_eq!(format_timestamp(at(951_782_400, 5)), "2000-02-29T00:00:00.000000005Z");
-    assert_eq!(format_timestamp(at(1_796_158_593, 123_456_789)), "2026-12-01T20:56:33.123456789Z");
-    assert_eq!(format_timestamp(at(4_102_444_799, 999_999_999)), "2099-12-31T23:59:59.999999999Z");
+    assert_eq!(
+        format_timestamp(at(951_782_400, 5)),
+        "2000-02-29T00:00:00.000000005Z"
+    );
+    assert_eq!(
+        format_timestamp(at(1_796_158_593, 123_456_789)),
+        "2026-12-01T20:56:33.123456789Z"
+    );
+    assert_eq!(
+        format_timestamp(at(4_102_444_799, 999_999_999)),
+        "2099-12-31T23:59:59.999999999Z"
+    );
 }
 
 #[test]
 fn args_come_in_any_order_and_are_checked() {
     let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let c = parse_args(args(&["max-bytes", "65536", "path", "/x/sb.log"])).unwrap();
-    assert_eq!(c, Config { path: "/x/sb.log".into(), max_bytes: 65536, max_line: DEFAULT_MAX_LINE / 2 });
+    assert_eq!(
+        c,
+        Config {
+            path: "/x/sb.log".into(),
+            max_bytes: 65536,
+            max_line: DEFAULT_MAX_LINE / 2
+        }
+    );
     let c = parse_args(args(&["--path", "/x/sb.log"])).unwrap();
-    assert_eq!((c.max_bytes, c.max_line), (DEFAULT_MAX_BYTES, DEFAULT_MAX_LINE));
-    assert!(parse_args(args(&["max-bytes", "1"])).unwrap_err().contains("path"));
-    assert!(parse_args(args(&["path", "rel.log"])).unwrap_err().contains("absolute"));
-    assert!(parse_args(args(&["path", "/a", "max-bytes", "ten"])).unwrap_err().contains("max-bytes"));
-    assert!(parse_args(args(&["path", "/a", "colour", "red"])).unwrap_err().contains("colour"));
+    assert_eq!(
+        (c.max_bytes, c.max_line),
+        (DEFAULT_MAX_BYTES, DEFAULT_MAX_LINE)
+    );
+    assert!(parse_args(args(&["max-bytes", "1"]))
+        .unwrap_err()
+        .contains("path"));
+    assert!(parse_args(args(&["path", "rel.log"]))
+        .unwrap_err()
+        .contains("absolute"));
+    assert!(parse_args(args(&["path", "/a", "max-bytes", "ten"]))
+        .unwrap_err()
+        .contains("max-bytes"));
+    assert!(parse_args(args(&["path", "/a", "colour", "red"]))
+        .unwrap_err()
+        .contains("colour"));
     assert!(parse_args(args(&["path"])).unwrap_err().contains("value"));
 }
 
@@ -97,7 +129,10 @@ fn long_and_unfinished_lines_become_partial_records() {
     let dir = TempDir::new("exact");
     let mut logger = Logger::new(&config(&dir, DEFAULT_MAX_BYTES, 4));
     logger.input(STDOUT, b"abcd\n", at(0, 0));
-    assert_eq!(read(&dir.0.join("sb.log")), format!("{} stdout F abcd\n", ts(0)));
+    assert_eq!(
+        read(&dir.0.join("sb.log")),
+        format!("{} stdout F abcd\n", ts(0))
+    );
 }
 
 #[test]
@@ -108,14 +143,21 @@ fn the_cap_holds_and_the_newest_output_is_kept() {
     let path = dir.0.join("sb.log");
     let rotated = dir.0.join("sb.log.1");
     for i in 0..5000 {
-        logger.input(STDOUT, format!("line {i:05} {}\n", "x".repeat(i % 300)).as_bytes(), at(i as u64, 0));
+        logger.input(
+            STDOUT,
+            format!("line {i:05} {}\n", "x".repeat(i % 300)).as_bytes(),
+            at(i as u64, 0),
+        );
         let current = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let older = fs::metadata(&rotated).map(|m| m.len()).unwrap_or(0);
         assert!(current <= cap / 2, "{current} > half the cap");
         assert!(current + older <= cap);
     }
     let text = read(&rotated) + &read(&path);
-    assert!(text.ends_with(&format!("F line 04999 {}\n", "x".repeat(4999 % 300))), "newest line kept");
+    assert!(
+        text.ends_with(&format!("F line 04999 {}\n", "x".repeat(4999 % 300))),
+        "newest line kept"
+    );
     assert!(text.contains("line 04999 "));
     assert!(!text.contains("line 00000 "), "oldest output dropped");
     // Every kept record is whole, and they are in order.
@@ -124,8 +166,14 @@ fn the_cap_holds_and_the_newest_output_is_kept() {
         .filter(|l| !l.contains(" P "))
         .filter_map(|l| l.split(' ').nth(4).and_then(|n| n.parse().ok()))
         .collect();
-    assert!(numbers.windows(2).all(|w| w[0] + 1 == w[1] || w[1] == w[0]), "{numbers:?}");
-    assert!(fs::metadata(&rotated).unwrap().len() > cap / 4, "the older half is not wasted");
+    assert!(
+        numbers.windows(2).all(|w| w[0] + 1 == w[1] || w[1] == w[0]),
+        "{numbers:?}"
+    );
+    assert!(
+        fs::metadata(&rotated).unwrap().len() > cap / 4,
+        "the older half is not wasted"
+    );
 }
 
 #[test]
@@ -146,7 +194,9 @@ fn a_failing_write_drops_and_counts_then_says_so() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(lines[0].ends_with("stdout F before"));
-    assert!(lines[1].contains(&format!("stderr F fsb-logger: {lost} bytes of output were dropped")));
+    assert!(lines[1].contains(&format!(
+        "stderr F fsb-logger: {lost} bytes of output were dropped"
+    )));
     assert!(lines[2].ends_with("stdout F after"));
     assert_eq!(logger.file.dropped_total, lost);
 }
@@ -156,7 +206,11 @@ fn an_unwritable_directory_still_lets_output_drain() {
     let dir = TempDir::new("nodir");
     // A file where the directory should be: every open fails.
     fs::write(dir.0.join("blocker"), b"").unwrap();
-    let c = Config { path: dir.0.join("blocker").join("sb.log"), max_bytes: 65536, max_line: 1024 };
+    let c = Config {
+        path: dir.0.join("blocker").join("sb.log"),
+        max_bytes: 65536,
+        max_line: 1024,
+    };
     let mut logger = Logger::new(&c);
     logger.input(STDOUT, b"nowhere\n", at(0, 0));
     assert!(logger.file.dropped_total > 0);
