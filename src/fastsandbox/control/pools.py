@@ -1,10 +1,9 @@
-"""Pools: their records, their agents, and the agents' heartbeats.
+"""Pools: their records and their agents.
 
 `PoolManager` sizes every pool by what `pool_planner.plan` says (agents to start, to drain, to
-stop) from a snapshot of the pool's agents and its pending demand, polls each agent's Status
-every heartbeat interval, all agents concurrently, so one slow agent never delays another's
-heartbeat and placement never waits on any of it, and writes the pool's status (agents, slots,
-cached images) when it changes.
+stop) from a snapshot of the pool's agents and its pending demand, and writes the pool's status
+(agents, slots, cached images) when it changes. The agents' heartbeats are `heartbeats`'s; the
+manager owns them (and shares its drains with them) so callers keep one entry point.
 
 Draining is the agent's to enforce, not only this registry's: every control-plane replica
 places sandboxes, and only the leader's pool loop drains. So a drain cordons the agent (it
@@ -43,8 +42,9 @@ from fastsandbox.api.models import (
 from fastsandbox.api.phases import condition
 from fastsandbox.control import pool_planner
 from fastsandbox.control.agent_client import AgentClients
+from fastsandbox.control.heartbeats import AgentHeartbeats
 from fastsandbox.control.pool_planner import AgentView, Plan
-from fastsandbox.control.registry import AgentRecord, Registry, SandboxReport
+from fastsandbox.control.registry import AgentRecord, Registry
 from fastsandbox.errors import Conflict, FsbError, InvalidArgument, NotFound, Unavailable
 from fastsandbox.fleet.base import AgentFleet, AgentHandle
 from fastsandbox.store.base import ObjectStore
@@ -122,6 +122,14 @@ class PoolManager:
         # With several control-plane replicas: hands demand noted here on to the leader, whose
         # pool loop is the one that scales (`replica_sync`).
         self.on_demand: Callable[[str, str, str], None] | None = None
+        self.heartbeats = AgentHeartbeats(
+            registry,
+            agents,
+            heartbeat_seconds=heartbeat_seconds,
+            drains=self._drains,
+            poke=self.poke,
+            on_ready=self._agent_ready,
+        )
 
     def _event(self, kind: str, agent: AgentRecord) -> None:
         self.events.append(PoolEvent(time.time(), kind, agent.namespace, agent.pool, agent.name))
@@ -142,87 +150,19 @@ class PoolManager:
 
     @property
     def _call_timeout(self) -> float:
-        return max(self.heartbeat_seconds * 2, 2.0)
+        return self.heartbeats.call_timeout
 
     async def heartbeat(self, agent: AgentRecord) -> None:
-        asked = time.monotonic()
-        try:
-            status = await self.agents.get(agent.target).status(timeout=self._call_timeout)
-        except FsbError as exc:
-            if agent.ready:
-                log.warning("agent unreachable", extra={"agent": agent.name, "err": str(exc)})
-            self.registry.mark_unready(agent.name)
-            return
-        if not agent.ready:
-            log.info("agent ready", extra={"agent": agent.name, "ip": agent.ip})
-            self._event("ready", agent)
-        agent.capacity = status.capacity or agent.capacity
-        agent.agent_slots = status.used_slots
-        # A Status asked before our last Cordon call answered may predate it.
-        if asked >= agent.cordon_changed_at:
-            self._observe_cordon(agent, status.cordoned)
-        self.registry.heartbeat(
-            agent.name,
-            images=status.images,
-            reports={
-                st.sandbox_id: SandboxReport(st.exited, st.exit_code, st.reason)
-                for st in status.sandboxes
-            },
-        )
-
-    def _observe_cordon(self, agent: AgentRecord, cordoned: bool) -> None:
-        was, agent.cordoned = agent.cordoned, cordoned
-        if cordoned:
-            if not agent.draining:
-                # Drained by the leader (another replica, or this one in an earlier term).
-                log.info("agent is draining", extra={"agent": agent.name, "pool": agent.pool})
-            agent.draining = True
-        elif agent.name in self._drains:
-            # Not cordoned yet, or restarted since (an agent starts uncordoned): the next pass
-            # cordons it; placement here skips it meanwhile.
-            if was:
-                log.info(
-                    "draining agent lost its cordon; cordoning it again",
-                    extra={"agent": agent.name},
-                )
-            self.poke()
-        elif agent.draining:
-            log.info("agent takes sandboxes again", extra={"agent": agent.name})
-            agent.draining = False
+        await self.heartbeats.heartbeat(agent)
 
     async def wait_ready(self, agent: AgentRecord, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.registry.get_agent(agent.name) is not agent:
-                return False
-            await self.heartbeat(agent)
-            if agent.ready:
-                return True
-            await asyncio.sleep(0.1)
-        return False
+        return await self.heartbeats.wait_ready(agent, timeout)
 
     async def heartbeat_loop(self) -> None:
-        """One beating task per agent, so a slow or hung agent (whose Status times out) never
-        delays another agent's heartbeat; tasks follow agents as they are registered/removed."""
-        beats: dict[str, asyncio.Task[None]] = {}
-        try:
-            while True:
-                names = {a.name for a in self.registry.agents()}
-                for name in names - beats.keys():
-                    beats[name] = asyncio.create_task(self._beat(name), name=f"beat-{name}")
-                for name in [n for n, t in beats.items() if n not in names or t.done()]:
-                    beats.pop(name).cancel()
-                await asyncio.sleep(min(self.heartbeat_seconds, 1.0))
-        finally:
-            for task in beats.values():
-                task.cancel()
-            await asyncio.gather(*beats.values(), return_exceptions=True)
+        await self.heartbeats.loop()
 
-    async def _beat(self, name: str) -> None:
-        while (agent := self.registry.get_agent(name)) is not None:
-            started = time.monotonic()
-            await self.heartbeat(agent)
-            await asyncio.sleep(max(self.heartbeat_seconds - (time.monotonic() - started), 0.0))
+    def _agent_ready(self, agent: AgentRecord) -> None:
+        self._event("ready", agent)
 
     # -- demand ------------------------------------------------------------------------------
     def note_demand(self, namespace: str, pool: str, key: str) -> None:
