@@ -393,14 +393,44 @@ async def test_demand_scales_up_and_idle_agents_drain_back(env: Env) -> None:
     assert env.agents() == [placed[2].status.assigned_agent]
 
 
-async def test_capacity_exhausted_is_immediate_and_a_retry_succeeds(env: Env) -> None:
+def new_sandbox(name: str) -> Sandbox:
+    return Sandbox(metadata=ObjectMeta(name=name), spec=SandboxSpec(image=IMG, pool_ref="p"))
+
+
+async def test_a_create_that_finds_the_pool_full_waits_for_its_new_agent(env: Env) -> None:
+    first = await env.plane.sandboxes.create(new_sandbox("first"), CreateOptions())
+    assert first.status.timings is not None and first.status.timings.scaled_ms is None
+    # No retry here: the create itself waits while the pool starts its second agent.
+    second = await env.plane.sandboxes.create(new_sandbox("second"), CreateOptions())
+    assert second.status.phase is SandboxPhase.RUNNING
+    assert second.status.timings is not None and second.status.timings.scaled_ms is not None
+    assert second.status.assigned_agent != first.status.assigned_agent
+    assert len(env.agents()) == 2 and len(env.fleet.started) == 2
+    await env.plane.sandboxes.create(new_sandbox("third"), CreateOptions())
+    # poolMax (3) reached, every slot taken: refused at once, naming the command that helps.
+    with pytest.raises(CapacityExhausted, match=r"is full .*`fsb pool scale p --min 1 --max 4`"):
+        await env.plane.sandboxes.create(new_sandbox("fourth"), CreateOptions())
+    assert len(env.agents()) == 3
+
+
+async def test_concurrent_creates_on_a_full_pool_start_one_agent_each(env: Env) -> None:
+    await env.plane.sandboxes.create(new_sandbox("first"), CreateOptions())
+    made = await asyncio.gather(
+        *(env.plane.sandboxes.create(new_sandbox(n), CreateOptions()) for n in ("b", "c"))
+    )
+    assert len({sb.status.assigned_agent for sb in made}) == 2
+    await asyncio.sleep(0.5)  # a few passes: nothing more is started for them
+    assert len(env.agents()) == 3 and len(env.fleet.started) == 3
+
+
+async def test_a_wait_that_runs_out_is_refused_and_the_pool_still_grows(env: Env) -> None:
     await env.create("first")
-    sb = Sandbox(metadata=ObjectMeta(name="second"), spec=SandboxSpec(image=IMG, pool_ref="p"))
-    with pytest.raises(CapacityExhausted):
-        await env.plane.sandboxes.create(sb, CreateOptions())
-    env.plane.pools.note_demand("default", "p", "second")
-    env.plane.pools.note_demand("default", "p", "second")  # the same request counts once
+    env.plane.sandboxes.scale_wait_seconds = 0.0
+    with pytest.raises(CapacityExhausted, match="starting an agent"):
+        await env.plane.sandboxes.create(new_sandbox("second"), CreateOptions())
+    # Its demand stays noted: the agent it asked for comes, and a retry finds room.
     await eventually(lambda: len(env.agents()) == 2)
+    env.plane.pools.note_demand("default", "p", "second")  # the same request counts once
     await asyncio.sleep(0.5)
     assert len(env.agents()) == 2
     await env.create("second")

@@ -197,6 +197,8 @@ class Timings(_Model):
     accepted_ms: float = 0.0
     scheduled_ms: float | None = None
     runtime_ready_ms: float | None = None
+    # How long the create waited for its pool to start an agent (None: it found room at once).
+    scaled_ms: float | None = None
 
 
 class SandboxStatus(_Model):

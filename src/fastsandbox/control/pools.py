@@ -37,6 +37,7 @@ from fastsandbox.api.models import (
     Sandbox,
     SandboxPhase,
     SandboxPool,
+    SandboxPoolSpec,
     SlotCounts,
 )
 from fastsandbox.api.phases import condition
@@ -45,13 +46,22 @@ from fastsandbox.control.agent_client import AgentClients
 from fastsandbox.control.heartbeats import AgentHeartbeats
 from fastsandbox.control.pool_planner import AgentView, Plan
 from fastsandbox.control.registry import AgentRecord, Registry
-from fastsandbox.errors import Conflict, FsbError, InvalidArgument, NotFound, Unavailable
+from fastsandbox.errors import (
+    CapacityExhausted,
+    Conflict,
+    FsbError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from fastsandbox.fleet.base import AgentFleet, AgentHandle
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
 AGENT_POOL_LABEL = "fastsandbox.io/pool"
+# How often a create waiting for room looks at its pool again between agents becoming Ready.
+ROOM_TICK_SECONDS = 0.25
 # The Scheduled condition's reason while a sandbox finds no free slot (set by the lifecycle).
 UNSCHEDULABLE = "Unschedulable"
 
@@ -122,6 +132,10 @@ class PoolManager:
         # With several control-plane replicas: hands demand noted here on to the leader, whose
         # pool loop is the one that scales (`replica_sync`).
         self.on_demand: Callable[[str, str, str], None] | None = None
+        # Set (and replaced) whenever an agent becomes Ready: creates waiting for room wake.
+        self._room = asyncio.Event()
+        # (namespace, pool) -> (time.monotonic() read, spec) for waiting creates.
+        self._specs: dict[tuple[str, str], tuple[float, SandboxPoolSpec]] = {}
         self.heartbeats = AgentHeartbeats(
             registry,
             agents,
@@ -163,6 +177,9 @@ class PoolManager:
 
     def _agent_ready(self, agent: AgentRecord) -> None:
         self._event("ready", agent)
+        # Wake the creates waiting for room (`wait_for_room`).
+        self._room.set()
+        self._room = asyncio.Event()
 
     # -- demand ------------------------------------------------------------------------------
     def note_demand(self, namespace: str, pool: str, key: str) -> None:
@@ -177,6 +194,77 @@ class PoolManager:
         self.poke()
         if self.on_demand is not None:
             self.on_demand(namespace, pool, key)
+
+    async def wait_for_room(
+        self, namespace: str, pool: str, key: str, until: float, why: str
+    ) -> None:
+        """`SandboxService.wait_for_room`: a create (`key`) found no free slot in the pool.
+
+        Notes its demand (once: the pool loop wakes now and starts an agent, or, on a follower,
+        the leader's does), then returns when the pool may have room — an agent became Ready, or
+        a short tick passed (a slot given back, another replica's agent) — so the caller tries
+        again. Raises `CapacityExhausted` when the pool cannot grow (poolMax agents, none of
+        them starting), naming the command that raises poolMax, or at `until` (monotonic).
+        """
+        spec = await self._spec(namespace, pool)
+        noted = self._demand.get((namespace, pool), {}).get(key, 0.0)
+        if noted <= time.monotonic():
+            self.note_demand(namespace, pool, key)
+        full = self._cannot_grow(namespace, pool, spec, why)
+        if full is not None:
+            raise CapacityExhausted(full)
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            raise CapacityExhausted(
+                f"{why} (pool {namespace}/{pool} is starting an agent, not ready in time; "
+                "retry in a moment)"
+            )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(remaining, ROOM_TICK_SECONDS)):
+                await self._room.wait()
+
+    async def _spec(self, namespace: str, pool: str) -> SandboxPoolSpec:
+        """The pool's spec as of at most ROOM_TICK_SECONDS ago (one store read per tick per
+        pool, however many creates wait)."""
+        key = (namespace, pool)
+        cached = self._specs.get(key)
+        if cached is not None and time.monotonic() - cached[0] < ROOM_TICK_SECONDS:
+            return cached[1]
+        spec = (await self.store.get(SandboxPool, namespace, pool)).spec
+        self._specs[key] = (time.monotonic(), spec)
+        return spec
+
+    def _cannot_grow(
+        self, namespace: str, pool: str, spec: SandboxPoolSpec, why: str
+    ) -> str | None:
+        """None while the pool may still get room for one more sandbox without anyone's help;
+        otherwise why not (the refusal's message)."""
+        key = (namespace, pool)
+        if self._launching.get(key) or self._starting.get(key):
+            return None
+        agents = self.registry.agents(namespace, pool)
+        active = [a for a in agents if not a.draining]
+        # Registered, never heard from: still starting (on a follower: the leader's start).
+        if any(not a.ready and a.last_heartbeat == 0 for a in active):
+            return None
+        if len(active) < spec.capacity.pool_max:
+            return None
+        if any(a.draining and a.ready and len(a.slots) < a.capacity for a in agents):
+            return None  # the pool loop takes a draining agent back when it is needed
+        ready = [a for a in active if a.ready]
+        if any(len(a.slots) < a.capacity for a in ready):
+            return why  # room, but not for this request (its ports)
+        total = sum(a.capacity for a in ready)
+        used = sum(len(a.slots) for a in ready)
+        cap = spec.capacity
+        command = f"fsb pool scale {pool} --min {cap.pool_min} --max {cap.pool_max + 1}"
+        if namespace != "default":
+            command += f" -n {namespace}"
+        return (
+            f"pool {namespace}/{pool} is full ({used} of {total} slots in use on "
+            f"{len(active)} of poolMax {cap.pool_max} agents); delete a sandbox or raise "
+            f"its poolMax: `{command}`"
+        )
 
     def _pending(
         self, key: tuple[str, str], sandboxes: list[Sandbox], agents: list[AgentRecord]
@@ -214,8 +302,11 @@ class PoolManager:
                     await self.reconcile_all(wait=False)
                 except FsbError:
                     log.exception("pool reconcile failed")
+                # Not `wait_for`: on 3.11 it can swallow a cancel that lands as the event is
+                # set (a poke during shutdown), and the loop would never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), interval)
+                    async with asyncio.timeout(interval):
+                        await self._wake.wait()
         finally:
             await self.close()
 

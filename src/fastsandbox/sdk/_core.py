@@ -553,6 +553,7 @@ def create_result(resp: fastpath_pb2.CreateResponse) -> CreateResult:
             accepted_ms=resp.timings.accepted_ms,
             scheduled_ms=resp.timings.scheduled_ms or None,
             runtime_ready_ms=resp.timings.runtime_ready_ms or None,
+            scaled_ms=resp.timings.scaled_ms or None,
         )
     return CreateResult(
         name=resp.name or obj.metadata.name,
