@@ -28,7 +28,7 @@ from fastsandbox.api.models import ObjectMeta, PoolCapacity, SandboxPool, Sandbo
 from fastsandbox.control.fastpath.auth import load_or_create_token
 from fastsandbox.control.fastpath.serve import start_fastpath
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
-from fastsandbox.errors import AlreadyExists, Conflict, NotFound, Unavailable
+from fastsandbox.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
 from fastsandbox.fleet.local import LocalFleet
 from fastsandbox.janitor.containerd import ContainerdLeftovers
 from fastsandbox.janitor.embedded import EmbeddedKnownState
@@ -117,6 +117,22 @@ async def ensure_default_pool(store: ObjectStore) -> None:
             pass
 
 
+def check_local_pool(pool: SandboxPool) -> None:
+    """Fields only agents as Pods honour (`fsb controller`): refused here, where agents are
+    processes of this server, instead of stored and silently ignored."""
+    spec = pool.spec
+    if spec.agent_resources.cpu or spec.agent_resources.memory:
+        raise InvalidArgument(
+            "spec.agentResources: only agents run as Kubernetes Pods (fsb controller) take "
+            "resources; fsb server runs agents as processes: leave it unset"
+        )
+    if spec.agent_template is not None:
+        raise InvalidArgument(
+            "spec.agentTemplate: a Pod template applies only to agents run as Kubernetes Pods "
+            "(fsb controller); fsb server runs agents as processes: leave it unset"
+        )
+
+
 def _lock_data_dir(data_dir: Path) -> IO[str]:
     """One server per data dir: two would both adopt the same agents and containers."""
     lock = open(data_dir / "server.lock", "w")  # noqa: SIM115 - held for the server's life
@@ -196,6 +212,7 @@ async def run(
         log=settings.log,
     )
     plane = ControlPlane(store, fleet, PlaneSettings.of(settings))
+    plane.pools.check_pool = check_local_pool
     server: grpc.aio.Server | None = None
     janitor_tasks = TaskSet()
     janitor_clients: list[ContainerdRuntime | ContainerdLeftovers] = []

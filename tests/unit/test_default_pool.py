@@ -1,9 +1,22 @@
-"""The embedded server's default pool is sized from the machine (`server.default_pool_spec`)."""
+"""The embedded server's pools: the default one sized from the machine
+(`server.default_pool_spec`), and no pool field stored only to be ignored."""
 
 from __future__ import annotations
 
+import json
+import re
+
+import pytest
+
 from fastsandbox.api.models import ObjectMeta, PoolCapacity, SandboxPool, SandboxPoolSpec
-from fastsandbox.server import DEFAULT_POOL, default_pool_spec, ensure_default_pool
+from fastsandbox.control.fastpath.service import pool_from_json
+from fastsandbox.errors import InvalidArgument
+from fastsandbox.server import (
+    DEFAULT_POOL,
+    check_local_pool,
+    default_pool_spec,
+    ensure_default_pool,
+)
 from fastsandbox.store.memory import MemoryStore
 
 GIB = 1024**3
@@ -47,3 +60,26 @@ async def test_the_old_fixed_default_is_resized_and_a_changed_one_kept() -> None
         assert kept.spec.capacity == PoolCapacity(pool_min=2, pool_max=2)
     finally:
         await store.close()
+
+
+# ------------------------------------------------------------- no setting that does nothing
+
+
+def test_warm_slots_are_refused_naming_the_field() -> None:
+    with pytest.raises(InvalidArgument, match=r"spec\.warmSlots: .*not supported yet"):
+        pool_from_json('{"metadata": {"name": "w"}, "spec": {"warmSlots": 2}}')
+    assert pool_from_json('{"metadata": {"name": "w"}, "spec": {"warmSlots": 0}}')
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"agentResources": {"cpu": "1"}}, "spec.agentResources"),
+        ({"agentTemplate": {"spec": {}}}, "spec.agentTemplate"),
+    ],
+)
+def test_the_embedded_server_refuses_pod_only_fields(spec: dict[str, object], field: str) -> None:
+    pool = pool_from_json(json.dumps({"metadata": {"name": "k"}, "spec": spec}))
+    with pytest.raises(InvalidArgument, match=re.escape(field)):
+        check_local_pool(pool)
+    check_local_pool(pool_from_json('{"metadata": {"name": "k"}}'))

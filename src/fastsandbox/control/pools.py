@@ -132,6 +132,9 @@ class PoolManager:
         # With several control-plane replicas: hands demand noted here on to the leader, whose
         # pool loop is the one that scales (`replica_sync`).
         self.on_demand: Callable[[str, str, str], None] | None = None
+        # The composition root's check of fields its fleet cannot honour (raises
+        # InvalidArgument naming the field), run on every pool create and update.
+        self.check_pool: Callable[[SandboxPool], None] | None = None
         # Set (and replaced) whenever an agent becomes Ready: creates waiting for room wake.
         self._room = asyncio.Event()
         # (namespace, pool) -> (time.monotonic() read, spec) for waiting creates.
@@ -573,6 +576,8 @@ class PoolManager:
 
     # -- API ---------------------------------------------------------------------------------
     async def create(self, pool: SandboxPool) -> SandboxPool:
+        if self.check_pool is not None:
+            self.check_pool(pool)
         stored = await self.store.create(pool)
         self.poke()
         return stored
@@ -592,6 +597,8 @@ class PoolManager:
         """Replace the pool's spec. A non-empty `metadata.resourceVersion` must match the stored
         one (`Conflict` otherwise); an empty one replaces whatever is stored."""
         ns, name = pool.metadata.namespace, pool.metadata.name
+        if self.check_pool is not None:
+            self.check_pool(pool)
         current = await self.store.get(SandboxPool, ns, name)
         if current.metadata.deletion_timestamp is not None:
             raise Conflict(f"pool {ns}/{name} is being deleted")
