@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastsandbox import __version__
+
 
 def default_data_dir() -> Path:
     """`~/.local/share/fastsandbox`, or `$XDG_DATA_HOME/fastsandbox`."""
@@ -94,7 +96,7 @@ class ControllerSettings(SandboxDefaults):
     token: str | None = None
     """API token; None reads Secret `fastsandbox-api-token` (key `token`) in `namespace`,
     creating it with a random token when it does not exist (every replica reads the same)."""
-    agent_image: str = "fastsandbox/fastsandbox:0.1.0"
+    agent_image: str = f"fastsandbox/fastsandbox:{__version__}"
     """Image of the agent Pods (its entrypoint runs `fsb agent`)."""
     identity: str | None = None
     """This replica's name in the Lease; None: `<hostname>-<random>` (unique per process)."""

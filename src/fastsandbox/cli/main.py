@@ -60,6 +60,22 @@ class _Group(TyperGroup):
             raise typer.Exit(code) from None
 
 
+def _version(value: bool) -> None:
+    if value:
+        from fastsandbox import __version__
+
+        typer.echo(f"fsb {__version__}")
+        raise typer.Exit()
+
+
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Fast Sandbox: isolated containers running in milliseconds."""
+
+
 def build_app() -> typer.Typer:
     app = typer.Typer(
         cls=_Group,
@@ -70,6 +86,7 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
+    app.callback()(_root)
     app.command("run", no_args_is_help=True)(run.run)
     app.command("get", no_args_is_help=True)(get.get)
     app.command("describe", no_args_is_help=True)(describe_cmd.describe)
