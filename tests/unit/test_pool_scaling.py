@@ -29,6 +29,7 @@ from fastsandbox.api.phases import set_condition
 from fastsandbox.control.agent_client import AgentClients
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.control.pool_planner import AgentView, Plan, plan
+from fastsandbox.control.pool_planner import no_room as plan_no_room
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.registry import AgentRecord, Registry
 from fastsandbox.control.sandboxes import CreateOptions
@@ -784,3 +785,35 @@ def test_apply_updates_only_the_mutable_fields_given(
     assert list(req.remove_labels) == ["app"]
     assert req.failure_policy == "AutoRecreate"
     assert not req.HasField("recovery_timeout_seconds")
+
+
+# ---------------------------------------------------------------- no_room: wait or refuse
+
+
+def _no_room(agents: list[AgentView], *, starting: bool = False, ns: str = "default") -> str | None:
+    return plan_no_room(
+        spec(1, 2, 2), agents, namespace=ns, pool="p", starting=starting, why="placement's"
+    )
+
+
+def test_no_room_waits_while_the_pool_may_still_grow() -> None:
+    full = AgentView("a", "", 2, used=2, ready=True)
+    assert _no_room([full]) is None  # below poolMax: the pool starts an agent
+    assert _no_room([full, AgentView("b", "", 2)]) is None  # b is still starting
+    assert _no_room([full, full], starting=True) is None
+    taken_back = AgentView("c", "", 2, ready=True, draining=True)
+    assert _no_room([full, replace(full, name="b"), taken_back]) is None
+
+
+def test_no_room_refuses_at_pool_max_naming_the_command() -> None:
+    full = [AgentView("a", "", 2, used=2, ready=True), AgentView("b", "", 2, used=2, ready=True)]
+    message = _no_room(full)
+    assert message is not None
+    assert "is full (4 of 4 slots in use on 2 of poolMax 2 agents)" in message
+    assert message.endswith("`fsb pool scale p --min 1 --max 3`")
+    assert (_no_room(full, ns="team") or "").endswith("--max 3 -n team`")
+    # A free slot that placement could not use (its ports): placement's reason stands.
+    assert _no_room([full[0], AgentView("b", "", 2, used=1, ready=True)]) == "placement's"
+    # A lost agent counts towards poolMax and brings no room.
+    lost = AgentView("b", "", 2, lost=True)
+    assert _no_room([full[0], lost]) is not None

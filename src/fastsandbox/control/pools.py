@@ -210,10 +210,18 @@ class PoolManager:
         them starting), naming the command that raises poolMax, or at `until` (monotonic).
         """
         spec = await self._spec(namespace, pool)
-        noted = self._demand.get((namespace, pool), {}).get(key, 0.0)
+        noted = self._demand.get((namespace, pool), {}).get(key, 0.0)  # lapses at
         if noted <= time.monotonic():
             self.note_demand(namespace, pool, key)
-        full = self._cannot_grow(namespace, pool, spec, why)
+        which = (namespace, pool)
+        full = pool_planner.no_room(
+            spec,
+            [self._view(a) for a in self.registry.agents(namespace, pool)],
+            namespace=namespace,
+            pool=pool,
+            starting=bool(self._launching.get(which) or self._starting.get(which)),
+            why=why,
+        )
         if full is not None:
             raise CapacityExhausted(full)
         remaining = until - time.monotonic()
@@ -236,38 +244,6 @@ class PoolManager:
         spec = (await self.store.get(SandboxPool, namespace, pool)).spec
         self._specs[key] = (time.monotonic(), spec)
         return spec
-
-    def _cannot_grow(
-        self, namespace: str, pool: str, spec: SandboxPoolSpec, why: str
-    ) -> str | None:
-        """None while the pool may still get room for one more sandbox without anyone's help;
-        otherwise why not (the refusal's message)."""
-        key = (namespace, pool)
-        if self._launching.get(key) or self._starting.get(key):
-            return None
-        agents = self.registry.agents(namespace, pool)
-        active = [a for a in agents if not a.draining]
-        # Registered, never heard from: still starting (on a follower: the leader's start).
-        if any(not a.ready and a.last_heartbeat == 0 for a in active):
-            return None
-        if len(active) < spec.capacity.pool_max:
-            return None
-        if any(a.draining and a.ready and len(a.slots) < a.capacity for a in agents):
-            return None  # the pool loop takes a draining agent back when it is needed
-        ready = [a for a in active if a.ready]
-        if any(len(a.slots) < a.capacity for a in ready):
-            return why  # room, but not for this request (its ports)
-        total = sum(a.capacity for a in ready)
-        used = sum(len(a.slots) for a in ready)
-        cap = spec.capacity
-        command = f"fsb pool scale {pool} --min {cap.pool_min} --max {cap.pool_max + 1}"
-        if namespace != "default":
-            command += f" -n {namespace}"
-        return (
-            f"pool {namespace}/{pool} is full ({used} of {total} slots in use on "
-            f"{len(active)} of poolMax {cap.pool_max} agents); delete a sandbox or raise "
-            f"its poolMax: `{command}`"
-        )
 
     def _pending(
         self, key: tuple[str, str], sandboxes: list[Sandbox], agents: list[AgentRecord]
