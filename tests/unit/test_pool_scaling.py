@@ -817,3 +817,15 @@ def test_no_room_refuses_at_pool_max_naming_the_command() -> None:
     # A lost agent counts towards poolMax and brings no room.
     lost = AgentView("b", "", 2, lost=True)
     assert _no_room([full[0], lost]) is not None
+
+
+async def test_a_create_before_the_pools_first_agent_is_ready_waits_for_it(env: Env) -> None:
+    """What a create sent the moment `fsb server` says `ready` finds if the pool's first agent
+    is not up yet: no agent at all. It waits for it instead of failing."""
+    await env.plane.pools.create(SandboxPool(metadata=ObjectMeta(name="fresh"), spec=spec(1, 2, 1)))
+    assert env.plane.registry.agents("default", "fresh") == []
+    sb = Sandbox(metadata=ObjectMeta(name="early"), spec=SandboxSpec(image=IMG, pool_ref="fresh"))
+    made = await env.plane.sandboxes.create(sb, CreateOptions())
+    assert made.status.phase is SandboxPhase.RUNNING
+    assert made.status.timings is not None and made.status.timings.scaled_ms is not None
+    await env.plane.sandboxes.delete("default", "early", wait=True)
