@@ -28,7 +28,7 @@ from fastsandbox.api.models import ObjectMeta, PoolCapacity, SandboxPool, Sandbo
 from fastsandbox.control.fastpath.auth import load_or_create_token
 from fastsandbox.control.fastpath.serve import start_fastpath
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
-from fastsandbox.errors import AlreadyExists, NotFound, Unavailable
+from fastsandbox.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
 from fastsandbox.fleet.local import LocalFleet
 from fastsandbox.janitor.containerd import ContainerdLeftovers
 from fastsandbox.janitor.embedded import EmbeddedKnownState
@@ -46,21 +46,91 @@ DEFAULT_POOL = "default-pool"
 FIFO_DIR = Path("/run/containerd/fifo")
 
 
+# The default pool's agents each run this many sandboxes: one agent is one asyncio process, and
+# 16 keeps its create queue short while four agents cover 64 sandboxes.
+DEFAULT_POOL_PER_AGENT = 16
+# Sandboxes the default pool serves at least, whatever the machine.
+DEFAULT_POOL_MIN_SLOTS = 64
+# Per core and per memory: an idle sandbox costs a containerd shim and its supervisor (~10 MiB);
+# 64 MiB each leaves room for what runs inside. The larger machine gets the larger pool.
+SLOTS_PER_CPU = 32
+MEMORY_PER_SLOT = 64 * 1024 * 1024
+# What the default pool was before it was sized from the machine: an untouched one is resized.
+_OLD_DEFAULT = SandboxPoolSpec(
+    capacity=PoolCapacity(pool_min=1, pool_max=1), max_sandboxes_per_agent=5
+)
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def default_pool_spec(cpus: int | None = None, memory_bytes: int | None = None) -> SandboxPoolSpec:
+    """One agent always (poolMin 1); poolMax so that poolMax x 16 slots cover
+    max(64, min(32 per core, one per 64 MiB of memory)): 4 agents (64 slots) on 2 cores, 16
+    agents (256) on 8 cores with 16 GiB. Agents beyond the first start on demand and drain
+    back when idle."""
+    cpus = cpus or os.cpu_count() or 1
+    memory = _memory_bytes() if memory_bytes is None else memory_bytes
+    by_machine = SLOTS_PER_CPU * cpus
+    if memory:
+        by_machine = min(by_machine, memory // MEMORY_PER_SLOT)
+    slots = max(DEFAULT_POOL_MIN_SLOTS, by_machine)
+    return SandboxPoolSpec(
+        capacity=PoolCapacity(pool_min=1, pool_max=-(-slots // DEFAULT_POOL_PER_AGENT)),
+        max_sandboxes_per_agent=DEFAULT_POOL_PER_AGENT,
+    )
+
+
 async def ensure_default_pool(store: ObjectStore) -> None:
     try:
-        await store.get(SandboxPool, "default", DEFAULT_POOL)
+        current = await store.get(SandboxPool, "default", DEFAULT_POOL)
     except NotFound:
         pool = SandboxPool(
             metadata=ObjectMeta(name=DEFAULT_POOL, namespace="default"),
-            spec=SandboxPoolSpec(
-                capacity=PoolCapacity(pool_min=1, pool_max=1), max_sandboxes_per_agent=5
-            ),
+            spec=default_pool_spec(),
         )
         try:
             await store.create(pool)
-            log.info("created the default pool", extra={"pool": DEFAULT_POOL})
+            cap = pool.spec.capacity
+            log.info(
+                "created the default pool",
+                extra={
+                    "pool": DEFAULT_POOL,
+                    "agents": f"{cap.pool_min}..{cap.pool_max}",
+                    "per_agent": pool.spec.max_sandboxes_per_agent,
+                },
+            )
         except AlreadyExists:
             pass
+        return
+    if current.spec == _OLD_DEFAULT:
+        # Made by an earlier version with its fixed 1 x 5 size, never changed since.
+        current.spec = default_pool_spec()
+        try:
+            await store.update(current)
+            log.info("resized the default pool to the machine", extra={"pool": DEFAULT_POOL})
+        except Conflict:
+            pass
+
+
+def check_local_pool(pool: SandboxPool) -> None:
+    """Fields only agents as Pods honour (`fsb controller`): refused here, where agents are
+    processes of this server, instead of stored and silently ignored."""
+    spec = pool.spec
+    if spec.agent_resources.cpu or spec.agent_resources.memory:
+        raise InvalidArgument(
+            "spec.agentResources: only agents run as Kubernetes Pods (fsb controller) take "
+            "resources; fsb server runs agents as processes: leave it unset"
+        )
+    if spec.agent_template is not None:
+        raise InvalidArgument(
+            "spec.agentTemplate: a Pod template applies only to agents run as Kubernetes Pods "
+            "(fsb controller); fsb server runs agents as processes: leave it unset"
+        )
 
 
 def _lock_data_dir(data_dir: Path) -> IO[str]:
@@ -142,6 +212,7 @@ async def run(
         log=settings.log,
     )
     plane = ControlPlane(store, fleet, PlaneSettings.of(settings))
+    plane.pools.check_pool = check_local_pool
     server: grpc.aio.Server | None = None
     janitor_tasks = TaskSet()
     janitor_clients: list[ContainerdRuntime | ContainerdLeftovers] = []

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from fastsandbox import __version__
 from fastsandbox.api.models import DEFAULT_LOG_MAX_BYTES
 
 # Defaults more than one command or client needs, each spelled here once (a unit test,
@@ -111,7 +112,7 @@ class ControllerSettings(SandboxDefaults):
     token: str | None = None
     """API token; None reads Secret `fastsandbox-api-token` (key `token`) in `namespace`,
     creating it with a random token when it does not exist (every replica reads the same)."""
-    agent_image: str = "fastsandbox/fastsandbox:0.1.0"
+    agent_image: str = f"fastsandbox/fastsandbox:{__version__}"
     """Image of the agent Pods (its entrypoint runs `fsb agent`)."""
     identity: str | None = None
     """This replica's name in the Lease; None: `<hostname>-<random>` (unique per process)."""

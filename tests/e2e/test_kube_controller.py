@@ -233,29 +233,29 @@ def test_two_replicas_admit_exactly_the_capacity(kube_server: KubeServer, demo_i
 
 
 def test_demand_on_a_follower_scales_the_pool(kube_server: KubeServer, demo_image: str) -> None:
-    """A create refused on a follower (the CLI's replica) still grows the pool: the leader, whose
-    pool loop is the one that scales, gets the demand through the pool's annotation."""
+    """A create on a follower (the CLI's replica) that finds the pool full waits while the pool
+    grows: the leader, whose pool loop is the one that scales, gets the demand through the pool's
+    annotation, and the follower places the create once it sees the new agent."""
     assert kube_server.leader() != 0
     pool = "grow"
     made = kube_server.fsb("pool", "create", pool, "--min", "1", "--max", "2", "--per-agent", "1")
     assert made.returncode == 0, made.stderr
-    names = ["grow-a", "grow-b"]
+    names = ["grow-a", "grow-b", "grow-c"]
     try:
         wait_pool_ready(kube_server, pool, agents=1)
         first = kube_server.fsb("run", names[0], "--image", demo_image, "--pool", pool, *SLEEP)
         assert first.returncode == 0, first.stderr
-        refused = kube_server.fsb("run", names[1], "--image", demo_image, "--pool", pool, *SLEEP)
-        assert refused.returncode == 5, refused.stderr
-        deadline = time.monotonic() + 60
-        while True:
-            again = kube_server.fsb("run", names[1], "--image", demo_image, "--pool", pool, *SLEEP)
-            if again.returncode == 0:
-                break
-            assert again.returncode == 5, again.stderr
-            assert time.monotonic() < deadline, "the pool never grew"
-            time.sleep(0.5)
-        agents = {kube_server.fsb_json("get", n)["status"]["assignedAgent"] for n in names}
+        second = kube_server.fsb(
+            "run", names[1], "--image", demo_image, "--pool", pool, "-o", "json", *SLEEP
+        )
+        assert second.returncode == 0, second.stderr
+        assert json.loads(second.stdout)["status"]["timings"].get("scaledMs") is not None
+        agents = {kube_server.fsb_json("get", n)["status"]["assignedAgent"] for n in names[:2]}
         assert len(agents) == 2
+        # Now at poolMax with every slot taken: refused at once, naming the command.
+        third = kube_server.fsb("run", "grow-c", "--image", demo_image, "--pool", pool, *SLEEP)
+        assert third.returncode == 5, third.stderr
+        assert f"fsb pool scale {pool} --min 1 --max 3" in third.stderr, third.stderr
     finally:
         for name in names:
             kube_server.fsb("delete", name, "--wait")

@@ -29,6 +29,7 @@ from fastsandbox.api.phases import set_condition
 from fastsandbox.control.agent_client import AgentClients
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.control.pool_planner import AgentView, Plan, plan
+from fastsandbox.control.pool_planner import no_room as plan_no_room
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.registry import AgentRecord, Registry
 from fastsandbox.control.sandboxes import CreateOptions
@@ -393,14 +394,44 @@ async def test_demand_scales_up_and_idle_agents_drain_back(env: Env) -> None:
     assert env.agents() == [placed[2].status.assigned_agent]
 
 
-async def test_capacity_exhausted_is_immediate_and_a_retry_succeeds(env: Env) -> None:
+def new_sandbox(name: str) -> Sandbox:
+    return Sandbox(metadata=ObjectMeta(name=name), spec=SandboxSpec(image=IMG, pool_ref="p"))
+
+
+async def test_a_create_that_finds_the_pool_full_waits_for_its_new_agent(env: Env) -> None:
+    first = await env.plane.sandboxes.create(new_sandbox("first"), CreateOptions())
+    assert first.status.timings is not None and first.status.timings.scaled_ms is None
+    # No retry here: the create itself waits while the pool starts its second agent.
+    second = await env.plane.sandboxes.create(new_sandbox("second"), CreateOptions())
+    assert second.status.phase is SandboxPhase.RUNNING
+    assert second.status.timings is not None and second.status.timings.scaled_ms is not None
+    assert second.status.assigned_agent != first.status.assigned_agent
+    assert len(env.agents()) == 2 and len(env.fleet.started) == 2
+    await env.plane.sandboxes.create(new_sandbox("third"), CreateOptions())
+    # poolMax (3) reached, every slot taken: refused at once, naming the command that helps.
+    with pytest.raises(CapacityExhausted, match=r"is full .*`fsb pool scale p --min 1 --max 4`"):
+        await env.plane.sandboxes.create(new_sandbox("fourth"), CreateOptions())
+    assert len(env.agents()) == 3
+
+
+async def test_concurrent_creates_on_a_full_pool_start_one_agent_each(env: Env) -> None:
+    await env.plane.sandboxes.create(new_sandbox("first"), CreateOptions())
+    made = await asyncio.gather(
+        *(env.plane.sandboxes.create(new_sandbox(n), CreateOptions()) for n in ("b", "c"))
+    )
+    assert len({sb.status.assigned_agent for sb in made}) == 2
+    await asyncio.sleep(0.5)  # a few passes: nothing more is started for them
+    assert len(env.agents()) == 3 and len(env.fleet.started) == 3
+
+
+async def test_a_wait_that_runs_out_is_refused_and_the_pool_still_grows(env: Env) -> None:
     await env.create("first")
-    sb = Sandbox(metadata=ObjectMeta(name="second"), spec=SandboxSpec(image=IMG, pool_ref="p"))
-    with pytest.raises(CapacityExhausted):
-        await env.plane.sandboxes.create(sb, CreateOptions())
-    env.plane.pools.note_demand("default", "p", "second")
-    env.plane.pools.note_demand("default", "p", "second")  # the same request counts once
+    env.plane.sandboxes.scale_wait_seconds = 0.0
+    with pytest.raises(CapacityExhausted, match="starting an agent"):
+        await env.plane.sandboxes.create(new_sandbox("second"), CreateOptions())
+    # Its demand stays noted: the agent it asked for comes, and a retry finds room.
     await eventually(lambda: len(env.agents()) == 2)
+    env.plane.pools.note_demand("default", "p", "second")  # the same request counts once
     await asyncio.sleep(0.5)
     assert len(env.agents()) == 2
     await env.create("second")
@@ -754,3 +785,47 @@ def test_apply_updates_only_the_mutable_fields_given(
     assert list(req.remove_labels) == ["app"]
     assert req.failure_policy == "AutoRecreate"
     assert not req.HasField("recovery_timeout_seconds")
+
+
+# ---------------------------------------------------------------- no_room: wait or refuse
+
+
+def _no_room(agents: list[AgentView], *, starting: bool = False, ns: str = "default") -> str | None:
+    return plan_no_room(
+        spec(1, 2, 2), agents, namespace=ns, pool="p", starting=starting, why="placement's"
+    )
+
+
+def test_no_room_waits_while_the_pool_may_still_grow() -> None:
+    full = AgentView("a", "", 2, used=2, ready=True)
+    assert _no_room([full]) is None  # below poolMax: the pool starts an agent
+    assert _no_room([full, AgentView("b", "", 2)]) is None  # b is still starting
+    assert _no_room([full, full], starting=True) is None
+    taken_back = AgentView("c", "", 2, ready=True, draining=True)
+    assert _no_room([full, replace(full, name="b"), taken_back]) is None
+
+
+def test_no_room_refuses_at_pool_max_naming_the_command() -> None:
+    full = [AgentView("a", "", 2, used=2, ready=True), AgentView("b", "", 2, used=2, ready=True)]
+    message = _no_room(full)
+    assert message is not None
+    assert "is full (4 of 4 slots in use on 2 of poolMax 2 agents)" in message
+    assert message.endswith("`fsb pool scale p --min 1 --max 3`")
+    assert (_no_room(full, ns="team") or "").endswith("--max 3 -n team`")
+    # A free slot that placement could not use (its ports): placement's reason stands.
+    assert _no_room([full[0], AgentView("b", "", 2, used=1, ready=True)]) == "placement's"
+    # A lost agent counts towards poolMax and brings no room.
+    lost = AgentView("b", "", 2, lost=True)
+    assert _no_room([full[0], lost]) is not None
+
+
+async def test_a_create_before_the_pools_first_agent_is_ready_waits_for_it(env: Env) -> None:
+    """What a create sent the moment `fsb server` says `ready` finds if the pool's first agent
+    is not up yet: no agent at all. It waits for it instead of failing."""
+    await env.plane.pools.create(SandboxPool(metadata=ObjectMeta(name="fresh"), spec=spec(1, 2, 1)))
+    assert env.plane.registry.agents("default", "fresh") == []
+    sb = Sandbox(metadata=ObjectMeta(name="early"), spec=SandboxSpec(image=IMG, pool_ref="fresh"))
+    made = await env.plane.sandboxes.create(sb, CreateOptions())
+    assert made.status.phase is SandboxPhase.RUNNING
+    assert made.status.timings is not None and made.status.timings.scaled_ms is not None
+    await env.plane.sandboxes.delete("default", "early", wait=True)

@@ -286,15 +286,16 @@ async def test_demand_refused_on_a_follower_scales_the_pool_on_the_leader(
         await follower.start_serving()
         await eventually(lambda: ready_agents(follower) == 1)
         await follower.sandboxes.create(sandbox("one"), CreateOptions())
-        with pytest.raises(CapacityExhausted):
-            await follower.sandboxes.create(sandbox("two"), CreateOptions())
-        follower.pools.note_demand("default", "p", "two")  # what the Fast-Path does then
-        await eventually(lambda: ready_agents(leader) == 2)
-        await eventually(lambda: ready_agents(follower) == 2)
-        again = await follower.sandboxes.create(sandbox("two"), CreateOptions())
-        assert again.status.phase is SandboxPhase.RUNNING
+        # The follower's create waits: its demand reaches the leader through the pool's
+        # annotation, the leader starts an agent, the follower learns it from the fleet.
+        two = await follower.sandboxes.create(sandbox("two"), CreateOptions())
+        assert two.status.phase is SandboxPhase.RUNNING
+        assert two.status.timings is not None and two.status.timings.scaled_ms is not None
+        assert ready_agents(leader) == 2
         pool = await store.get(SandboxPool, "default", "p")
         assert "fastsandbox.io/demand" not in pool.metadata.annotations  # consumed
+        with pytest.raises(CapacityExhausted, match=r"is full .*fsb pool scale p"):
+            await follower.sandboxes.create(sandbox("three"), CreateOptions())
     finally:
         await follower.close()
         await leader.close()

@@ -1,6 +1,6 @@
 """The CustomResourceDefinitions for `Sandbox` and `SandboxPool`, generated from the models.
 
-DESIGN.md D2: the pydantic models are the one source of API truth, so the OpenAPI schemas the
+The pydantic models are the one source of API truth, so the OpenAPI schemas the
 apiserver validates with are derived from them here and never written by hand. pydantic's JSON
 schema is close to what Kubernetes wants but not the same: a CRD schema must be *structural*
 (every node typed, no `$ref`, no `anyOf` for optionals, no `additionalProperties` beside
@@ -104,6 +104,7 @@ _VALIDATOR_SCHEMAS: dict[Any, dict[str, Any] | None] = {
     _func(models.SandboxSpec._absolute): {"pattern": "^(/|$)"},
     _func(models.SandboxSpec._policy): None,
     _func(models.SandboxPoolSpec._runtime): None,
+    _func(models.SandboxPoolSpec._no_warm_slots): {"maximum": 0},
     _func(models.PoolCapacity._ordered): {
         "x-kubernetes-validations": [
             {

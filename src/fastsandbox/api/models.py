@@ -270,6 +270,8 @@ class Timings(_Model):
     runtime_ready_ms: float | None = None
     pulled_ms: float | None = None
     """Time the agent spent pulling the image for this create (unset when it was cached)."""
+    # How long the create waited for its pool to start an agent (None: it found room at once).
+    scaled_ms: float | None = None
 
 
 class SandboxStatus(_Model):
@@ -342,7 +344,16 @@ class SandboxPoolSpec(_Model):
     agent_version: str = ""
     rolling_update: RollingUpdate = Field(default_factory=RollingUpdate)
     prewarm_images: list[RequiredStr] = Field(default_factory=list)
+    # Reserved: refused unless 0 until warm slots exist (the CRD says `maximum: 0` too), so
+    # that nobody sets a number that does nothing.
     warm_slots: int = Field(default=0, ge=0)
+
+    @field_validator("warm_slots")
+    @classmethod
+    def _no_warm_slots(cls, value: int) -> int:
+        if value:
+            raise ValueError("warm slots are not supported yet; leave it unset (0)")
+        return value
 
     @field_validator("runtime", mode="before")
     @classmethod

@@ -25,8 +25,25 @@ from fastsandbox.cli.commands import reset as reset_cmd
 from fastsandbox.cli.commands import update as update_cmd
 
 
+def _version(value: bool) -> None:
+    if value:
+        from fastsandbox import __version__
+
+        typer.echo(f"fsb {__version__}")
+        raise typer.Exit()
+
+
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Fast Sandbox: isolated containers running in milliseconds."""
+
+
 def build_app() -> typer.Typer:
     app = seam.typer_app()
+    app.callback()(_root)
     app.command("run", no_args_is_help=True)(run.run)
     app.command("get", no_args_is_help=True)(get.get)
     app.command("describe", no_args_is_help=True)(describe_cmd.describe)

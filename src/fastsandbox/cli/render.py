@@ -139,6 +139,7 @@ def timings_text(timings: Mapping[str, Any] | None) -> str:
         ("scheduledMs", "scheduled"),
         ("runtimeReadyMs", "runtime ready"),
         ("pulledMs", "of which pulling the image"),
+        ("scaledMs", "waited for a new agent"),
     ):
         if timings.get(key) is not None:
             parts.append(f"{label} {float(timings[key]):.1f} ms")
@@ -164,6 +165,7 @@ def created(result: CreateResult) -> None:
                         "scheduledMs": t.scheduled_ms,
                         "runtimeReadyMs": t.runtime_ready_ms,
                         "pulledMs": t.pulled_ms,
+                        "scaledMs": t.scaled_ms,
                     }
                 ),
             ),

@@ -54,6 +54,9 @@ class PlaneSettings:
     shared_agents: bool = False
     """Other control-plane replicas use the same agents and store (the Kubernetes controller):
     learn their agents from the fleet and their slots from the store's records."""
+    scale_wait_seconds: float = 60.0
+    """How long a create that finds its pool full waits for the pool to start an agent (while
+    the pool is below poolMax) before it is refused."""
     agent_sync_seconds: float = 2.0
     """With `shared_agents`, how often the fleet is listed for agents other replicas started."""
     creator_grace_seconds: float = 10.0
@@ -91,6 +94,7 @@ class ControlPlane:
             grace_seconds=settings.delete_grace_seconds,
             default_cpu=settings.default_cpu,
             default_memory=settings.default_memory,
+            scale_wait_seconds=settings.scale_wait_seconds,
         )
         self.pools = PoolManager(
             store,
@@ -99,6 +103,7 @@ class ControlPlane:
             self.clients,
             heartbeat_seconds=settings.heartbeat_seconds,
         )
+        self.sandboxes.wait_for_room = self.pools.wait_for_room
         self.lifecycle = SandboxLifecycle(
             self.sandboxes, expired_retention_seconds=settings.expired_retention_seconds
         )

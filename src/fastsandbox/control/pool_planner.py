@@ -20,6 +20,9 @@
   `desired - maxUnavailable` active agents stay Ready — with the default `maxUnavailable=0` the
   surge agent is Ready before any old one drains. An old agent that still holds sandboxes stays
   (draining) until they end; sandboxes are never moved.
+- Room for a create that found none (`no_room`): the create waits while the pool may still get
+  a free slot by itself (an agent starting, fewer than poolMax agents, a draining agent to take
+  back), and is refused otherwise, with the command that raises poolMax.
 """
 
 from __future__ import annotations
@@ -227,3 +230,40 @@ def _roll(
         if counts:
             may_lose -= 1
     return start, drain
+
+
+def no_room(
+    spec: SandboxPoolSpec,
+    agents: Sequence[AgentView],
+    *,
+    namespace: str,
+    pool: str,
+    starting: bool,
+    why: str,
+) -> str | None:
+    """None while the pool may still get a free slot without anyone's help (`starting`: an
+    agent start is in flight); otherwise why not, the create's refusal (`why`: placement's own
+    reason, kept when slots are free but not for this request, e.g. its ports)."""
+    if starting:
+        return None
+    active = [a for a in agents if not a.draining]
+    # Registered, never heard from: still starting (on a follower: the leader's start).
+    if any(not a.ready and not a.lost for a in active):
+        return None
+    cap = spec.capacity
+    if len(active) < cap.pool_max:
+        return None
+    if any(a.draining and a.ready and a.free > 0 for a in agents):
+        return None  # the pool loop takes a draining agent back when it is needed
+    ready = [a for a in active if a.ready]
+    if any(a.free > 0 for a in ready):
+        return why
+    total = sum(a.capacity for a in ready)
+    used = sum(max(a.used, a.agent_used) for a in ready)
+    command = f"fsb pool scale {pool} --min {cap.pool_min} --max {cap.pool_max + 1}"
+    if namespace != "default":
+        command += f" -n {namespace}"
+    return (
+        f"pool {namespace}/{pool} is full ({used} of {total} slots in use on {len(active)} of "
+        f"poolMax {cap.pool_max} agents); delete a sandbox or raise its poolMax: `{command}`"
+    )

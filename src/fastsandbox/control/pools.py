@@ -1,10 +1,9 @@
-"""Pools: their records, their agents, and the agents' heartbeats.
+"""Pools: their records and their agents.
 
 `PoolManager` sizes every pool by what `pool_planner.plan` says (agents to start, to drain, to
-stop) from a snapshot of the pool's agents and its pending demand, polls each agent's Status
-every heartbeat interval, all agents concurrently, so one slow agent never delays another's
-heartbeat and placement never waits on any of it, and writes the pool's status (agents, slots,
-cached images) when it changes.
+stop) from a snapshot of the pool's agents and its pending demand, and writes the pool's status
+(agents, slots, cached images) when it changes. The agents' heartbeats are `heartbeats`'s; the
+manager owns them (and shares its drains with them) so callers keep one entry point.
 
 Draining is the agent's to enforce, not only this registry's: every control-plane replica
 places sandboxes, and only the leader's pool loop drains. So a drain cordons the agent (it
@@ -39,20 +38,31 @@ from fastsandbox.api.models import (
     Sandbox,
     SandboxPhase,
     SandboxPool,
+    SandboxPoolSpec,
     SlotCounts,
 )
 from fastsandbox.api.phases import condition
 from fastsandbox.control import pool_planner
 from fastsandbox.control.agent_client import AgentClients
+from fastsandbox.control.heartbeats import AgentHeartbeats
 from fastsandbox.control.pool_planner import AgentView, Plan
-from fastsandbox.control.registry import AgentRecord, Registry, SandboxReport
-from fastsandbox.errors import Conflict, FsbError, InvalidArgument, NotFound, Unavailable
+from fastsandbox.control.registry import AgentRecord, Registry
+from fastsandbox.errors import (
+    CapacityExhausted,
+    Conflict,
+    FsbError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from fastsandbox.fleet.base import AgentFleet, AgentHandle
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
 AGENT_POOL_LABEL = labels.POOL_LABEL
+# How often a create waiting for room looks at its pool again between agents becoming Ready.
+ROOM_TICK_SECONDS = 0.25
 # The Scheduled condition's reason while a sandbox finds no free slot (set by the lifecycle).
 UNSCHEDULABLE = "Unschedulable"
 
@@ -123,6 +133,21 @@ class PoolManager:
         # With several control-plane replicas: hands demand noted here on to the leader, whose
         # pool loop is the one that scales (`replica_sync`).
         self.on_demand: Callable[[str, str, str], None] | None = None
+        # The composition root's check of fields its fleet cannot honour (raises
+        # InvalidArgument naming the field), run on every pool create and update.
+        self.check_pool: Callable[[SandboxPool], None] | None = None
+        # Set (and replaced) whenever an agent becomes Ready: creates waiting for room wake.
+        self._room = asyncio.Event()
+        # (namespace, pool) -> (time.monotonic() read, spec) for waiting creates.
+        self._specs: dict[tuple[str, str], tuple[float, SandboxPoolSpec]] = {}
+        self.heartbeats = AgentHeartbeats(
+            registry,
+            agents,
+            heartbeat_seconds=heartbeat_seconds,
+            drains=self._drains,
+            poke=self.poke,
+            on_ready=self._agent_ready,
+        )
 
     def _event(self, kind: str, agent: AgentRecord) -> None:
         self.events.append(PoolEvent(time.time(), kind, agent.namespace, agent.pool, agent.name))
@@ -143,87 +168,22 @@ class PoolManager:
 
     @property
     def _call_timeout(self) -> float:
-        return max(self.heartbeat_seconds * 2, 2.0)
+        return self.heartbeats.call_timeout
 
     async def heartbeat(self, agent: AgentRecord) -> None:
-        asked = time.monotonic()
-        try:
-            status = await self.agents.get(agent.target).status(timeout=self._call_timeout)
-        except FsbError as exc:
-            if agent.ready:
-                log.warning("agent unreachable", extra={"agent": agent.name, "err": str(exc)})
-            self.registry.mark_unready(agent.name)
-            return
-        if not agent.ready:
-            log.info("agent ready", extra={"agent": agent.name, "ip": agent.ip})
-            self._event("ready", agent)
-        agent.capacity = status.capacity or agent.capacity
-        agent.agent_slots = status.used_slots
-        # A Status asked before our last Cordon call answered may predate it.
-        if asked >= agent.cordon_changed_at:
-            self._observe_cordon(agent, status.cordoned)
-        self.registry.heartbeat(
-            agent.name,
-            images=status.images,
-            reports={
-                st.sandbox_id: SandboxReport(st.exited, st.exit_code, st.reason)
-                for st in status.sandboxes
-            },
-        )
-
-    def _observe_cordon(self, agent: AgentRecord, cordoned: bool) -> None:
-        was, agent.cordoned = agent.cordoned, cordoned
-        if cordoned:
-            if not agent.draining:
-                # Drained by the leader (another replica, or this one in an earlier term).
-                log.info("agent is draining", extra={"agent": agent.name, "pool": agent.pool})
-            agent.draining = True
-        elif agent.name in self._drains:
-            # Not cordoned yet, or restarted since (an agent starts uncordoned): the next pass
-            # cordons it; placement here skips it meanwhile.
-            if was:
-                log.info(
-                    "draining agent lost its cordon; cordoning it again",
-                    extra={"agent": agent.name},
-                )
-            self.poke()
-        elif agent.draining:
-            log.info("agent takes sandboxes again", extra={"agent": agent.name})
-            agent.draining = False
+        await self.heartbeats.heartbeat(agent)
 
     async def wait_ready(self, agent: AgentRecord, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.registry.get_agent(agent.name) is not agent:
-                return False
-            await self.heartbeat(agent)
-            if agent.ready:
-                return True
-            await asyncio.sleep(0.1)
-        return False
+        return await self.heartbeats.wait_ready(agent, timeout)
 
     async def heartbeat_loop(self) -> None:
-        """One beating task per agent, so a slow or hung agent (whose Status times out) never
-        delays another agent's heartbeat; tasks follow agents as they are registered/removed."""
-        beats: dict[str, asyncio.Task[None]] = {}
-        try:
-            while True:
-                names = {a.name for a in self.registry.agents()}
-                for name in names - beats.keys():
-                    beats[name] = asyncio.create_task(self._beat(name), name=f"beat-{name}")
-                for name in [n for n, t in beats.items() if n not in names or t.done()]:
-                    beats.pop(name).cancel()
-                await asyncio.sleep(min(self.heartbeat_seconds, 1.0))
-        finally:
-            for task in beats.values():
-                task.cancel()
-            await asyncio.gather(*beats.values(), return_exceptions=True)
+        await self.heartbeats.loop()
 
-    async def _beat(self, name: str) -> None:
-        while (agent := self.registry.get_agent(name)) is not None:
-            started = time.monotonic()
-            await self.heartbeat(agent)
-            await asyncio.sleep(max(self.heartbeat_seconds - (time.monotonic() - started), 0.0))
+    def _agent_ready(self, agent: AgentRecord) -> None:
+        self._event("ready", agent)
+        # Wake the creates waiting for room (`wait_for_room`).
+        self._room.set()
+        self._room = asyncio.Event()
 
     # -- demand ------------------------------------------------------------------------------
     def note_demand(self, namespace: str, pool: str, key: str) -> None:
@@ -238,6 +198,53 @@ class PoolManager:
         self.poke()
         if self.on_demand is not None:
             self.on_demand(namespace, pool, key)
+
+    async def wait_for_room(
+        self, namespace: str, pool: str, key: str, until: float, why: str
+    ) -> None:
+        """`SandboxService.wait_for_room`: a create (`key`) found no free slot in the pool.
+
+        Notes its demand (once: the pool loop wakes now and starts an agent, or, on a follower,
+        the leader's does), then returns when the pool may have room — an agent became Ready, or
+        a short tick passed (a slot given back, another replica's agent) — so the caller tries
+        again. Raises `CapacityExhausted` when the pool cannot grow (poolMax agents, none of
+        them starting), naming the command that raises poolMax, or at `until` (monotonic).
+        """
+        spec = await self._spec(namespace, pool)
+        noted = self._demand.get((namespace, pool), {}).get(key, 0.0)  # lapses at
+        if noted <= time.monotonic():
+            self.note_demand(namespace, pool, key)
+        which = (namespace, pool)
+        full = pool_planner.no_room(
+            spec,
+            [self._view(a) for a in self.registry.agents(namespace, pool)],
+            namespace=namespace,
+            pool=pool,
+            starting=bool(self._launching.get(which) or self._starting.get(which)),
+            why=why,
+        )
+        if full is not None:
+            raise CapacityExhausted(full)
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            raise CapacityExhausted(
+                f"{why} (pool {namespace}/{pool} is starting an agent, not ready in time; "
+                "retry in a moment)"
+            )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(remaining, ROOM_TICK_SECONDS)):
+                await self._room.wait()
+
+    async def _spec(self, namespace: str, pool: str) -> SandboxPoolSpec:
+        """The pool's spec as of at most ROOM_TICK_SECONDS ago (one store read per tick per
+        pool, however many creates wait)."""
+        key = (namespace, pool)
+        cached = self._specs.get(key)
+        if cached is not None and time.monotonic() - cached[0] < ROOM_TICK_SECONDS:
+            return cached[1]
+        spec = (await self.store.get(SandboxPool, namespace, pool)).spec
+        self._specs[key] = (time.monotonic(), spec)
+        return spec
 
     def _pending(
         self, key: tuple[str, str], sandboxes: list[Sandbox], agents: list[AgentRecord]
@@ -275,8 +282,11 @@ class PoolManager:
                     await self.reconcile_all(wait=False)
                 except FsbError:
                     log.exception("pool reconcile failed")
+                # Not `wait_for`: on 3.11 it can swallow a cancel that lands as the event is
+                # set (a poke during shutdown), and the loop would never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), interval)
+                    async with asyncio.timeout(interval):
+                        await self._wake.wait()
         finally:
             await self.close()
 
@@ -543,6 +553,8 @@ class PoolManager:
 
     # -- API ---------------------------------------------------------------------------------
     async def create(self, pool: SandboxPool) -> SandboxPool:
+        if self.check_pool is not None:
+            self.check_pool(pool)
         stored = await self.store.create(pool)
         self.poke()
         return stored
@@ -562,6 +574,8 @@ class PoolManager:
         """Replace the pool's spec. A non-empty `metadata.resourceVersion` must match the stored
         one (`Conflict` otherwise); an empty one replaces whatever is stored."""
         ns, name = pool.metadata.namespace, pool.metadata.name
+        if self.check_pool is not None:
+            self.check_pool(pool)
         current = await self.store.get(SandboxPool, ns, name)
         if current.metadata.deletion_timestamp is not None:
             raise Conflict(f"pool {ns}/{name} is being deleted")

@@ -12,6 +12,11 @@ different sandboxes proceed in parallel.
 - Deletion goes through the `fastsandbox.io/cleanup` finalizer: the slot and ports are released
   only after the agent confirmed the container is gone; an agent error keeps the finalizer and
   the reconciler retries.
+- A create that finds its pool full while the pool may still grow waits for the new agent
+  (bounded by `scale_wait_seconds` and the caller's deadline; `wait_for_room`, the pool loop's,
+  notes the demand, so the first such create starts the agent) and its timings say how long
+  (`scaledMs`). It is refused (RESOURCE_EXHAUSTED) only when the pool cannot grow any more or
+  the wait runs out.
 Nothing is left half-made: a failure after the slot was taken releases it (and removes the
 container when it was started), and a Strong-mode record that could not be placed is removed.
 """
@@ -76,6 +81,8 @@ class CreateOptions:
     request_hash: str = ""
     # time.perf_counter() when the request arrived; timings are measured from here.
     arrived: float = 0.0
+    # time.monotonic() the caller stops waiting at (its gRPC deadline); None: no deadline.
+    deadline: float | None = None
 
 
 def request_hash(canonical_json: str) -> str:
@@ -140,6 +147,7 @@ class SandboxService:
         default_cpu: str,
         default_memory: str,
         events: EventRecorder | None = None,
+        scale_wait_seconds: float = 60.0,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -159,6 +167,11 @@ class SandboxService:
         # that finds no room asks once before refusing: another replica may have just started
         # the agent.
         self.refresh_agents: Callable[[str, str], Awaitable[bool]] | None = None
+        # `PoolManager.wait_for_room` (namespace, pool, request key, until, why): returns once
+        # the pool may have room, raises CapacityExhausted when it cannot grow or at `until`.
+        # None: a create that finds no room is refused at once.
+        self.wait_for_room: Callable[[str, str, str, float, str], Awaitable[None]] | None = None
+        self.scale_wait_seconds = scale_wait_seconds
 
     # -- index -----------------------------------------------------------------------------
     async def load(self) -> list[Sandbox]:
@@ -208,17 +221,20 @@ class SandboxService:
             if sb.spec.lease_seconds:
                 # Persisted with the record, so a restarted control plane re-arms the lease.
                 sb.status.lease_expire_time = now() + timedelta(seconds=sb.spec.lease_seconds)
+            until = time.monotonic() + self.scale_wait_seconds
+            if opts.deadline is not None:
+                until = min(until, opts.deadline)
             if opts.mode is ConsistencyMode.STRONG:
                 sb.status.phase = SandboxPhase.PENDING
                 sb.status.timings = timings
                 stored = await self.store.create(sb)
                 try:
-                    stored = await self._start(stored, opts.arrived, timings)
+                    stored = await self._start(stored, opts.arrived, timings, until=until)
                 except BaseException:
                     await self._discard_record(stored)
                     raise
             else:
-                stored = await self._start_fast(sb, opts.arrived, timings)
+                stored = await self._start_fast(sb, opts.arrived, timings, until)
             self.remember(stored)
             return stored
 
@@ -256,8 +272,10 @@ class SandboxService:
                 "or pass --pool"
             ) from None
 
-    async def _start_fast(self, sb: Sandbox, arrived: float, timings: Timings) -> Sandbox:
-        allocation, state = await self._place(sb, arrived, timings)
+    async def _start_fast(
+        self, sb: Sandbox, arrived: float, timings: Timings, until: float
+    ) -> Sandbox:
+        allocation, state = await self._place(sb, arrived, timings, until=until)
         timings.runtime_ready_ms = _ms(arrived)
         self.mark_running(sb, allocation, state, timings)
         try:
@@ -292,9 +310,13 @@ class SandboxService:
             await asyncio.shield(self._discard_record(stored))
             raise
 
-    async def _start(self, stored: Sandbox, arrived: float, timings: Timings) -> Sandbox:
-        """Place and start a sandbox whose record already exists (Strong mode, declarative)."""
-        allocation, state = await self._place(stored, arrived, timings)
+    async def _start(
+        self, stored: Sandbox, arrived: float, timings: Timings, *, until: float | None = None
+    ) -> Sandbox:
+        """Place and start a sandbox whose record already exists (Strong mode, declarative).
+        With `until`, a full pool that may still grow is waited for (a create's caller); the
+        reconciler passes none: its records wait as Unschedulable instead."""
+        allocation, state = await self._place(stored, arrived, timings, until=until)
         timings.runtime_ready_ms = _ms(arrived)
         self.mark_running(stored, allocation, state, timings)
         try:
@@ -320,30 +342,48 @@ class SandboxService:
         )
 
     async def _place(
-        self, sb: Sandbox, arrived: float, timings: Timings
+        self, sb: Sandbox, arrived: float, timings: Timings, *, until: float | None = None
     ) -> tuple[Allocation, agent_pb2.SandboxState]:
         """Take a slot and start the container there. An agent that refuses for capacity is
         skipped for the next candidate: its own count is the truth, and ours lags behind creates
         made meanwhile by other control-plane replicas (Kubernetes) or unknown orphans. When no
-        candidate is left, the last refusal is the answer (RESOURCE_EXHAUSTED)."""
+        candidate is left, the pool is waited for (with `until`, while it may grow), and
+        otherwise the last refusal is the answer (RESOURCE_EXHAUSTED)."""
+        ns, pool = sb.metadata.namespace, sb.spec.pool_ref
         refused: set[str] = set()
         last: CapacityExhausted | None = None
         refreshed = self.refresh_agents is None
         # Before a slot is taken: a limit above the pool's maximum is refused with nothing made.
         limits = await self.limits(sb)
+        waited_from: float | None = None
         while True:
             try:
                 allocation = self._allocate(sb, exclude=refused)
-            except CapacityExhausted:
+            except CapacityExhausted as exc:
                 if not refreshed:
                     refreshed = True
                     assert self.refresh_agents is not None
-                    if await self.refresh_agents(sb.metadata.namespace, sb.spec.pool_ref):
+                    if await self.refresh_agents(ns, pool):
                         continue
-                if last is not None:
-                    raise last from None
-                raise
+                answer = last or exc
+                if until is None or self.wait_for_room is None:
+                    raise answer from None
+                if waited_from is None:
+                    waited_from = time.perf_counter()
+                    log.info(
+                        "pool has no free slot; waiting for it to grow",
+                        extra={"sandbox": f"{ns}/{sb.metadata.name}", "pool": pool},
+                    )
+                await self.wait_for_room(ns, pool, sb.metadata.name, until, answer.message)
+                # Room may have come anywhere: agents that refused are asked again, and with
+                # replicas the fleet is listed again (at most every REFRESH_SPACING).
+                refused.clear()
+                last = None
+                refreshed = self.refresh_agents is None
+                continue
             timings.scheduled_ms = _ms(arrived)
+            if waited_from is not None:
+                timings.scaled_ms = _ms(waited_from)
             try:
                 state = await self._run_on_agent(sb, allocation, limits)
                 if state.pulled_ms:

@@ -558,6 +558,7 @@ def create_result(resp: fastpath_pb2.CreateResponse) -> CreateResult:
             scheduled_ms=resp.timings.scheduled_ms or None,
             runtime_ready_ms=resp.timings.runtime_ready_ms or None,
             pulled_ms=resp.timings.pulled_ms or None,
+            scaled_ms=resp.timings.scaled_ms or None,
         )
     return CreateResult(
         name=resp.name or obj.metadata.name,

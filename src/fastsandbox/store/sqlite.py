@@ -1,6 +1,6 @@
 """`SqliteStore`: the embedded default `ObjectStore`, one SQLite file in WAL mode.
 
-Why SQLite: one machine needs no cluster (DESIGN.md D3), and a single file under the data dir
+Why SQLite: one machine needs no cluster, and a single file under the data dir
 is trivially backed up and inspected (`sqlite3 state.db 'select * from objects'`).
 
 Layout: `objects` holds one row per object (its JSON body plus the key and resourceVersion

@@ -105,6 +105,15 @@ def sandbox_from_request(req: fastpath_pb2.CreateRequest) -> Sandbox:
     return Sandbox(metadata=meta, spec=parsed)
 
 
+def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    """time.monotonic() a little before the caller's gRPC deadline (None without one), so a
+    create waiting for its pool answers RESOURCE_EXHAUSTED instead of DEADLINE_EXCEEDED."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return time.monotonic() + max(remaining - 0.5, 0.0)
+
+
 def pool_from_json(text: str, namespace: str | None = None) -> SandboxPool:
     try:
         data = json.loads(text)
@@ -158,12 +167,13 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
                 idempotency_key=request.idempotency_key,
                 request_hash=request_hash(json.dumps(fingerprint, sort_keys=True)),
                 arrived=arrived,
+                deadline=_deadline(context),
             )
             try:
                 return await self.sandboxes.create(sb, opts)
             except CapacityExhausted:
-                # Still an immediate RESOURCE_EXHAUSTED; the pool scales up in the background
-                # so that a retry succeeds.
+                # The pool cannot grow or the wait for it ran out: RESOURCE_EXHAUSTED; demand
+                # stays noted, so a pool still growing has room for a retry.
                 self.pools.note_demand(sb.metadata.namespace, sb.spec.pool_ref, sb.metadata.name)
                 raise
 
@@ -191,6 +201,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
                 scheduled_ms=(timings.scheduled_ms or 0) if timings else 0,
                 runtime_ready_ms=(timings.runtime_ready_ms or 0) if timings else 0,
                 pulled_ms=(timings.pulled_ms or 0) if timings else 0,
+                scaled_ms=(timings.scaled_ms or 0) if timings else 0,
             ),
             object_json=_json(sb),
         )
