@@ -62,11 +62,11 @@ class Running:
 def start(logger_bin: Path, tmp_path: Path) -> Iterator[object]:
     started: list[Running] = []
 
-    def run(max_bytes: int = 10 * 1024 * 1024) -> Running:
+    def run(max_bytes: int = 10 * 1024 * 1024, path: Path | None = None) -> Running:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         ready_r, ready_w = os.pipe()
-        path = tmp_path / "logs" / "sb-1.log"
+        path = path or tmp_path / "logs" / "sb-1.log"
         # The shim's argument order is a Go map's: any; the pairs stay together.
         argv = [str(logger_bin), "max-bytes", str(max_bytes), "path", str(path)]
         script = (

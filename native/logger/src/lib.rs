@@ -192,9 +192,11 @@ impl LogFile {
     }
 
     /// Append whole records (`buf` ends with a newline); `buf` must fit in half the cap.
-    fn append(&mut self, buf: &[u8]) {
+    /// Whether `buf` was written; when not, it is counted as dropped (less `note` bytes: a
+    /// note about earlier drops is not output of the sandbox).
+    fn append(&mut self, buf: &[u8], note: usize) -> bool {
         if buf.is_empty() {
-            return;
+            return true;
         }
         if self.file.is_none() {
             if let Err(err) = self.reopen() {
@@ -207,11 +209,18 @@ impl LogFile {
             }
         }
         let Some(file) = self.file.as_mut() else {
-            self.drop_bytes(buf.len());
-            return;
+            self.drop_bytes(buf.len() - note);
+            return false;
         };
         match file.write_all(buf) {
-            Ok(()) => self.size += buf.len() as u64,
+            Ok(()) => {
+                self.size += buf.len() as u64;
+                if note > 0 {
+                    self.dropped_unreported = 0;
+                    self.last_error.clear();
+                }
+                true
+            }
             Err(err) => {
                 // A short write left part of a record: cut it off, so the next record starts
                 // on a line of its own.
@@ -219,7 +228,8 @@ impl LogFile {
                     self.size = file.metadata().map(|m| m.len()).unwrap_or(self.size);
                 }
                 self.note_error("write", &err);
-                self.drop_bytes(buf.len());
+                self.drop_bytes(buf.len() - note);
+                false
             }
         }
     }
@@ -229,29 +239,18 @@ impl LogFile {
         self.dropped_unreported += n as u64;
     }
 
-    /// After a gap: one line telling the reader how much is missing. It is written before the
-    /// data that follows the gap, and counted like any record.
-    fn report_drops(&mut self, ts: &str) {
-        let unreported = self.dropped_unreported;
-        if unreported == 0 {
-            return;
-        }
-        let note = format!(
-            "fsb-logger: {unreported} bytes of output were dropped ({})",
-            self.last_error
-        );
+    /// After a gap: the record telling the reader how much is missing, to be written in the
+    /// same write as the output that follows the gap (both land, or neither does).
+    fn drop_note(&self, ts: &str) -> Vec<u8> {
         let mut rec = Vec::new();
-        push_record(&mut rec, ts, STDERR, false, note.as_bytes());
-        let before = self.dropped_total;
-        self.dropped_unreported = 0;
-        self.append(&rec);
-        if self.dropped_total == before {
-            self.last_error.clear();
-        } else {
-            // Still failing: the note itself is not output to count; try again next time.
-            self.dropped_total = before;
-            self.dropped_unreported = unreported;
+        if self.dropped_unreported > 0 {
+            let note = format!(
+                "fsb-logger: {} bytes of output were dropped ({})",
+                self.dropped_unreported, self.last_error
+            );
+            push_record(&mut rec, ts, STDERR, false, note.as_bytes());
         }
+        rec
     }
 
     pub fn path(&self) -> &Path {
@@ -266,6 +265,8 @@ pub struct Logger {
     max_line: usize,
     pending: [Vec<u8>; 2],
     batch: Vec<u8>,
+    /// Bytes at the start of `batch` that are a drop note, not output.
+    note_len: usize,
 }
 
 impl Logger {
@@ -275,6 +276,7 @@ impl Logger {
             max_line: config.max_line,
             pending: [Vec::new(), Vec::new()],
             batch: Vec::with_capacity(64 * 1024),
+            note_len: 0,
         }
     }
 
@@ -295,15 +297,22 @@ impl Logger {
 
     fn flush_batch(&mut self) {
         let batch = std::mem::take(&mut self.batch);
-        self.file.append(&batch);
+        self.file.append(&batch, self.note_len);
+        self.note_len = 0;
         self.batch = batch;
         self.batch.clear();
+    }
+
+    fn start_batch(&mut self, ts: &str) {
+        let note = self.file.drop_note(ts);
+        self.note_len = note.len();
+        self.batch.extend_from_slice(&note);
     }
 
     /// Bytes read from `stream` at time `now`.
     pub fn input(&mut self, stream: usize, data: &[u8], now: SystemTime) {
         let ts = format_timestamp(now);
-        self.file.report_drops(&ts);
+        self.start_batch(&ts);
         let mut pending = std::mem::take(&mut self.pending[stream]);
         pending.extend_from_slice(data);
         let mut start = 0;
@@ -331,7 +340,7 @@ impl Logger {
             return;
         }
         let ts = format_timestamp(now);
-        self.file.report_drops(&ts);
+        self.start_batch(&ts);
         let pending = std::mem::take(&mut self.pending[stream]);
         self.record(&ts, stream, true, &pending);
         self.flush_batch();
