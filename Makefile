@@ -3,7 +3,7 @@ SHELL := /bin/bash
 DATA_DIR ?= $(HOME)/.local/share/fastsandbox
 REGISTRY ?= 127.0.0.1:5000
 
-.PHONY: setup run test check unit native-test integration e2e kube kube-tools bench demo-registry clean
+.PHONY: setup run test check unit native-test integration e2e kube kube-tools bench demo-registry clean fuzz
 
 setup:
 	scripts/setup
@@ -14,7 +14,10 @@ run: setup
 	.venv/bin/fsb server --data-dir "$(DATA_DIR)" --insecure-registry "$(REGISTRY)"
 
 ## make test: install, build the Kubernetes tier's binaries (cached outside the tree), check
-## (lint, types, contracts), then the whole suite, both shapes.
+## (lint, types, contracts), the Rust crates' own tests, then the whole suite, both shapes, and
+## the deployable image (tests/integration/test_image.py; its debootstrap and wheels are cached in
+## ~/.cache/fastsandbox). With CI=true a tier that cannot run here (no root, a binary or Go
+## missing) fails, not skips.
 test: setup kube-tools native-test
 	scripts/check
 	.venv/bin/pytest -q -p no:cacheprovider tests
@@ -32,8 +35,12 @@ kube: setup kube-tools
 check: setup
 	scripts/check
 
-unit: setup native-test
-	.venv/bin/pytest -q tests/unit tests/contract -m "not integration"
+## make unit: the tests that need nothing installed (no root, containerd, Go or kube-apiserver):
+## tests/unit and the fake/memory/SQLite runs of tests/contract; only the Python part of setup.
+unit:
+	scripts/setup --python-only
+	.venv/bin/pytest -q -p no:cacheprovider -m "not integration and not e2e and not kubernetes" \
+		tests/unit tests/contract
 
 ## native-test: the Rust crates' own tests (cargo test in every native/*/Cargo.toml).
 native-test:

@@ -14,8 +14,10 @@ wants (see `tests/integration/conftest.py`), and scripts can call them too.
     ...
     reg.stop(); ctd.stop()                    # stop() also removes every container ctd ran
 
-`missing_requirements()` says why these cannot run here (not root, a binary missing), so suites
-skip cleanly instead of failing. Everything is started with argv lists, never a shell string.
+`missing_requirements()` says why these cannot run here (not root, a binary missing), and
+`cannot_run(reason)` acts on it: a skip with that reason on a developer's machine, a failure when
+`CI` is set (CI=true), so a broken `scripts/setup` cannot leave CI green with whole tiers skipped.
+Everything is started with argv lists, never a shell string.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 
@@ -59,6 +62,24 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [plugins."io.containerd.monitor.v1.cgroups"]
   no_prometheus = true
 """
+
+
+def in_ci() -> bool:
+    """CI sets `CI=true` (GitHub Actions, GitLab, ...); any value but empty/0/false/no counts."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def cannot_run(reason: str) -> NoReturn:
+    """This test's tier cannot run here: skip with `reason`, or fail with it under `CI`.
+
+    Why not always skip: a CI run whose setup broke (runc not installed, no root, no Go) would
+    otherwise report the integration, e2e, containerd and Kubernetes tiers as skipped and still
+    pass. Called from fixtures and tests, so the failure names the test and the reason."""
+    import pytest  # here, not at the top: scripts and benchmarks import this module without it
+
+    if in_ci():
+        pytest.fail(f"CI is set and this tier cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def missing_requirements(*, gvisor: bool = False) -> str | None:

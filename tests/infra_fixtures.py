@@ -2,8 +2,9 @@
 registry and the pushed demo image per test session, started only when a test asks for them.
 
 Registered for the whole tree by `tests/conftest.py` (`pytest_plugins`), so the contract,
-integration and e2e tiers share one containerd instead of starting one each. Every fixture
-skips cleanly (not root, a binary missing) instead of failing.
+integration and e2e tiers share one containerd instead of starting one each. When they cannot
+start here (not root, a binary missing) every fixture skips with the reason, or fails with it
+when `CI` is set (`tests.infra.cannot_run`).
 
 - `containerd` → `ContainerdProc` (`.socket`, `.ctr(...)`); stopped and cleaned at session end.
 - `registry` → `RegistryProc` (`.addr` = `127.0.0.1:PORT`, plain HTTP).
@@ -22,6 +23,7 @@ from tests.infra import (
     ContainerdProc,
     RegistryProc,
     build_demo_image,
+    cannot_run,
     missing_requirements,
     push_image,
     remove_cgroup,
@@ -33,7 +35,7 @@ from tests.infra import (
 def _skip_unless_ready() -> None:
     why = missing_requirements()
     if why:
-        pytest.skip(why)
+        cannot_run(why)
 
 
 @pytest.fixture(scope="session")

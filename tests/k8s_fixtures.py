@@ -6,7 +6,7 @@ test asks. Mark such tests `@pytest.mark.kubernetes` so `pytest -m kubernetes` s
 (docs/kubernetes-test-tier.md).
 
 - `kube_apiserver` → `KubeApiserverProc` (`.kubeconfig`, `.url`, `.etcdctl(...)`); skips only
-  when the binaries are neither cached nor buildable (no Go toolchain).
+  when the binaries are neither cached nor buildable (no Go toolchain), and fails then under `CI`.
 - `kube_admin` → a synchronous lightkube `Client` with the session's system:masters credentials.
 - `kube_crds` → `kube_apiserver`, after `fastsandbox.api.crds.crd_manifests()` are applied and
   Established (and served).
@@ -32,6 +32,7 @@ from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.core_v1 import Namespace, Pod
 from lightkube.types import PatchType
 
+from tests.infra import cannot_run
 from tests.k8s_infra import KubeApiserverProc, KubeBinariesUnavailable, start_kube_apiserver
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def kube_apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApi
     try:
         api = start_kube_apiserver(tmp_path_factory.mktemp("kube", numbered=True))
     except KubeBinariesUnavailable as exc:
-        pytest.skip(str(exc))
+        cannot_run(str(exc))
     log.info("kube-apiserver ready in %.1f s at %s", api.started_in, api.url)
     try:
         yield api

@@ -63,8 +63,9 @@ class Conflict(FsbError):
 
 
 class FailedPrecondition(Conflict):
-    """The object is not in a state the call needs (e.g. the sandbox is not running). A
-    `Conflict` so that callers catching that keep working."""
+    """The object is not in a state the call needs (e.g. exec into a sandbox that is not running,
+    renewing the lease of a sandbox that has none). A `Conflict` so that callers catching that
+    keep working."""
 
 
 class CapacityExhausted(FsbError):

@@ -26,6 +26,7 @@ from fastsandbox.errors import AlreadyExists, Conflict, NotFound, Unavailable
 from fastsandbox.store.base import EventType, ObjectStore, WatchEvent
 from fastsandbox.store.memory import MemoryStore
 from fastsandbox.store.sqlite import SqliteStore
+from tests.infra import cannot_run
 
 HISTORY = 20
 BOOKMARK_INTERVAL = 0.05
@@ -681,7 +682,7 @@ async def test_kubernetes_watch_survives_an_apiserver_restart(tmp_path: Path) ->
     try:
         api = start_kube_apiserver(tmp_path)
     except KubeBinariesUnavailable as exc:
-        pytest.skip(str(exc))
+        cannot_run(str(exc))
     try:
         admin = Client(KubeConfig.from_file(api.kubeconfig))
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 
@@ -21,7 +20,6 @@ BURST = 50
 
 
 async def burst(server: Server, image: str, acked: list[str]) -> None:
-    os.environ["FSB_DATA_DIR"] = str(server.data_dir)
     async with AsyncClient(endpoint=server.endpoint, namespace="default") as client:
 
         async def one(i: int) -> None:
@@ -39,7 +37,7 @@ async def burst(server: Server, image: str, acked: list[str]) -> None:
 
 
 def test_kill9_during_a_burst_loses_no_acknowledged_create(
-    registry_addr: str, demo_image: str
+    registry_addr: str, demo_image: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     srv = new_server(registry_addr)
     try:
@@ -53,6 +51,9 @@ def test_kill9_during_a_burst_loses_no_acknowledged_create(
                 break
             time.sleep(0.2)
         acked: list[str] = []
+        # The SDK finds the server's token through FSB_DATA_DIR; monkeypatch puts it back after
+        # this test, so later tests do not talk to a server that is gone.
+        monkeypatch.setenv("FSB_DATA_DIR", str(srv.data_dir))
         asyncio.run(burst(srv, demo_image, acked))
         assert 15 <= len(acked) < BURST, "the kill did not land mid-burst"
         srv.stop()  # reap the killed process

@@ -5,12 +5,13 @@
 - Two replicas serving the Fast-Path at once get 40 concurrent creates against a capacity of 3
   (one agent, `maxSandboxesPerAgent` 3, `poolMax` 1): exactly 3 succeed, the rest are
   RESOURCE_EXHAUSTED, and exactly 3 containers exist.
-- Leader failover: `kill -9` of the Lease holder; the other replica takes the Lease within the
-  lease duration plus a renew interval and reconciles (a new declarative Sandbox converges, an
-  expiry set before the kill fires).
+- Leader failover: `kill -9` of the Lease holder; the other replica takes the Lease (one
+  transition later) and reconciles (a new declarative Sandbox converges, an expiry set before the
+  kill fires).
 
-Run: `.venv/bin/pytest -m kubernetes tests/e2e/test_kube_controller.py -s` (`-s` prints the
-measured failover time and create latencies).
+Nothing here is timed: `benchmarks/leader_failover.py` prints takeover times and
+`benchmarks/create_latency_kubernetes.py` create latencies.
+Run: `.venv/bin/pytest -m kubernetes tests/e2e/test_kube_controller.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import asyncio
 import functools
 import json
 import signal
-import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -38,6 +38,7 @@ from tests.e2e.conftest import start_kube_server
 pytestmark = [pytest.mark.e2e, pytest.mark.kubernetes]
 
 LEASE_SECONDS = 3
+LIVENESS_SECONDS = 90.0  # generous bound for a takeover on 2 shared cores; nothing is timed
 SLEEP = ["--", "sleep", "3600"]
 
 
@@ -261,33 +262,33 @@ def test_demand_on_a_follower_scales_the_pool(kube_server: KubeServer, demo_imag
         kube_server.fsb("pool", "delete", pool)
 
 
-def test_create_latency_through_the_controller(kube_server: KubeServer, demo_image: str) -> None:
-    """Sequential Fast creates through a follower replica's Fast-Path (the CLI's endpoint)."""
-    assert kube_server.fsb("run", "lat-warm", "--image", demo_image, *SLEEP).returncode == 0
-    assert kube_server.fsb("delete", "lat-warm", "--wait").returncode == 0
+def test_creates_through_a_follower_report_ordered_timings(
+    kube_server: KubeServer, demo_image: str
+) -> None:
+    """Sequential Fast creates through a follower replica's Fast-Path (the CLI's endpoint): each
+    one succeeds, and its timings are in causal order (accepted, then scheduled, then the agent
+    confirmed the start, all before the reply arrived). How fast is for
+    `benchmarks/create_latency_kubernetes.py` (series `kube fast (follower)`)."""
+    assert kube_server.wait_leader() != 0  # replica 0 serves the CLI's endpoint
 
-    async def measure() -> tuple[list[float], list[float]]:
+    async def create_each() -> list[tuple[float, float | None, float | None, float]]:
         client = AsyncClient(kube_server.endpoint, kube_server.token, NAMESPACE, timeout=60)
-        wall: list[float] = []
-        ready: list[float] = []
+        seen = []
         try:
-            for i in range(10):
+            for i in range(3):
                 started = time.perf_counter()
-                result = await client.create(f"lat-{i}", demo_image, command=SLEEP[1:])
-                wall.append((time.perf_counter() - started) * 1000)
-                ready.append(result.timings.runtime_ready_ms or 0.0)
-                await client.delete(f"lat-{i}", wait=True)
+                result = await client.create(f"seq-{i}", demo_image, command=SLEEP[1:])
+                client_ms = (time.perf_counter() - started) * 1000
+                t = result.timings
+                seen.append((t.accepted_ms, t.scheduled_ms, t.runtime_ready_ms, client_ms))
+                await client.delete(f"seq-{i}", wait=True)
         finally:
             await client.close()
-        return wall, ready
+        return seen
 
-    wall, ready = asyncio.run(measure())
-    print(
-        f"\ncreate latency via the controller (10 sequential, follower replica): client p50 "
-        f"{statistics.median(wall):.1f} ms max {max(wall):.1f} ms; server runtimeReady p50 "
-        f"{statistics.median(ready):.1f} ms max {max(ready):.1f} ms"
-    )
-    assert statistics.median(wall) < 2000
+    for accepted, scheduled, ready, client_ms in asyncio.run(create_each()):
+        assert scheduled is not None and ready is not None
+        assert 0 <= accepted <= scheduled <= ready <= client_ms
 
 
 def test_leader_failover(kube_server: KubeServer, demo_image: str) -> None:
@@ -300,15 +301,14 @@ def test_leader_failover(kube_server: KubeServer, demo_image: str) -> None:
     assert short.returncode == 0, short.stderr
     transitions = kube_server.lease().spec.leaseTransitions or 0  # type: ignore[union-attr]
 
-    killed_at = time.monotonic()
     kube_server.stop_replica(leader, signal.SIGKILL)
-    taken = kube_server.wait_leader(lambda i: i == follower, timeout=LEASE_SECONDS * 4)
-    failover = time.monotonic() - killed_at
+    # How long a takeover takes is printed by benchmarks/leader_failover.py, not asserted: a
+    # generous liveness bound only, then what must hold: the follower holds the Lease, one
+    # transition later, and (below) it reconciles.
+    taken = kube_server.wait_leader(lambda i: i == follower, timeout=LIVENESS_SECONDS)
     assert taken == follower
     lease = kube_server.lease().spec
     assert lease is not None and lease.leaseTransitions == transitions + 1
-    print(f"\nleader failover after kill -9: {failover:.2f} s (lease {LEASE_SECONDS} s)")
-    assert failover <= LEASE_SECONDS + LEASE_SECONDS / 3 * 1.2 + 2.0
 
     # The new leader reconciles: a declarative Sandbox converges, the expiry fires.
     env = kube_server.env_for(follower)

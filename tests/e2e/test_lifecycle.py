@@ -148,7 +148,7 @@ def test_agent_loss_follows_the_failure_policy(
         frozen = _agent_pid(server, before["assignedAgent"])
         os.kill(frozen, signal.SIGSTOP)
         stopped_at = time.monotonic()
-        deadline = stopped_at + 15
+        deadline = stopped_at + 60  # liveness only (the 2 cores are shared); the rule is below
         obj: dict[str, Any] = {}
         while time.monotonic() < deadline:
             obj = server.fsb_json("get", name)
@@ -159,7 +159,7 @@ def test_agent_loss_follows_the_failure_policy(
                 break
             time.sleep(0.2)
         else:
-            raise AssertionError(f"{policy}: no action within 15 s: {obj.get('status')}")
+            raise AssertionError(f"{policy}: no action within 60 s: {obj.get('status')}")
         # Not before the recovery timeout: the status only changes after 5 s without heartbeats.
         assert time.monotonic() - stopped_at >= 5
         reachable = [c for c in obj["status"]["conditions"] if c["type"] == "AgentReachable"]

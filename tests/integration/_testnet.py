@@ -6,9 +6,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from fastsandbox.fleet.netns import CniNetwork
+from tests.infra import cannot_run
 
 TEST_BRIDGE = "fsbtest0"
 TEST_SUBNET = "10.209.254.0/24"
@@ -23,7 +22,7 @@ def make_network(tmp_path: Path) -> CniNetwork:
 def require_cni() -> None:
     reason = CniNetwork().unavailable_reason()
     if reason is not None:
-        pytest.skip(reason)
+        cannot_run(reason)
 
 
 def remove_bridge() -> None:

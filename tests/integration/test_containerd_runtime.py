@@ -11,7 +11,7 @@ import pytest
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerStatus
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
 from fastsandbox.errors import InvalidArgument, Unavailable
-from tests.infra import ContainerdProc
+from tests.infra import ContainerdProc, cannot_run
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ async def test_fsb_init_is_pid1_and_forwards_sigterm(
 
     init = find_init()
     if init is None:
-        pytest.skip("fsb-init is not built (scripts/build-fsb-init)")
+        cannot_run("fsb-init is not built (scripts/build-fsb-init)")
     await runtime.pull(demo_image)
     log = tmp_path / "init.log"
     spec = ContainerSpec(

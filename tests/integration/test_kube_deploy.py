@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from fastsandbox.api import crds
+from tests.infra import cannot_run
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.timeout(900)]
 
@@ -53,7 +54,7 @@ def _built(script: str, key: str) -> Path:
     )
     if proc.returncode != 0:
         if "go is missing" in proc.stderr:
-            pytest.skip(f"{script}: not cached and Go is missing")
+            cannot_run(f"{script}: not cached and Go is missing")
         raise RuntimeError(f"{script} exited {proc.returncode}: {proc.stderr[-1500:]}")
     found = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     return Path(found[key])

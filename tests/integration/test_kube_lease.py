@@ -1,6 +1,8 @@
 """Leader election on a real coordination.k8s.io/v1 Lease (real etcd + kube-apiserver): two
-electors, one wins; the winner is cut off without releasing (as a kill -9 does), the other takes
-the Lease within lease duration + one renew interval; a graceful stop hands it over at once."""
+electors, one wins; the winner is cut off without releasing (as a kill -9 does), and the other
+takes the Lease only after the winner stopped renewing and a whole lease duration passed since its
+last renewal; a graceful stop hands it over at once. How long a takeover takes is printed by
+`benchmarks/leader_failover.py`, not asserted."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from fastsandbox.errors import AlreadyExists, Conflict
 pytestmark = [pytest.mark.kubernetes, pytest.mark.integration]
 
 DURATION = 3
+LIVENESS_SECONDS = 60.0  # generous: the apiserver shares 2 cores with the rest of the suite
 
 
 @pytest.fixture
@@ -34,8 +37,10 @@ class Probe:
     def __init__(self) -> None:
         self.started = asyncio.Event()
         self.stopped = asyncio.Event()
+        self.started_at = 0.0
 
     async def lead(self) -> None:
+        self.started_at = asyncio.get_running_loop().time()
         self.started.set()
         await asyncio.Event().wait()
 
@@ -49,6 +54,7 @@ class CutOff:
     def __init__(self, api: KubeLeaseApi) -> None:
         self.api = api
         self.dead = False
+        self.last_write = 0.0  # when the last write that then succeeded was sent
 
     async def _gate(self) -> None:
         if self.dead:
@@ -60,11 +66,17 @@ class CutOff:
 
     async def create(self, record: LeaseRecord) -> LeaseRecord:
         await self._gate()
-        return await self.api.create(record)
+        sent = asyncio.get_running_loop().time()
+        written = await self.api.create(record)
+        self.last_write = sent
+        return written
 
     async def update(self, record: LeaseRecord) -> LeaseRecord:
         await self._gate()
-        return await self.api.update(record)
+        sent = asyncio.get_running_loop().time()
+        written = await self.api.update(record)
+        self.last_write = sent
+        return written
 
 
 async def test_one_wins_and_the_other_takes_over_after_the_lease(
@@ -76,7 +88,7 @@ async def test_one_wins_and_the_other_takes_over_after_the_lease(
     b = LeaderElector(KubeLeaseApi(kube, ns, "election"), "replica-b", lease_duration=DURATION)
     pa, pb = Probe(), Probe()
     ta = asyncio.create_task(a.run(pa.lead, pa.stop))
-    await asyncio.wait_for(pa.started.wait(), 10)
+    await asyncio.wait_for(pa.started.wait(), LIVENESS_SECONDS)
     tb = asyncio.create_task(b.run(pb.lead, pb.stop))
     loop = asyncio.get_running_loop()
     try:
@@ -92,12 +104,12 @@ async def test_one_wins_and_the_other_takes_over_after_the_lease(
 
         a_api.dead = True
         cut = loop.time()
-        await asyncio.wait_for(pb.started.wait(), DURATION * 3)
-        took = loop.time() - cut
-        await asyncio.wait_for(pa.stopped.wait(), DURATION)
-        # b measured the lease from its last observed change; that is at most one renew
-        # interval before the cut, and b looks again every renew interval (+20 % jitter).
-        assert took <= DURATION + b.renew_interval * 1.2 + 1.0, took
+        await asyncio.wait_for(pb.started.wait(), LIVENESS_SECONDS)
+        await asyncio.wait_for(pa.stopped.wait(), LIVENESS_SECONDS)
+        # b measures the lease from the last change it observed, which came after a sent its
+        # last renewal: so b leads only a whole lease duration after that renewal was sent.
+        assert a_api.last_write <= cut < pb.started_at
+        assert pb.started_at >= a_api.last_write + DURATION
         lease = await kube.get(Lease, "election", namespace=ns)
         assert lease.spec is not None
         assert lease.spec.holderIdentity == "replica-b"
@@ -110,19 +122,22 @@ async def test_one_wins_and_the_other_takes_over_after_the_lease(
 
 async def test_a_graceful_stop_hands_over_at_once(kube: AsyncClient, kube_namespace: str) -> None:
     ns = kube_namespace
-    a = LeaderElector(KubeLeaseApi(kube, ns, "handover"), "replica-a", lease_duration=15)
+    a_api = CutOff(KubeLeaseApi(kube, ns, "handover"))
+    a = LeaderElector(a_api, "replica-a", lease_duration=15)
     b = LeaderElector(KubeLeaseApi(kube, ns, "handover"), "replica-b", lease_duration=15)
     pa, pb = Probe(), Probe()
     ta = asyncio.create_task(a.run(pa.lead, pa.stop))
-    await asyncio.wait_for(pa.started.wait(), 10)
+    await asyncio.wait_for(pa.started.wait(), LIVENESS_SECONDS)
     tb = asyncio.create_task(b.run(pb.lead, pb.stop))
     try:
         await asyncio.sleep(0.5)
         ta.cancel()
         await asyncio.gather(ta, return_exceptions=True)
         assert pa.stopped.is_set()
-        # b retries every 5 s (+ jitter): far less than the 15 s lease.
-        await asyncio.wait_for(pb.started.wait(), 5 * 1.2 + 1)
+        await asyncio.wait_for(pb.started.wait(), LIVENESS_SECONDS)
+        # Taken before a's lease could have run out (b retries every 5 s): only the release
+        # (a's last write) explains it.
+        assert pb.started_at < a_api.last_write + 15
         lease = await kube.get(Lease, "handover", namespace=ns)
         assert lease.spec is not None and lease.spec.holderIdentity == "replica-b"
     finally:

@@ -36,6 +36,7 @@ class FakeAgentIo(agent_pb2_grpc.AgentServicer):
         self.root = root
         self.sandbox_ids: list[str] = []
         self.inputs: list[str] = []
+        self.sandbox_env: dict[str, dict[str, str]] = {}
 
     def host(self, path: str) -> Path:
         return self.root / path.lstrip("/")
@@ -79,7 +80,11 @@ class FakeAgentIo(agent_pb2_grpc.AgentServicer):
         first = await requests.__anext__()
         start = first.start
         self.sandbox_ids.append(start.target.sandbox_id)
-        env = dict(os.environ) | {kv.key: kv.value for kv in start.env}
+        env = (
+            dict(os.environ)
+            | self.sandbox_env.get(start.target.sandbox_id, {})
+            | {kv.key: kv.value for kv in start.env}
+        )
         cwd = str(self.host(start.cwd)) if start.cwd else str(self.root)
         out: asyncio.Queue[io_pb2.ExecOutput | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()

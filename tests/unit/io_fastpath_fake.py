@@ -8,13 +8,13 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc, io_pb2
+from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc, io_pb2
 from fastsandbox.control.agent_client import AgentClient, AgentClients
 from fastsandbox.control.fastpath.auth import TokenAuth
 from fastsandbox.control.fastpath.io_relay import IoRelayRpcs, running_on
@@ -26,13 +26,25 @@ from tests.unit.fastpath_fake import TOKEN, FakeFastPath
 @dataclass
 class IoFastPath(IoRelayRpcs, FakeFastPath):  # type: ignore[misc]
     agent_target: str = ""
+    agent: FakeAgentIo | None = None
     _clients: AgentClients | None = None
+    serve_leases: bool = False
+    renewals: list[str] = field(default_factory=list)
+
+    async def RenewLease(self, request: Any, context: Any) -> Any:
+        if not self.serve_leases:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RenewLease: not served here")
+        self.renewals.append(request.name)
+        return fastpath_pb2.RenewLeaseReply(lease_expire_time="2030-01-01T00:00:00Z")
 
     async def _agent_for(self, target: io_pb2.SandboxTarget) -> tuple[AgentClient, str]:
         sb = self.sandboxes.get((target.namespace or "default", target.name))  # type: ignore[attr-defined]
         if sb is None:
             raise NotFound(f"sandbox {target.namespace or 'default'}/{target.name} not found")
         _, sandbox_id = running_on(sb)
+        if self.agent is not None:
+            # What the real agent knows from CreateSandbox: the sandbox's own environment.
+            self.agent.sandbox_env[sandbox_id] = {e.name: e.value for e in sb.spec.env}
         if self._clients is None:
             self._clients = AgentClients()
         return self._clients.get(self.agent_target), sandbox_id
@@ -52,7 +64,7 @@ def serve_io(tmp_path: Path) -> Iterator[Rig]:
     (root / "tmp").mkdir(parents=True)
     agent = FakeAgentIo(root)
     with serve_agent(agent, tmp_path / "agent.sock") as target:
-        fastpath = IoFastPath(agent_target=target)
+        fastpath = IoFastPath(agent_target=target, agent=agent)
         loop = asyncio.new_event_loop()
         started = threading.Event()
         state: dict[str, Any] = {}

@@ -4,11 +4,15 @@ own parser, so the two cannot drift apart), socket paths, and the CNI network co
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from fastsandbox.agent.cli import settings_from_args
 from fastsandbox.cli.commands.agent import parse
-from fastsandbox.fleet.local import MAX_SOCKET_PATH, AgentState, LocalFleet
+from fastsandbox.fleet.local import MAX_SOCKET_PATH, AgentState, LocalFleet, _is_our_agent
 from fastsandbox.fleet.netns import CniNetwork
 from fastsandbox.settings import LogSettings
 
@@ -90,3 +94,26 @@ def test_cni_config_keeps_traffic_on_the_host() -> None:
     assert config["ipam"]["subnet"] == "10.1.2.0/24"
     assert "routes" not in config["ipam"]
     assert CniNetwork(subnet="10.1.2.0/24").gateway == "10.1.2.1/24"
+
+
+@pytest.mark.parametrize("form", ["joined", "split"])
+def test_adoption_knows_its_agents_by_state_dir(tmp_path: Path, form: str) -> None:
+    """Agents now get `--state-dir=DIR`; ones started by older versions have `--state-dir DIR`
+    and are adopted all the same. Another directory is another agent (pid reuse)."""
+    mine = tmp_path / "agents" / "a1"
+    flag = [f"--state-dir={mine}"] if form == "joined" else ["--state-dir", str(mine)]
+    code = "import sys; print('up', flush=True); sys.stdin.read()"  # lives until stdin closes
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *flag], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"up\n"  # exec'd: /proc shows its own command line
+        assert _is_our_agent(proc.pid, mine)
+        assert not _is_our_agent(proc.pid, tmp_path / "agents" / "a2")
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -4,11 +4,14 @@ the campaign/lead/step-down loop with short real durations."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import pytest
 
 from fastsandbox._kube.lease import LeaderElector, LeaseRecord, MemoryLeaseApi
+
+LIVENESS_SECONDS = 60.0  # generous liveness bound for the real-time loops; nothing is timed
 
 
 class FakeClock:
@@ -122,8 +125,10 @@ class Probe:
         self.started = asyncio.Event()
         self.stopped = asyncio.Event()
         self.cancelled = False
+        self.started_at = self.stopped_at = 0.0
 
     async def lead(self) -> None:
+        self.started_at = asyncio.get_running_loop().time()
         self.started.set()
         try:
             await asyncio.Event().wait()
@@ -132,6 +137,7 @@ class Probe:
             raise
 
     async def stop(self) -> None:
+        self.stopped_at = asyncio.get_running_loop().time()
         self.stopped.set()
 
 
@@ -139,6 +145,7 @@ async def test_one_of_two_leads_and_the_other_takes_over_when_it_is_cut_off() ->
     # Two replicas, each with its own view of the apiserver: cutting one off is a partition.
     store = MemoryLeaseApi()
     cut = {"a": False, "b": False}
+    last_write = {"a": 0.0, "b": 0.0}  # when each last sent a write that then succeeded
 
     class View:
         def __init__(self, who: str) -> None:
@@ -149,18 +156,25 @@ async def test_one_of_two_leads_and_the_other_takes_over_when_it_is_cut_off() ->
             return await store.get()
 
         async def create(self, record: LeaseRecord) -> LeaseRecord:
-            store.fail = cut[self.who]
-            return await store.create(record)
+            return await self._write(store.create, record)
 
         async def update(self, record: LeaseRecord) -> LeaseRecord:
+            return await self._write(store.update, record)
+
+        async def _write(
+            self, write: Callable[[LeaseRecord], Awaitable[LeaseRecord]], record: LeaseRecord
+        ) -> LeaseRecord:
             store.fail = cut[self.who]
-            return await store.update(record)
+            sent = asyncio.get_running_loop().time()
+            written = await write(record)
+            last_write[self.who] = sent
+            return written
 
     a = LeaderElector(View("a"), "a", lease_duration=2)
     b = LeaderElector(View("b"), "b", lease_duration=2)
     pa, pb = Probe(), Probe()
     ta = asyncio.create_task(a.run(pa.lead, pa.stop))
-    await asyncio.wait_for(pa.started.wait(), 2)
+    await asyncio.wait_for(pa.started.wait(), LIVENESS_SECONDS)
     tb = asyncio.create_task(b.run(pb.lead, pb.stop))
     try:
         await asyncio.sleep(2.5)  # longer than a lease: a keeps renewing, b keeps waiting
@@ -168,17 +182,15 @@ async def test_one_of_two_leads_and_the_other_takes_over_when_it_is_cut_off() ->
         assert not pb.started.is_set()
 
         cut["a"] = True
-        loop = asyncio.get_running_loop()
-        cut_at = loop.time()
-        await asyncio.wait_for(pa.stopped.wait(), 3)
-        stopped_after = loop.time() - cut_at
+        cut_at = asyncio.get_running_loop().time()
+        await asyncio.wait_for(pa.stopped.wait(), LIVENESS_SECONDS)
         assert pa.cancelled
-        await asyncio.wait_for(pb.started.wait(), 4)
-        taken_after = loop.time() - cut_at
-        # a steps down (renew deadline 1.33 s) before b may take over (lease 2 s unchanged),
-        # and b takes over at its first look (every 0.67 s + 20 % jitter) after the lease.
-        assert stopped_after < taken_after
-        assert taken_after <= 2 + 2 / 3 * 1.2 + 0.5
+        await asyncio.wait_for(pb.started.wait(), LIVENESS_SECONDS)
+        # The order, not the speed (benchmarks/leader_failover.py prints how long it takes):
+        # a stops leading (its renew deadline, 1.33 s) before b takes over, and b takes the
+        # Lease only once a full lease duration passed since a's last renewal was sent.
+        assert last_write["a"] <= cut_at <= pa.stopped_at < pb.started_at
+        assert pb.started_at >= last_write["a"] + 2
         assert store.record is not None
         assert store.record.holder == "b"
         assert store.record.transitions == 1
@@ -193,7 +205,7 @@ async def test_cancelling_the_leader_releases_the_lease() -> None:
     a = LeaderElector(api, "a", lease_duration=3)
     probe = Probe()
     task = asyncio.create_task(a.run(probe.lead, probe.stop))
-    await asyncio.wait_for(probe.started.wait(), 2)
+    await asyncio.wait_for(probe.started.wait(), LIVENESS_SECONDS)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -217,7 +229,7 @@ async def test_crashed_leading_work_steps_down() -> None:
 
     task = asyncio.create_task(a.run(crash, stop))
     try:
-        await asyncio.wait_for(stopped.wait(), 2)
+        await asyncio.wait_for(stopped.wait(), LIVENESS_SECONDS)
         assert api.record is not None
         assert api.record.holder == ""
     finally:

@@ -11,6 +11,7 @@ from fastsandbox.agent.runtime.oci_spec import (
     DEFAULT_PIDS_LIMIT,
     build_oci_spec,
     cpu_quota_us,
+    cpu_shares,
 )
 from fastsandbox.agent.runtime.seccomp import seccomp_profile
 
@@ -55,11 +56,23 @@ def test_seccomp_is_the_allowlist_profile() -> None:
 
 
 def test_resource_limits() -> None:
-    r = spec(cpu_millis=500, memory_bytes=256 << 20)["linux"]["resources"]
-    assert r["cpu"] == {"quota": 50_000, "period": 100_000}
-    assert r["memory"] == {"limit": 256 << 20}
-    assert r["pids"] == {"limit": DEFAULT_PIDS_LIMIT}
+    r = spec(cpu_millis=500, memory_bytes=256 << 20, pids_limit=64)["linux"]["resources"]
+    assert r["cpu"] == {"quota": 50_000, "period": 100_000, "shares": 512}
+    # swap == limit: no swap beyond the memory limit, so a hog meets the OOM killer.
+    assert r["memory"] == {"limit": 256 << 20, "swap": 256 << 20}
+    assert r["pids"] == {"limit": 64}
     assert r["devices"] == [{"allow": False, "access": "rwm"}]
+
+
+@pytest.mark.parametrize("pids", [0, -1])
+def test_a_pids_limit_cannot_be_switched_off(pids: int) -> None:
+    with pytest.raises(ValueError, match="pids limit"):
+        spec(pids_limit=pids)
+
+
+@pytest.mark.parametrize(("millis", "shares"), [(10, 10), (1, 2), (1000, 1024), (2500, 2560)])
+def test_cpu_shares(millis: int, shares: int) -> None:
+    assert cpu_shares(millis) == shares
 
 
 def test_no_limits_when_none_given() -> None:

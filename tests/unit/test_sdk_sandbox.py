@@ -165,3 +165,20 @@ def test_lease_is_sent_and_unimplemented_renewal_is_survived(
         assert "does not renew leases" in caplog.text
     with pytest.raises(InvalidArgument, match="lease"):
         Sandbox.create("busybox", lease=1, endpoint=rig.endpoint, token=TOKEN)
+
+
+def test_a_lease_is_renewed_in_the_background_until_the_sandbox_is_gone(rig: Rig) -> None:
+    rig.fastpath.serve_leases = True
+    with Sandbox.create("busybox", lease=2, endpoint=rig.endpoint, token=TOKEN) as sb:
+        for _ in range(100):  # bounded wait for two renewals (every lease/3 s), not a timing
+            if len(rig.fastpath.renewals) >= 2:
+                break
+            sb.commands.run("sleep 0.05")
+        assert rig.fastpath.renewals[:2] == [sb.name, sb.name]
+    seen = len(rig.fastpath.renewals)
+    time_passes = Sandbox.create("busybox", endpoint=rig.endpoint, token=TOKEN)
+    for _ in range(30):
+        time_passes.commands.run("sleep 0.05")
+    time_passes.kill()
+    time_passes.close()
+    assert len(rig.fastpath.renewals) == seen  # the renewer stopped with its sandbox

@@ -1,240 +1,354 @@
-"""The agent's supervisor channel against a Python supervisor that speaks PROTOCOL.md: the
-handshake (and a wrong secret refused), exec with stdin/stdout/stderr/exit, concurrent replies,
-single-use stream tokens, file operations and their errors, streamed read/write, watch, a redial
-after the agent's listener is re-made, and the bounded wait for a supervisor that never dials."""
+# ruff: noqa: F811  (pytest fixtures imported from supervisor_fixtures are parameters here)
+"""fsb-supervisor's channel and processes, black box: the real binary as a plain child process
+(not PID 1, no root needed) dials a fake agent (tests/unit/supervisor_agent.py) listening in a
+temp dir. File operations: test_supervisor_files.py.
+
+Timeouts only bound a failing test; nothing asserts how fast anything is.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import os
-import shutil
+import re
+import secrets
 import signal
-import tempfile
-from collections.abc import AsyncIterator
+import time
 from pathlib import Path
 
 import pytest
 
-from fastsandbox.agent.supervisor import ChannelHub, Output, SupervisorClient
-from fastsandbox.agent.supervisor import channel as channel_mod
-from fastsandbox.agent.supervisor.frames import encode_json, read_frame
-from fastsandbox.errors import FailedPrecondition, NotFound, Unavailable
-from tests.unit.fake_supervisor import FakeSupervisor
+from tests.unit.supervisor_agent import BOUND, DATA, EOF, JSON, STDOUT, FakeAgent
+from tests.unit.supervisor_fixtures import (  # noqa: F401 (fixtures)
+    PATH_ENV,
+    SANDBOX_ID,
+    Sandbox,
+    err,
+    sandbox,
+    start_supervisor,
+    stop,
+    supervisor_bin,
+    wait_until,
+)
 
-SID = "sb-1"
-
-
-@pytest.fixture
-async def hub(tmp_path: Path) -> AsyncIterator[ChannelHub]:
-    # A deep state dir: the socket is bound through /proc/self/fd, so sun_path's limit is moot.
-    state = tmp_path / ("deep-" * 20) / "state"
-    h = ChannelHub(state)
-    yield h
-    await h.close()
+# -- handshake --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def sup(hub: ChannelHub, tmp_path: Path) -> AsyncIterator[FakeSupervisor]:
-    await hub.open(SID)
-    root = tmp_path / "root"
-    (root / "tmp").mkdir(parents=True)
-    env = dict(hub.supervisor_env(SID))
-    s = FakeSupervisor(hub.directory(SID), SID, env["FSB_SUPERVISOR_SECRET"], root)
-    s.start()
-    yield s
-    await s.stop()
+async def test_handshake_proves_both_sides(sandbox: Sandbox) -> None:
+    await sandbox.agent.wait_control()
+    hello = sandbox.agent.hellos[0]
+    assert hello["v"] == 1 and hello["role"] == "control" and hello["sandbox"] == SANDBOX_ID
+    assert hello["pid"] == sandbox.proc.pid
+    assert re.fullmatch(r"[0-9a-f]{64}", hello["nonce"])
+    assert "stream" not in hello
+    assert (await sandbox.agent.request("ps"))["ok"] is True
 
 
-def client(hub: ChannelHub) -> SupervisorClient:
-    c = hub.client(SID)
-    assert c is not None
-    return c
-
-
-async def test_key_is_owner_only_and_secret_stable(hub: ChannelHub) -> None:
-    env = dict(hub.supervisor_env(SID))
-    assert env["FSB_CHANNEL"] == "/.fsb/run" and env["FSB_SANDBOX_ID"] == SID
-    assert len(env["FSB_SUPERVISOR_SECRET"]) == 64
-    key_file = hub.state_dir / "supervisor.key"
-    assert key_file.stat().st_mode & 0o777 == 0o600
-    again = ChannelHub(hub.state_dir)
-    assert dict(again.supervisor_env(SID)) == env
-    assert (
-        dict(again.supervisor_env("sb-2"))["FSB_SUPERVISOR_SECRET"] != env["FSB_SUPERVISOR_SECRET"]
-    )
-    await hub.open(SID)
-    assert len(str(hub.directory(SID) / "agent.sock")) > 108
-    assert (hub.directory(SID) / "agent.sock").stat().st_mode & 0o777 == 0o600
-
-
-async def test_exec_streams_and_exit_code(sup: FakeSupervisor, hub: ChannelHub) -> None:
-    p = await client(hub).exec(["sh", "-c", "cat; echo err >&2; exit 3"], stdin=True, env=["A=1"])
-    assert p.pid > 0
-    await p.write_stdin(b"hello ")
-    await p.write_stdin(b"world\n")
-    await p.close_stdin()
-    out: dict[str, bytes] = {"stdout": b"", "stderr": b""}
-    events = [e async for e in p.events()]
-    for e in events:
-        if isinstance(e, Output):
-            out[e.stream] += e.data
-    assert out == {"stdout": b"hello world\n", "stderr": b"err\n"}
-    assert p.status is not None and p.status.code == 3 and p.status.signal is None
-    assert events[-1] == p.status
-
-
-async def test_signal_and_concurrent_replies(sup: FakeSupervisor, hub: ChannelHub) -> None:
-    c = client(hub)
-    slow = await c.exec(["sleep", "30"])
-    # Requests issued together are answered independently.
-    entries, procs = await asyncio.gather(c.list("/"), c.ps())
-    assert [e.name for e in entries] == ["tmp"]
-    assert slow.pid in {p.pid for p in procs if p.running}
-    await slow.signal(signal.SIGTERM)
-    status = await slow.wait()
-    assert status.signal == signal.SIGTERM and status.code == 128 + signal.SIGTERM
-
-
-async def test_detach_and_attach_replays(sup: FakeSupervisor, hub: ChannelHub) -> None:
-    c = client(hub)
-    p = await c.exec(["sh", "-c", "echo one; read x; echo two"], stdin=True)
-    assert await p.stdout().__anext__() == b"one\n"
-    await p.close()  # detach; the process keeps running
-    again = await c.attach(p.pid)
-    await again.write_stdin(b"go\n")
-    data = b"".join([chunk async for chunk in again.stdout()])
-    assert data == b"two\n"
-    with pytest.raises(NotFound, match="No such process"):
-        await c.attach(999_999)
-
-
-async def test_file_errors_name_the_path(sup: FakeSupervisor, hub: ChannelHub) -> None:
-    c = client(hub)
-    with pytest.raises(NotFound, match="/tmp/nope"):
-        await c.stat("/tmp/nope")
-    assert await c.mkdir("/tmp/d/e") is True
-    assert await c.mkdir("/tmp/d/e") is False
-    with pytest.raises(FailedPrecondition, match="/tmp/d"):
-        await c.read("/tmp/d")
-    with pytest.raises(FailedPrecondition, match="/tmp/d"):
-        await c.write("/tmp/d", _chunks([b"x"]))
-    moved = await c.move("/tmp/d", "/tmp/f")
-    assert moved.type == "dir" and moved.path == "/tmp/f"
-    assert [e.path for e in await c.list("/tmp", depth=2)] == ["/tmp/f", "/tmp/f/e"]
-    await c.remove("/tmp/f")
-    with pytest.raises(NotFound, match="/tmp/f"):
-        await c.remove("/tmp/f")
-    e = await c.write("/tmp/m", _chunks([b"abc"]), mode=0o600, mtime=1_000_000.0)
-    e = await c.setattr("/tmp/m", mode=0o640)
-    assert (e.mode, e.mtime, e.size) == (0o640, 1_000_000.0, 3)
-
-
-async def _chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
-    for p in parts:
-        yield p
-
-
-async def test_stream_write_read_big(sup: FakeSupervisor, hub: ChannelHub) -> None:
-    c = client(hub)
-    block = os.urandom(1 << 20)
-    want = hashlib.sha256(block * 8).hexdigest()
-
-    async def gen() -> AsyncIterator[bytes]:
-        for _ in range(8):
-            yield block
-
-    entry = await c.write("/tmp/big/file", gen())
-    assert entry.size == 8 << 20 and entry.mode == 0o644
-    reader = await c.read("/tmp/big/file")
-    assert reader.entry.size == 8 << 20
-    h = hashlib.sha256()
-    async for chunk in reader.chunks():
-        assert len(chunk) <= 256 * 1024
-        h.update(chunk)
-    assert h.hexdigest() == want
-
-
-async def test_write_cut_off_leaves_old_file(sup: FakeSupervisor, hub: ChannelHub) -> None:
-    c = client(hub)
-    await c.write("/tmp/keep", _chunks([b"old"]))
-
-    async def failing() -> AsyncIterator[bytes]:
-        yield b"new data"
-        raise RuntimeError("source broke")
-
-    with pytest.raises(RuntimeError):
-        await c.write("/tmp/keep", failing())
-    r = await c.read("/tmp/keep")
-    assert b"".join([x async for x in r.chunks()]) == b"old"
-
-
-async def test_watch(sup: FakeSupervisor, hub: ChannelHub) -> None:
-    c = client(hub)
-    events = c.watch("/tmp")
-    first = asyncio.ensure_future(events.__anext__())
-    while not sup.watchers:
-        await asyncio.sleep(0.01)
-    await c.mkdir("/tmp/w")
-    ev = await first
-    assert (ev.event, ev.path, ev.type) == ("create", "/tmp/w", "dir")
-    await events.aclose()  # type: ignore[attr-defined]
-
-
-async def test_wrong_secret_refused(hub: ChannelHub, tmp_path: Path) -> None:
-    await hub.open(SID)
-    bad = FakeSupervisor(hub.directory(SID), SID, "00" * 32, tmp_path)
-    bad.start()
-    try:
-        while bad.refused == 0:
-            await asyncio.sleep(0.01)
-        assert not hub.get(SID).connected  # type: ignore[union-attr]
-    finally:
-        await bad.stop()
-
-
-async def test_unknown_stream_token_refused(sup: FakeSupervisor, hub: ChannelHub) -> None:
-    await client(hub).ps()  # connected
-    before = sup.refused
-    assert await sup._connect("data", "f" * 32) is None
-    assert sup.refused == before + 1
-
-
-async def test_agent_restart_redial(sup: FakeSupervisor, hub: ChannelHub) -> None:
-    c = client(hub)
-    p = await c.exec(["sh", "-c", "sleep 0.5; echo after"])
-    await hub.close()  # the agent goes away; the process keeps running
-    await hub.open(SID)  # a new agent re-makes the listener at the same path
-    c2 = client(hub)
-    again = await c2.attach(p.pid)
-    assert b"".join([x async for x in again.stdout()]) == b"after\n"
-    assert sup.controls >= 2
-
-
-async def test_supervisor_that_never_dials(
-    hub: ChannelHub, monkeypatch: pytest.MonkeyPatch
+async def test_agent_with_the_wrong_secret_refuses_and_the_supervisor_redials(
+    supervisor_bin: Path, tmp_path: Path
 ) -> None:
-    await hub.open(SID)
-    monkeypatch.setattr(channel_mod, "CONNECT_WAIT_SECONDS", 0.2)
-    with pytest.raises(Unavailable, match=f"sandbox {SID}"):
-        await channel_mod.Channel.control(hub.get(SID), wait=0.2)  # type: ignore[arg-type]
-    await hub.remove(SID)
-    assert not hub.directory(SID).exists()
-
-
-async def test_malformed_frame_closes_control(hub: ChannelHub) -> None:
-    """A peer that does not handshake is dropped without ever counting as connected."""
-    await hub.open(SID)
-    d = tempfile.mkdtemp(dir="/tmp")
+    agent = await FakeAgent(tmp_path, secrets.token_bytes(32)).start()
+    proc = start_supervisor(supervisor_bin, tmp_path, secrets.token_hex(32), tmp_path / "log")
     try:
-        link = Path(d) / "s"
-        link.symlink_to(hub.directory(SID) / "agent.sock")
-        reader, writer = await asyncio.open_unix_connection(str(link))
-        assert (await read_frame(reader)) is not None
-        writer.write(encode_json({"v": 1, "role": "control", "sandbox": SID}))
-        answer = await read_frame(reader)
-        assert answer is not None and answer.json()["ok"] is False
-        writer.close()
-        assert not hub.get(SID).connected  # type: ignore[union-attr]
+        await wait_until(lambda: agent.refused >= 3, "repeated refused dials")
+        assert not agent.control.done()
+        assert proc.poll() is None  # a refused channel is retried, never fatal
     finally:
-        shutil.rmtree(d)
+        stop(proc)
+        await agent.stop()
+
+
+async def test_supervisor_refuses_an_agent_whose_proof_is_wrong(
+    supervisor_bin: Path, tmp_path: Path
+) -> None:
+    """An impostor listening on the socket (without the secret) gets no service."""
+    secret = secrets.token_bytes(32)
+    agent = await FakeAgent(tmp_path, secret, lie=True).start()
+    proc = start_supervisor(supervisor_bin, tmp_path, secret.hex(), tmp_path / "log")
+    try:
+        conn = await agent.wait_control()
+        with contextlib.suppress(ConnectionError):  # it may have closed already
+            conn.send_json({"id": 1, "op": "ps"})
+        await wait_until(lambda: agent.lost >= 1, "the supervisor to close the connection")
+        await wait_until(lambda: len(agent.hellos) >= 2, "a redial after the refusal")
+    finally:
+        stop(proc)
+        await agent.stop()
+
+
+def test_malformed_secret_is_a_usage_error(supervisor_bin: Path, tmp_path: Path) -> None:
+    proc = start_supervisor(supervisor_bin, tmp_path, "not-hex", tmp_path / "log")
+    assert proc.wait(timeout=BOUND) == 2
+    stop(proc)
+    assert b"FSB_SUPERVISOR_SECRET must be 64 hex" in (tmp_path / "log").read_bytes()
+
+
+async def test_bad_frames_close_the_control_connection(sandbox: Sandbox) -> None:
+    conn = await sandbox.agent.wait_control()
+    conn.send(9, b"x")  # unknown type
+    await wait_until(lambda: sandbox.agent.lost >= 1, "the supervisor to close the connection")
+    await wait_until(lambda: len(sandbox.agent.hellos) >= 2, "the supervisor to redial")
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+async def test_exec_keeps_stdout_and_stderr_apart_and_passes_the_exit_code(
+    sandbox: Sandbox,
+) -> None:
+    out = await sandbox.agent.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (out.stdout, out.stderr) == (b"out\n", b"err\n")
+    assert out.exit == {"code": 3, "signal": None, "timed_out": False}
+
+
+async def test_exec_env_cwd_and_no_fsb_variables(sandbox: Sandbox, tmp_path: Path) -> None:
+    out = await sandbox.agent.run(
+        ["sh", "-c", "pwd; env"], env=["A=1", PATH_ENV], cwd=str(tmp_path)
+    )
+    lines = out.stdout.decode().splitlines()
+    assert lines[0] == str(tmp_path)
+    assert "A=1" in lines
+    assert not [x for x in lines if x.startswith("FSB_")]
+
+
+async def test_stdin_is_streamed_and_closed(sandbox: Sandbox) -> None:
+    reply, conn = await sandbox.agent.stream("exec", argv=["cat"], env=[PATH_ENV])
+    assert reply["ok"] and reply["pid"] > 0 and conn is not None
+    conn.send(DATA, b"hello ")
+    conn.send(DATA, b"world")
+    conn.send(EOF)
+    out = await conn.collect()
+    assert out.stdout == b"hello world" and out.exit["code"] == 0
+
+
+async def test_stdin_off_reads_dev_null(sandbox: Sandbox) -> None:
+    _, conn = await sandbox.agent.stream("exec", argv=["cat"], env=[PATH_ENV], stdin=False)
+    assert conn is not None
+    out = await conn.collect()  # no EOF sent: cat ends on /dev/null by itself
+    assert out.stdout == b"" and out.exit["code"] == 0
+
+
+async def test_signals_reach_the_process_group(sandbox: Sandbox) -> None:
+    reply, conn = await sandbox.agent.stream("exec", argv=["sleep", "100"], env=[PATH_ENV])
+    assert conn is not None
+    conn.send_json({"signal": signal.SIGTERM})
+    out = await conn.collect()
+    assert out.exit == {"code": 128 + signal.SIGTERM, "signal": signal.SIGTERM, "timed_out": False}
+
+    reply, conn = await sandbox.agent.stream("exec", argv=["sleep", "100"], env=[PATH_ENV])
+    assert conn is not None
+    assert (await sandbox.agent.request("signal", pid=reply["pid"], signal=9))["ok"]
+    assert (await conn.collect()).exit["signal"] == 9
+    gone = await sandbox.agent.request("signal", pid=424242, signal=9)
+    assert err(gone)["code"] == "ESRCH"
+
+
+async def test_a_background_child_holding_the_pipe_does_not_hold_the_exit_back(
+    sandbox: Sandbox,
+) -> None:
+    out = await sandbox.agent.run(["sh", "-c", "sleep 100 & echo $!"])
+    try:
+        assert out.exit["code"] == 0
+    finally:
+        os.kill(int(out.stdout), signal.SIGKILL)
+
+
+async def test_timeout_kills_and_reports(sandbox: Sandbox) -> None:
+    out = await sandbox.agent.run(["sleep", "100"], timeout_ms=100)
+    assert out.exit == {"code": 137, "signal": 9, "timed_out": True}
+
+
+async def test_exec_errors_name_what_failed(sandbox: Sandbox, tmp_path: Path) -> None:
+    missing = await sandbox.agent.request("exec", stream="t1", argv=["nosuch-fsb"], env=[PATH_ENV])
+    assert err(missing) == {
+        "code": "ENOENT",
+        "message": "exec nosuch-fsb: No such file or directory",
+        "path": "nosuch-fsb",
+    }
+    data = tmp_path / "data.txt"
+    data.write_text("x")
+    denied = await sandbox.agent.request("exec", stream="t2", argv=[str(data)])
+    assert err(denied)["code"] == "EACCES"
+    cwd = await sandbox.agent.request("exec", stream="t3", argv=["true"], cwd="/nonexistent-fsb")
+    assert err(cwd)["code"] == "ENOENT" and "/nonexistent-fsb" in err(cwd)["message"]
+    not_dir = await sandbox.agent.request("exec", stream="t6", argv=["true"], cwd=str(data))
+    assert err(not_dir)["code"] == "ENOTDIR" and str(data) in err(not_dir)["message"]
+    user = await sandbox.agent.request("exec", stream="t4", argv=["true"], user="nobody-fsb")
+    assert err(user) == {
+        "code": "EINVAL",
+        "message": 'unknown user "nobody-fsb" (not in /etc/passwd)',
+    }
+    empty = await sandbox.agent.request("exec", stream="t5", argv=[])
+    assert err(empty)["code"] == "EINVAL" and "argv" in err(empty)["message"]
+    unknown = await sandbox.agent.request("start_main", argv=["true"])
+    assert err(unknown)["code"] == "EINVAL" and "unknown op" in err(unknown)["message"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
+async def test_exec_as_a_passwd_user(sandbox: Sandbox) -> None:
+    out = await sandbox.agent.run(["sh", "-c", "id -u; id -g; echo $HOME"], user="nobody")
+    uid, gid, home = out.stdout.decode().split()
+    assert (int(uid), int(gid), home) == (65534, 65534, "/nonexistent")
+    out = await sandbox.agent.run(["id", "-u"], user="1234:5678")
+    assert out.stdout == b"1234\n"
+
+
+async def test_pty_is_a_terminal_of_the_given_size_and_resizes(sandbox: Sandbox) -> None:
+    out = await sandbox.agent.run(["tty"], pty={"cols": 100, "rows": 30})
+    assert re.fullmatch(rb"/dev/pts/\d+\r?\n", out.stdout), out.stdout
+    assert out.stderr == b""
+
+    reply, conn = await sandbox.agent.stream(
+        "exec",
+        argv=["sh", "-c", "stty size; read x; stty size"],
+        env=[PATH_ENV],
+        pty={"cols": 100, "rows": 30},
+    )
+    assert conn is not None
+    seen = b""
+    while b"30 100" not in seen:
+        frame = await asyncio.wait_for(conn.read(), BOUND)
+        assert frame is not None and frame[0] == STDOUT, frame
+        seen += frame[1]
+    conn.send_json({"resize": {"cols": 120, "rows": 40}})
+    conn.send(DATA, b"\n")
+    out = await conn.collect()
+    assert b"40 120" in out.stdout and out.exit["code"] == 0
+
+    # The same through the control connection (no data connection needed).
+    reply2, conn2 = await sandbox.agent.stream(
+        "exec", argv=["sh", "-c", "read x; stty size"], env=[PATH_ENV], pty={"cols": 10, "rows": 5}
+    )
+    assert conn2 is not None
+    resized = await sandbox.agent.request("resize", pid=reply2["pid"], cols=77, rows=33)
+    assert resized["ok"], resized
+    conn2.send(DATA, b"\n")
+    assert b"33 77" in (await conn2.collect()).stdout
+    ps = (await sandbox.agent.request("ps"))["processes"]
+    assert [p["pty"] for p in ps if p["pid"] == reply["pid"]] == [True]
+
+
+async def test_attach_after_the_data_connection_dropped_replays_the_ring(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    script = f"echo one; while [ ! -e {go} ]; do sleep 0.02; done; echo two; echo err >&2; exit 5"
+    reply, conn = await sandbox.agent.stream(
+        "exec", argv=["sh", "-c", script], env=[PATH_ENV], tag="job"
+    )
+    assert conn is not None
+    pid = reply["pid"]
+    frame = await asyncio.wait_for(conn.read(), BOUND)
+    assert frame == (STDOUT, b"one\n")
+    conn.close()
+
+    async def attached() -> bool:
+        ps = (await sandbox.agent.request("ps"))["processes"]
+        return bool([p for p in ps if p["pid"] == pid and not p["attached"]])
+
+    deadline = time.monotonic() + BOUND
+    while not await attached():
+        assert time.monotonic() < deadline, "the supervisor never noticed the drop"
+        await asyncio.sleep(0.02)
+    go.touch()  # output from now on has nobody to go to: it waits in the ring
+
+    async def exited() -> bool:
+        ps = (await sandbox.agent.request("ps"))["processes"]
+        return [p["running"] for p in ps if p["pid"] == pid] == [False]
+
+    while not await exited():
+        assert time.monotonic() < deadline, "the process never exited"
+        await asyncio.sleep(0.02)
+    ps = next(p for p in (await sandbox.agent.request("ps"))["processes"] if p["pid"] == pid)
+    assert ps["exit_code"] == 5 and ps["tag"] == "job" and ps["main"] is False
+
+    reply, conn = await sandbox.agent.stream("attach", pid=pid)
+    assert reply["ok"] and conn is not None
+    out = await conn.collect()
+    assert (out.stdout, out.stderr, out.exit["code"]) == (b"two\n", b"err\n", 5)
+
+    assert err(await sandbox.agent.request("attach", pid=999999, stream="x"))["code"] == "ESRCH"
+
+
+async def test_a_new_attach_replaces_the_previous_one(sandbox: Sandbox) -> None:
+    reply, first = await sandbox.agent.stream("exec", argv=["cat"], env=[PATH_ENV])
+    assert first is not None
+    _, second = await sandbox.agent.stream("attach", pid=reply["pid"])
+    assert second is not None
+    assert await asyncio.wait_for(first.read(), BOUND) is None  # the old one is closed
+    second.send(DATA, b"via second")
+    second.send(EOF)
+    out = await second.collect()
+    assert out.stdout == b"via second"
+
+
+async def test_concurrent_requests_do_not_wait_for_each_other(sandbox: Sandbox) -> None:
+    """A slow exec (a long stream) never holds up a stat on the same control connection."""
+    _, conn = await sandbox.agent.stream("exec", argv=["sleep", "100"], env=[PATH_ENV])
+    assert conn is not None
+    results = await asyncio.gather(*(sandbox.agent.request("stat", path="/") for _ in range(20)))
+    assert all(r["ok"] for r in results)
+    conn.send_json({"signal": 9})
+    await conn.collect()
+
+
+async def test_ps_lists_the_main_process(supervisor_bin: Path, tmp_path: Path) -> None:
+    secret = secrets.token_bytes(32)
+    agent = await FakeAgent(tmp_path, secret).start()
+    proc = start_supervisor(
+        supervisor_bin, tmp_path, secret.hex(), tmp_path / "log", "sleep", "100"
+    )
+    try:
+        ps = (await agent.request("ps"))["processes"]
+        main = [p for p in ps if p["main"]]
+        assert len(main) == 1 and main[0]["argv"] == ["sleep", "100"] and main[0]["running"]
+        main_pid = main[0]["pid"]
+        assert err(await agent.request("attach", pid=main_pid, stream="x"))["code"] == "EINVAL"
+        proc.terminate()  # forwarded to the main process, whose status becomes ours
+        assert proc.wait(timeout=BOUND) == 128 + signal.SIGTERM
+    finally:
+        stop(proc)
+        await agent.stop()
+
+
+async def test_processes_survive_an_agent_restart_and_the_channel_comes_back(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    reply, conn = await sandbox.agent.stream("exec", argv=["cat"], env=[PATH_ENV])
+    assert conn is not None
+    conn.send(DATA, b"before ")
+    await conn.drain()
+    await sandbox.agent.stop()  # the agent dies; the socket is gone
+
+    restarted = await FakeAgent(sandbox.dir / "run", sandbox.secret).start()
+    sandbox.agent = restarted  # the fixture stops this one
+    await restarted.wait_control()
+    ps = (await restarted.request("ps"))["processes"]
+    assert [p["running"] for p in ps if p["pid"] == reply["pid"]] == [True]
+    _, again = await restarted.stream("attach", pid=reply["pid"])
+    assert again is not None
+    again.send(DATA, b"after")
+    again.send(EOF)
+    out = await again.collect()
+    assert out.stdout.endswith(b"after") and out.exit["code"] == 0
+
+
+async def test_idle_supervisor_exits_zero_on_sigterm(sandbox: Sandbox) -> None:
+    await sandbox.agent.wait_control()
+    reply, conn = await sandbox.agent.stream("exec", argv=["sleep", "100"], env=[PATH_ENV])
+    assert conn is not None
+    sandbox.proc.terminate()
+    assert sandbox.proc.wait(timeout=BOUND) == 0
+    # Not PID 1, it still kills what it started (as PID 1 the namespace would).
+    await wait_until(
+        lambda: (
+            not Path(f"/proc/{reply['pid']}").exists()
+            or "Z" in Path(f"/proc/{reply['pid']}/stat").read_text().split()[2]
+        ),
+        "sleep killed",
+    )
+
+
+def test_json_frame_constant_matches_protocol() -> None:
+    assert (JSON, DATA, STDOUT, EOF) == (1, 2, 3, 5)

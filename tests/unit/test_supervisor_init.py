@@ -257,6 +257,22 @@ def test_fsb_variables_are_scrubbed_from_the_main_environment(init_bin: Path) ->
     assert "KEEP=1" in lines and not [x for x in lines if x.startswith("FSB_")]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading a non-dumpable process's environ needs root")
+def test_the_secret_is_wiped_from_the_environment_block(init_bin: Path) -> None:
+    """/proc/PID/environ shows the original block, which unsetenv does not change."""
+    secret = "ab" * 32
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FSB_SUPERVISOR_SECRET": secret}
+    proc = subprocess.Popen([str(init_bin), "--", "sleep", "100"], env=env)
+    try:
+        wait_for(lambda: any(True for _ in children(proc.pid)), "the main process to start")
+        block = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        assert b"FSB_SUPERVISOR_SECRET=" in block  # the name stays; only the value is wiped
+        assert secret.encode() not in block
+    finally:
+        proc.terminate()
+        proc.wait(timeout=BOUND)
+
+
 def test_supervisor_is_not_dumpable_but_its_children_are(init_bin: Path) -> None:
     """PR_SET_DUMPABLE 0: a process of the same uid (sandbox code) cannot read the supervisor's
     /proc/PID/environ (where FSB_SUPERVISOR_SECRET was); its children are ordinary processes."""

@@ -15,7 +15,9 @@ pub fn proof(secret: &[u8], label: &str, nonce_hex: &str) -> String {
 }
 
 pub fn verify(secret: &[u8], label: &str, nonce_hex: &str, proof_hex: &str) -> bool {
-    let Some(given) = unhex(proof_hex) else { return false };
+    let Some(given) = unhex(proof_hex) else {
+        return false;
+    };
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(label.as_bytes());
     mac.update(nonce_hex.as_bytes());
@@ -33,11 +35,14 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    s.as_bytes().chunks(2).map(|p| Some(digit(p[0])? << 4 | digit(p[1])?)).collect()
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
 }
 
 pub fn random_bytes(n: usize) -> Vec<u8> {
@@ -48,7 +53,10 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
         let r = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), n - got, 0) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
-            assert!(e.kind() == std::io::ErrorKind::Interrupted, "getrandom: {e}");
+            assert!(
+                e.kind() == std::io::ErrorKind::Interrupted,
+                "getrandom: {e}"
+            );
             continue;
         }
         got += r as usize;

@@ -5,7 +5,7 @@ use crate::auth;
 use crate::errors::OpError;
 use crate::files;
 use crate::frame::{self, Frame};
-use crate::procs::{ExecReq, Proc, Table, thread_small};
+use crate::procs::{ExecReq, Launched, Proc, Table, thread_small};
 use crate::spawn::{Spec, Stdio};
 use crate::users;
 use crate::watch::Watch;
@@ -39,9 +39,14 @@ impl Channel {
             _ => return Err(proto_err("handshake: expected the agent's hello")),
         };
         if hello.get("v").and_then(Value::as_u64) != Some(1) {
-            return Err(proto_err(format!("handshake: unsupported version in {hello}")));
+            return Err(proto_err(format!(
+                "handshake: unsupported version in {hello}"
+            )));
         }
-        let agent_nonce = hello.get("nonce").and_then(Value::as_str).ok_or_else(|| proto_err("handshake: no nonce"))?;
+        let agent_nonce = hello
+            .get("nonce")
+            .and_then(Value::as_str)
+            .ok_or_else(|| proto_err("handshake: no nonce"))?;
         let nonce = auth::hex(&auth::random_bytes(32));
         let mut msg = json!({
             "v": 1, "role": if stream.is_some() { "data" } else { "control" },
@@ -58,11 +63,16 @@ impl Channel {
             _ => return Err(proto_err("handshake: expected the agent's answer")),
         };
         if answer.get("ok").and_then(Value::as_bool) != Some(true) {
-            return Err(proto_err(format!("handshake refused by the agent: {}", answer.get("error").unwrap_or(&Value::Null))));
+            return Err(proto_err(format!(
+                "handshake refused by the agent: {}",
+                answer.get("error").unwrap_or(&Value::Null)
+            )));
         }
         let proof = answer.get("proof").and_then(Value::as_str).unwrap_or("");
         if !auth::verify(&self.secret, "agent:", &nonce, proof) {
-            return Err(proto_err("handshake: the agent's proof is wrong (not our agent?)"));
+            return Err(proto_err(
+                "handshake: the agent's proof is wrong (not our agent?)",
+            ));
         }
         conn.set_read_timeout(None)?;
         Ok(conn)
@@ -77,14 +87,20 @@ impl Channel {
                 Ok(conn) => {
                     backoff = Duration::from_millis(50);
                     last_error.clear();
-                    log(&format!("control connection to {} established", self.socket.display()));
+                    log(&format!(
+                        "control connection to {} established",
+                        self.socket.display()
+                    ));
                     let why = self.serve(conn);
                     log(&format!("control connection lost: {why}; redialling"));
                 }
                 Err(e) => {
                     let text = e.to_string();
                     if text != last_error {
-                        log(&format!("dial {}: {text} (retrying)", self.socket.display()));
+                        log(&format!(
+                            "dial {}: {text} (retrying)",
+                            self.socket.display()
+                        ));
                         last_error = text;
                     }
                 }
@@ -95,7 +111,9 @@ impl Channel {
     }
 
     fn serve(self: &Arc<Self>, conn: UnixStream) -> String {
-        let Ok(writer) = conn.try_clone() else { return "cannot clone the socket".into() };
+        let Ok(writer) = conn.try_clone() else {
+            return "cannot clone the socket".into();
+        };
         let writer = Arc::new(Mutex::new(writer));
         let mut reader = conn;
         loop {
@@ -144,34 +162,56 @@ impl Channel {
 
     fn dispatch(&self, req: &Value) -> Result<(Value, Option<(String, Job)>), OpError> {
         let op = req.get("op").and_then(Value::as_str).unwrap_or("");
-        let stream = || str_field(req, "stream").and_then(|s| {
-            if s.is_empty() { Err(OpError::invalid("field \"stream\" must be a non-empty token")) } else { Ok(s.to_owned()) }
-        });
+        let stream = || {
+            str_field(req, "stream").and_then(|s| {
+                if s.is_empty() {
+                    Err(OpError::invalid(
+                        "field \"stream\" must be a non-empty token",
+                    ))
+                } else {
+                    Ok(s.to_owned())
+                }
+            })
+        };
         let path = || files::check_abs(str_field(req, "path")?, "path").map(str::to_owned);
         match op {
             "exec" => {
                 let token = stream()?;
                 let (proc, out, err) = self.exec(req)?;
-                Ok((json!({"pid": proc.pid}), Some((token, Job::Exec(proc, out, err)))))
+                Ok((
+                    json!({"pid": proc.pid}),
+                    Some((token, Job::Exec(proc, out, err))),
+                ))
             }
             "attach" => {
                 let token = stream()?;
                 let proc = self.proc_of(req)?;
                 if proc.main {
-                    return Err(OpError::invalid(format!("process {} is the main process; its output goes to the sandbox log", proc.pid)));
+                    return Err(OpError::invalid(format!(
+                        "process {} is the main process; its output goes to the sandbox log",
+                        proc.pid
+                    )));
                 }
                 Ok((json!({}), Some((token, Job::Attach(proc)))))
             }
             "signal" => {
-                let sig = req.get("signal").and_then(Value::as_i64).filter(|s| (1..=64).contains(s))
-                    .ok_or_else(|| OpError::invalid("field \"signal\" must be a signal number 1..64"))?;
+                let sig = req
+                    .get("signal")
+                    .and_then(Value::as_i64)
+                    .filter(|s| (1..=64).contains(s))
+                    .ok_or_else(|| {
+                        OpError::invalid("field \"signal\" must be a signal number 1..64")
+                    })?;
                 self.proc_of(req)?.signal(sig as i32)?;
                 Ok((json!({}), None))
             }
             "resize" => {
                 let proc = self.proc_of(req)?;
                 if !proc.pty {
-                    return Err(OpError::invalid(format!("process {} has no PTY to resize", proc.pid)));
+                    return Err(OpError::invalid(format!(
+                        "process {} has no PTY to resize",
+                        proc.pid
+                    )));
                 }
                 let (cols, rows) = size_of(req)?;
                 proc.resize(cols, rows);
@@ -187,7 +227,12 @@ impl Channel {
                 let p = path()?;
                 let cred = users::resolve_system(opt_str(req, "user")?.unwrap_or(""))?;
                 let mode = opt_u64(req, "mode")?.unwrap_or(0o755) as u32 & 0o7777;
-                let created = files::mkdir(&p, mode, opt_bool(req, "parents")?.unwrap_or(true), cred.as_ref())?;
+                let created = files::mkdir(
+                    &p,
+                    mode,
+                    opt_bool(req, "parents")?.unwrap_or(true),
+                    cred.as_ref(),
+                )?;
                 Ok((json!({"created": created}), None))
             }
             "move" => {
@@ -195,7 +240,10 @@ impl Channel {
                 let dst = files::check_abs(str_field(req, "dst")?, "dst")?;
                 Ok((files::move_(src, dst)?, None))
             }
-            "remove" => Ok((files::remove(&path()?, opt_bool(req, "recursive")?.unwrap_or(true))?, None)),
+            "remove" => Ok((
+                files::remove(&path()?, opt_bool(req, "recursive")?.unwrap_or(true))?,
+                None,
+            )),
             "setattr" => {
                 let mode = opt_u64(req, "mode")?.map(|m| m as u32);
                 let mtime = opt_f64(req, "mtime")?;
@@ -210,7 +258,13 @@ impl Channel {
                 let (p, token) = (path()?, stream()?);
                 let cred = users::resolve_system(opt_str(req, "user")?.unwrap_or(""))?;
                 let mode = opt_u64(req, "mode")?.map(|m| m as u32);
-                let up = files::begin_write(&p, mode, opt_f64(req, "mtime")?, opt_bool(req, "parents")?.unwrap_or(true), cred.as_ref())?;
+                let up = files::begin_write(
+                    &p,
+                    mode,
+                    opt_f64(req, "mtime")?,
+                    opt_bool(req, "parents")?.unwrap_or(true),
+                    cred.as_ref(),
+                )?;
                 Ok((json!({}), Some((token, Job::Write(up)))))
             }
             "watch" => {
@@ -223,11 +277,20 @@ impl Channel {
     }
 
     fn proc_of(&self, req: &Value) -> Result<Arc<Proc>, OpError> {
-        let pid = req.get("pid").and_then(Value::as_i64).ok_or_else(|| OpError::invalid("field \"pid\" must be an integer"))?;
-        self.table.get(pid as i32).ok_or_else(|| OpError::new("ESRCH", format!("no process {pid} started by this supervisor"), None))
+        let pid = req
+            .get("pid")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| OpError::invalid("field \"pid\" must be an integer"))?;
+        self.table.get(pid as i32).ok_or_else(|| {
+            OpError::new(
+                "ESRCH",
+                format!("no process {pid} started by this supervisor"),
+                None,
+            )
+        })
     }
 
-    fn exec(&self, req: &Value) -> Result<(Arc<Proc>, Option<std::fs::File>, Option<std::fs::File>), OpError> {
+    fn exec(&self, req: &Value) -> Result<Launched, OpError> {
         let argv = str_list(req, "argv")?;
         if argv.is_empty() {
             return Err(OpError::invalid("field \"argv\" must not be empty"));
@@ -244,15 +307,27 @@ impl Channel {
         }
         let cwd = opt_str(req, "cwd")?.unwrap_or("").to_owned();
         let stdio = match req.get("pty") {
-            None | Some(Value::Null) => Stdio::Pipes { stdin: opt_bool(req, "stdin")?.unwrap_or(true) },
+            None | Some(Value::Null) => Stdio::Pipes {
+                stdin: opt_bool(req, "stdin")?.unwrap_or(true),
+            },
             Some(p) if p.is_object() => {
                 let (cols, rows) = size_of(p)?;
                 Stdio::Pty { cols, rows }
             }
-            Some(_) => return Err(OpError::invalid("field \"pty\" must be null or {\"cols\",\"rows\"}")),
+            Some(_) => {
+                return Err(OpError::invalid(
+                    "field \"pty\" must be null or {\"cols\",\"rows\"}",
+                ));
+            }
         };
         let exec = ExecReq {
-            spec: Spec { argv, env, cwd, cred, stdio },
+            spec: Spec {
+                argv,
+                env,
+                cwd,
+                cred,
+                stdio,
+            },
             tag: opt_str(req, "tag")?.unwrap_or("").to_owned(),
             timeout_ms: opt_u64(req, "timeout_ms")?.unwrap_or(0),
         };
@@ -315,7 +390,10 @@ impl Job {
                     match frame::read_frame(&mut c) {
                         Ok(Some(Frame::Bytes(frame::DATA, data))) => {
                             if failed.is_none()
-                                && let Err(e) = std::io::Write::write_all(up.file.as_mut().expect("open until commit"), &data)
+                                && let Err(e) = std::io::Write::write_all(
+                                    up.file.as_mut().expect("open until commit"),
+                                    &data,
+                                )
                             {
                                 failed = Some(OpError::io(&e, "write", &up.path));
                             }
@@ -350,48 +428,67 @@ pub fn log(msg: &str) {
 }
 
 fn str_field<'a>(req: &'a Value, name: &str) -> Result<&'a str, OpError> {
-    req.get(name).and_then(Value::as_str).ok_or_else(|| OpError::invalid(format!("field \"{name}\" must be a string")))
+    req.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| OpError::invalid(format!("field \"{name}\" must be a string")))
 }
 
 fn opt_str<'a>(req: &'a Value, name: &str) -> Result<Option<&'a str>, OpError> {
     match req.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(OpError::invalid(format!("field \"{name}\" must be a string"))),
+        Some(_) => Err(OpError::invalid(format!(
+            "field \"{name}\" must be a string"
+        ))),
     }
 }
 
 fn opt_u64(req: &Value, name: &str) -> Result<Option<u64>, OpError> {
     match req.get(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| OpError::invalid(format!("field \"{name}\" must be a non-negative integer"))),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            OpError::invalid(format!("field \"{name}\" must be a non-negative integer"))
+        }),
     }
 }
 
 fn opt_f64(req: &Value, name: &str) -> Result<Option<f64>, OpError> {
     match req.get(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| OpError::invalid(format!("field \"{name}\" must be a number"))),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| OpError::invalid(format!("field \"{name}\" must be a number"))),
     }
 }
 
 fn opt_bool(req: &Value, name: &str) -> Result<Option<bool>, OpError> {
     match req.get(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_bool().map(Some).ok_or_else(|| OpError::invalid(format!("field \"{name}\" must be a boolean"))),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| OpError::invalid(format!("field \"{name}\" must be a boolean"))),
     }
 }
 
 fn str_list(req: &Value, name: &str) -> Result<Vec<String>, OpError> {
     let bad = || OpError::invalid(format!("field \"{name}\" must be a list of strings"));
-    req.get(name).and_then(Value::as_array).ok_or_else(bad)?
-        .iter().map(|v| v.as_str().map(str::to_owned).ok_or_else(bad)).collect()
+    req.get(name)
+        .and_then(Value::as_array)
+        .ok_or_else(bad)?
+        .iter()
+        .map(|v| v.as_str().map(str::to_owned).ok_or_else(bad))
+        .collect()
 }
 
 fn size_of(v: &Value) -> Result<(u16, u16), OpError> {
     let get = |k: &str| {
         let v = v.get("resize").unwrap_or(v);
-        v.get(k).and_then(Value::as_u64).filter(|n| (1..=u16::MAX as u64).contains(n)).map(|n| n as u16)
+        v.get(k)
+            .and_then(Value::as_u64)
+            .filter(|n| (1..=u16::MAX as u64).contains(n))
+            .map(|n| n as u16)
             .ok_or_else(|| OpError::invalid(format!("field \"{k}\" must be an integer 1..65535")))
     };
     Ok((get("cols")?, get("rows")?))

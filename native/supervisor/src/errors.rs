@@ -12,7 +12,11 @@ pub struct OpError {
 
 impl OpError {
     pub fn new(code: &'static str, message: impl Into<String>, path: Option<&str>) -> Self {
-        OpError { code, message: message.into(), path: path.map(str::to_owned) }
+        OpError {
+            code,
+            message: message.into(),
+            path: path.map(str::to_owned),
+        }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {

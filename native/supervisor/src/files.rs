@@ -12,10 +12,18 @@ pub const LIST_MAX: usize = 10_000;
 
 pub fn check_abs<'a>(path: &'a str, field: &str) -> Result<&'a str, OpError> {
     if !path.starts_with('/') {
-        return Err(OpError::new("EINVAL", format!("field \"{field}\" must be an absolute path, got \"{path}\""), Some(path)));
+        return Err(OpError::new(
+            "EINVAL",
+            format!("field \"{field}\" must be an absolute path, got \"{path}\""),
+            Some(path),
+        ));
     }
     if path.contains('\0') {
-        return Err(OpError::new("EINVAL", format!("field \"{field}\" contains a NUL byte"), Some(path)));
+        return Err(OpError::new(
+            "EINVAL",
+            format!("field \"{field}\" contains a NUL byte"),
+            Some(path),
+        ));
     }
     Ok(path)
 }
@@ -25,22 +33,35 @@ fn cpath(path: &str) -> CString {
 }
 
 fn last_errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 pub fn entry(path: &str, md: &Metadata) -> Value {
     let ft = md.file_type();
-    let ty = if ft.is_symlink() { "symlink" } else if ft.is_dir() { "dir" } else if ft.is_file() { "file" } else { "other" };
-    let name = Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "/".into());
+    let ty = if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_dir() {
+        "dir"
+    } else if ft.is_file() {
+        "file"
+    } else {
+        "other"
+    };
+    let name = Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "/".into());
     let mut e = json!({
         "name": name, "path": path, "type": ty, "size": md.size(), "mode": md.mode() & 0o7777,
         "uid": md.uid(), "gid": md.gid(),
         "mtime": md.mtime() as f64 + md.mtime_nsec() as f64 / 1e9,
     });
-    if ft.is_symlink() {
-        if let Ok(t) = fs::read_link(path) {
-            e["target"] = json!(t.to_string_lossy());
-        }
+    if ft.is_symlink()
+        && let Ok(t) = fs::read_link(path)
+    {
+        e["target"] = json!(t.to_string_lossy());
     }
     e
 }
@@ -56,7 +77,11 @@ pub fn stat(path: &str) -> Result<Value, OpError> {
 
 pub fn list(path: &str, depth: u64) -> Result<Value, OpError> {
     if depth < 1 {
-        return Err(OpError::new("EINVAL", format!("field \"depth\" must be at least 1, got {depth}"), Some(path)));
+        return Err(OpError::new(
+            "EINVAL",
+            format!("field \"depth\" must be at least 1, got {depth}"),
+            Some(path),
+        ));
     }
     let md = fs::metadata(path).map_err(|e| OpError::io(&e, "list", path))?;
     if !md.is_dir() {
@@ -72,14 +97,20 @@ pub fn list(path: &str, depth: u64) -> Result<Value, OpError> {
         };
         for de in rd.flatten() {
             let p = de.path();
-            let Ok(md) = fs::symlink_metadata(&p) else { continue };
+            let Ok(md) = fs::symlink_metadata(&p) else {
+                continue;
+            };
             let ps = p.to_string_lossy().into_owned();
             if md.is_dir() && level < depth {
                 pending.push((p, level + 1));
             }
             out.push((ps.clone(), entry(&ps, &md)));
             if out.len() > LIST_MAX {
-                return Err(OpError::new("E2BIG", format!("list {path}: more than {LIST_MAX} entries (use a smaller depth)"), Some(path)));
+                return Err(OpError::new(
+                    "E2BIG",
+                    format!("list {path}: more than {LIST_MAX} entries (use a smaller depth)"),
+                    Some(path),
+                ));
             }
         }
     }
@@ -101,11 +132,14 @@ fn mkdir_one(path: &str, mode: u32, cred: Option<&Cred>) -> Result<bool, OpError
     match fs::create_dir(path) {
         Ok(()) => {
             // Explicitly, so the process umask does not change the mode asked for.
-            fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| OpError::io(&e, "chmod", path))?;
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                .map_err(|e| OpError::io(&e, "chmod", path))?;
             chown(path, cred)?;
             Ok(true)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && Path::new(path).is_dir() => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && Path::new(path).is_dir() => {
+            Ok(false)
+        }
         Err(e) => Err(OpError::io(&e, "mkdir", path)),
     }
 }
@@ -145,14 +179,21 @@ fn copy_tree(src: &str, dst: &str) -> Result<(), OpError> {
         symlink(&t, dst).map_err(|e| OpError::io(&e, "symlink", dst))?;
     } else if ft.is_dir() {
         fs::create_dir(dst).map_err(|e| OpError::io(&e, "mkdir", dst))?;
-        for de in fs::read_dir(src).map_err(|e| OpError::io(&e, "list", src))?.flatten() {
+        for de in fs::read_dir(src)
+            .map_err(|e| OpError::io(&e, "list", src))?
+            .flatten()
+        {
             let name = de.file_name().to_string_lossy().into_owned();
             copy_tree(&format!("{src}/{name}"), &format!("{dst}/{name}"))?;
         }
     } else if ft.is_file() {
         fs::copy(src, dst).map_err(|e| OpError::io(&e, "copy", dst))?;
     } else {
-        return Err(OpError::new("EXDEV", format!("move {src}: cannot copy a special file across filesystems"), Some(src)));
+        return Err(OpError::new(
+            "EXDEV",
+            format!("move {src}: cannot copy a special file across filesystems"),
+            Some(src),
+        ));
     }
     if !ft.is_symlink() {
         let _ = fs::set_permissions(dst, fs::Permissions::from_mode(md.mode() & 0o7777));
@@ -165,11 +206,25 @@ fn copy_tree(src: &str, dst: &str) -> Result<(), OpError> {
 
 fn set_mtime(path: &str, secs: i64, nsec: i64) -> Result<(), OpError> {
     let times = [
-        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-        libc::timespec { tv_sec: secs, tv_nsec: nsec },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: secs,
+            tv_nsec: nsec,
+        },
     ];
     // SAFETY: utimensat with a NUL-terminated path and two timespecs.
-    if unsafe { libc::utimensat(libc::AT_FDCWD, cpath(path).as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) } < 0 {
+    if unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            cpath(path).as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } < 0
+    {
         return Err(OpError::errno(last_errno(), "utimes", path));
     }
     Ok(())
@@ -177,7 +232,10 @@ fn set_mtime(path: &str, secs: i64, nsec: i64) -> Result<(), OpError> {
 
 pub fn split_mtime(mtime: f64) -> (i64, i64) {
     let secs = mtime.floor();
-    (secs as i64, ((mtime - secs) * 1e9).round().min(999_999_999.0) as i64)
+    (
+        secs as i64,
+        ((mtime - secs) * 1e9).round().min(999_999_999.0) as i64,
+    )
 }
 
 pub fn move_(src: &str, dst: &str) -> Result<Value, OpError> {
@@ -193,7 +251,11 @@ pub fn move_(src: &str, dst: &str) -> Result<Value, OpError> {
         Err(e) => {
             let errno = e.raw_os_error().unwrap_or(libc::EIO);
             let message = format!("move {src} to {dst}: {}", crate::errors::strerror(errno));
-            return Err(OpError::new(crate::errors::errno_name(errno), message, Some(src)));
+            return Err(OpError::new(
+                crate::errors::errno_name(errno),
+                message,
+                Some(src),
+            ));
         }
     }
     Ok(json!({"entry": lstat_entry(dst, "stat")?}))
@@ -202,7 +264,11 @@ pub fn move_(src: &str, dst: &str) -> Result<Value, OpError> {
 pub fn remove(path: &str, recursive: bool) -> Result<Value, OpError> {
     let md = fs::symlink_metadata(path).map_err(|e| OpError::io(&e, "remove", path))?;
     let r = if md.is_dir() {
-        if recursive { fs::remove_dir_all(path) } else { fs::remove_dir(path) }
+        if recursive {
+            fs::remove_dir_all(path)
+        } else {
+            fs::remove_dir(path)
+        }
     } else {
         fs::remove_file(path)
     };
@@ -213,7 +279,8 @@ pub fn remove(path: &str, recursive: bool) -> Result<Value, OpError> {
 pub fn setattr(path: &str, mode: Option<u32>, mtime: Option<f64>) -> Result<Value, OpError> {
     fs::symlink_metadata(path).map_err(|e| OpError::io(&e, "setattr", path))?;
     if let Some(m) = mode {
-        fs::set_permissions(path, fs::Permissions::from_mode(m & 0o7777)).map_err(|e| OpError::io(&e, "chmod", path))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(m & 0o7777))
+            .map_err(|e| OpError::io(&e, "chmod", path))?;
     }
     if let Some(t) = mtime {
         let (s, ns) = split_mtime(t);
@@ -231,9 +298,14 @@ pub fn open_read(path: &str, offset: u64) -> Result<(File, Value), OpError> {
         return Err(OpError::errno(libc::EISDIR, "read", path));
     }
     if !md.is_file() {
-        return Err(OpError::new("EINVAL", format!("read {path}: not a regular file"), Some(path)));
+        return Err(OpError::new(
+            "EINVAL",
+            format!("read {path}: not a regular file"),
+            Some(path),
+        ));
     }
-    f.seek(SeekFrom::Start(offset)).map_err(|e| OpError::io(&e, "seek", path))?;
+    f.seek(SeekFrom::Start(offset))
+        .map_err(|e| OpError::io(&e, "seek", path))?;
     Ok((f, entry(path, &md)))
 }
 
@@ -248,7 +320,13 @@ pub struct Upload {
     mtime: Option<f64>,
 }
 
-pub fn begin_write(path: &str, mode: Option<u32>, mtime: Option<f64>, parents: bool, cred: Option<&Cred>) -> Result<Upload, OpError> {
+pub fn begin_write(
+    path: &str,
+    mode: Option<u32>,
+    mtime: Option<f64>,
+    parents: bool,
+    cred: Option<&Cred>,
+) -> Result<Upload, OpError> {
     use std::os::unix::fs::OpenOptionsExt;
     let p = Path::new(path);
     let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else {
@@ -269,14 +347,30 @@ pub fn begin_write(path: &str, mode: Option<u32>, mtime: Option<f64>, parents: b
     if existing.as_ref().is_some_and(|m| m.is_dir()) {
         return Err(OpError::errno(libc::EISDIR, "write", path));
     }
-    let mode = mode.map(|m| m & 0o7777).or(existing.as_ref().map(|m| m.mode() & 0o7777)).unwrap_or(0o644);
-    let owner = cred.map(|c| (c.uid, c.gid)).or(existing.as_ref().map(|m| (m.uid(), m.gid())));
+    let mode = mode
+        .map(|m| m & 0o7777)
+        .or(existing.as_ref().map(|m| m.mode() & 0o7777))
+        .unwrap_or(0o644);
+    let owner = cred
+        .map(|c| (c.uid, c.gid))
+        .or(existing.as_ref().map(|m| (m.uid(), m.gid())));
     let suffix = crate::auth::hex(&crate::auth::random_bytes(6));
     let base = if dir == "/" { String::new() } else { dir };
     let tmp = format!("{base}/.{name}.fsb-{suffix}");
-    let file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
         .map_err(|e| OpError::io(&e, "create", &tmp))?;
-    Ok(Upload { path: path.to_owned(), tmp, file: Some(file), mode, owner, mtime })
+    Ok(Upload {
+        path: path.to_owned(),
+        tmp,
+        file: Some(file),
+        mode,
+        owner,
+        mtime,
+    })
 }
 
 impl Upload {
@@ -297,7 +391,16 @@ impl Upload {
         }
         if let Some(t) = self.mtime {
             let (s, ns) = split_mtime(t);
-            let times = [libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }, libc::timespec { tv_sec: s, tv_nsec: ns }];
+            let times = [
+                libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                libc::timespec {
+                    tv_sec: s,
+                    tv_nsec: ns,
+                },
+            ];
             // SAFETY: futimens on our descriptor with two timespecs.
             if unsafe { libc::futimens(fd, times.as_ptr()) } < 0 {
                 return Err(OpError::errno(last_errno(), "utimes", &self.path));
@@ -342,12 +445,30 @@ mod tests {
         assert!(!mkdir(&format!("{d}/a/b/c"), 0o700, true, None).unwrap());
         fs::write(format!("{d}/a/f"), b"x").unwrap();
         let v = list(&d, 2).unwrap();
-        let paths: Vec<&str> = v["entries"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
-        assert_eq!(paths, vec![format!("{d}/a"), format!("{d}/a/b"), format!("{d}/a/f")]);
+        let paths: Vec<&str> = v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            vec![format!("{d}/a"), format!("{d}/a/b"), format!("{d}/a/f")]
+        );
         let c = lstat_entry(&format!("{d}/a/b/c"), "stat").unwrap();
         assert_eq!(c["mode"], 0o700);
-        assert_eq!(mkdir(&format!("{d}/a/f"), 0o755, true, None).unwrap_err().code, "EEXIST");
-        assert_eq!(mkdir(&format!("{d}/x/y"), 0o755, false, None).unwrap_err().code, "ENOENT");
+        assert_eq!(
+            mkdir(&format!("{d}/a/f"), 0o755, true, None)
+                .unwrap_err()
+                .code,
+            "EEXIST"
+        );
+        assert_eq!(
+            mkdir(&format!("{d}/x/y"), 0o755, false, None)
+                .unwrap_err()
+                .code,
+            "ENOENT"
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -39,7 +39,9 @@ pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
     }
     let len = u32::from_be_bytes(head) as usize;
     if len == 0 || len > MAX_LEN {
-        return Err(bad(format!("frame length {len} out of range 1..={MAX_LEN}")));
+        return Err(bad(format!(
+            "frame length {len} out of range 1..={MAX_LEN}"
+        )));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
@@ -121,6 +123,9 @@ mod tests {
     fn max_length_is_accepted() {
         let mut buf = Vec::new();
         write_frame(&mut buf, DATA, &vec![7u8; MAX_LEN - 1]).unwrap();
-        assert!(matches!(read_frame(&mut Cursor::new(buf)).unwrap(), Some(Frame::Bytes(DATA, _))));
+        assert!(matches!(
+            read_frame(&mut Cursor::new(buf)).unwrap(),
+            Some(Frame::Bytes(DATA, _))
+        ));
     }
 }

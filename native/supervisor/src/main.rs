@@ -22,7 +22,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 const EXIT_USAGE: i32 = 2;
-const FORWARDED: [i32; 7] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH];
+const FORWARDED: [i32; 7] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];
 
 fn usage() -> ! {
     eprintln!("usage: fsb-supervisor [--] [COMMAND [ARG...]]   (no COMMAND: stay up idle)");
@@ -30,7 +38,10 @@ fn usage() -> ! {
 }
 
 fn die(what: &str) -> ! {
-    eprintln!("fsb-supervisor: {what}: {}", std::io::Error::last_os_error());
+    eprintln!(
+        "fsb-supervisor: {what}: {}",
+        std::io::Error::last_os_error()
+    );
     std::process::exit(1);
 }
 
@@ -44,7 +55,11 @@ fn take_env(table: &Arc<Table>) -> Config {
     let dir = get("FSB_CHANNEL");
     let secret = get("FSB_SUPERVISOR_SECRET");
     let sandbox = get("FSB_SANDBOX_ID").unwrap_or_default();
-    let keys: Vec<String> = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).filter(|k| k.starts_with("FSB_")).collect();
+    wipe_secret_in_place();
+    let keys: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("FSB_"))
+        .collect();
     for k in keys {
         // SAFETY: single-threaded at this point.
         unsafe { std::env::remove_var(k) };
@@ -53,13 +68,45 @@ fn take_env(table: &Arc<Table>) -> Config {
         let secret = match secret.as_deref().and_then(auth::unhex) {
             Some(s) if s.len() == 32 => s,
             _ => {
-                eprintln!("fsb-supervisor: FSB_SUPERVISOR_SECRET must be 64 hex characters (32 bytes)");
+                eprintln!(
+                    "fsb-supervisor: FSB_SUPERVISOR_SECRET must be 64 hex characters (32 bytes)"
+                );
                 std::process::exit(EXIT_USAGE);
             }
         };
-        channel::Channel { socket: PathBuf::from(d).join("agent.sock"), secret, sandbox, table: Arc::clone(table) }
+        channel::Channel {
+            socket: PathBuf::from(d).join("agent.sock"),
+            secret,
+            sandbox,
+            table: Arc::clone(table),
+        }
     });
     Config { channel }
+}
+
+unsafe extern "C" {
+    static mut environ: *mut *mut libc::c_char;
+}
+
+/// Overwrites the secret's value in the process's original environment block, which is what
+/// /proc/1/environ shows (unsetenv only drops the pointer). PR_SET_DUMPABLE already keeps
+/// sandbox code out of that file; this holds even where a runtime's kernel (gVisor) might not.
+fn wipe_secret_in_place() {
+    const NAME: &[u8] = b"FSB_SUPERVISOR_SECRET=";
+    // SAFETY: single-threaded; environ is a NULL-terminated array of NUL-terminated strings,
+    // and only the bytes of one value (up to its NUL) are overwritten.
+    unsafe {
+        let mut p = environ;
+        while !p.is_null() && !(*p).is_null() {
+            let entry = *p;
+            let len = libc::strlen(entry);
+            let bytes = std::slice::from_raw_parts_mut(entry.cast::<u8>(), len);
+            if bytes.starts_with(NAME) {
+                bytes[NAME.len()..].fill(b'0');
+            }
+            p = p.add(1);
+        }
+    }
 }
 
 fn main() {
@@ -94,9 +141,30 @@ fn main() {
     let main_pid = if argv.is_empty() {
         None
     } else {
-        let env: Vec<String> = std::env::vars_os().filter_map(|(k, v)| Some(format!("{}={}", k.into_string().ok()?, v.into_string().ok()?))).collect();
-        let spec = Spec { argv: argv.clone(), env, cwd: String::new(), cred: None, stdio: Stdio::Inherit };
-        match table.start(ExecReq { spec, tag: "main".into(), timeout_ms: 0 }, true) {
+        let env: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, v)| {
+                Some(format!(
+                    "{}={}",
+                    k.into_string().ok()?,
+                    v.into_string().ok()?
+                ))
+            })
+            .collect();
+        let spec = Spec {
+            argv: argv.clone(),
+            env,
+            cwd: String::new(),
+            cred: None,
+            stdio: Stdio::Inherit,
+        };
+        match table.start(
+            ExecReq {
+                spec,
+                tag: "main".into(),
+                timeout_ms: 0,
+            },
+            true,
+        ) {
             Ok((p, _, _)) => Some(p),
             Err(e) => {
                 eprintln!("fsb-supervisor: {}", e.message);

@@ -32,7 +32,11 @@ pub struct Ring {
 
 impl Ring {
     pub fn push(&mut self, ty: u8, data: &[u8]) {
-        let data = if data.len() > RING_BYTES { &data[data.len() - RING_BYTES..] } else { data };
+        let data = if data.len() > RING_BYTES {
+            &data[data.len() - RING_BYTES..]
+        } else {
+            data
+        };
         self.chunks.push_back((ty, data.to_vec()));
         self.bytes += data.len();
         while self.bytes > RING_BYTES {
@@ -95,7 +99,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn now_unix() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 pub fn exit_code(status: i32) -> (i32, Option<i32>) {
@@ -122,15 +129,25 @@ impl Proc {
     /// Signal to the process group (the process alone when it has none of its own).
     pub fn signal(&self, sig: i32) -> Result<(), OpError> {
         if !self.running() {
-            return Err(OpError::new("ESRCH", format!("process {} has exited", self.pid), None));
+            return Err(OpError::new(
+                "ESRCH",
+                format!("process {} has exited", self.pid),
+                None,
+            ));
         }
         let target = if self.own_group { -self.pid } else { self.pid };
         // SAFETY: plain kill(2).
         if unsafe { libc::kill(target, sig) } < 0 {
-            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
             return Err(OpError::new(
                 crate::errors::errno_name(e),
-                format!("signal {sig} to process {}: {}", self.pid, crate::errors::strerror(e)),
+                format!(
+                    "signal {sig} to process {}: {}",
+                    self.pid,
+                    crate::errors::strerror(e)
+                ),
                 None,
             ));
         }
@@ -188,7 +205,9 @@ impl Proc {
     pub fn attach(self: &Arc<Self>, conn: UnixStream) {
         static GEN: AtomicU64 = AtomicU64::new(1);
         let generation = GEN.fetch_add(1, Ordering::Relaxed);
-        let Ok(mut reader) = conn.try_clone() else { return };
+        let Ok(mut reader) = conn.try_clone() else {
+            return;
+        };
         let Ok(ctl) = conn.try_clone() else { return };
         {
             let mut current = lock(&self.current);
@@ -260,7 +279,12 @@ impl Proc {
 
     pub fn resize(&self, cols: u16, rows: u16) {
         if let Some(m) = &self.master {
-            let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+            let ws = libc::winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
             // SAFETY: TIOCSWINSZ reads a winsize; the kernel sends SIGWINCH to the foreground group.
             unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         }
@@ -270,7 +294,10 @@ impl Proc {
         let p = Arc::clone(self);
         thread_small(move || {
             let st = lock(&p.exit);
-            let (mut st, res) = p.exited.wait_timeout_while(st, timeout, |s| s.status.is_none()).unwrap_or_else(|e| e.into_inner());
+            let (mut st, res) = p
+                .exited
+                .wait_timeout_while(st, timeout, |s| s.status.is_none())
+                .unwrap_or_else(|e| e.into_inner());
             if res.timed_out() && st.status.is_none() {
                 st.timed_out = true;
                 drop(st);
@@ -283,15 +310,24 @@ impl Proc {
     /// Moves stdout/stderr (or the PTY) into frames until the process has exited and its
     /// output is drained, then reports the exit.
     pub fn pump(self: &Arc<Self>, stdout: File, stderr: Option<File>) {
-        let mut fds: Vec<(Option<File>, u8)> = vec![(Some(stdout), frame::STDOUT), (stderr, frame::STDERR)];
+        let mut fds: Vec<(Option<File>, u8)> =
+            vec![(Some(stdout), frame::STDOUT), (stderr, frame::STDERR)];
         let mut buf = vec![0u8; frame::CHUNK];
         let mut exited = false;
         loop {
-            let mut pfds: Vec<libc::pollfd> = vec![libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            let mut pfds: Vec<libc::pollfd> = vec![libc::pollfd {
+                fd: self.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
             let mut which = Vec::new();
             for (i, (f, _)) in fds.iter().enumerate() {
                 if let Some(f) = f {
-                    pfds.push(libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+                    pfds.push(libc::pollfd {
+                        fd: f.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
                     which.push(i);
                 }
             }
@@ -353,6 +389,9 @@ pub fn thread_small(f: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// A started process and its output ends (stdout or the PTY master, stderr) for `pump`.
+pub type Launched = (Arc<Proc>, Option<File>, Option<File>);
+
 pub struct ExecReq {
     pub spec: Spec,
     pub tag: String,
@@ -367,7 +406,7 @@ pub struct Table {
 impl Table {
     /// Starts a process; the reply may be sent once this returns Ok (execve succeeded).
     /// Returns the process and its output ends for `pump`.
-    pub fn start(&self, req: ExecReq, main: bool) -> Result<(Arc<Proc>, Option<File>, Option<File>), OpError> {
+    pub fn start(&self, req: ExecReq, main: bool) -> Result<Launched, OpError> {
         // SAFETY: a fresh eventfd, owned below.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -382,7 +421,14 @@ impl Table {
         // the pid before it is registered; every fork in this process happens under this lock,
         // which also keeps PTY fds (between openpty and fcntl) from leaking into another child.
         let started: Result<Started, OpError> = spawn::spawn(&req.spec);
-        let Started { pid, own_group, stdin, stdout, stderr, master } = match started {
+        let Started {
+            pid,
+            own_group,
+            stdin,
+            stdout,
+            stderr,
+            master,
+        } = match started {
             Ok(s) => s,
             Err(e) => {
                 drop(table);
@@ -390,7 +436,11 @@ impl Table {
             }
         };
         let master = master.map(Arc::new);
-        let stdin = if pty { master.clone() } else { stdin.map(Arc::new) };
+        let stdin = if pty {
+            master.clone()
+        } else {
+            stdin.map(Arc::new)
+        };
         let out_reader = match &master {
             Some(m) => m.try_clone().ok(),
             None => stdout,
@@ -408,7 +458,11 @@ impl Table {
             wake,
             stdin: Mutex::new(stdin),
             master,
-            out: Mutex::new(Output { ring: Ring::default(), conn: None, drained: main }),
+            out: Mutex::new(Output {
+                ring: Ring::default(),
+                conn: None,
+                drained: main,
+            }),
             attached: AtomicBool::new(false),
             current: Mutex::new(None),
         });
@@ -463,14 +517,17 @@ impl Table {
         }
     }
 
-    /// SIGKILL to every process group we started that is still running (used when the main
-    /// process ends and we are not PID 1, where kill(-1) would reach far beyond the sandbox).
+    /// SIGKILL to every process group we started (used when the main process ends, or an idle
+    /// supervisor is stopped, and we are not PID 1, where kill(-1) would reach far beyond the
+    /// sandbox). Exited leaders too: their background children may still be in the group.
     pub fn kill_all(&self) {
         for p in lock(&self.procs).values() {
-            if p.running() {
-                let target = if p.own_group { -p.pid } else { p.pid };
+            if p.own_group {
+                // SAFETY: plain kill(2) of a process group we created.
+                unsafe { libc::kill(-p.pid, libc::SIGKILL) };
+            } else if p.running() {
                 // SAFETY: plain kill(2).
-                unsafe { libc::kill(target, libc::SIGKILL) };
+                unsafe { libc::kill(p.pid, libc::SIGKILL) };
             }
         }
     }

@@ -51,7 +51,9 @@ fn cstr(s: &str, what: &str) -> Result<CString, OpError> {
 }
 
 fn last_errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), OpError> {
@@ -74,9 +76,18 @@ fn candidates(argv0: &str, env: &[String]) -> Vec<String> {
     if argv0.contains('/') {
         return vec![argv0.to_owned()];
     }
-    let path = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
     path.split(':')
-        .map(|d| if d.is_empty() { format!("./{argv0}") } else { format!("{}/{argv0}", d.trim_end_matches('/')) })
+        .map(|d| {
+            if d.is_empty() {
+                format!("./{argv0}")
+            } else {
+                format!("{}/{argv0}", d.trim_end_matches('/'))
+            }
+        })
         .collect()
 }
 
@@ -85,21 +96,43 @@ pub fn spawn(spec: &Spec) -> Result<Started, OpError> {
     let Some(argv0) = spec.argv.first() else {
         return Err(OpError::invalid("field \"argv\" must not be empty"));
     };
-    let argv_c: Vec<CString> = spec.argv.iter().map(|a| cstr(a, "argv")).collect::<Result<_, _>>()?;
-    let env_c: Vec<CString> = spec.env.iter().map(|e| cstr(e, "env")).collect::<Result<_, _>>()?;
-    let cands: Vec<CString> =
-        candidates(argv0, &spec.env).iter().map(|c| cstr(c, "argv")).collect::<Result<_, _>>()?;
+    let argv_c: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| cstr(a, "argv"))
+        .collect::<Result<_, _>>()?;
+    let env_c: Vec<CString> = spec
+        .env
+        .iter()
+        .map(|e| cstr(e, "env"))
+        .collect::<Result<_, _>>()?;
+    let cands: Vec<CString> = candidates(argv0, &spec.env)
+        .iter()
+        .map(|c| cstr(c, "argv"))
+        .collect::<Result<_, _>>()?;
     let cwd = cstr(if spec.cwd.is_empty() { "/" } else { &spec.cwd }, "cwd")?;
     let mut argv_p: Vec<*const libc::c_char> = argv_c.iter().map(|c| c.as_ptr()).collect();
     argv_p.push(std::ptr::null());
     let mut env_p: Vec<*const libc::c_char> = env_c.iter().map(|c| c.as_ptr()).collect();
     env_p.push(std::ptr::null());
-    let groups: Vec<libc::gid_t> = spec.cred.as_ref().map(|c| c.groups.clone()).unwrap_or_default();
+    let groups: Vec<libc::gid_t> = spec
+        .cred
+        .as_ref()
+        .map(|c| c.groups.clone())
+        .unwrap_or_default();
 
     // Child-side fds and parent-side ends.
-    let (mut child_fds, mut started) = ([-1 as RawFd; 3], Started {
-        pid: 0, own_group: true, stdin: None, stdout: None, stderr: None, master: None,
-    });
+    let (mut child_fds, mut started) = (
+        [-1 as RawFd; 3],
+        Started {
+            pid: 0,
+            own_group: true,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            master: None,
+        },
+    );
     let mut keep: Vec<OwnedFd> = Vec::new(); // child ends, closed in the parent after fork
     let mut pty_slave: RawFd = -1;
     match spec.stdio {
@@ -114,7 +147,8 @@ pub fn spawn(spec: &Spec) -> Result<Started, OpError> {
                 keep.push(r);
                 started.stdin = Some(File::from(w));
             } else {
-                let null = File::open("/dev/null").map_err(|e| OpError::io(&e, "open", "/dev/null"))?;
+                let null =
+                    File::open("/dev/null").map_err(|e| OpError::io(&e, "open", "/dev/null"))?;
                 let fd: OwnedFd = null.into();
                 child_fds[0] = fd.as_raw_fd();
                 keep.push(fd);
@@ -130,9 +164,16 @@ pub fn spawn(spec: &Spec) -> Result<Started, OpError> {
         }
         Stdio::Pty { cols, rows } => {
             let (mut m, mut s) = (0, 0);
-            let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+            let ws = libc::winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
             // SAFETY: openpty writes two descriptors; name and termios may be null.
-            let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+            let r = unsafe {
+                libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws)
+            };
             if r < 0 {
                 return Err(OpError::errno(last_errno(), "openpty", "/dev/ptmx"));
             }
@@ -165,7 +206,11 @@ pub fn spawn(spec: &Spec) -> Result<Started, OpError> {
                 msg[0] = stage;
                 msg[1..].copy_from_slice(&errno.to_ne_bytes());
                 libc::write(err_w_fd, msg.as_ptr().cast(), 5);
-                libc::_exit(if stage == STAGE_EXEC && errno == libc::EACCES { 126 } else { 127 });
+                libc::_exit(if stage == STAGE_EXEC && errno == libc::EACCES {
+                    126
+                } else {
+                    127
+                });
             };
             let errno = || *libc::__errno_location();
             // Dispositions and the mask the supervisor uses are not the process's.
@@ -190,13 +235,12 @@ pub fn spawn(spec: &Spec) -> Result<Started, OpError> {
             } else if own_group {
                 libc::setpgid(0, 0);
             }
-            if let Some((uid, gid)) = cred {
-                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+            if let Some((uid, gid)) = cred
+                && (libc::setgroups(groups.len(), groups.as_ptr()) < 0
                     || libc::setgid(gid) < 0
-                    || libc::setuid(uid) < 0
-                {
-                    report(STAGE_CRED, errno());
-                }
+                    || libc::setuid(uid) < 0)
+            {
+                report(STAGE_CRED, errno());
             }
             if !inherit && libc::chdir(cwd.as_ptr()) < 0 {
                 report(STAGE_CWD, errno());
@@ -208,11 +252,22 @@ pub fn spawn(spec: &Spec) -> Result<Started, OpError> {
                 last = errno();
                 match last {
                     libc::EACCES => saw_eacces = true,
-                    libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                    libc::ENOENT
+                    | libc::ENOTDIR
+                    | libc::ESTALE
+                    | libc::ENODEV
+                    | libc::ETIMEDOUT => {}
                     _ => break,
                 }
             }
-            report(STAGE_EXEC, if saw_eacces && last != libc::ENOEXEC { libc::EACCES } else { last });
+            report(
+                STAGE_EXEC,
+                if saw_eacces && last != libc::ENOEXEC {
+                    libc::EACCES
+                } else {
+                    last
+                },
+            );
         }
     }
     if own_group && !pty {
@@ -230,8 +285,16 @@ pub fn spawn(spec: &Spec) -> Result<Started, OpError> {
         return Err(match msg[0] {
             STAGE_CWD => OpError::errno(errno, "cwd", &spec.cwd),
             STAGE_CRED => {
-                let c = spec.cred.as_ref().map(|c| format!("{}:{}", c.uid, c.gid)).unwrap_or_default();
-                OpError::new(crate::errors::errno_name(errno), format!("setuid {c}: {}", strerror(errno)), None)
+                let c = spec
+                    .cred
+                    .as_ref()
+                    .map(|c| format!("{}:{}", c.uid, c.gid))
+                    .unwrap_or_default();
+                OpError::new(
+                    crate::errors::errno_name(errno),
+                    format!("setuid {c}: {}", strerror(errno)),
+                    None,
+                )
             }
             STAGE_TTY => OpError::errno(errno, "setsid/TIOCSCTTY", "(pty)"),
             _ => OpError::errno(errno, "exec", argv0),
@@ -248,7 +311,10 @@ mod tests {
     fn path_search_uses_env_path_or_the_default() {
         assert_eq!(candidates("/bin/sh", &[]), vec!["/bin/sh"]);
         assert_eq!(candidates("a/b", &[]), vec!["a/b"]);
-        assert_eq!(candidates("ls", &["PATH=/x/:".into()]), vec!["/x/ls", "./ls"]);
+        assert_eq!(
+            candidates("ls", &["PATH=/x/:".into()]),
+            vec!["/x/ls", "./ls"]
+        );
         assert_eq!(candidates("ls", &[]).len(), DEFAULT_PATH.split(':').count());
     }
 }

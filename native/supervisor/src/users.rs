@@ -25,7 +25,12 @@ fn passwd_entries(text: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
         if f.len() < 7 || f[0].is_empty() || f[0].starts_with('#') {
             return None;
         }
-        Some(PasswdEntry { name: f[0], uid: f[2].parse().ok()?, gid: f[3].parse().ok()?, home: f[5] })
+        Some(PasswdEntry {
+            name: f[0],
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+            home: f[5],
+        })
     })
 }
 
@@ -70,12 +75,19 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Option<Cred>, Op
                 groups: supplementary(group, e.name, e.gid),
                 home: Some(e.home.to_owned()),
             },
-            None => Cred { uid, gid: 0, groups: vec![0], home: None },
+            None => Cred {
+                uid,
+                gid: 0,
+                groups: vec![0],
+                home: None,
+            },
         }
     } else {
-        let e = passwd_entries(passwd).find(|e| e.name == user).ok_or_else(|| {
-            OpError::invalid(format!("unknown user \"{user}\" (not in /etc/passwd)"))
-        })?;
+        let e = passwd_entries(passwd)
+            .find(|e| e.name == user)
+            .ok_or_else(|| {
+                OpError::invalid(format!("unknown user \"{user}\" (not in /etc/passwd)"))
+            })?;
         Cred {
             uid: e.uid,
             gid: e.gid,
@@ -86,9 +98,12 @@ pub fn resolve(spec: &str, passwd: &str, group: &str) -> Result<Option<Cred>, Op
     if let Some(g) = grp {
         let gid = match g.parse::<u32>() {
             Ok(gid) => gid,
-            Err(_) => group_entries(group).find(|(n, _, _)| *n == g).map(|(_, gid, _)| gid).ok_or_else(
-                || OpError::invalid(format!("unknown group \"{g}\" (not in /etc/group)")),
-            )?,
+            Err(_) => group_entries(group)
+                .find(|(n, _, _)| *n == g)
+                .map(|(_, gid, _)| gid)
+                .ok_or_else(|| {
+                    OpError::invalid(format!("unknown group \"{g}\" (not in /etc/group)"))
+                })?,
         };
         // An explicit group replaces the primary one and the supplementary list (as docker -u).
         cred.gid = gid;
@@ -118,7 +133,15 @@ mod tests {
     #[test]
     fn name_gets_gid_home_and_supplementary_groups() {
         let c = resolve("alice", PASSWD, GROUP).unwrap().unwrap();
-        assert_eq!(c, Cred { uid: 1000, gid: 1000, groups: vec![1000, 100, 999], home: Some("/home/alice".into()) });
+        assert_eq!(
+            c,
+            Cred {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![1000, 100, 999],
+                home: Some("/home/alice".into())
+            }
+        );
     }
 
     #[test]

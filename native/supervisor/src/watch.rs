@@ -9,8 +9,13 @@ use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-const MASK: u32 = libc::IN_CREATE | libc::IN_MODIFY | libc::IN_DELETE | libc::IN_MOVED_FROM
-    | libc::IN_MOVED_TO | libc::IN_ATTRIB | libc::IN_DELETE_SELF;
+const MASK: u32 = libc::IN_CREATE
+    | libc::IN_MODIFY
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_MOVED_TO
+    | libc::IN_ATTRIB
+    | libc::IN_DELETE_SELF;
 
 pub struct Watch {
     fd: OwnedFd,
@@ -24,10 +29,20 @@ impl Watch {
         // SAFETY: a fresh inotify descriptor, owned below.
         let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
         if fd < 0 {
-            return Err(OpError::errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO), "inotify", path));
+            return Err(OpError::errno(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+                "inotify",
+                path,
+            ));
         }
         // SAFETY: fd is fresh.
-        let mut w = Watch { fd: unsafe { OwnedFd::from_raw_fd(fd) }, dirs: HashMap::new(), recursive };
+        let mut w = Watch {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            dirs: HashMap::new(),
+            recursive,
+        };
         w.add(path)?;
         if recursive && md.is_dir() {
             w.add_tree(path);
@@ -40,7 +55,13 @@ impl Watch {
         // SAFETY: inotify_add_watch with a NUL-terminated path.
         let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), MASK) };
         if wd < 0 {
-            return Err(OpError::errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO), "watch", path));
+            return Err(OpError::errno(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+                "watch",
+                path,
+            ));
         }
         self.dirs.insert(wd, path.to_owned());
         Ok(())
@@ -60,13 +81,23 @@ impl Watch {
 
     /// Streams events to `conn` until it closes (or fails).
     pub fn run(mut self, conn: UnixStream) {
-        let Ok(mut reader) = conn.try_clone() else { return };
+        let Ok(mut reader) = conn.try_clone() else {
+            return;
+        };
         let mut writer = conn;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let mut pfds = [
-                libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: reader.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: self.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: reader.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             // SAFETY: two valid pollfds.
             if unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) } < 0 {
@@ -94,13 +125,24 @@ impl Watch {
                 let len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap()) as usize;
                 let raw = &buf[off + 16..off + 16 + len];
                 off += 16 + len;
-                let name = String::from_utf8_lossy(&raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]).into_owned();
+                let name = String::from_utf8_lossy(
+                    &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())],
+                )
+                .into_owned();
                 if mask & libc::IN_IGNORED != 0 {
                     self.dirs.remove(&wd);
                     continue;
                 }
-                let Some(dir) = self.dirs.get(&wd).cloned() else { continue };
-                let path = if name.is_empty() { dir.clone() } else if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
+                let Some(dir) = self.dirs.get(&wd).cloned() else {
+                    continue;
+                };
+                let path = if name.is_empty() {
+                    dir.clone()
+                } else if dir == "/" {
+                    format!("/{name}")
+                } else {
+                    format!("{dir}/{name}")
+                };
                 let is_dir = mask & libc::IN_ISDIR != 0;
                 let event = if mask & libc::IN_CREATE != 0 {
                     "create"
@@ -115,10 +157,18 @@ impl Watch {
                 } else {
                     continue;
                 };
-                if self.recursive && is_dir && mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 && self.add(&path).is_ok() {
+                if self.recursive
+                    && is_dir
+                    && mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0
+                    && self.add(&path).is_ok()
+                {
                     self.add_tree(&path);
                 }
-                let ty = if is_dir || (name.is_empty() && mask & libc::IN_DELETE_SELF != 0) { "dir" } else { "file" };
+                let ty = if is_dir || (name.is_empty() && mask & libc::IN_DELETE_SELF != 0) {
+                    "dir"
+                } else {
+                    "file"
+                };
                 let v = json!({"event": event, "path": path, "type": ty});
                 if frame::write_json(&mut writer, &v).is_err() {
                     return;

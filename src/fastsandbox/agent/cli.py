@@ -138,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fastsandbox.agent ARGS` is `fsb agent ARGS`; returns the exit code."""
     import sys
 
-    from fastsandbox.cli.main import agent_app
-    from fastsandbox.cli.main import main as fsb
+    from fastsandbox.cli.app import run as run_cli
+    from fastsandbox.cli.app import single_verb_app
+    from fastsandbox.cli.commands.agent import agent
 
     args = ["agent", *(sys.argv[1:] if argv is None else argv)]
-    return fsb(args, prog_name="fsb", typer_app=agent_app())
+    return run_cli(single_verb_app("agent", agent), args, prog_name="fsb")

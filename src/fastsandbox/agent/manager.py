@@ -93,6 +93,8 @@ class SandboxRequest:
     # 0 = no limit beyond the agent's.
     cpu_millis: int = 0
     memory_bytes: int = 0
+    pids_limit: int = 0
+    disk_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,14 +292,23 @@ class SandboxManager:
     async def _create(self, req: SandboxRequest) -> ContainerState:
         spec = self._spec(req)
         image = normalize_image_ref(req.image)
+        # Time waiting for a pull (ours, or a concurrent create's of the same image) is what the
+        # create's timings report as pulledMs.
+        cold = image not in self._images
+        began = time.monotonic()
         await self._ensure_image(image)
+        pulled = time.monotonic() - began if cold else 0.0
         try:
             state = await self.runtime.create(spec)
         except NotFound:
             # The image left the cache behind our back (pruned by someone): fetch it once more.
             self._images.discard(image)
+            began = time.monotonic()
             await self._pull(image)
+            pulled += time.monotonic() - began
             state = await self.runtime.create(spec)
+        if pulled:
+            state = replace(state, pulled_ms=round(pulled * 1000, 3))
         owner = state.labels.get(AGENT_LABEL)
         if owner != self.settings.name:
             raise AlreadyExists(
@@ -335,6 +346,7 @@ class SandboxManager:
             cgroup_parent=f"{self.settings.cgroup_parent.rstrip('/')}/{self.settings.name}",
             cpu_millis=req.cpu_millis or None,
             memory_bytes=req.memory_bytes or None,
+            pids_limit=req.pids_limit or None,
             runtime=self.settings.runtime,
             init_path=str(self.settings.init_path) if self.settings.init_path else None,
             channel_dir=str(channels.directory(req.sandbox_id)) if channels else None,

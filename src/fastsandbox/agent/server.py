@@ -63,6 +63,7 @@ def state_to_proto(state: ContainerState) -> agent_pb2.SandboxState:
         exited_at=state.exited_at or 0.0,
         labels=[agent_pb2.KeyValue(key=k, value=v) for k, v in sorted(state.labels.items())],
         reason=state.reason,
+        pulled_ms=state.pulled_ms,
     )
 
 
@@ -80,6 +81,8 @@ def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
         labels={kv.key: kv.value for kv in spec.labels},
         cpu_millis=spec.cpu_millis,
         memory_bytes=spec.memory_bytes,
+        pids_limit=spec.pids_limit,
+        disk_bytes=spec.disk_bytes,
     )
 
 

@@ -23,10 +23,11 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
+from pydantic.alias_generators import to_camel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
-from fastsandbox.api import models
+from fastsandbox.api import models, quantity
 from fastsandbox.api.labels import API_GROUP, API_VERSION, GENERATED_BY_ANNOTATION
 from fastsandbox.api.models import Sandbox, SandboxPool
 
@@ -48,6 +49,39 @@ def _func(validator: Any) -> Any:
     return getattr(validator, "__func__", validator)
 
 
+def _quantity_at_least(pattern: str, minimum: str) -> dict[str, Any]:
+    # The pattern first: CEL's quantity() only sees strings that already parse.
+    return {
+        "pattern": pattern,
+        "maxLength": quantity.MAX_QUANTITY_LENGTH,
+        "x-kubernetes-validations": [
+            {
+                "rule": (
+                    f"!isQuantity(self) || quantity(self).compareTo(quantity('{minimum}')) >= 0"
+                ),
+                "message": f"must be at least {minimum}",
+            }
+        ],
+    }
+
+
+def _default_within_max(name: str) -> dict[str, str]:
+    wire = to_camel(name)
+    d, m = f"self.sandboxDefaults.{wire}", f"self.sandboxMax.{wire}"
+    present = f"has(self.sandboxDefaults) && has({d}) && has(self.sandboxMax) && has({m})"
+    if name in {"pids", "log_max_bytes"}:
+        within = f"{d} <= {m}"
+    else:
+        within = (
+            f"!isQuantity({d}) || !isQuantity({m}) || quantity({d}).compareTo(quantity({m})) <= 0"
+        )
+    return {
+        "rule": f"!({present}) || {within}",
+        "message": f"sandboxDefaults.{wire} must not be above sandboxMax.{wire}",
+        "fieldPath": f".sandboxDefaults.{wire}",
+    }
+
+
 # What each Python validator in the models means for the apiserver. Values are merged into the
 # schema of the node the validator wraps. `None`: the generated schema already says it (an enum
 # checked in a before-validator only to give a friendlier message).
@@ -58,6 +92,14 @@ _VALIDATOR_SCHEMAS: dict[Any, dict[str, Any] | None] = {
     # Object names are checked by the apiserver itself (metadata is not ours to describe).
     models._dns_name: {"maxLength": 63, "pattern": models._DNS_LABEL.pattern},
     _func(models.ResourceList._quantity): {"pattern": models._QUANTITY.pattern},
+    models._cpu: _quantity_at_least(quantity.CPU_PATTERN, quantity.MIN_CPU),
+    models._memory: _quantity_at_least(quantity.BYTES_PATTERN, quantity.MIN_MEMORY),
+    models._disk: _quantity_at_least(quantity.BYTES_PATTERN, quantity.MIN_DISK),
+    models._pids: {"minimum": quantity.MIN_PIDS},
+    models._log_max: {"minimum": models.MIN_LOG_MAX_BYTES},
+    _func(models.SandboxPoolSpec._defaults_within_max): {
+        "x-kubernetes-validations": [_default_within_max(name) for name in models.LIMIT_FIELDS]
+    },
     _func(models.SandboxSpec._unique_ports): {"x-kubernetes-list-type": "set"},
     _func(models.SandboxSpec._absolute): {"pattern": "^(/|$)"},
     _func(models.SandboxSpec._policy): None,

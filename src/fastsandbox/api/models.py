@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from fastsandbox.api import quantity
 from fastsandbox.api.labels import API_GROUP, API_VERSION, CLEANUP_FINALIZER, ApiVersion
 
 # Defined in api/labels.py; still importable from here for code written before it existed.
@@ -34,6 +35,11 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 # Kubernetes' container env name rule (before 1.30 relaxed it): the apiserver and the models agree.
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+
+
+# The smallest log cap a pool may set: smaller would keep less than a screenful of output.
+MIN_LOG_MAX_BYTES = 4096
+DEFAULT_LOG_MAX_BYTES = 10 * 1024**2
 
 
 class _Model(BaseModel):
@@ -73,6 +79,28 @@ def _env_name(value: str) -> str:
             "must be an environment variable name: letters, digits, '_', '-' or '.',"
             " not starting with a digit"
         )
+    return value
+
+
+def _cpu(value: str) -> str:
+    return quantity.check_cpu(value)
+
+
+def _memory(value: str) -> str:
+    return quantity.check_memory(value)
+
+
+def _disk(value: str) -> str:
+    return quantity.check_disk(value)
+
+
+def _pids(value: int) -> int:
+    return quantity.check_pids(value)
+
+
+def _log_max(value: int) -> int:
+    if value < MIN_LOG_MAX_BYTES:
+        raise ValueError(f"{value} is below the minimum {MIN_LOG_MAX_BYTES} bytes")
     return value
 
 
@@ -132,6 +160,43 @@ class ResourceList(_Model):
         return value
 
 
+CpuQuantity = Annotated[str, AfterValidator(_cpu)]
+MemoryQuantity = Annotated[str, AfterValidator(_memory)]
+DiskQuantity = Annotated[str, AfterValidator(_disk)]
+PidsLimit = Annotated[int, AfterValidator(_pids)]
+LogMaxBytes = Annotated[int, AfterValidator(_log_max)]
+
+
+class SandboxResources(_Model):
+    """A sandbox's limits (cpu `"500m"` or `"2"`, memory and disk `"256Mi"`, pids a count).
+    Unset takes the pool's `sandboxDefaults`, then the server's default; a zero, negative or tiny
+    value is refused rather than read as "unlimited"."""
+
+    cpu: CpuQuantity | None = None
+    memory: MemoryQuantity | None = None
+    pids: PidsLimit | None = None
+    disk: DiskQuantity | None = None
+
+
+class SandboxLimits(SandboxResources):
+    """A pool's `sandboxDefaults` or `sandboxMax`: resources plus the cap of a sandbox's
+    captured log (bytes, newest kept)."""
+
+    log_max_bytes: LogMaxBytes | None = None
+
+
+LIMIT_FIELDS = ("cpu", "memory", "pids", "disk", "log_max_bytes")
+
+
+def limit_value(field: str, value: str | int) -> float:
+    """A limit as a number comparable with another of the same field."""
+    if isinstance(value, int):
+        return float(value)
+    if field == "cpu":
+        return float(quantity.cpu_exact(value))
+    return float(quantity.bytes_exact(value))
+
+
 def _enum_message(enum: type[StrEnum]) -> str:
     names = [member.value for member in enum]
     return "must be " + (" or ".join(names) if len(names) == 2 else ", ".join(names))
@@ -149,7 +214,10 @@ class SandboxSpec(_Model):
     failure_policy: FailurePolicy = FailurePolicy.MANUAL
     recovery_timeout_seconds: int = Field(default=60, ge=1)
     reset_revision: str = ""
-    resources: ResourceList = Field(default_factory=ResourceList)
+    resources: SandboxResources = Field(default_factory=SandboxResources)
+    lease_seconds: int | None = Field(default=None, ge=1)
+    """Set: the sandbox lives only while its owner renews the lease (RenewLease) at least this
+    often; a lapsed lease deletes it."""
 
     @field_validator("failure_policy", mode="before")
     @classmethod
@@ -199,6 +267,8 @@ class Timings(_Model):
     accepted_ms: float = 0.0
     scheduled_ms: float | None = None
     runtime_ready_ms: float | None = None
+    pulled_ms: float | None = None
+    """Time the agent spent pulling the image for this create (unset when it was cached)."""
 
 
 class SandboxStatus(_Model):
@@ -213,6 +283,8 @@ class SandboxStatus(_Model):
     conditions: list[Condition] = Field(default_factory=list)
     timings: Timings | None = None
     message: str = ""
+    lease_expire_time: datetime | None = None
+    """When a leased sandbox's lease lapses unless renewed (unset: creation + leaseSeconds)."""
 
 
 class Sandbox(_Model):
@@ -260,6 +332,10 @@ class SandboxPoolSpec(_Model):
     runtime: Runtime = Runtime.RUNC
     capacity: PoolCapacity = Field(default_factory=PoolCapacity)
     max_sandboxes_per_agent: int = Field(default=5, ge=1, le=1000)
+    sandbox_defaults: SandboxLimits = Field(default_factory=SandboxLimits)
+    """Limits of a sandbox that sets none (log cap default 10 MiB)."""
+    sandbox_max: SandboxLimits = Field(default_factory=SandboxLimits)
+    """The most a sandbox of this pool may ask for; a create above it is refused."""
     agent_resources: ResourceList = Field(default_factory=ResourceList)
     agent_template: dict[str, Any] | None = None
     agent_version: str = ""
@@ -273,6 +349,20 @@ class SandboxPoolSpec(_Model):
         if not isinstance(value, str) or value not in {r.value for r in Runtime}:
             raise ValueError(_enum_message(Runtime))
         return value
+
+    @model_validator(mode="after")
+    def _defaults_within_max(self) -> Self:
+        for name in LIMIT_FIELDS:
+            default = getattr(self.sandbox_defaults, name)
+            most = getattr(self.sandbox_max, name)
+            if default is None or most is None:
+                continue
+            if limit_value(name, default) > limit_value(name, most):
+                wire = to_camel(name)
+                raise ValueError(
+                    f"sandboxDefaults.{wire} ({default}) is above sandboxMax.{wire} ({most})"
+                )
+        return self
 
 
 class AgentCounts(_Model):

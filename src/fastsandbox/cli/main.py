@@ -1,21 +1,18 @@
-"""The `fsb` (alias `fsb-ctl`) command line: builds the Typer app and maps errors to exit codes.
+"""The `fsb` (alias `fsb-ctl`) command line: every verb on the one error seam (`cli/app.py`).
 
-Each verb lives in `cli/commands/<verb>.py`. Every `FsbError` becomes one line on stderr and its
-exit code here, in `_Group.invoke`, and nowhere else; the codes themselves come from the one table
-in `errors.py` (click's own usage errors exit as `InvalidArgument` does, 2). Scripts call `fsb`
-thousands of times, so nothing heavier than typer is imported before a verb runs.
+Each verb lives in `cli/commands/<verb>.py`. Errors become exit codes in `cli/app.py`'s
+`_Group.invoke` and nowhere else; the codes come from the one table in `errors.py`. Scripts call
+`fsb` thousands of times, so nothing heavier than typer is imported before a verb runs.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import typer
-from typer.core import TyperGroup
 
+from fastsandbox.cli import app as seam
 from fastsandbox.cli.commands import agent, apply, delete, get, logs, pool, run, server
 from fastsandbox.cli.commands import controller as controller_cmd
 from fastsandbox.cli.commands import cp as cp_cmd
@@ -28,68 +25,8 @@ from fastsandbox.cli.commands import reset as reset_cmd
 from fastsandbox.cli.commands import update as update_cmd
 
 
-def _is_usage_error(exc: BaseException) -> bool:
-    # Matched by name: typer vendors its own click (typer._click), older typers use click.
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return "UsageError" in names and "NoArgsIsHelpError" not in names
-
-
-def _report(exc: BaseException) -> int | None:
-    """Print `exc` as one line and return its exit code; None when it is not ours to report."""
-    from fastsandbox.cli.render import error
-    from fastsandbox.errors import FsbError, InvalidArgument, exit_code_of
-
-    if isinstance(exc, FsbError):
-        error(exc.message)
-        return exit_code_of(exc)
-    if _is_usage_error(exc):
-        ctx = getattr(exc, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        error(exc.format_message() + hint)  # type: ignore[attr-defined]
-        return InvalidArgument.exit_code
-    return None
-
-
-class _Group(TyperGroup):
-    """The top-level group: the one place errors from any verb become exit codes."""
-
-    def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except Exception as exc:
-            code = _report(exc)
-            if code is None:
-                raise
-            raise typer.Exit(code) from None
-
-
-def _typer_app() -> typer.Typer:
-    return typer.Typer(
-        cls=_Group,
-        name="fsb",
-        help="Fast Sandbox: isolated containers running in milliseconds.",
-        no_args_is_help=True,
-        add_completion=False,
-        pretty_exceptions_enable=False,
-        context_settings={"help_option_names": ["-h", "--help"]},
-    )
-
-
-def agent_app() -> typer.Typer:
-    """`fsb` with only its `agent` verb, for `python -m fastsandbox.agent`: agents start on pool
-    scale-up, and building every other verb's options first would delay each one (~60 ms)."""
-    app = _typer_app()
-    app.callback()(_group_only)  # a callback keeps it a `_Group`, the one error seam
-    app.command("agent")(agent.agent)
-    return app
-
-
-def _group_only() -> None:
-    """Fast Sandbox agent."""
-
-
 def build_app() -> typer.Typer:
-    app = _typer_app()
+    app = seam.typer_app()
     app.command("run", no_args_is_help=True)(run.run)
     app.command("get", no_args_is_help=True)(get.get)
     app.command("describe", no_args_is_help=True)(describe_cmd.describe)
@@ -113,26 +50,9 @@ def build_app() -> typer.Typer:
 app = build_app()
 
 
-def main(
-    argv: Sequence[str] | None = None,
-    prog_name: str | None = None,
-    typer_app: typer.Typer | None = None,
-) -> int:
+def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int:
     """Console-script entry point; returns the process exit code."""
-    try:
-        (typer_app or app)(args=list(argv) if argv is not None else None, prog_name=prog_name)
-    except SystemExit as exc:
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    except Exception as exc:
-        # A bug, not a user error: still one line, with the traceback on request.
-        if os.environ.get("FSB_DEBUG"):
-            raise
-        from fastsandbox.cli.render import error
-
-        error(f"unexpected {type(exc).__name__}: {exc} (set FSB_DEBUG=1 for the traceback)")
-        return 1
-    return 0
+    return seam.run(app, argv, prog_name)
 
 
 if __name__ == "__main__":

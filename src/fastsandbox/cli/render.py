@@ -138,6 +138,7 @@ def timings_text(timings: Mapping[str, Any] | None) -> str:
         ("acceptedMs", "accepted"),
         ("scheduledMs", "scheduled"),
         ("runtimeReadyMs", "runtime ready"),
+        ("pulledMs", "of which pulling the image"),
     ):
         if timings.get(key) is not None:
             parts.append(f"{label} {float(timings[key]):.1f} ms")
@@ -162,6 +163,7 @@ def created(result: CreateResult) -> None:
                         "acceptedMs": t.accepted_ms,
                         "scheduledMs": t.scheduled_ms,
                         "runtimeReadyMs": t.runtime_ready_ms,
+                        "pulledMs": t.pulled_ms,
                     }
                 ),
             ),

@@ -4,6 +4,7 @@
 its agent last reported, in this order:
 
 1. deletion requested → finalize (container, slot, finalizer);
+   a lease (`spec.leaseSeconds`) not renewed in time → the same deletion (control/leases.py);
 2. past `expireTime` → delete the container gracefully, keep the record as `Expired` without an
    agent (deleted for good after the retention period);
 3. never placed (`Pending`) → schedule and start;
@@ -15,8 +16,8 @@ its agent last reported, in this order:
 6. a new `spec.resetRevision` → a new container from the same spec (fresh rootfs), then
    `status.observedResetRevision`.
 
-It returns how long until the record needs another look (the expiry deadline, the end of a
-recovery timeout), so timers fire on time instead of on a coarse poll.
+It returns how long until the record needs another look (the expiry deadline, the lease's lapse,
+the end of a recovery timeout), so timers fire on time instead of on a coarse poll.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from fastsandbox.api.models import (
     now,
 )
 from fastsandbox.api.phases import HOLDS_SLOT, condition, set_condition, transition
+from fastsandbox.control.leases import lease_lapses_at, lease_left
 from fastsandbox.control.sandboxes import MODE, Key, SandboxService, _ms
-from fastsandbox.errors import CapacityExhausted, FsbError, NotFound
+from fastsandbox.errors import CapacityExhausted, FsbError, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,15 @@ class SandboxLifecycle:
             return await self._converge(sb)
 
     async def _converge(self, sb: Sandbox) -> float | None:
+        lease = lease_left(sb)
+        if lease is not None and lease <= 0:
+            return await self._lease_lapsed(sb)
+        wait = await self._converge_unleased(sb)
+        if lease is not None:
+            wait = lease if wait is None else min(wait, lease)
+        return wait
+
+    async def _converge_unleased(self, sb: Sandbox) -> float | None:
         status = sb.status
         if status.phase is P.EXPIRED:
             return await self._collect_expired(sb)
@@ -118,6 +129,16 @@ class SandboxLifecycle:
                 sb.status.message = str(exc)
                 await self._save(sb)
             return 2.0
+        except InvalidArgument as exc:
+            # A declarative record the pool cannot take as written (a limit above its
+            # sandboxMax): retrying cannot help; a changed spec brings it back here.
+            self.events.warning(sb, "InvalidSpec", exc.message)
+            if set_condition(
+                sb.status, "Scheduled", False, reason="InvalidSpec", message=exc.message
+            ):
+                sb.status.message = exc.message
+                await self._save(sb)
+            return None
         except FsbError as exc:
             self.events.warning(sb, "FailedStart", f"{exc.message}; retrying")
             raise
@@ -291,6 +312,27 @@ class SandboxLifecycle:
             )
         log.info("resetting", extra={"sandbox": _name(sb), "revision": sb.spec.reset_revision})
         return await self._restart(sb)
+
+    # -- leases ------------------------------------------------------------------------------
+    async def _lease_lapsed(self, sb: Sandbox) -> float | None:
+        """The owner stopped renewing: delete the sandbox, as `fsb delete` would."""
+        lapse = lease_lapses_at(sb)
+        when = lapse.astimezone(UTC).isoformat().replace("+00:00", "Z") if lapse else "?"
+        # Already in this sandbox's serial section: delete inline, not through service.delete.
+        marked = await self.store.delete(Sandbox, sb.metadata.namespace, sb.metadata.name)
+        log.info("lease lapsed; deleting", extra={"sandbox": _name(sb), "lapsed_at": when})
+        if marked is None:
+            self.service._forget(sb)
+            return None
+        if marked.status.phase is not P.TERMINATING:
+            transition(marked.status, P.TERMINATING, reason="LeaseExpired")
+            marked = await self.store.update_status(marked)
+        self.events.warning(
+            marked,
+            "LeaseExpired",
+            f"lease of {sb.spec.lease_seconds}s not renewed since it lapsed at {when}; deleting",
+        )
+        return await self.service.finalize(marked)
 
     # -- expiry ------------------------------------------------------------------------------
     async def _expire(self, sb: Sandbox) -> None:

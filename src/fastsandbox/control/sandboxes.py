@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.api import labels
@@ -42,9 +43,9 @@ from fastsandbox.api.models import (
     now,
 )
 from fastsandbox.api.phases import set_condition, transition
-from fastsandbox.api.quantity import cpu_millis, memory_bytes
 from fastsandbox.control.agent_client import AgentClients
 from fastsandbox.control.events import EventRecorder
+from fastsandbox.control.limits import Limits, effective_limits, server_defaults
 from fastsandbox.control.registry import Allocation, Registry
 from fastsandbox.errors import (
     AlreadyExists,
@@ -203,6 +204,9 @@ class SandboxService:
                 sb.metadata.annotations[IDEMPOTENCY_KEY] = opts.idempotency_key
                 sb.metadata.annotations[SPEC_HASH] = opts.request_hash
             timings = Timings(accepted_ms=_ms(opts.arrived))
+            if sb.spec.lease_seconds:
+                # Persisted with the record, so a restarted control plane re-arms the lease.
+                sb.status.lease_expire_time = now() + timedelta(seconds=sb.spec.lease_seconds)
             if opts.mode is ConsistencyMode.STRONG:
                 sb.status.phase = SandboxPhase.PENDING
                 sb.status.timings = timings
@@ -324,6 +328,8 @@ class SandboxService:
         refused: set[str] = set()
         last: CapacityExhausted | None = None
         refreshed = self.refresh_agents is None
+        # Before a slot is taken: a limit above the pool's maximum is refused with nothing made.
+        limits = await self.limits(sb)
         while True:
             try:
                 allocation = self._allocate(sb, exclude=refused)
@@ -338,7 +344,10 @@ class SandboxService:
                 raise
             timings.scheduled_ms = _ms(arrived)
             try:
-                return allocation, await self._run_on_agent(sb, allocation)
+                state = await self._run_on_agent(sb, allocation, limits)
+                if state.pulled_ms:
+                    timings.pulled_ms = round(state.pulled_ms, 3)
+                return allocation, state
             except CapacityExhausted as exc:
                 self.registry.release(allocation.agent, allocation.sandbox_id)
                 refused.add(allocation.agent)
@@ -361,8 +370,25 @@ class SandboxService:
             exclude=exclude,
         )
 
-    def runtime_spec(self, sb: Sandbox, sandbox_id: str) -> agent_pb2.SandboxRuntimeSpec:
+    async def limits(self, sb: Sandbox) -> Limits:
+        """The sandbox's limits from its spec, its pool's defaults and maximum, and ours."""
+        try:
+            pool = await self.store.get(SandboxPool, sb.metadata.namespace, sb.spec.pool_ref)
+        except NotFound:
+            pool = None  # placement says so, naming the pool
+        return effective_limits(
+            sb.spec.resources,
+            pool.spec if pool is not None else None,
+            server_defaults(self.default_cpu, self.default_memory),
+        )
+
+    def runtime_spec(
+        self, sb: Sandbox, sandbox_id: str, limits: Limits | None = None
+    ) -> agent_pb2.SandboxRuntimeSpec:
         spec = sb.spec
+        if limits is None:
+            fallback = server_defaults(self.default_cpu, self.default_memory)
+            limits = effective_limits(spec.resources, None, fallback)
         return agent_pb2.SandboxRuntimeSpec(
             sandbox_id=sandbox_id,
             namespace=sb.metadata.namespace,
@@ -378,14 +404,19 @@ class SandboxService:
                 agent_pb2.KeyValue(key=labels.POOL_LABEL, value=spec.pool_ref),
                 *request_label(sb),
             ],
-            cpu_millis=cpu_millis(spec.resources.cpu or self.default_cpu),
-            memory_bytes=memory_bytes(spec.resources.memory or self.default_memory),
+            cpu_millis=limits.cpu_millis,
+            memory_bytes=limits.memory_bytes,
+            pids_limit=limits.pids,
+            disk_bytes=limits.disk_bytes,
+            log_max_bytes=limits.log_max_bytes,
         )
 
-    async def _run_on_agent(self, sb: Sandbox, allocation: Allocation) -> agent_pb2.SandboxState:
+    async def _run_on_agent(
+        self, sb: Sandbox, allocation: Allocation, limits: Limits | None = None
+    ) -> agent_pb2.SandboxState:
         client = self.agents.get(allocation.target)
         try:
-            return await client.create(self.runtime_spec(sb, allocation.sandbox_id))
+            return await client.create(self.runtime_spec(sb, allocation.sandbox_id, limits))
         except CapacityExhausted:
             # The agent is the capacity authority; our view was stale (e.g. an unknown orphan).
             raise

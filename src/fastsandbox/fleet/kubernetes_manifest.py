@@ -101,7 +101,7 @@ def _merge_agent(theirs: Mapping[str, Any], ours: dict[str, Any]) -> dict[str, A
             merged[key] = list(ours.get(key, ())) + extra
         else:
             merged[key] = _merge_named(theirs.get(key), ours.get(key))
-    # The subcommand, then the template's args, then ours: for a flag given twice argparse
+    # The subcommand, then the template's args, then ours: for a flag given twice `fsb agent`
     # keeps the last, so the template can add flags (--insecure-registry, --init-path, ...) but
     # not override ours.
     command, *flags = ours["args"]

@@ -190,8 +190,10 @@ class CreateOptions(TypedDict, total=False):
     mode: str
     """`fast` (answer first, persist right after) or `strong` (persist first)."""
     idempotency_key: str
-    resources: Mapping[str, str]
-    """`{"cpu": "500m", "memory": "256Mi"}`."""
+    resources: Mapping[str, str | int]
+    """`{"cpu": "500m", "memory": "256Mi", "pids": 256, "disk": "1Gi"}`."""
+    lease: int
+    """Seconds: the sandbox is deleted unless its lease is renewed at least this often."""
     namespace: str
 
 
@@ -307,6 +309,8 @@ def create_request(
         spec_in["recoveryTimeoutSeconds"] = options["recovery_timeout"]
     if options.get("resources"):
         spec_in["resources"] = dict(options["resources"])
+    if options.get("lease") is not None:
+        spec_in["leaseSeconds"] = options["lease"]
     expire = options.get("expire_time")
     if expire is not None:
         spec_in["expireTime"] = _expire_time(expire)
@@ -335,10 +339,13 @@ def create_request(
         labels=meta.labels,
         mode=mode,
         idempotency_key=options.get("idempotency_key") or "",
+        lease_seconds=spec.lease_seconds or 0,
     )
     if "resources" in spec_in:
         req.resources.cpu = spec.resources.cpu or ""
         req.resources.memory = spec.resources.memory or ""
+        req.resources.pids = spec.resources.pids or 0
+        req.resources.disk = spec.resources.disk or ""
     return req
 
 
@@ -550,6 +557,7 @@ def create_result(resp: fastpath_pb2.CreateResponse) -> CreateResult:
             accepted_ms=resp.timings.accepted_ms,
             scheduled_ms=resp.timings.scheduled_ms or None,
             runtime_ready_ms=resp.timings.runtime_ready_ms or None,
+            pulled_ms=resp.timings.pulled_ms or None,
         )
     return CreateResult(
         name=resp.name or obj.metadata.name,

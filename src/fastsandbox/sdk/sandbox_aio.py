@@ -19,6 +19,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
+from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2
 from fastsandbox.errors import InvalidArgument, NotFound
 from fastsandbox.sdk._core import DEFAULT_POOL, CreateOptions
 from fastsandbox.sdk.aio import AsyncClient
@@ -193,19 +196,24 @@ class AsyncSandbox:
         every = max(lease / 3, 0.5)
         while True:
             await asyncio.sleep(every)
+            stub, metadata = self.client._rpc()
+            request = fastpath_pb2.RenewLeaseRequest(namespace=self.namespace, name=self.name)
             try:
-                await self.client.renew_lease(self.name, namespace=self.namespace)
-            except NotFound:
-                return  # deleted: nothing left to keep alive
-            except Exception as exc:
-                if "does not support" in str(exc):
+                await stub.RenewLease(request, metadata=metadata, timeout=every)
+            except grpc.RpcError as err:
+                code = err.code() if hasattr(err, "code") else None
+                if code is grpc.StatusCode.UNIMPLEMENTED:
                     log.warning(
                         "the server does not renew leases yet; %s lives by its TTL only",
                         self.name,
                     )
                     return
+                if code is grpc.StatusCode.NOT_FOUND:
+                    return  # deleted: nothing left to keep alive
                 # A missed renewal is retried at the next tick; the lease has room for two.
-                log.warning("lease renewal of %s failed: %s", self.name, exc)
+                log.warning(
+                    "lease renewal of %s failed: %s", self.name, self.client._translate(err)
+                )
 
     async def get(self) -> models.Sandbox:
         """The object as the server has it now."""

@@ -38,6 +38,8 @@ class ContainerSpec:
     cgroup_parent: str = "/fastsandbox"
     cpu_millis: int | None = None
     memory_bytes: int | None = None
+    # None: the runtime's default pids limit (there is always one).
+    pids_limit: int | None = None
     # "runc" or "gvisor".
     runtime: str = "runc"
     # Host path of `fsb-init`: mounted read-only at /.fsb/init and run as PID 1 in front of the
@@ -60,6 +62,8 @@ class ContainerState:
     exited_at: float | None = None
     # Set when the runtime knows why the process ended, e.g. "OOMKilled".
     reason: str = ""
+    # Only in the state a create returns: milliseconds it waited for the image to be pulled.
+    pulled_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

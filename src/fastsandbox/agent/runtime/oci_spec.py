@@ -9,8 +9,9 @@ Where we differ, and why:
 - `noNewPrivileges`: setuid binaries in an image cannot regain dropped privileges.
 - Seccomp is an allowlist (`seccomp.py`): what ordinary programs need, Docker's coverage;
   every other syscall, including ones newer than the profile, fails with EPERM.
-- Limits: CPU quota from millicores (period 100 ms), memory limit, and a pids limit so a fork
-  bomb stays inside its sandbox.
+- Limits (`linux_resources`): CPU quota from millicores (period 100 ms) plus shares, a memory
+  limit with no swap beyond it (so the OOM killer, not paging, ends a hog), and a pids limit so
+  a fork bomb stays inside its sandbox.
 - Namespaces: new pid, ipc, uts and mount namespaces; the network namespace is the agent's (a
   path) or the host's when none is given, because sandboxes share their agent's IP by design.
 
@@ -52,6 +53,8 @@ DEFAULT_NOFILE = 1024
 CPU_PERIOD_US = 100_000
 # runc refuses quotas under 1 ms per period.
 MIN_CPU_QUOTA_US = 1_000
+CPU_SHARES_PER_CPU = 1024
+MIN_CPU_SHARES = 2
 MAX_HOSTNAME = 63
 MASKED_PATHS = (
     "/proc/acpi",
@@ -96,6 +99,42 @@ CHANNEL_MOUNT = "/.fsb/run"
 def cpu_quota_us(cpu_millis: int) -> int:
     """Millicores → CFS quota per `CPU_PERIOD_US` (1000m = one CPU = 100 ms per 100 ms)."""
     return max(MIN_CPU_QUOTA_US, cpu_millis * CPU_PERIOD_US // 1000)
+
+
+def cpu_shares(cpu_millis: int) -> int:
+    """Millicores → cgroup v1 `cpu.shares` (1024 per CPU, the kernel's minimum is 2). Under
+    contention shares divide the CPU in proportion; the quota caps it even when idle. runc maps
+    shares to cgroup v2's `cpu.weight` itself."""
+    return max(MIN_CPU_SHARES, cpu_millis * CPU_SHARES_PER_CPU // 1000)
+
+
+def linux_resources(
+    cpu_millis: int | None, memory_bytes: int | None, pids_limit: int
+) -> dict[str, Any]:
+    """The cgroup limits (`linux.resources`), the same for cgroup v1 and v2 (runc translates).
+
+    - pids: always set; `pids_limit <= 0` is a caller error, never "unlimited".
+    - memory: `swap` equal to `limit` (OCI's swap is memory + swap), so a sandbox cannot page
+      its way past the limit: at the limit the kernel's OOM killer ends it (v1
+      `memory.memsw.limit_in_bytes`, v2 `memory.swap.max = 0`).
+    - cpu: a CFS quota per `CPU_PERIOD_US` and shares in proportion.
+    None (or 0) for cpu/memory leaves that controller to the parent cgroup (the agent's).
+    """
+    if pids_limit <= 0:
+        raise ValueError(f"pids limit must be positive, not {pids_limit}")
+    resources: dict[str, Any] = {
+        "devices": [{"allow": False, "access": "rwm"}],
+        "pids": {"limit": pids_limit},
+    }
+    if cpu_millis is not None and cpu_millis > 0:
+        resources["cpu"] = {
+            "quota": cpu_quota_us(cpu_millis),
+            "period": CPU_PERIOD_US,
+            "shares": cpu_shares(cpu_millis),
+        }
+    if memory_bytes is not None and memory_bytes > 0:
+        resources["memory"] = {"limit": memory_bytes, "swap": memory_bytes}
+    return resources
 
 
 def build_oci_spec(
@@ -154,14 +193,7 @@ def build_oci_spec(
     if additional_gids:
         user["additionalGids"] = list(additional_gids)
     caps = list(capabilities)
-    resources: dict[str, Any] = {
-        "devices": [{"allow": False, "access": "rwm"}],
-        "pids": {"limit": pids_limit},
-    }
-    if cpu_millis is not None and cpu_millis > 0:
-        resources["cpu"] = {"quota": cpu_quota_us(cpu_millis), "period": CPU_PERIOD_US}
-    if memory_bytes is not None and memory_bytes > 0:
-        resources["memory"] = {"limit": memory_bytes}
+    resources = linux_resources(cpu_millis, memory_bytes, pids_limit)
     namespaces: list[dict[str, str]] = [
         {"type": "pid"},
         {"type": "ipc"},

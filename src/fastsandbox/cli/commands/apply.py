@@ -38,6 +38,7 @@ IMMUTABLE = (
     "working_dir",
     "exposed_ports",
     "resources",
+    "lease_seconds",
 )
 
 
@@ -187,9 +188,11 @@ def _create(fsb: Client, sb: Sandbox, timeout: float) -> None:
     }
     if spec.expire_time is not None:
         options["expire_time"] = spec.expire_time
-    resources = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
-    if any(resources.values()):
-        options["resources"] = {k: v for k, v in resources.items() if v}
+    resources = spec.resources.model_dump(exclude_none=True)
+    if resources:
+        options["resources"] = resources
+    if spec.lease_seconds is not None:
+        options["lease"] = spec.lease_seconds
     deadline = time.monotonic() + timeout
     delay = 0.2
     while True:

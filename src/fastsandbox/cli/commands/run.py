@@ -112,6 +112,23 @@ def run(
         str | None,
         typer.Option("--memory", help="Memory limit, e.g. 256Mi.", rich_help_panel=_SPEC),
     ] = None,
+    pids: Annotated[
+        int | None,
+        typer.Option("--pids", help="Process limit, e.g. 256.", rich_help_panel=_SPEC),
+    ] = None,
+    disk: Annotated[
+        str | None, typer.Option("--disk", help="Disk limit, e.g. 1Gi.", rich_help_panel=_SPEC)
+    ] = None,
+    lease: Annotated[
+        int | None,
+        typer.Option(
+            "--lease",
+            metavar="SECONDS",
+            help="Delete the sandbox unless its lease is renewed (RenewLease, e.g. by the SDK) "
+            "at least every SECONDS; `fsb run` itself does not renew.",
+            rich_help_panel=_SPEC,
+        ),
+    ] = None,
     idempotency_key: Annotated[
         str | None,
         typer.Option(
@@ -150,6 +167,7 @@ def run(
         "mode": mode,
         "idempotency_key": idempotency_key,
         "namespace": namespace,
+        "lease": lease,
     }
     options.update({k: v for k, v in flags.items() if v is not None})
     # One expiry flag replaces the file's other one; both flags together are refused later.
@@ -174,16 +192,23 @@ def run(
                 raise InvalidArgument(f"-l {item!r}: expected K=V")
             labels[key] = value
         options["labels"] = labels
-    if cpu or memory:
+    limits = {"cpu": cpu, "memory": memory, "pids": pids, "disk": disk}
+    if any(v is not None for v in limits.values()):
         resources = dict(options.get("resources") or {})
-        resources.update({k: v for k, v in (("cpu", cpu), ("memory", memory)) if v})
+        resources.update({k: v for k, v in limits.items() if v is not None})
         options["resources"] = resources
     if command:
         options["command"], options["args"] = list(command), []
 
     image_ref = str(options.pop("image", "") or "")
-    with client(endpoint, token, namespace) as fsb:
+    from fastsandbox.cli.pull_progress import pull_progress
+
+    with (
+        client(endpoint, token, namespace) as fsb,
+        pull_progress(fsb, image_ref, options) as progress,
+    ):
         result = fsb.create(name, image_ref, **options)
+        progress.done(result.timings.pulled_ms)
     if output is Output.table:
         render.created(result)
     else:

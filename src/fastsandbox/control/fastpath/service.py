@@ -33,6 +33,7 @@ from fastsandbox.api.models import (
     parse_rfc3339,
     to_wire,
 )
+from fastsandbox.control.fastpath import lease
 from fastsandbox.control.fastpath.io_relay import IoRelayRpcs
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import CreateOptions, SandboxService, request_hash
@@ -78,9 +79,15 @@ def sandbox_from_request(req: fastpath_pb2.CreateRequest) -> Sandbox:
     if req.recovery_timeout_seconds:
         spec["recoveryTimeoutSeconds"] = req.recovery_timeout_seconds
     if req.HasField("resources"):
-        spec["resources"] = {
-            k: v for k, v in (("cpu", req.resources.cpu), ("memory", req.resources.memory)) if v
-        }
+        res = req.resources
+        # Empty/0 is "unset" in proto3: the pool's default. A negative count is refused (the
+        # model's minimum), never read as unset.
+        given = (("cpu", res.cpu), ("memory", res.memory), ("pids", res.pids), ("disk", res.disk))
+        spec["resources"] = {k: v for k, v in given if v}
+    if req.lease_seconds < 0:
+        raise InvalidArgument("spec.leaseSeconds: must be positive")
+    if req.lease_seconds:
+        spec["leaseSeconds"] = req.lease_seconds
     if req.ttl_seconds:
         try:
             spec["expireTime"] = now() + timedelta(seconds=req.ttl_seconds)
@@ -183,6 +190,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
                 accepted_ms=timings.accepted_ms if timings else 0,
                 scheduled_ms=(timings.scheduled_ms or 0) if timings else 0,
                 runtime_ready_ms=(timings.runtime_ready_ms or 0) if timings else 0,
+                pulled_ms=(timings.pulled_ms or 0) if timings else 0,
             ),
             object_json=_json(sb),
         )
@@ -277,6 +285,11 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
                 yield fastpath_pb2.LogChunk(data=data)
         except FsbError as exc:
             await context.abort(exc.grpc_code, exc.message)
+
+    async def RenewLease(
+        self, request: fastpath_pb2.RenewLeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fastpath_pb2.RenewLeaseReply:
+        return await self._guard(context, lease.renew(self.sandboxes, request))
 
     # -- pools -----------------------------------------------------------------------------
     async def CreatePool(
