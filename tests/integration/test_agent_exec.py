@@ -178,6 +178,11 @@ async def test_exec_and_files(agent: AgentProc, demo_image: str, runtime_name: s
             r = await run(stub, sid, ["dmesg"])
             print(f"gVisor dmesg: {r.stdout[:200]!r}")
             assert b"gVisor" in r.stdout
+        r = await run(stub, sid, ["sleep", "30"], timeout_seconds=0.5)
+        assert r.out[-1].exited.timed_out and r.code == 137, r.out[-1]
+        r = await run(stub, sid, ["id", "-u"], user="1000")
+        assert (r.stdout, r.code) == (b"1000\n", 0)
+        await watch_sees_mkdir(stub, sid)
         await file_errors(stub, sid)
         await big_round_trip(stub, sid, agent, BIG)
         await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id=sid, grace_seconds=1))
@@ -206,6 +211,25 @@ async def resized_pty(stub: agent_pb2_grpc.AgentAsyncStub, sid: str) -> list[tup
         if re.search(rb"\d+ \d+", out):
             first_size.set()
     return [tuple(x) for x in re.findall(rb"(\d+) (\d+)", out)]
+
+
+async def watch_sees_mkdir(stub: agent_pb2_grpc.AgentAsyncStub, sid: str) -> None:
+    call = stub.Watch(io_pb2.WatchRequest(target=target(sid), path="/tmp"))
+    first = asyncio.ensure_future(call.read())
+    try:
+        # The watch is in place some time after the call starts: mkdir until an event shows.
+        for i in range(100):
+            path = f"/tmp/watched-{i}"
+            await stub.FileOp(io_pb2.FileOpRequest(target=target(sid), op="mkdir", path=path))
+            done, _ = await asyncio.wait({first}, timeout=0.5)
+            if done:
+                event = first.result()
+                assert event.event == "create" and event.path.startswith("/tmp/watched-"), event
+                return
+        pytest.fail("the watch of /tmp saw no mkdir")
+    finally:
+        first.cancel()
+        call.cancel()
 
 
 async def file_errors(stub: agent_pb2_grpc.AgentAsyncStub, sid: str) -> None:
