@@ -17,9 +17,11 @@ one agent, one idle sandbox (its PID 1 is the supervisor). Then, sequentially, n
                        (auth + one store read), for where the time goes
   runc exec true       `runc exec ID true` process spawned → exited, on a container started
                        from the same image's unpacked bundle (no containerd at all)
-  docker exec true     `docker exec ID true`, only when a docker engine answers `docker info`
+  docker exec true     `docker exec NAME true` against a private dockerd (Debian's docker.io, its
+                       own socket, data root and containerd: benchmarks/peers.py); said so, not
+                       measured, when docker.io is not installed
 
-Numbers are printed as p50/p95/p99/mean in milliseconds, with the targets of issue 9
+Numbers are printed as p50/p95/p99/max in milliseconds, with the targets of issue 9
 (p50 ≤ 5 ms, ≤ 0.4 x runc exec, ≤ 0.1 x docker exec) checked against this run's own baselines.
 """
 
@@ -40,9 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from create_latency import pct, row, timed  # noqa: E402
+from benchmarks.peers import Docker, RuncBundle, docker_peer, pct, row  # noqa: E402
 
 from fastsandbox import AsyncSandbox  # noqa: E402
 from fastsandbox.api._proto.fastsandbox.v1 import io_pb2  # noqa: E402
@@ -103,53 +104,6 @@ async def bench_sdk(server: Server, image: str, n: int) -> dict[str, list[float]
     return out
 
 
-def bench_runc_exec(layout: Path, work: Path, n: int) -> list[float]:
-    bundle = work / "bundle"
-    subprocess.run(
-        ["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)],
-        check=True,
-        capture_output=True,
-    )
-    config = json.loads((bundle / "config.json").read_text())
-    config["process"]["args"] = ["sleep", "3600"]
-    config["process"]["terminal"] = False
-    (bundle / "config.json").write_text(json.dumps(config))
-    state = work / "runc-state"
-    runc = ["runc", "--root", str(state)]
-    cid = "bench-exec"
-    timed([*runc, "run", "-d", "--bundle", str(bundle), cid])
-    try:
-        for _ in range(5):
-            timed([*runc, "exec", cid, "true"])
-        return [timed([*runc, "exec", cid, "true"]) for _ in range(n)]
-    finally:
-        subprocess.run([*runc, "kill", cid, "KILL"], capture_output=True)
-        for _ in range(50):
-            if subprocess.run([*runc, "delete", cid], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.05)
-
-
-def docker_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    probe = subprocess.run(["docker", "info"], capture_output=True, timeout=20)
-    return probe.returncode == 0
-
-
-def bench_docker_exec(n: int) -> list[float]:
-    cid = subprocess.run(
-        ["docker", "run", "-d", "--rm", "busybox", "sleep", "3600"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    try:
-        return [timed(["docker", "exec", cid, "true"]) for _ in range(n)]
-    finally:
-        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=200, help="samples per series")
@@ -179,10 +133,11 @@ def main() -> int:
             time.sleep(0.2)
 
         series = asyncio.run(bench_sdk(server, image, args.n))
-        series["runc exec true"] = bench_runc_exec(work / "demo-image", work, args.n)
-        docker = docker_available()
+        series["runc exec true"] = RuncBundle.unpack(work / "demo-image", work).bench_exec(args.n)
+        docker = Docker.missing() is None
         if docker:
-            series["docker exec true"] = bench_docker_exec(args.n)
+            with docker_peer(work / "docker", work / "demo-image") as (peer, tag):
+                series["docker exec true"] = peer.bench_exec(tag, args.n)
 
         print(
             f"\nExec round-trip latency, {args.n} sequential samples each "
@@ -191,7 +146,7 @@ def main() -> int:
         for name, values in series.items():
             print(row(name, values))
         if not docker:
-            print("docker exec true       not measured: no docker engine answers `docker info`")
+            print(f"docker exec true: not measured ({Docker.missing()})")
         sdk50 = pct(series['sdk run("true")'], 50)
         runc50 = pct(series["runc exec true"], 50)
         print(

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from fastsandbox.api.models import DEFAULT_LOG_MAX_BYTES
+
 # Defaults more than one command or client needs, each spelled here once (a unit test,
 # tests/unit/test_constants_once.py, fails when the endpoint is spelled anywhere else in src/).
 DEFAULT_ENDPOINT: Final = "127.0.0.1:9090"
@@ -147,6 +149,11 @@ class AgentSettings:
     init_path: Path | None = None
     """`fsb-init` binary mounted at /.fsb/init as every sandbox's PID 1; None = run the
     sandbox's command as PID 1 (SIGTERM is then ignored unless the command handles it)."""
+    logger_path: Path | None = None
+    """`fsb-logger`, containerd's `binary://` log driver: keeps stdout and stderr apart, stamps
+    each line and caps the log. None = containerd's `file://` (one uncapped file, streams mixed)."""
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    """Cap of one sandbox's captured output when its spec asks for none (newest kept)."""
     version: str = ""
     token: str | None = None
     """Bearer token every call must carry. Required on a HOST:PORT listen address (anyone who

@@ -13,10 +13,11 @@ import pytest
 
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerStatus
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
+from fastsandbox.api.labels import AGENT_LABEL, SANDBOX_ID_LABEL
 from fastsandbox.errors import NotFound
 from fastsandbox.janitor.containerd import ContainerdLeftovers
 from fastsandbox.janitor.janitor import Janitor, ScanReport
-from fastsandbox.janitor.scanner import AGENT_LABEL, SANDBOX_ID_LABEL, Reason
+from fastsandbox.janitor.scanner import Reason
 from tests.infra import ContainerdProc
 
 pytestmark = pytest.mark.integration

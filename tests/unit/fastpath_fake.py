@@ -53,7 +53,9 @@ class FakeFastPath(fastpath_pb2_grpc.FastPathServicer):
     failures: dict[str, tuple[grpc.StatusCode, str]] = field(default_factory=dict)
     sandboxes: dict[tuple[str, str], Sandbox] = field(default_factory=dict)
     pools: dict[tuple[str, str], SandboxPool] = field(default_factory=dict)
-    log_chunks: list[bytes] = field(default_factory=lambda: [b"hello\n", b"\x00\xff raw\n"])
+    log_chunks: list[bytes | fastpath_pb2.LogChunk] = field(
+        default_factory=lambda: [b"hello\n", b"\x00\xff raw\n"]
+    )
 
     def fail(self, method: str, code: grpc.StatusCode, details: str) -> None:
         self.failures[method] = (code, details)
@@ -186,7 +188,11 @@ class FakeFastPath(fastpath_pb2_grpc.FastPathServicer):
         if (request.namespace, request.name) not in self.sandboxes:
             await self._missing(context, "sandbox", request)
         for chunk in self.log_chunks:
-            yield fastpath_pb2.LogChunk(data=chunk)
+            yield (
+                chunk
+                if isinstance(chunk, fastpath_pb2.LogChunk)
+                else fastpath_pb2.LogChunk(data=chunk)
+            )
 
     # ------------------------------------------------------------------ pools
 

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from fastsandbox.agent.args import DEFAULTS, AgentArgs, flag_of
@@ -35,6 +36,8 @@ EVERY_FLAG = AgentArgs(
     grace=2.5,
     version="v9",
     init_path="none",
+    logger_path="/opt/fsb-logger",
+    log_max_bytes=1 << 20,
     log_level="debug",
     log_format="json",
     log_file=Path("/tmp/a.log"),
@@ -188,3 +191,14 @@ def test_an_ipv6_pod_ip_is_bracketed() -> None:
     assert settings_from_args(args, environ={}).listen == "[fd00::5]:7443"
     args = parse(["--name=a", "--listen=10.0.0.5:7443", "--insecure-no-token"])
     assert settings_from_args(args, environ={}).listen == "10.0.0.5:7443"
+
+
+def test_logger_flags() -> None:
+    s = settings_from_args(parse(["--name=a", "--logger-path=/opt/fsb-logger"]), environ={})
+    assert (s.logger_path, s.log_max_bytes) == (Path("/opt/fsb-logger"), 10 * 1024 * 1024)
+    s = settings_from_args(
+        parse(["--name=a", "--logger-path=none", "--log-max-bytes=1048576"]), environ={}
+    )
+    assert (s.logger_path, s.log_max_bytes) == (None, 1048576)
+    with pytest.raises(typer.BadParameter, match="65536"):
+        parse(["--log-max-bytes=100"])

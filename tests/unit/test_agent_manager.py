@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -286,7 +287,7 @@ async def test_pull(manager: SandboxManager, runtime: FakeRuntime) -> None:
 
 
 async def collect(manager: SandboxManager, sandbox_id: str, **kw: object) -> bytes:
-    return b"".join([c async for c in manager.logs(sandbox_id, **kw)])  # type: ignore[arg-type]
+    return b"".join([c.data async for c in manager.logs(sandbox_id, **kw)])  # type: ignore[arg-type]
 
 
 async def test_logs_tail(manager: SandboxManager) -> None:
@@ -320,7 +321,7 @@ async def test_logs_follow_until_exit(manager: SandboxManager, runtime: FakeRunt
 
     async def follow() -> None:
         async for chunk in manager.logs("sb-1", follow=True):
-            received.append(chunk)
+            received.append(chunk.data)
             got_first.set()
 
     task = asyncio.create_task(follow())
@@ -344,7 +345,7 @@ async def test_logs_follow_ends_when_sandbox_deleted(manager: SandboxManager) ->
 
     async def follow() -> None:
         async for chunk in manager.logs("sb-1", follow=True, tail_lines=1):
-            received.append(chunk)
+            received.append(chunk.data)
 
     task = asyncio.create_task(follow())
     while not received:
@@ -352,3 +353,34 @@ async def test_logs_follow_ends_when_sandbox_deleted(manager: SandboxManager) ->
     await manager.delete("sb-1")
     await asyncio.wait_for(task, 10)
     assert received == [b"x\n"]
+
+
+async def test_log_cap_comes_from_the_spec_or_the_agent_default(
+    runtime: FakeRuntime, tmp_path: Path
+) -> None:
+    logger = tmp_path / "fsb-logger"
+    agent = SandboxManager(
+        runtime,
+        dataclasses.replace(settings(tmp_path), logger_path=logger, log_max_bytes=1 << 20),
+    )
+    await agent.start()
+    await agent.create(req("sb-1"))
+    await agent.create(req("sb-2", log_max_bytes=128 * 1024))
+    assert runtime.specs["sb-1"].log_max_bytes == 1 << 20
+    assert runtime.specs["sb-2"].log_max_bytes == 128 * 1024
+    assert runtime.specs["sb-1"].logger_path == str(logger)
+    for bad in (-1, 1000):
+        with pytest.raises(InvalidArgument, match="log_max_bytes"):
+            await agent.create(req(f"sb-bad{bad}", log_max_bytes=bad))
+    assert agent.used_slots == 2  # refused before a slot was taken
+
+
+async def test_delete_removes_both_halves_of_a_capped_log(manager: SandboxManager) -> None:
+    await manager.create(req("sb-1"))
+    path = manager.log_path("sb-1")
+    rotated = path.with_name(path.name + ".1")
+    path.write_bytes(b"new\n")
+    rotated.write_bytes(b"old\n")
+    assert b"".join([c.data async for c in manager.logs("sb-1")]) == b"old\nnew\n"
+    await manager.delete("sb-1")
+    assert not path.exists() and not rotated.exists()

@@ -269,3 +269,22 @@ async def test_a_network_agent_without_token_refuses_to_start(tmp_path: Path) ->
     )
     with pytest.raises(InvalidArgument, match="--insecure-no-token"):
         await run(settings, ready=None, stop=asyncio.Event(), runtime=FakeRuntime())
+
+
+async def test_logs_carry_stream_and_timestamp_and_honour_since(agent: Agent) -> None:
+    await create(agent, "sb-1")
+    (agent.settings.state_dir / "logs" / "sb-1.log").write_bytes(
+        b"2026-12-01T20:00:00.000000000Z stdout F early\n"
+        b"2026-12-01T20:00:01.500000000Z stderr F oops\n"
+        b"2026-12-01T20:00:02.000000000Z stdout F late\n"
+    )
+    call = agent.stub.Logs(agent_pb2.SandboxLogsRequest(sandbox_id="sb-1"))
+    got = [(m.stream, m.timestamp, m.data) async for m in call]
+    base = 1796155200.0  # 2026-12-01T20:00:00Z
+    assert got == [
+        ("stdout", base, b"early\n"),
+        ("stderr", base + 1.5, b"oops\n"),
+        ("stdout", base + 2, b"late\n"),
+    ]
+    call = agent.stub.Logs(agent_pb2.SandboxLogsRequest(sandbox_id="sb-1", since_unix=base + 1))
+    assert [m.data async for m in call] == [b"oops\n", b"late\n"]

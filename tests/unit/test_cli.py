@@ -141,6 +141,24 @@ def test_logs_writes_raw_bytes(fake: FakeFastPath, endpoint: str) -> None:
     assert fake.calls[-1].request.follow is True
 
 
+def test_logs_keep_stderr_apart_and_pass_tail_and_since(fake: FakeFastPath, endpoint: str) -> None:
+    from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2
+
+    fake.add_sandbox("demo")
+    fake.log_chunks = [
+        fastpath_pb2.LogChunk(data=b"out\n", stream="stdout", timestamp=1796155200.0),
+        fastpath_pb2.LogChunk(data=b"err\n", stream="stderr", timestamp=1796155201.0),
+    ]
+    result = fsb("logs", "demo", "--tail", "3", "--since", "2026-12-01T20:00:00Z", "-t")
+    assert result.exit_code == 0, result.output
+    assert result.stdout_bytes == b"2026-12-01T20:00:00.000000Z out\n"
+    assert result.stderr_bytes == b"2026-12-01T20:00:01.000000Z err\n"
+    req = fake.calls[-1].request
+    assert (req.tail_lines, req.since_unix) == (3, 1796155200.0)
+    result = fsb("logs", "demo", "--since", "soon")
+    assert result.exit_code == 2 and "--since" in result.stderr
+
+
 def test_pool_verbs(fake: FakeFastPath, endpoint: str) -> None:
     result = fsb(
         "pool", "create", "p1", "--min", "2", "--max", "3", "--buffer-min", "1",

@@ -246,9 +246,18 @@ async def test_janitor_removes_an_orphan_after_the_timeout_and_calls_the_hook(
     for sid in ("orphan", "live"):
         (channels / sid).mkdir(parents=True)
         age(channels / sid, TIMEOUT + 1)
+    # The older half of a capped log goes with it.
+    for name in ("orphan.log.1", "live.log.1"):
+        (log_dir / name).write_bytes(b"older\n")
+    age(log_dir / "orphan.log.1", TIMEOUT + 1)
+    age(log_dir / "live.log.1", TIMEOUT + 1)
     report = await j.scan()
-    assert report.logs_removed == [str(log_dir / "orphan.log"), str(channels / "orphan")]
-    assert (log_dir / "live.log").exists()
+    assert sorted(report.logs_removed) == [
+        str(channels / "orphan"),
+        str(log_dir / "orphan.log"),
+        str(log_dir / "orphan.log.1"),
+    ]
+    assert (log_dir / "live.log").exists() and (log_dir / "live.log.1").exists()
     assert (channels / "live").is_dir() and not (channels / "orphan").exists()
 
 

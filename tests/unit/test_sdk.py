@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ import grpc
 import pytest
 
 from fastsandbox import sdk
+from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2
 from fastsandbox.sdk import (
     AlreadyExists,
     AsyncClient,
@@ -19,6 +21,7 @@ from fastsandbox.sdk import (
     CreateResult,
     FsbError,
     InvalidArgument,
+    LogRecord,
     NotFound,
     Sandbox,
     Unauthenticated,
@@ -62,6 +65,7 @@ def test_public_surface_is_pinned() -> None:
         "FailedPrecondition",
         "FsbError",
         "InvalidArgument",
+        "LogRecord",
         "NotFound",
         "PoolOptions",
         "RuntimeFailure",
@@ -353,3 +357,34 @@ def test_bad_config_file_is_invalid_argument(tmp_path: Path) -> None:
     config.write_text("- just\n- a list\n")
     with pytest.raises(InvalidArgument, match="expected a mapping"):
         resolve(env={"FSB_CONFIG": str(config)})
+
+
+async def test_log_records_keep_streams_apart_and_send_tail_and_since(
+    fake: FakeFastPath, endpoint: str
+) -> None:
+    fake.add_sandbox("a")
+    fake.log_chunks = [
+        fastpath_pb2.LogChunk(data=b"out\n", stream="stdout", timestamp=100.5),
+        fastpath_pb2.LogChunk(data=b"err\n", stream="stderr", timestamp=101.0),
+    ]
+    async with AsyncClient(endpoint, TOKEN) as client:
+        records = [r async for r in client.log_records("a", tail=5, since=90.0)]
+        assert records == [
+            LogRecord(stream="stdout", data=b"out\n", timestamp=100.5),
+            LogRecord(stream="stderr", data=b"err\n", timestamp=101.0),
+        ]
+        req = fake.calls[-1].request
+        assert (req.tail_lines, req.since_unix, req.follow) == (5, 90.0, False)
+        before = time.time()
+        assert [c async for c in client.logs("a", since=timedelta(minutes=1))] == [
+            b"out\n",
+            b"err\n",
+        ]
+        assert before - 61 < fake.calls[-1].request.since_unix <= time.time() - 60
+        with pytest.raises(InvalidArgument, match="tail"):
+            [r async for r in client.log_records("a", tail=-1)]
+        with pytest.raises(InvalidArgument, match="since"):
+            [r async for r in client.log_records("a", since=datetime(2026, 1, 1))]
+    with Client(endpoint, TOKEN) as sync_client:
+        streams = [r.stream for r in sync_client.log_records("a")]
+        assert streams == ["stdout", "stderr"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from fastsandbox.api.models import DEFAULT_LOG_MAX_BYTES
 from fastsandbox.settings import CONTAINERD_SOCKET, DELETE_GRACE_SECONDS
 
 # Where the agent reads its bearer token when no --token-file is given; the Kubernetes fleet
@@ -44,6 +45,8 @@ class AgentArgs:
     grace: float = DELETE_GRACE_SECONDS
     version: str | None = None
     init_path: str | None = None
+    logger_path: str | None = None
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     log_level: str = "info"
     log_format: str = "auto"
     log_file: Path | None = None

@@ -44,6 +44,22 @@ def _init_path(given: str | None) -> Path | None:
     return found
 
 
+def _logger_path(given: str | None) -> Path | None:
+    from fastsandbox.agent.logger_binary import find_logger
+
+    if given == "none":
+        return None
+    if given:
+        return Path(given)
+    found = find_logger()
+    if found is None:
+        log.warning(
+            "fsb-logger not found (run scripts/setup); sandbox logs mix stdout and stderr "
+            "in one file with no cap"
+        )
+    return found
+
+
 def _token(args: AgentArgs, environ: Mapping[str, str]) -> str | None:
     """`--token-file`, else $FSB_AGENT_TOKEN; None when neither is given."""
     from fastsandbox.errors import InvalidArgument
@@ -97,6 +113,8 @@ def settings_from_args(args: AgentArgs, environ: Mapping[str, str] | None = None
         insecure_registries=list(args.insecure_registry),
         delete_grace_seconds=args.grace,
         init_path=_init_path(args.init_path),
+        logger_path=_logger_path(args.logger_path),
+        log_max_bytes=args.log_max_bytes,
         version=args.version if args.version is not None else _package_version(),
         token=token,
         insecure_no_token=args.insecure_no_token,

@@ -16,7 +16,8 @@ Why it is shaped this way:
   cordon that shows no slot and no container means nothing more can start here. A restarted agent
   starts uncordoned; the control plane cordons it again.
 - Work on one sandbox id is serialised by a per-id lock; different ids never wait on each other.
-- Logs are read from the file containerd's shim writes, so they survive agent restarts.
+- Logs are read from the files `fsb-logger` (started by containerd's shim, not by us) writes, so
+  they survive agent restarts; reading them is `logs.py`.
 - Each sandbox's supervisor channel (`supervisor.ChannelHub`) listens from before its container
   is made until it is deleted; a restarted agent listens again for every sandbox it adopts, and
   their supervisors redial. Work inside a sandbox goes through `supervisor(id)`, which refuses a
@@ -28,15 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
 
 from fastsandbox._aio.keyed import KeyedLocks
+from fastsandbox.agent.logs import LogChunk, log_files, read_log
 from fastsandbox.agent.runtime.base import (
     ContainerSpec,
     ContainerState,
@@ -48,13 +48,13 @@ from fastsandbox.agent.runtime.base import (
 from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
 from fastsandbox.api import labels
 from fastsandbox.api.images import normalize_image_ref
+from fastsandbox.api.models import MIN_LOG_MAX_BYTES
 from fastsandbox.errors import (
     AlreadyExists,
     CapacityExhausted,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    Unavailable,
 )
 from fastsandbox.settings import AgentSettings
 
@@ -68,12 +68,6 @@ PORTS_LABEL = labels.PORTS_LABEL
 
 # containerd's own rule for ids; it also keeps ids safe to use as file names (no "/" or "..").
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
-
-# Log streaming: how often a follower looks for new bytes, how often it asks the runtime whether
-# the sandbox is still running (a runtime call is dearer than a stat), and read size.
-LOG_POLL_SECONDS = 0.1
-LOG_STATE_CHECK_SECONDS = 0.5
-LOG_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +89,8 @@ class SandboxRequest:
     memory_bytes: int = 0
     pids_limit: int = 0
     disk_bytes: int = 0
+    # Cap of the captured stdout + stderr; 0 = the agent's default.
+    log_max_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +181,7 @@ class SandboxManager:
         if not req.image:
             raise InvalidArgument("image: required")
         normalize_image_ref(req.image)  # a bad reference fails before a slot is taken
+        self._log_cap(req.log_max_bytes)  # so does a bad log cap
         # A create runs to its end even when its caller goes away (a control plane killed or
         # timed out mid-call): Status reports a create in flight as a sandbox on its way, and a
         # restarted control plane adopts it on that word; cut off, the create would be rolled
@@ -351,7 +348,18 @@ class SandboxManager:
             init_path=str(self.settings.init_path) if self.settings.init_path else None,
             channel_dir=str(channels.directory(req.sandbox_id)) if channels else None,
             init_env=channels.supervisor_env(req.sandbox_id) if channels else (),
+            log_max_bytes=self._log_cap(req.log_max_bytes),
+            logger_path=str(self.settings.logger_path) if self.settings.logger_path else None,
         )
+
+    def _log_cap(self, asked: int) -> int:
+        if asked < 0:
+            raise InvalidArgument(f"log_max_bytes {asked}: must be 0 (the default) or positive")
+        if 0 < asked < MIN_LOG_MAX_BYTES:
+            raise InvalidArgument(
+                f"log_max_bytes {asked}: must be at least {MIN_LOG_MAX_BYTES} bytes (64 KiB)"
+            )
+        return asked or self.settings.log_max_bytes
 
     async def delete(self, sandbox_id: str, grace_seconds: float = -1) -> bool:
         """Stop and remove the sandbox and its log. False when it did not exist."""
@@ -366,8 +374,9 @@ class SandboxManager:
             self._defaults.pop(sandbox_id, None)
             if self.channels is not None:
                 await self.channels.remove(sandbox_id)
-            with contextlib.suppress(FileNotFoundError):
-                self.log_path(sandbox_id).unlink()
+            for path in log_files(self.log_path(sandbox_id)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         if existed:
             log.info(
                 "sandbox deleted", extra={"agent": self.settings.name, "sandbox_id": sandbox_id}
@@ -474,93 +483,43 @@ class SandboxManager:
 
     # -- logs -----------------------------------------------------------------------------------
     async def logs(
-        self, sandbox_id: str, *, follow: bool = False, tail_lines: int = 0
-    ) -> AsyncGenerator[bytes, None]:
-        """The sandbox's output: the last `tail_lines` lines (0 = all), then, with `follow`, new
-        output as it is written until the sandbox is gone, or has exited and all is read."""
+        self,
+        sandbox_id: str,
+        *,
+        follow: bool = False,
+        tail_lines: int = 0,
+        since_unix: float = 0.0,
+    ) -> AsyncGenerator[LogChunk, None]:
+        """The sandbox's output, stdout and stderr apart: the last `tail_lines` lines (0 = all)
+        written at or after `since_unix` (0 = all), then, with `follow`, new output as it is
+        written until the sandbox is gone, or has exited and all is read."""
         _check_id(sandbox_id)
+        if tail_lines < 0:
+            raise InvalidArgument(f"tail_lines {tail_lines}: must be 0 (all) or positive")
         path = self.log_path(sandbox_id)
         state = await self._own_state(sandbox_id)
-        if state is None and not path.exists():
+        if state is None and not any(p.exists() for p in log_files(path)):
             raise NotFound(f"sandbox {sandbox_id} not found on agent {self.settings.name}")
+
+        async def running() -> bool:
+            current = await self._own_state(sandbox_id)
+            return current is not None and _live(current)
+
+        stream = read_log(
+            path,
+            tail_lines=tail_lines,
+            since_unix=since_unix,
+            follow=follow and state is not None,
+            running=running,
+            closing=self._closing,
+        )
         try:
-            f = path.open("rb")
-        except FileNotFoundError:
-            if not follow or state is None:
-                return
-            f = None
-        try:
-            if f is not None:
-                f.seek(await asyncio.to_thread(_tail_offset, path, tail_lines))
-                async for chunk in _drain(f):
-                    yield chunk
-            if not follow:
-                return
-            next_check = 0.0
-            while True:
-                if self._closing.is_set():
-                    raise Unavailable("agent is shutting down; retry on the restarted agent")
-                if f is None:
-                    with contextlib.suppress(FileNotFoundError):
-                        f = path.open("rb")
-                got = False
-                if f is not None:
-                    async for chunk in _drain(f):
-                        got = True
-                        yield chunk
-                if got:
-                    continue
-                now = time.monotonic()
-                if now >= next_check:
-                    next_check = now + LOG_STATE_CHECK_SECONDS
-                    state = await self._own_state(sandbox_id)
-                    if state is None or not _live(state):
-                        # The shim may still be flushing the last bytes of an exited process.
-                        await asyncio.sleep(LOG_POLL_SECONDS)
-                        if f is not None:
-                            async for chunk in _drain(f):
-                                yield chunk
-                        return
-                await asyncio.sleep(LOG_POLL_SECONDS)
+            async for chunk in stream:
+                yield chunk
         finally:
-            if f is not None:
-                f.close()
+            await stream.aclose()
 
     @property
     def used_slots(self) -> int:
         """Sandboxes counted against capacity (for diagnostics)."""
         return len(self._slots)
-
-
-async def _drain(f: BinaryIO) -> AsyncIterator[bytes]:
-    """Everything readable now. Local-file reads are short; no thread hop per chunk."""
-    while True:
-        chunk = f.read(LOG_CHUNK_BYTES)
-        if not chunk:
-            return
-        yield chunk
-
-
-def _tail_offset(path: Path, lines: int) -> int:
-    """Byte offset where the last `lines` lines of the file begin (0 = whole file)."""
-    if lines <= 0:
-        return 0
-    with path.open("rb") as f:
-        end = f.seek(0, os.SEEK_END)
-        # A final newline ends the last line; it does not start another one.
-        if end > 0:
-            f.seek(end - 1)
-            if f.read(1) == b"\n":
-                end -= 1
-        pos, seen = end, 0
-        while pos > 0:
-            step = min(LOG_CHUNK_BYTES, pos)
-            pos -= step
-            f.seek(pos)
-            block = f.read(step)
-            i = len(block)
-            while (i := block.rfind(b"\n", 0, i)) >= 0:
-                seen += 1
-                if seen == lines:
-                    return pos + i + 1
-        return 0

@@ -68,12 +68,12 @@ def read_pod_sandbox(spec: dict[str, Any]) -> tuple[str, str]:
     return str(netns), pod_cgroup(str(cgroups_path))
 
 
-def stage_init(init_path: Path, state_dir: Path) -> Path:
-    """Copy `fsb-init` into `state_dir` (atomically: running sandboxes may have the old copy
-    mounted) and return the copy's path."""
+def stage_init(init_path: Path, state_dir: Path, name: str = "fsb-init") -> Path:
+    """Copy `fsb-init` (or another helper the host runs, e.g. `fsb-logger`) into `state_dir`
+    (atomically: running sandboxes may have the old copy mounted) and return the copy's path."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    target = state_dir / "fsb-init"
-    tmp = state_dir / f".fsb-init.{os.getpid()}"
+    target = state_dir / name
+    tmp = state_dir / f".{name}.{os.getpid()}"
     shutil.copyfile(init_path, tmp)
     os.chmod(tmp, 0o755)
     os.replace(tmp, target)
@@ -102,6 +102,11 @@ async def join_pod(settings: AgentSettings) -> AgentSettings:
         raise Unavailable(f"unreadable runtime spec of the Pod sandbox {found[0].id}") from exc
     netns, cgroup = read_pod_sandbox(spec)
     init = stage_init(settings.init_path, settings.state_dir) if settings.init_path else None
+    logger = (
+        stage_init(settings.logger_path, settings.state_dir, "fsb-logger")
+        if settings.logger_path
+        else None
+    )
     log.info(
         "joined the Pod",
         extra={
@@ -112,4 +117,6 @@ async def join_pod(settings: AgentSettings) -> AgentSettings:
             "init_path": str(init) if init else None,
         },
     )
-    return replace(settings, netns_path=netns, cgroup_parent=cgroup, init_path=init)
+    return replace(
+        settings, netns_path=netns, cgroup_parent=cgroup, init_path=init, logger_path=logger
+    )

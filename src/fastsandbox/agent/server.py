@@ -83,6 +83,7 @@ def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
         memory_bytes=spec.memory_bytes,
         pids_limit=spec.pids_limit,
         disk_bytes=spec.disk_bytes,
+        log_max_bytes=spec.log_max_bytes,
     )
 
 
@@ -151,11 +152,16 @@ class AgentService(IoMethods, agent_pb2_grpc.AgentServicer):
         self, request: agent_pb2.SandboxLogsRequest, context: Context
     ) -> AsyncIterator[agent_pb2.LogData]:
         stream = self.manager.logs(
-            request.sandbox_id, follow=request.follow, tail_lines=request.tail_lines
+            request.sandbox_id,
+            follow=request.follow,
+            tail_lines=request.tail_lines,
+            since_unix=request.since_unix,
         )
         try:
-            async for data in stream:
-                yield agent_pb2.LogData(data=data)
+            async for chunk in stream:
+                yield agent_pb2.LogData(
+                    data=chunk.data, stream=chunk.stream, timestamp=chunk.timestamp
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:

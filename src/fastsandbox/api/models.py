@@ -37,8 +37,9 @@ _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 
 
-# The smallest log cap a pool may set: smaller would keep less than a screenful of output.
-MIN_LOG_MAX_BYTES = 4096
+# Log caps (fsb-logger keeps the newest half twice over): the smallest keeps a few full-length
+# (16 KiB) lines in each half; the default fits a long build log. Defined once, here.
+MIN_LOG_MAX_BYTES = 64 * 1024
 DEFAULT_LOG_MAX_BYTES = 10 * 1024**2
 
 

@@ -110,16 +110,22 @@ class AgentClient:
         )
         return reply
 
-    async def logs(self, sandbox_id: str, *, follow: bool, tail_lines: int) -> AsyncIterator[bytes]:
+    async def logs(
+        self, sandbox_id: str, *, follow: bool, tail_lines: int, since_unix: float = 0.0
+    ) -> AsyncIterator[agent_pb2.LogData]:
+        """The sandbox's output as the agent sends it: data, stream, timestamp."""
         call = self._stub.Logs(
             agent_pb2.SandboxLogsRequest(
-                sandbox_id=sandbox_id, follow=follow, tail_lines=tail_lines
+                sandbox_id=sandbox_id,
+                follow=follow,
+                tail_lines=tail_lines,
+                since_unix=since_unix,
             ),
             metadata=self._metadata,
         )
         try:
             async for chunk in call:
-                yield chunk.data
+                yield chunk
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc, self.target) from None
         finally:

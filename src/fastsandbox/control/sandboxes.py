@@ -52,6 +52,7 @@ from fastsandbox.errors import (
     CapacityExhausted,
     Conflict,
     FsbError,
+    InvalidArgument,
     NotFound,
     Unavailable,
 )
@@ -554,8 +555,13 @@ class SandboxService:
 
     # -- reads -----------------------------------------------------------------------------
     async def logs(
-        self, namespace: str, name: str, *, follow: bool, tail_lines: int
-    ) -> AsyncIterator[bytes]:
+        self, namespace: str, name: str, *, follow: bool, tail_lines: int, since_unix: float = 0.0
+    ) -> AsyncIterator[agent_pb2.LogData]:
+        """The sandbox's output from its agent, chunk by chunk (stdout and stderr apart)."""
+        if tail_lines < 0:
+            raise InvalidArgument(f"tail_lines {tail_lines}: must be 0 (all) or positive")
+        if since_unix < 0:
+            raise InvalidArgument(f"since_unix {since_unix}: must be 0 (all) or a unix time")
         sb = await self.store.get(Sandbox, namespace, name)
         agent = (
             self.registry.get_agent(sb.status.assigned_agent) if sb.status.assigned_agent else None
@@ -566,6 +572,6 @@ class SandboxService:
             )
         client = self.agents.get(agent.target)
         async for chunk in client.logs(
-            sb.status.container_id, follow=follow, tail_lines=tail_lines
+            sb.status.container_id, follow=follow, tail_lines=tail_lines, since_unix=since_unix
         ):
             yield chunk

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from fastsandbox.agent.runtime._containerd_api import ContainerdApi
 from fastsandbox.errors import NotFound
@@ -20,10 +20,14 @@ _KIND_ACTIVE = 2
 
 
 def log_path_of(uri: str) -> str | None:
-    """The file a task's `file://` stdout URI names; None for FIFOs and other schemes."""
-    if not uri.startswith("file://"):
-        return None
-    return unquote(urlparse(uri).path) or None
+    """The file a task's stdout URI names: a `file://` path, or the `path` argument of a
+    `binary://` logger (fsb-logger's); None for FIFOs and other schemes."""
+    if uri.startswith("file://"):
+        return unquote(urlparse(uri).path) or None
+    if uri.startswith("binary://"):
+        paths = parse_qs(urlparse(uri).query).get("path")
+        return paths[0] if paths else None
+    return None
 
 
 class ContainerdLeftovers:

@@ -6,16 +6,18 @@ lets the pure `scanner.decide` pick the orphans; an orphan is removed (task, con
 snapshot, through `Runtime.delete`) only after it has been seen orphaned for `orphan_timeout`
 without a break. Then it sweeps what a container leaves outside containerd's records:
 
-- log files under `<agents_dir>/<agent>/logs/<id>.log` whose container is gone and that no
-  record points at, untouched for `orphan_timeout`; supervisor channel directories
-  (`<agents_dir>/<agent>/channels/<id>/`) by the same rule;
+- log files under `<agents_dir>/<agent>/logs/<id>.log` (and the older half of a capped log,
+  `<id>.log.1`) whose container is gone and that no record points at, untouched for
+  `orphan_timeout`; supervisor channel directories (`<agents_dir>/<agent>/channels/<id>/`) by
+  the same rule;
 - active snapshots keyed like a sandbox id that no container in the namespace references
   (an interrupted delete), older than `orphan_timeout` (needs a `Leftovers` backend);
 - task FIFOs (`<fifo dir>/<dir>/<id>-stdin|stdout|stderr`) of containers this janitor removed.
   The FIFO dir is client-side (containerd's Go client and `ctr` use `/run/containerd/fifo`
   whichever containerd they talk to) and is removed by the client when it closes the task's IO;
-  a detached client (`ctr run -d`) leaves them. Our own sandboxes use `file://` logs and no
-  stdin, so they have none; only containers made by such clients with our labels do.
+  a detached client (`ctr run -d`) leaves them. Our own sandboxes use `binary://` (or
+  `file://`) logs and no stdin, so they have none; only such clients' containers with our
+  labels do.
 
 It never removes a container that a record points at while its agent lives, nor one being
 created, nor one that is not ours (see `scanner`). `on_removed(id)` is called after each
@@ -216,8 +218,9 @@ class Janitor:
         if self.agents_dir is None:
             return []
         removed = []
-        for path in self.agents_dir.glob("*/logs/*.log"):
-            if path.stem in keep:
+        paths = [*self.agents_dir.glob("*/logs/*.log"), *self.agents_dir.glob("*/logs/*.log.1")]
+        for path in paths:
+            if path.name.removesuffix(".1").removesuffix(".log") in keep:
                 continue
             try:
                 if not self._old(path.stat().st_mtime):

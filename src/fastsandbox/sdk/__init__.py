@@ -25,6 +25,7 @@ from fastsandbox.errors import (
     Unavailable,
 )
 from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
+from fastsandbox.sdk._logs import LogRecord
 from fastsandbox.sdk.aio import AsyncClient
 from fastsandbox.sdk.commands import CommandResult
 from fastsandbox.sdk.files import EntryInfo
@@ -49,6 +50,7 @@ __all__ = [
     "FailedPrecondition",
     "FsbError",
     "InvalidArgument",
+    "LogRecord",
     "NotFound",
     "PoolOptions",
     "RuntimeFailure",

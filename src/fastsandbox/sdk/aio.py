@@ -19,6 +19,7 @@ from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grp
 from fastsandbox.errors import Conflict
 from fastsandbox.sdk import _core
 from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
+from fastsandbox.sdk._logs import LogRecord, Since, logs_request, record_from_wire
 
 if TYPE_CHECKING:
     from fastsandbox.api._proto.fastsandbox.v1.fastpath_pb2_grpc import FastPathAsyncStub
@@ -219,15 +220,40 @@ class AsyncClient:
         return [_core.event_from_wire(item) for item in raw]
 
     async def logs(
-        self, name: str, *, follow: bool = False, namespace: str | None = None
+        self,
+        name: str,
+        *,
+        follow: bool = False,
+        namespace: str | None = None,
+        tail: int = 0,
+        since: Since | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        """The sandbox's stdout/stderr as raw chunks; with `follow`, until the sandbox ends."""
-        metadata = self._config.metadata()
-        request = fastpath_pb2.LogsRequest(namespace=self._ns(namespace), name=name, follow=follow)
-        call = self._fastpath().Logs(request, metadata=metadata)
+        """The sandbox's stdout/stderr as raw chunks; with `follow`, until the sandbox ends.
+        `tail`: only the last N lines (0 = all); `since`: only what was written since then.
+        `log_records` keeps the two streams apart."""
+        records = self.log_records(name, follow=follow, namespace=namespace, tail=tail, since=since)
+        try:
+            async for record in records:
+                yield record.data
+        finally:
+            await records.aclose()
+
+    async def log_records(
+        self,
+        name: str,
+        *,
+        follow: bool = False,
+        namespace: str | None = None,
+        tail: int = 0,
+        since: Since | None = None,
+    ) -> AsyncGenerator[LogRecord, None]:
+        """Like `logs`, as records: which stream (stdout or stderr), the bytes, and when the
+        sandbox wrote them."""
+        request = logs_request(self._ns(namespace), name, follow=follow, tail=tail, since=since)
+        call = self._fastpath().Logs(request, metadata=self._config.metadata())
         try:
             async for chunk in call:
-                yield chunk.data
+                yield record_from_wire(chunk)
         except grpc.RpcError as err:
             raise _core.translate(err, self._config.endpoint) from None
         finally:

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from fastsandbox.sdk._core import DEFAULT_POOL
+from fastsandbox.sdk._logs import LogRecord, Since
 from fastsandbox.sdk.commands import (
     DEFAULT_TIMEOUT,
     AsyncCommands,
@@ -381,8 +382,16 @@ class Sandbox:
     def is_running(self) -> bool:
         return self._loop.run(self._aio.is_running())
 
-    def logs(self, *, follow: bool = False) -> Iterator[bytes]:
-        return _iterate(self._loop, self._aio.logs(follow=follow))
+    def logs(
+        self, *, follow: bool = False, tail: int = 0, since: Since | None = None
+    ) -> Iterator[bytes]:
+        return _iterate(self._loop, self._aio.logs(follow=follow, tail=tail, since=since))
+
+    def log_records(
+        self, *, follow: bool = False, tail: int = 0, since: Since | None = None
+    ) -> Iterator[LogRecord]:
+        """Its output with stdout and stderr apart (see `Client.log_records`)."""
+        return _iterate(self._loop, self._aio.log_records(follow=follow, tail=tail, since=since))
 
     def set_timeout(self, seconds: int) -> None:
         self._loop.run(self._aio.set_timeout(seconds))

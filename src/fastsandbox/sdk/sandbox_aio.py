@@ -24,6 +24,7 @@ import grpc
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2
 from fastsandbox.errors import InvalidArgument, NotFound
 from fastsandbox.sdk._core import DEFAULT_POOL, CreateOptions
+from fastsandbox.sdk._logs import LogRecord, Since
 from fastsandbox.sdk.aio import AsyncClient
 from fastsandbox.sdk.commands import AsyncCommands
 from fastsandbox.sdk.files import AsyncFiles
@@ -183,10 +184,24 @@ class AsyncSandbox:
 
     # ------------------------------------------------------------------ doing things
 
-    async def logs(self, *, follow: bool = False) -> AsyncIterator[bytes]:
-        """The main process's output; with `follow`, until the sandbox ends."""
-        async for chunk in self.client.logs(self.name, follow=follow, namespace=self.namespace):
+    async def logs(
+        self, *, follow: bool = False, tail: int = 0, since: Since | None = None
+    ) -> AsyncIterator[bytes]:
+        """The main process's output; with `follow`, until the sandbox ends; `tail` lines from
+        the end, or only what was written `since` (unix seconds, datetime, or timedelta ago)."""
+        async for chunk in self.client.logs(
+            self.name, follow=follow, namespace=self.namespace, tail=tail, since=since
+        ):
             yield chunk
+
+    async def log_records(
+        self, *, follow: bool = False, tail: int = 0, since: Since | None = None
+    ) -> AsyncIterator[LogRecord]:
+        """Its output with stdout and stderr apart, each record stamped (`Client.log_records`)."""
+        async for record in self.client.log_records(
+            self.name, follow=follow, namespace=self.namespace, tail=tail, since=since
+        ):
+            yield record
 
     async def set_timeout(self, seconds: int) -> None:
         """Expire `seconds` from now (E2B's `set_timeout`)."""

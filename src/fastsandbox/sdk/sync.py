@@ -12,12 +12,13 @@ import asyncio
 import builtins
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Generator, Iterator, Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
+from fastsandbox.sdk._logs import LogRecord, Since
 from fastsandbox.sdk.aio import AsyncClient
 
 if TYPE_CHECKING:
@@ -192,9 +193,34 @@ class Client:
         )
 
     def logs(
-        self, name: str, *, follow: bool = False, namespace: str | None = None
+        self,
+        name: str,
+        *,
+        follow: bool = False,
+        namespace: str | None = None,
+        tail: int = 0,
+        since: Since | None = None,
     ) -> Iterator[bytes]:
-        chunks = self._aio.logs(name, follow=follow, namespace=namespace)
+        records = self.log_records(name, follow=follow, namespace=namespace, tail=tail, since=since)
+        try:
+            for record in records:
+                yield record.data
+        finally:
+            records.close()
+
+    def log_records(
+        self,
+        name: str,
+        *,
+        follow: bool = False,
+        namespace: str | None = None,
+        tail: int = 0,
+        since: Since | None = None,
+    ) -> Generator[LogRecord, None, None]:
+        """See `AsyncClient.log_records`: stdout and stderr apart, with their timestamps."""
+        chunks = self._aio.log_records(
+            name, follow=follow, namespace=namespace, tail=tail, since=since
+        )
         try:
             while True:
                 try:

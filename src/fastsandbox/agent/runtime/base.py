@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from fastsandbox.api.models import DEFAULT_LOG_MAX_BYTES
+
 
 class ContainerStatus(StrEnum):
     CREATED = "created"
@@ -49,6 +51,11 @@ class ContainerSpec:
     # with `init_path`), and the environment PID 1 gets on top of the process env to dial it.
     channel_dir: str | None = None
     init_env: tuple[tuple[str, str], ...] = ()
+    # Cap of the captured stdout + stderr in bytes (`fsb-logger` keeps the newest).
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    # Host path of `fsb-logger`, containerd's `binary://` log driver; None: `file://` (streams
+    # mixed, no cap, no timestamps).
+    logger_path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

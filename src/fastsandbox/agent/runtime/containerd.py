@@ -3,8 +3,9 @@
 Create is what the Go client does, in the fewest calls: read the image's config from the
 content store (cached by manifest digest, so a warm create reads nothing), create the container
 record (which pins its snapshot against garbage collection), prepare the snapshot on the image's
-chain id, create the task with the snapshot's mounts and `file://` stdout/stderr (the shim writes
-both streams into the one log file, so output never depends on the agent staying alive), start
+chain id, create the task with the snapshot's mounts and a `binary://` stdout/stderr URI naming
+`fsb-logger` (the shim starts it and hands it both pipes; it writes the capped, per-stream CRI
+log, so output never depends on the agent staying alive; without the logger, `file://`), start
 it. A failure part-way removes what was made before raising: no half-created container is left.
 
 Pull: containerd 1.6 has no server-side Transfer service, so a pull is client work (resolve,
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from google.protobuf import any_pb2
 
@@ -74,6 +76,15 @@ _STDERR_TAIL = 2000
 
 SIGKILL_EXIT = 128 + signal.SIGKILL
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def log_uri(spec: ContainerSpec) -> str:
+    """The task's stdout/stderr URI (the shim reads one URI for both streams). `binary://` runs
+    the logger with the query's pairs as its arguments: `path P max-bytes N`."""
+    if spec.logger_path is None:
+        return Path(spec.log_path).as_uri()
+    query = urlencode({"path": spec.log_path, "max-bytes": str(spec.log_max_bytes)})
+    return f"binary://{quote(spec.logger_path)}?{query}"
 
 
 def _cgroups_path(container: pb.CtdContainer) -> str:
@@ -408,14 +419,14 @@ class ContainerdRuntime:
         await self._api.create_container(container)
         try:
             mounts = await self._prepare_snapshot(spec.id, image.chain_id)
-            log_uri = Path(spec.log_path).as_uri()
+            uri = log_uri(spec)
             Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
             created = await self._api.create_task(
                 pb.CtdCreateTaskRequest(
                     container_id=spec.id,
                     rootfs=mounts,
-                    stdout=log_uri,
-                    stderr=log_uri,
+                    stdout=uri,
+                    stderr=uri,
                     options=options,
                 )
             )

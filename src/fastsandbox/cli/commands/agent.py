@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from fastsandbox.agent.args import DEFAULTS, AgentArgs
+from fastsandbox.api.models import MIN_LOG_MAX_BYTES
 
 
 class Runtime(StrEnum):
@@ -138,6 +139,22 @@ def agent(
             "$FSB_INIT_PATH, the checkout's build, /usr/local/libexec/fastsandbox/fsb-init)."
         ),
     ] = DEFAULTS.init_path,
+    logger_path: Annotated[
+        str | None,
+        typer.Option(
+            help="fsb-logger binary, containerd's binary:// log driver (stdout/stderr apart, "
+            "capped); 'none' uses file:// (default: $FSB_LOGGER_PATH, the checkout's build, "
+            "/usr/local/libexec/fastsandbox/fsb-logger)."
+        ),
+    ] = DEFAULTS.logger_path,
+    log_max_bytes: Annotated[
+        int,
+        typer.Option(
+            min=MIN_LOG_MAX_BYTES,
+            metavar="BYTES",
+            help="Cap of a sandbox's captured output when its spec gives none (newest kept).",
+        ),
+    ] = DEFAULTS.log_max_bytes,
     log_level: Annotated[Level, typer.Option(help="Log level.")] = _LEVEL,
     log_format: Annotated[Format, typer.Option(help="Log format.")] = _FORMAT,
     log_file: Annotated[

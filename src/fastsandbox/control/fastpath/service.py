@@ -279,10 +279,13 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
             request.name,
             follow=request.follow,
             tail_lines=request.tail_lines,
+            since_unix=request.since_unix,
         )
         try:
-            async for data in stream:
-                yield fastpath_pb2.LogChunk(data=data)
+            async for chunk in stream:
+                yield fastpath_pb2.LogChunk(
+                    data=chunk.data, stream=chunk.stream, timestamp=chunk.timestamp
+                )
         except FsbError as exc:
             await context.abort(exc.grpc_code, exc.message)
 
