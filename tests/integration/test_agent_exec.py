@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -25,7 +26,7 @@ import pytest
 from fastsandbox.agent.init_binary import find_init
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc, io_pb2
-from tests.infra import ContainerdProc, RegistryProc
+from tests.infra import ContainerdProc, RegistryProc, build_demo_image, push_image
 from tests.integration.test_agent_process import AgentProc
 
 pytestmark = pytest.mark.integration
@@ -342,3 +343,39 @@ async def test_agent_restart_during_exec(
         r = await run(stub, sid, [], io_pb2.ExecInput(stdin=b"it\n"), attach_pid=pid)
         assert r.stdout.endswith(b"got it\n") and r.code == 0, r.stdout
         await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id=sid, grace_seconds=1))
+
+
+def no_cmd_image(work: Path, registry_addr: str) -> str:
+    """The demo image without entrypoint and cmd, pushed as nocmd:latest."""
+    layout = work / "nocmd"
+    shutil.copytree(build_demo_image(work), layout)
+    for what in ("config.cmd", "config.entrypoint"):
+        subprocess.run(
+            ["umoci", "config", "--image", f"{layout}:latest", f"--clear={what}"],
+            check=True,
+            capture_output=True,
+        )
+    return push_image(layout, registry_addr, "nocmd:latest")
+
+
+async def test_no_command_stays_up_idle(
+    agent: AgentProc, registry: RegistryProc, runtime_name: str, tmp_path: Path
+) -> None:
+    """An image with no entrypoint or cmd and a sandbox with no command: the supervisor alone
+    keeps it up, and exec works in it."""
+    if runtime_name == "gvisor":
+        pytest.skip("the spec is the same under gVisor; runc covers it")
+    image = await asyncio.to_thread(no_cmd_image, tmp_path, registry.addr)
+    agent.start()
+    await agent.ready()
+    async with agent.stub() as stub:
+        spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="it-idle", name="it-idle", image=image)
+        created = await stub.CreateSandbox(agent_pb2.CreateSandboxRequest(spec=spec), timeout=120)
+        assert created.sandbox.state == "running"
+        r = await run(stub, "it-idle", ["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '"])
+        assert r.stdout.strip() == b"/.fsb/init", r.stdout
+        states = {s.sandbox_id: s for s in (await stub.Status(agent_pb2.StatusRequest())).sandboxes}
+        assert states["it-idle"].state == "running"
+        await stub.DeleteSandbox(
+            agent_pb2.DeleteSandboxRequest(sandbox_id="it-idle", grace_seconds=5)
+        )
