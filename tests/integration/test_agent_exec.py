@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -25,7 +26,7 @@ import pytest
 from fastsandbox.agent.init_binary import find_init
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc, io_pb2
-from tests.infra import ContainerdProc, RegistryProc
+from tests.infra import ContainerdProc, RegistryProc, build_demo_image, push_image
 from tests.integration.test_agent_process import AgentProc
 
 pytestmark = pytest.mark.integration
@@ -178,6 +179,11 @@ async def test_exec_and_files(agent: AgentProc, demo_image: str, runtime_name: s
             r = await run(stub, sid, ["dmesg"])
             print(f"gVisor dmesg: {r.stdout[:200]!r}")
             assert b"gVisor" in r.stdout
+        r = await run(stub, sid, ["sleep", "30"], timeout_seconds=0.5)
+        assert r.out[-1].exited.timed_out and r.code == 137, r.out[-1]
+        r = await run(stub, sid, ["id", "-u"], user="1000")
+        assert (r.stdout, r.code) == (b"1000\n", 0)
+        await watch_sees_mkdir(stub, sid)
         await file_errors(stub, sid)
         await big_round_trip(stub, sid, agent, BIG)
         await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id=sid, grace_seconds=1))
@@ -206,6 +212,33 @@ async def resized_pty(stub: agent_pb2_grpc.AgentAsyncStub, sid: str) -> list[tup
         if re.search(rb"\d+ \d+", out):
             first_size.set()
     return [tuple(x) for x in re.findall(rb"(\d+) (\d+)", out)]
+
+
+async def watch_sees_mkdir(stub: agent_pb2_grpc.AgentAsyncStub, sid: str) -> None:
+    call = stub.Watch(io_pb2.WatchRequest(target=target(sid), path="/tmp"))
+    events: list[io_pb2.WatchEvent] = []
+
+    async def collect() -> None:
+        async for event in call:
+            events.append(event)
+            if event.event == "create" and event.path.startswith("/tmp/watched-"):
+                return
+
+    seen = asyncio.ensure_future(collect())
+    try:
+        # The watch is in place some time after the call starts: mkdir until a create shows
+        # (a mkdir may also report chmod, for the mode applied after it).
+        for i in range(100):
+            path = f"/tmp/watched-{i}"
+            await stub.FileOp(io_pb2.FileOpRequest(target=target(sid), op="mkdir", path=path))
+            done, _ = await asyncio.wait({seen}, timeout=0.5)
+            if done:
+                seen.result()
+                return
+        pytest.fail(f"the watch of /tmp saw no mkdir; events: {events}")
+    finally:
+        seen.cancel()
+        call.cancel()
 
 
 async def file_errors(stub: agent_pb2_grpc.AgentAsyncStub, sid: str) -> None:
@@ -254,6 +287,7 @@ async def big_round_trip(
             yield io_pb2.WriteFileInput(data=chunk)
 
     written = await stub.WriteFile(upload(), timeout=600)
+    after_write = rss(pid, "VmHWM")
     assert written.entry.size == size and written.entry.mode == 0o644
     got, n = hashlib.sha256(), 0
     async for chunk in stub.ReadFile(
@@ -267,8 +301,9 @@ async def big_round_trip(
     assert r.stdout.split()[0].decode() == sent.hexdigest()
     peak = rss(pid, "VmHWM")
     print(
-        f"{size // MiB} MiB up+down: agent RSS before {before / MiB:.1f} MiB, peak "
-        f"{peak / MiB:.1f} MiB, growth {(peak - before) / MiB:.1f} MiB (budget 64)"
+        f"{size // MiB} MiB up+down: agent RSS before {before / MiB:.1f} MiB, peak after the "
+        f"upload {after_write / MiB:.1f} MiB, after the download {peak / MiB:.1f} MiB, "
+        f"growth {(peak - before) / MiB:.1f} MiB (budget 64)"
     )
     assert peak - before < RSS_BUDGET
 
@@ -308,3 +343,39 @@ async def test_agent_restart_during_exec(
         r = await run(stub, sid, [], io_pb2.ExecInput(stdin=b"it\n"), attach_pid=pid)
         assert r.stdout.endswith(b"got it\n") and r.code == 0, r.stdout
         await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id=sid, grace_seconds=1))
+
+
+def no_cmd_image(work: Path, registry_addr: str) -> str:
+    """The demo image without entrypoint and cmd, pushed as nocmd:latest."""
+    layout = work / "nocmd"
+    shutil.copytree(build_demo_image(work), layout)
+    for what in ("config.cmd", "config.entrypoint"):
+        subprocess.run(
+            ["umoci", "config", "--image", f"{layout}:latest", f"--clear={what}"],
+            check=True,
+            capture_output=True,
+        )
+    return push_image(layout, registry_addr, "nocmd:latest")
+
+
+async def test_no_command_stays_up_idle(
+    agent: AgentProc, registry: RegistryProc, runtime_name: str, tmp_path: Path
+) -> None:
+    """An image with no entrypoint or cmd and a sandbox with no command: the supervisor alone
+    keeps it up, and exec works in it."""
+    if runtime_name == "gvisor":
+        pytest.skip("the spec is the same under gVisor; runc covers it")
+    image = await asyncio.to_thread(no_cmd_image, tmp_path, registry.addr)
+    agent.start()
+    await agent.ready()
+    async with agent.stub() as stub:
+        spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="it-idle", name="it-idle", image=image)
+        created = await stub.CreateSandbox(agent_pb2.CreateSandboxRequest(spec=spec), timeout=120)
+        assert created.sandbox.state == "running"
+        r = await run(stub, "it-idle", ["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '"])
+        assert r.stdout.strip() == b"/.fsb/init", r.stdout
+        states = {s.sandbox_id: s for s in (await stub.Status(agent_pb2.StatusRequest())).sandboxes}
+        assert states["it-idle"].state == "running"
+        await stub.DeleteSandbox(
+            agent_pb2.DeleteSandboxRequest(sandbox_id="it-idle", grace_seconds=5)
+        )

@@ -18,8 +18,17 @@ import pytest
 
 from fastsandbox.agent.supervisor import ChannelHub, Output, SupervisorClient
 from fastsandbox.agent.supervisor import channel as channel_mod
+from fastsandbox.agent.supervisor.errors import translate
 from fastsandbox.agent.supervisor.frames import encode_json, read_frame
-from fastsandbox.errors import FailedPrecondition, NotFound, Unavailable
+from fastsandbox.errors import (
+    FailedPrecondition,
+    FsbError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RuntimeFailure,
+    Unavailable,
+)
 from tests.unit.fake_supervisor import FakeSupervisor
 
 SID = "sb-1"
@@ -238,3 +247,21 @@ async def test_malformed_frame_closes_control(hub: ChannelHub) -> None:
         assert not hub.get(SID).connected  # type: ignore[union-attr]
     finally:
         shutil.rmtree(d)
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("ENOENT", NotFound),
+        ("EISDIR", FailedPrecondition),
+        ("EACCES", PermissionDenied),
+        ("EROFS", PermissionDenied),
+        ("EINVAL", InvalidArgument),
+        ("EIO", RuntimeFailure),
+    ],
+)
+def test_errno_translation_keeps_the_path(code: str, cls: type[FsbError]) -> None:
+    err = translate({"code": code, "message": "open /tmp/x: boom", "path": "/tmp/x"}, SID)
+    assert type(err) is cls and "/tmp/x" in err.message
+    bare = translate({"code": code, "message": "boom", "path": "/etc/y"}, SID)
+    assert "/etc/y" in bare.message

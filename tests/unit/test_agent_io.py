@@ -158,9 +158,16 @@ async def test_exec_errors(env: Env) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _exec(env.stub, io_pb2.ExecStart(target=target(), argv=["/no/such"]))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "/no/such" in str(err.value.details())
+    # The sandbox ends: its PID 1 (the supervisor) goes, and with it the channel's connection.
+    await env.sup.stop()
     env.runtime.exit(SID, 3)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await _exec(env.stub, io_pb2.ExecStart(target=target(), argv=["true"]))
+    for _ in range(100):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _exec(env.stub, io_pb2.ExecStart(target=target(), argv=["true"]))
+        # Until the agent has seen the connection drop, a call meets the loss instead.
+        if err.value.code() != grpc.StatusCode.UNAVAILABLE:
+            break
+        await asyncio.sleep(0.01)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "stopped" in str(err.value.details())
 

@@ -402,6 +402,12 @@ class SandboxManager:
         """The sandbox's supervisor and what its processes inherit. NotFound for an unknown
         sandbox, FailedPrecondition (naming its state) when it is not running, Unavailable
         when its supervisor does not connect in time (`Channel.control`)."""
+        _check_id(sandbox_id)
+        channel = self.channels.get(sandbox_id) if self.channels is not None else None
+        if channel is not None and channel.connected and sandbox_id in self._defaults:
+            # A connected supervisor is the sandbox's PID 1 alive: it is running, and ours
+            # (channels exist only for our sandboxes). Saves a runtime call per exec.
+            return SupervisorClient(channel), self._defaults[sandbox_id]
         state = await self.get(sandbox_id)
         if state.status is not ContainerStatus.RUNNING:
             how = f" (exit code {state.exit_code})" if state.exit_code is not None else ""

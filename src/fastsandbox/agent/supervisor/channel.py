@@ -33,8 +33,8 @@ from fastsandbox.agent.supervisor.frames import (
     Frame,
     FrameType,
     ProtocolError,
-    encode,
     encode_json,
+    header,
     read_frame,
 )
 from fastsandbox.agent.supervisor.handshake import accept
@@ -69,8 +69,11 @@ class DataConnection:
             log.debug("data connection ended", extra={"err": str(err)})
             return None
 
-    async def send(self, kind: FrameType, payload: bytes = b"") -> None:
-        self._writer.write(encode(kind, payload))
+    async def send(self, kind: FrameType, payload: bytes | memoryview = b"") -> None:
+        # Header and payload written apart: no copy of the payload just to prefix it.
+        self._writer.write(header(kind, len(payload)))
+        if payload:
+            self._writer.write(payload)
         await self._writer.drain()
 
     async def send_json(self, value: dict[str, Any]) -> None:

@@ -133,8 +133,9 @@ class Process:
         return self.status
 
     async def write_stdin(self, data: bytes) -> None:
-        for i in range(0, len(data), MAX_DATA):
-            await self._send(FrameType.DATA, data[i : i + MAX_DATA])
+        view = memoryview(data)
+        for i in range(0, len(view), MAX_DATA):
+            await self._send(FrameType.DATA, view[i : i + MAX_DATA])
 
     async def close_stdin(self) -> None:
         await self._send(FrameType.EOF)
@@ -149,7 +150,7 @@ class Process:
         """Detach: the process keeps running (its output goes to its ring buffer)."""
         await self._conn.close()
 
-    async def _send(self, kind: FrameType, payload: bytes = b"") -> None:
+    async def _send(self, kind: FrameType, payload: bytes | memoryview = b"") -> None:
         try:
             await self._conn.send(kind, payload)
         except (ConnectionError, OSError):
@@ -315,8 +316,9 @@ class SupervisorClient:
         try:
             try:
                 async for chunk in chunks:
-                    for i in range(0, len(chunk), DATA_CHUNK):
-                        await conn.send(FrameType.DATA, chunk[i : i + DATA_CHUNK])
+                    view = memoryview(chunk)  # slices without copies
+                    for i in range(0, len(view), DATA_CHUNK):
+                        await conn.send(FrameType.DATA, view[i : i + DATA_CHUNK])
                 await conn.send(FrameType.EOF)
             except (ConnectionError, OSError):
                 raise Unavailable(

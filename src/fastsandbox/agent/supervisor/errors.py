@@ -31,6 +31,13 @@ _BY_ERRNO: dict[str, type[FsbError]] = {
     "EINVAL": InvalidArgument,
     "E2BIG": InvalidArgument,
     "ENOSPC": CapacityExhausted,
+    # Beyond PROTOCOL.md's list, passed through from the kernel by the supervisor.
+    "ELOOP": FailedPrecondition,
+    "ETXTBSY": FailedPrecondition,
+    "ENOEXEC": FailedPrecondition,
+    "EROFS": PermissionDenied,
+    "ENAMETOOLONG": InvalidArgument,
+    "EDQUOT": CapacityExhausted,
 }
 
 

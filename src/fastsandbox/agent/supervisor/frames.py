@@ -72,8 +72,12 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
     return Frame(kind, body[1:])
 
 
+def header(kind: FrameType, payload_len: int) -> bytes:
+    return _HEADER.pack(payload_len + 1, kind)
+
+
 def encode(kind: FrameType, payload: bytes = b"") -> bytes:
-    return _HEADER.pack(len(payload) + 1, kind) + payload
+    return header(kind, len(payload)) + payload
 
 
 def encode_json(value: dict[str, Any]) -> bytes:
