@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import json
 import os
 import pty
 import select
@@ -327,3 +328,27 @@ def test_kubectl_fs_in_the_cluster(server: AnyServer, box: str, tmp_path: Path) 
     finally:
         admin.delete(Service, "fsb-e2e-fastpath", namespace=system_ns)
         admin.close()
+
+
+def test_exec_tty_and_files_in_a_gvisor_pool(server: AnyServer, demo_image: str) -> None:
+    """The same exec/PTY/files path with runsc underneath (the gVisor kernel shows in dmesg)."""
+    made = server.fsb("pool", "create", "gv", "--runtime", "gvisor", "--min", "1")
+    assert made.returncode == 0, made.stderr
+    try:
+        deadline = time.monotonic() + 90  # bounds a failing start only
+        while time.monotonic() < deadline:
+            got = server.fsb("pool", "get", "gv", "-o", "json")
+            if got.returncode == 0 and json.loads(got.stdout)["status"]["agents"]["ready"]:
+                break
+            time.sleep(0.3)
+        with Sandbox.create(image=demo_image, pool="gv", **creds(server)) as sb:
+            r = sb.commands.run("dmesg; echo hi; exit 3", timeout=60)
+            assert r.exit_code == 3 and r.stdout.endswith("hi\n")
+            assert "gVisor" in r.stdout
+            t = sb.pty.create(cols=70, rows=20, cmd=["sh", "-c", "tty; stty size"])
+            assert t.wait() == 0
+            assert b"20 70" in t.output
+            sb.files.write("/tmp/g.txt", "gvisor data")
+            assert sb.files.read("/tmp/g.txt") == b"gvisor data"
+    finally:
+        server.fsb("pool", "delete", "gv")
