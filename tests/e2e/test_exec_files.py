@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import json
 import os
 import pty
 import select
+import shutil
 import struct
 import subprocess
 import termios
@@ -22,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fastsandbox import AsyncSandbox, Client, CommandTimeout, Sandbox
 from tests.docs_examples import python_blocks, run_block
@@ -257,3 +260,95 @@ def test_docs_examples(
         monkeypatch.setenv(f"FSB_{key.upper()}", value)
     monkeypatch.setenv("FSB_NAMESPACE", "default")
     run_block(code, name, {'image="busybox"': f'image="{demo_image}"'})
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl binary")
+def test_kubectl_fs_in_the_cluster(server: AnyServer, box: str, tmp_path: Path) -> None:
+    """`kubectl fs` with the real kubectl: the namespace comes from the kubeconfig context, the
+    endpoint from the controller's Service (asked of the real apiserver). This cluster has no
+    kube-proxy, so the Service's ClusterIP only shows up as the address tried; the exec itself
+    goes to a replica with --endpoint."""
+    kubeconfig = getattr(server, "kubeconfig", None)
+    if kubeconfig is None:
+        pytest.skip("the embedded shape has no cluster: tests/unit/test_kubectl_fs.py covers it")
+    from lightkube.models.core_v1 import ServicePort, ServiceSpec
+    from lightkube.models.meta_v1 import ObjectMeta
+    from lightkube.resources.core_v1 import Service
+
+    config = yaml.safe_load(Path(kubeconfig).read_text())
+    current = config["current-context"]
+    for ctx in config["contexts"]:
+        if ctx["name"] == current:
+            ctx["context"]["namespace"] = "default"  # where the server's sandboxes live
+    plugin_config = tmp_path / "kubeconfig"
+    plugin_config.write_text(yaml.safe_dump(config))
+    system_ns = server.system_namespace  # type: ignore[union-attr]
+    admin = server.admin()  # type: ignore[union-attr]
+    svc = Service(
+        metadata=ObjectMeta(name="fsb-e2e-fastpath", namespace=system_ns),
+        spec=ServiceSpec(ports=[ServicePort(name="fastpath", port=9090)]),
+    )
+    admin.create(svc)
+    try:
+        created = admin.get(Service, "fsb-e2e-fastpath", namespace=system_ns)
+        assert created.spec is not None
+        cluster_ip = created.spec.clusterIP
+        env = {
+            k: v for k, v in server.env.items() if k not in ("FSB_ENDPOINT", "FSB_NAMESPACE")
+        } | {
+            "PATH": f"{Path(FSB).parent}{os.pathsep}{os.environ['PATH']}",
+            "KUBECONFIG": str(plugin_config),
+            "FSB_CONTROLLER_SERVICE": f"{system_ns}/fsb-e2e-fastpath",
+        }
+        ran = subprocess.run(
+            [
+                "kubectl",
+                "fs",
+                "exec",
+                "--endpoint",
+                server.env["FSB_ENDPOINT"],
+                box,
+                "--",
+                "sh",
+                "-c",
+                "echo from-kubectl; exit 5",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert ran.returncode == 5, ran.stderr
+        assert ran.stdout == "from-kubectl\n"
+        unrouted = subprocess.run(
+            ["kubectl", "fs", "get", box], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert unrouted.returncode != 0
+        assert f"{cluster_ip}:9090" in unrouted.stderr, unrouted.stderr
+    finally:
+        admin.delete(Service, "fsb-e2e-fastpath", namespace=system_ns)
+        admin.close()
+
+
+def test_exec_tty_and_files_in_a_gvisor_pool(server: AnyServer, demo_image: str) -> None:
+    """The same exec/PTY/files path with runsc underneath (the gVisor kernel shows in dmesg)."""
+    made = server.fsb("pool", "create", "gv", "--runtime", "gvisor", "--min", "1")
+    assert made.returncode == 0, made.stderr
+    try:
+        deadline = time.monotonic() + 90  # bounds a failing start only
+        while time.monotonic() < deadline:
+            got = server.fsb("pool", "get", "gv", "-o", "json")
+            if got.returncode == 0 and json.loads(got.stdout)["status"]["agents"]["ready"]:
+                break
+            time.sleep(0.3)
+        with Sandbox.create(image=demo_image, pool="gv", **creds(server)) as sb:
+            r = sb.commands.run("dmesg; echo hi; exit 3", timeout=60)
+            assert r.exit_code == 3 and r.stdout.endswith("hi\n")
+            assert "gVisor" in r.stdout
+            t = sb.pty.create(cols=70, rows=20, cmd=["sh", "-c", "tty; stty size"])
+            assert t.wait() == 0
+            assert b"20 70" in t.output
+            sb.files.write("/tmp/g.txt", "gvisor data")
+            assert sb.files.read("/tmp/g.txt") == b"gvisor data"
+    finally:
+        server.fsb("pool", "delete", "gv")

@@ -199,6 +199,9 @@ class FakeAgentIo(agent_pb2_grpc.AgentServicer):
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
+                # Reaped before we leave, so no test ends with a child still running.
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(proc.wait(), 5)
             if master >= 0:
                 loop.remove_reader(master)
                 os.close(master)

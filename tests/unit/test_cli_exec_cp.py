@@ -9,6 +9,7 @@ import hashlib
 import os
 import pty
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -229,3 +230,39 @@ def test_cp_wrong_paths_are_one_line_naming_them(rig: Rig, tmp_path: Path) -> No
         assert result.exit_code == code, (args, result.output)
         assert text in result.stderr, (args, result.stderr)
         assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def _cli(rig: Rig, *args: str, **kw: object) -> subprocess.Popen[bytes]:
+    env = os.environ | {"FSB_ENDPOINT": rig.endpoint, "FSB_TOKEN": TOKEN}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastsandbox.cli.main", *args],
+        env=env,
+        **kw,  # type: ignore[call-overload]
+    )
+
+
+def test_ctrl_c_is_forwarded_to_the_command(rig: Rig) -> None:
+    script = 'trap "echo got INT; exit 9" INT; echo ready; while :; do sleep 0.1; done'
+    proc = _cli(rig, "exec", "box", "--", "sh", "-c", script, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert out == b"got INT\n"
+        assert proc.returncode == 9  # the command's own exit, not a KeyboardInterrupt
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_closed_pipe_ends_quietly(rig: Rig) -> None:
+    proc = _cli(rig, "exec", "box", "--", "yes", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(4) == b"y\ny\n"
+    proc.stdout.close()
+    assert proc.wait(timeout=30) == 141
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert b"Traceback" not in err, err

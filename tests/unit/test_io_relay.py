@@ -114,10 +114,22 @@ async def test_exec_into_an_unknown_sandbox_is_not_found(rig: Rig) -> None:
     assert info.value.code() is grpc.StatusCode.NOT_FOUND
 
 
-async def test_exec_without_the_token_is_unauthenticated(rig: Rig) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await _exec(rig, [start(["true"])], token="wrong")
-    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+async def test_the_relay_rpcs_need_the_token(rig: Rig) -> None:
+    # Unary and server-streaming calls: a client-streaming call may lose the race between its
+    # first send and the refusal (grpc then reports its own INTERNAL), which says nothing here.
+    bad = (("authorization", "Bearer wrong"),)
+    async with grpc.aio.insecure_channel(rig.endpoint) as channel:
+        stub = fastpath_pb2_grpc.FastPathStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.FileOp(
+                io_pb2.FileOpRequest(target=target(), op="stat", path="/tmp"), metadata=bad
+            )
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            call = stub.ReadFile(io_pb2.ReadFileRequest(target=target(), path="/x"), metadata=bad)
+            [c async for c in call]
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert rig.agent.sandbox_ids == []
 
 
 async def test_files_round_trip_and_agent_statuses_pass_through(rig: Rig) -> None:

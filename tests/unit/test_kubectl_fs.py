@@ -53,7 +53,7 @@ def rig(tmp_path: Path, kubeconfig: Path) -> Iterator[Rig]:
 def test_defaults_come_from_the_context_and_the_service(
     kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(plugin, "service_endpoint", lambda config: "10.96.0.7:9090")
+    monkeypatch.setattr(plugin, "service_endpoint", lambda config, service="": "10.96.0.7:9090")
     env = dict(os.environ)
     assert plugin.plugin_defaults(env, []) == {
         "FSB_NAMESPACE": "team-a",

@@ -3,7 +3,8 @@
 kubectl runs `kubectl-fs` from PATH for `kubectl fs exec|logs|cp|run|get ...`. As a plugin the
 CLI takes its defaults from where a kubectl user already is: the namespace of the current
 kubeconfig context, and the Fast-Path of the controller's Service (`fastsandbox-controller` in
-`fastsandbox-system`, port `fastpath`). Flags and `FSB_*` variables still win: the defaults are
+`fastsandbox-system`, port `fastpath`; `FSB_CONTROLLER_SERVICE=NAMESPACE/NAME` names another).
+Flags and `FSB_*` variables still win: the defaults are
 given as `FSB_NAMESPACE` / `FSB_ENDPOINT` only when those are unset, so `-n` and `--endpoint`
 override them as everywhere else. A cluster that cannot be asked leaves the usual defaults.
 """
@@ -45,15 +46,16 @@ def context_namespace(config: Any) -> str | None:
     return str(namespace) if namespace else None
 
 
-def service_endpoint(config: Any) -> str | None:
+def service_endpoint(config: Any, service: str = "") -> str | None:
     """`clusterIP:port` of the controller's Service, asked of the apiserver; None if it cannot."""
+    namespace, _, name = (service or f"{SERVICE_NAMESPACE}/{SERVICE_NAME}").rpartition("/")
     try:
         import httpx2
         from lightkube import Client
         from lightkube.resources.core_v1 import Service
 
         svc = Client(config, timeout=httpx2.Timeout(5.0)).get(
-            Service, SERVICE_NAME, namespace=SERVICE_NAMESPACE
+            Service, name, namespace=namespace or SERVICE_NAMESPACE
         )
     except Exception as exc:
         log.debug("no controller Service: %s", exc)
@@ -79,7 +81,8 @@ def plugin_defaults(env: dict[str, str] | os._Environ[str], args: Sequence[str])
     out: dict[str, str] = {}
     if wanted_ns and (ns := context_namespace(config)):
         out["FSB_NAMESPACE"] = ns
-    if wanted_ep and (endpoint := service_endpoint(config)):
+    service = env.get("FSB_CONTROLLER_SERVICE", "")
+    if wanted_ep and (endpoint := service_endpoint(config, service)):
         out["FSB_ENDPOINT"] = endpoint
     return out
 

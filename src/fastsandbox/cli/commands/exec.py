@@ -188,6 +188,13 @@ async def run_exec(
                             elif out.stderr:
                                 stderr.write(out.stderr)
                                 stderr.flush()
+                except BrokenPipeError:
+                    # Our reader went away (`fsb exec ... | head -1`): end the command as a
+                    # shell pipeline would, quietly, with 128 + SIGPIPE.
+                    await session.signal(signal.SIGKILL)
+                    with contextlib.suppress(OSError):
+                        os.dup2(os.open(os.devnull, os.O_WRONLY), _fileno(stdout))
+                    return 128 + signal.SIGPIPE
                 except TimeoutError:
                     await session.signal(signal.SIGKILL)
                     session.exited = None
