@@ -257,6 +257,8 @@ async def test_a_renewed_lease_keeps_the_sandbox_and_a_lapsed_one_deletes_it(
     plane = await harness.start()
     reply = await plane.create("leased", lease_seconds=1)
     runtime = plane.fleet.runtime(reply.agent)
+    created = await plane.store.get(Sandbox, "default", "leased")
+    assert created.status.lease_expire_time is not None  # persisted from the start
     for _ in range(4):
         answer = await _renew(plane, "leased")
         assert answer.lease_expire_time.endswith("Z")
