@@ -423,8 +423,20 @@ impl Job {
     }
 }
 
+static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Channel diagnostics on (`FSB_SUPERVISOR_DEBUG=1` given to PID 1).
+pub fn set_debug(on: bool) {
+    DEBUG.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A channel diagnostic. PID 1's stderr is the sandbox's own stderr — what `fsb logs` shows
+/// the user — so connects, losses and redials (every agent restart makes some) stay out of it
+/// unless debugging was asked for; the agent logs the channel's state on its side.
 pub fn log(msg: &str) {
-    eprintln!("fsb-supervisor: {msg}");
+    if DEBUG.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("fsb-supervisor: {msg}");
+    }
 }
 
 fn str_field<'a>(req: &'a Value, name: &str) -> Result<&'a str, OpError> {

@@ -55,6 +55,7 @@ fn take_env(table: &Arc<Table>) -> Config {
     let dir = get("FSB_CHANNEL");
     let secret = get("FSB_SUPERVISOR_SECRET");
     let sandbox = get("FSB_SANDBOX_ID").unwrap_or_default();
+    channel::set_debug(get("FSB_SUPERVISOR_DEBUG").as_deref() == Some("1"));
     wipe_secret_in_place();
     let keys: Vec<String> = std::env::vars_os()
         .filter_map(|(k, _)| k.into_string().ok())
