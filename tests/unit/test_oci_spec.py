@@ -152,3 +152,12 @@ def test_process_defaults_leave_out_the_supervisor_env() -> None:
     )
     d = process_defaults_of(s)
     assert (d.env, d.cwd, d.user) == (("A=1",), "/w", "1000:1000")
+
+
+def test_gvisor_host_pids_limit_leaves_room_for_the_sentry() -> None:
+    from fastsandbox.agent.runtime.oci_spec import host_pids_limit
+
+    assert host_pids_limit(64, "runc") == 64
+    # Each guest process costs the ptrace platform ~8 host pids, plus the Sentry's threads.
+    assert host_pids_limit(64, "gvisor") > 8 * 64
+    assert host_pids_limit(1, "gvisor") > host_pids_limit(1, "runc")

@@ -56,7 +56,7 @@ from fastsandbox.agent.runtime.base import (
     ImageInfo,
     ProcessDefaults,
 )
-from fastsandbox.agent.runtime.oci_spec import DEFAULT_PIDS_LIMIT, build_oci_spec
+from fastsandbox.agent.runtime.oci_spec import DEFAULT_PIDS_LIMIT, build_oci_spec, host_pids_limit
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
 from fastsandbox.api.images import normalize_image_ref, registry_host
@@ -399,7 +399,7 @@ class ContainerdRuntime:
             netns_path=spec.netns_path,
             cpu_millis=spec.cpu_millis,
             memory_bytes=spec.memory_bytes,
-            pids_limit=spec.pids_limit or DEFAULT_PIDS_LIMIT,
+            pids_limit=host_pids_limit(spec.pids_limit or DEFAULT_PIDS_LIMIT, spec.runtime),
             init_path=spec.init_path,
             channel_dir=spec.channel_dir,
             init_env=[f"{k}={v}" for k, v in spec.init_env],

@@ -108,6 +108,22 @@ def cpu_shares(cpu_millis: int) -> int:
     return max(MIN_CPU_SHARES, cpu_millis * CPU_SHARES_PER_CPU // 1000)
 
 
+# gVisor (runsc, ptrace platform): the host pids cgroup holds the Sentry, the gofer and a
+# ptrace stub per guest process with its threads — measured here, 300 guest `sleep`s held 2318
+# host pids (~7.7 each). A guest limit of N processes therefore needs a host limit near 8·N plus
+# the Sentry's own threads, or the Sentry cannot start its next thread and the whole sandbox
+# dies long before its processes reach N.
+GVISOR_PIDS_PER_PROCESS = 8
+GVISOR_PIDS_BASE = 128
+
+
+def host_pids_limit(pids_limit: int, runtime: str) -> int:
+    """The host cgroup's pids limit for a sandbox whose processes may number `pids_limit`."""
+    if runtime == "gvisor":
+        return pids_limit * GVISOR_PIDS_PER_PROCESS + GVISOR_PIDS_BASE
+    return pids_limit
+
+
 def linux_resources(
     cpu_millis: int | None, memory_bytes: int | None, pids_limit: int
 ) -> dict[str, Any]:
