@@ -39,6 +39,7 @@ from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.errors import AlreadyExists, Conflict, FsbError, NotFound
 from fastsandbox.fleet.kubernetes import KubernetesFleet
 from fastsandbox.logconfig import configure
+from fastsandbox.metrics import HealthState, MetricsServer, serve_metrics
 from fastsandbox.settings import ControllerSettings
 from fastsandbox.store.kubernetes import KubernetesStore
 
@@ -167,6 +168,8 @@ async def run(
     plane: ControlPlane | None = None
     server: grpc.aio.Server | None = None
     election: asyncio.Task[None] | None = None
+    metrics: MetricsServer | None = None
+    health = HealthState(reason="starting: reading the store and the agents")
     try:
         plane = ControlPlane(
             store,
@@ -179,6 +182,7 @@ async def run(
                 rebuild_records=False,
             ),
         )
+        metrics = await serve_metrics(plane.metrics, health, settings.metrics_listen)
         report = await plane.start_serving()
         token, created = await api_token(client, namespace, settings.token)
 
@@ -215,6 +219,7 @@ async def run(
                 f"{identity}, {report.agents} agent(s), {report.records} sandbox record(s))"
             )
             announce("\n".join(lines))
+        health.ready()  # every replica serves the Fast-Path, leader or not
         if ready is not None:
             ready.set()
         stop_wait = asyncio.create_task(stop.wait())
@@ -233,8 +238,11 @@ async def run(
             election.cancel()
             with contextlib.suppress(asyncio.CancelledError, FsbError):
                 await election
+        health.not_ready("stopping")
         if server is not None:
             await server.stop(grace=3)
+        if metrics is not None:
+            await metrics.stop()
         if plane is not None:
             await plane.close()
         await store.close()

@@ -34,6 +34,7 @@ from fastsandbox.janitor.containerd import ContainerdLeftovers
 from fastsandbox.janitor.embedded import EmbeddedKnownState
 from fastsandbox.janitor.janitor import Janitor
 from fastsandbox.logconfig import configure
+from fastsandbox.metrics import HealthState, MetricsServer, serve_metrics
 from fastsandbox.settings import ServerSettings
 from fastsandbox.store.base import ObjectStore
 from fastsandbox.store.sqlite import SqliteStore
@@ -214,11 +215,15 @@ async def run(
     plane = ControlPlane(store, fleet, PlaneSettings.of(settings))
     plane.pools.check_pool = check_local_pool
     server: grpc.aio.Server | None = None
+    health = HealthState(reason="recovering: asking agents what they run")
+    metrics: MetricsServer | None = None
     janitor_tasks = TaskSet()
     janitor_clients: list[ContainerdRuntime | ContainerdLeftovers] = []
     try:
         if settings.default_pool:
             await ensure_default_pool(store)
+        # Before recovery: /readyz answers 503 with the reason while it runs.
+        metrics = await serve_metrics(plane.metrics, health, settings.metrics_listen)
         report = await plane.start()
         janitor_clients = await _start_janitor(settings, plane, fleet, containerd, janitor_tasks)
 
@@ -228,6 +233,7 @@ async def run(
             f"{report.agents} agent(s), {report.records} sandbox record(s))"
         )
         log.info("ready", extra={"listen": settings.listen, "data_dir": str(data_dir)})
+        health.ready()
         if announce is not None:
             announce(message)
         if ready is not None:
@@ -235,8 +241,11 @@ async def run(
         await stop.wait()
         log.info("stopping")
     finally:
+        health.not_ready("stopping")
         if server is not None:
             await server.stop(grace=3)
+        if metrics is not None:
+            await metrics.stop()
         await janitor_tasks.close()
         for client in janitor_clients:
             await client.close()

@@ -85,6 +85,8 @@ class ServerSettings(SandboxDefaults):
     orphan_timeout_seconds: float = ORPHAN_TIMEOUT_SECONDS
     """How long a container must stay orphaned (no record, or its agent gone) before the janitor
     removes it: far longer than the few ms between a Fast-mode start and its record."""
+    metrics_listen: str | None = None
+    """HOST:PORT serving /metrics (Prometheus), /healthz and /readyz; None: not served."""
     log: LogSettings = field(default_factory=LogSettings)
 
     @property
@@ -125,6 +127,8 @@ class ControllerSettings(SandboxDefaults):
     """containerd namespace the agents use: the node's image cache."""
     agent_sync_seconds: float = 2.0
     """How often every replica lists agent Pods (agents another replica started or stopped)."""
+    metrics_listen: str | None = None
+    """HOST:PORT serving /metrics (Prometheus), /healthz and /readyz; None: not served."""
     log: LogSettings = field(default_factory=LogSettings)
 
 
@@ -166,6 +170,8 @@ class AgentSettings:
     """Running in this Kubernetes Pod: sandboxes join the Pod's network namespace and cgroup
     (found through its CRI sandbox in containerd; these override `netns_path` and
     `cgroup_parent`), and `fsb-init` is copied into `state_dir`, a hostPath at the same path."""
+    metrics_listen: str | None = None
+    """HOST:PORT serving /metrics (Prometheus), /healthz and /readyz; None: not served."""
     log: LogSettings = field(default_factory=LogSettings)
 
     @property

@@ -38,6 +38,7 @@ EVERY_FLAG = AgentArgs(
     init_path="none",
     logger_path="/opt/fsb-logger",
     log_max_bytes=1 << 20,
+    metrics_listen="127.0.0.1:9101",
     log_level="debug",
     log_format="json",
     log_file=Path("/tmp/a.log"),

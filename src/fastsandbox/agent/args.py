@@ -47,6 +47,7 @@ class AgentArgs:
     init_path: str | None = None
     logger_path: str | None = None
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    metrics_listen: str | None = None
     log_level: str = "info"
     log_format: str = "auto"
     log_file: Path | None = None

@@ -115,6 +115,7 @@ def settings_from_args(args: AgentArgs, environ: Mapping[str, str] | None = None
         init_path=_init_path(args.init_path),
         logger_path=_logger_path(args.logger_path),
         log_max_bytes=args.log_max_bytes,
+        metrics_listen=args.metrics_listen,
         version=args.version if args.version is not None else _package_version(),
         token=token,
         insecure_no_token=args.insecure_no_token,

@@ -56,6 +56,7 @@ from fastsandbox.errors import (
     InvalidArgument,
     NotFound,
 )
+from fastsandbox.metrics import Metrics
 from fastsandbox.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,13 @@ def _live(state: ContainerState) -> bool:
 class SandboxManager:
     def __init__(self, runtime: Runtime, settings: AgentSettings) -> None:
         self.runtime = runtime
+        self.metrics = Metrics("agent")
+        self.metrics.gauge(
+            "fsb_slots",
+            "This agent's sandbox slots: capacity, and in use (in-flight creates too).",
+            ("state",),
+            lambda: {("capacity",): self.settings.capacity, ("used",): self.used_slots},
+        )  # fmt: skip
         self.settings = settings
         self._locks = KeyedLocks()
         # Sandbox ids holding a slot: created (or being created) and not known to have exited.
@@ -476,7 +484,9 @@ class SandboxManager:
             return await self._pull_locked(image)
 
     async def _pull_locked(self, image: str) -> ImageInfo:
+        started = time.perf_counter()
         info = await self.runtime.pull(image)
+        self.metrics.pull_seconds.observe(time.perf_counter() - started)
         self._images.update((image, info.name))
         log.info("image ready", extra={"image": image, "digest": info.digest})
         return info

@@ -28,6 +28,7 @@ from fastsandbox.agent.manager import SandboxManager, SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus, Runtime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
 from fastsandbox.errors import FsbError, InvalidArgument, Unavailable
+from fastsandbox.metrics import HealthState, serve_metrics
 from fastsandbox.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,14 @@ async def serve(
     """Serve `manager` on `manager.settings.listen` until `stop`; the caller owns the runtime."""
     settings = manager.settings
     interceptors = _interceptors(settings)
-    await manager.start()
+    health = HealthState(reason="adopting the sandboxes already running")
+    metrics = await serve_metrics(manager.metrics, health, settings.metrics_listen)
+    try:
+        await manager.start()
+    except BaseException:
+        if metrics is not None:
+            await metrics.stop()
+        raise
     server = grpc.aio.server(interceptors=interceptors)
     agent_pb2_grpc.add_AgentServicer_to_server(AgentService(manager), server)
     _bind(server, settings.listen)
@@ -242,11 +250,15 @@ async def serve(
                 "sandboxes": manager.used_slots,
             },
         )
+        health.ready()
         if ready is not None:
             ready.set()
         await stop.wait()
         log.info("agent stopping", extra={"agent": settings.name})
     finally:
+        health.not_ready("stopping")
+        if metrics is not None:
+            await metrics.stop()
         # Order: end log followers, stop accepting and let in-flight calls finish briefly.
         manager.close()
         await server.stop(grace=SHUTDOWN_GRACE_SECONDS)

@@ -106,3 +106,14 @@ def log_settings(level: str, format_: str, file: Path | None = None) -> LogSetti
     if format_ not in ("auto", "json", "console"):
         raise InvalidArgument(f"--log-format: must be auto, json or console, not {format_!r}")
     return LogSettings(level=level.lower(), format=format_, file=file)
+
+
+MetricsListen = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics-listen",
+        envvar="FSB_METRICS_LISTEN",
+        metavar="HOST:PORT",
+        help="Serve /metrics (Prometheus), /healthz and /readyz on this address (off by default).",
+    ),
+]

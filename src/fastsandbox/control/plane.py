@@ -35,6 +35,7 @@ from fastsandbox.control.sandbox_reconciler import SandboxReconciler
 from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.errors import FsbError
 from fastsandbox.fleet.base import AgentFleet
+from fastsandbox.metrics import Metrics
 from fastsandbox.settings import DELETE_GRACE_SECONDS, SandboxDefaults
 from fastsandbox.store.base import ObjectStore
 
@@ -82,6 +83,18 @@ class PlaneSettings:
 
 
 class ControlPlane:
+    def _agent_counts(self) -> dict[tuple[str, ...], float]:
+        agents = self.registry.agents()
+        ready = sum(1 for a in agents if a.ready)
+        return {("ready",): ready, ("unready",): len(agents) - ready}
+
+    def _slot_counts(self) -> dict[tuple[str, ...], float]:
+        agents = self.registry.agents()
+        return {
+            ("capacity",): sum(a.capacity for a in agents),
+            ("used",): sum(a.agent_slots for a in agents),
+        }
+
     def __init__(self, store: ObjectStore, fleet: AgentFleet, settings: PlaneSettings) -> None:
         self.store = store
         self.fleet = fleet
@@ -110,6 +123,16 @@ class ControlPlane:
         self.reconciler = SandboxReconciler(self.lifecycle)
         self.registry.listeners.append(self._wake_sandboxes)
         self.servicer = FastPathService(self.sandboxes, self.pools, store)
+        self.metrics = Metrics("control")
+        self.servicer.metrics = self.metrics
+        self.metrics.gauge(
+            "fsb_agents", "Registered agents, by whether they answer heartbeats.", ("state",),
+            self._agent_counts,
+        )  # fmt: skip
+        self.metrics.gauge(
+            "fsb_slots", "Sandbox slots of the registered agents: capacity, and in use.",
+            ("state",), self._slot_counts,
+        )  # fmt: skip
         self.replicas = ReplicaSync(
             self.pools,
             self.sandboxes,

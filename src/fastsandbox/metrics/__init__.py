@@ -7,7 +7,7 @@ Each process builds its own `Metrics` on its own `CollectorRegistry` — never t
 registry — so tests can run many servers in one interpreter.
 """
 
-from fastsandbox.metrics.http import HealthState, MetricsServer
+from fastsandbox.metrics.http import HealthState, MetricsServer, serve_metrics
 from fastsandbox.metrics.names import Metrics
 
-__all__ = ["HealthState", "Metrics", "MetricsServer"]
+__all__ = ["HealthState", "Metrics", "MetricsServer", "serve_metrics"]

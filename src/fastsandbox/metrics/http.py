@@ -104,3 +104,19 @@ class MetricsServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+async def serve_metrics(
+    metrics: Metrics, health: HealthState, listen: str | None
+) -> MetricsServer | None:
+    """Start the endpoint on `listen` (HOST:PORT; a bracketed IPv6 host is fine); None: off."""
+    if not listen:
+        return None
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        from fastsandbox.errors import InvalidArgument
+
+        raise InvalidArgument(f"--metrics-listen {listen!r}: must be HOST:PORT")
+    server = MetricsServer(metrics, health, host.strip("[]") or "127.0.0.1", int(port))
+    await server.start()
+    return server

@@ -155,6 +155,13 @@ def agent(
             help="Cap of a sandbox's captured output when its spec gives none (newest kept).",
         ),
     ] = DEFAULTS.log_max_bytes,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT",
+            help="Serve /metrics (Prometheus), /healthz and /readyz here (off by default).",
+        ),
+    ] = DEFAULTS.metrics_listen,
     log_level: Annotated[Level, typer.Option(help="Log level.")] = _LEVEL,
     log_format: Annotated[Format, typer.Option(help="Log format.")] = _FORMAT,
     log_file: Annotated[

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, log_settings
+from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, MetricsListen, log_settings
 from fastsandbox.settings import DEFAULT_ENDPOINT
 
 
@@ -100,6 +100,7 @@ def controller(
     log_level: LogLevel = "info",
     log_format: LogFormat = "auto",
     log_file: LogFile = None,
+    metrics_listen: MetricsListen = None,
 ) -> None:
     """Run the control plane on Kubernetes (prints `ready` when serving the Fast-Path)."""
     from fastsandbox.errors import InvalidArgument
@@ -124,6 +125,7 @@ def controller(
         insecure_registries=list(insecure_registry or []),
         heartbeat_seconds=heartbeat,
         log=log,
+        metrics_listen=metrics_listen,
     )
 
     from fastsandbox.controller import main as controller_main  # heavy: only when serving

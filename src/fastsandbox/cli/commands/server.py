@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, log_settings
+from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, MetricsListen, log_settings
 from fastsandbox.settings import DEFAULT_ENDPOINT, JANITOR_INTERVAL_SECONDS, ORPHAN_TIMEOUT_SECONDS
 
 
@@ -69,6 +69,7 @@ def server(
     log_level: LogLevel = "info",
     log_format: LogFormat = "auto",
     log_file: LogFile = None,
+    metrics_listen: MetricsListen = None,
     orphan_timeout: Annotated[
         float,
         typer.Option(
@@ -107,6 +108,7 @@ def server(
         default_pool=not no_default_pool,
         network=network,
         log=log,
+        metrics_listen=metrics_listen,
         janitor_interval_seconds=janitor_interval,
         orphan_timeout_seconds=orphan_timeout,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from fastsandbox.errors import FailedPrecondition, FsbError, InvalidArgument, No
 if TYPE_CHECKING:
     from fastsandbox.control.agent_client import AgentClient
     from fastsandbox.control.sandboxes import SandboxService
+    from fastsandbox.metrics import Metrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -148,6 +150,7 @@ class IoRelayRpcs:
     """The exec/files half of `FastPathService` (a mixin: it needs `self.sandboxes`)."""
 
     sandboxes: SandboxService
+    metrics: Metrics | None = None  # set by the plane; the relay works without
 
     async def _agent_for(self, target: io_pb2.SandboxTarget) -> tuple[AgentClient, str]:
         if not target.name:
@@ -170,6 +173,7 @@ class IoRelayRpcs:
         self, request_iterator: AsyncIterator[io_pb2.ExecInput], context: Context
     ) -> AsyncIterator[io_pb2.ExecOutput]:
         requests = request_iterator.__aiter__()
+        arrived = time.perf_counter()
         me = asyncio.current_task()
         refused: list[FsbError] = []
 
@@ -202,6 +206,8 @@ class IoRelayRpcs:
             relayed.target.CopyFrom(self._agent_target(sandbox_id))
             try:
                 async for out in client.exec(inputs(relayed)):
+                    if self.metrics is not None and out.WhichOneof("kind") == "started":
+                        self.metrics.exec_seconds.observe(time.perf_counter() - arrived)
                     yield out
             except asyncio.CancelledError:
                 if not refused or me is None:

@@ -39,6 +39,7 @@ from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import CreateOptions, SandboxService, request_hash
 from fastsandbox.control.updates import SandboxUpdates, patch_from_request
 from fastsandbox.errors import CapacityExhausted, FsbError, InvalidArgument
+from fastsandbox.metrics import Metrics
 from fastsandbox.store.base import DEFAULT_EVENT_LIMIT, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,15 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
         self.pools = pools
         self.store = store
         self.updates = SandboxUpdates(sandboxes)
+        self.metrics: Metrics | None = None
+
+    def _count_create(self, mode: str, outcome: str, seconds: float | None = None) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.creates_total.labels(mode=mode, outcome=outcome).inc()
+        if seconds is not None:
+            # Warm slots do not exist yet: every create is a cold one.
+            self.metrics.create_seconds.labels(mode=mode, warm="false").observe(seconds)
 
     async def _guard(self, context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[T]) -> T:
         try:
@@ -170,12 +180,18 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
                 deadline=_deadline(context),
             )
             try:
-                return await self.sandboxes.create(sb, opts)
+                created = await self.sandboxes.create(sb, opts)
             except CapacityExhausted:
                 # The pool cannot grow or the wait for it ran out: RESOURCE_EXHAUSTED; demand
                 # stays noted, so a pool still growing has room for a retry.
                 self.pools.note_demand(sb.metadata.namespace, sb.spec.pool_ref, sb.metadata.name)
+                self._count_create(mode, "CapacityExhausted")
                 raise
+            except FsbError as exc:
+                self._count_create(mode, type(exc).__name__)
+                raise
+            self._count_create(mode, "ok", time.perf_counter() - arrived)
+            return created
 
         sb = await self._guard(context, create())
         status, timings = sb.status, sb.status.timings
