@@ -134,37 +134,24 @@ class AgentClient:
     # -- exec and files: streams relayed message by message (grpc's flow control is the
     # backpressure: nothing here reads ahead of what the other side has taken) -------------
 
-    async def exec(
-        self, inputs: AsyncIterator[io_pb2.ExecInput]
-    ) -> AsyncIterator[io_pb2.ExecOutput]:
-        call = self._stub.Exec(inputs, metadata=self._metadata)
+    async def _relay(self, call: Any) -> AsyncIterator[Any]:
+        """Yield a server-streaming call's messages; its error as ours; cancel it when done."""
         try:
-            async for out in call:
-                yield out
+            async for message in call:
+                yield message
         except grpc.aio.AioRpcError as exc:
             raise _relayed(exc, self.target) from None
         finally:
             call.cancel()
 
-    async def read_file(self, request: io_pb2.ReadFileRequest) -> AsyncIterator[io_pb2.FileChunk]:
-        call = self._stub.ReadFile(request, metadata=self._metadata)
-        try:
-            async for chunk in call:
-                yield chunk
-        except grpc.aio.AioRpcError as exc:
-            raise _relayed(exc, self.target) from None
-        finally:
-            call.cancel()
+    def exec(self, inputs: AsyncIterator[io_pb2.ExecInput]) -> AsyncIterator[io_pb2.ExecOutput]:
+        return self._relay(self._stub.Exec(inputs, metadata=self._metadata))
 
-    async def watch(self, request: io_pb2.WatchRequest) -> AsyncIterator[io_pb2.WatchEvent]:
-        call = self._stub.Watch(request, metadata=self._metadata)
-        try:
-            async for event in call:
-                yield event
-        except grpc.aio.AioRpcError as exc:
-            raise _relayed(exc, self.target) from None
-        finally:
-            call.cancel()
+    def read_file(self, request: io_pb2.ReadFileRequest) -> AsyncIterator[io_pb2.FileChunk]:
+        return self._relay(self._stub.ReadFile(request, metadata=self._metadata))
+
+    def watch(self, request: io_pb2.WatchRequest) -> AsyncIterator[io_pb2.WatchEvent]:
+        return self._relay(self._stub.Watch(request, metadata=self._metadata))
 
     async def write_file(
         self, inputs: AsyncIterator[io_pb2.WriteFileInput]
