@@ -152,7 +152,7 @@ class AgentSettings:
     insecure_registries: list[str] = field(default_factory=list)
     delete_grace_seconds: float = DELETE_GRACE_SECONDS
     init_path: Path | None = None
-    """`fsb-init` binary mounted at /.fsb/init as every sandbox's PID 1; None = run the
+    """`fsb-supervisor` binary mounted at /.fsb/init as every sandbox's PID 1; None = run the
     sandbox's command as PID 1 (SIGTERM is then ignored unless the command handles it)."""
     logger_path: Path | None = None
     """`fsb-logger`, containerd's `binary://` log driver: keeps stdout and stderr apart, stamps
@@ -169,7 +169,7 @@ class AgentSettings:
     pod_uid: str | None = None
     """Running in this Kubernetes Pod: sandboxes join the Pod's network namespace and cgroup
     (found through its CRI sandbox in containerd; these override `netns_path` and
-    `cgroup_parent`), and `fsb-init` is copied into `state_dir`, a hostPath at the same path."""
+    `cgroup_parent`), and `fsb-supervisor` is copied into `state_dir`, a hostPath at the same path."""
     metrics_listen: str | None = None
     """HOST:PORT serving /metrics (Prometheus), /healthz and /readyz; None: not served."""
     log: LogSettings = field(default_factory=LogSettings)

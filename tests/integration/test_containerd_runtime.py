@@ -113,7 +113,7 @@ async def test_fsb_init_is_pid1_and_forwards_sigterm(
 
     init = find_init()
     if init is None:
-        cannot_run("fsb-init is not built (scripts/build-fsb-init)")
+        cannot_run("fsb-supervisor is not built (scripts/build-native)")
     await runtime.pull(demo_image)
     log = tmp_path / "init.log"
     spec = ContainerSpec(

@@ -38,7 +38,7 @@ def _init_path(given: str | None) -> Path | None:
     found = find_init()
     if found is None:
         log.warning(
-            "fsb-init not found (run scripts/setup); sandbox commands run as PID 1 and "
+            "fsb-supervisor not found (run scripts/setup); sandbox commands run as PID 1 and "
             "deletes wait the whole grace period unless they handle SIGTERM"
         )
     return found

@@ -44,7 +44,7 @@ class ContainerSpec:
     pids_limit: int | None = None
     # "runc" or "gvisor".
     runtime: str = "runc"
-    # Host path of `fsb-init`: mounted read-only at /.fsb/init and run as PID 1 in front of the
+    # Host path of `fsb-supervisor`: mounted read-only at /.fsb/init and run as PID 1 in front of the
     # sandbox's command (signal forwarding, zombie reaping). None: the command is PID 1.
     init_path: str | None = None
     # Host directory of the sandbox's supervisor channel, mounted read-only at /.fsb/run (only

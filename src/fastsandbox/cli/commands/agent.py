@@ -107,7 +107,7 @@ def agent(
         typer.Option(
             help="The uid of the Kubernetes Pod the agent runs in: sandboxes join that Pod's "
             "network namespace and cgroup (overriding --netns-path and --cgroup-parent), and "
-            "fsb-init is copied into --state-dir, which must be a hostPath mounted at the same "
+            "fsb-supervisor is copied into --state-dir, which must be a hostPath mounted at the same "
             "path."
         ),
     ] = DEFAULTS.pod_uid,
@@ -135,8 +135,9 @@ def agent(
     init_path: Annotated[
         str | None,
         typer.Option(
-            help="fsb-init binary run as PID 1 in sandboxes; 'none' disables it (default: "
-            "$FSB_INIT_PATH, the checkout's build, /usr/local/libexec/fastsandbox/fsb-init)."
+            help="fsb-supervisor binary run as PID 1 in sandboxes; 'none' disables it (default: "
+            "$FSB_SUPERVISOR_PATH, the checkout's build, "
+            "/usr/local/libexec/fastsandbox/fsb-supervisor)."
         ),
     ] = DEFAULTS.init_path,
     logger_path: Annotated[
