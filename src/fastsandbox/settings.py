@@ -169,7 +169,8 @@ class AgentSettings:
     pod_uid: str | None = None
     """Running in this Kubernetes Pod: sandboxes join the Pod's network namespace and cgroup
     (found through its CRI sandbox in containerd; these override `netns_path` and
-    `cgroup_parent`), and `fsb-supervisor` is copied into `state_dir`, a hostPath at the same path."""
+    `cgroup_parent`), and `fsb-supervisor` is copied into `state_dir`, a hostPath at the same
+    path."""
     metrics_listen: str | None = None
     """HOST:PORT serving /metrics (Prometheus), /healthz and /readyz; None: not served."""
     log: LogSettings = field(default_factory=LogSettings)

@@ -44,8 +44,8 @@ class ContainerSpec:
     pids_limit: int | None = None
     # "runc" or "gvisor".
     runtime: str = "runc"
-    # Host path of `fsb-supervisor`: mounted read-only at /.fsb/init and run as PID 1 in front of the
-    # sandbox's command (signal forwarding, zombie reaping). None: the command is PID 1.
+    # Host path of `fsb-supervisor`: mounted read-only at /.fsb/init and run as PID 1 in front of
+    # the sandbox's command (signals, reaping, exec/files). None: the command is PID 1.
     init_path: str | None = None
     # Host directory of the sandbox's supervisor channel, mounted read-only at /.fsb/run (only
     # with `init_path`), and the environment PID 1 gets on top of the process env to dial it.

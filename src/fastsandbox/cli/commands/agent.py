@@ -107,8 +107,8 @@ def agent(
         typer.Option(
             help="The uid of the Kubernetes Pod the agent runs in: sandboxes join that Pod's "
             "network namespace and cgroup (overriding --netns-path and --cgroup-parent), and "
-            "fsb-supervisor is copied into --state-dir, which must be a hostPath mounted at the same "
-            "path."
+            "fsb-supervisor is copied into --state-dir, which must be a hostPath mounted at the "
+            "same path."
         ),
     ] = DEFAULTS.pod_uid,
     insecure_registry: Annotated[
