@@ -27,19 +27,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_server import bench_server  # noqa: E402
 from benchmarks.peers import Docker, RuncBundle, bench_ctr_run, docker_peer, row  # noqa: E402
 
 from fastsandbox.sdk import AsyncClient  # noqa: E402
-from tests.e2e._server import Server  # noqa: E402
+from tests.e2e._server import Server, free_port, new_server, purge  # noqa: E402
 
 TRAP_SLEEP = ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]
 
@@ -68,18 +73,42 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=30, help="samples per series")
     args = parser.parse_args()
-    with bench_server(per_agent=10) as bench:
-        server, image, work = bench.server, bench.image, bench.work
+    if os.geteuid() != 0:
+        print("run as root (it starts containerd and containers)", file=sys.stderr)
+        return 2
+    # A timeout's SIGTERM must still run the cleanup below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    work = Path(tempfile.mkdtemp(prefix="fsb-bench-", dir="/tmp"))
+    registry_addr = f"127.0.0.1:{free_port()}"
+    server = new_server(registry_addr)
+    try:
+        subprocess.run(
+            [str(ROOT / "scripts/demo-registry"), str(work), registry_addr],
+            check=True,
+            capture_output=True,
+        )
+        image = f"{registry_addr}/busybox:latest"
+        server.start()
+        made = server.fsb(
+            "pool", "create", "bench", "--min", "1", "--max", "1", "--per-agent", "10"
+        )
+        assert made.returncode == 0, made.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            got = server.fsb("pool", "get", "bench", "-o", "json")
+            if got.returncode == 0 and json.loads(got.stdout)["status"]["agents"]["ready"]:
+                break
+            time.sleep(0.2)
         # The SDK finds the server's generated token through the data dir, as the CLI does.
         os.environ["FSB_DATA_DIR"] = str(server.data_dir)
 
         fast, fast_server = asyncio.run(bench_fsb(server, image, args.n, "fast"))
         strong, _ = asyncio.run(bench_fsb(server, image, args.n, "strong"))
         ctr = bench_ctr_run(server.containerd_socket, image, args.n)
-        runc = RuncBundle.unpack(bench.layout, work).bench_run(args.n)
+        runc = RuncBundle.unpack(work / "demo-image", work).bench_run(args.n)
         docker: list[float] = []
         if Docker.missing() is None:
-            with docker_peer(work / "docker", bench.layout) as (peer, tag):
+            with docker_peer(work / "docker", work / "demo-image") as (peer, tag):
                 docker = peer.bench_run(tag, args.n)
 
         print(
@@ -96,6 +125,15 @@ def main() -> int:
         else:
             print(f"docker run -d: not measured ({Docker.missing()})")
         print("boundaries: see the docstring of benchmarks/create_latency.py")
+    finally:
+        purge(server)
+        with contextlib.suppress(Exception):
+            out = subprocess.run(
+                ["pgrep", "-f", f"{work}/registry/config.yml"], capture_output=True, text=True
+            ).stdout.split()
+            for pid in out:
+                os.kill(int(pid), signal.SIGTERM)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

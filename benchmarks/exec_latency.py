@@ -29,21 +29,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_server import bench_server  # noqa: E402
 from benchmarks.peers import Docker, RuncBundle, docker_peer, pct, row  # noqa: E402
 
 from fastsandbox import AsyncSandbox  # noqa: E402
 from fastsandbox.api._proto.fastsandbox.v1 import io_pb2  # noqa: E402
 from fastsandbox.control.agent_client import AgentClient  # noqa: E402
-from tests.e2e._server import Server  # noqa: E402
+from tests.e2e._server import Server, free_port, new_server, purge  # noqa: E402
 
 
 async def bench_sdk(server: Server, image: str, n: int) -> dict[str, list[float]]:
@@ -103,13 +108,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=200, help="samples per series")
     args = parser.parse_args()
-    with bench_server() as bench:
-        server, image, work = bench.server, bench.image, bench.work
+    if os.geteuid() != 0:
+        print("run as root (it starts containerd and containers)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    work = Path(tempfile.mkdtemp(prefix="fsb-bench-exec-", dir="/tmp"))
+    registry_addr = f"127.0.0.1:{free_port()}"
+    server = new_server(registry_addr)
+    try:
+        subprocess.run(
+            [str(ROOT / "scripts/demo-registry"), str(work), registry_addr],
+            check=True,
+            capture_output=True,
+        )
+        image = f"{registry_addr}/busybox:latest"
+        server.start()
+        made = server.fsb("pool", "create", "bench", "--min", "1", "--max", "1")
+        assert made.returncode == 0, made.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            got = server.fsb("pool", "get", "bench", "-o", "json")
+            if got.returncode == 0 and json.loads(got.stdout)["status"]["agents"]["ready"]:
+                break
+            time.sleep(0.2)
+
         series = asyncio.run(bench_sdk(server, image, args.n))
-        series["runc exec true"] = RuncBundle.unpack(bench.layout, work).bench_exec(args.n)
+        series["runc exec true"] = RuncBundle.unpack(work / "demo-image", work).bench_exec(args.n)
         docker = Docker.missing() is None
         if docker:
-            with docker_peer(work / "docker", bench.layout) as (peer, tag):
+            with docker_peer(work / "docker", work / "demo-image") as (peer, tag):
                 series["docker exec true"] = peer.bench_exec(tag, args.n)
 
         print(
@@ -135,6 +162,15 @@ def main() -> int:
                 f"target <= 0.1 x docker exec: {sdk50 / d50:.2f} x -> "
                 f"{'met' if sdk50 <= 0.1 * d50 else 'MISSED'}"
             )
+    finally:
+        purge(server)
+        with contextlib.suppress(Exception):
+            out = subprocess.run(
+                ["pgrep", "-f", f"{work}/registry/config.yml"], capture_output=True, text=True
+            ).stdout.split()
+            for pid in out:
+                os.kill(int(pid), signal.SIGTERM)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
