@@ -13,6 +13,7 @@ from typing import Final
 
 from fastsandbox import __version__
 from fastsandbox.api.models import DEFAULT_LOG_MAX_BYTES
+from fastsandbox.api.quantity import bytes_exact
 
 # Defaults more than one command or client needs, each spelled here once (a unit test,
 # tests/unit/test_constants_once.py, fails when the endpoint is spelled anywhere else in src/).
@@ -24,6 +25,9 @@ CONTAINERD_SOCKET: Final = Path("/run/containerd/containerd.sock")
 """The system containerd's socket."""
 JANITOR_INTERVAL_SECONDS: Final = 10.0
 """How often the janitor looks for orphaned containers, snapshots, logs and FIFOs."""
+DEFAULT_SANDBOX_DISK: Final = "1Gi"
+"""Writable-layer limit of a sandbox that asks for none (a quantity; sparse: only what is
+written costs disk). There is no "unlimited": 0 on the wire means this default."""
 ORPHAN_TIMEOUT_SECONDS: Final = 30.0
 """How long a container must stay orphaned (no record, or its agent gone) before the janitor
 removes it: far longer than the few ms between a Fast-mode start and its record."""
@@ -57,6 +61,9 @@ class SandboxDefaults:
     """CPU limit of a sandbox that asks for none (a quantity): no sandbox runs unbounded."""
     default_sandbox_memory: str = "512Mi"
     """Memory limit of a sandbox that asks for none."""
+    default_sandbox_disk: str = DEFAULT_SANDBOX_DISK
+    """Writable-layer size limit of a sandbox that asks for none (its own file system: writes
+    past it fail with ENOSPC inside the sandbox)."""
     expired_retention_seconds: float = 24 * 3600.0
     """How long an Expired record is kept for history before it is deleted."""
     heartbeat_seconds: float = 1.0
@@ -159,6 +166,8 @@ class AgentSettings:
     each line and caps the log. None = containerd's `file://` (one uncapped file, streams mixed)."""
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     """Cap of one sandbox's captured output when its spec asks for none (newest kept)."""
+    default_disk_bytes: int = int(bytes_exact(DEFAULT_SANDBOX_DISK))
+    """Writable-layer limit of a sandbox whose request says 0 (never unlimited)."""
     version: str = ""
     token: str | None = None
     """Bearer token every call must carry. Required on a HOST:PORT listen address (anyone who
@@ -174,6 +183,14 @@ class AgentSettings:
     metrics_listen: str | None = None
     """HOST:PORT serving /metrics (Prometheus), /healthz and /readyz; None: not served."""
     log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def enforces_disk_limit(self) -> bool:
+        """Whether sandboxes get a size-limited writable layer (a loop-mounted file system per
+        sandbox, agent/runtime/disk.py). Not in a Kubernetes Pod: the agent Pod is unprivileged
+        and cannot mount, and a mount in its namespace would not reach containerd's shim anyway
+        (docs/security.md, "What is not covered")."""
+        return self.pod_uid is None
 
     @property
     def listens_on_tcp(self) -> bool:
