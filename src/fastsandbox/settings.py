@@ -32,6 +32,30 @@ ORPHAN_TIMEOUT_SECONDS: Final = 30.0
 """How long a container must stay orphaned (no record, or its agent gone) before the janitor
 removes it: far longer than the few ms between a Fast-mode start and its record."""
 
+# -- request limits at the Fast-Path's edge (control/fastpath/request_limits.py, throttle.py) ---
+MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+"""Largest gRPC message the Fast-Path accepts (a file chunk, a create request)."""
+MAX_ENV_VARS: Final = 256
+"""Environment variables of one sandbox."""
+MAX_ENV_BYTES: Final = 256 * 1024
+"""All of one sandbox's `NAME=value` pairs together (the kernel's exec limit is ~2 MiB)."""
+MAX_ARGS: Final = 1024
+"""Items of command + args together."""
+MAX_ARGS_BYTES: Final = 256 * 1024
+"""Bytes of command + args together."""
+MAX_LABELS: Final = 64
+"""Labels of one object."""
+MAX_LABEL_KEY_BYTES: Final = 253
+"""A label key (Kubernetes' prefix limit)."""
+MAX_LABEL_VALUE_BYTES: Final = 1024
+"""A label value."""
+RATE_PER_SECOND: Final = 500.0
+"""Calls a second one credential may make, sustained (a token bucket)."""
+RATE_BURST: Final = 1000
+"""Calls one credential may make at once above the sustained rate."""
+MAX_STREAMS_PER_CREDENTIAL: Final = 64
+"""Concurrent streams (exec/attach, logs, watch, file transfers) of one credential."""
+
 
 def default_data_dir() -> Path:
     """`~/.local/share/fastsandbox`, or `$XDG_DATA_HOME/fastsandbox`."""
@@ -52,6 +76,22 @@ class LogSettings:
 
 
 @dataclass(slots=True)
+class EdgeLimits:
+    """What one caller may ask of the Fast-Path: keyed by the credential it presents (a hash
+    of its bearer token), so every token, whatever it is allowed to do, has its own share."""
+
+    rate_per_second: float = RATE_PER_SECOND
+    """Sustained calls per second per credential; over it: RESOURCE_EXHAUSTED with a
+    `retry-after` (seconds) in the trailing metadata."""
+    rate_burst: int = RATE_BURST
+    """Calls per credential above the sustained rate before it applies."""
+    max_streams: int = MAX_STREAMS_PER_CREDENTIAL
+    """Concurrent streaming calls per credential (exec, logs, watch, read/write file)."""
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    """Largest request message; a bigger one is refused RESOURCE_EXHAUSTED naming the limit."""
+
+
+@dataclass(slots=True)
 class SandboxDefaults:
     """What both control planes (`fsb server`, `fsb controller`) apply to every sandbox."""
 
@@ -68,6 +108,8 @@ class SandboxDefaults:
     """How long an Expired record is kept for history before it is deleted."""
     heartbeat_seconds: float = 1.0
     """How often the control plane (every replica) polls each agent's Status."""
+    edge: EdgeLimits = field(default_factory=EdgeLimits)
+    """Per-credential rate limit, stream cap and message size of the Fast-Path."""
 
 
 @dataclass(slots=True)
