@@ -32,6 +32,8 @@ UID_LABEL: Final = "fastsandbox.io/uid"
 """The Sandbox object's uid."""
 REQUEST_LABEL: Final = "fastsandbox.io/request"
 """The create request, so a control plane that lost its record can rebuild it."""
+DISK_LAYER_LABEL: Final = "fastsandbox.io/disk-layer"
+"""Directory holding the container's size-limited writable layer (set by the runtime only)."""
 
 # -- labels and annotations on agent Pods (fleet/kubernetes.py) and containers ---------------
 POOL_LABEL: Final = "fastsandbox.io/pool"
