@@ -155,7 +155,12 @@ impl Channel {
             let _ = frame::write_json(&mut *w, &reply);
         }
         let start_main = req.get("op").and_then(Value::as_str) == Some("start_main");
-        if let Some(code) = self.warm.as_ref().and_then(|w| w.fatal()).filter(|_| start_main) {
+        if let Some(code) = self
+            .warm
+            .as_ref()
+            .and_then(|w| w.fatal())
+            .filter(|_| start_main)
+        {
             // The main process could not be executed: end as a cold start would have, with
             // its message on the sandbox's stderr (the agent has the reply already).
             if let Some(msg) = reply.pointer("/error/message").and_then(Value::as_str) {

@@ -127,6 +127,23 @@ fn main() {
         Some(a) if a.starts_with('-') => usage(),
         _ => args,
     };
+    // The same two modes from the environment, so PID 1's command line is `/.fsb/init` alone
+    // either way (sandbox code can read /proc/1/cmdline: a warm and a cold sandbox must not
+    // differ there, and the main command is the sandbox's business, not PID 1's).
+    let mut argv = argv;
+    if argv.is_empty() && warm.is_none() {
+        if std::env::var("FSB_WARM").as_deref() == Ok("1") {
+            warm = Some(Arc::default());
+        } else if let Ok(main) = std::env::var("FSB_MAIN") {
+            argv = match serde_json::from_str::<Vec<String>>(&main) {
+                Ok(a) if !a.is_empty() => a,
+                _ => {
+                    eprintln!("fsb-supervisor: FSB_MAIN must be a JSON list of strings");
+                    std::process::exit(EXIT_USAGE);
+                }
+            };
+        }
+    }
     let table = Arc::new(Table::default());
     let config = take_env(&table, warm.clone());
     if warm.is_some() && config.channel.is_none() {
@@ -203,7 +220,9 @@ fn main() {
             continue; // EINTR
         }
         // A warm supervisor's main process appears when the agent sends start_main.
-        let main_pid = main_pid.clone().or_else(|| warm.as_ref().and_then(|w| w.main()));
+        let main_pid = main_pid
+            .clone()
+            .or_else(|| warm.as_ref().and_then(|w| w.main()));
         if sig == libc::SIGCHLD {
             let reaped = table.reap();
             // By the table (not main_pid): a warm main process may exit before start_main's

@@ -108,8 +108,7 @@ impl WarmMain {
         if !spec.cwd.is_empty() {
             // runc makes a missing working directory (root-owned, 0755) before it starts a
             // container's process; a warm main process must find the same.
-            std::fs::create_dir_all(&spec.cwd)
-                .map_err(|e| OpError::io(&e, "mkdir", &spec.cwd))?;
+            std::fs::create_dir_all(&spec.cwd).map_err(|e| OpError::io(&e, "mkdir", &spec.cwd))?;
         }
         let exec = ExecReq {
             spec,

@@ -60,12 +60,19 @@ impl Drop for Warm {
 
 /// Starts `fsb-supervisor --warm` and accepts its control connection.
 fn start(name: &str) -> Warm {
+    start_with(name, &["--warm"], &[])
+}
+
+/// Starts the supervisor with `args` and `env` (plus the channel's) and accepts its control
+/// connection.
+fn start_with(name: &str, args: &[&str], env: &[(&str, &str)]) -> Warm {
     let dir = std::env::temp_dir().join(format!("fsb-warm-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let listener = UnixListener::bind(dir.join("agent.sock")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_fsb-supervisor"))
-        .arg("--warm")
+        .args(args)
+        .envs(env.iter().copied())
         .env("FSB_CHANNEL", &dir)
         .env("FSB_SUPERVISOR_SECRET", hex(&SECRET))
         .env("FSB_SANDBOX_ID", "warm-test")
@@ -106,8 +113,18 @@ fn wait(child: &mut Child) -> std::process::ExitStatus {
 
 fn output(child: &mut Child) -> (String, String) {
     let (mut out, mut err) = (String::new(), String::new());
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     (out, err)
 }
 
@@ -180,7 +197,10 @@ fn an_unexecutable_main_ends_the_supervisor_with_127_as_a_cold_start_would() {
     let status = wait(&mut w.child);
     assert_eq!(status.code(), Some(127));
     let (_, err) = output(&mut w.child);
-    assert!(err.contains("exec /nonexistent/x: No such file or directory"), "{err}");
+    assert!(
+        err.contains("exec /nonexistent/x: No such file or directory"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -199,4 +219,42 @@ fn bad_fields_are_refused_and_the_supervisor_keeps_waiting() {
     );
     assert_eq!(read_json(&mut w.control)["ok"], true);
     assert_eq!(wait(&mut w.child).code(), Some(0));
+}
+
+#[test]
+fn warm_and_main_can_come_from_the_environment_leaving_the_command_line_bare() {
+    let mut w = start_with("envwarm", &[], &[("FSB_WARM", "1")]);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", w.child.id())).unwrap();
+    assert!(!cmdline.ends_with(b"--warm\0"), "{cmdline:?}");
+    write_json(
+        &mut w.control,
+        &json!({"id": 1, "op": "start_main", "argv": ["/bin/sh", "-c", "echo \"$FSB_WARM.\"; exit 4"]}),
+    );
+    assert_eq!(read_json(&mut w.control)["ok"], true);
+    assert_eq!(wait(&mut w.child).code(), Some(4));
+    assert_eq!(
+        output(&mut w.child).0,
+        ".\n",
+        "FSB_* never reaches the main process"
+    );
+
+    // The main process waits for a file, so the supervisor is still up for the handshake.
+    let go = std::env::temp_dir().join(format!("fsb-warm-envmain-{}/go", std::process::id()));
+    let main = format!(
+        r#"["/bin/sh","-c","while [ ! -e {} ]; do sleep 0.01; done; echo cold; exit 5"]"#,
+        go.display()
+    );
+    let mut c = start_with("envmain", &[], &[("FSB_MAIN", &main)]);
+    write_json(
+        &mut c.control,
+        &json!({"id": 1, "op": "start_main", "argv": ["/bin/true"]}),
+    );
+    let reply = read_json(&mut c.control);
+    assert_eq!(
+        reply["error"]["code"], "EINVAL",
+        "a cold supervisor has its main already"
+    );
+    std::fs::write(&go, b"").unwrap();
+    assert_eq!(wait(&mut c.child).code(), Some(5));
+    assert_eq!(output(&mut c.child).0, "cold\n");
 }
