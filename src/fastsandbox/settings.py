@@ -224,6 +224,12 @@ class AgentSettings:
     path."""
     metrics_listen: str | None = None
     """HOST:PORT serving /metrics (Prometheus), /healthz and /readyz; None: not served."""
+    warm_slots: int = 0
+    """Warm slots kept per hot image (`agent/warm.py`); 0 = none. Needs the supervisor and runc."""
+    warm_images: tuple[str, ...] = ()
+    """Images always hot (the pool's prewarmImages)."""
+    warm_recent: int = 1
+    """How many of the most recently served images are hot too."""
     log: LogSettings = field(default_factory=LogSettings)
 
     @property
