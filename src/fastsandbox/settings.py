@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Final
 
 from fastsandbox import __version__
-from fastsandbox.api.models import DEFAULT_LOG_MAX_BYTES
+from fastsandbox.api.log_caps import DEFAULT_LOG_MAX_BYTES
 
 # Defaults more than one command or client needs, each spelled here once (a unit test,
 # tests/unit/test_constants_once.py, fails when the endpoint is spelled anywhere else in src/).

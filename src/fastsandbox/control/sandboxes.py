@@ -4,9 +4,11 @@ Every operation on one sandbox runs inside that sandbox's serial section (`Keyed
 Fast-Path create, a user's delete and the reconciler never interleave on the same object, while
 different sandboxes proceed in parallel.
 
-- Fast mode: allocate a slot, start the container on the agent, then write the record (already
-  Running). One store write; the record is written before the reply so a `get` right after `run`
-  always finds it.
+- Fast mode answers first (DESIGN.md §5): allocate a slot, start the container on the agent,
+  answer, then write the record (already Running) in the same serial section, retrying until it
+  is stored. Until then the record is served from memory (`get`, `list`, exec), so a `get` right
+  after `run` finds it; a crash in between is repaired by recovery from the request label the
+  container carries (`request_label`), so an acknowledged create survives a kill -9.
 - Strong mode and declarative objects: the record exists first (Pending), then the same start
   path runs and the status becomes Running.
 - Deletion goes through the `fastsandbox.io/cleanup` finalizer: the slot and ports are released
@@ -34,6 +36,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.api import labels
@@ -70,6 +73,15 @@ SPEC_HASH = labels.SPEC_HASH_ANNOTATION
 MODE = labels.MODE_ANNOTATION
 
 Key = tuple[str, str]
+
+
+class ReadCache(Protocol):
+    """What a create reads before placement, from a watch cache (`ReplicaSync`). None means the
+    cache cannot say (not listed yet): the store is asked."""
+
+    def name_taken(self, namespace: str, name: str) -> bool | None: ...
+
+    def pool(self, namespace: str, name: str) -> SandboxPool | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +184,11 @@ class SandboxService:
         # None: a create that finds no room is refused at once.
         self.wait_for_room: Callable[[str, str, str, float, str], Awaitable[None]] | None = None
         self.scale_wait_seconds = scale_wait_seconds
+        # Fast creates answered and not stored yet, and the tasks storing them.
+        self.unstored: dict[Key, Sandbox] = {}
+        self._persisting: set[asyncio.Task[Sandbox]] = set()
+        # With replicas (Kubernetes): the watch cache read before placement; None: the store.
+        self.cache: ReadCache | None = None
 
     # -- index -----------------------------------------------------------------------------
     async def load(self) -> list[Sandbox]:
@@ -199,6 +216,63 @@ class SandboxService:
 
     # -- create ----------------------------------------------------------------------------
     async def create(self, sb: Sandbox, opts: CreateOptions) -> Sandbox:
+        if opts.mode is ConsistencyMode.STRONG:
+            return await self._create_locked(sb, opts, None)
+        # Fast: the serial section runs on in its own task past the answer (the record write);
+        # the caller gets the sandbox as soon as the agent reports it started.
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[Sandbox] = loop.create_future()
+        task = loop.create_task(
+            self._create_locked(sb, opts, answered), name=f"create {sb.metadata.name}"
+        )
+        self._persisting.add(task)
+        task.add_done_callback(self._persist_done)
+        try:
+            await asyncio.wait({answered, task}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            if not answered.done():
+                task.cancel()  # not acknowledged: the create is taken back (`_run_on_agent`)
+            raise
+        if answered.done():
+            return answered.result()
+        return task.result()
+
+    def _persist_done(self, task: asyncio.Task[Sandbox]) -> None:
+        self._persisting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("create failed", extra={"task": task.get_name()})
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) for acknowledged Fast creates to be stored: a clean stop leaves no
+        work to recovery."""
+        if self._persisting:
+            await asyncio.wait(set(self._persisting), timeout=timeout)
+
+    async def get(self, namespace: str, name: str) -> Sandbox:
+        """The record, including a Fast create answered and not stored yet."""
+        pending = self.unstored.get((namespace, name))
+        if pending is not None:
+            return pending.model_copy(deep=True)
+        return await self.store.get(Sandbox, namespace, name)
+
+    async def list(
+        self, namespace: str | None = None, label_selector: dict[str, str] | None = None
+    ) -> list[Sandbox]:
+        items = await self.store.list(Sandbox, namespace, label_selector)
+        if self.unstored:
+            seen = {(s.metadata.namespace, s.metadata.name) for s in items}
+            for key, sb in list(self.unstored.items()):
+                labels_ = sb.metadata.labels
+                if key in seen or (namespace and key[0] != namespace):
+                    continue
+                if label_selector and any(labels_.get(k) != v for k, v in label_selector.items()):
+                    continue
+                items.append(sb.model_copy(deep=True))
+        return items
+
+    async def _create_locked(
+        self, sb: Sandbox, opts: CreateOptions, answered: asyncio.Future[Sandbox] | None
+    ) -> Sandbox:
         ns, name = sb.metadata.namespace, sb.metadata.name
         if opts.idempotency_key:
             existing = await self._replay(ns, opts)
@@ -210,7 +284,7 @@ class SandboxService:
                 existing = await self._replay(ns, opts)
                 if existing is not None:
                     return existing
-            await self._check_new(sb)
+            pool = await self._check_new(sb)
             sb.metadata.uid = sb.metadata.uid or str(uuid.uuid4())
             sb.metadata.finalizers = [CLEANUP_FINALIZER]
             sb.metadata.annotations[MODE] = opts.mode.value
@@ -224,7 +298,7 @@ class SandboxService:
             until = time.monotonic() + self.scale_wait_seconds
             if opts.deadline is not None:
                 until = min(until, opts.deadline)
-            if opts.mode is ConsistencyMode.STRONG:
+            if answered is None:
                 sb.status.phase = SandboxPhase.PENDING
                 sb.status.timings = timings
                 stored = await self.store.create(sb)
@@ -234,7 +308,7 @@ class SandboxService:
                     await self._discard_record(stored)
                     raise
             else:
-                stored = await self._start_fast(sb, opts.arrived, timings, until)
+                stored = await self._start_fast(sb, opts.arrived, timings, until, pool, answered)
             self.remember(stored)
             return stored
 
@@ -249,23 +323,31 @@ class SandboxService:
                 f"(sandbox {ns}/{name}); use a new key"
             )
         try:
-            return await self.store.get(Sandbox, ns, name)
+            return await self.get(ns, name)
         except NotFound:
             self._idempotency.pop((ns, opts.idempotency_key), None)
             return None
 
-    async def _check_new(self, sb: Sandbox) -> None:
+    async def _check_new(self, sb: Sandbox) -> SandboxPool:
+        """The name is free and the pool exists (its record returned). With a watch cache
+        (`self.cache`, Kubernetes) both are read from it instead of two apiserver round trips;
+        a name taken meanwhile by another replica is caught by the record write."""
         ns, name = sb.metadata.namespace, sb.metadata.name
+        taken = None if self.cache is None else self.cache.name_taken(ns, name)
+        if taken is not False:
+            try:
+                await self.store.get(Sandbox, ns, name)
+            except NotFound:
+                pass
+            else:
+                raise AlreadyExists(
+                    f"sandbox {ns}/{name} already exists; delete it first or choose another name"
+                )
+        cached = None if self.cache is None else self.cache.pool(ns, sb.spec.pool_ref)
+        if cached is not None:
+            return cached
         try:
-            await self.store.get(Sandbox, ns, name)
-        except NotFound:
-            pass
-        else:
-            raise AlreadyExists(
-                f"sandbox {ns}/{name} already exists; delete it first or choose another name"
-            )
-        try:
-            await self.store.get(SandboxPool, ns, sb.spec.pool_ref)
+            return await self.store.get(SandboxPool, ns, sb.spec.pool_ref)
         except NotFound:
             raise NotFound(
                 f"pool {ns}/{sb.spec.pool_ref} not found; create it with `fsb pool create` "
@@ -273,42 +355,71 @@ class SandboxService:
             ) from None
 
     async def _start_fast(
-        self, sb: Sandbox, arrived: float, timings: Timings, until: float
+        self,
+        sb: Sandbox,
+        arrived: float,
+        timings: Timings,
+        until: float,
+        pool: SandboxPool,
+        answered: asyncio.Future[Sandbox],
     ) -> Sandbox:
-        allocation, state = await self._place(sb, arrived, timings, until=until)
+        allocation, state = await self._place(sb, arrived, timings, until=until, pool_record=pool)
         timings.runtime_ready_ms = _ms(arrived)
         self.mark_running(sb, allocation, state, timings)
+        sb.metadata.creation_timestamp = sb.metadata.creation_timestamp or now()
+        key = (sb.metadata.namespace, sb.metadata.name)
+        self.unstored[key] = sb
+        self.remember(sb)
+        answered.set_result(sb.model_copy(deep=True))
         try:
-            stored = await self._persist(sb)
-        except BaseException:
-            # The record could not be written: do not leave a container nobody knows about.
-            await self._remove_container(allocation)
-            raise
+            stored = await self._persist(sb, allocation)
+        finally:
+            self.unstored.pop(key, None)
         self._record_started(stored)
         return stored
 
-    async def _persist(self, sb: Sandbox) -> Sandbox:
+    async def _persist(self, sb: Sandbox, allocation: Allocation) -> Sandbox:
+        """Store an acknowledged create, retrying while the store is unavailable (the answer
+        is given: giving up would lose a sandbox the caller holds). Only a name taken by another
+        writer (another replica, kubectl) in between makes the container an orphan: it is
+        removed, as nobody can reach it by that name."""
         delay = 0.05
-        for _attempt in range(5):
+        while True:
             try:
                 stored = await self.store.create(sb)
                 break
+            except AlreadyExists:
+                current = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
+                if current.metadata.uid == sb.metadata.uid:
+                    stored = current  # rebuilt from the container's label by a recovery
+                    break
+                log.error(
+                    "name taken by another writer after the create was answered; removing it",
+                    extra={"sandbox": sb.metadata.name, "sandbox_id": allocation.sandbox_id},
+                )
+                await self._remove_container(allocation)
+                raise
             except (Unavailable, Conflict) as exc:
                 log.warning("persist retry", extra={"sandbox": sb.metadata.name, "err": str(exc)})
                 await asyncio.sleep(delay)
-                delay *= 2
-        else:
-            stored = await self.store.create(sb)
+                delay = min(delay * 2, 2.0)
+            except FsbError:
+                await self._remove_container(allocation)
+                raise
         if stored.status.phase is sb.status.phase:
             return stored
-        # The store keeps no status on create (Kubernetes: the status subresource owns it):
-        # write it now; failing that, take the record back, so nothing is left half-made.
-        stored.status = sb.status.model_copy(deep=True)
-        try:
-            return await self.store.update_status(stored)
-        except BaseException:
-            await asyncio.shield(self._discard_record(stored))
-            raise
+        # The store keeps no status on create (Kubernetes: the status subresource owns it).
+        delay = 0.05
+        while True:
+            stored.status = sb.status.model_copy(deep=True)
+            try:
+                return await self.store.update_status(stored)
+            except Conflict:
+                stored = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
+            except Unavailable as exc:
+                log.warning("status retry", extra={"sandbox": sb.metadata.name, "err": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _start(
         self, stored: Sandbox, arrived: float, timings: Timings, *, until: float | None = None
@@ -342,7 +453,13 @@ class SandboxService:
         )
 
     async def _place(
-        self, sb: Sandbox, arrived: float, timings: Timings, *, until: float | None = None
+        self,
+        sb: Sandbox,
+        arrived: float,
+        timings: Timings,
+        *,
+        until: float | None = None,
+        pool_record: SandboxPool | None = None,
     ) -> tuple[Allocation, agent_pb2.SandboxState]:
         """Take a slot and start the container there. An agent that refuses for capacity is
         skipped for the next candidate: its own count is the truth, and ours lags behind creates
@@ -354,7 +471,7 @@ class SandboxService:
         last: CapacityExhausted | None = None
         refreshed = self.refresh_agents is None
         # Before a slot is taken: a limit above the pool's maximum is refused with nothing made.
-        limits = await self.limits(sb)
+        limits = await self.limits(sb, pool_record)
         waited_from: float | None = None
         while True:
             try:
@@ -411,12 +528,13 @@ class SandboxService:
             exclude=exclude,
         )
 
-    async def limits(self, sb: Sandbox) -> Limits:
+    async def limits(self, sb: Sandbox, pool: SandboxPool | None = None) -> Limits:
         """The sandbox's limits from its spec, its pool's defaults and maximum, and ours."""
-        try:
-            pool = await self.store.get(SandboxPool, sb.metadata.namespace, sb.spec.pool_ref)
-        except NotFound:
-            pool = None  # placement says so, naming the pool
+        if pool is None:
+            try:
+                pool = await self.store.get(SandboxPool, sb.metadata.namespace, sb.spec.pool_ref)
+            except NotFound:
+                pool = None  # placement says so, naming the pool
         return effective_limits(
             sb.spec.resources,
             pool.spec if pool is not None else None,
@@ -602,7 +720,7 @@ class SandboxService:
             raise InvalidArgument(f"tail_lines {tail_lines}: must be 0 (all) or positive")
         if since_unix < 0:
             raise InvalidArgument(f"since_unix {since_unix}: must be 0 (all) or a unix time")
-        sb = await self.store.get(Sandbox, namespace, name)
+        sb = await self.get(namespace, name)
         agent = (
             self.registry.get_agent(sb.status.assigned_agent) if sb.status.assigned_agent else None
         )

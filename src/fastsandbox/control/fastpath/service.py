@@ -226,7 +226,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
         self, request: fastpath_pb2.ObjectRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fastpath_pb2.ObjectReply:
         sb = await self._guard(
-            context, self.store.get(Sandbox, request.namespace or "default", request.name)
+            context, self.sandboxes.get(request.namespace or "default", request.name)
         )
         return fastpath_pb2.ObjectReply(object_json=_json(sb))
 
@@ -235,9 +235,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
     ) -> fastpath_pb2.ListReply:
         items = await self._guard(
             context,
-            self.store.list(
-                Sandbox, request.namespace or None, dict(request.label_selector) or None
-            ),
+            self.sandboxes.list(request.namespace or None, dict(request.label_selector) or None),
         )
         items = [
             s
@@ -288,7 +286,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
             if kind == "SandboxPool":
                 await self.store.get(SandboxPool, namespace, request.name)
             else:
-                await self.store.get(Sandbox, namespace, request.name)
+                await self.sandboxes.get(namespace, request.name)
             return await self.store.list_events(
                 kind, namespace, request.name, request.limit or DEFAULT_EVENT_LIMIT
             )
