@@ -100,6 +100,12 @@ def __getattr__(name: str) -> Any:
 def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int:
     """Console-script entry point; returns the process exit code."""
     args = list(argv) if argv is not None else sys.argv[1:]
+    if args == ["--version"]:
+        # Scripts ask this to probe for fsb: answered without building any verb.
+        from fastsandbox import __version__
+
+        print(f"fsb {__version__}")
+        return 0
     verb = _verb_of(args)
     return seam.run(build_app([verb]) if verb else build_app(), args, prog_name or "fsb")
 

@@ -24,9 +24,10 @@ from fastsandbox.api.labels import API_VERSION, PORTS_LABEL
 from fastsandbox.api.models import Sandbox, SandboxPool, Timings
 from fastsandbox.api.phases import HOLDS_SLOT
 from fastsandbox.control.agent_client import AgentClient
+from fastsandbox.control.create_request import REQUEST_LABEL
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.registry import Allocation
-from fastsandbox.control.sandboxes import REQUEST_LABEL, SandboxService
+from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.errors import AlreadyExists, FsbError
 
 log = logging.getLogger(__name__)

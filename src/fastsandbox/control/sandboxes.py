@@ -26,17 +26,11 @@ container when it was started), and a Strong-mode record that could not be place
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
 
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.api import labels
@@ -52,9 +46,16 @@ from fastsandbox.api.models import (
 )
 from fastsandbox.api.phases import set_condition, transition
 from fastsandbox.control.agent_client import AgentClients
+from fastsandbox.control.create_request import (
+    CreateOptions,
+    ReadCache,
+    new_sandbox_id,
+    request_label,
+)
 from fastsandbox.control.events import EventRecorder
 from fastsandbox.control.limits import Limits, effective_limits, server_defaults
 from fastsandbox.control.registry import Allocation, Registry
+from fastsandbox.control.sandbox_delete import SandboxDeletion
 from fastsandbox.errors import (
     AlreadyExists,
     CapacityExhausted,
@@ -75,59 +76,8 @@ MODE = labels.MODE_ANNOTATION
 Key = tuple[str, str]
 
 
-class ReadCache(Protocol):
-    """What a create reads before placement, from a watch cache (`ReplicaSync`). None means the
-    cache cannot say (not listed yet): the store is asked."""
-
-    def name_taken(self, namespace: str, name: str) -> bool | None: ...
-
-    def pool(self, namespace: str, name: str) -> SandboxPool | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class CreateOptions:
-    mode: ConsistencyMode = ConsistencyMode.FAST
-    idempotency_key: str = ""
-    # Hash of the request as the user sent it (ttl, not the expire time derived from it), so a
-    # retried request matches its first attempt.
-    request_hash: str = ""
-    # time.perf_counter() when the request arrived; timings are measured from here.
-    arrived: float = 0.0
-    # time.monotonic() the caller stops waiting at (its gRPC deadline); None: no deadline.
-    deadline: float | None = None
-
-
-def request_hash(canonical_json: str) -> str:
-    return hashlib.sha256(canonical_json.encode()).hexdigest()[:32]
-
-
 # Conditions that describe the previous container; a new one starts without them.
 _RESET_ON_START = frozenset({"Ready", "Scheduled", "AgentReachable"})
-
-
-def new_sandbox_id(name: str) -> str:
-    return f"{name[:50]}-{secrets.token_hex(4)}"
-
-
-REQUEST_LABEL = labels.REQUEST_LABEL
-# containerd refuses labels over 4096 bytes (key + value).
-_MAX_LABEL = 4096 - len(REQUEST_LABEL)
-
-
-def request_label(sb: Sandbox) -> list[agent_pb2.KeyValue]:
-    """The record, without status, carried on the container as a label: if the server dies
-    between the agent's create and the record's write (Fast mode), recovery rebuilds the record
-    from it instead of leaving a running sandbox nobody knows about."""
-    body = json.dumps(
-        {
-            "metadata": sb.metadata.model_dump(mode="json", by_alias=True, exclude_none=True),
-            "spec": sb.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-        },
-        separators=(",", ":"),
-    )
-    if len(body) > _MAX_LABEL:
-        return []
-    return [agent_pb2.KeyValue(key=REQUEST_LABEL, value=body)]
 
 
 def _ms(since: float) -> float:
@@ -138,17 +88,7 @@ def _after(ms: float | None) -> str:
     return f" after {ms:.1f} ms" if ms else ""
 
 
-def _deleting(sb: Sandbox, grace: float) -> str:
-    status = sb.status
-    if not (status.assigned_agent and status.container_id):
-        return "deletion requested; no container to stop"
-    return (
-        f"deletion requested; stopping container {status.container_id} on agent "
-        f"{status.assigned_agent} (grace {grace:g}s)"
-    )
-
-
-class SandboxService:
+class SandboxService(SandboxDeletion):
     def __init__(
         self,
         store: ObjectStore,
@@ -368,6 +308,13 @@ class SandboxService:
         self.mark_running(sb, allocation, state, timings)
         sb.metadata.creation_timestamp = sb.metadata.creation_timestamp or now()
         key = (sb.metadata.namespace, sb.metadata.name)
+        if not request_label(sb):
+            # Too big to ride on the container (containerd's 4 KiB label limit): nothing would
+            # rebuild it after a crash, so this one is stored before it is answered.
+            stored = await self._persist(sb, allocation)
+            answered.set_result(stored.model_copy(deep=True))
+            self._record_started(stored)
+            return stored
         self.unstored[key] = sb
         self.remember(sb)
         answered.set_result(sb.model_copy(deep=True))
@@ -631,85 +578,6 @@ class SandboxService:
             await self.store.delete(Sandbox, sb.metadata.namespace, sb.metadata.name)
         except NotFound:
             pass
-
-    # -- delete ----------------------------------------------------------------------------
-    async def delete(self, namespace: str, name: str, *, wait: bool) -> Sandbox | None:
-        async with self.locks.hold((namespace, name)):
-            sb = await self.store.get(Sandbox, namespace, name)
-            if sb.metadata.deletion_timestamp is None:
-                marked = await self.store.delete(Sandbox, namespace, name)
-                if marked is None:
-                    self._forget(sb)
-                    return None
-                sb = marked
-            if sb.status.phase is not SandboxPhase.TERMINATING:
-                transition(sb.status, SandboxPhase.TERMINATING)
-                sb = await self.store.update_status(sb)
-                self.events.record(sb, "Deleting", _deleting(sb, self.grace_seconds))
-            if not wait and sb.status.assigned_agent:
-                return sb
-            if await self.finalize(sb) is not None:
-                return sb  # the agent cannot confirm yet; the reconciler finishes it
-            return None
-
-    def unreachable_for(self, agent_name: str) -> float | None:
-        """Seconds the agent has not answered (None while it answers). An agent the registry
-        does not know at all counts from when this control plane started."""
-        agent = self.registry.get_agent(agent_name)
-        if agent is not None and agent.ready:
-            return None
-        since = agent.unready_since if agent is not None else None
-        return time.monotonic() - (since if since is not None else self.started_at)
-
-    async def finalize(self, sb: Sandbox) -> float | None:
-        """Remove the container, then the slot, then the finalizer, in that order. Returns the
-        seconds to wait before trying again while the agent cannot confirm; an agent gone for
-        longer than the sandbox's recovery timeout is given up on (its container, should it
-        come back, has no record any more and is the janitor's)."""
-        agent_name, sandbox_id = sb.status.assigned_agent, sb.status.container_id
-        if agent_name and sandbox_id:
-            gone_for = self.unreachable_for(agent_name)
-            if gone_for is None:
-                agent = self.registry.agent(agent_name)
-                try:
-                    await self.agents.get(agent.target).delete(sandbox_id, self.grace_seconds)
-                except FsbError as exc:
-                    self.events.warning(sb, "DeleteFailed", f"{exc.message}; retrying")
-                    raise
-            elif gone_for < sb.spec.recovery_timeout_seconds:
-                self.events.warning(
-                    sb,
-                    "DeletePending",
-                    f"agent {agent_name} does not answer: the record stays until it confirms "
-                    f"the container is gone, or for recoveryTimeoutSeconds "
-                    f"({sb.spec.recovery_timeout_seconds}s)",
-                )
-                return sb.spec.recovery_timeout_seconds - gone_for
-            else:
-                log.warning(
-                    "agent gone; released without its confirmation",
-                    extra={
-                        "sandbox": f"{sb.metadata.namespace}/{sb.metadata.name}",
-                        "agent": agent_name,
-                    },
-                )
-            self.registry.release(agent_name, sandbox_id)
-        if CLEANUP_FINALIZER in sb.metadata.finalizers:
-            sb.metadata.finalizers = [f for f in sb.metadata.finalizers if f != CLEANUP_FINALIZER]
-            with contextlib.suppress(NotFound):
-                try:
-                    await self.store.update(sb)
-                except Conflict:
-                    # Written meanwhile (on Kubernetes, another replica may be finalizing it
-                    # too): the container is gone either way; take the finalizer off what is
-                    # there now, if it is still on (and still this object, not a new one).
-                    current = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
-                    same = current.metadata.uid == sb.metadata.uid
-                    if same and CLEANUP_FINALIZER in current.metadata.finalizers:
-                        current.metadata.finalizers.remove(CLEANUP_FINALIZER)
-                        await self.store.update(current)
-        self._forget(sb)
-        return None
 
     # -- reads -----------------------------------------------------------------------------
     async def logs(

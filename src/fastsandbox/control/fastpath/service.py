@@ -33,10 +33,11 @@ from fastsandbox.api.models import (
     parse_rfc3339,
     to_wire,
 )
+from fastsandbox.control.create_request import CreateOptions, request_hash
 from fastsandbox.control.fastpath import lease
 from fastsandbox.control.fastpath.io_relay import IoRelayRpcs
 from fastsandbox.control.pools import PoolManager
-from fastsandbox.control.sandboxes import CreateOptions, SandboxService, request_hash
+from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.control.updates import SandboxUpdates, patch_from_request
 from fastsandbox.errors import CapacityExhausted, FsbError, InvalidArgument
 from fastsandbox.metrics import Metrics
