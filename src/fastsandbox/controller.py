@@ -179,7 +179,6 @@ async def run(
                 agent_token=await fleet.token(),
                 shared_agents=True,
                 agent_sync_seconds=settings.agent_sync_seconds,
-                rebuild_records=False,
             ),
         )
         metrics = await serve_metrics(plane.metrics, health, settings.metrics_listen)

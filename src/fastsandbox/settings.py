@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Final
 
 from fastsandbox import __version__
-from fastsandbox.api.models import DEFAULT_LOG_MAX_BYTES
+from fastsandbox.api.log_caps import DEFAULT_LOG_MAX_BYTES
 from fastsandbox.api.quantity import bytes_exact
 
 # Defaults more than one command or client needs, each spelled here once (a unit test,
