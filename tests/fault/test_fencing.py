@@ -67,9 +67,11 @@ def _one_round(server: Server, image: str, name: str) -> float:
     try:
         moved = until(
             "rescheduled on the other agent",
-            lambda: (st := status(server, name))["phase"] == "Running"
-            and st["assignedAgent"] not in ("", hung)
-            and st,
+            lambda: (
+                (st := status(server, name))["phase"] == "Running"
+                and st["assignedAgent"] not in ("", hung)
+                and st
+            ),
             60,
         )
         # While the agent is hung its containers run on under their shims: that copy is the
