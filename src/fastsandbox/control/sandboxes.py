@@ -320,7 +320,12 @@ class SandboxService(SandboxDeletion):
             return stored
         self.unstored[key] = sb
         self.remember(sb)
-        answered.set_result(sb.model_copy(deep=True))
+        answer = sb.model_copy(deep=True)
+        if not self.store.keeps_uid:
+            # The apiserver assigns the uid when the record is written, just after this answer:
+            # promising ours would show a uid that never exists. `fsb get` shows the real one.
+            answer.metadata.uid = ""
+        answered.set_result(answer)
         try:
             stored = await self._persist(sb, allocation)
         finally:
@@ -340,8 +345,13 @@ class SandboxService(SandboxDeletion):
                 break
             except AlreadyExists:
                 current = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
-                if current.metadata.uid == sb.metadata.uid:
-                    stored = current  # rebuilt from the container's label by a recovery
+                same_container = bool(sb.status.container_id) and (
+                    current.status.container_id == sb.status.container_id
+                )
+                if current.metadata.uid == sb.metadata.uid or same_container:
+                    # Rebuilt from the container's label by a recovery (on Kubernetes with the
+                    # apiserver's own uid, so the container tells it is this sandbox).
+                    stored = current
                     break
                 log.error(
                     "name taken by another writer after the create was answered; removing it",
