@@ -53,6 +53,7 @@ from tests.e2e._server import Server, free_port, new_server, purge  # noqa: E402
 
 async def bench_sdk(server: Server, image: str, n: int) -> dict[str, list[float]]:
     token = (server.data_dir / "token").read_text().strip()
+    os.environ["FSB_CA_FILE"] = str(server.ca_file)  # the server's own CA (TLS Fast-Path)
     out: dict[str, list[float]] = {'sdk run("true")': [], 'sdk run(["true"])': [], "fsb Get": []}
     async with await AsyncSandbox.create(
         image=image, pool="bench", endpoint=server.endpoint, token=token

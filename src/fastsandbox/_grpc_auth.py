@@ -23,14 +23,16 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def _deny(handler: Handler, message: str) -> Handler:
+def deny(
+    handler: Handler, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
+) -> Handler:
     """A handler of the same shape as `handler` (unary or streaming) that only refuses."""
 
     async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def abort_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
     kwargs = {
@@ -57,8 +59,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         token: str,
         *,
         exempt: Iterable[str] = (HEALTH_CHECK,),
-        missing: str = "missing API token: pass --token or set FSB_TOKEN",
-        invalid: str = "invalid API token: check --token / FSB_TOKEN",
+        missing: str = "missing API token: use --token-file or set FSB_TOKEN",
+        invalid: str = "invalid API token: check --token-file / FSB_TOKEN",
     ) -> None:
         if not token:
             raise ValueError("an empty token would let anyone in")
@@ -80,7 +82,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if key == "authorization":
                 given = value if isinstance(value, str) else value.decode()
         if not given:
-            return _deny(handler, self._missing)
+            return deny(handler, self._missing)
         if not hmac.compare_digest(given.encode(), self._expected):
-            return _deny(handler, self._invalid)
+            return deny(handler, self._invalid)
         return handler

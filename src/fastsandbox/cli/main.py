@@ -22,6 +22,7 @@ from fastsandbox.cli.commands import exec as exec_cmd
 from fastsandbox.cli.commands import janitor as janitor_cmd
 from fastsandbox.cli.commands import list as list_cmd
 from fastsandbox.cli.commands import reset as reset_cmd
+from fastsandbox.cli.commands import token as token_cmd
 from fastsandbox.cli.commands import update as update_cmd
 
 
@@ -56,6 +57,7 @@ def build_app() -> typer.Typer:
     app.command("reset", no_args_is_help=True)(reset_cmd.reset)
     app.command("apply", no_args_is_help=True)(apply.apply)
     app.add_typer(pool.app, name="pool")
+    app.add_typer(token_cmd.app, name="token")
     app.command("server")(server.server)
     app.command("controller")(controller_cmd.controller)
     app.command("agent")(agent.agent)
