@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from fastsandbox._grpc_auth import HEALTH_CHECK, Handler, deny
+from fastsandbox._grpc_auth import HEALTH_CHECK, Handler, deny, drain
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2
 from fastsandbox.control.fastpath.authz import Action, Authenticator, Authorizer, Principal
 from fastsandbox.errors import FsbError, InvalidArgument
@@ -169,21 +169,29 @@ def _wrap(handler: Handler, caller: Caller, rule: Rule) -> Handler:
         "response_serializer": handler.response_serializer,
     }
 
-    async def check(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def refusal(request: Any) -> FsbError | None:
         _CALLER.set(caller)
         if request is None:
-            return  # an empty stream: the servicer refuses it, touching nothing
+            return None  # an empty stream: the servicer refuses it, touching nothing
         try:
             await caller.authorizer.authorize(caller.principal, rule(request))
         except FsbError as exc:
-            await context.abort(exc.grpc_code, exc.message)
+            return exc
+        return None
+
+    async def check(request: Any, context: Any, rest: AsyncIterator[Any] | None = None) -> None:
+        refused = await refusal(request)
+        if refused is not None:
+            if rest is not None:
+                await drain(rest)  # see _grpc_auth.drain: the refusal must reach the client
+            await context.abort(refused.grpc_code, refused.message)
 
     if handler.request_streaming and handler.response_streaming:
         stream_stream: Any = handler.stream_stream
 
         async def ss(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
             first, rest = await _peek(requests)
-            await check(first, context)
+            await check(first, context, rest)
             async for out in stream_stream(rest, context):
                 yield out
 
@@ -193,7 +201,7 @@ def _wrap(handler: Handler, caller: Caller, rule: Rule) -> Handler:
 
         async def su(requests: AsyncIterator[Any], context: Any) -> Any:
             first, rest = await _peek(requests)
-            await check(first, context)
+            await check(first, context, rest)
             return await stream_unary(rest, context)
 
         return grpc.stream_unary_rpc_method_handler(su, **kwargs)
