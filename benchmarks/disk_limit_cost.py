@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from benchmarks.peers import row
-
 from fastsandbox.agent.runtime.base import ContainerSpec
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
 from tests.infra import build_demo_image, push_image, start_containerd, start_registry

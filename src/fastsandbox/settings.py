@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Final
 
 from fastsandbox import __version__
-from fastsandbox.api.models import DEFAULT_LOG_MAX_BYTES
+from fastsandbox.api.log_caps import DEFAULT_LOG_MAX_BYTES
 from fastsandbox.api.quantity import bytes_exact
 
 # Defaults more than one command or client needs, each spelled here once (a unit test,
@@ -230,6 +230,12 @@ class AgentSettings:
     path."""
     metrics_listen: str | None = None
     """HOST:PORT serving /metrics (Prometheus), /healthz and /readyz; None: not served."""
+    warm_slots: int = 0
+    """Warm slots kept per hot image (`agent/warm.py`); 0 = none. Needs the supervisor and runc."""
+    warm_images: tuple[str, ...] = ()
+    """Images always hot (the pool's prewarmImages)."""
+    warm_recent: int = 1
+    """How many of the most recently served images are hot too."""
     log: LogSettings = field(default_factory=LogSettings)
 
     @property

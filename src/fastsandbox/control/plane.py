@@ -19,6 +19,7 @@ with different backends.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -84,8 +85,9 @@ class PlaneSettings:
 
     rebuild_records: bool = True
     """Recovery writes the record of a container that carries its request but has none (a Fast
-    create cut off before its write). Only safe with one writer: with replicas, the container
-    may be another replica's create whose write is still on its way."""
+    create cut off before its write). With replicas the container may be another replica's
+    create whose write is still on its way: that write then finds the rebuilt record (same uid)
+    and keeps it (`SandboxService._persist`)."""
 
 
 class ControlPlane:
@@ -150,6 +152,7 @@ class ControlPlane:
         )
         if settings.shared_agents:
             self.sandboxes.refresh_agents = self.replicas.refresh
+            self.sandboxes.cache = self.replicas.cache
             self.pools.on_demand = self.replicas.note_demand
             self.lifecycle.creator_grace_seconds = settings.creator_grace_seconds
         self.leading = False
@@ -170,7 +173,10 @@ class ControlPlane:
     async def start(self) -> RecoveryReport:
         """One replica that always leads (embedded): recovery, then every loop."""
         report = await recover(
-            self.pools, self.sandboxes, rebuild_records=self._settings.rebuild_records
+            self.pools,
+            self.sandboxes,
+            rebuild_records=self._settings.rebuild_records,
+            settle=not self._settings.shared_agents,
         )
         await self.start_leading()
         self._serve()
@@ -179,7 +185,10 @@ class ControlPlane:
     async def start_serving(self) -> RecoveryReport:
         """Every replica, before it serves the Fast-Path: recovery, heartbeats, replica sync."""
         report = await recover(
-            self.pools, self.sandboxes, rebuild_records=self._settings.rebuild_records
+            self.pools,
+            self.sandboxes,
+            rebuild_records=self._settings.rebuild_records,
+            settle=not self._settings.shared_agents,
         )
         self._serve()
         return report
@@ -191,6 +200,10 @@ class ControlPlane:
             self._tasks.spawn(
                 guarded("record-sync", self.replicas.records_loop), name="record-sync"
             )
+            pools_loop = functools.partial(
+                self.replicas.cache.pools_loop, self.store, self._settings.agent_sync_seconds
+            )
+            self._tasks.spawn(guarded("pool-cache", pools_loop), name="pool-cache")
 
     async def start_leading(self, *, wait: bool = True) -> None:
         """Become the one replica that converges records and sizes pools. With `wait`, the first
@@ -234,6 +247,7 @@ class ControlPlane:
         """Stop the loops and the fleet's supervision; sandboxes keep running."""
         self.leading = False
         await self._tasks.close()
+        await self.sandboxes.flush()
         await self.sandboxes.events.close()
         await self.fleet.close()
         await self.clients.close()
