@@ -35,6 +35,7 @@ from fastsandbox._aio.signals import run_until_stopped
 from fastsandbox._kube.config import FIELD_MANAGER, make_client
 from fastsandbox._kube.errors import translate
 from fastsandbox._kube.lease import LEASE_NAME, KubeLeaseApi, LeaderElector
+from fastsandbox.api.images import allowed_registries
 from fastsandbox.control.fastpath.access import AccessGuard
 from fastsandbox.control.fastpath.authz import NamespaceAuthorizer, TokenAuthenticator
 from fastsandbox.control.fastpath.serve import start_fastpath
@@ -266,6 +267,10 @@ async def run(
                 agent_token=await fleet.token(),
                 shared_agents=True,
                 agent_sync_seconds=settings.agent_sync_seconds,
+                rebuild_records=False,
+                allowed_registries=allowed_registries(
+                    settings.allowed_registries, settings.insecure_registries
+                ),
             ),
         )
         metrics = await serve_metrics(plane.metrics, health, settings.metrics_listen)

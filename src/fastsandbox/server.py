@@ -26,6 +26,7 @@ from fastsandbox._aio.signals import run_until_stopped
 from fastsandbox._aio.tasks import TaskSet, guarded
 from fastsandbox.agent.runtime import containerd_daemon
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
+from fastsandbox.api.images import allowed_registries
 from fastsandbox.api.models import ObjectMeta, PoolCapacity, SandboxPool, SandboxPoolSpec
 from fastsandbox.control.fastpath.access import AccessGuard
 from fastsandbox.control.fastpath.auth import load_or_create_token
@@ -250,7 +251,8 @@ async def run(
         grace_seconds=settings.delete_grace_seconds,
         log=settings.log,
     )
-    plane = ControlPlane(store, fleet, PlaneSettings.of(settings))
+    registries = allowed_registries(settings.allowed_registries, settings.insecure_registries)
+    plane = ControlPlane(store, fleet, PlaneSettings.of(settings, allowed_registries=registries))
     plane.pools.check_pool = check_local_pool
     server: grpc.aio.Server | None = None
     health = HealthState(reason="recovering: asking agents what they run")

@@ -123,6 +123,9 @@ class ServerSettings(SandboxDefaults):
     start our own under the data dir."""
     insecure_registries: list[str] = field(default_factory=list)
     """Registries (HOST:PORT) pulled from over plain HTTP."""
+    allowed_registries: list[str] = field(default_factory=list)
+    """Registries (HOST[:PORT]) images may come from; empty: docker.io plus
+    `insecure_registries`. A sandbox or pool naming another is refused (INVALID_ARGUMENT)."""
     token: str | None = None
     """The admin API token; None reads (or creates) `<data-dir>/token`, mode 0600. Tenant
     tokens (`fsb token create`) live hashed in `<data-dir>/tokens.db`."""
@@ -197,6 +200,9 @@ class ControllerSettings(SandboxDefaults):
     interval (duration / 3); the leader steps down when it cannot renew for 2/3 of it."""
     insecure_registries: list[str] = field(default_factory=list)
     """Registries (HOST:PORT) the agents pull from over plain HTTP."""
+    allowed_registries: list[str] = field(default_factory=list)
+    """Registries (HOST[:PORT]) images may come from; empty: docker.io plus
+    `insecure_registries`. A sandbox or pool naming another is refused (INVALID_ARGUMENT)."""
     containerd_namespace: str = "k8s.io"
     """containerd namespace the agents use: the node's image cache."""
     agent_sync_seconds: float = 2.0

@@ -68,6 +68,7 @@ from fastsandbox.agent.runtime.oci_spec import (
     host_pids_limit,
     linux_resources,
 )
+from fastsandbox.agent.runtime.pull_errors import classify
 from fastsandbox.agent.runtime.warm_claim import cgroup_writes, claimed_oci, in_own_thread, prepare
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
@@ -258,10 +259,10 @@ class ContainerdRuntime:
             ) from None
         stderr = stderr_bytes.decode(errors="replace").strip()[-_STDERR_TAIL:]
         if proc.returncode != 0:
-            message = f"pull of {ref} failed: {argv!r} exited {proc.returncode}: {stderr}"
-            if "not found" in stderr:
-                raise NotFound(message)
-            raise RuntimeFailure(message)
+            # The remote's words stay in our log; the caller gets ours (pull_errors.py).
+            log.debug("pull failed", extra={"image": ref, "argv": argv, "stderr": stderr})
+            failure = classify(stderr, registry_host(ref))
+            raise failure.kind(f"pull of {ref} failed: {failure.reason}")
         log.info("pulled image", extra={"image": ref, "ms": (time.monotonic() - started) * 1e3})
 
     async def images(self) -> list[ImageInfo]:

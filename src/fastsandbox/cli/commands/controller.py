@@ -96,6 +96,14 @@ def controller(
             help="Leader Lease duration; a dead leader is replaced within about 4/3 of it.",
         ),
     ] = 15,
+    allowed_registry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-registry",
+            metavar="HOST[:PORT]",
+            help="Agents pull only from these (repeatable; default: docker.io + insecure ones).",
+        ),
+    ] = None,
     insecure_registry: Annotated[
         list[str] | None,
         typer.Option(
@@ -141,6 +149,7 @@ def controller(
         identity=identity or None,
         lease_duration_seconds=lease_duration,
         insecure_registries=list(insecure_registry or []),
+        allowed_registries=list(allowed_registry or []),
         heartbeat_seconds=heartbeat,
         log=log,
         metrics_listen=metrics_listen,

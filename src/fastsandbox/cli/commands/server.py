@@ -50,6 +50,14 @@ def server(
             show_default=False,
         ),
     ] = None,
+    allowed_registry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-registry",
+            metavar="HOST[:PORT]",
+            help="Pull only from these (repeatable; default: docker.io + insecure ones).",
+        ),
+    ] = None,
     insecure_registry: Annotated[
         list[str] | None,
         typer.Option(
@@ -114,6 +122,7 @@ def server(
         insecure=insecure,
         containerd_socket=containerd_socket,
         insecure_registries=list(insecure_registry or []),
+        allowed_registries=list(allowed_registry or []),
         token=token,
         default_pool=not no_default_pool,
         network=network,
