@@ -23,9 +23,9 @@ container and snapshot; each step tolerates "not found", so delete is idempotent
 cleans up after a half-finished create or delete.
 
 gVisor: Debian ships no runsc shim, so gVisor runs through the runc v2 shim with `BinaryName`
-pointing at a two-line wrapper that adds runsc's global `--network=host` flag (runsc refuses to
-set up its own network when started by the shim; host mode inside the agent's network namespace
-is what sandboxes want anyway). The wrapper is written once under `state_dir`.
+pointing at a wrapper (`runsc_wrapper.py`) that adds runsc's `--network=host` and starts runsc
+inside the network namespace the spec names, so a gVisor sandbox gets the same private namespace
+as a runc one. The wrapper is written once under `state_dir`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import platform
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ from urllib.parse import quote, urlencode
 from google.protobuf import any_pb2
 
 from fastsandbox._aio.keyed import KeyedLocks
+from fastsandbox.agent.runtime import runsc_wrapper
 from fastsandbox.agent.runtime._containerd_api import ContainerdApi
 from fastsandbox.agent.runtime.base import (
     ContainerSpec,
@@ -134,10 +137,16 @@ _TASK_STATUS = {
     pb.CTD_TASK_STATUS_PAUSING: ContainerStatus.RUNNING,
 }
 
-# --host-uds=open lets the sandbox connect to its agent's channel socket (a host unix socket in
-# a bind mount); it still cannot create or listen on one (the deprecated spelling is
-# --fsgofer-host-uds).
-GVISOR_WRAPPER = '#!/bin/sh\nexec {runsc} --network=host --host-uds=open "$@"\n'
+
+def _write_if_changed(path: Path, content: str, mode: int) -> None:
+    """Replace `path` atomically when its content differs (several agents may share a dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.read_text() == content:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(content)
+    tmp.chmod(mode)
+    tmp.replace(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,18 +357,20 @@ class ContainerdRuntime:
     # -- create -------------------------------------------------------------------------------
 
     def _gvisor_binary(self) -> str:
+        """The runsc wrapper the runc shim runs (runsc_wrapper.py), written once under
+        `state_dir`: a sh front and the Python script it hands create/run to."""
         if self._gvisor_wrapper is None:
             runsc = shutil.which(self.runsc_binary)
             if runsc is None:
                 raise RuntimeFailure("runtime gvisor needs runsc: apt-get install runsc")
-            wrapper = self.state_dir / "runsc-host-network"
-            wrapper.parent.mkdir(parents=True, exist_ok=True)
-            content = GVISOR_WRAPPER.format(runsc=runsc)
-            if not wrapper.exists() or wrapper.read_text() != content:
-                tmp = wrapper.with_suffix(".tmp")
-                tmp.write_text(content)
-                tmp.chmod(0o755)
-                tmp.replace(wrapper)
+            if shutil.which("nsenter") is None:
+                raise RuntimeFailure("runtime gvisor needs nsenter: apt-get install util-linux")
+            script = self.state_dir / "runsc-wrapper.py"
+            wrapper = self.state_dir / "runsc-wrapper"
+            _write_if_changed(script, Path(runsc_wrapper.__file__).read_text(), 0o644)
+            python = sys.executable or shutil.which("python3") or "python3"
+            content = runsc_wrapper.shell_wrapper(runsc, python, str(script))
+            _write_if_changed(wrapper, content, 0o755)
             self._gvisor_wrapper = wrapper
         return str(self._gvisor_wrapper)
 
