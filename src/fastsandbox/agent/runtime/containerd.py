@@ -52,6 +52,7 @@ from google.protobuf import any_pb2
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.agent.runtime import runsc_wrapper
 from fastsandbox.agent.runtime._containerd_api import ContainerdApi
+from fastsandbox.agent.runtime.apparmor import AppArmor
 from fastsandbox.agent.runtime.base import (
     ContainerSpec,
     ContainerState,
@@ -225,6 +226,7 @@ class ContainerdRuntime:
         runsc_binary: str = "runsc",
         pull_timeout: float = 900.0,
         shim_group: str | None = None,
+        apparmor: AppArmor | None = None,
     ) -> None:
         self.socket = str(socket)
         self.namespace = namespace
@@ -241,6 +243,7 @@ class ContainerdRuntime:
         self._id_locks = KeyedLocks()
         self._image_configs: dict[str, ImageConfig] = {}
         self._gvisor_wrapper: Path | None = None
+        self.apparmor = apparmor or AppArmor()
 
     # -- images -------------------------------------------------------------------------------
 
@@ -399,6 +402,9 @@ class ContainerdRuntime:
         if not argv and not spec.init_path:
             raise InvalidArgument(f"image {ref} has no entrypoint or cmd: give a command")
         uid, gid = parse_user(image.user)
+        if self.apparmor.pending(spec.runtime):
+            await asyncio.to_thread(self.apparmor.profile_for, spec.runtime)
+        profile = self.apparmor.profile_for(spec.runtime)
         oci = build_oci_spec(
             container_id=spec.id,
             args=argv,
@@ -415,6 +421,7 @@ class ContainerdRuntime:
             channel_dir=spec.channel_dir,
             init_env=[f"{k}={v}" for k, v in spec.init_env],
             annotations={SHIM_GROUP_ANNOTATION: self.shim_group} if self.shim_group else None,
+            apparmor_profile=profile,
         )
         container = pb.CtdContainer(
             id=spec.id,
