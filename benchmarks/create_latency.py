@@ -19,6 +19,17 @@ the busybox demo image, an `fsb server` with its own containerd in a temp data d
                        a private dockerd (Debian's docker.io) with its own containerd (skipped,
                        and said so, when docker.io is not installed)
 
+With --warm, also (same run, same server):
+
+  create→marker (cold)  SDK `create()` called → a marker line the sandbox's own process
+                        printed first appears in its log file on the host (polled every 0.2 ms
+                        from a thread started before the call): the user's process is running.
+                        Pool `bench`, no warm slots.
+  create→marker (warm)  the same, pool `bench-warm` (--warm-slots 1 --prewarm-image IMAGE): each
+                        create claims the slot refilled after the previous one (the wait for the
+                        refill is outside the timed span; misses are counted and printed).
+  create reply (warm)   SDK `create()` called → reply received, on the warm pool.
+
 Each sandbox is deleted before the next create, outside the timed span. Numbers are printed as
 p50/p95/p99/max in milliseconds (benchmarks/peers.py).
 """
@@ -69,9 +80,61 @@ async def bench_fsb(
     return client_ms, server_ms
 
 
+def wait_marker(logs: Path, mark: str, t0: float, bound: float = 30.0) -> float:
+    """Milliseconds from `t0` until `mark` is in one of the agents' log files."""
+    needle = mark.encode()
+    while time.perf_counter() - t0 < bound:
+        for path in logs.glob("*/logs/*.log"):
+            with contextlib.suppress(OSError):
+                if needle in path.read_bytes():
+                    return (time.perf_counter() - t0) * 1000
+        time.sleep(0.0002)
+    raise RuntimeError(f"marker {mark} never appeared under {logs}")
+
+
+async def wait_warm(client: AsyncClient, pool: str, bound: float = 30.0) -> None:
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        got = await client.get_pool(pool)
+        if any(w.ready for w in got.status.warm_slots):
+            return
+        await asyncio.sleep(0.02)
+    raise RuntimeError(f"pool {pool} never showed a ready warm slot")
+
+
+async def bench_marker(
+    server: Server, image: str, n: int, pool: str, warm: bool
+) -> tuple[list[float], list[float], int]:
+    """(create→marker ms, create reply ms, warm hits)."""
+    logs = server.data_dir / "agents"
+    marker_ms: list[float] = []
+    reply_ms: list[float] = []
+    hits = 0
+    async with AsyncClient(endpoint=server.endpoint, namespace="default") as client:
+        await client.create(f"warmup-{pool}", image, pool=pool, command=TRAP_SLEEP)
+        await client.delete(f"warmup-{pool}", wait=True)
+        for i in range(n):
+            if warm:
+                await wait_warm(client, pool)
+            name = f"m-{pool}-{i}"
+            mark = f"FSB-MARK-{name}-{os.getpid()}"
+            command = ["sh", "-c", f"echo {mark}; trap 'exit 0' TERM; sleep 3600 & wait"]
+            t0 = time.perf_counter()
+            seen = asyncio.ensure_future(asyncio.to_thread(wait_marker, logs, mark, t0))
+            result = await client.create(name, image, pool=pool, command=command)
+            reply_ms.append((time.perf_counter() - t0) * 1000)
+            marker_ms.append(await seen)
+            hits += bool(result.timings.warm)
+            await client.delete(name, wait=True)
+    return marker_ms, reply_ms, hits
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=30, help="samples per series")
+    parser.add_argument(
+        "--warm", action="store_true", help="also create→marker, warm slots against cold"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root (it starts containerd and containers)", file=sys.stderr)
@@ -101,6 +164,23 @@ def main() -> int:
             time.sleep(0.2)
         # The SDK finds the server's generated token through the data dir, as the CLI does.
         os.environ["FSB_DATA_DIR"] = str(server.data_dir)
+        warm_rows: list[str] = []
+        if args.warm:
+            made = server.fsb(
+                "pool", "create", "bench-warm", "--min", "1", "--max", "1", "--per-agent", "10",
+                "--warm-slots", "1", "--prewarm-image", image,
+            )  # fmt: skip
+            assert made.returncode == 0, made.stderr
+            cold_mark, _, _ = asyncio.run(bench_marker(server, image, args.n, "bench", False))
+            warm_mark, warm_reply, hits = asyncio.run(
+                bench_marker(server, image, args.n, "bench-warm", True)
+            )
+            warm_rows = [
+                row("create→marker (cold)", cold_mark),
+                row("create→marker (warm)", warm_mark),
+                row("create reply (warm)", warm_reply),
+                f"warm slot hits: {hits}/{args.n}",
+            ]
 
         fast, fast_server = asyncio.run(bench_fsb(server, image, args.n, "fast"))
         strong, _ = asyncio.run(bench_fsb(server, image, args.n, "strong"))
@@ -124,6 +204,8 @@ def main() -> int:
             print(row("docker run -d", docker))
         else:
             print(f"docker run -d: not measured ({Docker.missing()})")
+        for line in warm_rows:
+            print(line)
         print("boundaries: see the docstring of benchmarks/create_latency.py")
     finally:
         purge(server)
