@@ -20,8 +20,8 @@ from fastsandbox.api.models import (
     SandboxPoolSpec,
     SandboxSpec,
 )
+from fastsandbox.control.create_request import CreateOptions
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
-from fastsandbox.control.sandboxes import CreateOptions
 from fastsandbox.errors import CapacityExhausted
 from fastsandbox.fleet.base import AgentHandle
 from fastsandbox.fleet.inprocess import InProcessFleet

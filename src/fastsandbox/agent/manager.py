@@ -50,6 +50,7 @@ from fastsandbox.agent.warm import WarmCounts, WarmSlots, counts_reader
 from fastsandbox.api import labels
 from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.api.models import MIN_LOG_MAX_BYTES
+from fastsandbox.api.quantity import MIN_DISK_BYTES
 from fastsandbox.errors import (
     AlreadyExists,
     CapacityExhausted,
@@ -91,6 +92,7 @@ class SandboxRequest:
     cpu_millis: int = 0
     memory_bytes: int = 0
     pids_limit: int = 0
+    # Writable-layer size; 0 = the agent's default (never unlimited).
     disk_bytes: int = 0
     # Cap of the captured stdout + stderr; 0 = the agent's default.
     log_max_bytes: int = 0
@@ -245,6 +247,7 @@ class SandboxManager:
             raise InvalidArgument("image: required")
         normalize_image_ref(req.image)  # a bad reference fails before a slot is taken
         self._log_cap(req.log_max_bytes)  # so does a bad log cap
+        self._disk(req.disk_bytes)  # and a bad disk size
         # A create runs to its end even when its caller goes away (a control plane killed or
         # timed out mid-call): Status reports a create in flight as a sandbox on its way, and a
         # restarted control plane adopts it on that word; cut off, the create would be rolled
@@ -287,7 +290,9 @@ class SandboxManager:
         fresh = fresh and sandbox_id not in self._seen and not self._cordoned
         image = normalize_image_ref(req.image)
         same_log = self._log_cap(req.log_max_bytes) == self.settings.log_max_bytes
-        slot = warm.take(image) if fresh and same_log else None
+        # A slot's writable layer was made at the default size: another size takes the cold path.
+        same_disk = self._disk(req.disk_bytes) == self._disk(0)
+        slot = warm.take(image) if fresh and same_log and same_disk else None
         if slot is None:
             self.metrics.warm_slot_claims_total.labels(result="miss").inc()
             return None
@@ -480,6 +485,7 @@ class SandboxManager:
             memory_bytes=req.memory_bytes or None,
             pids_limit=req.pids_limit or None,
             log_max_bytes=self._log_cap(req.log_max_bytes),
+            disk_bytes=self._disk(req.disk_bytes) if self.settings.enforces_disk_limit else None,
         )
 
     def container_spec(
@@ -499,6 +505,8 @@ class SandboxManager:
             channel_dir=str(channels.directory(container_id)) if channels else None,
             init_env=channels.supervisor_env(container_id) if channels else (),
             log_max_bytes=self.settings.log_max_bytes,
+            # A warm slot's layer is made at the agent's default size; `_spec` sets the request's.
+            disk_bytes=self._disk(0) if self.settings.enforces_disk_limit else None,
             logger_path=str(self.settings.logger_path) if self.settings.logger_path else None,
             warm=warm,
         )
@@ -511,6 +519,13 @@ class SandboxManager:
                 f"log_max_bytes {asked}: must be at least {MIN_LOG_MAX_BYTES} bytes (64 KiB)"
             )
         return asked or self.settings.log_max_bytes
+
+    def _disk(self, asked: int) -> int:
+        if asked < 0:
+            raise InvalidArgument(f"disk_bytes {asked}: must be 0 (the default) or positive")
+        if 0 < asked < MIN_DISK_BYTES:
+            raise InvalidArgument(f"disk_bytes {asked}: must be at least {MIN_DISK_BYTES} (1Mi)")
+        return asked or self.settings.default_disk_bytes
 
     async def delete(self, sandbox_id: str, grace_seconds: float = -1) -> bool:
         """Stop and remove the sandbox and its log. False when it did not exist."""

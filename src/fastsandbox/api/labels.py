@@ -36,6 +36,8 @@ was made for; a claim removes it and sets the sandbox's labels. Such a container
 no record points at it and the janitor leaves it to its live agent."""
 REQUEST_LABEL: Final = "fastsandbox.io/request"
 """The create request, so a control plane that lost its record can rebuild it."""
+DISK_LAYER_LABEL: Final = "fastsandbox.io/disk-layer"
+"""Directory holding the container's size-limited writable layer (set by the runtime only)."""
 
 # -- labels and annotations on agent Pods (fleet/kubernetes.py) and containers ---------------
 POOL_LABEL: Final = "fastsandbox.io/pool"

@@ -56,6 +56,10 @@ class ContainerSpec:
     # Host path of `fsb-logger`, containerd's `binary://` log driver; None: `file://` (streams
     # mixed, no cap, no timestamps).
     logger_path: str | None = None
+    # Size limit of the writable layer in bytes (a file system of its own: writes past it fail
+    # with ENOSPC inside); None: no limit beyond the host's disk (only runtime-level callers:
+    # the agent always passes one).
+    disk_bytes: int | None = None
     # A warm slot: the supervisor starts with `--warm` and waits for `start_main` (the spec's
     # command is not run; `claim` later names the sandbox's). Needs `init_path` + `channel_dir`.
     warm: bool = False

@@ -55,6 +55,7 @@ from fastsandbox.agent.runtime.base import (
     MainProcess,
     ProcessDefaults,
 )
+from fastsandbox.agent.runtime.disk import WritableLayers, with_upper
 from fastsandbox.agent.runtime.image_config import (
     ImageConfig,
     chain_id,
@@ -92,6 +93,9 @@ SHIM_GROUP_ANNOTATION = "io.containerd.runc.v2.group"
 KILL_WAIT_SECONDS = 10.0
 _STDERR_TAIL = 2000
 
+# Where a container's size-limited writable layer lives (`disk.py`), so whoever removes the
+# container (its agent, the janitor) finds it from the record alone.
+DISK_LAYER_LABEL = labels.DISK_LAYER_LABEL
 SIGKILL_EXIT = 128 + signal.SIGKILL
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -197,6 +201,7 @@ class ContainerdRuntime:
         self._id_locks = KeyedLocks()
         self._image_configs: dict[str, ImageConfig] = {}
         self._gvisor_wrapper: Path | None = None
+        self._layers = WritableLayers(self.state_dir / "disks")
         # Warm containers this process made: their record, image config and task pid, so a
         # claim reads nothing from containerd before it starts the main process.
         self._warm: dict[str, tuple[pb.CtdContainer, ImageConfig, int]] = {}
@@ -376,9 +381,14 @@ class ContainerdRuntime:
             warm=spec.warm,
             annotations={SHIM_GROUP_ANNOTATION: self.shim_group} if self.shim_group else None,
         )
+        record_labels = {**spec.labels, MANAGED_LABEL: "true"}
+        # Ours, never the caller's: remove acts on the path it names.
+        record_labels.pop(DISK_LAYER_LABEL, None)
+        if spec.disk_bytes is not None:
+            record_labels[DISK_LAYER_LABEL] = str(self._layers.root)
         container = pb.CtdContainer(
             id=spec.id,
-            labels={**spec.labels, MANAGED_LABEL: "true"},
+            labels=record_labels,
             image=ref,
             runtime=pb.CtdContainer.Runtime(name=RUNC_SHIM, options=options),
             spec=any_pb2.Any(type_url=SPEC_TYPE_URL, value=json.dumps(oci).encode()),
@@ -390,6 +400,9 @@ class ContainerdRuntime:
         await self._api.create_container(container)
         try:
             mounts = await self._prepare_snapshot(spec.id, image.chain_id)
+            if spec.disk_bytes is not None:
+                layer = await self._layers.make(spec.id, spec.disk_bytes)
+                mounts = with_upper(mounts, layer)
             uri = log_uri(spec)
             Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
             created = await self._api.create_task(
@@ -499,6 +512,12 @@ class ContainerdRuntime:
     async def _remove(self, container_id: str, grace_seconds: float) -> bool:
         self._warm.pop(container_id, None)
         existed = await self._stop_task(container_id, grace_seconds)
+        layers = self._layers
+        with contextlib.suppress(NotFound):
+            record = await self._api.get_container(container_id)
+            root = record.labels.get(DISK_LAYER_LABEL)
+            if root and Path(root).is_absolute():
+                layers = WritableLayers(Path(root))
         with contextlib.suppress(NotFound):
             await self._api.delete_task(container_id)
             existed = True
@@ -507,6 +526,9 @@ class ContainerdRuntime:
             existed = True
         with contextlib.suppress(NotFound):
             await self._api.remove_snapshot(self.snapshotter, container_id)
+            existed = True
+        # After the task: its overlay (the layer's only user) is unmounted with it.
+        if await layers.remove(container_id):
             existed = True
         if existed:
             log.info("removed container", extra={"sandbox": container_id})
