@@ -472,6 +472,8 @@ class SandboxService(SandboxDeletion):
                 state = await self._run_on_agent(sb, allocation, limits)
                 if state.pulled_ms:
                     timings.pulled_ms = round(state.pulled_ms, 3)
+                if state.warm:
+                    timings.warm = True
                 return allocation, state
             except CapacityExhausted as exc:
                 self.registry.release(allocation.agent, allocation.sandbox_id)

@@ -478,6 +478,10 @@ class ContainerdRuntime:
                 oci, sandbox_id=spec.id, argv=argv, env=env, cwd=cwd, resources=resources
             )
             new_labels = {**spec.labels, MANAGED_LABEL: "true"}
+            new_labels.pop(DISK_LAYER_LABEL, None)
+            if DISK_LAYER_LABEL in container.labels:
+                # The slot's layer stays where it is: whoever removes the sandbox finds it here.
+                new_labels[DISK_LAYER_LABEL] = container.labels[DISK_LAYER_LABEL]
             updated = pb.CtdContainer()
             updated.CopyFrom(container)
             updated.labels.clear()

@@ -46,7 +46,20 @@ def create(
     ] = None,
     prewarm_image: Annotated[
         list[str] | None,
-        typer.Option("--prewarm-image", metavar="IMAGE", help="Pull on every agent (repeatable)."),
+        typer.Option(
+            "--prewarm-image",
+            metavar="IMAGE",
+            help="Pull on every agent, and keep warm slots of it (repeatable).",
+        ),
+    ] = None,
+    warm_slots: Annotated[
+        int | None,
+        typer.Option(
+            "--warm-slots",
+            min=0,
+            help="Warm slots per agent and hot image: containers made ahead that a create of "
+            "that image claims in milliseconds (default: 0).",
+        ),
     ] = None,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
@@ -68,6 +81,7 @@ def create(
             "buffer_max": buffer_max,
             "per_agent": per_agent,
             "prewarm_images": prewarm_image,
+            "warm_slots": warm_slots,
         }.items()
         if v is not None
     }

@@ -167,13 +167,15 @@ class FastPathService(IoRelayRpcs, TokenRpcs, fastpath_pb2_grpc.FastPathServicer
         self.updates = SandboxUpdates(sandboxes)
         self.metrics: Metrics | None = None
 
-    def _count_create(self, mode: str, outcome: str, seconds: float | None = None) -> None:
+    def _count_create(
+        self, mode: str, outcome: str, seconds: float | None = None, warm: bool = False
+    ) -> None:
         if self.metrics is None:
             return
         self.metrics.creates_total.labels(mode=mode, outcome=outcome).inc()
         if seconds is not None:
-            # Warm slots do not exist yet: every create is a cold one.
-            self.metrics.create_seconds.labels(mode=mode, warm="false").observe(seconds)
+            label = "true" if warm else "false"
+            self.metrics.create_seconds.labels(mode=mode, warm=label).observe(seconds)
 
     async def _guard(self, context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[T]) -> T:
         try:
@@ -216,7 +218,9 @@ class FastPathService(IoRelayRpcs, TokenRpcs, fastpath_pb2_grpc.FastPathServicer
             except FsbError as exc:
                 self._count_create(mode, type(exc).__name__)
                 raise
-            self._count_create(mode, "ok", time.perf_counter() - arrived)
+            timings = created.status.timings
+            warm = bool(timings is not None and timings.warm)
+            self._count_create(mode, "ok", time.perf_counter() - arrived, warm)
             return created
 
         sb = await self._guard(context, create())
