@@ -185,7 +185,7 @@ async def run(
         report = await plane.start_serving()
         token, created = await api_token(client, namespace, settings.token)
 
-        server = await start_fastpath(plane.servicer, token, settings.listen)
+        server = await start_fastpath(plane.servicer, token, settings.listen, settings.edge)
 
         leadership = Leadership(plane, identity)
         elector = LeaderElector(

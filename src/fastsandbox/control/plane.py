@@ -37,7 +37,7 @@ from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.errors import FsbError
 from fastsandbox.fleet.base import AgentFleet
 from fastsandbox.metrics import Metrics
-from fastsandbox.settings import DELETE_GRACE_SECONDS, SandboxDefaults
+from fastsandbox.settings import DEFAULT_SANDBOX_DISK, DELETE_GRACE_SECONDS, SandboxDefaults
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class PlaneSettings:
     heartbeat_seconds: float = 1.0
     default_cpu: str = "1"
     default_memory: str = "512Mi"
+    default_disk: str = DEFAULT_SANDBOX_DISK
     pool_resync_seconds: float = 2.0
     expired_retention_seconds: float = 24 * 3600.0
     agent_token: str | None = None
@@ -73,6 +74,7 @@ class PlaneSettings:
             heartbeat_seconds=defaults.heartbeat_seconds,
             default_cpu=defaults.default_sandbox_cpu,
             default_memory=defaults.default_sandbox_memory,
+            default_disk=defaults.default_sandbox_disk,
             expired_retention_seconds=defaults.expired_retention_seconds,
             **extra,
         )
@@ -109,6 +111,7 @@ class ControlPlane:
             grace_seconds=settings.delete_grace_seconds,
             default_cpu=settings.default_cpu,
             default_memory=settings.default_memory,
+            default_disk=settings.default_disk,
             scale_wait_seconds=settings.scale_wait_seconds,
         )
         self.pools = PoolManager(

@@ -66,6 +66,10 @@ class AgentRecord:
     reports: dict[str, SandboxReport] = field(default_factory=dict)
     # sandbox id -> ports it holds on this agent.
     slots: dict[str, frozenset[int]] = field(default_factory=dict)
+    # Containers on this agent that were given up while it did not answer (their sandbox was
+    # rescheduled elsewhere, or reset): should the agent come back, its next heartbeat stops
+    # them before the agent counts as ready again (fencing: one copy of a sandbox at a time).
+    superseded: set[str] = field(default_factory=set)
 
     @property
     def ports_in_use(self) -> frozenset[int]:
@@ -116,6 +120,7 @@ class Registry:
         if existing is not None:
             # Keep slots: they are the registry's own bookkeeping, not the agent's description.
             record.slots = existing.slots
+            record.superseded = existing.superseded
             record.ready = existing.ready or record.ready
             record.reports = existing.reports
             record.unready_since = existing.unready_since
@@ -232,6 +237,14 @@ class Registry:
         record = self._agents.get(agent)
         if record is not None and record.slots.pop(sandbox_id, None) is not None:
             log.debug("released", extra={"sandbox_id": sandbox_id, "agent": agent})
+
+    def give_up(self, agent: str, sandbox_id: str) -> None:
+        """Release the slot of a container on an unreachable agent without its confirmation,
+        and remember to stop the container should that agent come back (`superseded`)."""
+        self.release(agent, sandbox_id)
+        record = self._agents.get(agent)
+        if record is not None and sandbox_id:
+            record.superseded.add(sandbox_id)
 
     def holder(self, sandbox_id: str) -> AgentRecord | None:
         for record in self._agents.values():

@@ -106,6 +106,9 @@ class SandboxDeletion:
                         "agent": agent_name,
                     },
                 )
+                # Should the agent come back, its first heartbeat stops the container: a
+                # deleted sandbox never runs again.
+                self.registry.give_up(agent_name, sandbox_id)
             self.registry.release(agent_name, sandbox_id)
         if CLEANUP_FINALIZER in sb.metadata.finalizers:
             sb.metadata.finalizers = [f for f in sb.metadata.finalizers if f != CLEANUP_FINALIZER]

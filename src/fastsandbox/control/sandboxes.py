@@ -65,6 +65,7 @@ from fastsandbox.errors import (
     NotFound,
     Unavailable,
 )
+from fastsandbox.settings import DEFAULT_SANDBOX_DISK
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class SandboxService(SandboxDeletion):
         grace_seconds: float,
         default_cpu: str,
         default_memory: str,
+        default_disk: str = DEFAULT_SANDBOX_DISK,
         events: EventRecorder | None = None,
         scale_wait_seconds: float = 60.0,
     ) -> None:
@@ -109,6 +111,7 @@ class SandboxService(SandboxDeletion):
         self.grace_seconds = grace_seconds
         self.default_cpu = default_cpu
         self.default_memory = default_memory
+        self.default_disk = default_disk
         self.locks = KeyedLocks()
         self.started_at = time.monotonic()
         self._idempotency: dict[tuple[str, str], tuple[str, str]] = {}
@@ -485,7 +488,7 @@ class SandboxService(SandboxDeletion):
         return effective_limits(
             sb.spec.resources,
             pool.spec if pool is not None else None,
-            server_defaults(self.default_cpu, self.default_memory),
+            server_defaults(self.default_cpu, self.default_memory, self.default_disk),
         )
 
     def runtime_spec(
@@ -493,7 +496,7 @@ class SandboxService(SandboxDeletion):
     ) -> agent_pb2.SandboxRuntimeSpec:
         spec = sb.spec
         if limits is None:
-            fallback = server_defaults(self.default_cpu, self.default_memory)
+            fallback = server_defaults(self.default_cpu, self.default_memory, self.default_disk)
             limits = effective_limits(spec.resources, None, fallback)
         return agent_pb2.SandboxRuntimeSpec(
             sandbox_id=sandbox_id,

@@ -36,6 +36,7 @@ from fastsandbox.api.models import (
 from fastsandbox.control.create_request import CreateOptions, request_hash
 from fastsandbox.control.fastpath import lease
 from fastsandbox.control.fastpath.io_relay import IoRelayRpcs
+from fastsandbox.control.fastpath.request_limits import check_labels, check_sandbox
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.control.updates import SandboxUpdates, patch_from_request
@@ -104,7 +105,9 @@ def sandbox_from_request(req: fastpath_pb2.CreateRequest) -> Sandbox:
         "metadata",
     )
     parsed = _validated(lambda: SandboxSpec.model_validate(spec), "spec")
-    return Sandbox(metadata=meta, spec=parsed)
+    sb = Sandbox(metadata=meta, spec=parsed)
+    check_sandbox(sb)
+    return sb
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -259,6 +262,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
         self, request: fastpath_pb2.UpdateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fastpath_pb2.ObjectReply:
         async def update() -> Sandbox:
+            check_labels(request.labels, "metadata.labels")
             patch = patch_from_request(request, arrived=now())
             return await self.updates.update(request.namespace or "default", request.name, patch)
 
