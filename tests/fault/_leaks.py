@@ -138,7 +138,9 @@ def leaks(inv: Inventory, *, baseline: Inventory | None = None) -> dict[str, lis
     add("Running records without a running task", running - inv.running_tasks)
     add("active snapshots without a container", inv.active_snapshots - inv.containers)
     add("shims without a container", inv.shims - inv.containers)
-    owners = Counter(r["status"]["containerID"] for r in inv.records if r["status"].get("containerID"))
+    owners = Counter(
+        r["status"]["containerID"] for r in inv.records if r["status"].get("containerID")
+    )
     add("containers claimed twice", {c for c, n in owners.items() if n > 1})
     endpoints = Counter(
         ep for r in inv.records if r["status"].get("phase") in HOLDS

@@ -11,6 +11,7 @@ the janitor's doing, so a leak the fault made shows, and fencing is the heartbea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -116,10 +117,8 @@ def report(scenario: str, inv: Inventory, found: dict[str, list[str]], **figures
 
 
 def resume(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGCONT)
-    except ProcessLookupError:
-        pass
 
 
 def read_log(server: Server) -> list[dict[str, Any]]:

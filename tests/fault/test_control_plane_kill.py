@@ -14,6 +14,7 @@ the leak check constrains them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import time
@@ -63,9 +64,7 @@ class Storm:
                 self._tick()
                 alive = sorted(self.acked - self.deleted)
                 target = rng.choice(alive)
-                got = await AsyncCommands(client, "default", target).run(
-                    ["echo", name], timeout=30
-                )
+                got = await AsyncCommands(client, "default", target).run(["echo", name], timeout=30)
                 assert got.stdout == f"{name}\n"
                 self.execs += 1
                 self._tick()
@@ -99,17 +98,13 @@ async def _delete_all(server: Server, names: set[str]) -> None:
     async with AsyncClient(endpoint=server.endpoint, token=token, namespace="default") as client:
 
         async def one(name: str) -> None:
-            try:
+            with contextlib.suppress(NotFound):
                 await client.delete(name, wait=True)
-            except NotFound:
-                pass
 
         await asyncio.gather(*(one(n) for n in names))
 
 
-def test_kill9_during_a_storm_loses_and_resurrects_nothing(
-    server: Server, demo_image: str
-) -> None:
+def test_kill9_during_a_storm_loses_and_resurrects_nothing(server: Server, demo_image: str) -> None:
     make_pool(server, POOL, agents=2, per_agent=16)
     rng = random.Random(12)
     totals = {"acked_creates": 0, "acked_deletes": 0, "execs": 0, "restart_s": 0.0}

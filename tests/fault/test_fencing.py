@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import datetime
 
 import pytest
 
@@ -23,6 +24,7 @@ from tests.fault.conftest import (
     agent_pid,
     drop_pool,
     make_pool,
+    read_log,
     ready_agents,
     report,
     resume,
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.e2e
 
 POOL = "fence"
 RECOVERY = 3
+SUPERSEDED = "stopped a superseded container on an agent that came back"
 
 
 def test_a_returning_agent_stops_its_superseded_copy(server: Server, demo_image: str) -> None:
@@ -54,6 +57,14 @@ def test_a_returning_agent_stops_its_superseded_copy(server: Server, demo_image:
         drop_pool(server, POOL)
 
 
+def _stopped_at(server: Server, sandbox_id: str) -> float:
+    """Wall time the server logged stopping the superseded container."""
+    for rec in read_log(server):
+        if rec.get("event") == SUPERSEDED and rec.get("sandbox_id") == sandbox_id:
+            return datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
+    raise AssertionError(f"the server never logged stopping {sandbox_id}")
+
+
 def _one_round(server: Server, image: str, name: str) -> float:
     made = server.fsb(
         "run", name, "--image", image, "--pool", POOL, "--failure-policy", "AutoRecreate",
@@ -67,9 +78,11 @@ def _one_round(server: Server, image: str, name: str) -> float:
     try:
         moved = until(
             "rescheduled on the other agent",
-            lambda: (st := status(server, name))["phase"] == "Running"
-            and st["assignedAgent"] not in ("", hung)
-            and st,
+            lambda: (
+                (st := status(server, name))["phase"] == "Running"
+                and st["assignedAgent"] not in ("", hung)
+                and st
+            ),
             60,
         )
         # While the agent is hung its containers run on under their shims: that copy is the
@@ -77,6 +90,7 @@ def _one_round(server: Server, image: str, name: str) -> float:
         assert old in server.running_tasks()
         assert moved["containerID"] in server.running_tasks()
     finally:
+        back_wall = time.time()
         resume(pid)
     back = time.monotonic()
 
@@ -88,7 +102,12 @@ def _one_round(server: Server, image: str, name: str) -> float:
         return ready and old not in tasks
 
     until("the returning agent ready with its old copy stopped", old_gone_once_ready, 60, 0.05)
-    overlap = time.monotonic() - back
+    observed = time.monotonic() - back
+    overlap = _stopped_at(server, old) - back_wall
+    print(
+        f"\n{name}: old copy stopped {overlap:.2f} s after SIGCONT (server log), "
+        f"seen stopped and agent ready by the test {observed:.2f} s after"
+    )
     assert old not in server.containers(), "the superseded container was not removed"
     final = status(server, name)
     assert final["phase"] == "Running" and final["containerID"] == moved["containerID"]
