@@ -266,7 +266,6 @@ async def run(
                 agent_token=await fleet.token(),
                 shared_agents=True,
                 agent_sync_seconds=settings.agent_sync_seconds,
-                rebuild_records=False,
             ),
         )
         metrics = await serve_metrics(plane.metrics, health, settings.metrics_listen)
@@ -279,7 +278,7 @@ async def run(
         plane.servicer.token_store = tokens
         plane.servicer.token_revoked = authenticator.forget
         guard = AccessGuard(authenticator, NamespaceAuthorizer())
-        server = await start_fastpath(plane.servicer, guard, settings.listen, tls)
+        server = await start_fastpath(plane.servicer, guard, settings.listen, tls, settings.edge)
 
         leadership = Leadership(plane, identity)
         elector = LeaderElector(

@@ -269,7 +269,7 @@ async def run(
         plane.servicer.token_store = tokens
         plane.servicer.token_revoked = authenticator.forget
         guard = AccessGuard(authenticator, NamespaceAuthorizer())
-        server = await start_fastpath(plane.servicer, guard, settings.listen, tls)
+        server = await start_fastpath(plane.servicer, guard, settings.listen, tls, settings.edge)
         write_client_info(settings, tls)
         message = (
             f"fsb server ready on {settings.listen} ({'TLS' if tls else 'plaintext'}, "
