@@ -230,3 +230,23 @@ def test_serving_flags_are_checked_naming_the_flag(
     result = CliRunner().invoke(build_app([verb]), [verb, *argv])
     assert result.exit_code == 2, result.output
     assert message in result.stderr
+
+
+async def test_first_authenticator_asks_each_in_turn() -> None:
+    """How a second identity source (e.g. TokenReview) chains after the token one."""
+    from fastsandbox.control.fastpath.authz import FirstAuthenticator
+
+    class ServiceAccounts:
+        async def authenticate(self, metadata: dict[str, str]) -> Principal:
+            if metadata.get("authorization") == "Bearer sa-token":
+                return Principal(name="system:serviceaccount:team-a:ci", groups=("sa",))
+            raise Unauthenticated("not a ServiceAccount token")
+
+    chain = FirstAuthenticator([TokenAuthenticator(ADMIN, MemoryTokenStore()), ServiceAccounts()])
+    assert (await chain.authenticate({"authorization": f"Bearer {ADMIN}"})).admin
+    sa = await chain.authenticate({"authorization": "Bearer sa-token"})
+    assert sa.name == "system:serviceaccount:team-a:ci"
+    with pytest.raises(Unauthenticated, match="invalid API token"):
+        await chain.authenticate({"authorization": "Bearer neither"})
+    with pytest.raises(Unauthenticated, match="missing API token"):
+        await chain.authenticate({})
