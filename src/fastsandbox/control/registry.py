@@ -78,14 +78,16 @@ class AgentRecord:
             used |= ports
         return frozenset(used)
 
-    def candidate(self) -> placement.Candidate:
+    def candidate(self, *, ports: bool = True) -> placement.Candidate:
+        """With `ports=False` (a request that asks for none) the ports in use are not
+        gathered: no port can clash, and that union is most of a candidate's cost."""
         return placement.Candidate(
             name=self.name,
             namespace=self.namespace,
             pool=self.pool,
             capacity=self.capacity,
             allocated=len(self.slots),
-            ports_in_use=self.ports_in_use,
+            ports_in_use=self.ports_in_use if ports else frozenset(),
             images=self.images,
             ready=self.ready,
             # The agent's own word counts even before this replica's bookkeeping follows it.
@@ -215,7 +217,9 @@ class Registry:
         names = self._by_pool.get((namespace, pool), set())
         if exclude:
             names = names - set(exclude)
-        chosen = placement.choose((self._agents[n].candidate() for n in names), request)
+        chosen = placement.choose(
+            (self._agents[n].candidate(ports=bool(wanted)) for n in names), request
+        )
         if chosen is None:
             raise CapacityExhausted(self._why_no_fit(namespace, pool, wanted))
         record = self._agents[chosen.name]
