@@ -179,6 +179,10 @@ def _timestamp(ts: Any) -> float | None:
     return seconds if seconds > 0 else None
 
 
+# Background removals of a failed create's leftovers: 0.5 s doubling to 10 s, about 2 minutes.
+_CLEANUP_ATTEMPTS = 15
+
+
 class ContainerdRuntime:
     """`Runtime` on containerd. `socket` is containerd's gRPC socket; containers live in
     `namespace`; registries in `insecure_registries` (host:port) are pulled over plain HTTP."""
@@ -213,6 +217,8 @@ class ContainerdRuntime:
         self._id_locks = KeyedLocks()
         self._image_configs: dict[str, ImageConfig] = {}
         self._gvisor_wrapper: Path | None = None
+        # Removals of what a failed create left, retried while containerd does not answer.
+        self._cleanups: set[asyncio.Task[None]] = set()
         self._layers = WritableLayers(self.state_dir / "disks")
         # Warm containers this process made: their record, image config and task pid, so a
         # claim reads nothing from containerd before it starts the main process.
@@ -440,9 +446,15 @@ class ContainerdRuntime:
             log.warning("create failed; removing what was made", extra={"sandbox": spec.id})
             try:
                 await asyncio.shield(self._remove(spec.id, grace_seconds=0))
-            except Exception:
-                # The create's own error is the one to report; the janitor finds the rest.
-                log.exception("cleanup after a failed create failed", extra={"sandbox": spec.id})
+            except Exception as exc:
+                # The create's own error is the one to report. containerd itself may be what
+                # failed (restarting): try again once it is back, so no container is left for
+                # the janitor's orphan timeout.
+                log.warning(
+                    "cleanup after a failed create failed; retrying in the background",
+                    extra={"sandbox": spec.id, "err": str(exc)},
+                )
+                self._retry_removal(spec.id)
             raise
         log.info("started container", extra={"sandbox": spec.id, "pid": created.pid})
         if spec.warm:
@@ -530,6 +542,30 @@ class ContainerdRuntime:
             # just created), so it is stale; replace it.
             await self._api.remove_snapshot(self.snapshotter, key)
             return await self._api.prepare_snapshot(self.snapshotter, key, parent)
+
+    def _retry_removal(self, container_id: str) -> None:
+        task = asyncio.create_task(
+            self._remove_until_gone(container_id), name=f"cleanup-{container_id}"
+        )
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _remove_until_gone(self, container_id: str) -> None:
+        delay = 0.5
+        for _ in range(_CLEANUP_ATTEMPTS):
+            await asyncio.sleep(delay)
+            try:
+                async with self._id_locks.hold(container_id):
+                    await self._remove(container_id, grace_seconds=0)
+            except Exception as exc:
+                log.debug("cleanup retry failed", extra={"sandbox": container_id, "err": str(exc)})
+                delay = min(delay * 2, 10.0)
+                continue
+            log.info("removed what a failed create left", extra={"sandbox": container_id})
+            return
+        log.warning(
+            "cleanup retries exhausted; the janitor removes it", extra={"sandbox": container_id}
+        )
 
     # -- delete -------------------------------------------------------------------------------
 
@@ -641,6 +677,9 @@ class ContainerdRuntime:
         return process_defaults_of(spec)
 
     async def close(self) -> None:
+        for task in self._cleanups:
+            task.cancel()
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
         await self._api.close()
 
 
