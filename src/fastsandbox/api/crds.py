@@ -27,7 +27,7 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
-from fastsandbox.api import models, quantity
+from fastsandbox.api import agent_template, models, quantity
 from fastsandbox.api.labels import API_GROUP, API_VERSION, GENERATED_BY_ANNOTATION
 from fastsandbox.api.models import Sandbox, SandboxPool
 
@@ -105,6 +105,22 @@ _VALIDATOR_SCHEMAS: dict[Any, dict[str, Any] | None] = {
     _func(models.SandboxSpec._policy): None,
     _func(models.SandboxPoolSpec._runtime): None,
     _func(models.SandboxPoolSpec._no_warm_slots): {"maximum": 0},
+    agent_template._agent_name: {"enum": [agent_template.AGENT_CONTAINER]},
+    agent_template._one_container: {"maxItems": 1},
+    agent_template._quantity: {"pattern": agent_template._QUANTITY.pattern},
+    agent_template._plain_labels: {
+        "x-kubernetes-validations": [
+            {
+                "rule": f"self.all(k, k.matches('{agent_template._LABEL_NAME}'))",
+                "message": "only unprefixed label names may be set: prefixed labels steer "
+                "admission webhooks",
+            },
+            {
+                "rule": f"self.all(k, self[k].matches('{agent_template._LABEL_VALUE}'))",
+                "message": "label values: letters, digits, '-', '_', '.', at most 63",
+            },
+        ]
+    },
     _func(models.PoolCapacity._ordered): {
         "x-kubernetes-validations": [
             {
