@@ -34,11 +34,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import platform
-import shutil
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -162,17 +159,6 @@ _TASK_STATUS = {
 }
 
 
-def _write_if_changed(path: Path, content: str, mode: int) -> None:
-    """Replace `path` atomically when its content differs (several agents may share a dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.read_text() == content:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(content)
-    tmp.chmod(mode)
-    tmp.replace(path)
-
-
 def _timestamp(ts: Any) -> float | None:
     seconds = float(ts.seconds) + ts.nanos / 1e9
     # containerd sends the zero time (year 1) for "never"; the Unix epoch is as meaningless.
@@ -216,14 +202,14 @@ class ContainerdRuntime:
         self._pull_locks = KeyedLocks()
         self._id_locks = KeyedLocks()
         self._image_configs: dict[str, ImageConfig] = {}
-        self._gvisor_wrapper: Path | None = None
+        self._gvisor_wrapper: str | None = None
+        self.apparmor = apparmor or AppArmor()
         # Removals of what a failed create left, retried while containerd does not answer.
         self._cleanups: set[asyncio.Task[None]] = set()
         self._layers = WritableLayers(self.state_dir / "disks")
         # Warm containers this process made: their record, image config and task pid, so a
         # claim reads nothing from containerd before it starts the main process.
         self._warm: dict[str, tuple[pb.CtdContainer, ImageConfig, int]] = {}
-        self.apparmor = apparmor or AppArmor()
 
     # -- images -------------------------------------------------------------------------------
 
@@ -340,21 +326,8 @@ class ContainerdRuntime:
     # -- create -------------------------------------------------------------------------------
 
     def _gvisor_binary(self) -> str:
-        """The runsc wrapper the runc shim runs (runsc_wrapper.py), written once under
-        `state_dir`: a sh front and the Python script it hands create/run to."""
         if self._gvisor_wrapper is None:
-            runsc = shutil.which(self.runsc_binary)
-            if runsc is None:
-                raise RuntimeFailure("runtime gvisor needs runsc: apt-get install runsc")
-            if shutil.which("nsenter") is None:
-                raise RuntimeFailure("runtime gvisor needs nsenter: apt-get install util-linux")
-            script = self.state_dir / "runsc-wrapper.py"
-            wrapper = self.state_dir / "runsc-wrapper"
-            _write_if_changed(script, Path(runsc_wrapper.__file__).read_text(), 0o644)
-            python = sys.executable or shutil.which("python3") or "python3"
-            content = runsc_wrapper.shell_wrapper(runsc, python, str(script))
-            _write_if_changed(wrapper, content, 0o755)
-            self._gvisor_wrapper = wrapper
+            self._gvisor_wrapper = runsc_wrapper.install(self.state_dir, self.runsc_binary)
         return str(self._gvisor_wrapper)
 
     def _runtime_options(self, runtime: str) -> any_pb2.Any | None:
