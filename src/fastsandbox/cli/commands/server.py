@@ -8,7 +8,12 @@ from typing import Annotated
 import typer
 
 from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, MetricsListen, log_settings
-from fastsandbox.settings import DEFAULT_ENDPOINT, JANITOR_INTERVAL_SECONDS, ORPHAN_TIMEOUT_SECONDS
+from fastsandbox.settings import (
+    DEFAULT_ENDPOINT,
+    IMAGE_CACHE_MAX,
+    JANITOR_INTERVAL_SECONDS,
+    ORPHAN_TIMEOUT_SECONDS,
+)
 
 
 def server(
@@ -87,6 +92,15 @@ def server(
             help="Remove a container left without a record (or agent) this long.",
         ),
     ] = ORPHAN_TIMEOUT_SECONDS,
+    image_cache_max: Annotated[
+        str,
+        typer.Option(
+            "--image-cache-max",
+            envvar="FSB_IMAGE_CACHE_MAX",
+            metavar="SIZE",
+            help="Image cache budget; least recently used images go past it.",
+        ),
+    ] = IMAGE_CACHE_MAX,
     janitor_interval: Annotated[
         float,
         typer.Option(
@@ -108,6 +122,16 @@ def server(
         raise InvalidArgument(f"--orphan-timeout: must be >= 0 seconds, not {orphan_timeout}")
     if janitor_interval <= 0:
         raise InvalidArgument(f"--janitor-interval: must be > 0 seconds, not {janitor_interval}")
+    from fastsandbox.api.quantity import bytes_exact
+
+    try:
+        cache_max = int(bytes_exact(image_cache_max))
+    except ValueError:
+        raise InvalidArgument(
+            f"--image-cache-max: {image_cache_max!r} is not a size such as 20Gi"
+        ) from None
+    if cache_max <= 0:
+        raise InvalidArgument("--image-cache-max: must be positive (there is no unlimited)")
     settings = ServerSettings(
         listen=listen,
         containerd_socket=containerd_socket,
@@ -120,6 +144,7 @@ def server(
         metrics_listen=metrics_listen,
         janitor_interval_seconds=janitor_interval,
         orphan_timeout_seconds=orphan_timeout,
+        image_cache_max_bytes=cache_max,
     )
     if data_dir is not None:
         settings.data_dir = data_dir.expanduser().absolute()
