@@ -159,6 +159,20 @@ _TASK_STATUS = {
 }
 
 
+def platform_manifest(ref: str, index: Mapping[str, Any]) -> str:
+    """The digest of this machine's linux manifest in an image index."""
+    arch = _GOARCH.get(platform.machine(), platform.machine())
+    for entry in index.get("manifests") or ():
+        plat = entry.get("platform") or {}
+        if plat.get("os") == "linux" and plat.get("architecture") == arch:
+            return str(entry["digest"])
+    raise NotFound(f"image {ref} has no linux/{arch} manifest")
+
+
+def is_index(media_type: str, document: Mapping[str, Any]) -> bool:
+    return media_type in _INDEX_TYPES or "manifests" in document
+
+
 def _timestamp(ts: Any) -> float | None:
     seconds = float(ts.seconds) + ts.nanos / 1e9
     # containerd sends the zero time (year 1) for "never"; the Unix epoch is as meaningless.
@@ -296,7 +310,7 @@ class ContainerdRuntime:
         if cached is not None:
             return cached
         manifest = await self._read_json(target.digest)
-        if target.media_type in _INDEX_TYPES or "manifests" in manifest:
+        if is_index(target.media_type, manifest):
             manifest = await self._read_json(self._platform_manifest(ref, manifest))
         config_digest = manifest.get("config", {}).get("digest")
         if not config_digest:
@@ -316,12 +330,7 @@ class ContainerdRuntime:
 
     @staticmethod
     def _platform_manifest(ref: str, index: Mapping[str, Any]) -> str:
-        arch = _GOARCH.get(platform.machine(), platform.machine())
-        for entry in index.get("manifests") or ():
-            plat = entry.get("platform") or {}
-            if plat.get("os") == "linux" and plat.get("architecture") == arch:
-                return str(entry["digest"])
-        raise NotFound(f"image {ref} has no linux/{arch} manifest")
+        return platform_manifest(ref, index)
 
     # -- create -------------------------------------------------------------------------------
 
