@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import row  # noqa: E402
-
 from fastsandbox.sdk import AsyncClient  # noqa: E402
 from fastsandbox.sdk.commands import AsyncCommands  # noqa: E402
 from fastsandbox.sdk.files import AsyncFiles  # noqa: E402

@@ -4,7 +4,8 @@ An agent that shells out to `fsb exec NAME -- CMD` pays the CLI's start-up on ev
 typer alone (with the pydantic adapters it builds for each option) is most of it
 (docs/performance.md, "CLI"). `parse` understands exactly the documented forms — options of
 `fsb exec` before NAME (`-i`, `-t`, `-it`, `-e K=V`, `-w DIR`, `-u USER`, `--timeout S`,
-`--endpoint`, `--token-file`, `-n`, each also as `--opt=value`), then NAME, then `--` and the command
+`--endpoint`, `--token-file`, `-n`, each also as `--opt=value`), then NAME, then `--` and the
+command
 (or a command none of whose words starts with `-`) — and returns None for anything else
 (`--help`, an unknown option, a missing value), which typer then handles, with its messages.
 Errors become one `error: ...` line and the code of the one table in `errors.py`, as everywhere.
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 _FLAGS = {"-i": "interactive", "--interactive": "interactive", "-t": "tty", "--tty": "tty"}
 _VALUES = {
     "-e": "env", "--env": "env", "-w": "workdir", "--workdir": "workdir", "-u": "user",
-    "--user": "user", "--timeout": "timeout", "--endpoint": "endpoint", "--token-file": "token_file",
+    "--user": "user", "--timeout": "timeout", "--endpoint": "endpoint",
+    "--token-file": "token_file",
     "-n": "namespace", "--namespace": "namespace",
 }  # fmt: skip
 # typer reads these options from the environment when they are not given (the token itself,
