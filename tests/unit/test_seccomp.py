@@ -1,7 +1,12 @@
 """The sandbox seccomp profile is an allowlist: an evaluator with the kernel's semantics (a rule
 matches when its name matches and all its argument conditions hold; otherwise the default action)
-decides what ordinary and hostile calls get. tests/integration/test_seccomp.py checks the same
-from inside a real container."""
+decides what ordinary and hostile calls get. tests/integration/test_confinement.py checks the same
+from inside a real container.
+
+The evaluator gives the profile's own answer. Under runc one more thing happens, measured by
+tests/integration/test_confinement.py: a syscall numbered above the newest one the profile names
+(`futex_requeue`, 456 on x86_64) gets ENOSYS from runc's stub before the filter runs, so libc
+falls back (docs/security.md, "What a newer syscall gets")."""
 
 from __future__ import annotations
 
@@ -52,6 +57,14 @@ def test_default_refuses_with_eperm_on_every_abi() -> None:
 @pytest.mark.parametrize("name", ["listmount", "statmount", "mseal", "setxattrat", "no_such"])
 def test_a_syscall_newer_than_the_profile_is_refused(name: str) -> None:
     assert decide(name) == EPERM
+
+
+def test_the_newest_named_syscall_is_futex_requeue() -> None:
+    # What runc's ENOSYS stub keys on: naming a newer syscall (statmount, 457, ...) would move
+    # the line, and the integration test's expectations with it.
+    named = {n for rule in seccomp_profile("x86_64")["syscalls"] for n in rule["names"]}
+    assert "futex_requeue" in named
+    assert not named & {"statmount", "listmount", "lsm_get_self_attr", "mseal", "setxattrat"}
 
 
 @pytest.mark.parametrize(
