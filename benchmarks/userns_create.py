@@ -231,6 +231,8 @@ def _big_image(workdir: Path, registry_addr: str, files: int) -> str:
 
 async def run(n: int, big: bool, files: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fsb-bench-userns-"))
+    # The mapped root (host uid 100000) must traverse to its bundle's rootfs (mkdtemp is 0700).
+    tmp.chmod(0o755)
     ns_fd = userns_fd()
     ctd = start_containerd(tmp / "ctd")
     try:
