@@ -37,6 +37,13 @@ from pathlib import Path
 
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.agent.logs import LogChunk, log_files, read_log
+from fastsandbox.agent.network import plan as netplan
+from fastsandbox.agent.network.private import (
+    INDEX_LABEL,
+    PUBLISHED_LABEL,
+    PrivateNetwork,
+    SandboxNet,
+)
 from fastsandbox.agent.runtime.base import (
     ContainerSpec,
     ContainerState,
@@ -110,6 +117,23 @@ class AgentStatus:
     creating: int = 0
 
 
+def private_network(settings: AgentSettings) -> PrivateNetwork:
+    """The agent's private network, from its settings (made, not started)."""
+    netns = settings.netns_path or ""
+    return PrivateNetwork(
+        netplan.NetConfig(
+            agent=settings.name,
+            agent_netns=netns,
+            agent_ip=settings.agent_ip,
+            subnet=settings.sandbox_subnet,
+            port_range=settings.port_range,
+            egress=settings.egress,
+            egress_allow=tuple(settings.egress_allow),
+            forbidden=tuple(settings.forbid),
+        )
+    )
+
+
 def _check_id(sandbox_id: str) -> None:
     if not _ID.match(sandbox_id):
         raise InvalidArgument(
@@ -149,6 +173,9 @@ class SandboxManager:
         self.channels = ChannelHub(settings.state_dir) if settings.init_path else None
         # Process env/cwd/user of each sandbox, read once from the runtime per agent life.
         self._defaults: dict[str, ProcessDefaults] = {}
+        # A network namespace per sandbox (networkMode private); None: sandboxes join the
+        # agent's namespace (shared).
+        self.network = private_network(settings) if settings.network_mode == "private" else None
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -162,6 +189,10 @@ class SandboxManager:
         """Adopt what already runs for this agent (a restart) and learn the cached images."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         states = await self._refresh_slots()
+        if self.network is not None:
+            # Every container that still exists keeps its namespace until it is deleted (an
+            # exited one too: its record may be reset or read); the rest are cleaned.
+            await self.network.start({sid: st.labels for sid, st in states.items()})
         if self.channels is not None:
             for sandbox_id, state in sorted(states.items()):
                 if _live(state):
@@ -180,6 +211,8 @@ class SandboxManager:
     async def aclose(self) -> None:
         """Stop listening for supervisors (sandboxes keep running; their directories stay)."""
         self.close()
+        if self.network is not None:
+            await self.network.close()
         if self.channels is not None:
             await self.channels.close()
 
@@ -295,7 +328,21 @@ class SandboxManager:
         return states
 
     async def _create(self, req: SandboxRequest) -> ContainerState:
-        spec = self._spec(req)
+        if self.network is None:
+            return await self._create_in(req, None)
+        existing = self.network.get(req.sandbox_id)
+        net = await self.network.acquire(req.sandbox_id)
+        try:
+            await self.network.publish(net, req.exposed_ports)
+            return await self._create_in(req, net)
+        except BaseException:
+            if existing is None:
+                # Nothing half-made: a failed create gives its namespace, rules and ports back.
+                await asyncio.shield(self.network.release(net))
+            raise
+
+    async def _create_in(self, req: SandboxRequest, net: SandboxNet | None) -> ContainerState:
+        spec = self._spec(req, net)
         image = normalize_image_ref(req.image)
         # Time waiting for a pull (ours, or a concurrent create's of the same image) is what the
         # create's timings report as pulledMs.
@@ -326,7 +373,7 @@ class SandboxManager:
         )
         return state
 
-    def _spec(self, req: SandboxRequest) -> ContainerSpec:
+    def _spec(self, req: SandboxRequest, net: SandboxNet | None = None) -> ContainerSpec:
         channels = self.channels
         labels = dict(req.labels)
         # Ours win over the caller's: they decide ownership and how we find sandboxes again.
@@ -338,6 +385,16 @@ class SandboxManager:
             labels[NAME_LABEL] = req.name
         if req.exposed_ports:
             labels[PORTS_LABEL] = ",".join(str(p) for p in req.exposed_ports)
+        netns_path = self.settings.netns_path
+        if net is not None:
+            # How a restarted agent finds the sandbox's network again, and how the control
+            # plane learns its endpoints (the labels travel in every SandboxState).
+            labels[INDEX_LABEL] = str(net.index)
+            labels[PUBLISHED_LABEL] = netplan.published_label(
+                netplan.Published(port, host, net.ip, req.sandbox_id)
+                for port, host in net.published.items()
+            )
+            netns_path = net.path
         return ContainerSpec(
             id=req.sandbox_id,
             image=normalize_image_ref(req.image),
@@ -347,7 +404,7 @@ class SandboxManager:
             env=req.env,
             working_dir=req.working_dir,
             labels=labels,
-            netns_path=self.settings.netns_path,
+            netns_path=netns_path,
             cgroup_parent=f"{self.settings.cgroup_parent.rstrip('/')}/{self.settings.name}",
             cpu_millis=req.cpu_millis or None,
             memory_bytes=req.memory_bytes or None,
@@ -378,6 +435,10 @@ class SandboxManager:
             existed = False
             if state is not None:
                 existed = await self.runtime.delete(sandbox_id, grace)
+            if self.network is not None:
+                net = self.network.get(sandbox_id)
+                if net is not None:
+                    await self.network.release(net)
             self._slots.discard(sandbox_id)
             self._defaults.pop(sandbox_id, None)
             if self.channels is not None:

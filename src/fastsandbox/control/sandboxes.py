@@ -41,6 +41,7 @@ from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
 from fastsandbox.api.labels import CLEANUP_FINALIZER
 from fastsandbox.api.models import (
     ConsistencyMode,
+    NetworkMode,
     Sandbox,
     SandboxPhase,
     SandboxPool,
@@ -354,11 +355,13 @@ class SandboxService:
         last: CapacityExhausted | None = None
         refreshed = self.refresh_agents is None
         # Before a slot is taken: a limit above the pool's maximum is refused with nothing made.
-        limits = await self.limits(sb)
+        pool_obj = await self._pool(sb)
+        limits = self._limits(sb, pool_obj)
+        exclusive = pool_obj is None or pool_obj.spec.network_mode is NetworkMode.SHARED
         waited_from: float | None = None
         while True:
             try:
-                allocation = self._allocate(sb, exclude=refused)
+                allocation = self._allocate(sb, exclude=refused, exclusive_ports=exclusive)
             except CapacityExhausted as exc:
                 if not refreshed:
                     refreshed = True
@@ -401,7 +404,9 @@ class SandboxService:
                 self.registry.release(allocation.agent, allocation.sandbox_id)
                 raise
 
-    def _allocate(self, sb: Sandbox, exclude: set[str] | None = None) -> Allocation:
+    def _allocate(
+        self, sb: Sandbox, exclude: set[str] | None = None, *, exclusive_ports: bool = True
+    ) -> Allocation:
         return self.registry.allocate(
             namespace=sb.metadata.namespace,
             pool=sb.spec.pool_ref,
@@ -409,14 +414,20 @@ class SandboxService:
             ports=sb.spec.exposed_ports,
             sandbox_id=new_sandbox_id(sb.metadata.name),
             exclude=exclude,
+            exclusive_ports=exclusive_ports,
         )
 
     async def limits(self, sb: Sandbox) -> Limits:
         """The sandbox's limits from its spec, its pool's defaults and maximum, and ours."""
+        return self._limits(sb, await self._pool(sb))
+
+    async def _pool(self, sb: Sandbox) -> SandboxPool | None:
         try:
-            pool = await self.store.get(SandboxPool, sb.metadata.namespace, sb.spec.pool_ref)
+            return await self.store.get(SandboxPool, sb.metadata.namespace, sb.spec.pool_ref)
         except NotFound:
-            pool = None  # placement says so, naming the pool
+            return None  # placement says so, naming the pool
+
+    def _limits(self, sb: Sandbox, pool: SandboxPool | None) -> Limits:
         return effective_limits(
             sb.spec.resources,
             pool.spec if pool is not None else None,
@@ -482,7 +493,14 @@ class SandboxService:
         transition(status, SandboxPhase.RUNNING)
         status.assigned_agent = allocation.agent
         status.agent_ip = allocation.ip
-        status.endpoints = allocation.endpoints
+        # A private sandbox's ports are published on host ports its agent chose (the label);
+        # a shared one's are the declared ports on the agent's address.
+        published = next((kv.value for kv in state.labels if kv.key == labels.PUBLISHED_LABEL), "")
+        status.endpoints = (
+            labels.published_endpoints(allocation.ip, published)
+            if published
+            else allocation.endpoints
+        )
         status.container_id = state.container_id or allocation.sandbox_id
         status.started_at = now()
         status.exit_code = None

@@ -48,6 +48,28 @@ def create(
         list[str] | None,
         typer.Option("--prewarm-image", metavar="IMAGE", help="Pull on every agent (repeatable)."),
     ] = None,
+    network_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--network-mode",
+            metavar="private|shared",
+            help="private (default): a network namespace per sandbox; shared: the agent's.",
+        ),
+    ] = None,
+    egress: Annotated[
+        str | None,
+        typer.Option(
+            "--egress", metavar="none|allow", help="Outbound traffic of private sandboxes."
+        ),
+    ] = None,
+    egress_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--egress-allow",
+            metavar="CIDR",
+            help="With --egress allow: only to this IPv4 CIDR (repeatable).",
+        ),
+    ] = None,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
     token: Token = None,
@@ -68,6 +90,9 @@ def create(
             "buffer_max": buffer_max,
             "per_agent": per_agent,
             "prewarm_images": prewarm_image,
+            "network_mode": network_mode,
+            "egress": egress,
+            "egress_allow": egress_allow,
         }.items()
         if v is not None
     }
