@@ -19,11 +19,11 @@ from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, Contai
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
 from fastsandbox.api.labels import CLEANUP_FINALIZER
 from fastsandbox.api.models import (
+    NetworkMode,
     ObjectMeta,
     PoolCapacity,
     Sandbox,
     SandboxPhase,
-    NetworkMode,
     SandboxPool,
     SandboxPoolSpec,
     SandboxSpec,

@@ -130,7 +130,14 @@ def private_network(settings: AgentSettings) -> PrivateNetwork:
             egress=settings.egress,
             egress_allow=tuple(settings.egress_allow),
             forbidden=tuple(settings.forbid),
-        )
+        ),
+        unsupported=(
+            "private networks inside a Kubernetes agent Pod are not implemented yet (the "
+            "agent would need the node's /var/run/netns with bidirectional mount propagation, "
+            "i.e. a privileged Pod); create the pool with networkMode: shared"
+            if settings.pod_uid
+            else None
+        ),
     )
 
 

@@ -257,7 +257,7 @@ def dnat_rule(cfg: NetConfig, p: Published) -> list[str]:
     """The rule spec (after `-A/-D CHAIN`) of one published port."""
     return [
         "-d", f"{cfg.agent_ip}/32", "-p", "tcp", "-m", "tcp", "--dport", str(p.host_port),
-        "-m", "comment", "--comment", f"fsb {p.sandbox_id} {p.port}",
+        "-m", "comment", "--comment", f"fsb:{p.sandbox_id}:{p.port}",
         "-j", "DNAT", "--to-destination", f"{p.sandbox_ip}:{p.port}",
     ]  # fmt: skip
 

@@ -87,8 +87,11 @@ class PrivateNetwork:
         runner: Runner | None = None,
         ready: int = DEFAULT_READY,
         netns_dir: Path = NETNS_DIR,
+        unsupported: str | None = None,
     ) -> None:
         self.cfg = cfg
+        # Why this agent can never make private networks (it fails every create with it).
+        self.unsupported = unsupported
         self.runner: Runner = runner or SubprocessRunner()
         self.ready_target = ready
         self.netns_dir = netns_dir
@@ -129,6 +132,8 @@ class PrivateNetwork:
         )
 
     def _check(self) -> str | None:
+        if self.unsupported is not None:
+            return self.unsupported
         if os.geteuid() != 0:
             return "private networking needs root (network namespaces and iptables)"
         if not self.cfg.agent_netns:
