@@ -330,7 +330,10 @@ def test_server_kill9_restart_keeps_sandboxes(
 
         after = srv.fsb_json("get", "survivor")
         assert after["status"]["phase"] == "Running"
-        assert after["metadata"]["uid"] == before["metadata"]["uid"]
+        if before["metadata"].get("uid"):
+            # On Kubernetes a Fast answer carries no uid: the apiserver assigns it on the
+            # record's write just after; the container id is the identity both shapes keep.
+            assert after["metadata"]["uid"] == before["metadata"]["uid"]
         assert after["status"]["containerID"] == cid
         assert cid in srv.running_tasks()
         assert "alive" in wait_for_logs(srv, "survivor", "alive")

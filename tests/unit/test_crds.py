@@ -142,7 +142,11 @@ def test_only_free_form_fields_keep_unknown_fields() -> None:
         for path, sub in walk(schema_of(kind))
         if sub.get("x-kubernetes-preserve-unknown-fields")
     ]
-    assert preserved == ["SandboxPool.spec.agentTemplate"]
+    assert preserved == [
+        "SandboxPool.spec.agentTemplate.spec.affinity.nodeAffinity",
+        "SandboxPool.spec.agentTemplate.spec.affinity.podAffinity",
+        "SandboxPool.spec.agentTemplate.spec.affinity.podAntiAffinity",
+    ]
 
 
 def test_optionals_are_nullable_and_required_fields_are_required() -> None:

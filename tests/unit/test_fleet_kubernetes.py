@@ -121,46 +121,54 @@ def test_the_pod_args_are_what_fsb_agent_parses() -> None:
     )
 
 
-def test_the_pool_template_adds_but_does_not_override() -> None:
+def test_the_pool_template_sets_placement_and_the_agents_resources_only() -> None:
     template = {
-        "metadata": {"labels": {"team": "a", "fastsandbox.io/pool": "evil"}},
+        "metadata": {"labels": {"team": "a"}},
         "spec": {
             "nodeSelector": {"disk": "ssd"},
-            "restartPolicy": "Never",
-            "containers": [
-                {
-                    "name": "agent",
-                    "image": "reg/agent:custom",
-                    "args": ["--listen=0.0.0.0:1", "--init-path=none"],
-                    "env": [{"name": "EXTRA", "value": "1"}, {"name": "POD_IP", "value": "x"}],
-                    "resources": {"limits": {"memory": "1Gi"}},
-                },
-                {"name": "sidecar", "image": "busybox"},
-            ],
-            "volumes": [{"name": "extra", "emptyDir": {}}],
+            "tolerations": [{"key": "sandbox", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}
+                }
+            },
+            "imagePullSecrets": [{"name": "regcred"}],
+            "priorityClassName": "sandboxes",
+            "containers": [{"name": "agent", "resources": {"limits": {"memory": "1Gi"}}}],
         },
     }
+    plain = fleet().pod_manifest(pool(), "p1-abcde")
     manifest = fleet().pod_manifest(pool(agent_template=template), "p1-abcde")
     assert manifest["metadata"]["labels"]["team"] == "a"
     assert manifest["metadata"]["labels"]["fastsandbox.io/pool"] == "p1"
+    assert manifest["metadata"]["namespace"] == "team"
     spec = manifest["spec"]
-    assert (spec["nodeSelector"], spec["restartPolicy"]) == ({"disk": "ssd"}, "Always")
-    assert [c["name"] for c in spec["containers"]] == ["agent", "sidecar"]
-    agent = agent_container(manifest)
-    assert agent["image"] == "reg/agent:custom"
-    assert agent["resources"] == {"limits": {"memory": "1Gi"}}
-    # The parser keeps the last of a repeated flag: ours come last.
-    listens = [a for a in agent["args"] if a.startswith("--listen")]
-    assert listens[-1] == "--listen=$(POD_IP):7443"
-    assert "--init-path=none" in agent["args"]
-    assert agent["args"][0] == "agent"
-    parsed = parse(agent["args"][1:])  # what `fsb agent` in the Pod runs with
-    assert (parsed.listen, parsed.init_path) == ("$(POD_IP):7443", "none")
-    env = {e["name"]: e for e in agent["env"]}
-    assert env["EXTRA"]["value"] == "1"
-    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    assert {v["name"] for v in spec["volumes"]} >= {"extra", "state", "containerd-socket"}
+    assert spec["nodeSelector"] == {"disk": "ssd"}
+    assert spec["tolerations"] == template["spec"]["tolerations"]
+    assert spec["affinity"] == template["spec"]["affinity"]
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["priorityClassName"] == "sandboxes"
+    assert agent_container(manifest)["resources"] == {"limits": {"memory": "1Gi"}}
+    # Nothing else moved: same containers, volumes, securityContext, args, image.
+    for key in ("containers", "volumes", "automountServiceAccountToken", "restartPolicy"):
+        if key != "containers":
+            assert spec[key] == plain["spec"][key], key
+    ours, theirs = agent_container(plain), agent_container(manifest)
+    assert {k: v for k, v in theirs.items() if k != "resources"} == {
+        k: v for k, v in ours.items() if k != "resources"
+    }
+    assert [c["name"] for c in spec["containers"]] == ["agent"]
     Pod.from_dict(manifest)
+
+
+def test_a_pool_in_another_namespace_than_the_controllers_is_refused() -> None:
+    import asyncio
+
+    from fastsandbox.errors import InvalidArgument
+
+    scoped = fleet(watch_namespace="team-b")
+    with pytest.raises(InvalidArgument, match="namespace team-b"):
+        asyncio.run(scoped.start_agent(pool(), "p1-abcde"))
 
 
 def test_version_labels() -> None:

@@ -27,7 +27,7 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
-from fastsandbox.api import models, quantity
+from fastsandbox.api import agent_template, models, quantity
 from fastsandbox.api.labels import API_GROUP, API_VERSION, GENERATED_BY_ANNOTATION
 from fastsandbox.api.models import Sandbox, SandboxPool
 
@@ -122,6 +122,22 @@ _VALIDATOR_SCHEMAS: dict[Any, dict[str, Any] | None] = {
                 "!has(self.egress) || self.egress == 'none'",
                 "message": "egress applies to networkMode: private only; leave it unset",
                 "fieldPath": ".egress",
+            },
+        ]
+    },
+    agent_template._agent_name: {"enum": [agent_template.AGENT_CONTAINER]},
+    agent_template._one_container: {"maxItems": 1},
+    agent_template._quantity: {"pattern": agent_template._QUANTITY.pattern},
+    agent_template._plain_labels: {
+        "x-kubernetes-validations": [
+            {
+                "rule": f"self.all(k, k.matches('{agent_template._LABEL_NAME}'))",
+                "message": "only unprefixed label names may be set: prefixed labels steer "
+                "admission webhooks",
+            },
+            {
+                "rule": f"self.all(k, self[k].matches('{agent_template._LABEL_VALUE}'))",
+                "message": "label values: letters, digits, '-', '_', '.', at most 63",
             },
         ]
     },

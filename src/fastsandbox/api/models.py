@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -24,7 +23,10 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from fastsandbox.api import log_caps as _log_caps
 from fastsandbox.api import quantity
+from fastsandbox.api._base import _Model
+from fastsandbox.api.agent_template import AGENT_TEMPLATE_FIELDS, AgentTemplate
 from fastsandbox.api.labels import API_GROUP, API_VERSION, CLEANUP_FINALIZER, ApiVersion
 
 # Defined in api/labels.py; still importable from here for code written before it existed.
@@ -38,19 +40,10 @@ _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 
 
-# Log caps (fsb-logger keeps the newest half twice over): the smallest keeps a few full-length
-# (16 KiB) lines in each half; the default fits a long build log. Defined once, here.
-MIN_LOG_MAX_BYTES = 64 * 1024
-DEFAULT_LOG_MAX_BYTES = 10 * 1024**2
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_assignment=True,
-    )
+# Log caps: defined once, in api/log_caps.py (light: settings and the CLI import it
+# without pydantic); re-exported here for the models' users.
+MIN_LOG_MAX_BYTES = _log_caps.MIN_LOG_MAX_BYTES
+DEFAULT_LOG_MAX_BYTES = _log_caps.DEFAULT_LOG_MAX_BYTES
 
 
 def _dns_name(value: str) -> str:
@@ -368,7 +361,8 @@ class SandboxPoolSpec(_Model):
     sandbox_max: SandboxLimits = Field(default_factory=SandboxLimits)
     """The most a sandbox of this pool may ask for; a create above it is refused."""
     agent_resources: ResourceList = Field(default_factory=ResourceList)
-    agent_template: dict[str, Any] | None = None
+    agent_template: AgentTemplate | None = None
+    """The few Pod fields a pool's author may set on its agent Pods (api/agent_template.py)."""
     agent_version: str = ""
     rolling_update: RollingUpdate = Field(default_factory=RollingUpdate)
     prewarm_images: list[RequiredStr] = Field(default_factory=list)
@@ -519,6 +513,8 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
                 path += ("." if path else "") + part
         if err["type"] == "missing":
             message = "required"
+        elif err["type"] == "extra_forbidden" and "agentTemplate" in err["loc"]:
+            message = f"not allowed in an agentTemplate (only {AGENT_TEMPLATE_FIELDS})"
         elif err["type"] == "extra_forbidden":
             message = "unknown field"
         else:

@@ -218,9 +218,20 @@ class KubernetesFleet:
                 f"pool {ns}/{pool.metadata.name} has no uid: the Kubernetes fleet needs pools "
                 "stored in Kubernetes (the Pod's ownerReference names the pool's uid)"
             )
+        if self.watch_namespace and ns != self.watch_namespace:
+            raise InvalidArgument(
+                f"pool {ns}/{pool.metadata.name}: this controller runs agents only in namespace "
+                f"{self.watch_namespace} (--watch-namespace)"
+            )
+        manifest = self.pod_manifest(pool, name)
+        if manifest["metadata"].get("namespace") != ns:
+            # By construction today; checked so that no template or merge change can ever place
+            # a pool's agent (and the containerd socket it mounts) in someone else's namespace.
+            raise InvalidArgument(
+                f"agent Pod {name} of pool {ns}/{pool.metadata.name}: wrong namespace"
+            )
         async with self._token_lock:
             await self._ensure_secret(ns)
-        manifest = self.pod_manifest(pool, name)
         try:
             created = await self.client.create(
                 cast(Pod, Pod.from_dict(manifest)), field_manager=FIELD_MANAGER

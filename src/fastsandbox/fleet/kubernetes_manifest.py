@@ -8,10 +8,8 @@ state dir, a locked-down securityContext, and the pool's `agentTemplate` merged 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +17,12 @@ from typing import Any
 from fastsandbox import settings
 from fastsandbox.agent.args import TOKEN_ENV, AgentArgs
 from fastsandbox.api import labels as keys
+from fastsandbox.api.agent_template import AGENT_CONTAINER, AgentTemplate
 from fastsandbox.api.labels import API_VERSION
 from fastsandbox.api.models import SandboxPool
 from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
 
 AGENT_PORT = 7443
-AGENT_CONTAINER = "agent"
 APP_LABEL = "app.kubernetes.io/name"
 APP_NAME = "fastsandbox-agent"
 POOL_LABEL = keys.POOL_LABEL
@@ -50,63 +48,30 @@ def version_label(version: str) -> str:
     return f"{cleaned}-{digest[:8]}" if cleaned else digest[:12]
 
 
-def merge_template(template: Mapping[str, Any] | None, pod: dict[str, Any]) -> dict[str, Any]:
-    """Overlay our Pod on the pool's `agentTemplate` (a PodTemplateSpec: metadata + spec).
+def merge_template(template: AgentTemplate | None, pod: dict[str, Any]) -> dict[str, Any]:
+    """Apply the pool's `agentTemplate` (api/agent_template.py: an allowlist, not a Pod) to `pod`.
 
-    The template contributes what we do not decide: node selection, tolerations, priority, pull
-    secrets, sidecars, extra env/mounts/volumes, resources, even the agent image. Everything
-    the agent needs to work (labels, owner, args, token, ports, probe, containerd socket,
-    state dir) comes from `pod` and wins on a clash. The template's container named `agent` is
-    merged into ours; its other containers are kept as they are.
+    The template contributes only placement (nodeSelector, tolerations, affinity,
+    priorityClassName), imagePullSecrets, the agent container's resources and plain labels.
+    Everything the agent needs to work and everything that decides its privileges (image, args,
+    token, volumes, securityContext, ServiceAccount, host namespaces, other containers) comes
+    from `pod` alone; on a label clash ours wins.
     """
-    if not template:
+    if template is None:
         return pod
-    tmeta = dict(template.get("metadata") or {})
-    tspec = copy.deepcopy(dict(template.get("spec") or {}))
     meta = pod["metadata"]
-    for key in ("labels", "annotations"):
-        merged = {**(tmeta.get(key) or {}), **meta.get(key, {})}
-        if merged:
-            meta[key] = merged
-    ours = pod["spec"]
-    spec: dict[str, Any] = {**tspec, **{k: v for k, v in ours.items() if k != "containers"}}
-    spec["volumes"] = _merge_named(tspec.get("volumes"), ours.get("volumes"))
-    (agent,) = ours["containers"]
-    containers = []
-    for container in tspec.get("containers") or []:
-        if container.get("name") == AGENT_CONTAINER:
-            agent = _merge_agent(container, agent)
-        else:
-            containers.append(container)
-    spec["containers"] = [agent, *containers]
-    pod["spec"] = spec
+    labels = {**template.metadata.labels, **meta.get("labels", {})}
+    if labels:
+        meta["labels"] = labels
+    spec = pod["spec"]
+    for key, value in template.pod_fields().items():
+        if key not in spec:  # never ours: `pod` sets none of the template's fields
+            spec[key] = value
+    resources = template.agent_resources()
+    if resources:
+        (agent,) = (c for c in spec["containers"] if c["name"] == AGENT_CONTAINER)
+        agent["resources"] = resources
     return pod
-
-
-def _merge_named(theirs: Sequence[Any] | None, ours: Sequence[Any] | None) -> list[Any]:
-    mine = {item["name"]: item for item in ours or ()}
-    return [i for i in theirs or () if i.get("name") not in mine] + list(ours or ())
-
-
-def _merge_agent(theirs: Mapping[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
-    merged: dict[str, Any] = {**theirs, **ours}
-    if theirs.get("image"):
-        merged["image"] = theirs["image"]  # a pool may pin its own agent image
-    if theirs.get("resources"):
-        merged["resources"] = theirs["resources"]
-    for key in ("env", "volumeMounts", "ports"):
-        if key == "volumeMounts":
-            by_path = {m["mountPath"] for m in ours.get(key, ())}
-            extra = [m for m in theirs.get(key) or () if m.get("mountPath") not in by_path]
-            merged[key] = list(ours.get(key, ())) + extra
-        else:
-            merged[key] = _merge_named(theirs.get(key), ours.get(key))
-    # The subcommand, then the template's args, then ours: for a flag given twice `fsb agent`
-    # keeps the last, so the template can add flags (--insecure-registry, --init-path, ...) but
-    # not override ours.
-    command, *flags = ours["args"]
-    merged["args"] = [command, *(theirs.get("args") or ()), *flags]
-    return merged
 
 
 @dataclass(frozen=True, slots=True)
