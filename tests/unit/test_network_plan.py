@@ -219,3 +219,21 @@ async def test_a_private_agent_without_its_own_namespace_refuses_creates(
     assert await runtime.list() == []
     assert manager.used_slots == 0
     await manager.aclose()
+
+
+async def test_the_net_of_a_vanished_container_is_released(tmp_path: Path) -> None:
+    """A container removed behind the agent's back (janitor, `ctr rm`) gives its network
+    back at the next look; one whose create started after that look is kept."""
+    net = _network(tmp_path, Recorder())
+    await net.start({})
+    gone = await net.acquire("sb-gone")
+    kept = await net.acquire("sb-kept")
+    before = net.seq + 1
+    newer = await net.acquire("sb-newer")
+    stale = net.stale({"sb-kept"}, before)
+    assert stale == [gone]
+    await net.release(gone)
+    await net.release(gone)  # idempotent
+    assert net.get("sb-gone") is None and net.get("sb-kept") is kept
+    assert net.get("sb-newer") is newer
+    await net.close()

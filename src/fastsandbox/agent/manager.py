@@ -693,6 +693,7 @@ class SandboxManager:
 
     async def status(self) -> AgentStatus:
         creating = set(self._creating)
+        net_seq = self.network.seq + 1 if self.network is not None else 0
         states, images = await asyncio.gather(self._refresh_slots(), self.runtime.images())
         self._images.update(i.name for i in images)
         # A container whose create was in flight while we read has no task yet in that read, and
@@ -701,6 +702,16 @@ class SandboxManager:
             states[sandbox_id] = replace(
                 states[sandbox_id], status=ContainerStatus.CREATED, exit_code=None, reason=""
             )
+        if self.network is not None:
+            # Containers removed without a delete through us (the janitor's orphan sweep, a
+            # hand `ctr rm`): their namespace, rules and host ports go too.
+            present = {_sandbox_id(st) for st in states.values()} | creating | self._creating
+            for net in self.network.stale(present, net_seq):
+                log.info(
+                    "releasing the network of a vanished sandbox",
+                    extra={"sandbox_id": net.sandbox_id},
+                )
+                await self.network.release(net)
         # Read after the refresh, with no await since: a create refused or counted here.
         warm = self.warm
         return AgentStatus(

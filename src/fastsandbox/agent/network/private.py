@@ -77,6 +77,8 @@ class SandboxNet:
     sandbox_id: str = ""
     published: dict[int, int] = field(default_factory=dict)
     """Declared port → host port on the agent's address."""
+    seq: int = 0
+    """When it was acquired (`PrivateNetwork.seq`): a sweep spares creates newer than its look."""
 
 
 class PrivateNetwork:
@@ -106,6 +108,8 @@ class PrivateNetwork:
         self._wake = asyncio.Event()
         self._refill: asyncio.Task[None] | None = None
         self._dnat_lock = asyncio.Lock()
+        self.seq = 0
+        """Bumped by every acquire."""
 
     # -- life ----------------------------------------------------------------------------------
     async def start(self, adopt: Mapping[str, Mapping[str, str]]) -> None:
@@ -226,6 +230,8 @@ class PrivateNetwork:
         if existing is not None:
             return existing  # a retried create
         net = self._ready.popleft() if self._ready else await self._prepare()
+        self.seq += 1
+        net.seq = self.seq
         net.sandbox_id = sandbox_id
         self._by_sandbox[sandbox_id] = net
         self._wake.set()
@@ -262,8 +268,18 @@ class PrivateNetwork:
     def get(self, sandbox_id: str) -> SandboxNet | None:
         return self._by_sandbox.get(sandbox_id)
 
+    def stale(self, existing: Iterable[str], before: int) -> list[SandboxNet]:
+        """Nets acquired before `before` (a `seq` read before the runtime was listed) whose
+        sandbox is not in `existing`: their container went without a delete through us (the
+        janitor, a hand `ctr rm`)."""
+        keep = set(existing)
+        return [n for sid, n in self._by_sandbox.items() if sid not in keep and n.seq < before]
+
     async def release(self, net: SandboxNet) -> None:
-        """Remove the DNAT rules, the namespace (and veth) and free address and host ports."""
+        """Remove the DNAT rules, the namespace (and veth) and free address and host ports.
+        Idempotent: a net released already (or replaced) is left alone."""
+        if self._by_sandbox.get(net.sandbox_id) is not net:
+            return
         self._by_sandbox.pop(net.sandbox_id, None)
         await self._drop(net)
         self._wake.set()
