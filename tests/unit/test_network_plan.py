@@ -237,3 +237,28 @@ async def test_the_net_of_a_vanished_container_is_released(tmp_path: Path) -> No
     assert net.get("sb-gone") is None and net.get("sb-kept") is kept
     assert net.get("sb-newer") is newer
     await net.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [({"pod_uid": "u1"}, "Kubernetes agent Pod"), ({"runtime": "gvisor"}, "gVisor")],
+)
+async def test_what_cannot_be_isolated_yet_is_refused(
+    tmp_path: Path, extra: dict[str, str], reason: str
+) -> None:
+    settings = AgentSettings(
+        name="a1",
+        pool="p",
+        namespace="default",
+        listen=f"unix://{tmp_path}/a.sock",
+        state_dir=tmp_path,
+        containerd_socket=tmp_path / "c.sock",
+        network_mode="private",
+        netns_path=str(tmp_path),
+        **extra,  # type: ignore[arg-type]
+    )
+    manager = SandboxManager(FakeRuntime(), settings)
+    await manager.start()
+    with pytest.raises(FailedPrecondition, match=reason):
+        await manager.create(SandboxRequest(sandbox_id="sb-1", image="busybox:latest"))
+    await manager.aclose()

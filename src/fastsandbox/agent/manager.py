@@ -122,6 +122,29 @@ class AgentStatus:
     warm: list[WarmCounts] = field(default_factory=list)
 
 
+def _why_no_private_network(settings: AgentSettings) -> str | None:
+    if settings.pod_uid:
+        return (
+            "private networks inside a Kubernetes agent Pod are not implemented yet (the "
+            "agent would need the node's /var/run/netns with bidirectional mount propagation, "
+            "i.e. a privileged Pod); create the pool with networkMode: shared"
+        )
+    if settings.runtime == "gvisor" and not GVISOR_ENTERS_SPEC_NETNS:
+        # runsc --network=host uses the namespace it is started in, not the spec's: until the
+        # runtime wrapper enters the spec's namespace, a gVisor sandbox would sit on the
+        # host's network. Refused rather than half isolated.
+        return (
+            "gVisor sandboxes cannot be put in a private network yet (the runsc wrapper does "
+            "not enter the sandbox's namespace); use networkMode: shared or runtime: runc"
+        )
+    return None
+
+
+# Set True by the change that makes the runsc wrapper `nsenter` the network namespace named in
+# the bundle's config.json (issue 10 item 3); the spec already carries the private path.
+GVISOR_ENTERS_SPEC_NETNS = False
+
+
 def private_network(settings: AgentSettings) -> PrivateNetwork:
     """The agent's private network, from its settings (made, not started)."""
     netns = settings.netns_path or ""
@@ -136,13 +159,7 @@ def private_network(settings: AgentSettings) -> PrivateNetwork:
             egress_allow=tuple(settings.egress_allow),
             forbidden=tuple(settings.forbid),
         ),
-        unsupported=(
-            "private networks inside a Kubernetes agent Pod are not implemented yet (the "
-            "agent would need the node's /var/run/netns with bidirectional mount propagation, "
-            "i.e. a privileged Pod); create the pool with networkMode: shared"
-            if settings.pod_uid
-            else None
-        ),
+        unsupported=_why_no_private_network(settings),
     )
 
 
