@@ -37,13 +37,8 @@ from pathlib import Path
 
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.agent.logs import LogChunk, log_files, read_log
-from fastsandbox.agent.network import plan as netplan
-from fastsandbox.agent.network.private import (
-    INDEX_LABEL,
-    PUBLISHED_LABEL,
-    PrivateNetwork,
-    SandboxNet,
-)
+from fastsandbox.agent.network.for_agent import net_labels, network_for
+from fastsandbox.agent.network.private import SandboxNet
 from fastsandbox.agent.runtime.base import (
     ContainerSpec,
     ContainerState,
@@ -122,47 +117,6 @@ class AgentStatus:
     warm: list[WarmCounts] = field(default_factory=list)
 
 
-def _why_no_private_network(settings: AgentSettings) -> str | None:
-    if settings.pod_uid:
-        return (
-            "private networks inside a Kubernetes agent Pod are not implemented yet (the "
-            "agent would need the node's /var/run/netns with bidirectional mount propagation, "
-            "i.e. a privileged Pod); create the pool with networkMode: shared"
-        )
-    if settings.runtime == "gvisor" and not GVISOR_ENTERS_SPEC_NETNS:
-        # runsc --network=host uses the namespace it is started in, not the spec's: until the
-        # runtime wrapper enters the spec's namespace, a gVisor sandbox would sit on the
-        # host's network. Refused rather than half isolated.
-        return (
-            "gVisor sandboxes cannot be put in a private network yet (the runsc wrapper does "
-            "not enter the sandbox's namespace); use networkMode: shared or runtime: runc"
-        )
-    return None
-
-
-# Set True by the change that makes the runsc wrapper `nsenter` the network namespace named in
-# the bundle's config.json (issue 10 item 3); the spec already carries the private path.
-GVISOR_ENTERS_SPEC_NETNS = False
-
-
-def private_network(settings: AgentSettings) -> PrivateNetwork:
-    """The agent's private network, from its settings (made, not started)."""
-    netns = settings.netns_path or ""
-    return PrivateNetwork(
-        netplan.NetConfig(
-            agent=settings.name,
-            agent_netns=netns,
-            agent_ip=settings.agent_ip,
-            subnet=settings.sandbox_subnet,
-            port_range=settings.port_range,
-            egress=settings.egress,
-            egress_allow=tuple(settings.egress_allow),
-            forbidden=tuple(settings.forbid),
-        ),
-        unsupported=_why_no_private_network(settings),
-    )
-
-
 def _check_id(sandbox_id: str) -> None:
     if not _ID.match(sandbox_id):
         raise InvalidArgument(
@@ -215,7 +169,7 @@ class SandboxManager:
         self._defaults: dict[str, ProcessDefaults] = {}
         # A network namespace per sandbox (networkMode private); None: sandboxes join the
         # agent's namespace (shared).
-        self.network = private_network(settings) if settings.network_mode == "private" else None
+        self.network = network_for(settings)
         # Sandbox id → container id where they differ (claimed warm slots), from the
         # sandbox-id label; and every sandbox id the runtime showed at the last look.
         self._containers: dict[str, str] = {}
@@ -559,11 +513,7 @@ class SandboxManager:
         if net is not None:
             # How a restarted agent finds the sandbox's network again, and how the control
             # plane learns its endpoints (the labels travel in every SandboxState).
-            labels[INDEX_LABEL] = str(net.index)
-            labels[PUBLISHED_LABEL] = netplan.published_label(
-                netplan.Published(port, host, net.ip, req.sandbox_id)
-                for port, host in net.published.items()
-            )
+            labels.update(net_labels(net))
             netns_path = net.path
         return replace(
             self.container_spec(req.sandbox_id, req.image, labels),
