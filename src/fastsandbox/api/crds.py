@@ -104,7 +104,6 @@ _VALIDATOR_SCHEMAS: dict[Any, dict[str, Any] | None] = {
     _func(models.SandboxSpec._absolute): {"pattern": "^(/|$)"},
     _func(models.SandboxSpec._policy): None,
     _func(models.SandboxPoolSpec._runtime): None,
-    _func(models.SandboxPoolSpec._no_warm_slots): {"maximum": 0},
     _func(models.SandboxPoolSpec._network_mode): None,
     _func(models.SandboxPoolSpec._egress): None,
     # The apiserver checks the shape; the models check the address itself.

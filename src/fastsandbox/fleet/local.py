@@ -81,6 +81,9 @@ class AgentState:
     capacity: int
     version: str = ""
     pid: int = 0
+    # The pool's warm slots when the agent was started (its prewarmImages are the hot ones).
+    warm_slots: int = 0
+    warm_images: tuple[str, ...] = ()
     network_mode: str = "shared"
     """The pool's networkMode when the agent was made (state files before it: shared)."""
     egress: str = "none"
@@ -89,6 +92,7 @@ class AgentState:
     def __post_init__(self) -> None:
         # JSON gives a list back.
         object.__setattr__(self, "egress_allow", tuple(self.egress_allow))
+        object.__setattr__(self, "warm_images", tuple(self.warm_images))
 
     @property
     def target(self) -> str:
@@ -206,6 +210,8 @@ class LocalFleet:
             runtime=str(pool.spec.runtime),
             capacity=pool.spec.max_sandboxes_per_agent,
             version=pool.spec.agent_version,
+            warm_slots=pool.spec.warm_slots,
+            warm_images=tuple(pool.spec.prewarm_images),
             network_mode=pool.spec.network_mode.value,
             egress=pool.spec.egress.value,
             egress_allow=tuple(pool.spec.egress_allow),
@@ -339,6 +345,8 @@ class LocalFleet:
             insecure_registry=tuple(self.insecure_registries),
             grace=self.grace_seconds,
             version=state.version or None,
+            warm_slots=state.warm_slots,
+            warm_image=tuple(state.warm_images),
             log_level=self.log_settings.level,
             log_format=self.log_settings.format,
         )

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Token
+from fastsandbox.cli.options import Endpoint, Namespace, TokenFile
 
 if TYPE_CHECKING:
     from fastsandbox.sdk.commands import ExecSession
@@ -121,7 +121,7 @@ async def run_exec(
     user: str | None,
     timeout: float | None,
     endpoint: str | None,
-    token: str | None,
+    token_file: str | None,
     namespace: str | None,
     stdin: Any = None,
     stdout: Any = None,
@@ -139,7 +139,7 @@ async def run_exec(
     # The window whose size the command gets: our terminal, on stdin or else on stdout.
     term_fd = stdin_fd if _isatty(stdin_fd) else _fileno(stdout)
     loop = asyncio.get_running_loop()
-    async with AsyncClient(endpoint, token, namespace) as client:
+    async with AsyncClient(endpoint, None, namespace, token_file=token_file) as client:
         start = exec_start(
             client.namespace,
             name,
@@ -239,7 +239,7 @@ def exec_(
         typer.Option("--timeout", metavar="SECONDS", help="Kill it after this long (exit 124)."),
     ] = None,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Run a command in a running sandbox; exits with the command's exit code."""
@@ -258,7 +258,7 @@ def exec_(
             user=user,
             timeout=timeout,
             endpoint=endpoint,
-            token=token,
+            token_file=token_file,
             namespace=namespace,
         )
     )
