@@ -36,6 +36,8 @@ from pathlib import Path
 
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.agent.logs import LogChunk, log_files, read_log
+from fastsandbox.agent.network.for_agent import net_labels, network_for
+from fastsandbox.agent.network.private import SandboxNet
 from fastsandbox.agent.requests import (
     AgentStatus,
     PullResult,
@@ -106,6 +108,9 @@ class SandboxManager:
         self.channels = ChannelHub(settings.state_dir) if settings.init_path else None
         # Process env/cwd/user of each sandbox, read once from the runtime per agent life.
         self._defaults: dict[str, ProcessDefaults] = {}
+        # A network namespace per sandbox (networkMode private); None: sandboxes join the
+        # agent's namespace (shared).
+        self.network = network_for(settings)
         # Sandbox id → container id where they differ (claimed warm slots), from the
         # sandbox-id label; and every sandbox id the runtime showed at the last look.
         self._containers: dict[str, str] = {}
@@ -130,6 +135,10 @@ class SandboxManager:
         """Adopt what already runs for this agent (a restart) and learn the cached images."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         states = await self._refresh_slots()
+        if self.network is not None:
+            # Every container that still exists keeps its namespace until it is deleted (an
+            # exited one too: its record may be reset or read); the rest are cleaned.
+            await self.network.start({sid: st.labels for sid, st in states.items()})
         if self.channels is not None:
             for _, state in sorted(states.items()):
                 if is_live(state):
@@ -154,11 +163,22 @@ class SandboxManager:
         self.close()
         if self.warm is not None:
             await self.warm.close()
+        if self.network is not None:
+            await self.network.close()
         if self.channels is not None:
             await self.channels.close()
 
     def _warm_slots(self, settings: AgentSettings) -> WarmSlots | None:
         if settings.warm_slots <= 0:
+            return None
+        if settings.network_mode == "private":
+            # A slot is made before its request, in the namespace `container_spec` names (the
+            # agent's): claimed, it would share it. Until slots take a private namespace of
+            # their own (`PrivateNetwork.acquire` per slot), a private pool keeps none.
+            log.warning(
+                "warm slots do not take private networks yet; this agent keeps none",
+                extra={"agent": settings.name},
+            )
             return None
         if self.channels is None or settings.runtime != "runc" or not can_claim():
             log.warning(
@@ -375,7 +395,21 @@ class SandboxManager:
         return states
 
     async def _create(self, req: SandboxRequest) -> ContainerState:
-        spec = self._spec(req)
+        if self.network is None:
+            return await self._create_in(req, None)
+        existing = self.network.get(req.sandbox_id)
+        net = await self.network.acquire(req.sandbox_id)
+        try:
+            await self.network.publish(net, req.exposed_ports)
+            return await self._create_in(req, net)
+        except BaseException:
+            if existing is None:
+                # Nothing half-made: a failed create gives its namespace, rules and ports back.
+                await asyncio.shield(self.network.release(net))
+            raise
+
+    async def _create_in(self, req: SandboxRequest, net: SandboxNet | None) -> ContainerState:
+        spec = self._spec(req, net)
         image = normalize_image_ref(req.image)
         # Time waiting for a pull (ours, or a concurrent create's of the same image) is what the
         # create's timings report as pulledMs.
@@ -406,7 +440,7 @@ class SandboxManager:
         )
         return state
 
-    def _spec(self, req: SandboxRequest) -> ContainerSpec:
+    def _spec(self, req: SandboxRequest, net: SandboxNet | None = None) -> ContainerSpec:
         labels = dict(req.labels)
         # Ours win over the caller's: they decide ownership and how we find sandboxes again.
         labels[AGENT_LABEL] = self.settings.name
@@ -417,8 +451,15 @@ class SandboxManager:
             labels[NAME_LABEL] = req.name
         if req.exposed_ports:
             labels[PORTS_LABEL] = ",".join(str(p) for p in req.exposed_ports)
+        netns_path = self.settings.netns_path
+        if net is not None:
+            # How a restarted agent finds the sandbox's network again, and how the control
+            # plane learns its endpoints (the labels travel in every SandboxState).
+            labels.update(net_labels(net))
+            netns_path = net.path
         return replace(
             self.container_spec(req.sandbox_id, req.image, labels),
+            netns_path=netns_path,
             command=req.command,
             args=req.args,
             env=req.env,
@@ -483,6 +524,10 @@ class SandboxManager:
             existed = False
             if state is not None:
                 existed = await self.runtime.delete(container_id, grace)
+            if self.network is not None:
+                net = self.network.get(sandbox_id)
+                if net is not None:
+                    await self.network.release(net)
             self._slots.discard(sandbox_id)
             self._defaults.pop(sandbox_id, None)
             if not keep_logs:
@@ -563,6 +608,7 @@ class SandboxManager:
 
     async def status(self) -> AgentStatus:
         creating = set(self._creating)
+        net_seq = self.network.seq + 1 if self.network is not None else 0
         states, images = await asyncio.gather(self._refresh_slots(), self.runtime.images())
         self._images.update(i.name for i in images)
         # A container whose create was in flight while we read has no task yet in that read, and
@@ -571,6 +617,16 @@ class SandboxManager:
             states[sandbox_id] = replace(
                 states[sandbox_id], status=ContainerStatus.CREATED, exit_code=None, reason=""
             )
+        if self.network is not None:
+            # Containers removed without a delete through us (the janitor's orphan sweep, a
+            # hand `ctr rm`): their namespace, rules and host ports go too.
+            present = {sandbox_id_of(st) for st in states.values()} | creating | self._creating
+            for net in self.network.stale(present, net_seq):
+                log.info(
+                    "releasing the network of a vanished sandbox",
+                    extra={"sandbox_id": net.sandbox_id},
+                )
+                await self.network.release(net)
         # Read after the refresh, with no await since: a create refused or counted here.
         warm = self.warm
         return AgentStatus(

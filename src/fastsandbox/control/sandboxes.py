@@ -26,6 +26,7 @@ container when it was started), and a Strong-mode record that could not be place
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -39,6 +40,7 @@ from fastsandbox.api.images import check_registry
 from fastsandbox.api.labels import CLEANUP_FINALIZER
 from fastsandbox.api.models import (
     ConsistencyMode,
+    NetworkMode,
     Sandbox,
     SandboxPhase,
     SandboxPool,
@@ -438,11 +440,16 @@ class SandboxService(SandboxDeletion):
         # we do not pull from, is refused with nothing made.
         if self.allowed_registries is not None:
             check_registry(sb.spec.image, self.allowed_registries, "spec.image")
+        if pool_record is None:
+            with contextlib.suppress(NotFound):
+                pool_record = await self.store.get(SandboxPool, ns, sb.spec.pool_ref)
         limits = await self.limits(sb, pool_record)
+        # Private sandboxes publish their ports each on a host port of its own.
+        exclusive = pool_record is None or pool_record.spec.network_mode is NetworkMode.SHARED
         waited_from: float | None = None
         while True:
             try:
-                allocation = self._allocate(sb, exclude=refused)
+                allocation = self._allocate(sb, exclude=refused, exclusive_ports=exclusive)
             except CapacityExhausted as exc:
                 if not refreshed:
                     refreshed = True
@@ -487,7 +494,9 @@ class SandboxService(SandboxDeletion):
                 self.registry.release(allocation.agent, allocation.sandbox_id)
                 raise
 
-    def _allocate(self, sb: Sandbox, exclude: set[str] | None = None) -> Allocation:
+    def _allocate(
+        self, sb: Sandbox, exclude: set[str] | None = None, *, exclusive_ports: bool = True
+    ) -> Allocation:
         return self.registry.allocate(
             namespace=sb.metadata.namespace,
             pool=sb.spec.pool_ref,
@@ -495,6 +504,7 @@ class SandboxService(SandboxDeletion):
             ports=sb.spec.exposed_ports,
             sandbox_id=new_sandbox_id(sb.metadata.name),
             exclude=exclude,
+            exclusive_ports=exclusive_ports,
         )
 
     async def limits(self, sb: Sandbox, pool: SandboxPool | None = None) -> Limits:
@@ -569,7 +579,14 @@ class SandboxService(SandboxDeletion):
         transition(status, SandboxPhase.RUNNING)
         status.assigned_agent = allocation.agent
         status.agent_ip = allocation.ip
-        status.endpoints = allocation.endpoints
+        # A private sandbox's ports are published on host ports its agent chose (the label);
+        # a shared one's are the declared ports on the agent's address.
+        published = next((kv.value for kv in state.labels if kv.key == labels.PUBLISHED_LABEL), "")
+        status.endpoints = (
+            labels.published_endpoints(allocation.ip, published)
+            if published
+            else allocation.endpoints
+        )
         status.container_id = state.container_id or allocation.sandbox_id
         status.started_at = now()
         status.exit_code = None

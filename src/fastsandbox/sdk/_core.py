@@ -327,6 +327,12 @@ class PoolOptions(TypedDict, total=False):
     """Sandboxes per agent (`maxSandboxesPerAgent`)."""
     prewarm_images: Sequence[str]
     warm_slots: int
+    network_mode: str
+    """`private` (default: a network namespace per sandbox) or `shared` (the agent's)."""
+    egress: str
+    """`none` (default) or `allow` (NAT; private pools only)."""
+    egress_allow: Sequence[str]
+    """With `egress="allow"`: only these IPv4 CIDRs."""
     labels: Mapping[str, str]
     namespace: str
 
@@ -490,6 +496,12 @@ def pool_request(namespace: str, name: str, options: PoolOptions) -> fastpath_pb
         spec["prewarmImages"] = _str_list(options["prewarm_images"], "spec.prewarmImages")
     if options.get("warm_slots") is not None:
         spec["warmSlots"] = options["warm_slots"]
+    if options.get("network_mode"):
+        spec["networkMode"] = options["network_mode"]
+    if options.get("egress"):
+        spec["egress"] = options["egress"]
+    if options.get("egress_allow") is not None:
+        spec["egressAllow"] = _str_list(options["egress_allow"], "spec.egressAllow")
     body = {
         "metadata": {
             "name": name,
