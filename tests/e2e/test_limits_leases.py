@@ -54,7 +54,8 @@ def server(registry_addr: str) -> Iterator[Server]:
 
 
 def _stub(srv: AnyServer) -> tuple[fastpath_pb2_grpc.FastPathStub, grpc.Channel]:
-    channel = grpc.insecure_channel(srv.endpoint)
+    creds = grpc.ssl_channel_credentials(root_certificates=srv.ca_file.read_bytes())
+    channel = grpc.secure_channel(srv.endpoint, creds)
     return fastpath_pb2_grpc.FastPathStub(channel), channel
 
 

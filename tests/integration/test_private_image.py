@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fastsandbox.agent.manager import SandboxManager, SandboxRequest
+from fastsandbox.agent.manager import SandboxManager
+from fastsandbox.agent.requests import SandboxRequest
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
 from fastsandbox.api.images import PullCredentials
 from fastsandbox.errors import PermissionDenied

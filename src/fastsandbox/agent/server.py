@@ -24,7 +24,8 @@ import grpc
 
 from fastsandbox._grpc_auth import TokenAuth
 from fastsandbox.agent.io_service import IoMethods
-from fastsandbox.agent.manager import SandboxManager, SandboxRequest
+from fastsandbox.agent.manager import SandboxManager
+from fastsandbox.agent.requests import SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus, Runtime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
 from fastsandbox.api.images import PullCredentials

@@ -41,6 +41,7 @@ from fastsandbox.api.models import (
     SandboxPool,
     SandboxPoolSpec,
     SlotCounts,
+    WarmSlotStatus,
 )
 from fastsandbox.api.phases import condition
 from fastsandbox.control import pool_planner
@@ -533,8 +534,11 @@ class PoolManager:
         agents = self.registry.agents(pool.metadata.namespace, pool.metadata.name)
         total, allocated = self.registry.pool_slots(pool.metadata.namespace, pool.metadata.name)
         images: set[str] = set()
+        warm: dict[str, int] = {}
         for agent in agents:
             images |= agent.images
+            for image, ready in agent.warm_slots.items():
+                warm[image] = warm.get(image, 0) + ready
         status = pool.status.model_copy(
             update={
                 "agents": AgentCounts(
@@ -545,6 +549,7 @@ class PoolManager:
                 ),
                 "slots": SlotCounts(total=total, allocated=allocated),
                 "cached_images": sorted(images),
+                "warm_slots": [WarmSlotStatus(image=i, ready=n) for i, n in sorted(warm.items())],
                 "observed_generation": pool.metadata.generation,
             }
         )

@@ -334,7 +334,12 @@ class SandboxService(SandboxDeletion):
             return stored
         self.unstored[key] = sb
         self.remember(sb)
-        answered.set_result(sb.model_copy(deep=True))
+        answer = sb.model_copy(deep=True)
+        if not self.store.keeps_uid:
+            # The apiserver assigns the uid when the record is written, just after this answer:
+            # promising ours would show a uid that never exists. `fsb get` shows the real one.
+            answer.metadata.uid = ""
+        answered.set_result(answer)
         try:
             stored = await self._persist(sb, allocation)
         finally:
@@ -354,8 +359,13 @@ class SandboxService(SandboxDeletion):
                 break
             except AlreadyExists:
                 current = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
-                if current.metadata.uid == sb.metadata.uid:
-                    stored = current  # rebuilt from the container's label by a recovery
+                same_container = bool(sb.status.container_id) and (
+                    current.status.container_id == sb.status.container_id
+                )
+                if current.metadata.uid == sb.metadata.uid or same_container:
+                    # Rebuilt from the container's label by a recovery (on Kubernetes with the
+                    # apiserver's own uid, so the container tells it is this sandbox).
+                    stored = current
                     break
                 log.error(
                     "name taken by another writer after the create was answered; removing it",
@@ -472,6 +482,8 @@ class SandboxService(SandboxDeletion):
                 state = await self._run_on_agent(sb, allocation, limits)
                 if state.pulled_ms:
                     timings.pulled_ms = round(state.pulled_ms, 3)
+                if state.warm:
+                    timings.warm = True
                 return allocation, state
             except CapacityExhausted as exc:
                 self.registry.release(allocation.agent, allocation.sandbox_id)
