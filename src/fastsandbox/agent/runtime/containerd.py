@@ -274,6 +274,8 @@ class ContainerdRuntime:
                 stderr=asyncio.subprocess.PIPE,
             )
         except FileNotFoundError:
+            if credentials:
+                os.close(master)
             raise RuntimeFailure(
                 f"{self.ctr_binary} not found: install containerd (scripts/setup)"
             ) from None
