@@ -35,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fastsandbox._aio.keyed import KeyedLocks
+from fastsandbox.agent.image_access import ImageAccess
 from fastsandbox.agent.logs import LogChunk, log_files, read_log
 from fastsandbox.agent.network.for_agent import net_labels, network_for
 from fastsandbox.agent.network.private import SandboxNet
@@ -58,7 +59,7 @@ from fastsandbox.agent.runtime.base import (
 from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
 from fastsandbox.agent.warm import WarmSlots, can_claim, counts_reader
 from fastsandbox.api import labels
-from fastsandbox.api.images import normalize_image_ref
+from fastsandbox.api.images import PullCredentials, normalize_image_ref
 from fastsandbox.api.models import MIN_LOG_MAX_BYTES
 from fastsandbox.api.quantity import MIN_DISK_BYTES
 from fastsandbox.errors import (
@@ -101,6 +102,8 @@ class SandboxManager:
         self._detached: set[asyncio.Task[ContainerState]] = set()
         # Image references known to be present locally; a miss only costs a no-op pull.
         self._images: set[str] = set()
+        # Who may use a cached image (a private one: a caller the registry accepts).
+        self.access = ImageAccess(runtime)
         self._closing = asyncio.Event()
         # Refusing new slots (the control plane is draining this agent).
         self._cordoned = False
@@ -231,6 +234,10 @@ class SandboxManager:
     async def _create_held(self, req: SandboxRequest) -> ContainerState:
         began = time.perf_counter()
         async with self._locks.hold(req.sandbox_id):
+            image = normalize_image_ref(req.image)
+            if image in self._images:
+                # Cached (a warm slot's image is too): a private one needs the caller's proof.
+                await self.access.check_cached(image, req.pull_credentials)
             state = await self._claim(req)
             if state is None:
                 state = await self._create_cold(req)
@@ -415,7 +422,8 @@ class SandboxManager:
         # create's timings report as pulledMs.
         cold = image not in self._images
         began = time.monotonic()
-        await self._ensure_image(image)
+        # Cached when the create began: its access was checked then (`_create_held`).
+        await self._ensure_image(image, req.pull_credentials, checked=not cold)
         pulled = time.monotonic() - began if cold else 0.0
         try:
             state = await self.runtime.create(spec)
@@ -423,7 +431,7 @@ class SandboxManager:
             # The image left the cache behind our back (pruned by someone): fetch it once more.
             self._images.discard(image)
             began = time.monotonic()
-            await self._pull(image)
+            await self._pull(image, req.pull_credentials)
             pulled += time.monotonic() - began
             state = await self.runtime.create(spec)
         if pulled:
@@ -651,18 +659,26 @@ class SandboxManager:
     async def ensure_image(self, image: str) -> None:
         await self._ensure_image(image)
 
-    async def _ensure_image(self, image: str) -> None:
+    async def _ensure_image(
+        self, image: str, credentials: PullCredentials | None = None, *, checked: bool = False
+    ) -> None:
         async with self._locks.hold(("image", image)):
             if image not in self._images:
-                await self._pull_locked(image)
+                await self._pull_locked(image, credentials)
+            elif not checked:
+                # Pulled meanwhile by a concurrent create, perhaps with credentials not ours.
+                await self.access.check_cached(image, credentials)
 
-    async def _pull(self, image: str) -> ImageInfo:
+    async def _pull(self, image: str, credentials: PullCredentials | None = None) -> ImageInfo:
         async with self._locks.hold(("image", image)):
-            return await self._pull_locked(image)
+            return await self._pull_locked(image, credentials)
 
-    async def _pull_locked(self, image: str) -> ImageInfo:
+    async def _pull_locked(
+        self, image: str, credentials: PullCredentials | None = None
+    ) -> ImageInfo:
         started = time.perf_counter()
-        info = await self.runtime.pull(image)
+        info = await self.runtime.pull(image, credentials)
+        self.access.pulled(image, credentials)
         self.metrics.pull_seconds.observe(time.perf_counter() - started)
         self._images.update((image, info.name))
         log.info("image ready", extra={"image": image, "digest": info.digest})

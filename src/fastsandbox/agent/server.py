@@ -28,6 +28,7 @@ from fastsandbox.agent.manager import SandboxManager
 from fastsandbox.agent.requests import SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus, Runtime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
+from fastsandbox.api.images import PullCredentials
 from fastsandbox.errors import FsbError, InvalidArgument, Unavailable
 from fastsandbox.metrics import HealthState, serve_metrics
 from fastsandbox.settings import AgentSettings
@@ -87,7 +88,14 @@ def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
         pids_limit=spec.pids_limit,
         disk_bytes=spec.disk_bytes,
         log_max_bytes=spec.log_max_bytes,
+        pull_credentials=_credentials(spec),
     )
+
+
+def _credentials(spec: agent_pb2.SandboxRuntimeSpec) -> PullCredentials | None:
+    if not spec.pull_username and not spec.pull_password:
+        return None
+    return PullCredentials(spec.pull_username, spec.pull_password)
 
 
 class AgentService(IoMethods, agent_pb2_grpc.AgentServicer):
@@ -106,7 +114,11 @@ class AgentService(IoMethods, agent_pb2_grpc.AgentServicer):
     async def CreateSandbox(
         self, request: agent_pb2.CreateSandboxRequest, context: Context
     ) -> agent_pb2.CreateSandboxResponse:
-        state = await self._guard(context, self.manager.create(request_from_proto(request.spec)))
+        async def create() -> ContainerState:
+            # Built inside the guard: a bad field is INVALID_ARGUMENT, not an unknown error.
+            return await self.manager.create(request_from_proto(request.spec))
+
+        state = await self._guard(context, create())
         return agent_pb2.CreateSandboxResponse(sandbox=state_to_proto(state))
 
     async def DeleteSandbox(

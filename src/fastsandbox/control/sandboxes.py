@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
@@ -36,7 +37,7 @@ from datetime import timedelta
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
-from fastsandbox.api.images import check_registry
+from fastsandbox.api.images import PullCredentials, check_registry
 from fastsandbox.api.labels import CLEANUP_FINALIZER
 from fastsandbox.api.models import (
     ConsistencyMode,
@@ -72,6 +73,12 @@ from fastsandbox.settings import DEFAULT_SANDBOX_DISK
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
+
+# The pull credentials of the create being served in this task (and the task it spawns), set by
+# `create` from the request; None everywhere else.
+_PULL_CREDENTIALS: contextvars.ContextVar[PullCredentials | None] = contextvars.ContextVar(
+    "pull_credentials", default=None
+)
 
 IDEMPOTENCY_KEY = labels.IDEMPOTENCY_KEY_ANNOTATION
 SPEC_HASH = labels.SPEC_HASH_ANNOTATION
@@ -165,6 +172,9 @@ class SandboxService(SandboxDeletion):
 
     # -- create ----------------------------------------------------------------------------
     async def create(self, sb: Sandbox, opts: CreateOptions) -> Sandbox:
+        # The caller's registry credentials reach the agent call of this create (and its task)
+        # only: never the record, so a later start (AutoRecreate, reset) goes without them.
+        _PULL_CREDENTIALS.set(opts.pull_credentials)
         if opts.mode is ConsistencyMode.STRONG:
             return await self._create_locked(sb, opts, None)
         # Fast: the serial section runs on in its own task past the answer (the record write);
@@ -524,6 +534,7 @@ class SandboxService(SandboxDeletion):
         self, sb: Sandbox, sandbox_id: str, limits: Limits | None = None
     ) -> agent_pb2.SandboxRuntimeSpec:
         spec = sb.spec
+        creds = _PULL_CREDENTIALS.get()
         if limits is None:
             fallback = server_defaults(self.default_cpu, self.default_memory, self.default_disk)
             limits = effective_limits(spec.resources, None, fallback)
@@ -547,6 +558,8 @@ class SandboxService(SandboxDeletion):
             pids_limit=limits.pids,
             disk_bytes=limits.disk_bytes,
             log_max_bytes=limits.log_max_bytes,
+            pull_username=creds.username if creds else "",
+            pull_password=creds.password if creds else "",
         )
 
     async def _run_on_agent(

@@ -311,6 +311,9 @@ class CreateOptions(TypedDict, total=False):
     lease: int
     """Seconds: the sandbox is deleted unless its lease is renewed at least this often."""
     namespace: str
+    pull_credentials: tuple[str, str]
+    """`(username, password)` for the image's registry: to pull a private image, and to use one
+    already cached on the node (it is refused without credentials the registry accepts)."""
 
 
 class PoolOptions(TypedDict, total=False):
@@ -463,6 +466,11 @@ def create_request(
         idempotency_key=options.get("idempotency_key") or "",
         lease_seconds=spec.lease_seconds or 0,
     )
+    creds = options.get("pull_credentials")
+    if creds is not None:
+        user, password = creds
+        req.pull_credentials.username = user
+        req.pull_credentials.password = password
     if "resources" in spec_in:
         req.resources.cpu = spec.resources.cpu or ""
         req.resources.memory = spec.resources.memory or ""
