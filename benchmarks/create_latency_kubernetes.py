@@ -186,7 +186,9 @@ async def bench_fsb(targets: list[Target], token: str, image: str, n: int) -> di
     return runs
 
 
-def measure(targets: list[Target], token: str, image: str, n: int) -> dict[str, CreateRun]:
+def measure(
+    targets: list[Target], token: str, image: str, n: int, ca_file: Path
+) -> dict[str, CreateRun]:
     """`bench_fsb` in a child interpreter (this script with `--child`): the process kubelet runs
     on a thread of this one, and the client's event loop must not wait for the GIL behind it.
     The token goes through stdin, not argv. An exception here (Ctrl-C, SIGTERM) kills the child."""
@@ -197,6 +199,7 @@ def measure(targets: list[Target], token: str, image: str, n: int) -> dict[str, 
         capture_output=True,
         text=True,
         check=False,
+        env={**os.environ, "FSB_CA_FILE": str(ca_file)},  # the Fast-Path's CA (TLS)
     )
     if proc.returncode != 0:
         raise RuntimeError(f"the measuring child exited {proc.returncode}: {proc.stderr[-2000:]}")
@@ -259,7 +262,7 @@ def bench_embedded(registry: str, image: str, n: int) -> CreateRun:
         server.start()
         wait_pool_ready(server.fsb, timeout=60)
         token = (server.data_dir / "token").read_text().strip()
-        runs = measure([Target("emb", server.endpoint, "fast")], token, image, n)
+        runs = measure([Target("emb", server.endpoint, "fast")], token, image, n, server.ca_file)
         return runs["emb"]
     finally:
         purge(server)
@@ -360,7 +363,7 @@ def main() -> int:
             Target("follow", server.replicas[follower].endpoint, "fast"),
             Target("strong", server.replicas[follower].endpoint, "strong"),
         ]
-        runs = measure(targets, server.token, image, args.n)
+        runs = measure(targets, server.token, image, args.n, server.ca_file)
         on_follower = runs["follow"]
         assert cluster.containerd is not None
         ctr = bench_ctr(cluster.containerd.socket, image, args.n, cluster.cgroup_parent)

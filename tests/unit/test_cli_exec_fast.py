@@ -18,11 +18,11 @@ def test_the_common_forms_are_parsed() -> None:
     assert parse(["sb", "echo", "hi"]) == ExecArgs(name="sb", command=["echo", "hi"])
     got = parse(
         ["-it", "-e", "A=1", "--env=B=2", "-w", "/tmp", "-u", "1000", "--timeout", "3",
-         "-n", "ns", "--endpoint=h:1", "--token", "t", "sb", "--", "sh"]
+         "-n", "ns", "--endpoint=h:1", "--token-file", "t", "sb", "--", "sh"]
     )  # fmt: skip
     assert got == ExecArgs(
         name="sb", command=["sh"], interactive=True, tty=True, env=["A=1", "B=2"],
-        workdir="/tmp", user="1000", timeout="3", endpoint="h:1", token="t", namespace="ns",
+        workdir="/tmp", user="1000", timeout="3", endpoint="h:1", token_file="t", namespace="ns",
     )  # fmt: skip
 
 
@@ -37,6 +37,7 @@ def test_the_common_forms_are_parsed() -> None:
         ["-e"],  # a missing value
         ["sb", "ls", "-l"],  # an option-looking word without `--`: typer decides
         ["-e=A=1", "sb", "--", "true"],
+        ["--token", "secret", "sb", "--", "true"],  # refused by typer's path, never run
     ],
 )
 def test_anything_else_is_left_to_typer(argv: list[str]) -> None:

@@ -9,6 +9,7 @@ which is the runtime's processes, not our event loop.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 from collections.abc import Callable, Coroutine
@@ -24,7 +25,8 @@ def _factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     if os.environ.get(EVENT_LOOP_ENV, "asyncio") != "uvloop":
         return None
     try:
-        import uvloop
+        # Optional (not a dependency): looked up by name so type checks need no stubs for it.
+        uvloop = importlib.import_module("uvloop")
     except ImportError:
         log.warning("FSB_EVENT_LOOP=uvloop but uvloop is not installed; using asyncio's loop")
         return None

@@ -4,7 +4,8 @@ An agent that shells out to `fsb exec NAME -- CMD` pays the CLI's start-up on ev
 typer alone (with the pydantic adapters it builds for each option) is most of it
 (docs/performance.md, "CLI"). `parse` understands exactly the documented forms — options of
 `fsb exec` before NAME (`-i`, `-t`, `-it`, `-e K=V`, `-w DIR`, `-u USER`, `--timeout S`,
-`--endpoint`, `--token`, `-n`, each also as `--opt=value`), then NAME, then `--` and the command
+`--endpoint`, `--token-file`, `-n`, each also as `--opt=value`; `--token` is not one: typer
+refuses it), then NAME, then `--` and the command
 (or a command none of whose words starts with `-`) — and returns None for anything else
 (`--help`, an unknown option, a missing value), which typer then handles, with its messages.
 Errors become one `error: ...` line and the code of the one table in `errors.py`, as everywhere.
@@ -21,11 +22,14 @@ from dataclasses import dataclass, field
 _FLAGS = {"-i": "interactive", "--interactive": "interactive", "-t": "tty", "--tty": "tty"}
 _VALUES = {
     "-e": "env", "--env": "env", "-w": "workdir", "--workdir": "workdir", "-u": "user",
-    "--user": "user", "--timeout": "timeout", "--endpoint": "endpoint", "--token": "token",
+    "--user": "user", "--timeout": "timeout", "--endpoint": "endpoint",
+    "--token-file": "token_file",
     "-n": "namespace", "--namespace": "namespace",
 }  # fmt: skip
 # typer reads these options from the environment when they are not given.
-_ENVVARS = {"endpoint": "FSB_ENDPOINT", "token": "FSB_TOKEN", "namespace": "FSB_NAMESPACE"}
+_ENVVARS = {
+    "endpoint": "FSB_ENDPOINT", "token_file": "FSB_TOKEN_FILE", "namespace": "FSB_NAMESPACE",
+}  # fmt: skip
 
 
 @dataclass
@@ -39,7 +43,7 @@ class ExecArgs:
     user: str | None = None
     timeout: str | None = None
     endpoint: str | None = None
-    token: str | None = None
+    token_file: str | None = None
     namespace: str | None = None
 
 
@@ -86,7 +90,7 @@ def parse(argv: Sequence[str]) -> ExecArgs | None:
         name=name, command=rest, interactive="interactive" in flags, tty="tty" in flags,
         env=env, workdir=values.get("workdir"), user=values.get("user"),
         timeout=values.get("timeout"), endpoint=values.get("endpoint"),
-        token=values.get("token"), namespace=values.get("namespace"),
+        token_file=values.get("token_file"), namespace=values.get("namespace"),
     )  # fmt: skip
 
 
@@ -110,7 +114,7 @@ def run(args: ExecArgs) -> int:
             run_exec(
                 args.name, args.command, interactive=args.interactive, tty=args.tty,
                 env=env_pairs(args.env), workdir=args.workdir, user=args.user, timeout=timeout,
-                endpoint=args.endpoint, token=args.token, namespace=args.namespace,
+                endpoint=args.endpoint, token_file=args.token_file, namespace=args.namespace,
             )
         )  # fmt: skip
     except FsbError as exc:

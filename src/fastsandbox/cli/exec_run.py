@@ -109,7 +109,7 @@ async def run_exec(
     user: str | None,
     timeout: float | None,
     endpoint: str | None,
-    token: str | None,
+    token_file: str | None,
     namespace: str | None,
     stdin: Any = None,
     stdout: Any = None,
@@ -127,7 +127,7 @@ async def run_exec(
     # The window whose size the command gets: our terminal, on stdin or else on stdout.
     term_fd = stdin_fd if _isatty(stdin_fd) else _fileno(stdout)
     loop = asyncio.get_running_loop()
-    async with AsyncClient(endpoint, token, namespace) as client:
+    async with AsyncClient(endpoint, None, namespace, token_file=token_file) as client:
         start = exec_start(
             client.namespace,
             name,

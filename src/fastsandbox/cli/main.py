@@ -36,6 +36,7 @@ _VERBS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "reset": ("reset", "reset", {"no_args_is_help": True}),
     "apply": ("apply", "apply", {"no_args_is_help": True}),
     "pool": ("pool", "app", {}),  # a sub-app (typer.Typer), not a command
+    "token": ("token", "app", {}),
     "server": ("server", "server", {}),
     "controller": ("controller", "controller", {}),
     "agent": ("agent", "agent", {}),

@@ -23,9 +23,9 @@ container and snapshot; each step tolerates "not found", so delete is idempotent
 cleans up after a half-finished create or delete.
 
 gVisor: Debian ships no runsc shim, so gVisor runs through the runc v2 shim with `BinaryName`
-pointing at a two-line wrapper that adds runsc's global `--network=host` flag (runsc refuses to
-set up its own network when started by the shim; host mode inside the agent's network namespace
-is what sandboxes want anyway). The wrapper is written once under `state_dir`.
+pointing at a wrapper (`runsc_wrapper.py`) that adds runsc's `--network=host` and starts runsc
+inside the network namespace the spec names, so a gVisor sandbox gets the same private namespace
+as a runc one. The wrapper is written once under `state_dir`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import platform
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -46,7 +48,9 @@ from urllib.parse import quote, urlencode
 from google.protobuf import any_pb2
 
 from fastsandbox._aio.keyed import KeyedLocks
+from fastsandbox.agent.runtime import runsc_wrapper
 from fastsandbox.agent.runtime._containerd_api import ContainerdApi
+from fastsandbox.agent.runtime.apparmor import AppArmor
 from fastsandbox.agent.runtime.base import (
     ContainerSpec,
     ContainerState,
@@ -68,6 +72,7 @@ from fastsandbox.agent.runtime.oci_spec import (
     host_pids_limit,
     linux_resources,
 )
+from fastsandbox.agent.runtime.pull_errors import classify
 from fastsandbox.agent.runtime.warm_claim import cgroup_writes, claimed_oci, in_own_thread, prepare
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
@@ -156,10 +161,16 @@ _TASK_STATUS = {
     pb.CTD_TASK_STATUS_PAUSING: ContainerStatus.RUNNING,
 }
 
-# --host-uds=open lets the sandbox connect to its agent's channel socket (a host unix socket in
-# a bind mount); it still cannot create or listen on one (the deprecated spelling is
-# --fsgofer-host-uds).
-GVISOR_WRAPPER = '#!/bin/sh\nexec {runsc} --network=host --host-uds=open "$@"\n'
+
+def _write_if_changed(path: Path, content: str, mode: int) -> None:
+    """Replace `path` atomically when its content differs (several agents may share a dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.read_text() == content:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(content)
+    tmp.chmod(mode)
+    tmp.replace(path)
 
 
 def _timestamp(ts: Any) -> float | None:
@@ -185,6 +196,7 @@ class ContainerdRuntime:
         runsc_binary: str = "runsc",
         pull_timeout: float = 900.0,
         shim_group: str | None = None,
+        apparmor: AppArmor | None = None,
     ) -> None:
         self.socket = str(socket)
         self.namespace = namespace
@@ -205,6 +217,7 @@ class ContainerdRuntime:
         # Warm containers this process made: their record, image config and task pid, so a
         # claim reads nothing from containerd before it starts the main process.
         self._warm: dict[str, tuple[pb.CtdContainer, ImageConfig, int]] = {}
+        self.apparmor = apparmor or AppArmor()
 
     # -- images -------------------------------------------------------------------------------
 
@@ -258,10 +271,10 @@ class ContainerdRuntime:
             ) from None
         stderr = stderr_bytes.decode(errors="replace").strip()[-_STDERR_TAIL:]
         if proc.returncode != 0:
-            message = f"pull of {ref} failed: {argv!r} exited {proc.returncode}: {stderr}"
-            if "not found" in stderr:
-                raise NotFound(message)
-            raise RuntimeFailure(message)
+            # The remote's words stay in our log; the caller gets ours (pull_errors.py).
+            log.debug("pull failed", extra={"image": ref, "argv": argv, "stderr": stderr})
+            failure = classify(stderr, registry_host(ref))
+            raise failure.kind(f"pull of {ref} failed: {failure.reason}")
         log.info("pulled image", extra={"image": ref, "ms": (time.monotonic() - started) * 1e3})
 
     async def images(self) -> list[ImageInfo]:
@@ -321,18 +334,20 @@ class ContainerdRuntime:
     # -- create -------------------------------------------------------------------------------
 
     def _gvisor_binary(self) -> str:
+        """The runsc wrapper the runc shim runs (runsc_wrapper.py), written once under
+        `state_dir`: a sh front and the Python script it hands create/run to."""
         if self._gvisor_wrapper is None:
             runsc = shutil.which(self.runsc_binary)
             if runsc is None:
                 raise RuntimeFailure("runtime gvisor needs runsc: apt-get install runsc")
-            wrapper = self.state_dir / "runsc-host-network"
-            wrapper.parent.mkdir(parents=True, exist_ok=True)
-            content = GVISOR_WRAPPER.format(runsc=runsc)
-            if not wrapper.exists() or wrapper.read_text() != content:
-                tmp = wrapper.with_suffix(".tmp")
-                tmp.write_text(content)
-                tmp.chmod(0o755)
-                tmp.replace(wrapper)
+            if shutil.which("nsenter") is None:
+                raise RuntimeFailure("runtime gvisor needs nsenter: apt-get install util-linux")
+            script = self.state_dir / "runsc-wrapper.py"
+            wrapper = self.state_dir / "runsc-wrapper"
+            _write_if_changed(script, Path(runsc_wrapper.__file__).read_text(), 0o644)
+            python = sys.executable or shutil.which("python3") or "python3"
+            content = runsc_wrapper.shell_wrapper(runsc, python, str(script))
+            _write_if_changed(wrapper, content, 0o755)
             self._gvisor_wrapper = wrapper
         return str(self._gvisor_wrapper)
 
@@ -363,6 +378,9 @@ class ContainerdRuntime:
         elif not argv and not spec.init_path:
             raise InvalidArgument(f"image {ref} has no entrypoint or cmd: give a command")
         uid, gid = parse_user(image.user)
+        if self.apparmor.pending(spec.runtime):
+            await asyncio.to_thread(self.apparmor.profile_for, spec.runtime)
+        profile = self.apparmor.profile_for(spec.runtime)
         oci = build_oci_spec(
             container_id=spec.id,
             args=argv,
@@ -380,6 +398,7 @@ class ContainerdRuntime:
             init_env=[f"{k}={v}" for k, v in spec.init_env],
             warm=spec.warm,
             annotations={SHIM_GROUP_ANNOTATION: self.shim_group} if self.shim_group else None,
+            apparmor_profile=profile,
         )
         record_labels = {**spec.labels, MANAGED_LABEL: "true"}
         # Ours, never the caller's: remove acts on the path it names.
@@ -464,6 +483,10 @@ class ContainerdRuntime:
                 oci, sandbox_id=spec.id, argv=argv, env=env, cwd=cwd, resources=resources
             )
             new_labels = {**spec.labels, MANAGED_LABEL: "true"}
+            new_labels.pop(DISK_LAYER_LABEL, None)
+            if DISK_LAYER_LABEL in container.labels:
+                # The slot's layer stays where it is: whoever removes the sandbox finds it here.
+                new_labels[DISK_LAYER_LABEL] = container.labels[DISK_LAYER_LABEL]
             updated = pb.CtdContainer()
             updated.CopyFrom(container)
             updated.labels.clear()

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from fastsandbox.cli.exec_run import env_pairs, run_exec
-from fastsandbox.cli.options import Endpoint, Namespace, Token
+from fastsandbox.cli.options import Endpoint, Namespace, TokenFile
 
 
 def exec_(
@@ -46,7 +46,7 @@ def exec_(
         typer.Option("--timeout", metavar="SECONDS", help="Kill it after this long (exit 124)."),
     ] = None,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Run a command in a running sandbox; exits with the command's exit code."""
@@ -65,7 +65,7 @@ def exec_(
             user=user,
             timeout=timeout,
             endpoint=endpoint,
-            token=token,
+            token_file=token_file,
             namespace=namespace,
         )
     )

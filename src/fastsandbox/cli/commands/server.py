@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, MetricsListen, log_settings
+from fastsandbox.cli.options import (
+    Insecure,
+    LogFile,
+    LogFormat,
+    LogLevel,
+    MetricsListen,
+    ServeTokenFile,
+    TlsCert,
+    TlsKey,
+    log_settings,
+    serve_security,
+)
 from fastsandbox.settings import DEFAULT_ENDPOINT, JANITOR_INTERVAL_SECONDS, ORPHAN_TIMEOUT_SECONDS
 
 
@@ -19,7 +30,7 @@ def server(
             "--data-dir",
             envvar="FSB_DATA_DIR",
             metavar="DIR",
-            help="State, token and logs (default: ~/.local/share/fastsandbox).",
+            help="State, admin token, TLS CA and logs (default: ~/.local/share/fastsandbox).",
             show_default=False,
         ),
     ] = None,
@@ -39,21 +50,24 @@ def server(
             show_default=False,
         ),
     ] = None,
+    allowed_registry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-registry",
+            metavar="HOST[:PORT]",
+            help="Pull only from these (repeatable; default: docker.io + insecure ones).",
+        ),
+    ] = None,
     insecure_registry: Annotated[
         list[str] | None,
         typer.Option(
             "--insecure-registry", metavar="HOST:PORT", help="Pull over plain HTTP (repeatable)."
         ),
     ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            "--token",
-            envvar="FSB_TOKEN",
-            help="Require this API token (default: <data-dir>/token, created once).",
-            show_default=False,
-        ),
-    ] = None,
+    token_file: ServeTokenFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    insecure: Insecure = False,
     no_default_pool: Annotated[
         bool, typer.Option("--no-default-pool", help="Do not create pool default-pool.")
     ] = False,
@@ -100,10 +114,15 @@ def server(
         raise InvalidArgument(f"--orphan-timeout: must be >= 0 seconds, not {orphan_timeout}")
     if janitor_interval <= 0:
         raise InvalidArgument(f"--janitor-interval: must be > 0 seconds, not {janitor_interval}")
+    token, cert, key = serve_security(token_file, tls_cert, tls_key, insecure, listen)
     settings = ServerSettings(
         listen=listen,
+        tls_cert=cert,
+        tls_key=key,
+        insecure=insecure,
         containerd_socket=containerd_socket,
         insecure_registries=list(insecure_registry or []),
+        allowed_registries=list(allowed_registry or []),
         token=token,
         default_pool=not no_default_pool,
         network=network,
