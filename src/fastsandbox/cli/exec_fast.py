@@ -4,8 +4,8 @@ An agent that shells out to `fsb exec NAME -- CMD` pays the CLI's start-up on ev
 typer alone (with the pydantic adapters it builds for each option) is most of it
 (docs/performance.md, "CLI"). `parse` understands exactly the documented forms — options of
 `fsb exec` before NAME (`-i`, `-t`, `-it`, `-e K=V`, `-w DIR`, `-u USER`, `--timeout S`,
-`--endpoint`, `--token-file`, `-n`, each also as `--opt=value`; `--token` is not one: typer
-refuses it), then NAME, then `--` and the command
+`--endpoint`, `--token-file`, `-n`, each also as `--opt=value`), then NAME, then `--` and the
+command
 (or a command none of whose words starts with `-`) — and returns None for anything else
 (`--help`, an unknown option, a missing value), which typer then handles, with its messages.
 Errors become one `error: ...` line and the code of the one table in `errors.py`, as everywhere.
@@ -26,10 +26,10 @@ _VALUES = {
     "--token-file": "token_file",
     "-n": "namespace", "--namespace": "namespace",
 }  # fmt: skip
-# typer reads these options from the environment when they are not given.
-_ENVVARS = {
-    "endpoint": "FSB_ENDPOINT", "token_file": "FSB_TOKEN_FILE", "namespace": "FSB_NAMESPACE",
-}  # fmt: skip
+# typer reads these options from the environment when they are not given (the token itself,
+# FSB_TOKEN, is read by the client: it is never an option; `--token` goes to typer, which
+# refuses it pointing to --token-file).
+_ENVVARS = {"endpoint": "FSB_ENDPOINT", "namespace": "FSB_NAMESPACE"}
 
 
 @dataclass
