@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import row  # noqa: E402
-
 from fastsandbox.sdk import AsyncClient  # noqa: E402
 from fastsandbox.sdk.commands import AsyncCommands  # noqa: E402
 from fastsandbox.sdk.files import AsyncFiles  # noqa: E402
@@ -145,7 +144,7 @@ async def soak(server: Server, image: str, seconds: float, rate: float, keep_n: 
         for name in keep:
             await client.create(name, image, pool=POOL, command=["sleep", "infinity"])
         for i in range(10):  # warm-up: pulls, connections, caches
-            await cycle(client, image, -1 - i, keep)
+            await cycle(client, image, 100000 + i, keep)
         start = sample(server)
         began = time.monotonic()
         i = 0
