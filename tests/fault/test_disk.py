@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e._server import Server, free_port, purge
-from tests.fault._leaks import inventory, leaks
-from tests.fault.conftest import make_pool, report, until
+from tests.fault.conftest import make_pool, report, settled_leaks, until
 
 pytestmark = pytest.mark.e2e
 
@@ -122,13 +121,12 @@ def test_a_full_data_dir(small_fs: Path, registry_addr: str, demo_image: str) ->
             assert server.fsb_json("get", name)["status"]["phase"] == "Running", name
         for name in ["when-full", *refused]:  # refused: never half-made
             until(f"{name} absent", lambda n=name: server.fsb("get", n).returncode == 3, 30)
-        inv = inventory(server, (POOL,))
-        found = leaks(inv)
+        inv, found = settled_leaks(server, (POOL,))
         server.stop()
         check = _sh("sqlite3", str(server.data_dir / "state.db"), "PRAGMA integrity_check;")
         assert check.strip() == "ok", check
         report(
-            "disk full / read-only", inv, found, acknowledged=len(acked),
+            "disk full", inv, found, acknowledged=len(acked),
             integrity_check=check.strip(), full_error=repr(full),
         )  # fmt: skip
     finally:

@@ -69,7 +69,15 @@ def state_to_proto(state: ContainerState) -> agent_pb2.SandboxState:
     )
 
 
+# Sizes of a runtime spec: 0 means "the default", a negative one is a caller's error (found by
+# tests/fuzz/test_agent_fuzz.py: pids_limit=-1 reached the OCI builder and answered INTERNAL).
+_SIZES = ("cpu_millis", "memory_bytes", "pids_limit", "disk_bytes", "log_max_bytes")
+
+
 def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
+    for size in _SIZES:
+        if getattr(spec, size) < 0:
+            raise InvalidArgument(f"spec.{size}: must not be negative, got {getattr(spec, size)}")
     return SandboxRequest(
         sandbox_id=spec.sandbox_id,
         image=spec.image,
@@ -105,7 +113,11 @@ class AgentService(IoMethods, agent_pb2_grpc.AgentServicer):
     async def CreateSandbox(
         self, request: agent_pb2.CreateSandboxRequest, context: Context
     ) -> agent_pb2.CreateSandboxResponse:
-        state = await self._guard(context, self.manager.create(request_from_proto(request.spec)))
+        try:
+            req = request_from_proto(request.spec)
+        except InvalidArgument as exc:
+            await _abort(context, exc)
+        state = await self._guard(context, self.manager.create(req))
         return agent_pb2.CreateSandboxResponse(sandbox=state_to_proto(state))
 
     async def DeleteSandbox(
