@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable
@@ -40,9 +41,20 @@ Context = grpc.aio.ServicerContext[Any, Any]
 SHUTDOWN_GRACE_SECONDS = 2.0
 
 
+# The agent's own disk full or read-only: nothing the caller did wrong, and it may pass
+# (tests/fault/test_disk.py), so UNAVAILABLE (retry later) with the OS's words, not INTERNAL.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 async def _abort(context: Context, exc: BaseException) -> NoReturn:
     if isinstance(exc, FsbError):
         await context.abort(exc.grpc_code, exc.message)
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        where = f": {exc.filename}" if exc.filename else ""
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the agent's disk: {exc.strerror}{where}; retry once space is back",
+        )
     log.exception("agent call failed unexpectedly", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"agent error: {exc}")
     raise AssertionError("unreachable")
