@@ -69,7 +69,7 @@ def _processes(server: Server) -> dict[str, list[int]]:
             roles["shim"].append(int(proc.name))
         elif exe == "containerd":
             roles["containerd"].append(int(proc.name))
-        elif " agent" in line and "--state-dir" in line:
+        elif "fastsandbox.agent" in line and "--state-dir" in line:
             roles["agent"].append(int(proc.name))
     return roles
 
