@@ -302,3 +302,15 @@ def test_a_negative_size_is_refused_naming_the_field(size: str) -> None:
     spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="s", image="busybox", **{size: -1})
     with pytest.raises(InvalidArgument, match=rf"spec\.{size}: must not be negative"):
         request_from_proto(spec)
+
+
+@pytest.mark.parametrize(("size", "value"), [("memory_bytes", 1), ("log_max_bytes", 1)])
+def test_a_tiny_limit_is_refused_naming_the_field(size: str, value: int) -> None:
+    """Found by tests/fuzz/test_agent_fuzz.py: memory_bytes=1 failed inside runc (INTERNAL)."""
+    from fastsandbox.agent.server import request_from_proto
+    from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
+    from fastsandbox.errors import InvalidArgument
+
+    spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="s", image="busybox", **{size: value})
+    with pytest.raises(InvalidArgument, match=rf"spec\.{size}: at least \d+ bytes"):
+        request_from_proto(spec)

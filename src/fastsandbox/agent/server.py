@@ -28,6 +28,8 @@ from fastsandbox.agent.io_service import IoMethods
 from fastsandbox.agent.manager import SandboxManager, SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus, Runtime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
+from fastsandbox.api.log_caps import MIN_LOG_MAX_BYTES
+from fastsandbox.api.quantity import MIN_MEMORY_BYTES
 from fastsandbox.errors import FsbError, InvalidArgument, Unavailable
 from fastsandbox.metrics import HealthState, serve_metrics
 from fastsandbox.settings import AgentSettings
@@ -90,6 +92,13 @@ def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
     for size in _SIZES:
         if getattr(spec, size) < 0:
             raise InvalidArgument(f"spec.{size}: must not be negative, got {getattr(spec, size)}")
+    # What the control plane refuses too (tiny limits fail inside runc, as INTERNAL otherwise).
+    for size, least in (("memory_bytes", MIN_MEMORY_BYTES), ("log_max_bytes", MIN_LOG_MAX_BYTES)):
+        value = getattr(spec, size)
+        if 0 < value < least:
+            raise InvalidArgument(
+                f"spec.{size}: at least {least} bytes (0: the default), got {value}"
+            )
     return SandboxRequest(
         sandbox_id=spec.sandbox_id,
         image=spec.image,
