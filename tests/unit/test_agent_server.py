@@ -314,3 +314,14 @@ def test_a_tiny_limit_is_refused_naming_the_field(size: str, value: int) -> None
     spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="s", image="busybox", **{size: value})
     with pytest.raises(InvalidArgument, match=rf"spec\.{size}: at least \d+ bytes"):
         request_from_proto(spec)
+
+
+@pytest.mark.parametrize(("size", "value"), [("pids_limit", 2**31), ("cpu_millis", 2**62)])
+def test_a_limit_beyond_the_kernels_is_refused_naming_the_field(size: str, value: int) -> None:
+    from fastsandbox.agent.server import request_from_proto
+    from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
+    from fastsandbox.errors import InvalidArgument
+
+    spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="s", image="busybox", **{size: value})
+    with pytest.raises(InvalidArgument, match=rf"spec\.{size}: at most \d+"):
+        request_from_proto(spec)

@@ -85,6 +85,9 @@ def state_to_proto(state: ContainerState) -> agent_pb2.SandboxState:
 
 # Sizes of a runtime spec: 0 means "the default", a negative one is a caller's error (found by
 # tests/fuzz/test_agent_fuzz.py: pids_limit=-1 reached the OCI builder and answered INTERNAL).
+# The kernel's PID_MAX_LIMIT; 10 000 CPUs.
+MAX_PIDS_LIMIT = 4 * 1024 * 1024
+MAX_CPU_MILLIS = 10_000_000
 _SIZES = ("cpu_millis", "memory_bytes", "pids_limit", "disk_bytes", "log_max_bytes")
 
 
@@ -99,6 +102,11 @@ def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
             raise InvalidArgument(
                 f"spec.{size}: at least {least} bytes (0: the default), got {value}"
             )
+    # Above what the kernel takes (pids.max, the CFS quota): refused here, not inside runc.
+    for size, most in (("pids_limit", MAX_PIDS_LIMIT), ("cpu_millis", MAX_CPU_MILLIS)):
+        value = getattr(spec, size)
+        if value > most:
+            raise InvalidArgument(f"spec.{size}: at most {most}, got {value}")
     return SandboxRequest(
         sandbox_id=spec.sandbox_id,
         image=spec.image,
