@@ -171,9 +171,13 @@ def test_unknown_pool_is_not_found(server: AnyServer, demo_image: str) -> None:
 
 
 def test_bad_token_is_refused(server: AnyServer) -> None:
-    result = server.fsb("list", "--token", "wrong")
+    result = server.fsb("list", env={"FSB_TOKEN": "wrong"})
     assert result.returncode == 6
-    assert "token" in result.stderr
+    assert "invalid API token" in result.stderr
+    # A token on argv is refused before anything is sent, pointing to --token-file.
+    result = server.fsb("list", "--token", "wrong")
+    assert result.returncode == 2
+    assert "--token-file" in result.stderr
 
 
 def test_capacity_exhausted_then_freed(server: AnyServer, demo_image: str) -> None:

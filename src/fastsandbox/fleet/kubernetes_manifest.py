@@ -116,6 +116,8 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
         log_format="json",
         version=version or None,
         insecure_registry=tuple(spec.insecure_registries),
+        warm_slots=pool.spec.warm_slots,
+        warm_image=tuple(pool.spec.prewarm_images),
     )
     args = ["agent", *agent.argv()]
     resources = {

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Token, client
+from fastsandbox.cli.options import Endpoint, Namespace, TokenFile, client
 
 if TYPE_CHECKING:
     from fastsandbox.api.models import Sandbox, SandboxPool
@@ -270,7 +270,7 @@ def apply(
         ),
     ] = 60.0,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Create or update the sandboxes and pools described in a YAML file."""
@@ -284,7 +284,7 @@ def apply(
             text = Path(filename).read_text()
         except OSError as exc:
             raise InvalidArgument(f"cannot read {filename}: {exc.strerror or exc}") from None
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         docs = load_documents(text, fsb.namespace)
         failures: list[FsbError] = []
         for doc in docs:
