@@ -139,7 +139,9 @@ async def cycle(client: AsyncClient, image: str, i: int, keep: list[str]) -> Non
 async def soak(server: Server, image: str, seconds: float, rate: float, keep_n: int) -> int:
     errors: Counter[str] = Counter()
     latencies: list[float] = []
-    async with AsyncClient(endpoint=server.endpoint, namespace="default") as client:
+    async with AsyncClient(
+        server.endpoint, server.token, "default", ca_file=server.ca_file, timeout=120
+    ) as client:
         keep = [f"keep-{k}" for k in range(keep_n)]
         for name in keep:
             await client.create(name, image, pool=POOL, command=["sleep", "infinity"])
