@@ -469,8 +469,12 @@ class SandboxManager:
             raise InvalidArgument(f"disk_bytes {asked}: must be at least {MIN_DISK_BYTES} (1Mi)")
         return asked or self.settings.default_disk_bytes
 
-    async def delete(self, sandbox_id: str, grace_seconds: float = -1) -> bool:
-        """Stop and remove the sandbox and its log. False when it did not exist."""
+    async def delete(
+        self, sandbox_id: str, grace_seconds: float = -1, *, keep_logs: bool = False
+    ) -> bool:
+        """Stop and remove the sandbox and (unless `keep_logs`) its log. False when it did not
+        exist. With `keep_logs` the log stays readable through `logs()` until a later delete
+        without it (an exited sandbox whose record is kept)."""
         check_id(sandbox_id)
         grace = self.settings.delete_grace_seconds if grace_seconds < 0 else grace_seconds
         async with self._locks.hold(sandbox_id):
@@ -481,10 +485,12 @@ class SandboxManager:
                 existed = await self.runtime.delete(container_id, grace)
             self._slots.discard(sandbox_id)
             self._defaults.pop(sandbox_id, None)
-            self._containers.pop(sandbox_id, None)
+            if not keep_logs:
+                # Kept with the log: a warm slot's sandbox id still finds its container's log.
+                self._containers.pop(sandbox_id, None)
             if self.channels is not None:
                 await self.channels.remove(container_id)
-            for path in log_files(self.log_path(container_id)):
+            for path in () if keep_logs else log_files(self.log_path(container_id)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         if self.warm is not None:

@@ -113,7 +113,10 @@ class AgentService(IoMethods, agent_pb2_grpc.AgentServicer):
         self, request: agent_pb2.DeleteSandboxRequest, context: Context
     ) -> agent_pb2.DeleteSandboxResponse:
         existed = await self._guard(
-            context, self.manager.delete(request.sandbox_id, request.grace_seconds)
+            context,
+            self.manager.delete(
+                request.sandbox_id, request.grace_seconds, keep_logs=request.keep_logs
+            ),
         )
         return agent_pb2.DeleteSandboxResponse(existed=existed)
 

@@ -450,6 +450,9 @@ def to_wire(obj: BaseModel) -> dict[str, Any]:
     return data
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+
+
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line per problem, each naming the field: `spec.exposedPorts[0]: must be 1..65535`."""
     lines = []
@@ -460,8 +463,11 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
                 path += f"[{part}]"
             elif part.startswith("function-after") or part.startswith("function-before"):
                 continue
-            else:
+            elif _PLAIN_KEY.match(part):
                 path += ("." if path else "") + part
+            else:
+                # An odd key (empty, spaces, a colon) is quoted, so the path stays readable.
+                path += f"[{part!r}]"
         if err["type"] == "missing":
             message = "required"
         elif err["type"] == "extra_forbidden" and "agentTemplate" in err["loc"]:

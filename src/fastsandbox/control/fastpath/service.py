@@ -35,8 +35,11 @@ from fastsandbox.api.models import (
 )
 from fastsandbox.control.create_request import CreateOptions, request_hash
 from fastsandbox.control.fastpath import lease
+from fastsandbox.control.fastpath.access import current_caller
+from fastsandbox.control.fastpath.authz import Action
 from fastsandbox.control.fastpath.io_relay import IoRelayRpcs
 from fastsandbox.control.fastpath.request_limits import check_labels, check_sandbox
+from fastsandbox.control.fastpath.token_rpcs import TokenRpcs
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.control.updates import SandboxUpdates, patch_from_request
@@ -135,8 +138,27 @@ def pool_from_json(text: str, namespace: str | None = None) -> SandboxPool:
     return pool
 
 
-class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
-    """Sandboxes and pools here; exec and files (relayed to agents) in `IoRelayRpcs`."""
+async def _readable(items: list[Sandbox]) -> list[Sandbox]:
+    """`items` with the env values of every sandbox the caller may list but not read blanked
+    (names stay: they say which variables exist, not what they hold)."""
+    caller = current_caller()
+    if caller is None:
+        return items
+    out = []
+    for sb in items:
+        shown = sb
+        if not await caller.may(Action("get", "sandboxes", sb.metadata.namespace)):
+            shown = sb.model_copy(deep=True)
+            for var in shown.spec.env:
+                var.value = ""
+        out.append(shown)
+    return out
+
+
+class FastPathService(IoRelayRpcs, TokenRpcs, fastpath_pb2_grpc.FastPathServicer):
+    """Sandboxes and pools here; exec and files (relayed to agents) in `IoRelayRpcs`, tenant
+    tokens in `TokenRpcs`. Who may call what is decided before any of these run
+    (`access.AccessGuard`)."""
 
     def __init__(self, sandboxes: SandboxService, pools: PoolManager, store: ObjectStore) -> None:
         self.sandboxes = sandboxes
@@ -251,6 +273,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
             if (not request.pool_ref or s.spec.pool_ref == request.pool_ref)
             and (not request.phase or s.status.phase.value == request.phase)
         ]
+        items = await _readable(items)
         return fastpath_pb2.ListReply(objects_json=[_json(s) for s in items])
 
     async def Delete(
