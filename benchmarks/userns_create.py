@@ -15,10 +15,11 @@ interleaving three modes so load on this shared machine hits all of them alike:
                snapshot is mounted and every file chowned to the mapped ids. On overlayfs that
                chown copies each file up into the sandbox's own layer: a copy of the image per
                sandbox (time and disk grow with the image).
-  userns-idmap the same user namespace, no copy: each image layer (and the sandbox's upper
-               layer) is bind-mounted *idmapped* (mount_setattr MOUNT_ATTR_IDMAP, kernel ≥ 5.12
-               for ext4/xfs; overlayfs itself refuses to be idmapped here, EINVAL, but accepts
-               idmapped layers, kernel ≥ 5.19), the overlay is mounted from those, and runc
+  userns-idmap the same user namespace, no copy: each image layer is bind-mounted *idmapped*
+               (mount_setattr MOUNT_ATTR_IDMAP, kernel ≥ 5.12 for ext4/xfs; overlayfs itself
+               refuses to be idmapped here, EINVAL, but accepts idmapped lower layers, kernel
+               ≥ 5.19; an idmapped upper fails, EOVERFLOW), the sandbox's own empty upper is
+               chowned to the mapped root, the overlay is mounted from those, and runc
                gets it as an absolute `root.path`. runc ≥ 1.2 does this itself (idmapped mounts
                in the spec); runc 1.1.5 does not, so the agent would have to. Measured here,
                not shipped (docs/security.md).
@@ -164,12 +165,14 @@ class Bench(ContainerdRuntime):
             for i, lower in enumerate(opts["lowerdir"].split(":")):
                 idmapped_bind(lower, base / f"l{i}", self.ns_fd)
                 lowers.append(str(base / f"l{i}"))
-            # upper and work must be on one mount: idmap their common parent.
-            snap = str(Path(opts["upperdir"]).parent)
-            idmapped_bind(snap, base / "s", self.ns_fd)
+            # The upper layer is not idmapped: overlayfs creates its work dirs as the mounter
+            # (host root), which an idmapped mount cannot represent (EOVERFLOW, and the overlay
+            # falls back to read-only). It is the sandbox's own, fresh and empty: giving its
+            # root to the mapped root is one chown, not a copy.
+            os.chown(opts["upperdir"], HOST_BASE, HOST_BASE)
             mount("overlay", base / "rootfs", "overlay",
-                  f"lowerdir={':'.join(lowers)},upperdir={base / 's' / 'fs'},"
-                  f"workdir={base / 's' / 'work'},index=off")  # fmt: skip
+                  f"lowerdir={':'.join(lowers)},upperdir={opts['upperdir']},"
+                  f"workdir={opts['workdir']},index=off")  # fmt: skip
             return []
         return mounts
 
@@ -177,7 +180,7 @@ class Bench(ContainerdRuntime):
         base = self.work / key
         if not base.exists():
             return
-        for target in [base / "rootfs", *sorted(base.glob("l*")), base / "s", base / "copy"]:
+        for target in [base / "rootfs", *sorted(base.glob("l*")), base / "copy"]:
             umount(target)
         shutil.rmtree(base, ignore_errors=True)
 
