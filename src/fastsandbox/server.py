@@ -43,7 +43,8 @@ from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
 from fastsandbox.fleet.local import LocalFleet
 from fastsandbox.janitor.containerd import ContainerdLeftovers
-from fastsandbox.janitor.embedded import EmbeddedKnownState
+from fastsandbox.janitor.embedded import EmbeddedKnownState, pinned_images
+from fastsandbox.janitor.images import ImageCollector
 from fastsandbox.janitor.janitor import Janitor
 from fastsandbox.logconfig import configure
 from fastsandbox.metrics import HealthState, MetricsServer, serve_metrics
@@ -197,6 +198,11 @@ async def _start_janitor(
         agents_dir=fleet.agents_dir,
         leftovers=leftovers,
         fifo_dir=FIFO_DIR,
+        images=ImageCollector(
+            leftovers,
+            budget_bytes=settings.image_cache_max_bytes,
+            pinned=lambda: pinned_images(plane.store),
+        ),
     )
     tasks.spawn(guarded("janitor", janitor.run), name="janitor")
     return [runtime, leftovers]

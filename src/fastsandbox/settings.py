@@ -28,6 +28,9 @@ JANITOR_INTERVAL_SECONDS: Final = 10.0
 DEFAULT_SANDBOX_DISK: Final = "1Gi"
 """Writable-layer limit of a sandbox that asks for none (a quantity; sparse: only what is
 written costs disk). There is no "unlimited": 0 on the wire means this default."""
+IMAGE_CACHE_MAX: Final = "20Gi"
+"""Default disk budget of a node's image cache (compressed blobs; unpacked layers come on top)."""
+IMAGE_CACHE_MAX_BYTES: Final = int(bytes_exact(IMAGE_CACHE_MAX))
 ORPHAN_TIMEOUT_SECONDS: Final = 30.0
 """How long a container must stay orphaned (no record, or its agent gone) before the janitor
 removes it: far longer than the few ms between a Fast-mode start and its record."""
@@ -149,6 +152,9 @@ class ServerSettings(SandboxDefaults):
     removes it: far longer than the few ms between a Fast-mode start and its record."""
     metrics_listen: str | None = None
     """HOST:PORT serving /metrics (Prometheus), /healthz and /readyz; None: not served."""
+    image_cache_max_bytes: int = IMAGE_CACHE_MAX_BYTES
+    """Disk budget of the node's image cache (content store blobs): over it, the janitor
+    deletes least recently used images not in use and not a pool's prewarm image."""
     log: LogSettings = field(default_factory=LogSettings)
 
     @property

@@ -139,7 +139,8 @@ def test_any_text_is_accepted_or_refused_cleanly(text: str) -> None:
 def _apply(path: Path) -> subprocess.CompletedProcess[str]:
     # Refused before any connection: the endpoint answers nothing.
     return subprocess.run(
-        [FSB, "apply", "-f", str(path), "--endpoint", "127.0.0.1:1", "--token", "x"],
+        [FSB, "apply", "-f", str(path), "--endpoint", "127.0.0.1:1"],
+        env={**os.environ, "FSB_TOKEN": "x"},
         capture_output=True,
         text=True,
         timeout=60,

@@ -183,3 +183,70 @@ async def test_tls_round_trip_with_the_data_dir_ca(tmp_path: Path) -> None:
         await plain.close()
     finally:
         await server.stop(None)
+
+
+async def test_list_blanks_env_values_the_caller_may_not_read() -> None:
+    """An authorizer that grants `list` but not `get` in a namespace (as RBAC may): the names
+    of the variables stay, their values do not."""
+    from fastsandbox.api.models import EnvVar, ObjectMeta, Sandbox, SandboxSpec
+    from fastsandbox.control.fastpath import access
+    from fastsandbox.control.fastpath.service import _readable
+
+    class ListOnly:
+        async def authorize(self, principal: Principal, action: Action) -> None:
+            if action.verb == "get" and action.namespace == "team-b":
+                raise PermissionDenied("no get in team-b")
+
+    def sandbox(ns: str) -> Sandbox:
+        spec = SandboxSpec(image="x", pool_ref="p", env=[EnvVar(name="SECRET", value="s3")])
+        return Sandbox(metadata=ObjectMeta(name="a", namespace=ns), spec=spec)
+
+    caller = access.Caller(Principal(name="rbac-user"), ListOnly())
+    token = access._CALLER.set(caller)
+    try:
+        shown = await _readable([sandbox("team-a"), sandbox("team-b")])
+    finally:
+        access._CALLER.reset(token)
+    assert [(e.name, e.value) for e in shown[0].spec.env] == [("SECRET", "s3")]
+    assert [(e.name, e.value) for e in shown[1].spec.env] == [("SECRET", "")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--insecure", "--listen", "0.0.0.0:19999"], "--insecure: plaintext is allowed only"),
+        (["--tls-cert", "/nonexistent.crt"], "--tls-cert and --tls-key: give both"),
+        (["--insecure", "--tls-cert", "a", "--tls-key", "b"], "--insecure: cannot serve"),
+    ],
+)
+@pytest.mark.parametrize("verb", ["server", "controller"])
+def test_serving_flags_are_checked_naming_the_flag(
+    verb: str, argv: list[str], message: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from fastsandbox.cli.main import build_app
+
+    result = CliRunner().invoke(build_app([verb]), [verb, *argv])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+
+
+async def test_first_authenticator_asks_each_in_turn() -> None:
+    """How a second identity source (e.g. TokenReview) chains after the token one."""
+    from fastsandbox.control.fastpath.authz import FirstAuthenticator
+
+    class ServiceAccounts:
+        async def authenticate(self, metadata: dict[str, str]) -> Principal:
+            if metadata.get("authorization") == "Bearer sa-token":
+                return Principal(name="system:serviceaccount:team-a:ci", groups=("sa",))
+            raise Unauthenticated("not a ServiceAccount token")
+
+    chain = FirstAuthenticator([TokenAuthenticator(ADMIN, MemoryTokenStore()), ServiceAccounts()])
+    assert (await chain.authenticate({"authorization": f"Bearer {ADMIN}"})).admin
+    sa = await chain.authenticate({"authorization": "Bearer sa-token"})
+    assert sa.name == "system:serviceaccount:team-a:ci"
+    with pytest.raises(Unauthenticated, match="invalid API token"):
+        await chain.authenticate({"authorization": "Bearer neither"})
+    with pytest.raises(Unauthenticated, match="missing API token"):
+        await chain.authenticate({})

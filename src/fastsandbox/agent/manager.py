@@ -56,7 +56,7 @@ from fastsandbox.agent.runtime.base import (
     Runtime,
 )
 from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
-from fastsandbox.agent.warm import WarmSlots, counts_reader
+from fastsandbox.agent.warm import WarmSlots, can_claim, counts_reader
 from fastsandbox.api import labels
 from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.api.models import MIN_LOG_MAX_BYTES
@@ -180,9 +180,10 @@ class SandboxManager:
                 extra={"agent": settings.name},
             )
             return None
-        if self.channels is None or settings.runtime != "runc":
+        if self.channels is None or settings.runtime != "runc" or not can_claim():
             log.warning(
-                "warm slots need runc and fsb-supervisor; this agent keeps none",
+                "warm slots need runc, fsb-supervisor and CAP_SYS_ADMIN (a claim sets the "
+                "sandbox's hostname and cgroup from the host); this agent keeps none",
                 extra={"agent": settings.name, "runtime": settings.runtime},
             )
             return None

@@ -34,11 +34,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import platform
-import shutil
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -162,21 +159,28 @@ _TASK_STATUS = {
 }
 
 
-def _write_if_changed(path: Path, content: str, mode: int) -> None:
-    """Replace `path` atomically when its content differs (several agents may share a dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.read_text() == content:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(content)
-    tmp.chmod(mode)
-    tmp.replace(path)
+def platform_manifest(ref: str, index: Mapping[str, Any]) -> str:
+    """The digest of this machine's linux manifest in an image index."""
+    arch = _GOARCH.get(platform.machine(), platform.machine())
+    for entry in index.get("manifests") or ():
+        plat = entry.get("platform") or {}
+        if plat.get("os") == "linux" and plat.get("architecture") == arch:
+            return str(entry["digest"])
+    raise NotFound(f"image {ref} has no linux/{arch} manifest")
+
+
+def is_index(media_type: str, document: Mapping[str, Any]) -> bool:
+    return media_type in _INDEX_TYPES or "manifests" in document
 
 
 def _timestamp(ts: Any) -> float | None:
     seconds = float(ts.seconds) + ts.nanos / 1e9
     # containerd sends the zero time (year 1) for "never"; the Unix epoch is as meaningless.
     return seconds if seconds > 0 else None
+
+
+# Background removals of a failed create's leftovers: 0.5 s doubling to 10 s, about 2 minutes.
+_CLEANUP_ATTEMPTS = 15
 
 
 class ContainerdRuntime:
@@ -212,12 +216,14 @@ class ContainerdRuntime:
         self._pull_locks = KeyedLocks()
         self._id_locks = KeyedLocks()
         self._image_configs: dict[str, ImageConfig] = {}
-        self._gvisor_wrapper: Path | None = None
+        self._gvisor_wrapper: str | None = None
+        self.apparmor = apparmor or AppArmor()
+        # Removals of what a failed create left, retried while containerd does not answer.
+        self._cleanups: set[asyncio.Task[None]] = set()
         self._layers = WritableLayers(self.state_dir / "disks")
         # Warm containers this process made: their record, image config and task pid, so a
         # claim reads nothing from containerd before it starts the main process.
         self._warm: dict[str, tuple[pb.CtdContainer, ImageConfig, int]] = {}
-        self.apparmor = apparmor or AppArmor()
 
     # -- images -------------------------------------------------------------------------------
 
@@ -304,7 +310,7 @@ class ContainerdRuntime:
         if cached is not None:
             return cached
         manifest = await self._read_json(target.digest)
-        if target.media_type in _INDEX_TYPES or "manifests" in manifest:
+        if is_index(target.media_type, manifest):
             manifest = await self._read_json(self._platform_manifest(ref, manifest))
         config_digest = manifest.get("config", {}).get("digest")
         if not config_digest:
@@ -324,31 +330,13 @@ class ContainerdRuntime:
 
     @staticmethod
     def _platform_manifest(ref: str, index: Mapping[str, Any]) -> str:
-        arch = _GOARCH.get(platform.machine(), platform.machine())
-        for entry in index.get("manifests") or ():
-            plat = entry.get("platform") or {}
-            if plat.get("os") == "linux" and plat.get("architecture") == arch:
-                return str(entry["digest"])
-        raise NotFound(f"image {ref} has no linux/{arch} manifest")
+        return platform_manifest(ref, index)
 
     # -- create -------------------------------------------------------------------------------
 
     def _gvisor_binary(self) -> str:
-        """The runsc wrapper the runc shim runs (runsc_wrapper.py), written once under
-        `state_dir`: a sh front and the Python script it hands create/run to."""
         if self._gvisor_wrapper is None:
-            runsc = shutil.which(self.runsc_binary)
-            if runsc is None:
-                raise RuntimeFailure("runtime gvisor needs runsc: apt-get install runsc")
-            if shutil.which("nsenter") is None:
-                raise RuntimeFailure("runtime gvisor needs nsenter: apt-get install util-linux")
-            script = self.state_dir / "runsc-wrapper.py"
-            wrapper = self.state_dir / "runsc-wrapper"
-            _write_if_changed(script, Path(runsc_wrapper.__file__).read_text(), 0o644)
-            python = sys.executable or shutil.which("python3") or "python3"
-            content = runsc_wrapper.shell_wrapper(runsc, python, str(script))
-            _write_if_changed(wrapper, content, 0o755)
-            self._gvisor_wrapper = wrapper
+            self._gvisor_wrapper = runsc_wrapper.install(self.state_dir, self.runsc_binary)
         return str(self._gvisor_wrapper)
 
     def _runtime_options(self, runtime: str) -> any_pb2.Any | None:
@@ -440,9 +428,15 @@ class ContainerdRuntime:
             log.warning("create failed; removing what was made", extra={"sandbox": spec.id})
             try:
                 await asyncio.shield(self._remove(spec.id, grace_seconds=0))
-            except Exception:
-                # The create's own error is the one to report; the janitor finds the rest.
-                log.exception("cleanup after a failed create failed", extra={"sandbox": spec.id})
+            except Exception as exc:
+                # The create's own error is the one to report. containerd itself may be what
+                # failed (restarting): try again once it is back, so no container is left for
+                # the janitor's orphan timeout.
+                log.warning(
+                    "cleanup after a failed create failed; retrying in the background",
+                    extra={"sandbox": spec.id, "err": str(exc)},
+                )
+                self._retry_removal(spec.id)
             raise
         log.info("started container", extra={"sandbox": spec.id, "pid": created.pid})
         if spec.warm:
@@ -530,6 +524,30 @@ class ContainerdRuntime:
             # just created), so it is stale; replace it.
             await self._api.remove_snapshot(self.snapshotter, key)
             return await self._api.prepare_snapshot(self.snapshotter, key, parent)
+
+    def _retry_removal(self, container_id: str) -> None:
+        task = asyncio.create_task(
+            self._remove_until_gone(container_id), name=f"cleanup-{container_id}"
+        )
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _remove_until_gone(self, container_id: str) -> None:
+        delay = 0.5
+        for _ in range(_CLEANUP_ATTEMPTS):
+            await asyncio.sleep(delay)
+            try:
+                async with self._id_locks.hold(container_id):
+                    await self._remove(container_id, grace_seconds=0)
+            except Exception as exc:
+                log.debug("cleanup retry failed", extra={"sandbox": container_id, "err": str(exc)})
+                delay = min(delay * 2, 10.0)
+                continue
+            log.info("removed what a failed create left", extra={"sandbox": container_id})
+            return
+        log.warning(
+            "cleanup retries exhausted; the janitor removes it", extra={"sandbox": container_id}
+        )
 
     # -- delete -------------------------------------------------------------------------------
 
@@ -641,6 +659,9 @@ class ContainerdRuntime:
         return process_defaults_of(spec)
 
     async def close(self) -> None:
+        for task in self._cleanups:
+            task.cancel()
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
         await self._api.close()
 
 

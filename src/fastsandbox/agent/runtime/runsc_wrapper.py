@@ -29,8 +29,10 @@ at once (the shim calls state/start/kill/delete several times per sandbox; a Pyt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -159,6 +161,38 @@ else set -- {runsc} {flags} "$@"; fi
 if [ "$sub" = delete ] && [ -f "$rec" ]; then "$@" && rm -f "$rec"; exit; fi
 exec "$@"
 """
+
+
+def _write_if_changed(path: str, content: str, mode: int) -> None:
+    """Replace `path` atomically when its content differs (several agents may share a dir)."""
+    with contextlib.suppress(OSError), open(path) as f:
+        if f.read() == content:
+            return
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(content)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def install(state_dir: str | os.PathLike[str], runsc_binary: str = "runsc") -> str:
+    """Write the wrapper (the sh front and a copy of this script) under `state_dir`; return
+    the front's path, the runc shim's `BinaryName`. Run by the agent, not by the script."""
+    from fastsandbox.errors import RuntimeFailure  # the script itself runs stdlib-only
+
+    runsc = shutil.which(runsc_binary)
+    if runsc is None:
+        raise RuntimeFailure("runtime gvisor needs runsc: apt-get install runsc")
+    if shutil.which("nsenter") is None:
+        raise RuntimeFailure("runtime gvisor needs nsenter: apt-get install util-linux")
+    os.makedirs(state_dir, exist_ok=True)
+    script = os.path.join(state_dir, "runsc-wrapper.py")
+    front = os.path.join(state_dir, "runsc-wrapper")
+    with open(__file__) as f:
+        _write_if_changed(script, f.read(), 0o644)
+    python = sys.executable or shutil.which("python3") or "python3"
+    _write_if_changed(front, shell_wrapper(runsc, python, script), 0o755)
+    return front
 
 
 def main(args: Sequence[str]) -> None:

@@ -19,7 +19,12 @@ from fastsandbox.cli.options import (
     log_settings,
     serve_security,
 )
-from fastsandbox.settings import DEFAULT_ENDPOINT, JANITOR_INTERVAL_SECONDS, ORPHAN_TIMEOUT_SECONDS
+from fastsandbox.settings import (
+    DEFAULT_ENDPOINT,
+    IMAGE_CACHE_MAX,
+    JANITOR_INTERVAL_SECONDS,
+    ORPHAN_TIMEOUT_SECONDS,
+)
 
 
 def server(
@@ -95,6 +100,15 @@ def server(
             help="Remove a container left without a record (or agent) this long.",
         ),
     ] = ORPHAN_TIMEOUT_SECONDS,
+    image_cache_max: Annotated[
+        str,
+        typer.Option(
+            "--image-cache-max",
+            envvar="FSB_IMAGE_CACHE_MAX",
+            metavar="SIZE",
+            help="Image cache budget; least recently used images go past it.",
+        ),
+    ] = IMAGE_CACHE_MAX,
     janitor_interval: Annotated[
         float,
         typer.Option(
@@ -117,6 +131,16 @@ def server(
     if janitor_interval <= 0:
         raise InvalidArgument(f"--janitor-interval: must be > 0 seconds, not {janitor_interval}")
     token, cert, key = serve_security(token_file, tls_cert, tls_key, insecure, listen)
+    from fastsandbox.api.quantity import bytes_exact
+
+    try:
+        cache_max = int(bytes_exact(image_cache_max))
+    except ValueError:
+        raise InvalidArgument(
+            f"--image-cache-max: {image_cache_max!r} is not a size such as 20Gi"
+        ) from None
+    if cache_max <= 0:
+        raise InvalidArgument("--image-cache-max: must be positive (there is no unlimited)")
     settings = ServerSettings(
         listen=listen,
         tls_cert=cert,
@@ -132,6 +156,7 @@ def server(
         metrics_listen=metrics_listen,
         janitor_interval_seconds=janitor_interval,
         orphan_timeout_seconds=orphan_timeout,
+        image_cache_max_bytes=cache_max,
     )
     if data_dir is not None:
         settings.data_dir = data_dir.expanduser().absolute()

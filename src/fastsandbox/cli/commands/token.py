@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fastsandbox.cli.options import Endpoint, Output, OutputOpt, TokenFile
+
+if TYPE_CHECKING:
+    from fastsandbox.sdk.sync import Client
 
 app = typer.Typer(help="Manage tenant API tokens (needs the admin token).", no_args_is_help=True)
 
@@ -28,7 +31,7 @@ def parse_duration(text: str, flag: str = "--ttl") -> int:
     return int(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
-def _client(endpoint: str | None, token_file: str | None):  # type: ignore[no-untyped-def]
+def _client(endpoint: str | None, token_file: str | None) -> Client:
     from fastsandbox.cli.options import client
 
     return client(endpoint, token_file, None)

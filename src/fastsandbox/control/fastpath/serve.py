@@ -31,8 +31,8 @@ async def start_fastpath(
     tls: TlsMaterial | None,
     limits: EdgeLimits | None = None,
 ) -> grpc.aio.Server:
-    """A started server on `listen` (HOST:PORT); `tls=None` is plaintext (loopback only). Each
-    credential is held to `limits` (rate, concurrent streams, message size)."""
+    """A started server on `listen` (HOST:PORT) behind `guard`, each credential held to
+    `limits` (rate, concurrent streams, message size); `tls=None` is plaintext (loopback only)."""
     if tls is None:
         check_plaintext(listen)
     limits = limits or EdgeLimits()
