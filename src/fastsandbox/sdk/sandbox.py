@@ -299,7 +299,6 @@ class Sandbox:
         mode: str = "fast",
         endpoint: str | None = None,
         token: str | None = None,
-        token_file: str | Path | None = None,
         ca_file: str | Path | None = None,
         namespace: str | None = None,
         labels: Mapping[str, str] | None = None,
@@ -322,7 +321,6 @@ class Sandbox:
                     mode=mode,
                     endpoint=endpoint,
                     token=token,
-                    token_file=token_file,
                     ca_file=ca_file,
                     namespace=namespace,
                     labels=labels,
@@ -341,7 +339,6 @@ class Sandbox:
         *,
         endpoint: str | None = None,
         token: str | None = None,
-        token_file: str | Path | None = None,
         ca_file: str | Path | None = None,
         namespace: str | None = None,
     ) -> Sandbox:
@@ -349,12 +346,7 @@ class Sandbox:
         try:
             sandbox = loop.run(
                 AsyncSandbox.connect(
-                    name,
-                    endpoint=endpoint,
-                    token=token,
-                    token_file=token_file,
-                    ca_file=ca_file,
-                    namespace=namespace,
+                    name, endpoint=endpoint, token=token, namespace=namespace, ca_file=ca_file
                 )
             )
         except BaseException:

@@ -75,7 +75,6 @@ class AsyncSandbox:
         mode: str = "fast",
         endpoint: str | None = None,
         token: str | None = None,
-        token_file: str | Path | None = None,
         ca_file: str | Path | None = None,
         namespace: str | None = None,
         labels: Mapping[str, str] | None = None,
@@ -87,7 +86,7 @@ class AsyncSandbox:
 
         if lease is not None and lease < MIN_LEASE_SECONDS:
             raise InvalidArgument(f"lease_seconds: must be at least {MIN_LEASE_SECONDS}")
-        client = AsyncClient(endpoint, token, namespace, token_file=token_file, ca_file=ca_file)
+        client = AsyncClient(endpoint, token, namespace, ca_file=ca_file)
         try:
             options: CreateOptions = {"pool": pool, "mode": mode, "ports": list(ports)}
             if command is not None:
@@ -126,13 +125,12 @@ class AsyncSandbox:
         *,
         endpoint: str | None = None,
         token: str | None = None,
-        token_file: str | Path | None = None,
         ca_file: str | Path | None = None,
         namespace: str | None = None,
     ) -> AsyncSandbox:
         """A handle on an existing sandbox (NotFound if there is none). It does not renew a
         lease nor delete the sandbox on exit unless `kill()` is called."""
-        client = AsyncClient(endpoint, token, namespace, token_file=token_file, ca_file=ca_file)
+        client = AsyncClient(endpoint, token, namespace, ca_file=ca_file)
         try:
             obj = await client.get(name)
         except BaseException:
