@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,9 +22,10 @@ from fastsandbox.agent.manager import SandboxManager
 from fastsandbox.agent.requests import SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState
 from fastsandbox.agent.runtime.fake import FakeRuntime
+from fastsandbox.agent.warm import ClaimUncertain
 from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.api.labels import WARM_SLOT_LABEL
-from fastsandbox.errors import CapacityExhausted
+from fastsandbox.errors import CapacityExhausted, RuntimeFailure
 from fastsandbox.settings import AgentSettings
 from tests.unit.supervisor_fixtures import supervisor_bin  # noqa: F401 - fixture
 
@@ -190,3 +192,24 @@ async def test_a_restarted_agent_removes_the_slots_it_finds(
         assert (await again.get("sb-w")).id == "sb-w"
     finally:
         await again.aclose()
+
+
+async def test_a_claim_that_fails_after_start_main_is_not_retried_cold(
+    manager: SandboxManager, runtime: SupervisedFake
+) -> None:
+    await until(lambda: ready(manager) == 1, "a warm slot")
+    real_claim = runtime.claim
+
+    async def failing_claim(container_id: str, spec: ContainerSpec, start: Any) -> ContainerState:
+        async def started_then_lost(main: Any) -> None:
+            await start(main)
+            raise RuntimeFailure("record update lost")
+
+        return await real_claim(container_id, spec, started_then_lost)
+
+    runtime.claim = failing_claim  # type: ignore[method-assign]
+    with pytest.raises(ClaimUncertain, match="after its process was started"):
+        await manager.create(req("sb-x"))
+    # No cold container was made for it: the user's command ran once, in the slot.
+    assert "sb-x" not in {s.id for s in await runtime.list()}
+    assert (await manager.status()).sandboxes == []

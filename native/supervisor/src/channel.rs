@@ -155,6 +155,9 @@ impl Channel {
             let _ = frame::write_json(&mut *w, &reply);
         }
         let start_main = req.get("op").and_then(Value::as_str) == Some("start_main");
+        if start_main && let Some(w) = &self.warm {
+            w.mark_replied();
+        }
         if let Some(code) = self
             .warm
             .as_ref()

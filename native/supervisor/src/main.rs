@@ -231,6 +231,9 @@ fn main() {
                 .iter()
                 .find(|(pid, _)| table.get(*pid).is_some_and(|p| p.main));
             if let Some((_, status)) = main_exit {
+                if let Some(w) = &warm {
+                    w.wait_replied(std::time::Duration::from_secs(5));
+                }
                 let code = procs::exit_code(*status).0;
                 if pid1 {
                     // SAFETY: as PID 1, kill(-1) reaches exactly the rest of the sandbox.

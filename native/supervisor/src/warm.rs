@@ -9,7 +9,8 @@ use crate::procs::{ExecReq, Proc, Table};
 use crate::spawn::{Spec, Stdio};
 use crate::users;
 use serde_json::Value;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
 /// The one main process a warm supervisor may start.
 #[derive(Default)]
@@ -21,6 +22,11 @@ pub struct WarmMain {
     /// The exit code the supervisor must end with after the reply (the main process could not
     /// be executed: 126/127, as a cold start would).
     fatal: OnceLock<i32>,
+    /// Set once the start_main reply is written: PID 1 must not exit (its main process may
+    /// end at once) before the agent knows the main process started, or the agent could not
+    /// tell a claim that ran from one that never did.
+    replied: Mutex<bool>,
+    replied_cv: Condvar,
 }
 
 /// The main process's spec from a `start_main` request. `own_home` is the supervisor's own
@@ -84,6 +90,18 @@ impl WarmMain {
 
     pub fn fatal(&self) -> Option<i32> {
         self.fatal.get().copied()
+    }
+
+    pub fn mark_replied(&self) {
+        *self.replied.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.replied_cv.notify_all();
+    }
+
+    /// Until the start_main reply is written (bounded: a dead agent must not keep a finished
+    /// sandbox up).
+    pub fn wait_replied(&self, bound: Duration) {
+        let guard = self.replied.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self.replied_cv.wait_timeout_while(guard, bound, |r| !*r);
     }
 
     /// Starts the main process once; the reply may be sent when this returns Ok (execve done).

@@ -57,7 +57,7 @@ from fastsandbox.agent.runtime.base import (
     Runtime,
 )
 from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
-from fastsandbox.agent.warm import WarmSlots, can_claim, counts_reader
+from fastsandbox.agent.warm import ClaimUncertain, WarmSlots, can_claim, counts_reader
 from fastsandbox.api import labels
 from fastsandbox.api.images import PullCredentials, normalize_image_ref
 from fastsandbox.api.models import MIN_LOG_MAX_BYTES
@@ -275,7 +275,7 @@ class SandboxManager:
             self._slots.discard(sandbox_id)
             self._containers.pop(sandbox_id, None)
             warm.retire(slot)
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception) or isinstance(exc, ClaimUncertain):
                 raise
             log.warning(
                 "warm slot claim failed; creating cold",

@@ -42,7 +42,7 @@ from fastsandbox.agent.logs import log_files
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, MainProcess
 from fastsandbox.api import labels
 from fastsandbox.api.images import normalize_image_ref
-from fastsandbox.errors import FsbError
+from fastsandbox.errors import FsbError, RuntimeFailure
 
 if TYPE_CHECKING:
     from fastsandbox.agent.manager import SandboxManager
@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 SLOT_PREFIX = "w-"
 RETRY_SECONDS = 2.0
 REFILL_DELAY_SECONDS = 0.02
+
+
+class ClaimUncertain(RuntimeFailure):
+    """A claim failed after `start_main` was sent: the user's process may be running, so the
+    create must not be tried again cold (that could run the command twice)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +161,12 @@ class WarmSlots:
         if channel is None:
             channel = await channels.open(container_id)
 
+        sent = False
+
         async def start(main: MainProcess) -> None:
+            nonlocal sent
+            await channel.control()  # connected: nothing is sent into a lost connection
+            sent = True
             try:
                 await channel.request(
                     "start_main",
@@ -172,7 +182,15 @@ class WarmSlots:
                 # in its log, as a cold start does; the sandbox exists and reads as exited.
                 log.info("main process not executable", extra={"sandbox": spec.id})
 
-        return await self.manager.runtime.claim(container_id, spec, start)
+        try:
+            return await self.manager.runtime.claim(container_id, spec, start)
+        except Exception as exc:
+            if not sent:
+                raise
+            raise ClaimUncertain(
+                f"sandbox {spec.id}: warm slot {container_id} failed after its process was "
+                f"started: {exc}"
+            ) from exc
 
     def retire(self, container_id: str) -> None:
         """Remove a slot in the background (counted as busy until it is gone)."""
