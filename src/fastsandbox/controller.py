@@ -6,10 +6,11 @@ safe together because each agent refuses a create beyond its capacity and the cr
 the next agent or answers RESOURCE_EXHAUSTED. Only the replica holding the Lease
 `fastsandbox-controller` converges records and sizes pools (`ControlPlane.start_leading`).
 
-Start order: clients → agent token (Secret) → recovery (adopt agent Pods, rebuild slots) →
-heartbeats and replica sync → API token → Fast-Path → "ready" → campaign for the Lease. Shutdown
-releases the Lease first (another replica takes over at once), then stops serving. Agent Pods
-and sandboxes keep running: they are cluster state, adopted by whoever comes next.
+Start order: clients → agent CA and token key (Secret `fastsandbox-agent-ca`) → recovery (adopt
+agent Pods, rebuild slots) → heartbeats and replica sync → API token → Fast-Path → "ready" →
+campaign for the Lease. Shutdown releases the Lease first (another replica takes over at once),
+then stops serving. Agent Pods and sandboxes keep running: they are cluster state, adopted by
+whoever comes next.
 """
 
 from __future__ import annotations
@@ -171,12 +172,13 @@ async def run(
     metrics: MetricsServer | None = None
     health = HealthState(reason="starting: reading the store and the agents")
     try:
+        await fleet.load_credentials()  # before any channel to an agent
         plane = ControlPlane(
             store,
             fleet,
             PlaneSettings.of(
                 settings,
-                agent_token=await fleet.token(),
+                agent_auth=fleet.agent_auth,
                 shared_agents=True,
                 agent_sync_seconds=settings.agent_sync_seconds,
                 rebuild_records=False,

@@ -166,6 +166,9 @@ class AgentSettings:
     file mode (0600) instead and needs none."""
     insecure_no_token: bool = False
     """Serve HOST:PORT without a token anyway (only for a network nobody else can reach)."""
+    tls_cert: Path | None = None
+    """Serve HOST:PORT with TLS: this PEM certificate (with `tls_key`); None: plaintext."""
+    tls_key: Path | None = None
     pod_uid: str | None = None
     """Running in this Kubernetes Pod: sandboxes join the Pod's network namespace and cgroup
     (found through its CRI sandbox in containerd; these override `netns_path` and
