@@ -53,8 +53,13 @@ integration: setup
 e2e: setup
 	.venv/bin/pytest -q tests/e2e
 
+## make bench: every benchmark of issue 11 in one run (docs/performance.md); as root. Installs
+## docker.io (the `docker run -d` / `docker exec` baseline) when missing. BENCH_ARGS="-n 30
+## --kubernetes" adds the Kubernetes shape; results also go to bench-results.json.
+BENCH_ARGS ?= -n 30
 bench: setup
-	.venv/bin/python benchmarks/create_latency.py
+	command -v dockerd >/dev/null || (apt-get update -qq && apt-get install -y -qq docker.io)
+	.venv/bin/python benchmarks/bench.py $(BENCH_ARGS)
 
 ## make fuzz: the property-based fuzz targets at full size (CI runs 500 cases per target).
 fuzz: setup

@@ -21,8 +21,9 @@ one agent, one idle sandbox (its PID 1 is the supervisor). Then, sequentially, n
                        own socket, data root and containerd: benchmarks/peers.py); said so, not
                        measured, when docker.io is not installed
 
-Numbers are printed as p50/p95/p99/max in milliseconds, with the targets of issue 9
-(p50 ≤ 5 ms, ≤ 0.4 x runc exec, ≤ 0.1 x docker exec) checked against this run's own baselines.
+Numbers are printed as p50/p95/p99/max in milliseconds (benchmarks/harness.py); `make bench`
+checks the targets (p50 ≤ 5 ms, ≤ 0.4 x runc exec, ≤ 0.1 x docker exec) against this run's
+own baselines.
 """
 
 from __future__ import annotations
@@ -30,32 +31,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers import Docker, RuncBundle, docker_peer, pct, row  # noqa: E402
-
+from benchmarks.harness import Bench, Results, bench_server  # noqa: E402
+from benchmarks.peers import Docker, RuncBundle, docker_peer  # noqa: E402
 from fastsandbox import AsyncSandbox  # noqa: E402
 from fastsandbox.api._proto.fastsandbox.v1 import io_pb2  # noqa: E402
 from fastsandbox.control.agent_client import AgentClient  # noqa: E402
-from tests.e2e._server import Server, free_port, new_server, purge  # noqa: E402
+from tests.e2e._server import Server  # noqa: E402
 
 
-async def bench_sdk(server: Server, image: str, n: int) -> dict[str, list[float]]:
+async def bench_sdk(
+    server: Server, image: str, n: int, pool: str = "bench"
+) -> dict[str, list[float]]:
     token = (server.data_dir / "token").read_text().strip()
     out: dict[str, list[float]] = {'sdk run("true")': [], 'sdk run(["true"])': [], "fsb Get": []}
     async with await AsyncSandbox.create(
-        image=image, pool="bench", endpoint=server.endpoint, token=token
+        image=image, pool=pool, endpoint=server.endpoint, token=token
     ) as sb:
         for _ in range(20):  # warm-up: channels, the agent's supervisor connection, caches
             await sb.commands.run("true")
@@ -104,73 +101,41 @@ async def bench_sdk(server: Server, image: str, n: int) -> dict[str, list[float]
     return out
 
 
+BOUNDARIES = {
+    'sdk run("true")': "SDK commands.run('true') called -> result (client, Fast-Path, relay, "
+    "agent, supervisor, sh -c true)",
+    'sdk run(["true"])': "same, argv without a shell",
+    "agent Exec direct": "Exec straight to the agent's unix socket",
+    "fsb Get": "one unary Fast-Path call: the client -> server floor",
+    "runc exec true": "runc process spawned -> exited",
+    "docker exec true": "docker process spawned -> exited (private dockerd)",
+}
+
+
+def run(bench: Bench, results: Results, n: int, docker: tuple[Docker, str] | None) -> None:
+    print(f"\n== exec round trip (n={n} each, one idle sandbox)", flush=True)
+    bench.pool("bench-exec", agents=1, per_agent=4)
+    series = asyncio.run(bench_sdk(bench.server, bench.image, n, "bench-exec"))
+    series["runc exec true"] = RuncBundle.unpack(bench.layout, bench.work).bench_exec(n)
+    if docker is not None:
+        peer, tag = docker
+        series["docker exec true"] = peer.bench_exec(tag, n)
+    else:
+        results.note(f"docker exec: not measured ({Docker.missing() or 'not started'})")
+    for name, values in series.items():
+        results.add("exec", name, values, BOUNDARIES[name])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=200, help="samples per series")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("run as root (it starts containerd and containers)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    work = Path(tempfile.mkdtemp(prefix="fsb-bench-exec-", dir="/tmp"))
-    registry_addr = f"127.0.0.1:{free_port()}"
-    server = new_server(registry_addr)
-    try:
-        subprocess.run(
-            [str(ROOT / "scripts/demo-registry"), str(work), registry_addr],
-            check=True,
-            capture_output=True,
-        )
-        image = f"{registry_addr}/busybox:latest"
-        server.start()
-        made = server.fsb("pool", "create", "bench", "--min", "1", "--max", "1")
-        assert made.returncode == 0, made.stderr
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            got = server.fsb("pool", "get", "bench", "-o", "json")
-            if got.returncode == 0 and json.loads(got.stdout)["status"]["agents"]["ready"]:
-                break
-            time.sleep(0.2)
-
-        series = asyncio.run(bench_sdk(server, image, args.n))
-        series["runc exec true"] = RuncBundle.unpack(work / "demo-image", work).bench_exec(args.n)
-        docker = Docker.missing() is None
-        if docker:
-            with docker_peer(work / "docker", work / "demo-image") as (peer, tag):
-                series["docker exec true"] = peer.bench_exec(tag, args.n)
-
-        print(
-            f"\nExec round-trip latency, {args.n} sequential samples each "
-            f"({os.cpu_count()} CPUs; boundaries in the docstring of benchmarks/exec_latency.py)"
-        )
-        for name, values in series.items():
-            print(row(name, values))
-        if not docker:
-            print(f"docker exec true: not measured ({Docker.missing()})")
-        sdk50 = pct(series['sdk run("true")'], 50)
-        runc50 = pct(series["runc exec true"], 50)
-        print(
-            f"\ntarget p50 <= 5 ms:          {sdk50:.1f} ms -> {'met' if sdk50 <= 5 else 'MISSED'}"
-        )
-        print(
-            f"target <= 0.4 x runc exec:   {sdk50 / runc50:.2f} x -> "
-            f"{'met' if sdk50 <= 0.4 * runc50 else 'MISSED'}"
-        )
-        if docker:
-            d50 = pct(series["docker exec true"], 50)
-            print(
-                f"target <= 0.1 x docker exec: {sdk50 / d50:.2f} x -> "
-                f"{'met' if sdk50 <= 0.1 * d50 else 'MISSED'}"
-            )
-    finally:
-        purge(server)
-        with contextlib.suppress(Exception):
-            out = subprocess.run(
-                ["pgrep", "-f", f"{work}/registry/config.yml"], capture_output=True, text=True
-            ).stdout.split()
-            for pid in out:
-                os.kill(int(pid), signal.SIGTERM)
-        shutil.rmtree(work, ignore_errors=True)
+    results = Results()
+    with bench_server() as bench, contextlib.ExitStack() as stack:
+        docker = None
+        if Docker.missing() is None:
+            docker = stack.enter_context(docker_peer(bench.work / "docker", bench.layout))
+        run(bench, results, args.n, docker)
     return 0
 
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,12 +51,23 @@ def row(name: str, values: list[float]) -> str:
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
-    """Milliseconds from spawning `argv` to its exit; a failure is an error, not a sample."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, env=env, check=False)
-    took = (time.perf_counter() - t0) * 1000
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.decode()[-400:]}")
+    """Milliseconds from spawning `argv` to its exit; a failure is an error, not a sample.
+
+    Its stdout goes to /dev/null and stderr to a file, never to a pipe: `runc run -d` hands its
+    own stdio to the container's process (non-terminal detached mode passes them through), so a
+    pipe would be held open by `sleep 3600` and reading it to EOF would wait an hour. That was
+    create_latency.py's hang at the `runc run -d` series."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
+            check=False,
+        )  # fmt: skip
+        took = (time.perf_counter() - t0) * 1000
+        if proc.returncode != 0:
+            err.seek(0)
+            text = err.read().decode(errors="replace")[-400:]
+            raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {text}")
     return took
 
 
@@ -126,7 +138,11 @@ class RuncBundle:
     def bench_exec(self, n: int, argv: tuple[str, ...] = ("true",)) -> list[float]:
         """`runc exec ID true` into one running container."""
         cid = f"bench-runc-exec-{os.getpid()}"
-        subprocess.run(self.runc("run", "-d", "--bundle", str(self.bundle), cid), check=True)
+        subprocess.run(
+            self.runc("run", "-d", "--bundle", str(self.bundle), cid),
+            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
         try:
             return [timed(self.runc("exec", cid, *argv)) for _ in range(n)]
         finally:

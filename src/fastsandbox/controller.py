@@ -181,14 +181,13 @@ async def run(
                 agent_auth=fleet.agent_auth,
                 shared_agents=True,
                 agent_sync_seconds=settings.agent_sync_seconds,
-                rebuild_records=False,
             ),
         )
         metrics = await serve_metrics(plane.metrics, health, settings.metrics_listen)
         report = await plane.start_serving()
         token, created = await api_token(client, namespace, settings.token)
 
-        server = await start_fastpath(plane.servicer, token, settings.listen)
+        server = await start_fastpath(plane.servicer, token, settings.listen, settings.edge)
 
         leadership = Leadership(plane, identity)
         elector = LeaderElector(

@@ -41,6 +41,10 @@ class FsbError(Exception):
     grpc_code: grpc.StatusCode
     exit_code: int
 
+    # Seconds the server asked the caller to wait before retrying (its `retry-after` trailing
+    # metadata, sent with RESOURCE_EXHAUSTED by the rate limit); None when it named none.
+    retry_after: float | None = None
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
@@ -90,6 +94,10 @@ class RuntimeFailure(FsbError):
 
 
 S = grpc.StatusCode
+
+RETRY_AFTER_KEY: Final = "retry-after"
+"""Trailing metadata of a RESOURCE_EXHAUSTED that names when to retry (seconds, decimal);
+clients read it into `FsbError.retry_after`."""
 
 
 class CommandTimeout(FsbError):
@@ -188,6 +196,7 @@ def from_grpc(
 
 __all__ = [
     "CLIENT_ONLY",
+    "RETRY_AFTER_KEY",
     "TABLE",
     "AlreadyExists",
     "CapacityExhausted",

@@ -227,7 +227,7 @@ async def run(
         report = await plane.start()
         janitor_clients = await _start_janitor(settings, plane, fleet, containerd, janitor_tasks)
 
-        server = await start_fastpath(plane.servicer, token, settings.listen)
+        server = await start_fastpath(plane.servicer, token, settings.listen, settings.edge)
         message = (
             f"fsb server ready on {settings.listen} (data dir {data_dir}, "
             f"{report.agents} agent(s), {report.records} sandbox record(s))"

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Final
 
 from fastsandbox import __version__
-from fastsandbox.api.models import DEFAULT_LOG_MAX_BYTES
+from fastsandbox.api.log_caps import DEFAULT_LOG_MAX_BYTES
+from fastsandbox.api.quantity import bytes_exact
 
 # Defaults more than one command or client needs, each spelled here once (a unit test,
 # tests/unit/test_constants_once.py, fails when the endpoint is spelled anywhere else in src/).
@@ -24,9 +25,36 @@ CONTAINERD_SOCKET: Final = Path("/run/containerd/containerd.sock")
 """The system containerd's socket."""
 JANITOR_INTERVAL_SECONDS: Final = 10.0
 """How often the janitor looks for orphaned containers, snapshots, logs and FIFOs."""
+DEFAULT_SANDBOX_DISK: Final = "1Gi"
+"""Writable-layer limit of a sandbox that asks for none (a quantity; sparse: only what is
+written costs disk). There is no "unlimited": 0 on the wire means this default."""
 ORPHAN_TIMEOUT_SECONDS: Final = 30.0
 """How long a container must stay orphaned (no record, or its agent gone) before the janitor
 removes it: far longer than the few ms between a Fast-mode start and its record."""
+
+# -- request limits at the Fast-Path's edge (control/fastpath/request_limits.py, throttle.py) ---
+MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+"""Largest gRPC message the Fast-Path accepts (a file chunk, a create request)."""
+MAX_ENV_VARS: Final = 256
+"""Environment variables of one sandbox."""
+MAX_ENV_BYTES: Final = 256 * 1024
+"""All of one sandbox's `NAME=value` pairs together (the kernel's exec limit is ~2 MiB)."""
+MAX_ARGS: Final = 1024
+"""Items of command + args together."""
+MAX_ARGS_BYTES: Final = 256 * 1024
+"""Bytes of command + args together."""
+MAX_LABELS: Final = 64
+"""Labels of one object."""
+MAX_LABEL_KEY_BYTES: Final = 253
+"""A label key (Kubernetes' prefix limit)."""
+MAX_LABEL_VALUE_BYTES: Final = 1024
+"""A label value."""
+RATE_PER_SECOND: Final = 500.0
+"""Calls a second one credential may make, sustained (a token bucket)."""
+RATE_BURST: Final = 1000
+"""Calls one credential may make at once above the sustained rate."""
+MAX_STREAMS_PER_CREDENTIAL: Final = 64
+"""Concurrent streams (exec/attach, logs, watch, file transfers) of one credential."""
 
 
 def default_data_dir() -> Path:
@@ -48,6 +76,22 @@ class LogSettings:
 
 
 @dataclass(slots=True)
+class EdgeLimits:
+    """What one caller may ask of the Fast-Path: keyed by the credential it presents (a hash
+    of its bearer token), so every token, whatever it is allowed to do, has its own share."""
+
+    rate_per_second: float = RATE_PER_SECOND
+    """Sustained calls per second per credential; over it: RESOURCE_EXHAUSTED with a
+    `retry-after` (seconds) in the trailing metadata."""
+    rate_burst: int = RATE_BURST
+    """Calls per credential above the sustained rate before it applies."""
+    max_streams: int = MAX_STREAMS_PER_CREDENTIAL
+    """Concurrent streaming calls per credential (exec, logs, watch, read/write file)."""
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    """Largest request message; a bigger one is refused RESOURCE_EXHAUSTED naming the limit."""
+
+
+@dataclass(slots=True)
 class SandboxDefaults:
     """What both control planes (`fsb server`, `fsb controller`) apply to every sandbox."""
 
@@ -57,10 +101,15 @@ class SandboxDefaults:
     """CPU limit of a sandbox that asks for none (a quantity): no sandbox runs unbounded."""
     default_sandbox_memory: str = "512Mi"
     """Memory limit of a sandbox that asks for none."""
+    default_sandbox_disk: str = DEFAULT_SANDBOX_DISK
+    """Writable-layer size limit of a sandbox that asks for none (its own file system: writes
+    past it fail with ENOSPC inside the sandbox)."""
     expired_retention_seconds: float = 24 * 3600.0
     """How long an Expired record is kept for history before it is deleted."""
     heartbeat_seconds: float = 1.0
     """How often the control plane (every replica) polls each agent's Status."""
+    edge: EdgeLimits = field(default_factory=EdgeLimits)
+    """Per-credential rate limit, stream cap and message size of the Fast-Path."""
 
 
 @dataclass(slots=True)
@@ -159,6 +208,8 @@ class AgentSettings:
     each line and caps the log. None = containerd's `file://` (one uncapped file, streams mixed)."""
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     """Cap of one sandbox's captured output when its spec asks for none (newest kept)."""
+    default_disk_bytes: int = int(bytes_exact(DEFAULT_SANDBOX_DISK))
+    """Writable-layer limit of a sandbox whose request says 0 (never unlimited)."""
     version: str = ""
     token: str | None = None
     """Bearer token every call must carry. Required on a HOST:PORT listen address (anyone who
@@ -176,7 +227,21 @@ class AgentSettings:
     path."""
     metrics_listen: str | None = None
     """HOST:PORT serving /metrics (Prometheus), /healthz and /readyz; None: not served."""
+    warm_slots: int = 0
+    """Warm slots kept per hot image (`agent/warm.py`); 0 = none. Needs the supervisor and runc."""
+    warm_images: tuple[str, ...] = ()
+    """Images always hot (the pool's prewarmImages)."""
+    warm_recent: int = 1
+    """How many of the most recently served images are hot too."""
     log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def enforces_disk_limit(self) -> bool:
+        """Whether sandboxes get a size-limited writable layer (a loop-mounted file system per
+        sandbox, agent/runtime/disk.py). Not in a Kubernetes Pod: the agent Pod is unprivileged
+        and cannot mount, and a mount in its namespace would not reach containerd's shim anyway
+        (docs/security.md, "What is not covered")."""
+        return self.pod_uid is None
 
     @property
     def listens_on_tcp(self) -> bool:

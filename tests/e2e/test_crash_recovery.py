@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sqlite3
 import time
 
 import pytest
@@ -84,5 +85,56 @@ def test_kill9_during_a_burst_loses_no_acknowledged_create(
         pool = srv.fsb_json("pool", "get", "burst")
         running = sum(1 for i in items if i["status"]["phase"] == "Running")
         assert pool["status"]["slots"]["allocated"] == running
+    finally:
+        purge(srv)
+
+
+def test_fast_create_answered_then_kill9_before_its_record_write_survives(
+    registry_addr: str, demo_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fast mode answers before the record is written. Holding SQLite's write lock from here
+    keeps the server's record write waiting (it retries), so the kill -9 lands, for certain,
+    after the answer and before the write: the restarted server must rebuild the record from
+    the request label on the container."""
+    srv = new_server(registry_addr)
+    try:
+        srv.start()
+        made = srv.fsb("pool", "create", "held", "--min", "1", "--max", "1", "--per-agent", "4")
+        assert made.returncode == 0, made.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            got = srv.fsb("pool", "get", "held", "-o", "json")
+            if got.returncode == 0 and json.loads(got.stdout)["status"]["agents"]["ready"]:
+                break
+            time.sleep(0.2)
+        monkeypatch.setenv("FSB_DATA_DIR", str(srv.data_dir))
+
+        async def create() -> tuple[str, str]:
+            async with AsyncClient(endpoint=srv.endpoint, namespace="default") as client:
+                made = await client.create(
+                    "held-1", demo_image, pool="held", command=["sleep", "3600"], mode="fast"
+                )
+                assert made.phase == "Running"
+                # Not stored yet, but served: a get right after the create finds it.
+                got = await client.get("held-1")
+                assert got.status.container_id == made.container_id
+                return made.uid, made.container_id
+
+        lock = sqlite3.connect(srv.data_dir / "state.db", timeout=10, isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            uid, container_id = asyncio.run(create())
+            assert srv.proc is not None
+            srv.proc.send_signal(signal.SIGKILL)
+            srv.stop()  # reap the killed process
+            lock.execute("ROLLBACK")
+        finally:
+            lock.close()
+        srv.start()
+        record = srv.fsb_json("get", "held-1")
+        assert record["metadata"]["uid"] == uid
+        assert record["status"]["phase"] == "Running", json.dumps(record["status"])
+        assert record["status"]["containerID"] == container_id
+        assert container_id in srv.running_tasks()
     finally:
         purge(srv)

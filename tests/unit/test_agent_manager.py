@@ -375,6 +375,23 @@ async def test_log_cap_comes_from_the_spec_or_the_agent_default(
     assert agent.used_slots == 2  # refused before a slot was taken
 
 
+async def test_disk_limit_is_always_set_zero_meaning_the_agent_default(
+    runtime: FakeRuntime, tmp_path: Path
+) -> None:
+    agent = SandboxManager(
+        runtime, dataclasses.replace(settings(tmp_path), default_disk_bytes=256 << 20)
+    )
+    await agent.start()
+    await agent.create(req("sb-1"))
+    await agent.create(req("sb-2", disk_bytes=8 << 20))
+    assert runtime.specs["sb-1"].disk_bytes == 256 << 20  # 0 is the default, never unlimited
+    assert runtime.specs["sb-2"].disk_bytes == 8 << 20
+    for bad in (-1, 1000):
+        with pytest.raises(InvalidArgument, match="disk_bytes"):
+            await agent.create(req(f"sb-bad{bad}", disk_bytes=bad))
+    assert agent.used_slots == 2
+
+
 async def test_delete_removes_both_halves_of_a_capped_log(manager: SandboxManager) -> None:
     await manager.create(req("sb-1"))
     path = manager.log_path("sb-1")

@@ -27,9 +27,9 @@ from fastsandbox.api.models import (
     SandboxPoolSpec,
     SandboxSpec,
 )
+from fastsandbox.control.create_request import CreateOptions
 from fastsandbox.control.fastpath.auth import TokenAuth
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
-from fastsandbox.control.sandboxes import CreateOptions
 from fastsandbox.errors import NotFound
 from fastsandbox.fleet.inprocess import InProcessFleet
 from fastsandbox.store.memory import MemoryStore

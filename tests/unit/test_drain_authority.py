@@ -31,11 +31,12 @@ from fastsandbox.api.models import (
     SandboxSpec,
 )
 from fastsandbox.control.agent_client import AgentClient, AgentClients
+from fastsandbox.control.create_request import CreateOptions
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.control.pool_planner import AgentView, Plan, plan
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.registry import AgentRecord, Registry
-from fastsandbox.control.sandboxes import CreateOptions, SandboxService
+from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.errors import CapacityExhausted
 from fastsandbox.fleet.base import AgentHandle
 from fastsandbox.fleet.inprocess import InProcessFleet

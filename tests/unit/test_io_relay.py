@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc, io_pb2
-from fastsandbox.api.models import SandboxPhase
+from fastsandbox.api.models import Sandbox, SandboxPhase
 from fastsandbox.control.fastpath.io_relay import IoRelayRpcs, check_start
 from fastsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
 from fastsandbox.store.memory import MemoryStore
@@ -188,7 +188,11 @@ async def test_the_real_lookup_checks_phase_and_agent() -> None:
     await store.create(sb)
     registry = SimpleNamespace(get_agent=lambda name: None)
     relay = IoRelayRpcs()
-    relay.sandboxes = SimpleNamespace(store=store, registry=registry, agents=None)  # type: ignore[assignment]
+    # The relay reads through `SandboxService.get` (records not yet stored are served from
+    # memory in Fast mode); here the store alone answers.
+    relay.sandboxes = SimpleNamespace(  # type: ignore[assignment]
+        get=lambda ns, name: store.get(Sandbox, ns, name), registry=registry, agents=None
+    )
     with pytest.raises(NotFound, match="not connected"):
         await relay._agent_for(target())
     with pytest.raises(NotFound):

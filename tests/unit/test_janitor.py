@@ -11,6 +11,7 @@ import pytest
 
 from fastsandbox.agent.runtime.base import ContainerSpec
 from fastsandbox.agent.runtime.fake import FakeRuntime
+from fastsandbox.api.labels import SANDBOX_ID_LABEL, WARM_SLOT_LABEL
 from fastsandbox.api.models import ObjectMeta, Sandbox, SandboxSpec
 from fastsandbox.errors import RuntimeFailure
 from fastsandbox.janitor.embedded import EmbeddedKnownState
@@ -88,6 +89,24 @@ def test_a_stuck_in_flight_slot_shields_only_until_the_in_flight_timeout() -> No
     # The in-flight limit never makes a removal sooner than the orphan timeout.
     ds = scans([seen("c1")], [(0, k), (10, k), (30, k)], in_flight_timeout=5.0)
     assert [removed(d) for d in ds] == [{}, {}, {"c1": Reason.NO_RECORD}]
+
+
+def test_warm_slots_belong_to_their_live_agent_and_claimed_ones_to_their_record() -> None:
+    slot = Seen("w-1", {AGENT_LABEL: "a1", WARM_SLOT_LABEL: IMAGE})
+    claimed = Seen("w-2", {AGENT_LABEL: "a1", SANDBOX_ID_LABEL: "sb-2"})
+    unclaimed_record = Seen("w-3", {AGENT_LABEL: "a1", SANDBOX_ID_LABEL: "sb-3"})
+    k = known(recorded={"sb-2"}, in_flight={"sb-4"})
+    for d in scans([slot, claimed], [(t, k) for t in (0, 31, 10**6)]):
+        assert not d.remove and not d.waiting
+    # Records know a claimed slot by its sandbox id; without a record it is an orphan.
+    ds = scans([unclaimed_record], [(0, k), (31, k)])
+    assert removed(ds[1]) == {"w-3": Reason.NO_RECORD}
+    # A create in flight is known by its sandbox id too.
+    in_flight = Seen("w-4", {AGENT_LABEL: "a1", SANDBOX_ID_LABEL: "sb-4"})
+    assert not removed(scans([in_flight], [(0, k), (31, k)])[1])
+    # Its agent gone, a slot is an orphan like any container.
+    gone = known(live=set(), our_agents={"a1"})
+    assert removed(scans([slot], [(0, gone), (31, gone)])[1]) == {"w-1": Reason.AGENT_GONE}
 
 
 def test_an_unrecorded_container_is_removed_after_the_timeout_not_before() -> None:

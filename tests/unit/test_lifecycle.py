@@ -265,3 +265,29 @@ async def test_a_reschedule_without_room_does_not_resume_on_the_returning_agent(
 async def _agent_ready(plane: Plane, name: str) -> bool:
     agent = plane.plane.registry.get_agent(name)
     return agent is not None and agent.ready
+
+
+async def test_a_returning_agent_stops_its_superseded_copy_before_it_counts_as_ready(
+    plane: Plane,
+) -> None:
+    """Fencing (issue 12): the AutoRecreate sandbox runs elsewhere now; the old agent comes back
+    still running the given-up container. The heartbeat that finds it back stops that container
+    before the agent counts as ready, so the two copies never run past that heartbeat."""
+    first = await plane.create("fence", failure_policy="AutoRecreate", recovery_timeout_seconds=1)
+    await plane.fleet.kill(first.agent)
+
+    async def moved() -> bool:
+        s = await get(plane, "fence")
+        return s.status.phase is P.RUNNING and s.status.assigned_agent not in ("", first.agent)
+
+    await eventually(moved, timeout=5)
+    old_runtime = plane.fleet.runtime(first.agent)
+    assert first.container_id in {c.id for c in await old_runtime.list()}
+    await plane.fleet.start()  # the old agent comes back, still running the old copy
+    await eventually(lambda: _agent_ready(plane, first.agent), timeout=3)
+    # Causality, not timing: by the time the agent is ready again the old copy is gone.
+    assert first.container_id not in {c.id for c in await old_runtime.list()}
+    assert old_runtime.delete_graces[first.container_id] == 0
+    assert not plane.plane.registry.agent(first.agent).superseded
+    sb = await get(plane, "fence")
+    assert sb.status.phase is P.RUNNING and sb.status.container_id != first.container_id

@@ -109,7 +109,10 @@ def test_unset_limits_take_the_pool_defaults_then_the_servers() -> None:
     assert got.cpu_millis == 1000  # the server's
     assert got.pids == DEFAULT_PIDS
     assert got.log_max_bytes == 65536
-    assert got.disk_bytes == 0
+    assert got.disk_bytes == 1 << 30  # the server's default: there is no "no limit"
+    assert effective_limits(SandboxResources(disk="64Mi"), pool, FALLBACK).disk_bytes == 64 << 20
+    pooled = SandboxPoolSpec(sandbox_defaults=SandboxLimits(disk="2Gi"))
+    assert effective_limits(SandboxResources(), pooled, FALLBACK).disk_bytes == 2 << 30
     plain = effective_limits(SandboxResources(), None, FALLBACK)
     assert plain.log_max_bytes == DEFAULT_LOG_MAX_BYTES and plain.memory_bytes == 512 << 20
 

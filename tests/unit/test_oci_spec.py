@@ -115,7 +115,10 @@ def test_a_command_is_required() -> None:
 
 def test_fsb_init_runs_in_front_of_the_command_read_only() -> None:
     s = spec(args=["sleep", "1"], init_path="/opt/fsb-init")
-    assert s["process"]["args"] == ["/.fsb/init", "--", "sleep", "1"]
+    # The command travels in PID 1's environment, which sandbox code cannot read; its command
+    # line (which it can) is the same for every sandbox, warm or cold.
+    assert s["process"]["args"] == ["/.fsb/init"]
+    assert s["process"]["env"][-1] == 'FSB_MAIN=["sleep", "1"]'
     mount = next(m for m in s["mounts"] if m["destination"] == "/.fsb/init")
     assert mount["source"] == "/opt/fsb-init"
     assert "ro" in mount["options"] and "nosuid" in mount["options"]

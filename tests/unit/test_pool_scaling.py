@@ -27,12 +27,12 @@ from fastsandbox.api.models import (
 )
 from fastsandbox.api.phases import set_condition
 from fastsandbox.control.agent_client import AgentClients
+from fastsandbox.control.create_request import CreateOptions
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.control.pool_planner import AgentView, Plan, plan
 from fastsandbox.control.pool_planner import no_room as plan_no_room
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.registry import AgentRecord, Registry
-from fastsandbox.control.sandboxes import CreateOptions
 from fastsandbox.errors import CapacityExhausted, Conflict, InvalidArgument
 from fastsandbox.fleet.base import AgentHandle
 from fastsandbox.fleet.inprocess import InProcessFleet

@@ -181,8 +181,11 @@ async def test_exec_errors_name_what_failed(sandbox: Sandbox, tmp_path: Path) ->
     }
     empty = await sandbox.agent.request("exec", stream="t5", argv=[])
     assert err(empty)["code"] == "EINVAL" and "argv" in err(empty)["message"]
-    unknown = await sandbox.agent.request("start_main", argv=["true"])
+    unknown = await sandbox.agent.request("start_mains", argv=["true"])
     assert err(unknown)["code"] == "EINVAL" and "unknown op" in err(unknown)["message"]
+    # start_main is for a --warm supervisor only; this one is idle, not waiting for one.
+    not_warm = await sandbox.agent.request("start_main", argv=["true"])
+    assert err(not_warm)["code"] == "EINVAL" and "--warm" in err(not_warm)["message"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")

@@ -209,10 +209,14 @@ def test_exec_failure_names_the_command(init_bin: Path, tmp_path: Path) -> None:
 
 
 def test_usage_error_for_an_unknown_option(init_bin: Path) -> None:
-    for argv in (["--bogus", "x"], ["--warm"]):
+    for argv in (["--bogus", "x"], ["--warm", "x"]):
         result = run_init(init_bin, *argv)
         assert result.returncode == 2
         assert b"usage: fsb-supervisor [--] [COMMAND" in result.stderr
+    # Warm mode waits for the agent's start_main: without a channel there is no agent.
+    result = run_init(init_bin, "--warm")
+    assert result.returncode == 2
+    assert b"--warm needs FSB_CHANNEL" in result.stderr
 
 
 @pytest.mark.parametrize("argv", [[], ["--"]])

@@ -8,6 +8,7 @@ use crate::frame::{self, Frame};
 use crate::procs::{ExecReq, Launched, Proc, Table, thread_small};
 use crate::spawn::{Spec, Stdio};
 use crate::users;
+use crate::warm::WarmMain;
 use crate::watch::Watch;
 use serde_json::{Map, Value, json};
 use std::io::{self, Read};
@@ -23,6 +24,8 @@ pub struct Channel {
     pub secret: Vec<u8>,
     pub sandbox: String,
     pub table: Arc<Table>,
+    /// Set in warm mode (`--warm`): the main process `start_main` starts.
+    pub warm: Option<Arc<WarmMain>>,
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -151,6 +154,20 @@ impl Channel {
             let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
             let _ = frame::write_json(&mut *w, &reply);
         }
+        let start_main = req.get("op").and_then(Value::as_str) == Some("start_main");
+        if let Some(code) = self
+            .warm
+            .as_ref()
+            .and_then(|w| w.fatal())
+            .filter(|_| start_main)
+        {
+            // The main process could not be executed: end as a cold start would have, with
+            // its message on the sandbox's stderr (the agent has the reply already).
+            if let Some(msg) = reply.pointer("/error/message").and_then(Value::as_str) {
+                eprintln!("fsb-supervisor: {msg}");
+            }
+            std::process::exit(code);
+        }
         if let Some((token, job)) = job {
             let conn = self.connect(Some(&token));
             if let Err(e) = &conn {
@@ -216,6 +233,16 @@ impl Channel {
                 let (cols, rows) = size_of(req)?;
                 proc.resize(cols, rows);
                 Ok((json!({}), None))
+            }
+            "start_main" => {
+                let Some(warm) = &self.warm else {
+                    return Err(OpError::invalid(
+                        "start_main: this supervisor was not started with --warm; \
+                         its main process is the one on its command line",
+                    ));
+                };
+                let main = warm.start(&self.table, req)?;
+                Ok((json!({"pid": main.pid}), None))
             }
             "ps" => Ok((json!({"processes": self.table.list()}), None)),
             "stat" => Ok((files::stat(&path()?)?, None)),

@@ -14,6 +14,7 @@ mod frame;
 mod procs;
 mod spawn;
 mod users;
+mod warm;
 mod watch;
 
 use procs::{ExecReq, Table};
@@ -33,7 +34,10 @@ const FORWARDED: [i32; 7] = [
 ];
 
 fn usage() -> ! {
-    eprintln!("usage: fsb-supervisor [--] [COMMAND [ARG...]]   (no COMMAND: stay up idle)");
+    eprintln!(
+        "usage: fsb-supervisor [--] [COMMAND [ARG...]]   (no COMMAND: stay up idle)\n       \
+         fsb-supervisor --warm   (wait for the agent's start_main; needs FSB_CHANNEL)"
+    );
     std::process::exit(EXIT_USAGE);
 }
 
@@ -50,7 +54,7 @@ struct Config {
 }
 
 /// Reads and then removes every FSB_* variable (before any thread exists, so removing is safe).
-fn take_env(table: &Arc<Table>) -> Config {
+fn take_env(table: &Arc<Table>, warm: Option<Arc<warm::WarmMain>>) -> Config {
     let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let dir = get("FSB_CHANNEL");
     let secret = get("FSB_SUPERVISOR_SECRET");
@@ -80,6 +84,7 @@ fn take_env(table: &Arc<Table>) -> Config {
             secret,
             sandbox,
             table: Arc::clone(table),
+            warm,
         }
     });
     Config { channel }
@@ -112,13 +117,39 @@ fn wipe_secret_in_place() {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut warm: Option<Arc<warm::WarmMain>> = None;
     let argv: Vec<String> = match args.first().map(String::as_str) {
         Some("--") => args[1..].to_vec(),
-        Some(a) if a.starts_with('-') => usage(), // reserved for modes (e.g. --warm, not in v1)
+        Some("--warm") if args.len() == 1 => {
+            warm = Some(Arc::default());
+            Vec::new()
+        }
+        Some(a) if a.starts_with('-') => usage(),
         _ => args,
     };
+    // The same two modes from the environment, so PID 1's command line is `/.fsb/init` alone
+    // either way (sandbox code can read /proc/1/cmdline: a warm and a cold sandbox must not
+    // differ there, and the main command is the sandbox's business, not PID 1's).
+    let mut argv = argv;
+    if argv.is_empty() && warm.is_none() {
+        if std::env::var("FSB_WARM").as_deref() == Ok("1") {
+            warm = Some(Arc::default());
+        } else if let Ok(main) = std::env::var("FSB_MAIN") {
+            argv = match serde_json::from_str::<Vec<String>>(&main) {
+                Ok(a) if !a.is_empty() => a,
+                _ => {
+                    eprintln!("fsb-supervisor: FSB_MAIN must be a JSON list of strings");
+                    std::process::exit(EXIT_USAGE);
+                }
+            };
+        }
+    }
     let table = Arc::new(Table::default());
-    let config = take_env(&table);
+    let config = take_env(&table, warm.clone());
+    if warm.is_some() && config.channel.is_none() {
+        eprintln!("fsb-supervisor: --warm needs FSB_CHANNEL (start_main comes from the agent)");
+        std::process::exit(EXIT_USAGE);
+    }
     // SAFETY: plain prctl calls. Not dumpable: sandbox code cannot read our environ or memory.
     unsafe {
         if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) < 0 {
@@ -188,11 +219,18 @@ fn main() {
         if sig < 0 {
             continue; // EINTR
         }
+        // A warm supervisor's main process appears when the agent sends start_main.
+        let main_pid = main_pid
+            .clone()
+            .or_else(|| warm.as_ref().and_then(|w| w.main()));
         if sig == libc::SIGCHLD {
             let reaped = table.reap();
-            if let Some(main) = &main_pid
-                && let Some((_, status)) = reaped.iter().find(|(pid, _)| *pid == main.pid)
-            {
+            // By the table (not main_pid): a warm main process may exit before start_main's
+            // thread has published it.
+            let main_exit = reaped
+                .iter()
+                .find(|(pid, _)| table.get(*pid).is_some_and(|p| p.main));
+            if let Some((_, status)) = main_exit {
                 let code = procs::exit_code(*status).0;
                 if pid1 {
                     // SAFETY: as PID 1, kill(-1) reaches exactly the rest of the sandbox.

@@ -190,6 +190,8 @@ pub fn spawn(spec: &Spec) -> Result<Started, OpError> {
     let err_w_fd = err_w.as_raw_fd();
     let pty = pty_slave >= 0;
     let inherit = matches!(spec.stdio, Stdio::Inherit);
+    // A cold main process keeps the cwd runc gave PID 1; a warm one (and every exec) is told.
+    let chdir = !inherit || !spec.cwd.is_empty();
     let own_group = started.own_group;
     let cred = spec.cred.as_ref().map(|c| (c.uid, c.gid));
 
@@ -242,7 +244,7 @@ pub fn spawn(spec: &Spec) -> Result<Started, OpError> {
             {
                 report(STAGE_CRED, errno());
             }
-            if !inherit && libc::chdir(cwd.as_ptr()) < 0 {
+            if chdir && libc::chdir(cwd.as_ptr()) < 0 {
                 report(STAGE_CWD, errno());
             }
             let mut saw_eacces = false;

@@ -50,6 +50,9 @@ class AgentArgs:
     logger_path: str | None = None
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     metrics_listen: str | None = None
+    warm_slots: int = 0
+    warm_image: tuple[str, ...] = ()
+    warm_recent: int = 1
     log_level: str = "info"
     log_format: str = "auto"
     log_file: Path | None = None

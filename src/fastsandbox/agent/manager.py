@@ -46,9 +46,11 @@ from fastsandbox.agent.runtime.base import (
     Runtime,
 )
 from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
+from fastsandbox.agent.warm import WarmCounts, WarmSlots, counts_reader
 from fastsandbox.api import labels
 from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.api.models import MIN_LOG_MAX_BYTES
+from fastsandbox.api.quantity import MIN_DISK_BYTES
 from fastsandbox.errors import (
     AlreadyExists,
     CapacityExhausted,
@@ -66,6 +68,7 @@ SANDBOX_ID_LABEL = labels.SANDBOX_ID_LABEL
 NAMESPACE_LABEL = labels.NAMESPACE_LABEL
 NAME_LABEL = labels.NAME_LABEL
 PORTS_LABEL = labels.PORTS_LABEL
+WARM_SLOT_LABEL = labels.WARM_SLOT_LABEL
 
 # containerd's own rule for ids; it also keeps ids safe to use as file names (no "/" or "..").
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
@@ -89,6 +92,7 @@ class SandboxRequest:
     cpu_millis: int = 0
     memory_bytes: int = 0
     pids_limit: int = 0
+    # Writable-layer size; 0 = the agent's default (never unlimited).
     disk_bytes: int = 0
     # Cap of the captured stdout + stderr; 0 = the agent's default.
     log_max_bytes: int = 0
@@ -108,6 +112,7 @@ class AgentStatus:
     # Slots counted against capacity, creates in flight included.
     used_slots: int = 0
     creating: int = 0
+    warm: list[WarmCounts] = field(default_factory=list)
 
 
 def _check_id(sandbox_id: str) -> None:
@@ -120,6 +125,17 @@ def _check_id(sandbox_id: str) -> None:
 
 def _live(state: ContainerState) -> bool:
     return state.status is not ContainerStatus.STOPPED
+
+
+def _sandbox_id(state: ContainerState) -> str:
+    """A container's sandbox id: its own id, or (a claimed warm slot) the one it was claimed as."""
+    return state.labels.get(SANDBOX_ID_LABEL) or state.id
+
+
+def _outward(state: ContainerState) -> ContainerState:
+    """The state as the agent's API shows it: by sandbox id, whatever the container's id."""
+    sandbox_id = _sandbox_id(state)
+    return state if sandbox_id == state.id else replace(state, id=sandbox_id)
 
 
 class SandboxManager:
@@ -149,6 +165,17 @@ class SandboxManager:
         self.channels = ChannelHub(settings.state_dir) if settings.init_path else None
         # Process env/cwd/user of each sandbox, read once from the runtime per agent life.
         self._defaults: dict[str, ProcessDefaults] = {}
+        # Sandbox id → container id where they differ (claimed warm slots), from the
+        # sandbox-id label; and every sandbox id the runtime showed at the last look.
+        self._containers: dict[str, str] = {}
+        self._seen: set[str] = set()
+        # Warm slots the last look found that no live WarmSlots knows (left by a killed agent).
+        self._stale_warm: list[ContainerState] = []
+        self.warm = self._warm_slots(settings)
+        self.metrics.gauge(
+            "fsb_warm_slots", "Warm slots ready to be claimed, per image.", ("image",),
+            counts_reader(lambda: self.warm),
+        )  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -163,11 +190,15 @@ class SandboxManager:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         states = await self._refresh_slots()
         if self.channels is not None:
-            for sandbox_id, state in sorted(states.items()):
+            for _, state in sorted(states.items()):
                 if _live(state):
-                    await self.channels.open(sandbox_id)
+                    await self.channels.open(state.id)
         for image in await self.runtime.images():
             self._images.add(image.name)
+        if self.warm is not None:
+            self.warm.adopt(self._stale_warm)
+            self.warm.start()
+            self.warm.poke()
         log.info(
             "agent manager started",
             extra={"agent": self.settings.name, "sandboxes": len(self._slots)},
@@ -180,8 +211,34 @@ class SandboxManager:
     async def aclose(self) -> None:
         """Stop listening for supervisors (sandboxes keep running; their directories stay)."""
         self.close()
+        if self.warm is not None:
+            await self.warm.close()
         if self.channels is not None:
             await self.channels.close()
+
+    def _warm_slots(self, settings: AgentSettings) -> WarmSlots | None:
+        if settings.warm_slots <= 0:
+            return None
+        if self.channels is None or settings.runtime != "runc":
+            log.warning(
+                "warm slots need runc and fsb-supervisor; this agent keeps none",
+                extra={"agent": settings.name, "runtime": settings.runtime},
+            )
+            return None
+        return WarmSlots(
+            self,
+            per_image=settings.warm_slots,
+            images=settings.warm_images,
+            recent=settings.warm_recent,
+        )
+
+    def free_slots(self) -> int:
+        """Capacity neither a sandbox nor a warm slot holds."""
+        warm = self.warm.count() if self.warm is not None else 0
+        return self.settings.capacity - len(self._slots) - warm
+
+    def _container_id(self, sandbox_id: str) -> str:
+        return self._containers.get(sandbox_id, sandbox_id)
 
     # -- create / delete ------------------------------------------------------------------------
     async def create(self, req: SandboxRequest) -> ContainerState:
@@ -190,6 +247,7 @@ class SandboxManager:
             raise InvalidArgument("image: required")
         normalize_image_ref(req.image)  # a bad reference fails before a slot is taken
         self._log_cap(req.log_max_bytes)  # so does a bad log cap
+        self._disk(req.disk_bytes)  # and a bad disk size
         # A create runs to its end even when its caller goes away (a control plane killed or
         # timed out mid-call): Status reports a create in flight as a sandbox on its way, and a
         # restarted control plane adopts it on that word; cut off, the create would be rolled
@@ -209,33 +267,95 @@ class SandboxManager:
             log.debug("create failed", extra={"task": task.get_name()})
 
     async def _create_held(self, req: SandboxRequest) -> ContainerState:
+        began = time.perf_counter()
         async with self._locks.hold(req.sandbox_id):
-            held_before = req.sandbox_id in self._slots
-            await self._reserve(req.sandbox_id)
-            self._creating.add(req.sandbox_id)
-            try:
-                if self.channels is not None:
-                    await self.channels.open(req.sandbox_id)
-                state = await self._create(req)
-            except BaseException:
-                if not held_before:
-                    self._slots.discard(req.sandbox_id)
-                    if self.channels is not None:
-                        await self.channels.remove(req.sandbox_id)
+            state = await self._claim(req)
+            if state is None:
+                state = await self._create_cold(req)
+        if self.warm is not None:
+            self.warm.served(normalize_image_ref(req.image))
+        self.metrics.create_seconds.labels(mode="agent", warm=str(state.warm).lower()).observe(
+            time.perf_counter() - began
+        )
+        return _outward(state)
+
+    async def _claim(self, req: SandboxRequest) -> ContainerState | None:
+        """The create served from a warm slot, or None (no slot: the cold path). Only for a
+        sandbox id never seen here (a retry of an earlier create takes the cold path, which
+        returns what exists), and only when the slot was made as this create would make it."""
+        warm, sandbox_id = self.warm, req.sandbox_id
+        if warm is None:
+            return None
+        fresh = sandbox_id not in self._slots and sandbox_id not in self._containers
+        fresh = fresh and sandbox_id not in self._seen and not self._cordoned
+        image = normalize_image_ref(req.image)
+        same_log = self._log_cap(req.log_max_bytes) == self.settings.log_max_bytes
+        # A slot's writable layer was made at the default size: another size takes the cold path.
+        same_disk = self._disk(req.disk_bytes) == self._disk(0)
+        slot = warm.take(image) if fresh and same_log and same_disk else None
+        if slot is None:
+            self.metrics.warm_slot_claims_total.labels(result="miss").inc()
+            return None
+        # The slot's capacity becomes the sandbox's: no capacity check, nothing to wait for.
+        self._slots.add(sandbox_id)
+        self._creating.add(sandbox_id)
+        self._containers[sandbox_id] = slot
+        try:
+            state = await warm.claim(slot, self._spec(req))
+        except BaseException as exc:
+            self._slots.discard(sandbox_id)
+            self._containers.pop(sandbox_id, None)
+            warm.retire(slot)
+            if not isinstance(exc, Exception):
                 raise
-            finally:
-                self._creating.discard(req.sandbox_id)
-            if not _live(state):
-                # Idempotent re-create of a sandbox that has already finished: no slot used.
+            log.warning(
+                "warm slot claim failed; creating cold",
+                extra={"sandbox_id": sandbox_id, "slot": slot, "err": str(exc)},
+            )
+            self.metrics.warm_slot_claims_total.labels(result="miss").inc()
+            return None
+        finally:
+            self._creating.discard(sandbox_id)
+        self.metrics.warm_slot_claims_total.labels(result="hit").inc()
+        log.info(
+            "sandbox created from a warm slot",
+            extra={"agent": self.settings.name, "sandbox_id": sandbox_id, "slot": slot},
+        )
+        return state
+
+    async def _create_cold(self, req: SandboxRequest) -> ContainerState:
+        claimed = self._containers.get(req.sandbox_id)
+        if claimed is not None:
+            # A retry of a create a warm slot served: that container is the sandbox.
+            with contextlib.suppress(NotFound):
+                return await self.runtime.get(claimed)
+            self._containers.pop(req.sandbox_id, None)
+        held_before = req.sandbox_id in self._slots
+        await self._reserve(req.sandbox_id)
+        self._creating.add(req.sandbox_id)
+        try:
+            if self.channels is not None:
+                await self.channels.open(req.sandbox_id)
+            state = await self._create(req)
+        except BaseException:
+            if not held_before:
                 self._slots.discard(req.sandbox_id)
-            return state
+                if self.channels is not None:
+                    await self.channels.remove(req.sandbox_id)
+            raise
+        finally:
+            self._creating.discard(req.sandbox_id)
+        if not _live(state):
+            # Idempotent re-create of a sandbox that has already finished: no slot used.
+            self._slots.discard(req.sandbox_id)
+        return state
 
     async def _reserve(self, sandbox_id: str) -> None:
         """Take a slot for `sandbox_id`, or raise CapacityExhausted. Atomic between awaits:
         the cordon is checked in the same step that adds a new slot."""
         if sandbox_id in self._slots:
             return  # a retry of a create that holds its slot already
-        if len(self._slots) < self.settings.capacity and not self._cordoned:
+        if not self._cordoned and (self.free_slots() > 0 or self._retire_warm()):
             self._slots.add(sandbox_id)
             return
         # Looks full (or cordoned): sandboxes may have exited since we last looked, and a
@@ -249,13 +369,18 @@ class SandboxManager:
         if sandbox_id in self._slots:
             return
         self._check_not_cordoned()
-        if len(self._slots) < self.settings.capacity:
+        if self.free_slots() > 0 or self._retire_warm():
             self._slots.add(sandbox_id)
             return
         raise CapacityExhausted(
             f"agent {self.settings.name} is full ({self.settings.capacity} sandboxes running); "
             "delete a sandbox or schedule on another agent"
         )
+
+    def _retire_warm(self) -> bool:
+        """Make room for a create by retiring a warm slot (removed in the background; the
+        container count may exceed capacity by it for as long as that takes)."""
+        return self.warm is not None and self.warm.retire_one()
 
     def _check_not_cordoned(self) -> None:
         if self._cordoned:
@@ -269,6 +394,8 @@ class SandboxManager:
         anything; creates already past the check finish and keep their slots."""
         changed = self._cordoned != cordoned
         self._cordoned = cordoned
+        if self.warm is not None:
+            self.warm.poke()  # cordoned: retire the slots; uncordoned: make them again
         if changed:
             log.info(
                 "agent cordoned" if cordoned else "agent uncordoned",
@@ -287,7 +414,18 @@ class SandboxManager:
         # runtime answered) before we look again: its slot stays, or Status would read empty.
         creating = set(self._creating)
         listed = await self.runtime.list(labels={AGENT_LABEL: self.settings.name})
-        states = {s.id: s for s in listed}
+        states: dict[str, ContainerState] = {}
+        self._stale_warm = []
+        for state in listed:
+            if WARM_SLOT_LABEL in state.labels:
+                if self.warm is None or not self.warm.is_slot(state.id):
+                    self._stale_warm.append(state)
+                continue
+            sandbox_id = _sandbox_id(state)
+            states[sandbox_id] = state
+            if sandbox_id != state.id:
+                self._containers[sandbox_id] = state.id
+        self._seen = set(states)
         now = self._slots
         added, removed = now - before, before - now
         live = {sid for sid, st in states.items() if _live(st)}
@@ -327,7 +465,6 @@ class SandboxManager:
         return state
 
     def _spec(self, req: SandboxRequest) -> ContainerSpec:
-        channels = self.channels
         labels = dict(req.labels)
         # Ours win over the caller's: they decide ownership and how we find sandboxes again.
         labels[AGENT_LABEL] = self.settings.name
@@ -338,26 +475,40 @@ class SandboxManager:
             labels[NAME_LABEL] = req.name
         if req.exposed_ports:
             labels[PORTS_LABEL] = ",".join(str(p) for p in req.exposed_ports)
-        return ContainerSpec(
-            id=req.sandbox_id,
-            image=normalize_image_ref(req.image),
-            log_path=str(self.log_path(req.sandbox_id)),
+        return replace(
+            self.container_spec(req.sandbox_id, req.image, labels),
             command=req.command,
             args=req.args,
             env=req.env,
             working_dir=req.working_dir,
-            labels=labels,
-            netns_path=self.settings.netns_path,
-            cgroup_parent=f"{self.settings.cgroup_parent.rstrip('/')}/{self.settings.name}",
             cpu_millis=req.cpu_millis or None,
             memory_bytes=req.memory_bytes or None,
             pids_limit=req.pids_limit or None,
+            log_max_bytes=self._log_cap(req.log_max_bytes),
+            disk_bytes=self._disk(req.disk_bytes) if self.settings.enforces_disk_limit else None,
+        )
+
+    def container_spec(
+        self, container_id: str, image: str, labels: Mapping[str, str], *, warm: bool = False
+    ) -> ContainerSpec:
+        """What every container of this agent shares (a warm slot is made from this alone)."""
+        channels = self.channels
+        return ContainerSpec(
+            id=container_id,
+            image=normalize_image_ref(image),
+            log_path=str(self.log_path(container_id)),
+            labels=dict(labels),
+            netns_path=self.settings.netns_path,
+            cgroup_parent=f"{self.settings.cgroup_parent.rstrip('/')}/{self.settings.name}",
             runtime=self.settings.runtime,
             init_path=str(self.settings.init_path) if self.settings.init_path else None,
-            channel_dir=str(channels.directory(req.sandbox_id)) if channels else None,
-            init_env=channels.supervisor_env(req.sandbox_id) if channels else (),
-            log_max_bytes=self._log_cap(req.log_max_bytes),
+            channel_dir=str(channels.directory(container_id)) if channels else None,
+            init_env=channels.supervisor_env(container_id) if channels else (),
+            log_max_bytes=self.settings.log_max_bytes,
+            # A warm slot's layer is made at the agent's default size; `_spec` sets the request's.
+            disk_bytes=self._disk(0) if self.settings.enforces_disk_limit else None,
             logger_path=str(self.settings.logger_path) if self.settings.logger_path else None,
+            warm=warm,
         )
 
     def _log_cap(self, asked: int) -> int:
@@ -369,22 +520,33 @@ class SandboxManager:
             )
         return asked or self.settings.log_max_bytes
 
+    def _disk(self, asked: int) -> int:
+        if asked < 0:
+            raise InvalidArgument(f"disk_bytes {asked}: must be 0 (the default) or positive")
+        if 0 < asked < MIN_DISK_BYTES:
+            raise InvalidArgument(f"disk_bytes {asked}: must be at least {MIN_DISK_BYTES} (1Mi)")
+        return asked or self.settings.default_disk_bytes
+
     async def delete(self, sandbox_id: str, grace_seconds: float = -1) -> bool:
         """Stop and remove the sandbox and its log. False when it did not exist."""
         _check_id(sandbox_id)
         grace = self.settings.delete_grace_seconds if grace_seconds < 0 else grace_seconds
         async with self._locks.hold(sandbox_id):
+            container_id = self._container_id(sandbox_id)
             state = await self._own_state(sandbox_id)
             existed = False
             if state is not None:
-                existed = await self.runtime.delete(sandbox_id, grace)
+                existed = await self.runtime.delete(container_id, grace)
             self._slots.discard(sandbox_id)
             self._defaults.pop(sandbox_id, None)
+            self._containers.pop(sandbox_id, None)
             if self.channels is not None:
-                await self.channels.remove(sandbox_id)
-            for path in log_files(self.log_path(sandbox_id)):
+                await self.channels.remove(container_id)
+            for path in log_files(self.log_path(container_id)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+        if self.warm is not None:
+            self.warm.poke()  # room for a slot again
         if existed:
             log.info(
                 "sandbox deleted", extra={"agent": self.settings.name, "sandbox_id": sandbox_id}
@@ -392,11 +554,15 @@ class SandboxManager:
         return existed
 
     async def _own_state(self, sandbox_id: str) -> ContainerState | None:
-        """The sandbox's state, or None when it does not exist or belongs to another agent."""
+        """The sandbox's state (by container id), or None when it does not exist or belongs to
+        another agent."""
+        container_id = self._container_id(sandbox_id)
         try:
-            state = await self.runtime.get(sandbox_id)
+            state = await self.runtime.get(container_id)
         except NotFound:
             return None
+        if WARM_SLOT_LABEL in state.labels or _sandbox_id(state) != sandbox_id:
+            return None  # a warm slot is no sandbox, and a slot's id names none
         if state.labels.get(AGENT_LABEL) != self.settings.name:
             log.warning(
                 "container belongs to another agent; not touching it",
@@ -411,7 +577,8 @@ class SandboxManager:
         sandbox, FailedPrecondition (naming its state) when it is not running, Unavailable
         when its supervisor does not connect in time (`Channel.control`)."""
         _check_id(sandbox_id)
-        channel = self.channels.get(sandbox_id) if self.channels is not None else None
+        container_id = self._container_id(sandbox_id)
+        channel = self.channels.get(container_id) if self.channels is not None else None
         if channel is not None and channel.connected and sandbox_id in self._defaults:
             # A connected supervisor is the sandbox's PID 1 alive: it is running, and ours
             # (channels exist only for our sandboxes). Saves a runtime call per exec.
@@ -422,11 +589,11 @@ class SandboxManager:
             raise FailedPrecondition(
                 f"sandbox {sandbox_id} is {state.status.value}{how}, not running"
             )
-        client = self.channels.client(sandbox_id) if self.channels is not None else None
+        client = self.channels.client(container_id) if self.channels is not None else None
         if client is None and self.channels is not None:
             # Running but not listened for: adopted by a racing start, or made by an older agent.
-            await self.channels.open(sandbox_id)
-            client = self.channels.client(sandbox_id)
+            await self.channels.open(container_id)
+            client = self.channels.client(container_id)
         if client is None:
             raise FailedPrecondition(
                 f"sandbox {sandbox_id} has no supervisor: agent {self.settings.name} runs "
@@ -434,7 +601,7 @@ class SandboxManager:
             )
         defaults = self._defaults.get(sandbox_id)
         if defaults is None:
-            defaults = await self.runtime.process_defaults(sandbox_id)
+            defaults = await self.runtime.process_defaults(container_id)
             self._defaults[sandbox_id] = defaults
         return client, defaults
 
@@ -444,7 +611,7 @@ class SandboxManager:
         state = await self._own_state(sandbox_id)
         if state is None:
             raise NotFound(f"sandbox {sandbox_id} not found on agent {self.settings.name}")
-        return state
+        return _outward(state)
 
     async def status(self) -> AgentStatus:
         creating = set(self._creating)
@@ -457,12 +624,15 @@ class SandboxManager:
                 states[sandbox_id], status=ContainerStatus.CREATED, exit_code=None, reason=""
             )
         # Read after the refresh, with no await since: a create refused or counted here.
+        warm = self.warm
         return AgentStatus(
-            sandboxes=sorted(states.values(), key=lambda s: s.id),
+            sandboxes=sorted((_outward(s) for s in states.values()), key=lambda s: s.id),
             images=images,
             cordoned=self._cordoned,
-            used_slots=len(self._slots),
+            # Slots being made or removed hold capacity too (a drain waits for them).
+            used_slots=len(self._slots) + (warm.busy() if warm is not None else 0),
             creating=len(self._creating),
+            warm=warm.counts() if warm is not None else [],
         )
 
     async def pull(self, image: str) -> PullResult:
@@ -474,6 +644,9 @@ class SandboxManager:
 
     # One pull per image at a time: concurrent creates of a cold image wait for the same pull
     # instead of each starting their own.
+    async def ensure_image(self, image: str) -> None:
+        await self._ensure_image(image)
+
     async def _ensure_image(self, image: str) -> None:
         async with self._locks.hold(("image", image)):
             if image not in self._images:
@@ -506,7 +679,7 @@ class SandboxManager:
         _check_id(sandbox_id)
         if tail_lines < 0:
             raise InvalidArgument(f"tail_lines {tail_lines}: must be 0 (all) or positive")
-        path = self.log_path(sandbox_id)
+        path = self.log_path(self._container_id(sandbox_id))
         state = await self._own_state(sandbox_id)
         if state is None and not any(p.exists() for p in log_files(path)):
             raise NotFound(f"sandbox {sandbox_id} not found on agent {self.settings.name}")

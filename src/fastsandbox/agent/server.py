@@ -65,6 +65,7 @@ def state_to_proto(state: ContainerState) -> agent_pb2.SandboxState:
         labels=[agent_pb2.KeyValue(key=k, value=v) for k, v in sorted(state.labels.items())],
         reason=state.reason,
         pulled_ms=state.pulled_ms,
+        warm=state.warm,
     )
 
 
@@ -133,6 +134,7 @@ class AgentService(IoMethods, agent_pb2_grpc.AgentServicer):
             cordoned=status.cordoned,
             used_slots=status.used_slots,
             creating=status.creating,
+            warm_slots=[agent_pb2.WarmSlotCount(image=w.image, ready=w.ready) for w in status.warm],
         )
 
     async def Cordon(

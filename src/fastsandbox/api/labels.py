@@ -30,8 +30,14 @@ PORTS_LABEL: Final = "fastsandbox.io/ports"
 """The sandbox's exposed ports, "80,443": recovery rebuilds port reservations from it."""
 UID_LABEL: Final = "fastsandbox.io/uid"
 """The Sandbox object's uid."""
+WARM_SLOT_LABEL: Final = "fastsandbox.io/warm-slot"
+"""On a warm slot (a container made ahead of any request, its supervisor waiting), the image it
+was made for; a claim removes it and sets the sandbox's labels. Such a container is no sandbox:
+no record points at it and the janitor leaves it to its live agent."""
 REQUEST_LABEL: Final = "fastsandbox.io/request"
 """The create request, so a control plane that lost its record can rebuild it."""
+DISK_LAYER_LABEL: Final = "fastsandbox.io/disk-layer"
+"""Directory holding the container's size-limited writable layer (set by the runtime only)."""
 
 # -- labels and annotations on agent Pods (fleet/kubernetes.py) and containers ---------------
 POOL_LABEL: Final = "fastsandbox.io/pool"

@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from fastsandbox.api import log_caps as _log_caps
 from fastsandbox.api import quantity
 from fastsandbox.api._base import _Model
 from fastsandbox.api.agent_template import AGENT_TEMPLATE_FIELDS, AgentTemplate
@@ -38,10 +39,10 @@ _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 
 
-# Log caps (fsb-logger keeps the newest half twice over): the smallest keeps a few full-length
-# (16 KiB) lines in each half; the default fits a long build log. Defined once, here.
-MIN_LOG_MAX_BYTES = 64 * 1024
-DEFAULT_LOG_MAX_BYTES = 10 * 1024**2
+# Log caps: defined once, in api/log_caps.py (light: settings and the CLI import it
+# without pydantic); re-exported here for the models' users.
+MIN_LOG_MAX_BYTES = _log_caps.MIN_LOG_MAX_BYTES
+DEFAULT_LOG_MAX_BYTES = _log_caps.DEFAULT_LOG_MAX_BYTES
 
 
 def _dns_name(value: str) -> str:

@@ -2,27 +2,46 @@
 
 Each verb lives in `cli/commands/<verb>.py`. Errors become exit codes in `cli/app.py`'s
 `_Group.invoke` and nowhere else; the codes come from the one table in `errors.py`. Scripts call
-`fsb` thousands of times, so nothing heavier than typer is imported before a verb runs.
+`fsb` thousands of times, so nothing heavier than typer is imported before a verb runs, and only
+the verb that runs is imported (tests/unit/test_cli_imports.py).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from fastsandbox.cli import app as seam
-from fastsandbox.cli.commands import agent, apply, delete, get, logs, pool, run, server
-from fastsandbox.cli.commands import controller as controller_cmd
-from fastsandbox.cli.commands import cp as cp_cmd
-from fastsandbox.cli.commands import crds as crds_cmd
-from fastsandbox.cli.commands import describe as describe_cmd
-from fastsandbox.cli.commands import exec as exec_cmd
-from fastsandbox.cli.commands import janitor as janitor_cmd
-from fastsandbox.cli.commands import list as list_cmd
-from fastsandbox.cli.commands import reset as reset_cmd
-from fastsandbox.cli.commands import update as update_cmd
+
+if TYPE_CHECKING:
+    app: typer.Typer
+
+# verb -> (module under fastsandbox.cli.commands, attribute, options). Each verb's module (and
+# what it imports: the SDK, grpc, pydantic, the servers) is imported only when that verb runs,
+# or to list them all for `fsb --help`: an agent shelling out to `fsb exec` pays for exec only.
+_VERBS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "run": ("run", "run", {"no_args_is_help": True}),
+    "get": ("get", "get", {"no_args_is_help": True}),
+    "describe": ("describe", "describe", {"no_args_is_help": True}),
+    "list": ("list", "list_", {}),
+    "logs": ("logs", "logs", {"no_args_is_help": True}),
+    "exec": ("exec", "exec_", {"no_args_is_help": True}),
+    "cp": ("cp", "cp", {"no_args_is_help": True}),
+    "delete": ("delete", "delete", {"no_args_is_help": True}),
+    "update": ("update", "update", {"no_args_is_help": True}),
+    "reset": ("reset", "reset", {"no_args_is_help": True}),
+    "apply": ("apply", "apply", {"no_args_is_help": True}),
+    "pool": ("pool", "app", {}),  # a sub-app (typer.Typer), not a command
+    "server": ("server", "server", {}),
+    "controller": ("controller", "controller", {}),
+    "agent": ("agent", "agent", {}),
+    "crds": ("crds", "crds", {}),
+    "janitor": ("janitor", "janitor", {"no_args_is_help": True}),
+}
 
 
 def _version(value: bool) -> None:
@@ -41,35 +60,54 @@ def _root(
     """Fast Sandbox: isolated containers running in milliseconds."""
 
 
-def build_app() -> typer.Typer:
+def _add(app: typer.Typer, verb: str) -> None:
+    module, attr, options = _VERBS[verb]
+    target: Callable[..., Any] | typer.Typer = getattr(
+        importlib.import_module(f"fastsandbox.cli.commands.{module}"), attr
+    )
+    if isinstance(target, typer.Typer):
+        app.add_typer(target, name=verb)
+    else:
+        app.command(verb, **options)(target)
+
+
+def build_app(verbs: Sequence[str] | None = None) -> typer.Typer:
+    """`fsb` with `verbs` (default: every verb, in the order `fsb --help` lists them)."""
     app = seam.typer_app()
     app.callback()(_root)
-    app.command("run", no_args_is_help=True)(run.run)
-    app.command("get", no_args_is_help=True)(get.get)
-    app.command("describe", no_args_is_help=True)(describe_cmd.describe)
-    app.command("list")(list_cmd.list_)
-    app.command("logs", no_args_is_help=True)(logs.logs)
-    app.command("exec", no_args_is_help=True)(exec_cmd.exec_)
-    app.command("cp", no_args_is_help=True)(cp_cmd.cp)
-    app.command("delete", no_args_is_help=True)(delete.delete)
-    app.command("update", no_args_is_help=True)(update_cmd.update)
-    app.command("reset", no_args_is_help=True)(reset_cmd.reset)
-    app.command("apply", no_args_is_help=True)(apply.apply)
-    app.add_typer(pool.app, name="pool")
-    app.command("server")(server.server)
-    app.command("controller")(controller_cmd.controller)
-    app.command("agent")(agent.agent)
-    app.command("crds")(crds_cmd.crds)
-    app.command("janitor", no_args_is_help=True)(janitor_cmd.janitor)
+    for verb in verbs if verbs is not None else _VERBS:
+        _add(app, verb)
     return app
 
 
-app = build_app()
+def _verb_of(argv: Sequence[str]) -> str | None:
+    """The verb `argv` runs, when it is the first argument (`fsb exec ...`); None otherwise
+    (`fsb --help`, `fsb --version`, a typo: the whole app answers those)."""
+    if argv and argv[0] in _VERBS:
+        return argv[0]
+    return None
+
+
+def __getattr__(name: str) -> Any:
+    # `app`, the whole `fsb`, is built on first use (tests, `python -m`), not at import time.
+    if name == "app":
+        built = build_app()
+        globals()["app"] = built
+        return built
+    raise AttributeError(name)
 
 
 def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int:
     """Console-script entry point; returns the process exit code."""
-    return seam.run(app, argv, prog_name)
+    args = list(argv) if argv is not None else sys.argv[1:]
+    if args == ["--version"]:
+        # Scripts ask this to probe for fsb: answered without building any verb.
+        from fastsandbox import __version__
+
+        print(f"fsb {__version__}")
+        return 0
+    verb = _verb_of(args)
+    return seam.run(build_app([verb]) if verb else build_app(), args, prog_name or "fsb")
 
 
 if __name__ == "__main__":

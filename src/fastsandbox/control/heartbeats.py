@@ -5,6 +5,11 @@ another's heartbeat, and placement never waits on any of it: a heartbeat only sw
 agent's new snapshot (ready, capacity, slots it counts, images, its containers' exits) in the
 registry.
 
+Fencing: an agent that comes back after its sandboxes were rescheduled elsewhere (or deleted)
+still runs their old containers. The first heartbeat that reaches it stops those (the
+registry's `superseded`) before the agent counts as ready again, so the old copy never outlives
+that heartbeat (it used to run on until the janitor's orphan timeout).
+
 Every replica's heartbeat reads the agent's `cordoned` into its registry, so the others stop
 placing on an agent the leader drains within a heartbeat. The drains themselves are the pool
 loop's (`pools.PoolManager`); a heartbeat that finds one of its drained agents uncordoned
@@ -19,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
 from fastsandbox.control.agent_client import AgentClients
 from fastsandbox.control.registry import AgentRecord, Registry, SandboxReport
 from fastsandbox.errors import FsbError
@@ -59,6 +65,10 @@ class AgentHeartbeats:
                 log.warning("agent unreachable", extra={"agent": agent.name, "err": str(exc)})
             self.registry.mark_unready(agent.name)
             return
+        if agent.superseded and not await self._fence(agent, status):
+            # Copies given up while it was away still run there: not ready until they are gone.
+            self.registry.mark_unready(agent.name)
+            return
         became_ready = not agent.ready
         if became_ready:
             log.info("agent ready", extra={"agent": agent.name, "ip": agent.ip})
@@ -77,6 +87,30 @@ class AgentHeartbeats:
         )
         if became_ready:
             self._on_ready(agent)
+
+    async def _fence(self, agent: AgentRecord, status: agent_pb2.StatusResponse) -> bool:
+        """Stop the containers given up while the agent did not answer (their sandbox runs
+        elsewhere now, or was deleted), before this heartbeat counts: two copies of a sandbox
+        never run side by side past the heartbeat that finds the agent back. True once none
+        is left."""
+        reported = {st.sandbox_id for st in status.sandboxes}
+        client = self.agents.get(agent.target)
+        for sandbox_id in sorted(agent.superseded):
+            if sandbox_id in reported:
+                try:
+                    await client.delete(sandbox_id, grace_seconds=0)
+                except FsbError as exc:
+                    log.warning(
+                        "could not stop a superseded container; retrying next heartbeat",
+                        extra={"agent": agent.name, "sandbox_id": sandbox_id, "err": str(exc)},
+                    )
+                    return False
+                log.warning(
+                    "stopped a superseded container on an agent that came back",
+                    extra={"agent": agent.name, "sandbox_id": sandbox_id},
+                )
+            agent.superseded.discard(sandbox_id)
+        return True
 
     def _observe_cordon(self, agent: AgentRecord, cordoned: bool) -> None:
         was, agent.cordoned = agent.cordoned, cordoned

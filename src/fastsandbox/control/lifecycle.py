@@ -229,7 +229,7 @@ class SandboxLifecycle:
                         f"{lost}: container {status.container_id} given up; starting a new "
                         f"one (spec.resetRevision {sb.spec.reset_revision})",
                     )
-                self.registry.release(status.assigned_agent, status.container_id)
+                self.registry.give_up(status.assigned_agent, status.container_id)
                 self.service.keys.pop(status.container_id, None)
                 return await self._restart(sb)
             if status.phase is not P.LOST:
@@ -245,7 +245,7 @@ class SandboxLifecycle:
                 log.warning("sandbox lost", extra={"sandbox": _name(sb)})
             return None
         old_agent, old_container = status.assigned_agent, status.container_id
-        self.registry.release(old_agent, status.container_id)
+        self.registry.give_up(old_agent, status.container_id)
         self.service.keys.pop(status.container_id, None)
         log.warning(
             "rescheduling after agent loss", extra={"sandbox": _name(sb), "agent": old_agent}

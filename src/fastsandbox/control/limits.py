@@ -1,7 +1,7 @@
 """A sandbox's effective limits: its own `spec.resources`, else its pool's `sandboxDefaults`,
 else the server's defaults — always bounded by the pool's `sandboxMax`.
 
-Every sandbox the control plane starts gets a cpu, memory, pids and log limit: an unset field
+Every sandbox the control plane starts gets a cpu, memory, pids, disk and log limit: an unset field
 takes a default and a zero is refused by the models, so there is no way to ask for "unlimited".
 A value above `sandboxMax` is INVALID_ARGUMENT naming both fields, before a slot is taken.
 """
@@ -22,6 +22,7 @@ from fastsandbox.api.models import (
 )
 from fastsandbox.api.quantity import cpu_millis, memory_bytes
 from fastsandbox.errors import InvalidArgument
+from fastsandbox.settings import DEFAULT_SANDBOX_DISK
 
 # The pids limit of a sandbox when neither it nor its pool sets one: generous for a build, small
 # enough that a fork bomb stops long before the host's own table fills.
@@ -30,7 +31,7 @@ DEFAULT_PIDS = 1024
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What the agent enforces; 0 only for disk (not set: no disk quota)."""
+    """What the agent enforces; every field set (disk is the writable layer's size)."""
 
     cpu_millis: int
     memory_bytes: int
@@ -39,9 +40,9 @@ class Limits:
     log_max_bytes: int
 
 
-def server_defaults(cpu: str, memory: str) -> SandboxLimits:
+def server_defaults(cpu: str, memory: str, disk: str = DEFAULT_SANDBOX_DISK) -> SandboxLimits:
     return SandboxLimits(
-        cpu=cpu, memory=memory, pids=DEFAULT_PIDS, log_max_bytes=DEFAULT_LOG_MAX_BYTES
+        cpu=cpu, memory=memory, pids=DEFAULT_PIDS, disk=disk, log_max_bytes=DEFAULT_LOG_MAX_BYTES
     )
 
 
@@ -78,6 +79,6 @@ def effective_limits(
         cpu_millis=cpu_millis(str(cpu)) if cpu is not None else 0,
         memory_bytes=memory_bytes(str(memory)) if memory is not None else 0,
         pids=int(pids) if pids is not None else DEFAULT_PIDS,
-        disk_bytes=memory_bytes(str(disk)) if disk is not None else 0,
+        disk_bytes=memory_bytes(str(disk if disk is not None else DEFAULT_SANDBOX_DISK)),
         log_max_bytes=int(log_max) if log_max is not None else DEFAULT_LOG_MAX_BYTES,
     )

@@ -56,12 +56,19 @@ def score(agent: Candidate, request: Request) -> int:
 
 
 def choose(agents: Iterable[Candidate], request: Request) -> Candidate | None:
+    # The image reference is parsed once per request, not once per agent (a linear scan of
+    # thousands of agents: benchmarks/scale.py).
+    try:
+        normalized = normalize_image_ref(request.image)
+    except InvalidArgument:
+        normalized = request.image
     best: Candidate | None = None
     best_key: tuple[int, str] | None = None
     for agent in agents:
         if not fits(agent, request):
             continue
-        key = (score(agent, request), agent.name)
+        cached = request.image in agent.images or normalized in agent.images
+        key = (agent.allocated + (0 if cached else UNCACHED_IMAGE_PENALTY), agent.name)
         if best_key is None or key < best_key:
             best, best_key = agent, key
     return best

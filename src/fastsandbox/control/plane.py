@@ -19,6 +19,7 @@ with different backends.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.errors import FsbError
 from fastsandbox.fleet.base import AgentAuthFor, AgentFleet
 from fastsandbox.metrics import Metrics
-from fastsandbox.settings import DELETE_GRACE_SECONDS, SandboxDefaults
+from fastsandbox.settings import DEFAULT_SANDBOX_DISK, DELETE_GRACE_SECONDS, SandboxDefaults
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class PlaneSettings:
     heartbeat_seconds: float = 1.0
     default_cpu: str = "1"
     default_memory: str = "512Mi"
+    default_disk: str = DEFAULT_SANDBOX_DISK
     pool_resync_seconds: float = 2.0
     expired_retention_seconds: float = 24 * 3600.0
     agent_token: str | None = None
@@ -75,14 +77,16 @@ class PlaneSettings:
             heartbeat_seconds=defaults.heartbeat_seconds,
             default_cpu=defaults.default_sandbox_cpu,
             default_memory=defaults.default_sandbox_memory,
+            default_disk=defaults.default_sandbox_disk,
             expired_retention_seconds=defaults.expired_retention_seconds,
             **extra,
         )
 
     rebuild_records: bool = True
     """Recovery writes the record of a container that carries its request but has none (a Fast
-    create cut off before its write). Only safe with one writer: with replicas, the container
-    may be another replica's create whose write is still on its way."""
+    create cut off before its write). With replicas the container may be another replica's
+    create whose write is still on its way: that write then finds the rebuilt record (same uid)
+    and keeps it (`SandboxService._persist`)."""
 
 
 class ControlPlane:
@@ -110,6 +114,7 @@ class ControlPlane:
             grace_seconds=settings.delete_grace_seconds,
             default_cpu=settings.default_cpu,
             default_memory=settings.default_memory,
+            default_disk=settings.default_disk,
             scale_wait_seconds=settings.scale_wait_seconds,
         )
         self.pools = PoolManager(
@@ -144,6 +149,7 @@ class ControlPlane:
         )
         if settings.shared_agents:
             self.sandboxes.refresh_agents = self.replicas.refresh
+            self.sandboxes.cache = self.replicas.cache
             self.pools.on_demand = self.replicas.note_demand
             self.lifecycle.creator_grace_seconds = settings.creator_grace_seconds
         self.leading = False
@@ -164,7 +170,10 @@ class ControlPlane:
     async def start(self) -> RecoveryReport:
         """One replica that always leads (embedded): recovery, then every loop."""
         report = await recover(
-            self.pools, self.sandboxes, rebuild_records=self._settings.rebuild_records
+            self.pools,
+            self.sandboxes,
+            rebuild_records=self._settings.rebuild_records,
+            settle=not self._settings.shared_agents,
         )
         await self.start_leading()
         self._serve()
@@ -173,7 +182,10 @@ class ControlPlane:
     async def start_serving(self) -> RecoveryReport:
         """Every replica, before it serves the Fast-Path: recovery, heartbeats, replica sync."""
         report = await recover(
-            self.pools, self.sandboxes, rebuild_records=self._settings.rebuild_records
+            self.pools,
+            self.sandboxes,
+            rebuild_records=self._settings.rebuild_records,
+            settle=not self._settings.shared_agents,
         )
         self._serve()
         return report
@@ -185,6 +197,10 @@ class ControlPlane:
             self._tasks.spawn(
                 guarded("record-sync", self.replicas.records_loop), name="record-sync"
             )
+            pools_loop = functools.partial(
+                self.replicas.cache.pools_loop, self.store, self._settings.agent_sync_seconds
+            )
+            self._tasks.spawn(guarded("pool-cache", pools_loop), name="pool-cache")
 
     async def start_leading(self, *, wait: bool = True) -> None:
         """Become the one replica that converges records and sizes pools. With `wait`, the first
@@ -228,6 +244,7 @@ class ControlPlane:
         """Stop the loops and the fleet's supervision; sandboxes keep running."""
         self.leading = False
         await self._tasks.close()
+        await self.sandboxes.flush()
         await self.sandboxes.events.close()
         await self.fleet.close()
         await self.clients.close()

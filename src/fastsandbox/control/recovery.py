@@ -24,9 +24,10 @@ from fastsandbox.api.labels import API_VERSION, PORTS_LABEL
 from fastsandbox.api.models import Sandbox, SandboxPool, Timings
 from fastsandbox.api.phases import HOLDS_SLOT
 from fastsandbox.control.agent_client import AgentClient
+from fastsandbox.control.create_request import REQUEST_LABEL
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.registry import Allocation
-from fastsandbox.control.sandboxes import REQUEST_LABEL, SandboxService
+from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.errors import AlreadyExists, FsbError
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ async def _adopt_record(
         stored = await sandboxes.store.create(sb)
     except AlreadyExists:
         return False  # the name was taken meanwhile: this container is an orphan after all
+    if stored.status.phase is not sb.status.phase:
+        # Kubernetes keeps no status on create (the status subresource owns it).
+        stored.status = sb.status.model_copy(deep=True)
+        stored = await sandboxes.store.update_status(stored)
     sandboxes.remember(stored)
     sandboxes.events.warning(
         stored,
@@ -130,8 +135,17 @@ async def _settled_status(
 
 
 async def recover(
-    pools: PoolManager, sandboxes: SandboxService, *, rebuild_records: bool = True
+    pools: PoolManager,
+    sandboxes: SandboxService,
+    *,
+    rebuild_records: bool = True,
+    settle: bool | None = None,
 ) -> RecoveryReport:
+    """`settle` (default: `rebuild_records`) waits for creates in flight at the agents. With
+    replicas it is off: those are the other replicas' live work, not a dead control plane's
+    leftovers. Records are rebuilt there all the same (a replica killed between answering a
+    Fast create and storing it leaves only the label); a live replica storing the same create
+    meanwhile finds the rebuilt record, with its own uid, and keeps it."""
     registry = pools.registry
     by_key = {
         (p.metadata.namespace, p.metadata.name): p for p in await pools.store.list(SandboxPool)
@@ -159,10 +173,9 @@ async def recover(
             adopted += 1
 
     live = [a for a in agents if a.ready]
-    # With replicas (no rebuilt records), creates in flight are the other replicas' live work,
-    # not a dead control plane's leftovers: there is nothing to wait for.
+    wait = rebuild_records if settle is None else settle
     reports = await asyncio.gather(
-        *(_settled_status(sandboxes.agents.get(a.target), settle=rebuild_records) for a in live)
+        *(_settled_status(sandboxes.agents.get(a.target), settle=wait) for a in live)
     )
     orphans = 0
     rebuilt = 0

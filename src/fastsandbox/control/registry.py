@@ -66,6 +66,10 @@ class AgentRecord:
     reports: dict[str, SandboxReport] = field(default_factory=dict)
     # sandbox id -> ports it holds on this agent.
     slots: dict[str, frozenset[int]] = field(default_factory=dict)
+    # Containers on this agent that were given up while it did not answer (their sandbox was
+    # rescheduled elsewhere, or reset): should the agent come back, its next heartbeat stops
+    # them before the agent counts as ready again (fencing: one copy of a sandbox at a time).
+    superseded: set[str] = field(default_factory=set)
 
     @property
     def ports_in_use(self) -> frozenset[int]:
@@ -74,14 +78,16 @@ class AgentRecord:
             used |= ports
         return frozenset(used)
 
-    def candidate(self) -> placement.Candidate:
+    def candidate(self, *, ports: bool = True) -> placement.Candidate:
+        """With `ports=False` (a request that asks for none) the ports in use are not
+        gathered: no port can clash, and that union is most of a candidate's cost."""
         return placement.Candidate(
             name=self.name,
             namespace=self.namespace,
             pool=self.pool,
             capacity=self.capacity,
             allocated=len(self.slots),
-            ports_in_use=self.ports_in_use,
+            ports_in_use=self.ports_in_use if ports else frozenset(),
             images=self.images,
             ready=self.ready,
             # The agent's own word counts even before this replica's bookkeeping follows it.
@@ -114,6 +120,7 @@ class Registry:
         if existing is not None:
             # Keep slots: they are the registry's own bookkeeping, not the agent's description.
             record.slots = existing.slots
+            record.superseded = existing.superseded
             record.ready = existing.ready or record.ready
             record.reports = existing.reports
             record.unready_since = existing.unready_since
@@ -210,7 +217,9 @@ class Registry:
         names = self._by_pool.get((namespace, pool), set())
         if exclude:
             names = names - set(exclude)
-        chosen = placement.choose((self._agents[n].candidate() for n in names), request)
+        chosen = placement.choose(
+            (self._agents[n].candidate(ports=bool(wanted)) for n in names), request
+        )
         if chosen is None:
             raise CapacityExhausted(self._why_no_fit(namespace, pool, wanted))
         record = self._agents[chosen.name]
@@ -228,6 +237,14 @@ class Registry:
         record = self._agents.get(agent)
         if record is not None and record.slots.pop(sandbox_id, None) is not None:
             log.debug("released", extra={"sandbox_id": sandbox_id, "agent": agent})
+
+    def give_up(self, agent: str, sandbox_id: str) -> None:
+        """Release the slot of a container on an unreachable agent without its confirmation,
+        and remember to stop the container should that agent come back (`superseded`)."""
+        self.release(agent, sandbox_id)
+        record = self._agents.get(agent)
+        if record is not None and sandbox_id:
+            record.superseded.add(sandbox_id)
 
     def holder(self, sandbox_id: str) -> AgentRecord | None:
         for record in self._agents.values():

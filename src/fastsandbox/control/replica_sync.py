@@ -39,6 +39,7 @@ from fastsandbox.api.models import Sandbox, SandboxPool
 from fastsandbox.api.phases import HOLDS_SLOT
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import Key, SandboxService
+from fastsandbox.control.watch_cache import WatchCache
 from fastsandbox.errors import Conflict, FsbError, NotFound
 from fastsandbox.store.base import EventType
 
@@ -86,6 +87,8 @@ class ReplicaSync:
         # Demand noted here, not yet written: (namespace, pool) -> name -> unix deadline.
         self._outbox: dict[tuple[str, str], dict[str, float]] = {}
         self._flushing: asyncio.Task[None] | None = None
+        # Names and pools from the watches, read by creates before placement.
+        self.cache = WatchCache()
 
     # -- agents ------------------------------------------------------------------------------
     async def agents_loop(self) -> None:
@@ -169,6 +172,7 @@ class ReplicaSync:
                 since = await store.current_resource_version()
                 records = await store.list(Sandbox)
                 seen = {(s.metadata.namespace, s.metadata.name) for s in records}
+                self.cache.names_listed(seen)
                 for key in [k for k in self._held if k not in seen]:
                     self._release(key)
                 for sb in records:
@@ -176,7 +180,10 @@ class ReplicaSync:
                 async for event in store.watch(Sandbox, since):
                     if event.type is EventType.BOOKMARK or not isinstance(event.object, Sandbox):
                         continue
-                    if event.type is EventType.DELETED:
+                    meta = event.object.metadata
+                    deleted = event.type is EventType.DELETED
+                    self.cache.name_seen((meta.namespace, meta.name), deleted=deleted)
+                    if deleted:
                         self._forget(event.object)
                     else:
                         self.observe(event.object)
@@ -184,7 +191,11 @@ class ReplicaSync:
                 log.info("record watch history expired; listing again")
             except FsbError as exc:
                 log.warning("record watch failed; listing again", extra={"err": str(exc)})
+                self.cache.names_lost()
                 await asyncio.sleep(self.interval)
+            except BaseException:
+                self.cache.names_lost()
+                raise
 
     def observe(self, sb: Sandbox) -> None:
         key = (sb.metadata.namespace, sb.metadata.name)

@@ -4,9 +4,11 @@ Every operation on one sandbox runs inside that sandbox's serial section (`Keyed
 Fast-Path create, a user's delete and the reconciler never interleave on the same object, while
 different sandboxes proceed in parallel.
 
-- Fast mode: allocate a slot, start the container on the agent, then write the record (already
-  Running). One store write; the record is written before the reply so a `get` right after `run`
-  always finds it.
+- Fast mode answers first (DESIGN.md §5): allocate a slot, start the container on the agent,
+  answer, then write the record (already Running) in the same serial section, retrying until it
+  is stored. Until then the record is served from memory (`get`, `list`, exec), so a `get` right
+  after `run` finds it; a crash in between is repaired by recovery from the request label the
+  container carries (`request_label`), so an acknowledged create survives a kill -9.
 - Strong mode and declarative objects: the record exists first (Pending), then the same start
   path runs and the status becomes Running.
 - Deletion goes through the `fastsandbox.io/cleanup` finalizer: the slot and ports are released
@@ -24,15 +26,10 @@ container when it was started), and a Strong-mode record that could not be place
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import timedelta
 
 from fastsandbox._aio.keyed import KeyedLocks
@@ -49,9 +46,16 @@ from fastsandbox.api.models import (
 )
 from fastsandbox.api.phases import set_condition, transition
 from fastsandbox.control.agent_client import AgentClients
+from fastsandbox.control.create_request import (
+    CreateOptions,
+    ReadCache,
+    new_sandbox_id,
+    request_label,
+)
 from fastsandbox.control.events import EventRecorder
 from fastsandbox.control.limits import Limits, effective_limits, server_defaults
 from fastsandbox.control.registry import Allocation, Registry
+from fastsandbox.control.sandbox_delete import SandboxDeletion
 from fastsandbox.errors import (
     AlreadyExists,
     CapacityExhausted,
@@ -61,6 +65,7 @@ from fastsandbox.errors import (
     NotFound,
     Unavailable,
 )
+from fastsandbox.settings import DEFAULT_SANDBOX_DISK
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -72,50 +77,8 @@ MODE = labels.MODE_ANNOTATION
 Key = tuple[str, str]
 
 
-@dataclass(frozen=True, slots=True)
-class CreateOptions:
-    mode: ConsistencyMode = ConsistencyMode.FAST
-    idempotency_key: str = ""
-    # Hash of the request as the user sent it (ttl, not the expire time derived from it), so a
-    # retried request matches its first attempt.
-    request_hash: str = ""
-    # time.perf_counter() when the request arrived; timings are measured from here.
-    arrived: float = 0.0
-    # time.monotonic() the caller stops waiting at (its gRPC deadline); None: no deadline.
-    deadline: float | None = None
-
-
-def request_hash(canonical_json: str) -> str:
-    return hashlib.sha256(canonical_json.encode()).hexdigest()[:32]
-
-
 # Conditions that describe the previous container; a new one starts without them.
 _RESET_ON_START = frozenset({"Ready", "Scheduled", "AgentReachable"})
-
-
-def new_sandbox_id(name: str) -> str:
-    return f"{name[:50]}-{secrets.token_hex(4)}"
-
-
-REQUEST_LABEL = labels.REQUEST_LABEL
-# containerd refuses labels over 4096 bytes (key + value).
-_MAX_LABEL = 4096 - len(REQUEST_LABEL)
-
-
-def request_label(sb: Sandbox) -> list[agent_pb2.KeyValue]:
-    """The record, without status, carried on the container as a label: if the server dies
-    between the agent's create and the record's write (Fast mode), recovery rebuilds the record
-    from it instead of leaving a running sandbox nobody knows about."""
-    body = json.dumps(
-        {
-            "metadata": sb.metadata.model_dump(mode="json", by_alias=True, exclude_none=True),
-            "spec": sb.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
-        },
-        separators=(",", ":"),
-    )
-    if len(body) > _MAX_LABEL:
-        return []
-    return [agent_pb2.KeyValue(key=REQUEST_LABEL, value=body)]
 
 
 def _ms(since: float) -> float:
@@ -126,17 +89,7 @@ def _after(ms: float | None) -> str:
     return f" after {ms:.1f} ms" if ms else ""
 
 
-def _deleting(sb: Sandbox, grace: float) -> str:
-    status = sb.status
-    if not (status.assigned_agent and status.container_id):
-        return "deletion requested; no container to stop"
-    return (
-        f"deletion requested; stopping container {status.container_id} on agent "
-        f"{status.assigned_agent} (grace {grace:g}s)"
-    )
-
-
-class SandboxService:
+class SandboxService(SandboxDeletion):
     def __init__(
         self,
         store: ObjectStore,
@@ -146,6 +99,7 @@ class SandboxService:
         grace_seconds: float,
         default_cpu: str,
         default_memory: str,
+        default_disk: str = DEFAULT_SANDBOX_DISK,
         events: EventRecorder | None = None,
         scale_wait_seconds: float = 60.0,
     ) -> None:
@@ -157,6 +111,7 @@ class SandboxService:
         self.grace_seconds = grace_seconds
         self.default_cpu = default_cpu
         self.default_memory = default_memory
+        self.default_disk = default_disk
         self.locks = KeyedLocks()
         self.started_at = time.monotonic()
         self._idempotency: dict[tuple[str, str], tuple[str, str]] = {}
@@ -172,6 +127,11 @@ class SandboxService:
         # None: a create that finds no room is refused at once.
         self.wait_for_room: Callable[[str, str, str, float, str], Awaitable[None]] | None = None
         self.scale_wait_seconds = scale_wait_seconds
+        # Fast creates answered and not stored yet, and the tasks storing them.
+        self.unstored: dict[Key, Sandbox] = {}
+        self._persisting: set[asyncio.Task[Sandbox]] = set()
+        # With replicas (Kubernetes): the watch cache read before placement; None: the store.
+        self.cache: ReadCache | None = None
 
     # -- index -----------------------------------------------------------------------------
     async def load(self) -> list[Sandbox]:
@@ -199,6 +159,63 @@ class SandboxService:
 
     # -- create ----------------------------------------------------------------------------
     async def create(self, sb: Sandbox, opts: CreateOptions) -> Sandbox:
+        if opts.mode is ConsistencyMode.STRONG:
+            return await self._create_locked(sb, opts, None)
+        # Fast: the serial section runs on in its own task past the answer (the record write);
+        # the caller gets the sandbox as soon as the agent reports it started.
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[Sandbox] = loop.create_future()
+        task = loop.create_task(
+            self._create_locked(sb, opts, answered), name=f"create {sb.metadata.name}"
+        )
+        self._persisting.add(task)
+        task.add_done_callback(self._persist_done)
+        try:
+            await asyncio.wait({answered, task}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            if not answered.done():
+                task.cancel()  # not acknowledged: the create is taken back (`_run_on_agent`)
+            raise
+        if answered.done():
+            return answered.result()
+        return task.result()
+
+    def _persist_done(self, task: asyncio.Task[Sandbox]) -> None:
+        self._persisting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("create failed", extra={"task": task.get_name()})
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) for acknowledged Fast creates to be stored: a clean stop leaves no
+        work to recovery."""
+        if self._persisting:
+            await asyncio.wait(set(self._persisting), timeout=timeout)
+
+    async def get(self, namespace: str, name: str) -> Sandbox:
+        """The record, including a Fast create answered and not stored yet."""
+        pending = self.unstored.get((namespace, name))
+        if pending is not None:
+            return pending.model_copy(deep=True)
+        return await self.store.get(Sandbox, namespace, name)
+
+    async def list(
+        self, namespace: str | None = None, label_selector: dict[str, str] | None = None
+    ) -> list[Sandbox]:
+        items = await self.store.list(Sandbox, namespace, label_selector)
+        if self.unstored:
+            seen = {(s.metadata.namespace, s.metadata.name) for s in items}
+            for key, sb in list(self.unstored.items()):
+                labels_ = sb.metadata.labels
+                if key in seen or (namespace and key[0] != namespace):
+                    continue
+                if label_selector and any(labels_.get(k) != v for k, v in label_selector.items()):
+                    continue
+                items.append(sb.model_copy(deep=True))
+        return items
+
+    async def _create_locked(
+        self, sb: Sandbox, opts: CreateOptions, answered: asyncio.Future[Sandbox] | None
+    ) -> Sandbox:
         ns, name = sb.metadata.namespace, sb.metadata.name
         if opts.idempotency_key:
             existing = await self._replay(ns, opts)
@@ -210,7 +227,7 @@ class SandboxService:
                 existing = await self._replay(ns, opts)
                 if existing is not None:
                     return existing
-            await self._check_new(sb)
+            pool = await self._check_new(sb)
             sb.metadata.uid = sb.metadata.uid or str(uuid.uuid4())
             sb.metadata.finalizers = [CLEANUP_FINALIZER]
             sb.metadata.annotations[MODE] = opts.mode.value
@@ -224,7 +241,7 @@ class SandboxService:
             until = time.monotonic() + self.scale_wait_seconds
             if opts.deadline is not None:
                 until = min(until, opts.deadline)
-            if opts.mode is ConsistencyMode.STRONG:
+            if answered is None:
                 sb.status.phase = SandboxPhase.PENDING
                 sb.status.timings = timings
                 stored = await self.store.create(sb)
@@ -234,7 +251,7 @@ class SandboxService:
                     await self._discard_record(stored)
                     raise
             else:
-                stored = await self._start_fast(sb, opts.arrived, timings, until)
+                stored = await self._start_fast(sb, opts.arrived, timings, until, pool, answered)
             self.remember(stored)
             return stored
 
@@ -249,23 +266,31 @@ class SandboxService:
                 f"(sandbox {ns}/{name}); use a new key"
             )
         try:
-            return await self.store.get(Sandbox, ns, name)
+            return await self.get(ns, name)
         except NotFound:
             self._idempotency.pop((ns, opts.idempotency_key), None)
             return None
 
-    async def _check_new(self, sb: Sandbox) -> None:
+    async def _check_new(self, sb: Sandbox) -> SandboxPool:
+        """The name is free and the pool exists (its record returned). With a watch cache
+        (`self.cache`, Kubernetes) both are read from it instead of two apiserver round trips;
+        a name taken meanwhile by another replica is caught by the record write."""
         ns, name = sb.metadata.namespace, sb.metadata.name
+        taken = None if self.cache is None else self.cache.name_taken(ns, name)
+        if taken is not False:
+            try:
+                await self.store.get(Sandbox, ns, name)
+            except NotFound:
+                pass
+            else:
+                raise AlreadyExists(
+                    f"sandbox {ns}/{name} already exists; delete it first or choose another name"
+                )
+        cached = None if self.cache is None else self.cache.pool(ns, sb.spec.pool_ref)
+        if cached is not None:
+            return cached
         try:
-            await self.store.get(Sandbox, ns, name)
-        except NotFound:
-            pass
-        else:
-            raise AlreadyExists(
-                f"sandbox {ns}/{name} already exists; delete it first or choose another name"
-            )
-        try:
-            await self.store.get(SandboxPool, ns, sb.spec.pool_ref)
+            return await self.store.get(SandboxPool, ns, sb.spec.pool_ref)
         except NotFound:
             raise NotFound(
                 f"pool {ns}/{sb.spec.pool_ref} not found; create it with `fsb pool create` "
@@ -273,42 +298,78 @@ class SandboxService:
             ) from None
 
     async def _start_fast(
-        self, sb: Sandbox, arrived: float, timings: Timings, until: float
+        self,
+        sb: Sandbox,
+        arrived: float,
+        timings: Timings,
+        until: float,
+        pool: SandboxPool,
+        answered: asyncio.Future[Sandbox],
     ) -> Sandbox:
-        allocation, state = await self._place(sb, arrived, timings, until=until)
+        allocation, state = await self._place(sb, arrived, timings, until=until, pool_record=pool)
         timings.runtime_ready_ms = _ms(arrived)
         self.mark_running(sb, allocation, state, timings)
+        sb.metadata.creation_timestamp = sb.metadata.creation_timestamp or now()
+        key = (sb.metadata.namespace, sb.metadata.name)
+        if not request_label(sb):
+            # Too big to ride on the container (containerd's 4 KiB label limit): nothing would
+            # rebuild it after a crash, so this one is stored before it is answered.
+            stored = await self._persist(sb, allocation)
+            answered.set_result(stored.model_copy(deep=True))
+            self._record_started(stored)
+            return stored
+        self.unstored[key] = sb
+        self.remember(sb)
+        answered.set_result(sb.model_copy(deep=True))
         try:
-            stored = await self._persist(sb)
-        except BaseException:
-            # The record could not be written: do not leave a container nobody knows about.
-            await self._remove_container(allocation)
-            raise
+            stored = await self._persist(sb, allocation)
+        finally:
+            self.unstored.pop(key, None)
         self._record_started(stored)
         return stored
 
-    async def _persist(self, sb: Sandbox) -> Sandbox:
+    async def _persist(self, sb: Sandbox, allocation: Allocation) -> Sandbox:
+        """Store an acknowledged create, retrying while the store is unavailable (the answer
+        is given: giving up would lose a sandbox the caller holds). Only a name taken by another
+        writer (another replica, kubectl) in between makes the container an orphan: it is
+        removed, as nobody can reach it by that name."""
         delay = 0.05
-        for _attempt in range(5):
+        while True:
             try:
                 stored = await self.store.create(sb)
                 break
+            except AlreadyExists:
+                current = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
+                if current.metadata.uid == sb.metadata.uid:
+                    stored = current  # rebuilt from the container's label by a recovery
+                    break
+                log.error(
+                    "name taken by another writer after the create was answered; removing it",
+                    extra={"sandbox": sb.metadata.name, "sandbox_id": allocation.sandbox_id},
+                )
+                await self._remove_container(allocation)
+                raise
             except (Unavailable, Conflict) as exc:
                 log.warning("persist retry", extra={"sandbox": sb.metadata.name, "err": str(exc)})
                 await asyncio.sleep(delay)
-                delay *= 2
-        else:
-            stored = await self.store.create(sb)
+                delay = min(delay * 2, 2.0)
+            except FsbError:
+                await self._remove_container(allocation)
+                raise
         if stored.status.phase is sb.status.phase:
             return stored
-        # The store keeps no status on create (Kubernetes: the status subresource owns it):
-        # write it now; failing that, take the record back, so nothing is left half-made.
-        stored.status = sb.status.model_copy(deep=True)
-        try:
-            return await self.store.update_status(stored)
-        except BaseException:
-            await asyncio.shield(self._discard_record(stored))
-            raise
+        # The store keeps no status on create (Kubernetes: the status subresource owns it).
+        delay = 0.05
+        while True:
+            stored.status = sb.status.model_copy(deep=True)
+            try:
+                return await self.store.update_status(stored)
+            except Conflict:
+                stored = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
+            except Unavailable as exc:
+                log.warning("status retry", extra={"sandbox": sb.metadata.name, "err": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _start(
         self, stored: Sandbox, arrived: float, timings: Timings, *, until: float | None = None
@@ -342,7 +403,13 @@ class SandboxService:
         )
 
     async def _place(
-        self, sb: Sandbox, arrived: float, timings: Timings, *, until: float | None = None
+        self,
+        sb: Sandbox,
+        arrived: float,
+        timings: Timings,
+        *,
+        until: float | None = None,
+        pool_record: SandboxPool | None = None,
     ) -> tuple[Allocation, agent_pb2.SandboxState]:
         """Take a slot and start the container there. An agent that refuses for capacity is
         skipped for the next candidate: its own count is the truth, and ours lags behind creates
@@ -354,7 +421,7 @@ class SandboxService:
         last: CapacityExhausted | None = None
         refreshed = self.refresh_agents is None
         # Before a slot is taken: a limit above the pool's maximum is refused with nothing made.
-        limits = await self.limits(sb)
+        limits = await self.limits(sb, pool_record)
         waited_from: float | None = None
         while True:
             try:
@@ -411,16 +478,17 @@ class SandboxService:
             exclude=exclude,
         )
 
-    async def limits(self, sb: Sandbox) -> Limits:
+    async def limits(self, sb: Sandbox, pool: SandboxPool | None = None) -> Limits:
         """The sandbox's limits from its spec, its pool's defaults and maximum, and ours."""
-        try:
-            pool = await self.store.get(SandboxPool, sb.metadata.namespace, sb.spec.pool_ref)
-        except NotFound:
-            pool = None  # placement says so, naming the pool
+        if pool is None:
+            try:
+                pool = await self.store.get(SandboxPool, sb.metadata.namespace, sb.spec.pool_ref)
+            except NotFound:
+                pool = None  # placement says so, naming the pool
         return effective_limits(
             sb.spec.resources,
             pool.spec if pool is not None else None,
-            server_defaults(self.default_cpu, self.default_memory),
+            server_defaults(self.default_cpu, self.default_memory, self.default_disk),
         )
 
     def runtime_spec(
@@ -428,7 +496,7 @@ class SandboxService:
     ) -> agent_pb2.SandboxRuntimeSpec:
         spec = sb.spec
         if limits is None:
-            fallback = server_defaults(self.default_cpu, self.default_memory)
+            fallback = server_defaults(self.default_cpu, self.default_memory, self.default_disk)
             limits = effective_limits(spec.resources, None, fallback)
         return agent_pb2.SandboxRuntimeSpec(
             sandbox_id=sandbox_id,
@@ -514,85 +582,6 @@ class SandboxService:
         except NotFound:
             pass
 
-    # -- delete ----------------------------------------------------------------------------
-    async def delete(self, namespace: str, name: str, *, wait: bool) -> Sandbox | None:
-        async with self.locks.hold((namespace, name)):
-            sb = await self.store.get(Sandbox, namespace, name)
-            if sb.metadata.deletion_timestamp is None:
-                marked = await self.store.delete(Sandbox, namespace, name)
-                if marked is None:
-                    self._forget(sb)
-                    return None
-                sb = marked
-            if sb.status.phase is not SandboxPhase.TERMINATING:
-                transition(sb.status, SandboxPhase.TERMINATING)
-                sb = await self.store.update_status(sb)
-                self.events.record(sb, "Deleting", _deleting(sb, self.grace_seconds))
-            if not wait and sb.status.assigned_agent:
-                return sb
-            if await self.finalize(sb) is not None:
-                return sb  # the agent cannot confirm yet; the reconciler finishes it
-            return None
-
-    def unreachable_for(self, agent_name: str) -> float | None:
-        """Seconds the agent has not answered (None while it answers). An agent the registry
-        does not know at all counts from when this control plane started."""
-        agent = self.registry.get_agent(agent_name)
-        if agent is not None and agent.ready:
-            return None
-        since = agent.unready_since if agent is not None else None
-        return time.monotonic() - (since if since is not None else self.started_at)
-
-    async def finalize(self, sb: Sandbox) -> float | None:
-        """Remove the container, then the slot, then the finalizer, in that order. Returns the
-        seconds to wait before trying again while the agent cannot confirm; an agent gone for
-        longer than the sandbox's recovery timeout is given up on (its container, should it
-        come back, has no record any more and is the janitor's)."""
-        agent_name, sandbox_id = sb.status.assigned_agent, sb.status.container_id
-        if agent_name and sandbox_id:
-            gone_for = self.unreachable_for(agent_name)
-            if gone_for is None:
-                agent = self.registry.agent(agent_name)
-                try:
-                    await self.agents.get(agent.target).delete(sandbox_id, self.grace_seconds)
-                except FsbError as exc:
-                    self.events.warning(sb, "DeleteFailed", f"{exc.message}; retrying")
-                    raise
-            elif gone_for < sb.spec.recovery_timeout_seconds:
-                self.events.warning(
-                    sb,
-                    "DeletePending",
-                    f"agent {agent_name} does not answer: the record stays until it confirms "
-                    f"the container is gone, or for recoveryTimeoutSeconds "
-                    f"({sb.spec.recovery_timeout_seconds}s)",
-                )
-                return sb.spec.recovery_timeout_seconds - gone_for
-            else:
-                log.warning(
-                    "agent gone; released without its confirmation",
-                    extra={
-                        "sandbox": f"{sb.metadata.namespace}/{sb.metadata.name}",
-                        "agent": agent_name,
-                    },
-                )
-            self.registry.release(agent_name, sandbox_id)
-        if CLEANUP_FINALIZER in sb.metadata.finalizers:
-            sb.metadata.finalizers = [f for f in sb.metadata.finalizers if f != CLEANUP_FINALIZER]
-            with contextlib.suppress(NotFound):
-                try:
-                    await self.store.update(sb)
-                except Conflict:
-                    # Written meanwhile (on Kubernetes, another replica may be finalizing it
-                    # too): the container is gone either way; take the finalizer off what is
-                    # there now, if it is still on (and still this object, not a new one).
-                    current = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
-                    same = current.metadata.uid == sb.metadata.uid
-                    if same and CLEANUP_FINALIZER in current.metadata.finalizers:
-                        current.metadata.finalizers.remove(CLEANUP_FINALIZER)
-                        await self.store.update(current)
-        self._forget(sb)
-        return None
-
     # -- reads -----------------------------------------------------------------------------
     async def logs(
         self, namespace: str, name: str, *, follow: bool, tail_lines: int, since_unix: float = 0.0
@@ -602,7 +591,7 @@ class SandboxService:
             raise InvalidArgument(f"tail_lines {tail_lines}: must be 0 (all) or positive")
         if since_unix < 0:
             raise InvalidArgument(f"since_unix {since_unix}: must be 0 (all) or a unix time")
-        sb = await self.store.get(Sandbox, namespace, name)
+        sb = await self.get(namespace, name)
         agent = (
             self.registry.get_agent(sb.status.assigned_agent) if sb.status.assigned_agent else None
         )

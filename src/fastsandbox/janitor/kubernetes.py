@@ -48,7 +48,7 @@ DEFAULT_CONTAINERD_NAMESPACE = "k8s.io"
 DEFAULT_CONTAINERD_SOCKET = CONTAINERD_SOCKET
 # Phases in which a Pod's containers have all stopped for good: its agent is gone.
 _FINISHED = frozenset({"Succeeded", "Failed"})
-# Our sandbox ids are `<name[:50]>-<8 hex>` (control.sandboxes.new_sandbox_id); CRI's are 64 hex.
+# Our sandbox ids are `<name[:50]>-<8 hex>` (control.create_request); CRI's are 64 hex.
 _OUR_SNAPSHOT_KEY = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-[0-9a-f]{8}$")
 
 

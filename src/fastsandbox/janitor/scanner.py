@@ -3,7 +3,9 @@
 A pure function over what one scan saw, so every rule is testable without a runtime or a clock:
 
 - A container is an orphan when its agent is gone (`AGENT_GONE`) or, its agent alive, when no
-  sandbox record points at it (`NO_RECORD`).
+  sandbox record points at it (`NO_RECORD`). Records know a claimed warm slot by its
+  sandbox-id label (its container id is the slot's); an unclaimed warm slot has no record and
+  belongs to its agent for as long as that lives.
 - A create in flight (its slot taken, its record not yet written) is protected, but only for
   `in_flight_timeout` (much longer than any create): a slot that was never released must not
   shield a container for ever.
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import PurePath
 
-from fastsandbox.api.labels import AGENT_LABEL
+from fastsandbox.api.labels import AGENT_LABEL, SANDBOX_ID_LABEL, WARM_SLOT_LABEL
 
 
 class Reason(StrEnum):
@@ -48,6 +50,15 @@ class Seen:
     @property
     def agent(self) -> str:
         return self.labels.get(AGENT_LABEL, "")
+
+    @property
+    def sandbox_id(self) -> str:
+        """The id records know it by: its own, or the sandbox a warm slot was claimed as."""
+        return self.labels.get(SANDBOX_ID_LABEL) or self.id
+
+    @property
+    def warm_slot(self) -> bool:
+        return WARM_SLOT_LABEL in self.labels
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +107,9 @@ def orphan_reason(seen: Seen, known: Known) -> Reason | None:
     """Why the container is an orphan now, or None when a live sandbox record points at it."""
     if seen.agent not in known.live_agents:
         return Reason.AGENT_GONE
-    if seen.id in known.recorded:
+    if seen.warm_slot:
+        return None  # no record ever points at a warm slot; its live agent owns it
+    if seen.id in known.recorded or seen.sandbox_id in known.recorded:
         return None
     return Reason.NO_RECORD
 
@@ -127,7 +140,7 @@ def decide(
             continue
         first = orphaned_since.get(container.id, now)
         since[container.id] = first
-        if container.id in known.in_flight:
+        if container.id in known.in_flight or container.sandbox_id in known.in_flight:
             # Never sooner than an orphan: the in-flight limit only ever extends the wait.
             if in_flight_timeout is None or now - first < max(in_flight_timeout, orphan_timeout):
                 continue

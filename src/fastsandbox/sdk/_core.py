@@ -25,6 +25,7 @@ import grpc
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2
 from fastsandbox.api.labels import API_VERSION
 from fastsandbox.errors import (
+    RETRY_AFTER_KEY,
     FsbError,
     InvalidArgument,
     Unauthenticated,
@@ -159,7 +160,29 @@ def translate(err: grpc.RpcError, endpoint: str) -> FsbError:
         return Unavailable(f"cannot reach fsb server at {endpoint}: is `fsb server` running?")
     if code is grpc.StatusCode.UNIMPLEMENTED:
         return FsbError(f"the server at {endpoint} does not support this call: upgrade fsb server")
-    return from_grpc(code, details)
+    exc = from_grpc(code, details)
+    exc.retry_after = retry_after_of(err)
+    if exc.retry_after is not None and "retry after" not in details:
+        exc.message = f"{details} (retry after {exc.retry_after:g}s)"
+        exc.args = (exc.message,)
+    return exc
+
+
+def retry_after_of(err: grpc.RpcError) -> float | None:
+    """The `retry-after` seconds in a failed call's trailing metadata, if the server sent one."""
+    trailing = getattr(err, "trailing_metadata", None)
+    try:
+        pairs = trailing() if callable(trailing) else None
+    except Exception:  # an error grpc made itself has no metadata to give
+        return None
+    for key, value in pairs or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                seconds = float(value if isinstance(value, str) else value.decode())
+            except ValueError:
+                return None
+            return seconds if seconds >= 0 else None
+    return None
 
 
 # --------------------------------------------------------------------------- requests

@@ -145,6 +145,18 @@ class ContainerdApi:
         )
         return resp.container
 
+    async def update_container(self, container: pb.CtdContainer, paths: Iterable[str]) -> None:
+        """Replace the record's fields named in `paths` (e.g. "labels", "spec"). Only the
+        record changes: a running task keeps the spec it was started with."""
+        await self._unary(
+            _CONTAINERS + "Update",
+            pb.CtdUpdateContainerRequest(
+                container=container, update_mask=pb.CtdFieldMask(paths=list(paths))
+            ),
+            pb.CtdUpdateContainerResponse,
+            f"update container {container.id}",
+        )
+
     async def delete_container(self, container_id: str) -> None:
         await self._unary(
             _CONTAINERS + "Delete",

@@ -6,7 +6,7 @@ tests. Both pass `tests/contract/test_runtime_contract.py`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -56,6 +56,13 @@ class ContainerSpec:
     # Host path of `fsb-logger`, containerd's `binary://` log driver; None: `file://` (streams
     # mixed, no cap, no timestamps).
     logger_path: str | None = None
+    # Size limit of the writable layer in bytes (a file system of its own: writes past it fail
+    # with ENOSPC inside); None: no limit beyond the host's disk (only runtime-level callers:
+    # the agent always passes one).
+    disk_bytes: int | None = None
+    # A warm slot: the supervisor starts with `--warm` and waits for `start_main` (the spec's
+    # command is not run; `claim` later names the sandbox's). Needs `init_path` + `channel_dir`.
+    warm: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,20 @@ class ContainerState:
     reason: str = ""
     # Only in the state a create returns: milliseconds it waited for the image to be pulled.
     pulled_ms: float = 0.0
+    # Only in the state a create returns: it claimed a warm slot.
+    warm: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MainProcess:
+    """What a claimed warm slot's supervisor starts (`start_main`): the argv, env and cwd a
+    cold container of the same spec would have run (image defaults merged with the spec's),
+    and the user ("" = the container's own, the image's)."""
+
+    argv: tuple[str, ...]
+    env: tuple[str, ...]
+    cwd: str
+    user: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +122,19 @@ class Runtime(Protocol):
     async def create(self, spec: ContainerSpec) -> ContainerState:
         """Create and start the container. Idempotent: an existing container with the same id
         is returned as it is. The image must have been pulled (`NotFound` otherwise)."""
+        ...
+
+    async def claim(
+        self,
+        container_id: str,
+        spec: ContainerSpec,
+        start: Callable[[MainProcess], Awaitable[None]],
+    ) -> ContainerState:
+        """Turn warm container `container_id` into the sandbox `spec` describes (`spec.id` is
+        the sandbox id; the container keeps its own id): give it the spec's limits and hostname,
+        call `start(main)` to start its main process, then record the spec's labels, process
+        and limits on the container (so recovery and `process_defaults` read what runs).
+        `NotFound` when the container is gone; `FailedPrecondition` when it is not a warm one."""
         ...
 
     async def delete(self, container_id: str, grace_seconds: float) -> bool:

@@ -38,9 +38,7 @@ import platform
 import shutil
 import signal
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from hashlib import sha256
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -54,17 +52,38 @@ from fastsandbox.agent.runtime.base import (
     ContainerState,
     ContainerStatus,
     ImageInfo,
+    MainProcess,
     ProcessDefaults,
 )
-from fastsandbox.agent.runtime.oci_spec import DEFAULT_PIDS_LIMIT, build_oci_spec, host_pids_limit
+from fastsandbox.agent.runtime.disk import WritableLayers, with_upper
+from fastsandbox.agent.runtime.image_config import (
+    ImageConfig,
+    chain_id,
+    merge_process,
+    parse_user,
+)
+from fastsandbox.agent.runtime.oci_spec import (
+    DEFAULT_PIDS_LIMIT,
+    build_oci_spec,
+    host_pids_limit,
+    linux_resources,
+)
+from fastsandbox.agent.runtime.warm_claim import cgroup_writes, claimed_oci, in_own_thread, prepare
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
 from fastsandbox.api.images import normalize_image_ref, registry_host
-from fastsandbox.errors import AlreadyExists, InvalidArgument, NotFound, RuntimeFailure
+from fastsandbox.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RuntimeFailure,
+)
 
 log = logging.getLogger(__name__)
 
 MANAGED_LABEL = labels.MANAGED_LABEL
+WARM_SLOT_LABEL = labels.WARM_SLOT_LABEL
 RUNC_SHIM = "io.containerd.runc.v2"
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
@@ -74,6 +93,9 @@ SHIM_GROUP_ANNOTATION = "io.containerd.runc.v2.group"
 KILL_WAIT_SECONDS = 10.0
 _STDERR_TAIL = 2000
 
+# Where a container's size-limited writable layer lives (`disk.py`), so whoever removes the
+# container (its agent, the janitor) finds it from the record alone.
+DISK_LAYER_LABEL = labels.DISK_LAYER_LABEL
 SIGKILL_EXIT = 128 + signal.SIGKILL
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -140,59 +162,6 @@ _TASK_STATUS = {
 GVISOR_WRAPPER = '#!/bin/sh\nexec {runsc} --network=host --host-uds=open "$@"\n'
 
 
-@dataclass(frozen=True, slots=True)
-class ImageConfig:
-    """What create needs from an image: its process defaults and its rootfs chain id."""
-
-    entrypoint: tuple[str, ...]
-    cmd: tuple[str, ...]
-    env: tuple[str, ...]
-    working_dir: str
-    user: str
-    chain_id: str
-
-
-def chain_id(diff_ids: Sequence[str]) -> str:
-    """The OCI chain id of a layer stack: the snapshot name of the image's top layer."""
-    if not diff_ids:
-        raise RuntimeFailure("image has no layers (rootfs.diff_ids is empty)")
-    chain = diff_ids[0]
-    for diff in diff_ids[1:]:
-        chain = "sha256:" + sha256(f"{chain} {diff}".encode()).hexdigest()
-    return chain
-
-
-def merge_process(spec: ContainerSpec, image: ImageConfig) -> tuple[list[str], list[str], str]:
-    """argv, env and cwd from the sandbox spec over the image's defaults (Docker's rules):
-    a command replaces entrypoint and cmd; args alone replace cmd; env is merged by name."""
-    if spec.command:
-        argv = [*spec.command, *spec.args]
-    else:
-        argv = [*image.entrypoint, *(spec.args or image.cmd)]
-    env: dict[str, str] = {}
-    for item in image.env:
-        name, _, value = item.partition("=")
-        env[name] = value
-    for name, value in spec.env:
-        env[name] = value
-    cwd = spec.working_dir or image.working_dir or "/"
-    return argv, [f"{k}={v}" for k, v in env.items()], cwd
-
-
-def parse_user(user: str) -> tuple[int, int]:
-    """An image's `User` as uid and gid. Only numeric users (and root) are supported: a name
-    would need the image's /etc/passwd, which this backend does not read yet."""
-    if not user or user in ("root", "0", "root:root", "0:0"):
-        return 0, 0
-    name, _, group = user.partition(":")
-    if not name.isdigit() or (group and not group.isdigit()):
-        raise InvalidArgument(
-            f"image user {user!r} is a name; only numeric users (uid[:gid]) are supported"
-        )
-    uid = int(name)
-    return uid, int(group) if group else uid
-
-
 def _timestamp(ts: Any) -> float | None:
     seconds = float(ts.seconds) + ts.nanos / 1e9
     # containerd sends the zero time (year 1) for "never"; the Unix epoch is as meaningless.
@@ -232,6 +201,10 @@ class ContainerdRuntime:
         self._id_locks = KeyedLocks()
         self._image_configs: dict[str, ImageConfig] = {}
         self._gvisor_wrapper: Path | None = None
+        self._layers = WritableLayers(self.state_dir / "disks")
+        # Warm containers this process made: their record, image config and task pid, so a
+        # claim reads nothing from containerd before it starts the main process.
+        self._warm: dict[str, tuple[pb.CtdContainer, ImageConfig, int]] = {}
 
     # -- images -------------------------------------------------------------------------------
 
@@ -385,7 +358,9 @@ class ContainerdRuntime:
         options = self._runtime_options(spec.runtime)
         image = await self.image_config(ref)
         argv, env, cwd = merge_process(spec, image)
-        if not argv and not spec.init_path:
+        if spec.warm:
+            argv = []  # the claim names the command
+        elif not argv and not spec.init_path:
             raise InvalidArgument(f"image {ref} has no entrypoint or cmd: give a command")
         uid, gid = parse_user(image.user)
         oci = build_oci_spec(
@@ -403,11 +378,17 @@ class ContainerdRuntime:
             init_path=spec.init_path,
             channel_dir=spec.channel_dir,
             init_env=[f"{k}={v}" for k, v in spec.init_env],
+            warm=spec.warm,
             annotations={SHIM_GROUP_ANNOTATION: self.shim_group} if self.shim_group else None,
         )
+        record_labels = {**spec.labels, MANAGED_LABEL: "true"}
+        # Ours, never the caller's: remove acts on the path it names.
+        record_labels.pop(DISK_LAYER_LABEL, None)
+        if spec.disk_bytes is not None:
+            record_labels[DISK_LAYER_LABEL] = str(self._layers.root)
         container = pb.CtdContainer(
             id=spec.id,
-            labels={**spec.labels, MANAGED_LABEL: "true"},
+            labels=record_labels,
             image=ref,
             runtime=pb.CtdContainer.Runtime(name=RUNC_SHIM, options=options),
             spec=any_pb2.Any(type_url=SPEC_TYPE_URL, value=json.dumps(oci).encode()),
@@ -419,6 +400,9 @@ class ContainerdRuntime:
         await self._api.create_container(container)
         try:
             mounts = await self._prepare_snapshot(spec.id, image.chain_id)
+            if spec.disk_bytes is not None:
+                layer = await self._layers.make(spec.id, spec.disk_bytes)
+                mounts = with_upper(mounts, layer)
             uri = log_uri(spec)
             Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
             created = await self._api.create_task(
@@ -440,7 +424,70 @@ class ContainerdRuntime:
                 log.exception("cleanup after a failed create failed", extra={"sandbox": spec.id})
             raise
         log.info("started container", extra={"sandbox": spec.id, "pid": created.pid})
+        if spec.warm:
+            self._warm[spec.id] = (container, image, created.pid)
         return await self.get(spec.id)
+
+    # -- warm slots ---------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        container_id: str,
+        spec: ContainerSpec,
+        start: Callable[[MainProcess], Awaitable[None]],
+    ) -> ContainerState:
+        async with self._id_locks.hold(container_id):
+            container, image, pid = await self._warm_slot(container_id)
+            argv, env, cwd = merge_process(spec, image)
+            if not argv:
+                raise InvalidArgument(
+                    f"image {spec.image} has no entrypoint or cmd: give a command"
+                )
+            resources = linux_resources(
+                spec.cpu_millis,
+                spec.memory_bytes,
+                host_pids_limit(spec.pids_limit or DEFAULT_PIDS_LIMIT, spec.runtime),
+            )
+            oci = json.loads(container.spec.value or b"{}")
+            cgroups = oci.get("linux", {}).get("cgroupsPath", "")
+            await in_own_thread(prepare, pid, spec.id, cgroup_writes(cgroups, resources))
+            await start(MainProcess(argv=tuple(argv), env=tuple(env), cwd=cwd))
+            # Recorded only once the main process runs: a claim cut short before this still
+            # reads as a warm slot, which a restarted agent removes (never as a sandbox that
+            # runs nothing).
+            record = claimed_oci(
+                oci, sandbox_id=spec.id, argv=argv, env=env, cwd=cwd, resources=resources
+            )
+            new_labels = {**spec.labels, MANAGED_LABEL: "true"}
+            updated = pb.CtdContainer()
+            updated.CopyFrom(container)
+            updated.labels.clear()
+            updated.labels.update(new_labels)
+            updated.spec.value = json.dumps(record).encode()
+            await self._api.update_container(updated, ["labels", "spec"])
+            self._warm.pop(container_id, None)
+            return ContainerState(
+                id=container_id,
+                status=ContainerStatus.RUNNING,
+                labels=new_labels,
+                pid=pid,
+                started_at=time.time(),
+                warm=True,
+            )
+
+    async def _warm_slot(self, container_id: str) -> tuple[pb.CtdContainer, ImageConfig, int]:
+        cached = self._warm.get(container_id)
+        if cached is not None:
+            return cached
+        # Made by an earlier agent process: read it back.
+        container = await self._api.get_container(container_id)
+        if WARM_SLOT_LABEL not in container.labels:
+            raise FailedPrecondition(f"container {container_id} is not a warm slot")
+        task = await self._api.get_task(container_id)
+        if task.status != pb.CTD_TASK_STATUS_RUNNING:
+            raise FailedPrecondition(f"warm slot {container_id} is not running")
+        image = await self.image_config(container.image)
+        return container, image, task.pid
 
     async def _prepare_snapshot(self, key: str, parent: str) -> list[pb.CtdMount]:
         try:
@@ -463,7 +510,14 @@ class ContainerdRuntime:
             return await self._remove(container_id, grace_seconds)
 
     async def _remove(self, container_id: str, grace_seconds: float) -> bool:
+        self._warm.pop(container_id, None)
         existed = await self._stop_task(container_id, grace_seconds)
+        layers = self._layers
+        with contextlib.suppress(NotFound):
+            record = await self._api.get_container(container_id)
+            root = record.labels.get(DISK_LAYER_LABEL)
+            if root and Path(root).is_absolute():
+                layers = WritableLayers(Path(root))
         with contextlib.suppress(NotFound):
             await self._api.delete_task(container_id)
             existed = True
@@ -472,6 +526,9 @@ class ContainerdRuntime:
             existed = True
         with contextlib.suppress(NotFound):
             await self._api.remove_snapshot(self.snapshotter, container_id)
+            existed = True
+        # After the task: its overlay (the layer's only user) is unmounted with it.
+        if await layers.remove(container_id):
             existed = True
         if existed:
             log.info("removed container", extra={"sandbox": container_id})

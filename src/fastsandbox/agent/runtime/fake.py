@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,10 +24,12 @@ from fastsandbox.agent.runtime.base import (
     ContainerState,
     ContainerStatus,
     ImageInfo,
+    MainProcess,
     ProcessDefaults,
 )
 from fastsandbox.api.images import normalize_image_ref
-from fastsandbox.errors import NotFound
+from fastsandbox.api.labels import WARM_SLOT_LABEL
+from fastsandbox.errors import FailedPrecondition, NotFound
 
 _PID_BASE = 40_000
 
@@ -47,6 +49,8 @@ class FakeRuntime:
         self._images: dict[str, ImageInfo] = {}
         self._containers: dict[str, ContainerState] = {}
         self._next_pid = _PID_BASE
+        # The main process each claimed warm slot was given, by container id.
+        self.claims: dict[str, MainProcess] = {}
 
     # -- test helpers -------------------------------------------------------------------------
 
@@ -118,6 +122,29 @@ class FakeRuntime:
         )
         self.specs[spec.id] = spec
         self._containers[spec.id] = state
+        return state
+
+    async def claim(
+        self,
+        container_id: str,
+        spec: ContainerSpec,
+        start: Callable[[MainProcess], Awaitable[None]],
+    ) -> ContainerState:
+        state = self._get(container_id)
+        if WARM_SLOT_LABEL not in state.labels or state.status is not ContainerStatus.RUNNING:
+            raise FailedPrecondition(f"container {container_id} is not a running warm slot")
+        main = MainProcess(
+            argv=(*spec.command, *spec.args),
+            env=tuple(f"{k}={v}" for k, v in spec.env),
+            cwd=spec.working_dir or "/",
+        )
+        await start(main)
+        self.claims[container_id] = main
+        warm = self.specs[container_id]
+        # The record now reads as the sandbox's (process_defaults, labels), as containerd's does.
+        self.specs[container_id] = replace(spec, id=container_id, log_path=warm.log_path)
+        state = replace(state, labels=dict(spec.labels), warm=True)
+        self._containers[container_id] = replace(state, warm=False)
         return state
 
     async def delete(self, container_id: str, grace_seconds: float) -> bool:

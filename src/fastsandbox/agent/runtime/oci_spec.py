@@ -20,6 +20,7 @@ Where we differ, and why:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -93,6 +94,17 @@ def default_mounts() -> list[dict[str, Any]]:
 
 
 INIT_MOUNT = "/.fsb/init"
+
+
+def supervisor_mode_env(argv: Sequence[str], *, warm: bool) -> list[str]:
+    """How PID 1 learns its main command (`FSB_MAIN`, a JSON list) or that it waits for one
+    (`FSB_WARM=1`): in its environment, which sandbox code cannot read, not on its command
+    line, which it can (/proc/1/cmdline): so a warm and a cold sandbox look the same there."""
+    if warm:
+        return ["FSB_WARM=1"]
+    return [f"FSB_MAIN={json.dumps(list(argv))}"] if argv else []
+
+
 CHANNEL_MOUNT = "/.fsb/run"
 
 
@@ -174,12 +186,16 @@ def build_oci_spec(
     init_path: str | None = None,
     channel_dir: str | None = None,
     init_env: Sequence[str] = (),
+    warm: bool = False,
 ) -> dict[str, Any]:
     """The runtime spec (as JSON-ready dict) for one sandbox container. With `init_path`, the
     static supervisor is bind-mounted read-only at `INIT_MOUNT` and runs as PID 1 in front of
     `args` (with no args it keeps the sandbox up, idle); with `channel_dir` too, that directory
     is mounted read-only at `CHANNEL_MOUNT` and `init_env` (which PID 1 scrubs from every
-    child) tells the supervisor how to dial its agent."""
+    child) tells the supervisor how to dial its agent. `warm`: PID 1 is `--warm` (no main
+    process until the agent's `start_main`; `args` are ignored)."""
+    if warm and not (init_path and channel_dir):
+        raise ValueError("a warm container needs the supervisor and its channel")
     if not args and not init_path:
         raise ValueError("a container needs a command: the spec and the image give none")
     mounts = default_mounts()
@@ -204,7 +220,8 @@ def build_oci_spec(
                 }
             )
             env = [*env, *init_env]
-        args = [INIT_MOUNT, "--", *args] if args else [INIT_MOUNT]
+        env = [*env, *supervisor_mode_env(args, warm=warm)]
+        args = [INIT_MOUNT]
     user: dict[str, Any] = {"uid": uid, "gid": gid}
     if additional_gids:
         user["additionalGids"] = list(additional_gids)

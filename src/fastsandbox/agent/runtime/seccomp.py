@@ -2,8 +2,17 @@
 
 Why an allowlist: a denylist allows every syscall it does not name, including the ones a newer
 kernel adds next year — exactly the fresh, little-reviewed kernel surface an exploit looks for.
-Here every syscall not named below fails with EPERM (`defaultAction`), so a syscall newer than
-this profile is refused until someone reviews it and adds it.
+Here a syscall not named below is refused until someone reviews it and adds it:
+
+- a syscall the host's libseccomp knows and this profile does not allow fails with **EPERM**
+  (`defaultErrnoRet`): a policy refusal, said as one (Docker does the same);
+- a syscall **newer than the profile** (a number above the newest syscall it names, `futex_requeue`
+  = 456 on x86_64) fails with **ENOSYS**: runc ≥ 1.0.2 puts a stub in front of the filter that
+  answers ENOSYS past the newest named syscall, deliberately. We keep it: ENOSYS is what an older
+  kernel says, so a newer libc in an image falls back to the older call (glibc does for clone3,
+  faccessat2, fchmodat2, close_range, ...), where EPERM would make it fail (the 2021 breakage of
+  faccessat2 under Docker's old profiles). Either way the call never reaches the kernel;
+- `clone3` fails with ENOSYS by its own rule (below), for the same fallback.
 
 Coverage is that of Docker's default profile (moby `profiles/seccomp/default.json`) for a
 container without extra capabilities — written from the syscall tables, not copied — with these

@@ -155,7 +155,7 @@ class IoRelayRpcs:
     async def _agent_for(self, target: io_pb2.SandboxTarget) -> tuple[AgentClient, str]:
         if not target.name:
             raise InvalidArgument("target.name: required")
-        sb = await self.sandboxes.store.get(Sandbox, target.namespace or "default", target.name)
+        sb = await self.sandboxes.get(target.namespace or "default", target.name)
         agent_name, sandbox_id = running_on(sb)
         agent = self.sandboxes.registry.get_agent(agent_name)
         if agent is None:

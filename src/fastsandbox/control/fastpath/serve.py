@@ -8,13 +8,26 @@ import grpc
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc
 from fastsandbox.control.fastpath.auth import TokenAuth
 from fastsandbox.control.fastpath.service import FastPathService
+from fastsandbox.control.fastpath.throttle import Throttle
 from fastsandbox.errors import FsbError
+from fastsandbox.settings import EdgeLimits
 
 
-async def start_fastpath(servicer: FastPathService, token: str, listen: str) -> grpc.aio.Server:
-    """A started server on `listen` (HOST:PORT) requiring `token`."""
-    # No SO_REUSEPORT: a second server on the same address must fail, not share the port.
-    server = grpc.aio.server(interceptors=[TokenAuth(token)], options=[("grpc.so_reuseport", 0)])
+async def start_fastpath(
+    servicer: FastPathService, token: str, listen: str, limits: EdgeLimits | None = None
+) -> grpc.aio.Server:
+    """A started server on `listen` (HOST:PORT) requiring `token`, each credential held to
+    `limits` (rate, concurrent streams, message size)."""
+    limits = limits or EdgeLimits()
+    server = grpc.aio.server(
+        interceptors=[Throttle(limits), TokenAuth(token)],
+        options=[
+            # No SO_REUSEPORT: a second server on the same address must fail, not share it.
+            ("grpc.so_reuseport", 0),
+            # gRPC refuses a bigger message itself: RESOURCE_EXHAUSTED naming both sizes.
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ],
+    )
     fastpath_pb2_grpc.add_FastPathServicer_to_server(servicer, server)
     if server.add_insecure_port(listen) == 0:
         raise FsbError(f"cannot listen on {listen}: address in use or invalid")

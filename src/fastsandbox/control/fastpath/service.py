@@ -33,10 +33,12 @@ from fastsandbox.api.models import (
     parse_rfc3339,
     to_wire,
 )
+from fastsandbox.control.create_request import CreateOptions, request_hash
 from fastsandbox.control.fastpath import lease
 from fastsandbox.control.fastpath.io_relay import IoRelayRpcs
+from fastsandbox.control.fastpath.request_limits import check_labels, check_sandbox
 from fastsandbox.control.pools import PoolManager
-from fastsandbox.control.sandboxes import CreateOptions, SandboxService, request_hash
+from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.control.updates import SandboxUpdates, patch_from_request
 from fastsandbox.errors import CapacityExhausted, FsbError, InvalidArgument
 from fastsandbox.metrics import Metrics
@@ -103,7 +105,9 @@ def sandbox_from_request(req: fastpath_pb2.CreateRequest) -> Sandbox:
         "metadata",
     )
     parsed = _validated(lambda: SandboxSpec.model_validate(spec), "spec")
-    return Sandbox(metadata=meta, spec=parsed)
+    sb = Sandbox(metadata=meta, spec=parsed)
+    check_sandbox(sb)
+    return sb
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -226,7 +230,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
         self, request: fastpath_pb2.ObjectRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fastpath_pb2.ObjectReply:
         sb = await self._guard(
-            context, self.store.get(Sandbox, request.namespace or "default", request.name)
+            context, self.sandboxes.get(request.namespace or "default", request.name)
         )
         return fastpath_pb2.ObjectReply(object_json=_json(sb))
 
@@ -235,9 +239,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
     ) -> fastpath_pb2.ListReply:
         items = await self._guard(
             context,
-            self.store.list(
-                Sandbox, request.namespace or None, dict(request.label_selector) or None
-            ),
+            self.sandboxes.list(request.namespace or None, dict(request.label_selector) or None),
         )
         items = [
             s
@@ -260,6 +262,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
         self, request: fastpath_pb2.UpdateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fastpath_pb2.ObjectReply:
         async def update() -> Sandbox:
+            check_labels(request.labels, "metadata.labels")
             patch = patch_from_request(request, arrived=now())
             return await self.updates.update(request.namespace or "default", request.name, patch)
 
@@ -288,7 +291,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
             if kind == "SandboxPool":
                 await self.store.get(SandboxPool, namespace, request.name)
             else:
-                await self.store.get(Sandbox, namespace, request.name)
+                await self.sandboxes.get(namespace, request.name)
             return await self.store.list_events(
                 kind, namespace, request.name, request.limit or DEFAULT_EVENT_LIMIT
             )

@@ -1,0 +1,100 @@
+"""Burst: 100 concurrent SDK creates over a pool of 5 agents (20 slots each, image cached) →
+time until all 100 user processes run.
+
+Run as root:  .venv/bin/python benchmarks/burst.py [--count 100 --agents 5] [--rounds 2]
+
+Series (each round: all creates sent at once from one client, then all deleted untimed):
+  all replied           first create sent → the last reply received
+  all running           first create sent → the last of the markers the user processes write is
+                        seen on the host (benchmarks/harness.py)
+  per-create reply      each create's own call → reply
+  server runtimeReadyMs each reply's timings: arrival at the server → agent confirmed the start
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import MARKER_CMD, Bench, Results, bench_server
+
+SECTION = "burst"
+
+
+def _watch(paths: dict[str, Path], seen: dict[str, float], stop: threading.Event) -> None:
+    while not stop.is_set() and len(seen) < len(paths):
+        for name, path in paths.items():
+            if name not in seen and path.exists():
+                seen[name] = time.perf_counter()
+        time.sleep(0.0005)
+
+
+async def _round(bench: Bench, pool: str, count: int, tag: str) -> dict[str, list[float]]:
+    from fastsandbox.sdk import AsyncClient
+
+    out: dict[str, list[float]] = {"per-create reply": [], "server runtimeReadyMs": []}
+    async with AsyncClient(endpoint=bench.server.endpoint, namespace="default") as client:
+        names = [f"burst-{tag}-{i:03d}" for i in range(count)]
+        ids: dict[str, str] = {}
+
+        async def one(name: str) -> None:
+            began = time.perf_counter()
+            made = await client.create(name, bench.image, pool=pool, command=MARKER_CMD)
+            out["per-create reply"].append((time.perf_counter() - began) * 1000)
+            if made.timings and made.timings.runtime_ready_ms is not None:
+                out["server runtimeReadyMs"].append(made.timings.runtime_ready_ms)
+            ids[name] = made.container_id
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(n) for n in names))
+        replied = time.perf_counter()
+        paths = {n: p for n in names if (p := bench.marker(ids[n])) is not None}
+        seen: dict[str, float] = {}
+        stop = threading.Event()
+        await asyncio.to_thread(_watch, paths, seen, stop)
+        out["all replied"] = [(replied - started) * 1000]
+        if len(seen) == count:
+            out["all running"] = [(max(seen.values()) - started) * 1000]
+        await asyncio.gather(*(client.delete(n, wait=True) for n in names))
+    return out
+
+
+def run(bench: Bench, results: Results, count: int = 100, agents: int = 5, rounds: int = 2) -> None:
+    print(f"\n== burst: {count} concurrent creates over {agents} agents", flush=True)
+    per_agent = -(-count // agents)
+    bench.pool("burst", agents=agents, per_agent=per_agent)
+    merged: dict[str, list[float]] = {}
+    # An untimed round first: every agent has the image and its connections open.
+    asyncio.run(_round(bench, "burst", agents, "warmup"))
+    for r in range(rounds):
+        for key, values in asyncio.run(_round(bench, "burst", count, str(r))).items():
+            merged.setdefault(key, []).extend(values)
+    boundaries = {
+        "all replied": "first create sent -> last reply (one sample per round)",
+        "all running": "first create sent -> last user-process marker seen (one per round)",
+        "per-create reply": "each create's call -> its reply",
+        "server runtimeReadyMs": "server: arrival -> agent confirmed the start",
+    }
+    for key, values in merged.items():
+        results.add(SECTION, f"{count} concurrent: {key}", values, boundaries[key])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--agents", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    with bench_server() as bench:
+        run(bench, Results(), args.count, args.agents, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""A sandbox's writable layer with a real size limit: its overlay upper dir on a file system of
+its own, a sparse ext4 image of exactly the limit, loop-mounted under the runtime's state dir.
+
+Why this mechanism: containerd 1.6's overlayfs snapshotter keeps every upper dir under its root,
+here on ext4 without project quotas (and the system containerd is shared, so its root cannot be
+moved onto an XFS with `prjquota`). A file system per sandbox needs nothing from the host's
+file systems: a write past the limit fails inside the sandbox with ENOSPC, and only there — the
+host's disk and other sandboxes are untouched, the sandbox keeps running.
+
+Cost: `truncate` + `mkfs.ext4` (no journal, lazy inode tables: a few hundred KiB are written) +
+`mount -o loop`, measured ~15-25 ms per create here (benchmarks/README, docs/security.md), and
+a loop device per sandbox. The image is sparse: the host pays only for what is written.
+Without a journal a host crash may leave the image unclean; the layer is scratch space that
+dies with the sandbox, so that is accepted.
+
+The snapshot containerd prepared keeps its own (empty) upper dir; the task's overlay mount is
+rewritten to use `upper/` and `work/` on the small file system instead. Remove is a lazy
+unmount (the loop device goes with the last user, `autoclear`), then the image file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
+from fastsandbox.api.quantity import MIN_DISK_BYTES
+from fastsandbox.errors import InvalidArgument, RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+_MKFS_OPTIONS = ("-q", "-F", "-m", "0", "-O", "^has_journal")
+_MKFS_EXTENDED = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
+_TAIL = 1000
+
+
+async def _run(argv: Sequence[str]) -> None:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except FileNotFoundError:
+        raise RuntimeFailure(
+            f"{argv[0]} not found: the disk limit needs e2fsprogs and util-linux (scripts/setup)"
+        ) from None
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip()[-_TAIL:]
+        raise RuntimeFailure(f"{list(argv)!r} exited {proc.returncode}: {tail}")
+
+
+class WritableLayers:
+    """Size-limited upper dirs, one per container id, under `root` (`<id>.img`, `<id>/`)."""
+
+    def __init__(self, root: Path, mkfs: str = "mkfs.ext4") -> None:
+        self.root = root
+        self.mkfs = mkfs
+
+    def image_path(self, container_id: str) -> Path:
+        return self.root / f"{container_id}.img"
+
+    def mount_path(self, container_id: str) -> Path:
+        return self.root / container_id
+
+    async def make(self, container_id: str, size_bytes: int) -> Path:
+        """A mounted file system of `size_bytes` for `container_id`; returns its mount point.
+        Idempotent: an existing mount (a retried create) is returned as it is."""
+        if size_bytes < MIN_DISK_BYTES:
+            raise InvalidArgument(
+                f"disk_bytes {size_bytes}: must be at least {MIN_DISK_BYTES} bytes (1Mi)"
+            )
+        mnt = self.mount_path(container_id)
+        if mnt.is_mount():
+            return mnt
+        image = self.image_path(container_id)
+        self.root.mkdir(parents=True, exist_ok=True)
+        mnt.mkdir(exist_ok=True)
+        try:
+            with image.open("wb") as f:
+                f.truncate(size_bytes)
+            await _run([self.mkfs, *_MKFS_OPTIONS, "-E", _MKFS_EXTENDED, str(image)])
+            await _run(["mount", "-o", "loop", str(image), str(mnt)])
+            for sub in ("upper", "work"):
+                (mnt / sub).mkdir(exist_ok=True)
+        except BaseException:
+            await asyncio.shield(self.remove(container_id))
+            raise
+        return mnt
+
+    async def remove(self, container_id: str) -> bool:
+        """Unmount and delete the layer of `container_id`; False when there was none."""
+        mnt, image = self.mount_path(container_id), self.image_path(container_id)
+        existed = False
+        if mnt.is_mount():
+            # Lazy: the task's overlay may still hold it for a moment; the loop device is freed
+            # with its last user.
+            await _run(["umount", "-l", str(mnt)])
+            existed = True
+        if mnt.exists():
+            shutil.rmtree(mnt, ignore_errors=True)
+            existed = True
+        with contextlib.suppress(FileNotFoundError):
+            image.unlink()
+            existed = True
+        return existed
+
+    def known(self) -> list[str]:
+        """Container ids that have a layer here (for the janitor's orphan sweep)."""
+        if not self.root.is_dir():
+            return []
+        ids = {p.stem for p in self.root.glob("*.img")}
+        ids.update(p.name for p in self.root.iterdir() if p.is_dir())
+        return sorted(ids)
+
+
+def with_upper(mounts: Sequence[pb.CtdMount], layer: Path) -> list[pb.CtdMount]:
+    """`mounts` (the snapshot's) with the overlay's upperdir and workdir moved into `layer`."""
+    out: list[pb.CtdMount] = []
+    rewritten = False
+    for mount in mounts:
+        if mount.type != "overlay":
+            out.append(mount)
+            continue
+        options = [o for o in mount.options if not o.startswith(("upperdir=", "workdir="))]
+        options += [f"upperdir={layer / 'upper'}", f"workdir={layer / 'work'}"]
+        out.append(pb.CtdMount(type=mount.type, source=mount.source, target=mount.target,
+                               options=options))  # fmt: skip
+        rewritten = True
+    if not rewritten:
+        # A bind mount (an image with no layers) has no upper dir to limit.
+        raise RuntimeFailure(
+            "the snapshot has no overlay mount: the disk limit needs the overlayfs snapshotter"
+        )
+    return out

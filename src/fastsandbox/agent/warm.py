@@ -1,0 +1,295 @@
+"""Warm slots: containers made before any request asks for them, claimed by creates.
+
+A warm slot is a sandbox container of a hot image with everything a cold create makes —
+snapshot, cgroup, network namespace, the log capture, the supervisor running and connected —
+but no main process: its PID 1 is `fsb-supervisor --warm`. A create of that image claims one
+(`Runtime.claim`: limits, hostname, then the supervisor's `start_main`, then the record), which
+costs a few milliseconds instead of a whole container start.
+
+Why it is shaped this way:
+- Hot images: the pool's `prewarmImages` (`--warm-image`), then the images this agent served
+  most recently (`--warm-recent`), each with `--warm-slots` slots.
+- Capacity: slots only ever fill capacity no sandbox uses, so containers on an agent never
+  exceed its capacity. They are not counted as used: a create of any image may land here, and
+  when no room is left it retires a slot (of the least hot image) to make room. Slots being made
+  or removed are counted as used (`busy`): they hold resources no create can claim.
+- Refill runs in one background task, one slot at a time, never on a request's path; a create
+  only pokes it.
+- Container ids never change in containerd, so a claimed slot keeps its id (`w-<hex>`): the
+  manager maps sandbox id → container id, rebuilt after a restart from the sandbox-id label
+  the claim records. Channel directories and log files are named by container id.
+- Recovery: a restarted agent removes unclaimed slots it finds (one cut mid-claim may already
+  run a main process that no create acknowledged) and makes fresh ones.
+- Only runc: under gVisor the sandbox's hostname lives in the Sentry, out of the host's
+  reach, so a claim could not give it the sandbox's hostname.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastsandbox.agent.logs import log_files
+from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, MainProcess
+from fastsandbox.api import labels
+from fastsandbox.api.images import normalize_image_ref
+from fastsandbox.errors import FsbError
+
+if TYPE_CHECKING:
+    from fastsandbox.agent.manager import SandboxManager
+
+log = logging.getLogger(__name__)
+
+SLOT_PREFIX = "w-"
+RETRY_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class WarmCounts:
+    image: str
+    ready: int
+
+
+def slot_id() -> str:
+    return SLOT_PREFIX + secrets.token_hex(8)
+
+
+class WarmSlots:
+    def __init__(
+        self,
+        manager: SandboxManager,
+        *,
+        per_image: int,
+        images: Sequence[str],
+        recent: int,
+    ) -> None:
+        self.manager = manager
+        self.per_image = per_image
+        self.pinned = [normalize_image_ref(i) for i in images]
+        self.recent_max = recent
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._ready: dict[str, deque[str]] = {}
+        self._making: dict[str, int] = {}
+        self._retiring: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._removals: set[asyncio.Task[None]] = set()
+
+    # -- what is there --------------------------------------------------------------------------
+    def hot(self) -> list[str]:
+        """Images to keep slots for, hottest first."""
+        out = list(dict.fromkeys(self.pinned))
+        for image in reversed(self._recent):
+            if image not in out:
+                out.append(image)
+        return out
+
+    def ready(self) -> int:
+        return sum(len(q) for q in self._ready.values())
+
+    def busy(self) -> int:
+        """Slots being made or removed: capacity no create can claim."""
+        return sum(self._making.values()) + len(self._retiring)
+
+    def count(self) -> int:
+        """Every container of ours that is not a sandbox."""
+        return self.ready() + self.busy()
+
+    def counts(self) -> list[WarmCounts]:
+        images = set(self.hot()) | set(self._ready)
+        return [WarmCounts(i, len(self._ready.get(i, ()))) for i in sorted(images)]
+
+    def is_slot(self, container_id: str) -> bool:
+        return container_id.startswith(SLOT_PREFIX) and (
+            container_id in self._retiring or any(container_id in q for q in self._ready.values())
+        )
+
+    # -- claims ---------------------------------------------------------------------------------
+    def served(self, image: str) -> None:
+        """A create of `image` was served (from a slot or cold): it is hot now."""
+        if self.recent_max > 0:
+            self._recent.pop(image, None)
+            self._recent[image] = None
+            while len(self._recent) > self.recent_max:
+                self._recent.popitem(last=False)
+        self.poke()
+
+    def take(self, image: str) -> str | None:
+        """A ready slot of `image` (no await: atomic with the caller's capacity check)."""
+        queue = self._ready.get(image)
+        if not queue:
+            return None
+        return queue.popleft()
+
+    async def claim(self, container_id: str, spec: ContainerSpec) -> ContainerState:
+        """Start `spec`'s main process in slot `container_id` and record it as the sandbox."""
+        channels = self.manager.channels
+        assert channels is not None  # warm slots exist only with supervisors
+        channel = channels.get(container_id)
+        if channel is None:
+            channel = await channels.open(container_id)
+
+        async def start(main: MainProcess) -> None:
+            try:
+                await channel.request(
+                    "start_main",
+                    argv=list(main.argv),
+                    env=list(main.env),
+                    cwd=main.cwd,
+                    user=main.user,
+                )
+            except FsbError as exc:
+                if not exc.message.startswith("exec "):
+                    raise
+                # Not executable: the supervisor ends the sandbox with 127/126 and the message
+                # in its log, as a cold start does; the sandbox exists and reads as exited.
+                log.info("main process not executable", extra={"sandbox": spec.id})
+
+        return await self.manager.runtime.claim(container_id, spec, start)
+
+    def retire(self, container_id: str) -> None:
+        """Remove a slot in the background (counted as busy until it is gone)."""
+        self._retiring.add(container_id)
+        task = asyncio.get_running_loop().create_task(self._remove(container_id))
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+
+    def retire_one(self) -> bool:
+        """Retire a ready slot of the least hot image (room for a create). False: none."""
+        order = self.hot()
+        candidates = sorted(
+            (i for i, q in self._ready.items() if q),
+            key=lambda i: order.index(i) if i in order else len(order),
+        )
+        if not candidates:
+            return False
+        self.retire(self._ready[candidates[-1]].pop())
+        return True
+
+    def retire_all(self) -> None:
+        for queue in self._ready.values():
+            while queue:
+                self.retire(queue.pop())
+
+    def adopt(self, states: Sequence[ContainerState]) -> None:
+        """After a restart: remove the unclaimed slots found (see the module doc)."""
+        for state in states:
+            log.info("removing a warm slot left by an earlier agent", extra={"slot": state.id})
+            self.retire(state.id)
+
+    # -- refill ---------------------------------------------------------------------------------
+    def poke(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="warm slots")
+
+    async def close(self) -> None:
+        """Stop refilling (the slots stay: a restarted agent removes them)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
+
+    def _next_image(self, free: int) -> str | None:
+        if free <= 0 or self.manager.cordoned:
+            return None
+        for image in self.hot():
+            if len(self._ready.get(image, ())) + self._making.get(image, 0) < self.per_image:
+                return image
+        return None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.manager.cordoned:
+                self.retire_all()
+                continue
+            while (image := self._next_image(self.manager.free_slots())) is not None:
+                try:
+                    await self._make(image)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning(
+                        "could not make a warm slot; retrying later",
+                        extra={"image": image, "err": str(exc)},
+                    )
+                    await asyncio.sleep(RETRY_SECONDS)
+                    break
+
+    async def _make(self, image: str) -> None:
+        manager = self.manager
+        channels = manager.channels
+        assert channels is not None
+        cid = slot_id()
+        self._making[image] = self._making.get(image, 0) + 1
+        made = False
+        try:
+            await manager.ensure_image(image)
+            channel = await channels.open(cid)
+            spec = manager.container_spec(
+                cid,
+                image,
+                {labels.AGENT_LABEL: manager.settings.name, labels.WARM_SLOT_LABEL: image},
+                warm=True,
+            )
+            await manager.runtime.create(spec)
+            made = True
+            await channel.control()  # ready only once its supervisor waits on the channel
+        except BaseException:
+            if made:
+                self.retire(cid)
+            else:
+                with contextlib.suppress(FsbError):
+                    await channels.remove(cid)
+            raise
+        finally:
+            self._making[image] -= 1
+        if manager.cordoned:
+            self.retire(cid)
+            return
+        self._ready.setdefault(image, deque()).append(cid)
+        log.debug("warm slot ready", extra={"slot": cid, "image": image})
+
+    async def _remove(self, container_id: str) -> None:
+        manager = self.manager
+        try:
+            await manager.runtime.delete(container_id, 0)
+            if manager.channels is not None:
+                await manager.channels.remove(container_id)
+            for path in log_files(manager.log_path(container_id)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        except Exception:
+            # The janitor removes it once this agent is gone; while it lives it is ours.
+            log.exception("could not remove a warm slot", extra={"slot": container_id})
+        finally:
+            self._retiring.discard(container_id)
+            self.poke()
+
+
+GaugeValues = dict[tuple[str, ...], float]
+
+
+def counts_reader(slots: Callable[[], WarmSlots | None]) -> Callable[[], GaugeValues]:
+    """The `fsb_warm_slots` gauge: ready slots per image."""
+
+    def read() -> GaugeValues:
+        pool = slots()
+        if pool is None:
+            return {}
+        return {(c.image,): float(c.ready) for c in pool.counts()}
+
+    return read

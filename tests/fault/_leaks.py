@@ -1,0 +1,165 @@
+"""The one leak check of the fault suite: what a real `fsb server` runs against what its records
+claim, after the fault and the recovery.
+
+`inventory` reads the truth (containerd's containers, tasks and active snapshots, the shims of
+this server's containerd, the network namespaces of this server's agents and sandboxes) and the
+records (`fsb list`, the pools' slot counts); `leaks` names every disagreement:
+
+- a container, running task, active snapshot or shim that no record claims (leaked);
+- a Running record whose container has no running task (lost: acknowledged but not running);
+- a pool whose allocated slots differ from its sandboxes that hold one;
+- two records with one container, or two records owning one endpoint (ip:port);
+- a network namespace with our prefix whose agent or sandbox is gone.
+
+Only this server's objects count: its containerd is its own (under the data dir), shims are
+matched by that containerd's address, and namespaces by the names of its agents (`ip netns`
+is host-wide; other test runs make their own at the same time).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastsandbox.api.phases import HOLDS_SLOT
+from fastsandbox.fleet.netns import NETNS_PREFIX
+from tests.e2e._server import Server
+
+HOLDS = {p.value for p in HOLDS_SLOT}
+
+
+@dataclass
+class Inventory:
+    containers: set[str]
+    running_tasks: set[str]
+    active_snapshots: set[str]
+    shims: set[str]
+    netns: set[str]
+    agents: set[str]
+    records: list[dict[str, Any]]
+    pools: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        phases = Counter(r["status"].get("phase", "?") for r in self.records)
+        return (
+            f"records={len(self.records)} {dict(sorted(phases.items()))} "
+            f"containers={len(self.containers)} running_tasks={len(self.running_tasks)} "
+            f"active_snapshots={len(self.active_snapshots)} shims={len(self.shims)} "
+            f"netns={len(self.netns)} agents={len(self.agents)}"
+        )
+
+
+def _shims(server: Server) -> set[str]:
+    """Container ids of the runc shims serving this server's containerd."""
+    address = str(server.containerd_socket)
+    ids: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if not words or "containerd-shim" not in words[0] or address not in words:
+            continue
+        if "-id" in words:
+            ids.add(words[words.index("-id") + 1])
+    return ids
+
+
+def _agents(server: Server) -> set[str]:
+    root = server.data_dir / "agents"
+    return {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+
+
+def _netns(names: set[str]) -> set[str]:
+    """Namespaces with our prefix whose name contains one of `names` (this server's agents and
+    sandboxes; per-sandbox namespaces are named by sandbox)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    found = set()
+    for line in out.stdout.splitlines():
+        ns = line.split()[0] if line.split() else ""
+        if ns.startswith(NETNS_PREFIX) and any(n and n in ns for n in names):
+            found.add(ns)
+    return found
+
+
+def active_snapshots(server: Server) -> set[str]:
+    rows = [line.split() for line in server.ctr("snapshots", "ls").splitlines()[1:]]
+    return {row[0] for row in rows if row and row[-1] == "Active"}
+
+
+def inventory(server: Server, pools: tuple[str, ...] = ()) -> Inventory:
+    records: list[dict[str, Any]] = server.fsb_json("list")["items"]
+    agents = _agents(server)
+    ids = {r["status"].get("containerID", "") for r in records} | {
+        r["metadata"]["name"] for r in records
+    }
+    pool_status = {}
+    for pool in pools:
+        got = server.fsb("pool", "get", pool, "-o", "json")
+        if got.returncode == 0:
+            pool_status[pool] = json.loads(got.stdout)["status"]
+    return Inventory(
+        containers=server.containers(),
+        running_tasks=server.running_tasks(),
+        active_snapshots=active_snapshots(server),
+        shims=_shims(server),
+        netns=_netns(agents | ids | server.containers()),
+        agents=agents,
+        records=records,
+        pools=pool_status,
+    )
+
+
+def leaks(inv: Inventory, *, baseline: Inventory | None = None) -> dict[str, list[str]]:
+    """Every disagreement between truth and records (empty: nothing leaked, nothing lost).
+    `baseline`: objects that were there before the test (other tests' sandboxes) are not ours."""
+    before_containers = baseline.containers if baseline else set()
+    claimed = {r["status"]["containerID"] for r in inv.records if r["status"].get("containerID")}
+    running = {
+        r["status"]["containerID"]
+        for r in inv.records
+        if r["status"].get("phase") == "Running" and r["status"].get("containerID")
+    }
+    found: dict[str, list[str]] = {}
+
+    def add(kind: str, items: set[str] | list[str]) -> None:
+        if items:
+            found[kind] = sorted(items)
+
+    add("containers without a record", inv.containers - claimed - before_containers)
+    add("running tasks without a Running record", inv.running_tasks - running - before_containers)
+    add("Running records without a running task", running - inv.running_tasks)
+    add("active snapshots without a container", inv.active_snapshots - inv.containers)
+    add("shims without a container", inv.shims - inv.containers)
+    owners = Counter(
+        r["status"]["containerID"] for r in inv.records if r["status"].get("containerID")
+    )
+    add("containers claimed twice", {c for c, n in owners.items() if n > 1})
+    endpoints = Counter(
+        ep for r in inv.records if r["status"].get("phase") in HOLDS
+        for ep in r["status"].get("endpoints", [])
+    )  # fmt: skip
+    add("endpoints owned twice", {e for e, n in endpoints.items() if n > 1})
+    for pool, status in inv.pools.items():
+        holding = sum(
+            1
+            for r in inv.records
+            if r["spec"].get("poolRef", r["spec"].get("pool")) == pool
+            and r["status"].get("phase") in HOLDS
+        )
+        allocated = status.get("slots", {}).get("allocated", 0)
+        if allocated != holding:
+            found[f"pool {pool} slots"] = [f"allocated={allocated} holding={holding}"]
+    live_names = inv.agents | claimed | {r["metadata"]["name"] for r in inv.records}
+    add(
+        "network namespaces of nothing live",
+        {ns for ns in inv.netns if not any(n in ns for n in live_names)},
+    )
+    return found

@@ -1,0 +1,118 @@
+"""A sandbox's writable layer has a real size limit (agent/runtime/disk.py), seen from inside:
+writing past it fails with ENOSPC while the sandbox keeps running, a neighbour with a larger
+limit writes the same amount unharmed, and delete leaves no mount, loop image or directory."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fastsandbox.agent.runtime.base import ContainerSpec, ContainerStatus
+from fastsandbox.agent.runtime.containerd import ContainerdRuntime
+from fastsandbox.errors import InvalidArgument, RuntimeFailure
+from tests.infra import ContainerdProc
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+# Writes 24 MiB, says how it went, then stays up so the test can see it still runs.
+FILL = "dd if=/dev/zero of=/fill bs=1M count=24 2>&1; echo dd-exit=$?; echo alive; sleep 600"
+
+
+@pytest.fixture
+async def runtime(
+    containerd: ContainerdProc, demo_image: str, tmp_path: Path
+) -> AsyncIterator[ContainerdRuntime]:
+    rt = ContainerdRuntime(
+        containerd.socket,
+        "fsb-disk-test",
+        [demo_image.split("/", 1)[0]],
+        state_dir=tmp_path / "runtime",
+    )
+    await rt.pull(demo_image)
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+async def _output_until(path: Path, needle: str, timeout: float = 60.0) -> str:
+    async with asyncio.timeout(timeout):
+        while True:
+            text = path.read_text(errors="replace") if path.exists() else ""
+            if needle in text:
+                return text
+            await asyncio.sleep(0.1)
+
+
+async def test_writes_past_the_limit_fail_inside_and_the_neighbour_is_unaffected(
+    runtime: ContainerdRuntime, demo_image: str, cgroup_parent: str, tmp_path: Path
+) -> None:
+    small = ContainerSpec(
+        id="disk-small",
+        image=demo_image,
+        log_path=str(tmp_path / "small.log"),
+        command=("sh", "-c", FILL),
+        cgroup_parent=cgroup_parent,
+        disk_bytes=8 * MiB,
+    )
+    big = ContainerSpec(
+        id="disk-big",
+        image=demo_image,
+        log_path=str(tmp_path / "big.log"),
+        command=("sh", "-c", FILL),
+        cgroup_parent=cgroup_parent,
+        disk_bytes=64 * MiB,
+    )
+    layers = tmp_path / "runtime" / "disks"
+    try:
+        await runtime.create(small)
+        await runtime.create(big)
+        small_out = await _output_until(Path(small.log_path), "alive")
+        big_out = await _output_until(Path(big.log_path), "alive")
+        assert "No space left on device" in small_out, small_out
+        assert "dd-exit=1" in small_out, small_out
+        assert "dd-exit=0" in big_out, big_out
+        # The full sandbox keeps running: a full disk is its problem, not a crash.
+        assert (await runtime.get(small.id)).status is ContainerStatus.RUNNING
+        assert (await runtime.get(big.id)).status is ContainerStatus.RUNNING
+        assert (layers / small.id).is_mount() and (layers / big.id).is_mount()
+    finally:
+        await runtime.delete(small.id, 0)
+        await runtime.delete(big.id, 0)
+    for sid in (small.id, big.id):
+        assert not (layers / sid).exists()
+        assert not (layers / f"{sid}.img").exists()
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(layers) not in mounts
+
+
+async def test_a_failed_create_leaves_no_layer(
+    runtime: ContainerdRuntime, demo_image: str, cgroup_parent: str, tmp_path: Path
+) -> None:
+    spec = ContainerSpec(
+        id="disk-bad-cwd",
+        image=demo_image,
+        log_path="relative.log",  # refused before anything is made
+        cgroup_parent=cgroup_parent,
+        disk_bytes=8 * MiB,
+    )
+    with pytest.raises(InvalidArgument, match="absolute"):
+        await runtime.create(spec)
+    spec = ContainerSpec(
+        id="disk-bad-runtime",
+        image=demo_image,
+        log_path=str(tmp_path / "x.log"),
+        cgroup_parent=cgroup_parent,
+        runtime="runc",
+        command=("/no/such/binary",),
+        disk_bytes=8 * MiB,
+    )
+    # Fails at task create, after the layer was made: the rollback removes it.
+    with pytest.raises(RuntimeFailure, match="no such file"):
+        await runtime.create(spec)
+    layers = tmp_path / "runtime" / "disks"
+    assert not layers.exists() or list(layers.iterdir()) == []

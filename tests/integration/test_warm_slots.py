@@ -1,0 +1,292 @@
+"""Warm slots through the real agent process, real containerd, runc and the real supervisor.
+
+- A claimed slot is indistinguishable from a cold sandbox to the user's code: the same probe, as
+  the main process of both, sees the same hostname (its sandbox id), env, cwd, user and groups,
+  capabilities, rlimits, cgroup, mounts, open descriptors, processes and an empty /tmp (modulo
+  ids); and the host sees the same cgroup limits.
+- Claim and refill; capacity: slots fill only free capacity, a create of another image retires
+  one, the agent never holds more than its capacity; exec and logs work in a claimed sandbox.
+- kill -9 of the agent: the claimed sandbox is adopted (by its sandbox id, exec works), the old
+  slot is removed and a fresh one made; nothing is left behind.
+Bounds below only stop a hung test; nothing asserts how fast anything is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fastsandbox.agent.runtime.containerd import ContainerdRuntime
+from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
+from fastsandbox.api.images import normalize_image_ref
+from fastsandbox.api.labels import AGENT_LABEL, SANDBOX_ID_LABEL, WARM_SLOT_LABEL
+from tests.infra import ContainerdProc, RegistryProc
+from tests.integration.test_agent_exec import run, supervisor_binary
+from tests.integration.test_agent_process import AgentProc
+
+pytestmark = pytest.mark.integration
+
+BOUND = 60.0
+CAPACITY = 3
+# A log cap other than the agent's default: a slot (made with the default) cannot serve it, so
+# such a create is cold by construction.
+COLD_LOG_CAP = 2 << 20
+
+PROBE = r"""
+echo "== hostname"; hostname; cat /proc/sys/kernel/hostname
+echo "== id"; id
+echo "== cwd"; pwd; stat -c '%U %G %a' .
+echo "== env"; env | sort
+echo "== umask"; umask
+echo "== status"
+grep -E '^(Uid|Gid|Groups|Cap...|NoNewPrivs|Seccomp)' /proc/$$/status
+echo "== limits"; cat /proc/$$/limits
+echo "== cgroup"; cat /proc/$$/cgroup
+echo "== sys cgroup"; ls /sys/fs/cgroup 2>&1
+echo "== mounts"; cat /proc/$$/mounts
+echo "== fds"; for f in /proc/$$/fd/*; do echo "${f##*/} $(readlink "$f")"; done
+echo "== processes"
+for p in /proc/[0-9]*; do tr '\0' ' ' < "$p/cmdline" 2>/dev/null; echo; done | sort
+echo "== tmp"; ls -A /tmp
+echo "== end"
+exec sleep 3600
+"""
+
+
+@pytest.fixture
+async def agent(
+    containerd: ContainerdProc,
+    registry: RegistryProc,
+    cgroup_parent: str,
+    tmp_path: Path,
+    demo_image: str,
+) -> AsyncIterator[AgentProc]:
+    init = supervisor_binary()
+    name = f"it-warm-{uuid.uuid4().hex[:8]}"
+    sock_dir = Path(f"/tmp/fsb-warm-{uuid.uuid4().hex[:8]}")
+    sock_dir.mkdir()
+    socket = sock_dir / "agent.sock"
+    state_dir = tmp_path / "state"
+    argv = [
+        sys.executable, "-m", "fastsandbox.agent", f"--name={name}", "--pool=it-pool",
+        f"--listen=unix://{socket}", f"--state-dir={state_dir}",
+        f"--containerd-socket={containerd.socket}", f"--cgroup-parent={cgroup_parent}",
+        f"--insecure-registry={registry.addr}", f"--capacity={CAPACITY}", "--grace=1",
+        f"--init-path={init}", "--log-format=json",
+        "--warm-slots=1", f"--warm-image={demo_image}", "--warm-recent=0",
+    ]  # fmt: skip
+    proc = AgentProc(argv, f"unix://{socket}", socket, state_dir, tmp_path / "agent.log")
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        runtime = ContainerdRuntime(containerd.socket, "fastsandbox", [registry.addr])
+        try:
+            for state in await runtime.list({AGENT_LABEL: name}):
+                await runtime.delete(state.id, 0)
+        finally:
+            await runtime.close()
+            for p in sock_dir.iterdir():
+                p.unlink()
+            sock_dir.rmdir()
+
+
+def agent_name(agent: AgentProc) -> str:
+    return next(a.split("=", 1)[1] for a in agent.argv if a.startswith("--name="))
+
+
+async def warm_ready(stub: agent_pb2_grpc.AgentAsyncStub) -> dict[str, int]:
+    status = await stub.Status(agent_pb2.StatusRequest(), timeout=BOUND)
+    return {w.image: w.ready for w in status.warm_slots}
+
+
+async def wait_ready(stub: agent_pb2_grpc.AgentAsyncStub, image: str, n: int = 1) -> None:
+    deadline = time.monotonic() + BOUND
+    while (await warm_ready(stub)).get(image, 0) < n:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no warm slot of {image} became ready")
+        await asyncio.sleep(0.05)
+
+
+async def create(
+    stub: agent_pb2_grpc.AgentAsyncStub, sid: str, image: str, *, log_cap: int = 0
+) -> agent_pb2.SandboxState:
+    spec = agent_pb2.SandboxRuntimeSpec(
+        sandbox_id=sid,
+        namespace="default",
+        name=sid,
+        image=image,
+        command=["sh", "-c", PROBE],
+        working_dir="/srv/app",
+        env=[agent_pb2.KeyValue(key="V", value="world")],
+        cpu_millis=500,
+        memory_bytes=256 << 20,
+        pids_limit=100,
+        log_max_bytes=log_cap,
+    )
+    created = await stub.CreateSandbox(agent_pb2.CreateSandboxRequest(spec=spec), timeout=BOUND)
+    return created.sandbox
+
+
+async def probe_output(stub: agent_pb2_grpc.AgentAsyncStub, sid: str) -> str:
+    deadline = time.monotonic() + BOUND
+    while True:
+        call = stub.Logs(agent_pb2.SandboxLogsRequest(sandbox_id=sid), timeout=BOUND)
+        text = b"".join([m.data async for m in call if m.stream == "stdout"]).decode()
+        if "== end" in text:
+            return text
+        if time.monotonic() > deadline:
+            pytest.fail(f"probe of {sid} did not finish: {text!r}")
+        await asyncio.sleep(0.05)
+
+
+async def container_of(containerd: ContainerdProc, sid: str) -> str:
+    runtime = ContainerdRuntime(containerd.socket, "fastsandbox")
+    try:
+        states = await runtime.list({SANDBOX_ID_LABEL: sid})
+    finally:
+        await runtime.close()
+    assert len(states) == 1, states
+    return states[0].id
+
+
+def normalized(text: str, ids: dict[str, str]) -> str:
+    for real, alias in ids.items():
+        text = text.replace(real, alias)
+    text = re.sub(r"(pipe|socket|anon_inode):\[\d+\]", r"\1:[N]", text)
+    return re.sub(r"/snapshots/\d+/", "/snapshots/N/", text)
+
+
+def host_limits(cgroup_parent: str, agent: str, cid: str) -> dict[str, str]:
+    root = Path("/sys/fs/cgroup")
+    rel = f"{cgroup_parent.strip('/')}/{agent}/{cid}"
+    files = {
+        "memory": ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"),
+        "cpu": ("cpu.shares", "cpu.cfs_period_us", "cpu.cfs_quota_us"),
+        "pids": ("pids.max",),
+    }
+    out: dict[str, str] = {}
+    if (root / "cgroup.controllers").exists():  # v2
+        for name in ("memory.max", "memory.swap.max", "cpu.max", "cpu.weight", "pids.max"):
+            path = root / rel / name
+            if path.exists():
+                out[name] = path.read_text().strip()
+        return out
+    for controller, names in files.items():
+        for name in names:
+            path = root / controller / rel / name
+            if path.exists():
+                out[name] = path.read_text().strip()
+    return out
+
+
+async def test_a_claimed_slot_is_indistinguishable_from_a_cold_sandbox(
+    agent: AgentProc, demo_image: str, containerd: ContainerdProc, cgroup_parent: str
+) -> None:
+    image = normalize_image_ref(demo_image)
+    agent.start()
+    await agent.ready()
+    async with agent.stub() as stub:
+        await wait_ready(stub, image)
+        warm_sid, cold_sid = "it-probe-warm", "it-probe-cold"
+        warm = await create(stub, warm_sid, demo_image)
+        cold = await create(stub, cold_sid, demo_image, log_cap=COLD_LOG_CAP)
+        assert (warm.warm, cold.warm) == (True, False)
+        assert warm.sandbox_id == warm.container_id == warm_sid
+        warm_cid = await container_of(containerd, warm_sid)
+        assert warm_cid != warm_sid and warm_cid.startswith("w-")
+        assert await container_of(containerd, cold_sid) == cold_sid
+        raw_warm = await probe_output(stub, warm_sid)
+        raw_cold = await probe_output(stub, cold_sid)
+        # The hostname is the sandbox id in both (the container id never shows there).
+        assert f"== hostname\n{warm_sid}\n{warm_sid}\n" in raw_warm
+        assert f"== hostname\n{cold_sid}\n{cold_sid}\n" in raw_cold
+        # Modulo ids: the cgroup path holds the container's (the slot's for a claimed one).
+        seen_warm = normalized(raw_warm, {warm_cid: "<ID>", warm_sid: "<ID>"})
+        seen_cold = normalized(raw_cold, {cold_sid: "<ID>"})
+        # Sanity: the probe saw what the spec asked for, so equality means something.
+        assert "V=world" in seen_cold and "/srv/app\nroot root 755" in seen_cold
+        assert "== tmp\n== end" in seen_cold and "/.fsb/init \n" in seen_cold
+        assert seen_warm == seen_cold
+        name = agent_name(agent)
+        cold_limits = host_limits(cgroup_parent, name, cold_sid)
+        assert cold_limits and "pids.max" in cold_limits, cold_limits
+        assert host_limits(cgroup_parent, name, warm_cid) == cold_limits
+        # Exec in the claimed sandbox inherits the sandbox's env and cwd, as in a cold one.
+        for sid in (warm_sid, cold_sid):
+            r = await run(stub, sid, ["sh", "-c", 'echo "$V $(pwd) $(hostname)"'])
+            assert r.stdout.decode() == f"world /srv/app {sid}\n", r.stderr
+
+
+async def test_claim_refill_capacity_and_kill9_recovery(
+    agent: AgentProc, demo_image: str, containerd: ContainerdProc
+) -> None:
+    image = normalize_image_ref(demo_image)
+    name = agent_name(agent)
+    agent.start()
+    await agent.ready()
+    async with agent.stub() as stub:
+        await wait_ready(stub, image)
+        status = await stub.Status(agent_pb2.StatusRequest())
+        # A ready slot is no sandbox and holds no used slot.
+        assert (status.used_slots, len(status.sandboxes)) == (0, 0)
+        first = await create(stub, "it-w-1", demo_image)
+        assert first.warm
+        await wait_ready(stub, image)  # refilled in the background
+        # Two cold creates of the same capacity: the second retires the slot for room.
+        assert not (await create(stub, "it-c-1", demo_image, log_cap=COLD_LOG_CAP)).warm
+        assert not (await create(stub, "it-c-2", demo_image, log_cap=COLD_LOG_CAP)).warm
+        with pytest.raises(grpc.aio.AioRpcError) as full:
+            await create(stub, "it-c-3", demo_image, log_cap=COLD_LOG_CAP)
+        assert full.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await warm_ready(stub)).get(image, 0) == 0
+        assert len(await containers(containerd, name)) <= CAPACITY
+        await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id="it-c-2"))
+        await wait_ready(stub, image)  # room again: refilled
+        before = await containers(containerd, name)
+        old_slots = {cid for cid, labels in before.items() if WARM_SLOT_LABEL in labels}
+        assert len(old_slots) == 1
+
+    agent.kill()  # kill -9: the slot and the claimed sandbox stay behind in containerd
+    agent.socket.unlink()  # stale: ready() waits for the new agent's
+    agent.start()
+    await agent.ready()
+    async with agent.stub() as stub:
+        await wait_ready(stub, image)
+        after = await containers(containerd, name)
+        new_slots = {cid for cid, labels in after.items() if WARM_SLOT_LABEL in labels}
+        assert len(new_slots) == 1 and not new_slots & old_slots, (old_slots, new_slots)
+        status = await stub.Status(agent_pb2.StatusRequest())
+        assert sorted(s.sandbox_id for s in status.sandboxes) == ["it-c-1", "it-w-1"]
+        r = await run(stub, "it-w-1", ["sh", "-c", "echo $V"])
+        assert r.stdout == b"world\n"
+        # Its log is found by its sandbox id; delete removes container, channel and log.
+        assert "== end" in await probe_output(stub, "it-w-1")
+        cid = next(c for c, labels in after.items() if labels.get(SANDBOX_ID_LABEL) == "it-w-1")
+        await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id="it-w-1"))
+        assert cid not in await containers(containerd, name)
+        assert not (agent.state_dir / "channels" / cid).exists()
+        assert not (agent.state_dir / "logs" / f"{cid}.log").exists()
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await stub.Logs(agent_pb2.SandboxLogsRequest(sandbox_id="it-w-1")).read()
+        assert gone.value.code() is grpc.StatusCode.NOT_FOUND
+        # A slot's container id names no sandbox: a delete by it touches nothing.
+        slot = next(iter(new_slots))
+        reply = await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id=slot))
+        assert not reply.existed and slot in await containers(containerd, name)
+
+
+async def containers(containerd: ContainerdProc, agent_name: str) -> dict[str, dict[str, str]]:
+    runtime = ContainerdRuntime(containerd.socket, "fastsandbox")
+    try:
+        return {s.id: dict(s.labels) for s in await runtime.list({AGENT_LABEL: agent_name})}
+    finally:
+        await runtime.close()
