@@ -32,6 +32,7 @@ from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Secret
 
 from fastsandbox._aio.signals import run_until_stopped
+from fastsandbox._kube.authn import KubeIdentities
 from fastsandbox._kube.config import FIELD_MANAGER, make_client
 from fastsandbox._kube.errors import translate
 from fastsandbox._kube.lease import LEASE_NAME, KubeLeaseApi, LeaderElector
@@ -187,7 +188,10 @@ async def run(
         report = await plane.start_serving()
         token, created = await api_token(client, namespace, settings.token)
 
-        server = await start_fastpath(plane.servicer, token, settings.listen, settings.edge)
+        identities = KubeIdentities(client) if settings.kube_auth else None
+        server = await start_fastpath(
+            plane.servicer, token, settings.listen, settings.edge, identities
+        )
 
         leadership = Leadership(plane, identity)
         elector = LeaderElector(

@@ -163,6 +163,9 @@ class ControllerSettings(SandboxDefaults):
     token: str | None = None
     """API token; None reads Secret `fastsandbox-api-token` (key `token`) in `namespace`,
     creating it with a random token when it does not exist (every replica reads the same)."""
+    kube_auth: bool = True
+    """Also accept Kubernetes bearer tokens on the Fast-Path: TokenReview for who, a
+    SubjectAccessReview per call for whether (verbs on sandboxes/sandboxpools.fastsandbox.io)."""
     agent_image: str = f"fastsandbox/fastsandbox:{__version__}"
     """Image of the agent Pods (its entrypoint runs `fsb agent`)."""
     identity: str | None = None
