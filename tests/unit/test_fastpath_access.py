@@ -1,5 +1,5 @@
 """The Fast-Path's access gate (`control/fastpath/access.py`) on a real grpc.aio server: every RPC
-of the FastPath service × {no token, an unknown token, a caller of another namespace, a caller
+of the FastPath service x {no token, an unknown token, a caller of another namespace, a caller
 of the request's namespace, the admin token}. The servicer behind it answers every call with an
 empty reply; the Authenticator/Authorizer are in-memory fakes of the Protocols (the Kubernetes
 implementation is tested on a real apiserver: tests/e2e/test_kube_identities.py)."""
