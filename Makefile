@@ -3,7 +3,7 @@ SHELL := /bin/bash
 DATA_DIR ?= $(HOME)/.local/share/fastsandbox
 REGISTRY ?= 127.0.0.1:5000
 
-.PHONY: setup run test check unit native-test integration e2e kube kube-tools bench demo-registry clean fuzz
+.PHONY: setup run test check unit native-test integration e2e kube kube-tools bench demo-registry clean fuzz fault soak
 
 setup:
 	scripts/setup
@@ -64,3 +64,17 @@ bench: setup
 ## make fuzz: the property-based fuzz targets at full size (CI runs 500 cases per target).
 fuzz: setup
 	FSB_FUZZ_EXAMPLES=10000 .venv/bin/pytest -q -p no:cacheprovider tests/fuzz
+
+## make fault: the fault-injection suite (tests/fault, docs/reliability.md) at full size: 20 rounds
+## of each kill/restart scenario, 500 concurrent creates against 50 slots. `make test` runs it at
+## 1 round and 100 against 10.
+fault: setup
+	FSB_FAULT_ROUNDS=$${FSB_FAULT_ROUNDS:-20} FSB_FAULT_CREATES=$${FSB_FAULT_CREATES:-500} \
+		FSB_FAULT_CAPACITY=$${FSB_FAULT_CAPACITY:-50} \
+		.venv/bin/pytest -q -s -p no:cacheprovider tests/fault
+
+## make soak: create / exec / file write / delete at a steady rate, resources at start vs end
+## (benchmarks/soak.py; SOAK_MINUTES=30 by default). Not in CI.
+SOAK_MINUTES ?= 30
+soak: setup
+	.venv/bin/python benchmarks/soak.py --minutes $(SOAK_MINUTES)

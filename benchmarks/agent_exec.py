@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
-from benchmarks.peers import RuncBundle, row, timed  # noqa: E402
 
+from benchmarks.peers import RuncBundle, row, timed  # noqa: E402
 from fastsandbox.agent.init_binary import find_init  # noqa: E402
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc, io_pb2  # noqa: E402
 from tests.infra import (  # noqa: E402

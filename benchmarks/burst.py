@@ -2,6 +2,7 @@
 time until all 100 user processes run.
 
 Run as root:  .venv/bin/python benchmarks/burst.py [--count 100 --agents 5] [--rounds 2]
+                                                  [--event-loop uvloop]
 
 Series (each round: all creates sent at once from one client, then all deleted untimed):
   all replied           first create sent → the last reply received
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -65,6 +68,43 @@ async def _round(bench: Bench, pool: str, count: int, tag: str) -> dict[str, lis
     return out
 
 
+def _concurrent(argvs: list[list[str]]) -> float:
+    """Milliseconds from spawning all of `argvs` at once to the last one's exit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.peers import timed
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(argvs)) as pool:
+        list(pool.map(timed, argvs))
+    return (time.perf_counter() - started) * 1000
+
+
+def baselines(bench: Bench, results: Results, count: int) -> None:
+    """The same burst without us: `count` concurrent `runc run -d` (no containerd) and
+    `ctr run -d` (same containerd), each then removed untimed."""
+    from benchmarks.peers import RuncBundle
+
+    runc = RuncBundle.unpack(bench.layout, bench.work)
+    ids = [f"burst-runc-{os.getpid()}-{i}" for i in range(count)]
+    took = _concurrent([runc.runc("run", "-d", "--bundle", str(runc.bundle), c) for c in ids])
+    for cid in ids:
+        runc.kill(cid)
+    results.add(SECTION, f"{count} concurrent runc run -d", [took],
+                "all spawned at once -> the last exited (no containerd)")  # fmt: skip
+    ctr = ["ctr", "-a", str(bench.server.containerd_socket), "-n", "fastsandbox"]
+    ids = [f"burst-ctr-{os.getpid()}-{i}" for i in range(count)]
+    took = _concurrent([[*ctr, "run", "-d", bench.image, c, "sleep", "3600"] for c in ids])
+    for cid in ids:
+        subprocess.run([*ctr, "tasks", "kill", "-s", "KILL", cid], capture_output=True)
+    time.sleep(1.0)
+    for cid in ids:
+        subprocess.run([*ctr, "tasks", "delete", cid], capture_output=True)
+        subprocess.run([*ctr, "containers", "delete", cid], capture_output=True)
+    results.add(SECTION, f"{count} concurrent ctr run -d", [took],
+                "all spawned at once -> the last exited (same containerd)")  # fmt: skip
+
+
 def run(bench: Bench, results: Results, count: int = 100, agents: int = 5, rounds: int = 2) -> None:
     print(f"\n== burst: {count} concurrent creates over {agents} agents", flush=True)
     per_agent = -(-count // agents)
@@ -83,6 +123,7 @@ def run(bench: Bench, results: Results, count: int = 100, agents: int = 5, round
     }
     for key, values in merged.items():
         results.add(SECTION, f"{count} concurrent: {key}", values, boundaries[key])
+    baselines(bench, results, count)
 
 
 def main() -> int:
@@ -90,7 +131,13 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--agents", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--event-loop", choices=("asyncio", "uvloop"), default="asyncio",
+        help="the server's and agents' loop (FSB_EVENT_LOOP; uvloop must be installed)",
+    )  # fmt: skip
     args = parser.parse_args()
+    os.environ["FSB_EVENT_LOOP"] = args.event_loop
+    print(f"event loop: {args.event_loop}")
     with bench_server() as bench:
         run(bench, Results(), args.count, args.agents, args.rounds)
     return 0

@@ -1,5 +1,5 @@
-"""Create latency: create → the user's process running, Fast and Strong, cold (and warm once
-pools accept warm slots), against `runc run -d`, `ctr run -d` and `docker run -d`.
+"""Create latency: create → the user's process running, Fast and Strong, cold and warm (a pool
+with warm slots), against `runc run -d`, `ctr run -d` and `docker run -d`.
 
 Run as root:  .venv/bin/python benchmarks/create_latency.py [-n 30]   (or all of it: make bench)
 
@@ -10,6 +10,11 @@ each deleted outside the timed span; Fast and Strong take turns, create by creat
   fsb fast running / strong ...  SDK create called → the marker the user's process writes is seen
                                  from the host (benchmarks/harness.py, polled every 0.2 ms)
   server runtimeReadyMs (fast)   the reply's timings: request arrival → agent confirmed start
+  warm ...                       the same on pool `bench-warm` (--warm-slots 1, the image
+                                 prewarmed): each create waits, untimed, for a ready slot, and
+                                 the marker is looked for in the ready slots' rootfs (a claimed
+                                 slot keeps its own container id); only claims are samples,
+                                 misses are counted in a note
   ctr run -d / runc run -d       process spawned → exited (benchmarks/peers.py)
   docker run -d                  same, a private dockerd (Debian's docker.io)
 """
@@ -22,6 +27,7 @@ import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -31,25 +37,53 @@ from benchmarks.peers import Docker, RuncBundle, bench_ctr_run
 SECTION = "create"
 
 
+async def _wait_slot(client: Any, pool: str, bound: float = 60.0) -> None:
+    """Until the pool shows a ready warm slot (the refill after the last claim), untimed."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        got = await client.get_pool(pool)
+        if any(w.ready for w in got.status.warm_slots):
+            return
+        await asyncio.sleep(0.02)
+    raise RuntimeError(f"pool {pool}: no warm slot ready in {bound:.0f} s")
+
+
 async def _series(
-    bench: Bench, pool: str, n: int, modes: tuple[str, ...]
+    bench: Bench, pool: str, n: int, modes: tuple[str, ...], warm: bool = False
 ) -> dict[str, list[float]]:
     from fastsandbox.sdk import AsyncClient
 
     out: dict[str, list[float]] = {}
+    hits = misses = 0
     async with AsyncClient(endpoint=bench.server.endpoint, namespace="default") as client:
         # Warm-up: pulls the image on the agent and opens connections.
         await client.create(f"{pool}-warmup", bench.image, pool=pool, command=MARKER_CMD)
         await client.delete(f"{pool}-warmup", wait=True)
-        for i in range(n):
+        # Warm: only creates that claimed a slot are samples (a miss, when the refill was not
+        # done yet, is counted and retried), up to 3n attempts.
+        for i in range(3 * n if warm else n):
+            if warm and hits >= n:
+                break
             for mode in modes:
                 name = f"{pool}-{mode}-{i}"
+                slots: list[Path] = []
+                if warm:
+                    await _wait_slot(client, pool)
+                    # The pool's status lags the agent by a heartbeat: give the refill time.
+                    await asyncio.sleep(0.3)
+                    slots = bench.slot_markers()
                 started = time.perf_counter()
                 made = await client.create(
                     name, bench.image, pool=pool, command=MARKER_CMD, mode=mode
                 )
                 replied = time.perf_counter()
-                seen = await asyncio.to_thread(wait_marker, bench.marker(made.container_id))
+                marker = bench.marker(made.container_id)
+                seen = await asyncio.to_thread(wait_marker, [marker] if marker else slots)
+                if warm and not (made.timings and made.timings.warm):
+                    misses += 1
+                    await client.delete(name, wait=True)
+                    continue
+                hits += 1
                 out.setdefault(f"{mode} reply", []).append((replied - started) * 1000)
                 if seen is not None:
                     out.setdefault(f"{mode} running", []).append((seen - started) * 1000)
@@ -57,6 +91,8 @@ async def _series(
                 if ready is not None:
                     out.setdefault(f"{mode} server runtimeReadyMs", []).append(ready)
                 await client.delete(name, wait=True)
+    if warm:
+        out["misses"] = [float(misses)]
     return out
 
 
@@ -68,6 +104,13 @@ BOUNDARY = {
 
 
 def _report(results: Results, label: str, series: dict[str, list[float]]) -> None:
+    misses = series.pop("misses", None)
+    if misses is not None:
+        hits = len(next(iter(series.values()), []))
+        results.note(
+            f"{label}: {hits} creates claimed a warm slot (the samples); {int(misses[0])} found "
+            "none ready (refill not done) and were not counted"
+        )
     for key, values in series.items():
         mode, _, what = key.partition(" ")
         results.add(SECTION, f"{label} {key}", values, f"{BOUNDARY[what]} ({mode} mode)")
@@ -77,13 +120,9 @@ def run(bench: Bench, results: Results, n: int, docker: tuple[Docker, str] | Non
     print(f"\n== create -> user process running (n={n} each, one at a time)", flush=True)
     bench.pool("bench", agents=1, per_agent=10)
     _report(results, "cold", asyncio.run(_series(bench, "bench", n, ("fast", "strong"))))
-    refused = bench.try_pool("bench-warm", "--min", "1", "--max", "1", "--warm-slots", "2")
-    if refused:
-        results.note(f"warm: not measured (pools refuse warmSlots > 0 here: {refused})")
-    else:
-        bench.pool("bench-warm", agents=1, per_agent=10)
-        time.sleep(2.0)  # let the agent fill its slots, off the timed span
-        _report(results, "warm", asyncio.run(_series(bench, "bench-warm", n, ("fast",))))
+    bench.pool("bench-warm", "--warm-slots", "1", "--prewarm-image", bench.image)
+    warm = asyncio.run(_series(bench, "bench-warm", n, ("fast",), warm=True))
+    _report(results, "warm", warm)
     sock = bench.server.containerd_socket
     results.add(SECTION, "ctr run -d", bench_ctr_run(sock, bench.image, n),
                 "ctr process spawned -> exited (same containerd, image unpacked)")  # fmt: skip

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ async def bench_sdk(
     server: Server, image: str, n: int, pool: str = "bench"
 ) -> dict[str, list[float]]:
     token = (server.data_dir / "token").read_text().strip()
+    os.environ["FSB_CA_FILE"] = str(server.ca_file)  # the server's own CA (TLS Fast-Path)
     out: dict[str, list[float]] = {'sdk run("true")': [], 'sdk run(["true"])': [], "fsb Get": []}
     async with await AsyncSandbox.create(
         image=image, pool=pool, endpoint=server.endpoint, token=token

@@ -118,6 +118,13 @@ class Bench:
         made = self.server.fsb("pool", "create", name, *args)
         return None if made.returncode == 0 else (made.stderr.strip() or made.stdout.strip())
 
+    def slot_markers(self) -> list[Path]:
+        """Where the marker would appear in each warm slot ready now (`w-<hex>` containers: a
+        claimed slot keeps its id, so the sandbox's own id names no rootfs)."""
+        if self._task_dirs is None:
+            self._task_dirs = list(self.server.data_dir.rglob("io.containerd.runtime.v2.task"))
+        return [r / MARKER for t in self._task_dirs for r in t.glob("*/w-*/rootfs")]
+
     def marker(self, container_id: str) -> Path | None:
         """Where the marker of `container_id` appears on the host (its rootfs), or None."""
         if self._task_dirs is None:
@@ -128,13 +135,15 @@ class Bench:
         return None
 
 
-def wait_marker(path: Path | None, timeout: float = 30.0) -> float | None:
-    """time.perf_counter() when `path` is first seen (None: never, or no path)."""
-    if path is None:
+def wait_marker(path: Path | list[Path] | None, timeout: float = 30.0) -> float | None:
+    """time.perf_counter() when `path` (or any of a list) is first seen (None: never, or no
+    path)."""
+    if not path:
         return None
+    paths = path if isinstance(path, list) else [path]
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
-        if path.exists():
+        if any(p.exists() for p in paths):
             return time.perf_counter()
         time.sleep(0.0002)
     return None

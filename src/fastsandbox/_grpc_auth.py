@@ -7,6 +7,8 @@ caller where the token comes from differs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeAlias
@@ -23,14 +25,48 @@ def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def _deny(handler: Handler, message: str) -> Handler:
+# How long a refused client-streaming call may take to finish sending before it is answered.
+DRAIN_SECONDS = 1.0
+
+
+async def drain(requests: Any) -> None:
+    """Read what the client sends, until it half-closes (or for DRAIN_SECONDS).
+
+    Answering a client-streaming call while the client is still writing races with its
+    half-close, and the client may then read INTERNAL ("Internal error from Core") instead of
+    the refusal; draining first lets it finish. A client that keeps sending is answered anyway
+    when the time is up.
+    """
+
+    async def read_all() -> None:
+        async for _ in requests:
+            pass
+
+    with contextlib.suppress(TimeoutError, grpc.RpcError):
+        await asyncio.wait_for(read_all(), DRAIN_SECONDS)
+
+
+def deny(
+    handler: Handler, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
+) -> Handler:
     """A handler of the same shape as `handler` (unary or streaming) that only refuses."""
 
     async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def abort_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+
+    async def abort_drained(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await drain(requests)
+        await context.abort(code, message)
+
+    async def abort_stream_drained(
+        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        await drain(requests)
+        await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
     kwargs = {
@@ -38,9 +74,9 @@ def _deny(handler: Handler, message: str) -> Handler:
         "response_serializer": handler.response_serializer,
     }
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(abort_stream_drained, **kwargs)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+        return grpc.stream_unary_rpc_method_handler(abort_drained, **kwargs)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(abort_stream, **kwargs)
     return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
@@ -57,8 +93,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         token: str,
         *,
         exempt: Iterable[str] = (HEALTH_CHECK,),
-        missing: str = "missing API token: pass --token or set FSB_TOKEN",
-        invalid: str = "invalid API token: check --token / FSB_TOKEN",
+        missing: str = "missing API token: use --token-file or set FSB_TOKEN",
+        invalid: str = "invalid API token: check --token-file / FSB_TOKEN",
     ) -> None:
         if not token:
             raise ValueError("an empty token would let anyone in")
@@ -80,7 +116,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if key == "authorization":
                 given = value if isinstance(value, str) else value.decode()
         if not given:
-            return _deny(handler, self._missing)
+            return deny(handler, self._missing)
         if not hmac.compare_digest(given.encode(), self._expected):
-            return _deny(handler, self._invalid)
+            return deny(handler, self._invalid)
         return handler

@@ -7,10 +7,10 @@ the next agent or answers RESOURCE_EXHAUSTED. Only the replica holding the Lease
 `fastsandbox-controller` converges records and sizes pools (`ControlPlane.start_leading`).
 
 Start order: clients → agent CA and token key (Secret `fastsandbox-agent-ca`) → recovery (adopt
-agent Pods, rebuild slots) → heartbeats and replica sync → API token → Fast-Path → "ready" →
-campaign for the Lease. Shutdown releases the Lease first (another replica takes over at once),
-then stops serving. Agent Pods and sandboxes keep running: they are cluster state, adopted by
-whoever comes next.
+agent Pods, rebuild slots) → heartbeats and replica sync → API token, TLS Secret → Fast-Path →
+"ready" → campaign for the Lease. Shutdown releases the Lease first (another replica takes over
+at once), then stops serving. Agent Pods and sandboxes keep running: they are cluster state,
+adopted by whoever comes next.
 """
 
 from __future__ import annotations
@@ -32,11 +32,28 @@ from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Secret
 
 from fastsandbox._aio.signals import run_until_stopped
-from fastsandbox._kube.authn import KubeIdentities
+from fastsandbox._kube.authn import KubeAuthenticator, KubeAuthorizer
 from fastsandbox._kube.config import FIELD_MANAGER, make_client
 from fastsandbox._kube.errors import translate
 from fastsandbox._kube.lease import LEASE_NAME, KubeLeaseApi, LeaderElector
+from fastsandbox.api.images import allowed_registries
+from fastsandbox.control.fastpath.access import AccessGuard
+from fastsandbox.control.fastpath.authz import (
+    Authenticator,
+    Authorizer,
+    FirstAuthenticator,
+    NamespaceAuthorizer,
+    TokenAuthenticator,
+)
 from fastsandbox.control.fastpath.serve import start_fastpath
+from fastsandbox.control.fastpath.tls import (
+    TlsMaterial,
+    ca_usable,
+    issue,
+    new_ca,
+    operator_tls,
+    server_names,
+)
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.errors import AlreadyExists, Conflict, FsbError, NotFound
 from fastsandbox.fleet.kubernetes import KubernetesFleet
@@ -44,11 +61,16 @@ from fastsandbox.logconfig import configure
 from fastsandbox.metrics import HealthState, MetricsServer, serve_metrics
 from fastsandbox.settings import ControllerSettings
 from fastsandbox.store.kubernetes import KubernetesStore
+from fastsandbox.store.tokens_kubernetes import KubeTokenStore
 
 log = logging.getLogger(__name__)
 
 API_TOKEN_SECRET = "fastsandbox-api-token"
 API_TOKEN_KEY = "token"
+TLS_SECRET = "fastsandbox-fastpath-tls"
+# A replica's view of a tenant token is at most this old (a revoke through another replica
+# takes effect within it; through this one at once).
+TOKEN_CACHE_SECONDS = 5.0
 
 
 def default_identity() -> str:
@@ -120,6 +142,77 @@ async def api_token(client: AsyncClient, namespace: str, given: str | None) -> t
     raise Conflict(f"{what} keeps changing; retry")
 
 
+def controller_names(settings: ControllerSettings, namespace: str) -> list[str]:
+    """What clients call the controller: its Service's names, loopback, `--tls-name`."""
+    service = "fastsandbox-controller"
+    cluster = [service, f"{service}.{namespace}", f"{service}.{namespace}.svc"]
+    cluster.append(f"{service}.{namespace}.svc.cluster.local")
+    return server_names(settings.listen, [*cluster, *settings.tls_names])
+
+
+async def fastpath_tls(
+    client: AsyncClient, settings: ControllerSettings, namespace: str
+) -> TlsMaterial | None:
+    """The operator's certificate, else our CA and a certificate from it kept in Secret
+    `fastsandbox-fastpath-tls` (every replica serves the same; clients trust its `ca.crt`).
+    None for --insecure."""
+    if settings.insecure:
+        return None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        return operator_tls(settings.tls_cert, settings.tls_key)
+    what = f"Secret {namespace}/{TLS_SECRET}"
+    for _ in range(3):
+        try:
+            secret = await client.get(Secret, TLS_SECRET, namespace=namespace)
+        except Exception as exc:
+            error = translate(exc, what)
+            if not isinstance(error, NotFound):
+                raise error from None
+        else:
+            data = {}
+            with contextlib.suppress(binascii.Error, ValueError):
+                data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+            need = ("ca.crt", "ca.key", "tls.crt", "tls.key")
+            if not all(data.get(k) for k in need) or not ca_usable(data["ca.crt"], data["ca.key"]):
+                raise FsbError(
+                    f"{what} lacks a usable ca.crt/ca.key/tls.crt/tls.key: delete it and "
+                    "restart the controller to have it made again, or give --tls-cert/--tls-key"
+                )
+            return TlsMaterial(
+                cert_pem=data["tls.crt"], key_pem=data["tls.key"], ca_pem=data["ca.crt"]
+            )
+        ca_cert, ca_key = new_ca("fastsandbox controller CA")
+        cert, key = issue(ca_cert, ca_key, controller_names(settings, namespace))
+        body = Secret.from_dict(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": TLS_SECRET,
+                    "namespace": namespace,
+                    "labels": {"app.kubernetes.io/part-of": "fastsandbox"},
+                },
+                "type": "Opaque",
+                "stringData": {
+                    "ca.crt": ca_cert.decode(),
+                    "ca.key": ca_key.decode(),
+                    "tls.crt": cert.decode(),
+                    "tls.key": key.decode(),
+                },
+            }
+        )
+        try:
+            await client.create(cast(Secret, body), field_manager=FIELD_MANAGER)
+        except Exception as exc:
+            error = translate(exc, what)
+            if isinstance(error, AlreadyExists):
+                continue  # another replica made it first: serve theirs
+            raise error from None
+        log.info("created the Fast-Path TLS Secret", extra={"secret": what})
+        return TlsMaterial(cert_pem=cert, key_pem=key, ca_pem=ca_cert)
+    raise Conflict(f"{what} keeps changing; retry")
+
+
 class Leadership:
     """The elector's callbacks around the plane, with the moments they happened (logs, tests)."""
 
@@ -182,16 +275,29 @@ async def run(
                 agent_auth=fleet.agent_auth,
                 shared_agents=True,
                 agent_sync_seconds=settings.agent_sync_seconds,
+                rebuild_records=False,
+                allowed_registries=allowed_registries(
+                    settings.allowed_registries, settings.insecure_registries
+                ),
             ),
         )
         metrics = await serve_metrics(plane.metrics, health, settings.metrics_listen)
         report = await plane.start_serving()
         token, created = await api_token(client, namespace, settings.token)
 
-        identities = KubeIdentities(client) if settings.kube_auth else None
-        server = await start_fastpath(
-            plane.servicer, token, settings.listen, settings.edge, identities
-        )
+        tls = await fastpath_tls(client, settings, namespace)
+        tokens = KubeTokenStore(client, namespace)
+        tenants = TokenAuthenticator(token, tokens, cache_seconds=TOKEN_CACHE_SECONDS)
+        plane.servicer.token_store = tokens
+        plane.servicer.token_revoked = tenants.forget
+        authenticator: Authenticator = tenants
+        authorizer: Authorizer = NamespaceAuthorizer()
+        if settings.kube_auth:
+            # The cluster's own identities too: TokenReview, then a SubjectAccessReview per call.
+            authenticator = FirstAuthenticator([authenticator, KubeAuthenticator(client)])
+            authorizer = KubeAuthorizer(client, authorizer)
+        guard = AccessGuard(authenticator, authorizer)
+        server = await start_fastpath(plane.servicer, guard, settings.listen, tls, settings.edge)
 
         leadership = Leadership(plane, identity)
         elector = LeaderElector(
@@ -219,8 +325,14 @@ async def run(
                 where = f"Secret {namespace}/{API_TOKEN_SECRET}"
                 lines.append(f"API token {verb} {where}: {token_hint(namespace)}")
             # Last: scripts (and the tests) wait for this line.
+            if tls is not None and tls.ca_pem is not None:
+                lines.append(
+                    f"clients trust the CA in Secret {namespace}/{TLS_SECRET} (key ca.crt) "
+                    "with FSB_CA_FILE"
+                )
             lines.append(
-                f"fsb controller ready on {settings.listen} (namespace {namespace}, identity "
+                f"fsb controller ready on {settings.listen} ({'TLS' if tls else 'plaintext'}, "
+                f"namespace {namespace}, identity "
                 f"{identity}, {report.agents} agent(s), {report.records} sandbox record(s))"
             )
             announce("\n".join(lines))

@@ -1,7 +1,7 @@
 """The composition root: the one place that picks backends and wires the embedded server.
 
 `fsb server` = SQLite store + local fleet (agents as processes) + the control plane + the
-Fast-Path. Start order: data dir and token → containerd → store → default pool → recovery
+Fast-Path. Start order: data dir, admin token and TLS → containerd → store → default pool → recovery
 (rebuild the registry from records and agents) → background loops → janitor → Fast-Path (only
 now are writes accepted) → "ready". Shutdown is the reverse, and never stops a sandbox: containers
 belong to containerd's shims and keep running until the next start adopts them.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import sys
@@ -20,24 +21,37 @@ from typing import IO
 
 import grpc
 
+from fastsandbox._addr import listen_host
 from fastsandbox._aio.signals import run_until_stopped
 from fastsandbox._aio.tasks import TaskSet, guarded
 from fastsandbox.agent.runtime import containerd_daemon
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
+from fastsandbox.api.images import allowed_registries
 from fastsandbox.api.models import ObjectMeta, PoolCapacity, SandboxPool, SandboxPoolSpec
+from fastsandbox.control.fastpath.access import AccessGuard
 from fastsandbox.control.fastpath.auth import load_or_create_token
+from fastsandbox.control.fastpath.authz import NamespaceAuthorizer, TokenAuthenticator
 from fastsandbox.control.fastpath.serve import start_fastpath
+from fastsandbox.control.fastpath.tls import (
+    TlsMaterial,
+    data_dir_tls,
+    operator_tls,
+    server_names,
+    write_private,
+)
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
 from fastsandbox.fleet.local import LocalFleet
 from fastsandbox.janitor.containerd import ContainerdLeftovers
-from fastsandbox.janitor.embedded import EmbeddedKnownState
+from fastsandbox.janitor.embedded import EmbeddedKnownState, pinned_images
+from fastsandbox.janitor.images import ImageCollector
 from fastsandbox.janitor.janitor import Janitor
 from fastsandbox.logconfig import configure
 from fastsandbox.metrics import HealthState, MetricsServer, serve_metrics
 from fastsandbox.settings import ServerSettings
 from fastsandbox.store.base import ObjectStore
 from fastsandbox.store.sqlite import SqliteStore
+from fastsandbox.store.tokens_sqlite import SqliteTokenStore
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +198,38 @@ async def _start_janitor(
         agents_dir=fleet.agents_dir,
         leftovers=leftovers,
         fifo_dir=FIFO_DIR,
+        images=ImageCollector(
+            leftovers,
+            budget_bytes=settings.image_cache_max_bytes,
+            pinned=lambda: pinned_images(plane.store),
+        ),
     )
     tasks.spawn(guarded("janitor", janitor.run), name="janitor")
     return [runtime, leftovers]
+
+
+def fastpath_tls(settings: ServerSettings) -> TlsMaterial | None:
+    """The operator's certificate, else one from our CA in the data dir; None for --insecure."""
+    if settings.insecure:
+        return None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        return operator_tls(settings.tls_cert, settings.tls_key)
+    return data_dir_tls(settings.tls_dir, server_names(settings.listen))
+
+
+def write_client_info(settings: ServerSettings, tls: TlsMaterial | None) -> None:
+    """`<data-dir>/client.json`: how a client on this machine reaches this server (address,
+    TLS or not); with `tls/ca.crt` and `token` it is all `fsb` and the SDK need."""
+    host = listen_host(settings.listen)
+    port = settings.listen.rpartition(":")[2]
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "[::1]"
+    elif ":" in host:
+        host = f"[{host}]"
+    info = {"endpoint": f"{host}:{port}", "tls": tls is not None}
+    write_private(settings.data_dir / "client.json", (json.dumps(info) + "\n").encode())
 
 
 async def run(
@@ -201,6 +244,8 @@ async def run(
     os.chmod(data_dir, 0o700)
     lock = _lock_data_dir(data_dir)
     token = load_or_create_token(settings.token_path, settings.token)
+    tls = fastpath_tls(settings)
+    tokens = await SqliteTokenStore.open(settings.tokens_db_path)
 
     containerd = await containerd_daemon.ensure(data_dir, settings.containerd_socket)
     store = await SqliteStore.open(settings.db_path)
@@ -212,7 +257,8 @@ async def run(
         grace_seconds=settings.delete_grace_seconds,
         log=settings.log,
     )
-    plane = ControlPlane(store, fleet, PlaneSettings.of(settings))
+    registries = allowed_registries(settings.allowed_registries, settings.insecure_registries)
+    plane = ControlPlane(store, fleet, PlaneSettings.of(settings, allowed_registries=registries))
     plane.pools.check_pool = check_local_pool
     server: grpc.aio.Server | None = None
     health = HealthState(reason="recovering: asking agents what they run")
@@ -227,9 +273,15 @@ async def run(
         report = await plane.start()
         janitor_clients = await _start_janitor(settings, plane, fleet, containerd, janitor_tasks)
 
-        server = await start_fastpath(plane.servicer, token, settings.listen, settings.edge)
+        authenticator = TokenAuthenticator(token, tokens)
+        plane.servicer.token_store = tokens
+        plane.servicer.token_revoked = authenticator.forget
+        guard = AccessGuard(authenticator, NamespaceAuthorizer())
+        server = await start_fastpath(plane.servicer, guard, settings.listen, tls, settings.edge)
+        write_client_info(settings, tls)
         message = (
-            f"fsb server ready on {settings.listen} (data dir {data_dir}, "
+            f"fsb server ready on {settings.listen} ({'TLS' if tls else 'plaintext'}, "
+            f"data dir {data_dir}, "
             f"{report.agents} agent(s), {report.records} sandbox record(s))"
         )
         log.info("ready", extra={"listen": settings.listen, "data_dir": str(data_dir)})
@@ -251,6 +303,7 @@ async def run(
             await client.close()
         await plane.close()
         await store.close()
+        await tokens.close()
         await containerd.stop()
         lock.close()
         log.info("stopped")

@@ -28,6 +28,9 @@ JANITOR_INTERVAL_SECONDS: Final = 10.0
 DEFAULT_SANDBOX_DISK: Final = "1Gi"
 """Writable-layer limit of a sandbox that asks for none (a quantity; sparse: only what is
 written costs disk). There is no "unlimited": 0 on the wire means this default."""
+IMAGE_CACHE_MAX: Final = "20Gi"
+"""Default disk budget of a node's image cache (compressed blobs; unpacked layers come on top)."""
+IMAGE_CACHE_MAX_BYTES: Final = int(bytes_exact(IMAGE_CACHE_MAX))
 ORPHAN_TIMEOUT_SECONDS: Final = 30.0
 """How long a container must stay orphaned (no record, or its agent gone) before the janitor
 removes it: far longer than the few ms between a Fast-mode start and its record."""
@@ -123,8 +126,18 @@ class ServerSettings(SandboxDefaults):
     start our own under the data dir."""
     insecure_registries: list[str] = field(default_factory=list)
     """Registries (HOST:PORT) pulled from over plain HTTP."""
+    allowed_registries: list[str] = field(default_factory=list)
+    """Registries (HOST[:PORT]) images may come from; empty: docker.io plus
+    `insecure_registries`. A sandbox or pool naming another is refused (INVALID_ARGUMENT)."""
     token: str | None = None
-    """API token; None reads (or creates) `<data-dir>/token`, mode 0600."""
+    """The admin API token; None reads (or creates) `<data-dir>/token`, mode 0600. Tenant
+    tokens (`fsb token create`) live hashed in `<data-dir>/tokens.db`."""
+    tls_cert: Path | None = None
+    """Serve the Fast-Path with this certificate (PEM chain) and `tls_key`; None: a certificate
+    from our own CA in `<data-dir>/tls/`, which local clients trust by themselves."""
+    tls_key: Path | None = None
+    insecure: bool = False
+    """Plaintext Fast-Path: only on a loopback `listen` address (refused otherwise)."""
     default_pool: bool = True
     """Create pool `default-pool` in namespace `default` when it does not exist."""
     network: str = "auto"
@@ -136,6 +149,9 @@ class ServerSettings(SandboxDefaults):
     removes it: far longer than the few ms between a Fast-mode start and its record."""
     metrics_listen: str | None = None
     """HOST:PORT serving /metrics (Prometheus), /healthz and /readyz; None: not served."""
+    image_cache_max_bytes: int = IMAGE_CACHE_MAX_BYTES
+    """Disk budget of the node's image cache (content store blobs): over it, the janitor
+    deletes least recently used images not in use and not a pool's prewarm image."""
     log: LogSettings = field(default_factory=LogSettings)
 
     @property
@@ -145,6 +161,14 @@ class ServerSettings(SandboxDefaults):
     @property
     def token_path(self) -> Path:
         return self.data_dir / "token"
+
+    @property
+    def tokens_db_path(self) -> Path:
+        return self.data_dir / "tokens.db"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
 
 
 @dataclass(slots=True)
@@ -162,7 +186,17 @@ class ControllerSettings(SandboxDefaults):
     """Fast-Path gRPC address (HOST:PORT); in a Pod, 0.0.0.0:PORT."""
     token: str | None = None
     """API token; None reads Secret `fastsandbox-api-token` (key `token`) in `namespace`,
-    creating it with a random token when it does not exist (every replica reads the same)."""
+    creating it with a random token when it does not exist (every replica reads the same).
+    This is the admin token; tenant tokens are Secrets labelled `fastsandbox.io/api-token`."""
+    tls_cert: Path | None = None
+    """Serve the Fast-Path with this certificate (PEM chain) and `tls_key`; None: Secret
+    `fastsandbox-fastpath-tls` in `namespace` (our CA and a certificate from it, created once
+    and shared by every replica)."""
+    tls_key: Path | None = None
+    tls_names: list[str] = field(default_factory=list)
+    """Extra names (DNS or IP) for the generated certificate, e.g. the Service's address."""
+    insecure: bool = False
+    """Plaintext Fast-Path: only on a loopback `listen` address (refused otherwise)."""
     kube_auth: bool = True
     """Also accept Kubernetes bearer tokens on the Fast-Path: TokenReview for who, a
     SubjectAccessReview per call for whether (verbs on sandboxes/sandboxpools.fastsandbox.io)."""
@@ -175,6 +209,9 @@ class ControllerSettings(SandboxDefaults):
     interval (duration / 3); the leader steps down when it cannot renew for 2/3 of it."""
     insecure_registries: list[str] = field(default_factory=list)
     """Registries (HOST:PORT) the agents pull from over plain HTTP."""
+    allowed_registries: list[str] = field(default_factory=list)
+    """Registries (HOST[:PORT]) images may come from; empty: docker.io plus
+    `insecure_registries`. A sandbox or pool naming another is refused (INVALID_ARGUMENT)."""
     containerd_namespace: str = "k8s.io"
     """containerd namespace the agents use: the node's image cache."""
     agent_sync_seconds: float = 2.0

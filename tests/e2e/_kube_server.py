@@ -60,6 +60,7 @@ DEFAULT_POOL = "default-pool"
 LEASE = "fastsandbox-controller"
 API_TOKEN_SECRET = "fastsandbox-api-token"
 CREDENTIALS_LABEL = "fastsandbox.io/agent-credentials"
+TLS_SECRET = "fastsandbox-fastpath-tls"
 
 
 class KubeletThread:
@@ -164,9 +165,20 @@ class KubeServer(ServerSurface):
         return self.replicas[0].endpoint
 
     @property
+    def ca_file(self) -> Path:
+        """The CA of the controllers' Fast-Path certificate (Secret fastsandbox-fastpath-tls,
+        key ca.crt), copied out once they are ready."""
+        return self.work_dir / "ca.crt"
+
+    @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(FSB_ENDPOINT=self.endpoint, FSB_TOKEN=self.token, FSB_NAMESPACE=NAMESPACE)
+        env.update(
+            FSB_ENDPOINT=self.endpoint,
+            FSB_TOKEN=self.token,
+            FSB_NAMESPACE=NAMESPACE,
+            FSB_CA_FILE=str(self.ca_file),
+        )
         env.pop("FSB_DATA_DIR", None)
         return env
 
@@ -197,6 +209,8 @@ class KubeServer(ServerSurface):
                 self.start_replica(index, timeout)
         if not self.token:
             self.token = self._read_token()
+        if not self.ca_file.exists():
+            self.ca_file.write_bytes(self._read_secret(TLS_SECRET, "ca.crt"))
 
     def start_replica(self, index: int, timeout: float = 90.0) -> None:
         replica = self.replicas[index]
@@ -292,10 +306,13 @@ class KubeServer(ServerSurface):
         return Client(KubeConfig.from_file(self.kubeconfig), field_manager="fastsandbox-tests")
 
     def _read_token(self) -> str:
+        return self._read_secret(API_TOKEN_SECRET, "token").decode()
+
+    def _read_secret(self, name: str, key: str) -> bytes:
         with contextlib.closing(self.admin()) as client:
-            secret = client.get(Secret, API_TOKEN_SECRET, namespace=self.system_namespace)
+            secret = client.get(Secret, name, namespace=self.system_namespace)
         assert secret.data is not None
-        return base64.b64decode(secret.data["token"]).decode()
+        return base64.b64decode(secret.data[key])
 
     def lease(self) -> Lease:
         with contextlib.closing(self.admin()) as client:

@@ -45,9 +45,16 @@ class ServerSurface:
     env: dict[str, str]
     containerd_socket: Path
 
-    def fsb(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    def fsb(
+        self, *args: str, timeout: float = 120.0, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`fsb ARGS` with this server's environment (`env` adds to / overrides it)."""
         return subprocess.run(
-            [FSB, *args], capture_output=True, text=True, env=self.env, timeout=timeout
+            [FSB, *args],
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            timeout=timeout,
         )
 
     def fsb_json(self, *args: str) -> dict:  # type: ignore[type-arg]
@@ -109,6 +116,16 @@ class Server(ServerSurface):
     @property
     def containerd_socket(self) -> Path:
         return self.data_dir / "containerd" / "ctd.sock"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA the server made in its data dir (clients with FSB_DATA_DIR find it alone)."""
+        return self.data_dir / "tls" / "ca.crt"
+
+    @property
+    def token(self) -> str:
+        """The admin token (the server's own, in its data dir)."""
+        return (self.data_dir / "token").read_text().strip()
 
     def start(self, timeout: float = 90.0) -> None:
         self._close_pipe()

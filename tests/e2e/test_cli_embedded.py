@@ -171,9 +171,13 @@ def test_unknown_pool_is_not_found(server: AnyServer, demo_image: str) -> None:
 
 
 def test_bad_token_is_refused(server: AnyServer) -> None:
-    result = server.fsb("list", "--token", "wrong")
+    result = server.fsb("list", env={"FSB_TOKEN": "wrong"})
     assert result.returncode == 6
-    assert "token" in result.stderr
+    assert "invalid API token" in result.stderr
+    # A token on argv is refused before anything is sent, pointing to --token-file.
+    result = server.fsb("list", "--token", "wrong")
+    assert result.returncode == 2
+    assert "--token-file" in result.stderr
 
 
 def test_capacity_exhausted_then_freed(server: AnyServer, demo_image: str) -> None:
@@ -314,7 +318,10 @@ def test_server_kill9_restart_keeps_sandboxes(
 
         after = srv.fsb_json("get", "survivor")
         assert after["status"]["phase"] == "Running"
-        assert after["metadata"]["uid"] == before["metadata"]["uid"]
+        if before["metadata"].get("uid"):
+            # On Kubernetes a Fast answer carries no uid: the apiserver assigns it on the
+            # record's write just after; the container id is the identity both shapes keep.
+            assert after["metadata"]["uid"] == before["metadata"]["uid"]
         assert after["status"]["containerID"] == cid
         assert cid in srv.running_tasks()
         assert "alive" in wait_for_logs(srv, "survivor", "alive")

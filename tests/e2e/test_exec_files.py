@@ -45,7 +45,7 @@ def server(shaped_server: AnyServer) -> AnyServer:
 def creds(server: AnyServer) -> dict[str, str]:
     env = server.env
     token = env.get("FSB_TOKEN") or (Path(env["FSB_DATA_DIR"]) / "token").read_text().strip()
-    return {"endpoint": env["FSB_ENDPOINT"], "token": token}
+    return {"endpoint": env["FSB_ENDPOINT"], "token": token, "ca_file": str(server.ca_file)}
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def server(registry_addr: str) -> Iterator[Server]:
 
 def client(server: Server) -> Client:
     token = (server.data_dir / "token").read_text().strip()
-    return Client(server.endpoint, token, "default")
+    return Client(server.endpoint, token, "default", ca_file=server.ca_file)
 
 
 def test_a_fresh_server_takes_64_sandboxes_in_a_row_from_the_moment_it_is_ready(

@@ -171,7 +171,8 @@ async def _create_all(
 ) -> tuple[list[str], list[Exception], list[float]]:
     """`count` concurrent Fast creates, alternating between the two replicas' Fast-Paths."""
     clients = [
-        AsyncClient(r.endpoint, server.token, NAMESPACE, timeout=120) for r in server.replicas
+        AsyncClient(r.endpoint, server.token, NAMESPACE, timeout=120, ca_file=server.ca_file)
+        for r in server.replicas
     ]
     made: list[str] = []
     refused: list[Exception] = []
@@ -272,7 +273,13 @@ def test_creates_through_a_follower_report_ordered_timings(
     assert kube_server.wait_leader() != 0  # replica 0 serves the CLI's endpoint
 
     async def create_each() -> list[tuple[float, float | None, float | None, float]]:
-        client = AsyncClient(kube_server.endpoint, kube_server.token, NAMESPACE, timeout=60)
+        client = AsyncClient(
+            kube_server.endpoint,
+            kube_server.token,
+            NAMESPACE,
+            timeout=60,
+            ca_file=kube_server.ca_file,
+        )
         seen = []
         try:
             for i in range(3):

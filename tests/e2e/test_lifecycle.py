@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.e2e._kube_server import KubeServer
+from tests.e2e._server import Server
 from tests.e2e.conftest import AnyServer
 
 pytestmark = pytest.mark.e2e
@@ -79,6 +80,29 @@ def test_exit_is_detected_and_the_slot_freed(
         assert server.fsb_json("get", name)["status"]["phase"] == phase
     finally:
         assert server.fsb("delete", name, "--wait").returncode == 0
+
+
+def test_an_exited_sandbox_keeps_its_log_but_not_its_container(
+    server: AnyServer, demo_image: str
+) -> None:
+    made = server.fsb(
+        "run", "bye", "--image", demo_image, "-o", "json", "--", "sh", "-c", "echo last-words"
+    )
+    assert made.returncode == 0, made.stderr
+    cid = json.loads(made.stdout)["status"]["containerID"]
+    try:
+        wait_phase(server, "bye", "Succeeded", timeout=15)
+        deadline = time.monotonic() + 15
+        while cid in server.containers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cid not in server.containers()
+        assert cid not in server.snapshots()
+        logs = server.fsb("logs", "bye")
+        assert logs.returncode == 0 and "last-words" in logs.stdout, logs
+    finally:
+        assert server.fsb("delete", "bye", "--wait").returncode == 0
+    if isinstance(server, Server):
+        assert not list((server.data_dir / "agents").glob(f"*/logs/{cid}.log*"))
 
 
 def test_ttl_expiry_keeps_the_record(server: AnyServer, demo_image: str) -> None:

@@ -54,7 +54,8 @@ def server(registry_addr: str) -> Iterator[Server]:
 
 
 def _stub(srv: AnyServer) -> tuple[fastpath_pb2_grpc.FastPathStub, grpc.Channel]:
-    channel = grpc.insecure_channel(srv.endpoint)
+    creds = grpc.ssl_channel_credentials(root_certificates=srv.ca_file.read_bytes())
+    channel = grpc.secure_channel(srv.endpoint, creds)
     return fastpath_pb2_grpc.FastPathStub(channel), channel
 
 
@@ -197,6 +198,38 @@ def test_a_fork_bomb_stops_at_the_pids_limit_and_the_sandbox_survives(
     obj = _get(server, "bomb")
     assert obj is not None and obj["status"]["phase"] == "Running", obj
     assert server.fsb("delete", "bomb", "--wait").returncode == 0
+
+
+def test_the_disk_limit_holds_from_inside_and_the_neighbour_is_unaffected(
+    server: Server, pool: str, demo_image: str
+) -> None:
+    """`fsb run --disk 8Mi`: writing 24 MiB inside fails with ENOSPC, the sandbox keeps running
+    (an exec works after it), and a sandbox with the default limit writes the same."""
+    fill = "dd if=/dev/zero of=/fill bs=1M count=24 2>&1; echo dd-exit=$?"
+    for name, flags in (("disk-small", ["--disk", "8Mi"]), ("disk-default", [])):
+        _run(server, name, "--image", demo_image, "--pool", pool, *flags, "--", "sleep", "600")
+    try:
+        small = server.fsb("exec", "disk-small", "--", "sh", "-c", fill)
+        assert "No space left on device" in small.stdout and "dd-exit=1" in small.stdout, small
+        again = server.fsb("exec", "disk-small", "--", "sh", "-c", "df -k / | tail -1; echo up")
+        assert again.returncode == 0 and "up" in again.stdout, again
+        size_kib = int(again.stdout.split()[1])
+        assert size_kib <= 8 * 1024, again.stdout  # the file system is the limit's size
+        big = server.fsb("exec", "disk-default", "--", "sh", "-c", fill)
+        assert "dd-exit=0" in big.stdout, big
+        assert _get(server, "disk-small")["status"]["phase"] == "Running"  # type: ignore[index]
+    finally:
+        for name in ("disk-small", "disk-default"):
+            server.fsb("delete", name, "--wait")
+
+
+def test_an_image_from_a_registry_not_allowed_is_refused(server: Server, pool: str) -> None:
+    for image in ("127.0.0.1:22/x", "169.254.169.254/latest"):
+        result = server.fsb("run", "bad-registry", "--image", image, "--pool", pool)
+        assert result.returncode == 2, result.stderr
+        assert "spec.image: registry" in result.stderr, result.stderr
+        assert "docker.io" in result.stderr and "allowed_registries" in result.stderr
+    assert _get(server, "bad-registry") is None
 
 
 def test_a_busy_loop_gets_its_cpu_quota(server: Server, pool: str, demo_image: str) -> None:

@@ -65,7 +65,11 @@ def test_a_leased_sandbox_dies_with_its_owner(server: Server, demo_image: str) -
         """
     )
     with subprocess.Popen(
-        [sys.executable, "-c", owner], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", owner],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FSB_CA_FILE": str(server.ca_file)},
     ) as proc:
         try:
             _outlive_the_owner(server, name, proc)

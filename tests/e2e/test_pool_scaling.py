@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fastsandbox.api.images import normalize_image_ref
 from tests.e2e._server import Server, new_server, purge
 
 pytestmark = pytest.mark.e2e
@@ -78,6 +79,38 @@ def test_pool_scales_up_on_demand_and_drains_back(server: Server, demo_image: st
     finally:
         for name in names:
             server.fsb("delete", name, "--wait")
+        server.fsb("pool", "delete", pool)
+
+
+def test_a_warm_pool_shows_its_slots_and_creates_claim_them(
+    server: Server, demo_image: str
+) -> None:
+    """`fsb pool create --warm-slots 1 --prewarm-image IMG`: the pool's status shows the slot,
+    a create claims it (timings.warm) and the sandbox is like any other (exec, hostname)."""
+    pool, name = "warmed", "wm-a"
+    made = server.fsb(
+        "pool", "create", pool, "--min", "1", "--max", "1", "--per-agent", "3",
+        "--warm-slots", "1", "--prewarm-image", demo_image,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    image = normalize_image_ref(demo_image)
+
+    def slot_ready(st: dict) -> bool:  # type: ignore[type-arg]
+        return any(w["image"] == image and w.get("ready", 0) >= 1 for w in st.get("warmSlots", []))
+
+    try:
+        spec = server.fsb_json("pool", "get", pool)["spec"]
+        assert (spec["warmSlots"], spec["prewarmImages"]) == (1, [demo_image])
+        wait_pool(server, pool, slot_ready)
+        ran = server.fsb("run", name, "--image", demo_image, "--pool", pool, "-o", "json", *SLEEP)
+        assert ran.returncode == 0, ran.stderr
+        status = server.fsb_json("get", name)["status"]
+        assert status["timings"]["warm"] is True, status
+        hostname = server.fsb("exec", name, "--", "hostname")
+        assert hostname.stdout.strip() == status["containerID"], hostname.stderr
+        wait_pool(server, pool, slot_ready)  # refilled
+    finally:
+        server.fsb("delete", name, "--wait")
         server.fsb("pool", "delete", pool)
 
 

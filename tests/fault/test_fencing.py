@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import datetime
 
 import pytest
 
@@ -23,6 +24,7 @@ from tests.fault.conftest import (
     agent_pid,
     drop_pool,
     make_pool,
+    read_log,
     ready_agents,
     report,
     resume,
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.e2e
 
 POOL = "fence"
 RECOVERY = 3
+SUPERSEDED = "stopped a superseded container on an agent that came back"
 
 
 def test_a_returning_agent_stops_its_superseded_copy(server: Server, demo_image: str) -> None:
@@ -52,6 +55,14 @@ def test_a_returning_agent_stops_its_superseded_copy(server: Server, demo_image:
         )  # fmt: skip
     finally:
         drop_pool(server, POOL)
+
+
+def _stopped_at(server: Server, sandbox_id: str) -> float:
+    """Wall time the server logged stopping the superseded container."""
+    for rec in read_log(server):
+        if rec.get("event") == SUPERSEDED and rec.get("sandbox_id") == sandbox_id:
+            return datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
+    raise AssertionError(f"the server never logged stopping {sandbox_id}")
 
 
 def _one_round(server: Server, image: str, name: str) -> float:
@@ -79,6 +90,7 @@ def _one_round(server: Server, image: str, name: str) -> float:
         assert old in server.running_tasks()
         assert moved["containerID"] in server.running_tasks()
     finally:
+        back_wall = time.time()
         resume(pid)
     back = time.monotonic()
 
@@ -90,7 +102,12 @@ def _one_round(server: Server, image: str, name: str) -> float:
         return ready and old not in tasks
 
     until("the returning agent ready with its old copy stopped", old_gone_once_ready, 60, 0.05)
-    overlap = time.monotonic() - back
+    observed = time.monotonic() - back
+    overlap = _stopped_at(server, old) - back_wall
+    print(
+        f"\n{name}: old copy stopped {overlap:.2f} s after SIGCONT (server log), "
+        f"seen stopped and agent ready by the test {observed:.2f} s after"
+    )
     assert old not in server.containers(), "the superseded container was not removed"
     final = status(server, name)
     assert final["phase"] == "Running" and final["containerID"] == moved["containerID"]

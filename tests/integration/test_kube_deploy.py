@@ -291,6 +291,9 @@ def check_rbac(kubectl: Kubectl, namespace: str) -> None:
         (ctl, namespace, ("get", "leases.coordination.k8s.io/fastsandbox-controller")),
         (ctl, namespace, ("update", "leases.coordination.k8s.io/fastsandbox-controller")),
         (ctl, namespace, ("get", "secrets/fastsandbox-api-token")),
+        (ctl, namespace, ("get", "secrets/fastsandbox-fastpath-tls")),
+        (ctl, namespace, ("get", "secrets/fsb-token-0123456789ab")),
+        (ctl, namespace, ("list", "secrets")), (ctl, namespace, ("delete", "secrets")),
         (jan, namespace, ("list", "pods", "-A")),
         (jan, namespace, ("list", "sandboxes.fastsandbox.io", "-A")),
     ]  # fmt: skip

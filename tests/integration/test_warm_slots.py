@@ -88,7 +88,9 @@ async def agent(
         yield proc
     finally:
         proc.kill()
-        runtime = ContainerdRuntime(containerd.socket, "fastsandbox", [registry.addr])
+        runtime = ContainerdRuntime(
+            containerd.socket, "fastsandbox", [registry.addr], state_dir=state_dir / "runtime"
+        )
         try:
             for state in await runtime.list({AGENT_LABEL: name}):
                 await runtime.delete(state.id, 0)
@@ -224,6 +226,10 @@ async def test_a_claimed_slot_is_indistinguishable_from_a_cold_sandbox(
         for sid in (warm_sid, cold_sid):
             r = await run(stub, sid, ["sh", "-c", 'echo "$V $(pwd) $(hostname)"'])
             assert r.stdout.decode() == f"world /srv/app {sid}\n", r.stderr
+        # Deleting the claimed one leaves nothing of its container behind.
+        await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id=warm_sid))
+        assert_gone(agent, warm_cid)
+        assert warm_cid not in await containers(containerd, name)
 
 
 async def test_claim_refill_capacity_and_kill9_recovery(
@@ -264,6 +270,8 @@ async def test_claim_refill_capacity_and_kill9_recovery(
         after = await containers(containerd, name)
         new_slots = {cid for cid, labels in after.items() if WARM_SLOT_LABEL in labels}
         assert len(new_slots) == 1 and not new_slots & old_slots, (old_slots, new_slots)
+        for old in old_slots:  # removed with everything it had on the host
+            assert_gone(agent, old)
         status = await stub.Status(agent_pb2.StatusRequest())
         assert sorted(s.sandbox_id for s in status.sandboxes) == ["it-c-1", "it-w-1"]
         r = await run(stub, "it-w-1", ["sh", "-c", "echo $V"])
@@ -273,8 +281,7 @@ async def test_claim_refill_capacity_and_kill9_recovery(
         cid = next(c for c, labels in after.items() if labels.get(SANDBOX_ID_LABEL) == "it-w-1")
         await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id="it-w-1"))
         assert cid not in await containers(containerd, name)
-        assert not (agent.state_dir / "channels" / cid).exists()
-        assert not (agent.state_dir / "logs" / f"{cid}.log").exists()
+        assert_gone(agent, cid)
         with pytest.raises(grpc.aio.AioRpcError) as gone:
             await stub.Logs(agent_pb2.SandboxLogsRequest(sandbox_id="it-w-1")).read()
         assert gone.value.code() is grpc.StatusCode.NOT_FOUND
@@ -282,6 +289,14 @@ async def test_claim_refill_capacity_and_kill9_recovery(
         slot = next(iter(new_slots))
         reply = await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id=slot))
         assert not reply.existed and slot in await containers(containerd, name)
+
+
+def assert_gone(agent: AgentProc, cid: str) -> None:
+    """Nothing of container `cid` left on the host: channel, log, writable layer, mount."""
+    assert not (agent.state_dir / "channels" / cid).exists()
+    assert not (agent.state_dir / "logs" / f"{cid}.log").exists()
+    assert not list((agent.state_dir / "runtime").glob(f"disks/{cid}*"))
+    assert f"/{cid}" not in Path("/proc/self/mounts").read_text()
 
 
 async def containers(containerd: ContainerdProc, agent_name: str) -> dict[str, dict[str, str]]:

@@ -14,8 +14,8 @@ from fastsandbox.agent.manager import (
     NAMESPACE_LABEL,
     SANDBOX_ID_LABEL,
     SandboxManager,
-    SandboxRequest,
 )
+from fastsandbox.agent.requests import SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, ContainerStatus, ImageInfo
 from fastsandbox.agent.runtime.fake import FakeRuntime
 from fastsandbox.errors import AlreadyExists, CapacityExhausted, InvalidArgument, NotFound

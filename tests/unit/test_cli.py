@@ -331,25 +331,44 @@ def test_real_not_found_message(endpoint: str) -> None:
     assert result.stderr == "error: sandbox default/ghost not found\n"
 
 
-def test_wrong_token_is_exit_6(endpoint: str) -> None:
-    result = fsb("list", "--token", "wrong")
+def test_wrong_token_is_exit_6(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FSB_TOKEN", "wrong")
+    result = fsb("list")
     assert result.exit_code == 6
     assert "invalid API token" in result.stderr
 
 
-def test_server_down_is_exit_7_with_a_hint() -> None:
+def test_a_token_on_argv_is_refused_pointing_to_token_file(
+    fake: FakeFastPath, endpoint: str, tmp_path: Path
+) -> None:
+    for argv in (["list", "--token", TOKEN], ["get", "x", f"--token={TOKEN}"]):
+        result = fsb(*argv)
+        assert result.exit_code == 2
+        assert "--token-file" in result.stderr and TOKEN not in result.stderr
+    assert fake.calls == []
+    # After `--` the words are the sandbox's command: not ours to refuse.
+    file = tmp_path / "tok"
+    file.write_text(TOKEN + "\n")
+    result = fsb("list", "--token-file", str(file))
+    assert result.exit_code == 0, result.output
+    assert fake.calls[-1].metadata["authorization"] == f"Bearer {TOKEN}"
+
+
+def test_server_down_is_exit_7_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing listens on the port: the one case that says "cannot reach" (worth a retry)."""
+    monkeypatch.setenv("FSB_TOKEN", "t")
     address = f"127.0.0.1:{free_port()}"
-    result = fsb("list", "--endpoint", address, "--token", "t")
+    result = fsb("list", "--endpoint", address)
     assert result.exit_code == 7
     assert result.stderr == (
         f"error: cannot reach fsb server at {address}: is `fsb server` running?\n"
     )
 
 
-def test_no_socket_is_exit_7_with_a_hint(tmp_path: Path) -> None:
+def test_no_socket_is_exit_7_with_a_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FSB_TOKEN", "t")
     address = f"unix://{tmp_path}/nobody.sock"
-    result = fsb("get", "x", "--endpoint", address, "--token", "t")
+    result = fsb("get", "x", "--endpoint", address)
     assert result.exit_code == 7
     assert result.stderr == (
         f"error: cannot reach fsb server at {address}: is `fsb server` running?\n"
@@ -398,7 +417,7 @@ def test_no_token_anywhere_is_exit_6_naming_the_file(
     monkeypatch.delenv("FSB_TOKEN")
     result = fsb("list")
     assert result.exit_code == 6
-    assert "no API token: pass --token, set FSB_TOKEN" in result.stderr
+    assert "no API token: use --token-file, set FSB_TOKEN" in result.stderr
     assert str(data_dir / "token") in result.stderr
     assert fake.calls == []
 

@@ -111,6 +111,14 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
         await asyncio.sleep(0.02)
 
 
+async def _stored(store: MemoryStore, name: str) -> bool:
+    try:
+        await store.get(Sandbox, "default", name)
+    except NotFound:
+        return False
+    return True
+
+
 async def test_fast_create_runs_on_an_agent_and_stores_the_record(plane: Plane) -> None:
     reply = await plane.create(
         "s1",
@@ -125,6 +133,8 @@ async def test_fast_create_runs_on_an_agent_and_stores_the_record(plane: Plane) 
     t = reply.timings
     assert 0 <= t.accepted_ms <= t.scheduled_ms <= t.runtime_ready_ms
 
+    # Fast mode answers first and stores right after.
+    await eventually(lambda: _stored(plane.store, "s1"))
     stored = await plane.store.get(Sandbox, "default", "s1")
     assert stored.metadata.uid == reply.uid
     assert stored.status.container_id == reply.container_id

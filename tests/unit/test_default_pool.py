@@ -65,10 +65,13 @@ async def test_the_old_fixed_default_is_resized_and_a_changed_one_kept() -> None
 # ------------------------------------------------------------- no setting that does nothing
 
 
-def test_warm_slots_are_refused_naming_the_field() -> None:
-    with pytest.raises(InvalidArgument, match=r"spec\.warmSlots: .*not supported yet"):
-        pool_from_json('{"metadata": {"name": "w"}, "spec": {"warmSlots": 2}}')
-    assert pool_from_json('{"metadata": {"name": "w"}, "spec": {"warmSlots": 0}}')
+def test_warm_slots_are_taken_and_bad_counts_refused_naming_the_field() -> None:
+    assert (
+        pool_from_json('{"metadata": {"name": "w"}, "spec": {"warmSlots": 2}}').spec.warm_slots == 2
+    )
+    for bad in (-1, 1001):
+        with pytest.raises(InvalidArgument, match=r"spec\.warmSlots"):
+            pool_from_json(json.dumps({"metadata": {"name": "w"}, "spec": {"warmSlots": bad}}))
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from fastsandbox.agent.manager import SandboxManager, SandboxRequest
+from fastsandbox.agent.manager import SandboxManager
+from fastsandbox.agent.requests import SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState
 from fastsandbox.agent.runtime.fake import FakeRuntime
 from fastsandbox.agent.server import run as run_agent

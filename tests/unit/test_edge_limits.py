@@ -15,10 +15,13 @@ import pytest
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
 from fastsandbox.api.models import ObjectMeta, PoolCapacity, SandboxPool, SandboxPoolSpec
+from fastsandbox.control.fastpath.access import AccessGuard
+from fastsandbox.control.fastpath.authz import NamespaceAuthorizer, TokenAuthenticator
 from fastsandbox.control.fastpath.serve import start_fastpath
 from fastsandbox.control.fastpath.service import sandbox_from_request
 from fastsandbox.control.fastpath.throttle import Limiter, credential_key
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
+from fastsandbox.control.tokens import MemoryTokenStore
 from fastsandbox.errors import RETRY_AFTER_KEY, CapacityExhausted, InvalidArgument
 from fastsandbox.fleet.inprocess import InProcessFleet
 from fastsandbox.sdk._core import translate
@@ -172,7 +175,8 @@ async def edge(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     cp = ControlPlane(store, fleet, PlaneSettings(delete_grace_seconds=0, heartbeat_seconds=0.1))
     await cp.start()
     endpoint = f"127.0.0.1:{_port()}"
-    server = await start_fastpath(cp.servicer, TOKEN, endpoint, limits)
+    guard = AccessGuard(TokenAuthenticator(TOKEN, MemoryTokenStore()), NamespaceAuthorizer())
+    server = await start_fastpath(cp.servicer, guard, endpoint, None, limits)
     channel = grpc.aio.insecure_channel(endpoint)
     try:
         yield Edge(fastpath_pb2_grpc.FastPathStub(channel), endpoint)  # type: ignore[no-untyped-call]

@@ -128,6 +128,32 @@ async def test_reset_recreates_the_container(plane: Plane) -> None:
     assert plane.plane.registry.holder(first.container_id) is None
 
 
+async def test_an_exited_sandbox_loses_its_container_and_keeps_its_log_until_deleted(
+    plane: Plane, tmp_path: Path
+) -> None:
+    reply = await plane.create("lx")
+    runtime = plane.fleet.runtime(reply.agent)
+    log = tmp_path / reply.agent / "logs" / f"{reply.container_id}.log"
+    log.write_bytes(b"last words\n")  # as fsb-logger would have
+    runtime.exit(reply.container_id, 3)
+
+    async def container_gone() -> bool:
+        return reply.container_id not in {s.id for s in await runtime.list()}
+
+    await eventually(lambda: phase_is(plane, "lx", P.FAILED))
+    await eventually(container_gone)
+    assert log.exists()
+    request = fastpath_pb2.LogsRequest(namespace="default", name="lx")
+    data = b"".join([c.data async for c in plane.stub.Logs(request, metadata=auth())])
+    assert data == b"last words\n"
+    assert (await get(plane, "lx")).status.exit_code == 3  # the record is as it was
+    await plane.stub.Delete(
+        fastpath_pb2.DeleteRequest(namespace="default", name="lx", wait=True), metadata=auth()
+    )
+    await eventually(lambda: gone(plane, "lx"))
+    assert not log.exists()  # the log goes with the record
+
+
 async def test_reset_starts_an_exited_sandbox_again(plane: Plane) -> None:
     first = await plane.create("rx")
     plane.fleet.runtime(first.agent).exit(first.container_id, 0)

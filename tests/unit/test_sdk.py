@@ -337,7 +337,7 @@ def test_resolution_defaults_and_token_file(tmp_path: Path) -> None:
     assert (resolved.endpoint, resolved.namespace, resolved.token) == (
         "127.0.0.1:9090", "default", None
     )  # fmt: skip
-    with pytest.raises(Unauthenticated, match="no API token: pass --token, set FSB_TOKEN"):
+    with pytest.raises(Unauthenticated, match="no API token: use --token-file, set FSB_TOKEN"):
         resolved.metadata()
 
     data.mkdir(parents=True)

@@ -10,6 +10,7 @@ import pytest
 
 from fastsandbox.agent.runtime.oci_spec import build_oci_spec, linux_resources
 from fastsandbox.agent.runtime.warm_claim import cgroup_writes, claimed_oci, cpu_weight
+from fastsandbox.agent.warm import can_claim
 
 INIT = "/opt/fsb-supervisor"
 CHANNEL_ENV = ["FSB_CHANNEL=/.fsb/run", "FSB_SANDBOX_ID=w-1"]
@@ -96,3 +97,12 @@ def test_cgroup_v2_writes(tmp_path: Path) -> None:
         "pids.max": "9",
     }
     assert cpu_weight(2) == 1 and cpu_weight(262144) == 10000
+
+
+def test_claims_need_cap_sys_admin(tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapEff:\t000001ffffffffff\n")
+    assert can_claim(status)
+    status.write_text("Name:\tx\nCapEff:\t00000000a80425fb\n")  # containerd's default set
+    assert not can_claim(status)
+    assert not can_claim(tmp_path / "missing")

@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from fastsandbox._aio import loop
 from fastsandbox.errors import FsbError, exit_code_of
 
 
@@ -17,13 +18,13 @@ def run_until_stopped(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
+        running = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            running.add_signal_handler(sig, stop.set)
         await body(stop)
 
     try:
-        asyncio.run(main())
+        loop.run(main())
     except FsbError as exc:
         sys.stderr.write(f"error: {exc.message}\n")
         return exit_code_of(exc)  # the one table, errors.py

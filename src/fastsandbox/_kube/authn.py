@@ -1,6 +1,10 @@
 """The cluster's own identities on the Fast-Path: TokenReview says who a bearer token is,
 SubjectAccessReview whether that identity may do what a call asks (`control/fastpath/access.py`
-maps each RPC to a verb on `sandboxes` or `sandboxpools` in `fastsandbox.io`).
+maps each RPC to a verb on `sandboxes` or `sandboxpools`, some with a subresource such as
+`sandboxes/exec` or `sandboxes/logs`, in `fastsandbox.io`). These are the Kubernetes pair of
+the `Authenticator`/`Authorizer` Protocols (`control/fastpath/authz.py`): the controller chains
+`KubeAuthenticator` after the tenant tokens, and `KubeAuthorizer` answers for the identities it
+authenticated, leaving the admin and tenant tokens to `NamespaceAuthorizer`.
 
 So a ServiceAccount (or any user the apiserver authenticates by token) uses the Fast-Path with
 exactly the rights Kubernetes RBAC gives it on our CRDs: `kubectl auth can-i create sandboxes
@@ -18,6 +22,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
 import httpx2 as httpx
@@ -29,7 +34,16 @@ from lightkube.resources.authentication_v1 import TokenReview
 from lightkube.resources.authorization_v1 import SubjectAccessReview
 
 from fastsandbox._kube.errors import translate
-from fastsandbox.control.fastpath.access import API_GROUP, Access, Caller, Decision
+from fastsandbox.api.labels import API_GROUP
+from fastsandbox.control.fastpath.authz import (
+    ADMIN_ONLY,
+    INVALID,
+    Action,
+    Authorizer,
+    Principal,
+    bearer,
+)
+from fastsandbox.errors import PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +73,33 @@ class _TtlCache(Generic[K, V]):
             self._items.popitem(last=False)
 
 
-class KubeIdentities:
-    """`Authenticator` + `Authorizer` backed by the apiserver (see the module docstring)."""
+KUBE_GROUP = "system:authenticated"
+"""Every identity the apiserver authenticates is in this group; tenant tokens' principals are
+not, so the authorizer knows whom to ask the apiserver about."""
+
+
+class KubeAuthenticator:
+    """`Authenticator` for tokens the apiserver knows (TokenReview); see the module docstring."""
 
     def __init__(
         self, client: AsyncClient, *, ttl: float = 10.0, audiences: tuple[str, ...] = ()
     ) -> None:
         self.client = client
         self.audiences = audiences
-        self._tokens: _TtlCache[str, Caller | None] = _TtlCache(ttl)
-        self._decisions: _TtlCache[tuple[Caller, Access], Decision] = _TtlCache(ttl)
+        self._tokens: _TtlCache[str, Principal | None] = _TtlCache(ttl)
 
-    async def authenticate(self, token: str) -> Caller | None:
+    async def authenticate(self, metadata: Mapping[str, str]) -> Principal:
+        token = bearer(metadata)
         key = hashlib.sha256(token.encode()).hexdigest()
-        hit, cached = self._tokens.get(key)
-        if hit:
-            return cached
+        hit, principal = self._tokens.get(key)
+        if not hit:
+            principal = await self._review(token)
+            self._tokens.put(key, principal)
+        if principal is None:
+            raise Unauthenticated(INVALID)
+        return principal
+
+    async def _review(self, token: str) -> Principal | None:
         review = TokenReview(
             metadata=ObjectMeta(),
             spec=TokenReviewSpec(token=token, audiences=list(self.audiences) or None),
@@ -84,36 +109,59 @@ class KubeIdentities:
         except (ApiError, httpx.HTTPError) as exc:
             raise translate(exc, "TokenReview") from None
         status = answer.status
-        caller: Caller | None = None
-        if status is not None and status.authenticated and status.user is not None:
-            user = status.user
-            caller = Caller(
-                name=user.username or "",
-                groups=tuple(user.groups or ()),
-                uid=user.uid or "",
-                extra=tuple(sorted((k, tuple(v)) for k, v in (user.extra or {}).items())),
-            )
-        elif status is not None and status.error:
-            log.info("token refused by TokenReview", extra={"why": status.error})
-        self._tokens.put(key, caller)
-        return caller
+        if status is None or not status.authenticated or status.user is None:
+            if status is not None and status.error:
+                log.info("token refused by TokenReview", extra={"why": status.error})
+            return None
+        groups = tuple(status.user.groups or ())
+        if KUBE_GROUP not in groups:
+            groups = (*groups, KUBE_GROUP)
+        return Principal(name=status.user.username or "", groups=groups)
 
-    async def authorize(self, caller: Caller, access: Access) -> Decision:
-        hit, cached = self._decisions.get((caller, access))
-        if hit and cached is not None:
-            return cached
+
+class KubeAuthorizer:
+    """`Authorizer`: a SubjectAccessReview for identities the apiserver authenticated; anyone
+    else (the admin, tenant tokens) is `fallback`'s to decide. Managing tokens stays the admin
+    token's, whatever RBAC says."""
+
+    def __init__(self, client: AsyncClient, fallback: Authorizer, *, ttl: float = 10.0) -> None:
+        self.client = client
+        self.fallback = fallback
+        self._decisions: _TtlCache[tuple[Principal, Action], tuple[bool, str]] = _TtlCache(ttl)
+
+    async def authorize(self, principal: Principal, action: Action) -> None:
+        if principal.admin or KUBE_GROUP not in principal.groups:
+            await self.fallback.authorize(principal, action)
+            return
+        if action.resource in ADMIN_ONLY:
+            raise PermissionDenied(
+                f"{principal.name} may not {action.describe()}: managing tokens needs the "
+                "admin token"
+            )
+        hit, decided = self._decisions.get((principal, action))
+        if not hit or decided is None:
+            decided = await self._review(principal, action)
+            self._decisions.put((principal, action), decided)
+        allowed, reason = decided
+        if not allowed:
+            why = f": {reason}" if reason else ""
+            raise PermissionDenied(
+                f"{principal.name} may not {action.describe()} (Kubernetes RBAC on "
+                f"{API_GROUP}{why})"
+            )
+
+    async def _review(self, principal: Principal, action: Action) -> tuple[bool, str]:
         review = SubjectAccessReview(
             metadata=ObjectMeta(),
             spec=SubjectAccessReviewSpec(
-                user=caller.name,
-                groups=list(caller.groups),
-                uid=caller.uid or None,
-                extra={k: list(v) for k, v in caller.extra} or None,
+                user=principal.name,
+                groups=list(principal.groups),
                 resourceAttributes=ResourceAttributes(
                     group=API_GROUP,
-                    resource=access.resource,
-                    verb=access.verb,
-                    namespace=access.namespace or None,
+                    resource=action.resource,
+                    subresource=action.subresource or None,
+                    verb=action.verb,
+                    namespace=action.namespace or None,
                 ),
             ),
         )
@@ -123,7 +171,4 @@ class KubeIdentities:
             raise translate(exc, "SubjectAccessReview") from None
         status = answer.status
         allowed = bool(status and status.allowed and not status.denied)
-        reason = (status.reason or status.evaluationError or "") if status else ""
-        decision = Decision(allowed, reason or ("" if allowed else "Kubernetes RBAC"))
-        self._decisions.put((caller, access), decision)
-        return decision
+        return allowed, (status.reason or status.evaluationError or "") if status else ""

@@ -151,15 +151,14 @@ async def _serve(settings: AgentSettings) -> None:
 def run(args: AgentArgs) -> None:
     """Serve until SIGTERM/SIGINT. An `FsbError` is logged (the agent's log is JSON for the
     fleets to read) and raised on, for `fsb`'s one error-to-exit-code seam (cli/main.py)."""
-    import asyncio
-
+    from fastsandbox._aio import loop
     from fastsandbox.errors import FsbError
     from fastsandbox.logconfig import configure
 
     settings = settings_from_args(args)
     configure(settings.log, component="agent")
     try:
-        asyncio.run(_serve(settings))
+        loop.run(_serve(settings))
     except FsbError as exc:
         log.error("agent failed: %s", exc.message, extra={"agent": settings.name})
         raise

@@ -29,14 +29,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.agent.logs import LogChunk, log_files, read_log
+from fastsandbox.agent.requests import (
+    AgentStatus,
+    PullResult,
+    SandboxRequest,
+    check_id,
+    is_live,
+    outward,
+    sandbox_id_of,
+)
 from fastsandbox.agent.runtime.base import (
     ContainerSpec,
     ContainerState,
@@ -46,7 +54,7 @@ from fastsandbox.agent.runtime.base import (
     Runtime,
 )
 from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
-from fastsandbox.agent.warm import WarmCounts, WarmSlots, counts_reader
+from fastsandbox.agent.warm import WarmSlots, can_claim, counts_reader
 from fastsandbox.api import labels
 from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.api.models import MIN_LOG_MAX_BYTES
@@ -69,73 +77,6 @@ NAMESPACE_LABEL = labels.NAMESPACE_LABEL
 NAME_LABEL = labels.NAME_LABEL
 PORTS_LABEL = labels.PORTS_LABEL
 WARM_SLOT_LABEL = labels.WARM_SLOT_LABEL
-
-# containerd's own rule for ids; it also keeps ids safe to use as file names (no "/" or "..").
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
-
-
-@dataclass(frozen=True, slots=True)
-class SandboxRequest:
-    """What the control plane asks for; the gRPC layer builds it from `SandboxRuntimeSpec`."""
-
-    sandbox_id: str
-    image: str
-    namespace: str = ""
-    name: str = ""
-    command: tuple[str, ...] = ()
-    args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    working_dir: str = ""
-    exposed_ports: tuple[int, ...] = ()
-    labels: Mapping[str, str] = field(default_factory=dict)
-    # 0 = no limit beyond the agent's.
-    cpu_millis: int = 0
-    memory_bytes: int = 0
-    pids_limit: int = 0
-    # Writable-layer size; 0 = the agent's default (never unlimited).
-    disk_bytes: int = 0
-    # Cap of the captured stdout + stderr; 0 = the agent's default.
-    log_max_bytes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class PullResult:
-    image: ImageInfo
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class AgentStatus:
-    sandboxes: list[ContainerState]
-    images: list[ImageInfo]
-    cordoned: bool = False
-    # Slots counted against capacity, creates in flight included.
-    used_slots: int = 0
-    creating: int = 0
-    warm: list[WarmCounts] = field(default_factory=list)
-
-
-def _check_id(sandbox_id: str) -> None:
-    if not _ID.match(sandbox_id):
-        raise InvalidArgument(
-            f"sandbox_id {sandbox_id!r}: must be 1-76 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
-
-
-def _live(state: ContainerState) -> bool:
-    return state.status is not ContainerStatus.STOPPED
-
-
-def _sandbox_id(state: ContainerState) -> str:
-    """A container's sandbox id: its own id, or (a claimed warm slot) the one it was claimed as."""
-    return state.labels.get(SANDBOX_ID_LABEL) or state.id
-
-
-def _outward(state: ContainerState) -> ContainerState:
-    """The state as the agent's API shows it: by sandbox id, whatever the container's id."""
-    sandbox_id = _sandbox_id(state)
-    return state if sandbox_id == state.id else replace(state, id=sandbox_id)
 
 
 class SandboxManager:
@@ -191,7 +132,7 @@ class SandboxManager:
         states = await self._refresh_slots()
         if self.channels is not None:
             for _, state in sorted(states.items()):
-                if _live(state):
+                if is_live(state):
                     await self.channels.open(state.id)
         for image in await self.runtime.images():
             self._images.add(image.name)
@@ -219,9 +160,10 @@ class SandboxManager:
     def _warm_slots(self, settings: AgentSettings) -> WarmSlots | None:
         if settings.warm_slots <= 0:
             return None
-        if self.channels is None or settings.runtime != "runc":
+        if self.channels is None or settings.runtime != "runc" or not can_claim():
             log.warning(
-                "warm slots need runc and fsb-supervisor; this agent keeps none",
+                "warm slots need runc, fsb-supervisor and CAP_SYS_ADMIN (a claim sets the "
+                "sandbox's hostname and cgroup from the host); this agent keeps none",
                 extra={"agent": settings.name, "runtime": settings.runtime},
             )
             return None
@@ -242,7 +184,7 @@ class SandboxManager:
 
     # -- create / delete ------------------------------------------------------------------------
     async def create(self, req: SandboxRequest) -> ContainerState:
-        _check_id(req.sandbox_id)
+        check_id(req.sandbox_id)
         if not req.image:
             raise InvalidArgument("image: required")
         normalize_image_ref(req.image)  # a bad reference fails before a slot is taken
@@ -277,7 +219,7 @@ class SandboxManager:
         self.metrics.create_seconds.labels(mode="agent", warm=str(state.warm).lower()).observe(
             time.perf_counter() - began
         )
-        return _outward(state)
+        return outward(state)
 
     async def _claim(self, req: SandboxRequest) -> ContainerState | None:
         """The create served from a warm slot, or None (no slot: the cold path). Only for a
@@ -345,7 +287,7 @@ class SandboxManager:
             raise
         finally:
             self._creating.discard(req.sandbox_id)
-        if not _live(state):
+        if not is_live(state):
             # Idempotent re-create of a sandbox that has already finished: no slot used.
             self._slots.discard(req.sandbox_id)
         return state
@@ -363,7 +305,7 @@ class SandboxManager:
         states = await self._refresh_slots()
         existing = states.get(sandbox_id)
         if existing is not None:
-            if _live(existing):
+            if is_live(existing):
                 self._slots.add(sandbox_id)
             return
         if sandbox_id in self._slots:
@@ -421,14 +363,14 @@ class SandboxManager:
                 if self.warm is None or not self.warm.is_slot(state.id):
                     self._stale_warm.append(state)
                 continue
-            sandbox_id = _sandbox_id(state)
+            sandbox_id = sandbox_id_of(state)
             states[sandbox_id] = state
             if sandbox_id != state.id:
                 self._containers[sandbox_id] = state.id
         self._seen = set(states)
         now = self._slots
         added, removed = now - before, before - now
-        live = {sid for sid, st in states.items() if _live(st)}
+        live = {sid for sid, st in states.items() if is_live(st)}
         self._slots = (live - removed) | added | (now & (self._creating | creating))
         return states
 
@@ -527,9 +469,13 @@ class SandboxManager:
             raise InvalidArgument(f"disk_bytes {asked}: must be at least {MIN_DISK_BYTES} (1Mi)")
         return asked or self.settings.default_disk_bytes
 
-    async def delete(self, sandbox_id: str, grace_seconds: float = -1) -> bool:
-        """Stop and remove the sandbox and its log. False when it did not exist."""
-        _check_id(sandbox_id)
+    async def delete(
+        self, sandbox_id: str, grace_seconds: float = -1, *, keep_logs: bool = False
+    ) -> bool:
+        """Stop and remove the sandbox and (unless `keep_logs`) its log. False when it did not
+        exist. With `keep_logs` the log stays readable through `logs()` until a later delete
+        without it (an exited sandbox whose record is kept)."""
+        check_id(sandbox_id)
         grace = self.settings.delete_grace_seconds if grace_seconds < 0 else grace_seconds
         async with self._locks.hold(sandbox_id):
             container_id = self._container_id(sandbox_id)
@@ -539,10 +485,12 @@ class SandboxManager:
                 existed = await self.runtime.delete(container_id, grace)
             self._slots.discard(sandbox_id)
             self._defaults.pop(sandbox_id, None)
-            self._containers.pop(sandbox_id, None)
+            if not keep_logs:
+                # Kept with the log: a warm slot's sandbox id still finds its container's log.
+                self._containers.pop(sandbox_id, None)
             if self.channels is not None:
                 await self.channels.remove(container_id)
-            for path in log_files(self.log_path(container_id)):
+            for path in () if keep_logs else log_files(self.log_path(container_id)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         if self.warm is not None:
@@ -561,7 +509,7 @@ class SandboxManager:
             state = await self.runtime.get(container_id)
         except NotFound:
             return None
-        if WARM_SLOT_LABEL in state.labels or _sandbox_id(state) != sandbox_id:
+        if WARM_SLOT_LABEL in state.labels or sandbox_id_of(state) != sandbox_id:
             return None  # a warm slot is no sandbox, and a slot's id names none
         if state.labels.get(AGENT_LABEL) != self.settings.name:
             log.warning(
@@ -576,7 +524,7 @@ class SandboxManager:
         """The sandbox's supervisor and what its processes inherit. NotFound for an unknown
         sandbox, FailedPrecondition (naming its state) when it is not running, Unavailable
         when its supervisor does not connect in time (`Channel.control`)."""
-        _check_id(sandbox_id)
+        check_id(sandbox_id)
         container_id = self._container_id(sandbox_id)
         channel = self.channels.get(container_id) if self.channels is not None else None
         if channel is not None and channel.connected and sandbox_id in self._defaults:
@@ -607,11 +555,11 @@ class SandboxManager:
 
     # -- status / images ------------------------------------------------------------------------
     async def get(self, sandbox_id: str) -> ContainerState:
-        _check_id(sandbox_id)
+        check_id(sandbox_id)
         state = await self._own_state(sandbox_id)
         if state is None:
             raise NotFound(f"sandbox {sandbox_id} not found on agent {self.settings.name}")
-        return _outward(state)
+        return outward(state)
 
     async def status(self) -> AgentStatus:
         creating = set(self._creating)
@@ -626,7 +574,7 @@ class SandboxManager:
         # Read after the refresh, with no await since: a create refused or counted here.
         warm = self.warm
         return AgentStatus(
-            sandboxes=sorted((_outward(s) for s in states.values()), key=lambda s: s.id),
+            sandboxes=sorted((outward(s) for s in states.values()), key=lambda s: s.id),
             images=images,
             cordoned=self._cordoned,
             # Slots being made or removed hold capacity too (a drain waits for them).
@@ -676,7 +624,7 @@ class SandboxManager:
         """The sandbox's output, stdout and stderr apart: the last `tail_lines` lines (0 = all)
         written at or after `since_unix` (0 = all), then, with `follow`, new output as it is
         written until the sandbox is gone, or has exited and all is read."""
-        _check_id(sandbox_id)
+        check_id(sandbox_id)
         if tail_lines < 0:
             raise InvalidArgument(f"tail_lines {tail_lines}: must be 0 (all) or positive")
         path = self.log_path(self._container_id(sandbox_id))
@@ -686,7 +634,7 @@ class SandboxManager:
 
         async def running() -> bool:
             current = await self._own_state(sandbox_id)
-            return current is not None and _live(current)
+            return current is not None and is_live(current)
 
         stream = read_log(
             path,

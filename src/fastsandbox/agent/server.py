@@ -24,7 +24,8 @@ import grpc
 
 from fastsandbox._grpc_auth import TokenAuth
 from fastsandbox.agent.io_service import IoMethods
-from fastsandbox.agent.manager import SandboxManager, SandboxRequest
+from fastsandbox.agent.manager import SandboxManager
+from fastsandbox.agent.requests import SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus, Runtime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
 from fastsandbox.errors import FsbError, InvalidArgument, Unavailable
@@ -112,7 +113,10 @@ class AgentService(IoMethods, agent_pb2_grpc.AgentServicer):
         self, request: agent_pb2.DeleteSandboxRequest, context: Context
     ) -> agent_pb2.DeleteSandboxResponse:
         existed = await self._guard(
-            context, self.manager.delete(request.sandbox_id, request.grace_seconds)
+            context,
+            self.manager.delete(
+                request.sandbox_id, request.grace_seconds, keep_logs=request.keep_logs
+            ),
         )
         return agent_pb2.DeleteSandboxResponse(existed=existed)
 

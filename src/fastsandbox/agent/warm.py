@@ -20,8 +20,10 @@ Why it is shaped this way:
   the claim records. Channel directories and log files are named by container id.
 - Recovery: a restarted agent removes unclaimed slots it finds (one cut mid-claim may already
   run a main process that no create acknowledged) and makes fresh ones.
-- Only runc: under gVisor the sandbox's hostname lives in the Sentry, out of the host's
-  reach, so a claim could not give it the sandbox's hostname.
+- Only runc, and only an agent with CAP_SYS_ADMIN on the host: under gVisor the sandbox's
+  hostname lives in the Sentry, out of the host's reach, and an agent Pod (every capability
+  dropped) can neither join a sandbox's UTS namespace nor write its cgroup; such agents keep
+  no slots (and say so in their log), every create is cold.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastsandbox.agent.logs import log_files
@@ -58,6 +61,21 @@ class WarmCounts:
 
 def slot_id() -> str:
     return SLOT_PREFIX + secrets.token_hex(8)
+
+
+CAP_SYS_ADMIN = 21
+
+
+def can_claim(status: Path = Path("/proc/self/status")) -> bool:
+    """Whether this process may do a claim's host steps: join a sandbox's UTS namespace and
+    write its cgroup (CAP_SYS_ADMIN; an agent Pod runs with every capability dropped)."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 class WarmSlots:

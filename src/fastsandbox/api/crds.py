@@ -104,7 +104,6 @@ _VALIDATOR_SCHEMAS: dict[Any, dict[str, Any] | None] = {
     _func(models.SandboxSpec._absolute): {"pattern": "^(/|$)"},
     _func(models.SandboxSpec._policy): None,
     _func(models.SandboxPoolSpec._runtime): None,
-    _func(models.SandboxPoolSpec._no_warm_slots): {"maximum": 0},
     agent_template._agent_name: {"enum": [agent_template.AGENT_CONTAINER]},
     agent_template._one_container: {"maxItems": 1},
     agent_template._quantity: {"pattern": agent_template._QUANTITY.pattern},

@@ -9,6 +9,7 @@ here before it reaches containerd, and image names reported back are in this for
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from fastsandbox.errors import InvalidArgument
 
@@ -49,3 +50,23 @@ def normalize_image_ref(image: str) -> str:
 def registry_host(ref: str) -> str:
     """The registry host (with port) a normalised reference is pulled from."""
     return split_domain(ref)[0]
+
+
+def allowed_registries(configured: Sequence[str], insecure: Sequence[str]) -> frozenset[str]:
+    """The registries a server pulls from: the configured list, else Docker Hub plus the
+    registries named insecure (the ones an operator set up on purpose)."""
+    return frozenset(configured) if configured else frozenset((DEFAULT_DOMAIN, *insecure))
+
+
+def check_registry(image: str, allowed: frozenset[str], field: str) -> str:
+    """`image` normalised, or InvalidArgument naming `field` and the allowed list when its
+    registry is not one this server pulls from: a request must not make a node fetch from an
+    address it picked (a host's loopback port, a cloud metadata service)."""
+    ref = normalize_image_ref(image)
+    host = registry_host(ref)
+    if host not in allowed:
+        raise InvalidArgument(
+            f"{field}: registry {host!r} is not allowed; this server pulls only from "
+            f"{', '.join(sorted(allowed))} (setting allowed_registries)"
+        )
+    return ref

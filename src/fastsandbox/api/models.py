@@ -265,6 +265,8 @@ class Timings(_Model):
     """Time the agent spent pulling the image for this create (unset when it was cached)."""
     # How long the create waited for its pool to start an agent (None: it found room at once).
     scaled_ms: float | None = None
+    warm: bool | None = None
+    """The create claimed a warm slot (unset: it made its container)."""
 
 
 class SandboxStatus(_Model):
@@ -324,6 +326,10 @@ class RollingUpdate(_Model):
     max_surge: int = Field(default=1, ge=0)
 
 
+# Per agent and image; an agent's capacity bounds what it really keeps.
+MAX_WARM_SLOTS = 1000
+
+
 class SandboxPoolSpec(_Model):
     runtime: Runtime = Runtime.RUNC
     capacity: PoolCapacity = Field(default_factory=PoolCapacity)
@@ -338,16 +344,11 @@ class SandboxPoolSpec(_Model):
     agent_version: str = ""
     rolling_update: RollingUpdate = Field(default_factory=RollingUpdate)
     prewarm_images: list[RequiredStr] = Field(default_factory=list)
-    # Reserved: refused unless 0 until warm slots exist (the CRD says `maximum: 0` too), so
-    # that nobody sets a number that does nothing.
-    warm_slots: int = Field(default=0, ge=0)
-
-    @field_validator("warm_slots")
-    @classmethod
-    def _no_warm_slots(cls, value: int) -> int:
-        if value:
-            raise ValueError("warm slots are not supported yet; leave it unset (0)")
-        return value
+    warm_slots: int = Field(default=0, ge=0, le=MAX_WARM_SLOTS)
+    """Per agent and hot image (`prewarmImages`, then the image it served last): containers
+    made ahead, waiting for a create of that image, which claims one in milliseconds. They fill
+    only capacity no sandbox uses (runc only; gVisor agents keep none). Read by agents when they
+    start: a changed value reaches the agents started after the change."""
 
     @field_validator("runtime", mode="before")
     @classmethod
@@ -383,10 +384,17 @@ class SlotCounts(_Model):
     allocated: int = 0
 
 
+class WarmSlotStatus(_Model):
+    image: str
+    ready: int = 0
+    """Warm slots of this image ready to be claimed, over the pool's agents."""
+
+
 class SandboxPoolStatus(_Model):
     agents: AgentCounts = Field(default_factory=AgentCounts)
     slots: SlotCounts = Field(default_factory=SlotCounts)
     cached_images: list[str] = Field(default_factory=list)
+    warm_slots: list[WarmSlotStatus] = Field(default_factory=list)
     observed_generation: int = 0
     conditions: list[Condition] = Field(default_factory=list)
 
@@ -442,6 +450,9 @@ def to_wire(obj: BaseModel) -> dict[str, Any]:
     return data
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+
+
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line per problem, each naming the field: `spec.exposedPorts[0]: must be 1..65535`."""
     lines = []
@@ -452,8 +463,11 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
                 path += f"[{part}]"
             elif part.startswith("function-after") or part.startswith("function-before"):
                 continue
-            else:
+            elif _PLAIN_KEY.match(part):
                 path += ("." if path else "") + part
+            else:
+                # An odd key (empty, spaces, a colon) is quoted, so the path stays readable.
+                path += f"[{part!r}]"
         if err["type"] == "missing":
             message = "required"
         elif err["type"] == "extra_forbidden" and "agentTemplate" in err["loc"]:

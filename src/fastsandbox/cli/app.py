@@ -42,6 +42,22 @@ def _report(exc: BaseException) -> int | None:
 class _Group(TyperGroup):
     """The top-level group: the one place errors from any verb become exit codes."""
 
+    def main(self, args: Sequence[str] | None = None, *a: Any, **kw: Any) -> Any:
+        import sys
+
+        from fastsandbox.cli.options import refuse_token_on_argv
+
+        words = list(args) if args is not None else sys.argv[1:]
+        try:
+            # Before parsing: `--token VALUE` is refused with where the token goes instead.
+            refuse_token_on_argv(words)
+        except Exception as exc:
+            code = _report(exc)
+            if code is None:
+                raise
+            sys.exit(code)
+        return super().main(words, *a, **kw)
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)

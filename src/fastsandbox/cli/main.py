@@ -36,6 +36,7 @@ _VERBS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "reset": ("reset", "reset", {"no_args_is_help": True}),
     "apply": ("apply", "apply", {"no_args_is_help": True}),
     "pool": ("pool", "app", {}),  # a sub-app (typer.Typer), not a command
+    "token": ("token", "app", {}),
     "server": ("server", "server", {}),
     "controller": ("controller", "controller", {}),
     "agent": ("agent", "agent", {}),
@@ -107,6 +108,12 @@ def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int
         print(f"fsb {__version__}")
         return 0
     verb = _verb_of(args)
+    if verb == "exec":
+        from fastsandbox.cli import exec_fast
+
+        parsed = exec_fast.parse(args[1:])
+        if parsed is not None:
+            return exec_fast.run(parsed)
     return seam.run(build_app([verb]) if verb else build_app(), args, prog_name or "fsb")
 
 

@@ -41,12 +41,14 @@ Endpoint = Annotated[
         show_default=False,
     ),
 ]
-Token = Annotated[
+TokenFile = Annotated[
     str | None,
     typer.Option(
-        "--token",
-        envvar="FSB_TOKEN",
-        help="API token (default: config file, else the server's <data-dir>/token).",
+        "--token-file",
+        envvar="FSB_TOKEN_FILE",
+        metavar="PATH",
+        help="File holding the API token (default: $FSB_TOKEN, config file, else the server's "
+        "<data-dir>/token). Never pass a token itself on the command line.",
         rich_help_panel=CLIENT_PANEL,
         show_default=False,
     ),
@@ -71,11 +73,31 @@ AllNamespaces = Annotated[
 ]
 
 
-def client(endpoint: str | None, token: str | None, namespace: str | None) -> Client:
-    """A `Client` from the shared options (flags > `FSB_*` env > config file > defaults)."""
+def client(endpoint: str | None, token_file: str | None, namespace: str | None) -> Client:
+    """A `Client` from the shared options (flags > `FSB_*` env > config file > the local
+    server's data dir > defaults)."""
     from fastsandbox.sdk.sync import Client
 
-    return Client(endpoint, token, namespace)
+    return Client(endpoint, None, namespace, token_file=token_file)
+
+
+TOKEN_ON_ARGV = (
+    "--token: a token on the command line is visible to every user of this machine (ps, "
+    "/proc/*/cmdline, shell history); put it in a file and pass --token-file PATH, or set "
+    "FSB_TOKEN"
+)
+
+
+def refuse_token_on_argv(argv: list[str]) -> None:
+    """`--token VALUE` anywhere before a `--` (after it the words are a sandbox's command):
+    InvalidArgument pointing to --token-file. Checked before parsing, for every verb."""
+    from fastsandbox.errors import InvalidArgument
+
+    for word in argv:
+        if word == "--":
+            return
+        if word == "--token" or word.startswith("--token="):
+            raise InvalidArgument(TOKEN_ON_ARGV)
 
 
 # Logging of the long-running commands (server, controller, janitor).
@@ -117,3 +139,88 @@ MetricsListen = Annotated[
         help="Serve /metrics (Prometheus), /healthz and /readyz on this address (off by default).",
     ),
 ]
+
+
+# The Fast-Path's serving options, shared by `fsb server` and `fsb controller`.
+ServeTokenFile = Annotated[
+    "Path | None",
+    typer.Option(
+        "--token-file",
+        envvar="FSB_TOKEN_FILE",
+        metavar="PATH",
+        help="Require the admin token in this file (also: $FSB_TOKEN).",
+        show_default=False,
+    ),
+]
+TlsCert = Annotated[
+    "Path | None",
+    typer.Option(
+        "--tls-cert",
+        envvar="FSB_TLS_CERT",
+        metavar="PATH",
+        help="Serve TLS with this certificate chain (PEM; with --tls-key).",
+        show_default=False,
+    ),
+]
+TlsKey = Annotated[
+    "Path | None",
+    typer.Option(
+        "--tls-key",
+        envvar="FSB_TLS_KEY",
+        metavar="PATH",
+        help="The private key of --tls-cert (PEM).",
+        show_default=False,
+    ),
+]
+Insecure = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Serve plaintext gRPC (only on a loopback --listen address).",
+    ),
+]
+
+
+def serve_security(
+    token_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    insecure: bool,
+    listen: str,
+    environ: dict[str, str] | None = None,
+) -> tuple[str | None, Path | None, Path | None]:
+    """The admin token (from --token-file or $FSB_TOKEN; None: the server's default) and the
+    certificate paths, checked together; InvalidArgument naming the flag."""
+    import os
+
+    from fastsandbox.errors import InvalidArgument
+
+    env = dict(os.environ) if environ is None else environ
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidArgument("--tls-cert and --tls-key: give both or neither")
+    if insecure and tls_cert is not None:
+        raise InvalidArgument("--insecure: cannot serve plaintext with --tls-cert")
+    if insecure:
+        from fastsandbox._addr import is_loopback
+
+        if not is_loopback(listen):
+            raise InvalidArgument(
+                f"--insecure: plaintext is allowed only on a loopback address, not {listen}; "
+                "drop --insecure (TLS) or listen on 127.0.0.1"
+            )
+    token: str | None = None
+    if token_file is not None:
+        try:
+            token = token_file.expanduser().read_text().strip()
+        except OSError as exc:
+            reason = exc.strerror
+            raise InvalidArgument(f"--token-file: cannot read {token_file} ({reason})") from None
+        if not token:
+            raise InvalidArgument(f"--token-file: {token_file} is empty")
+    elif env.get("FSB_TOKEN"):
+        token = env["FSB_TOKEN"].strip()
+    return (
+        token,
+        tls_cert.expanduser().absolute() if tls_cert else None,
+        tls_key.expanduser().absolute() if tls_key else None,
+    )

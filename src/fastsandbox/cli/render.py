@@ -69,6 +69,10 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     Console(highlight=False, width=width, soft_wrap=True).print(table)
 
 
+def token_table(rows: Sequence[tuple[str, str, str, str]]) -> None:
+    _table(["ID", "NAMESPACE", "CREATED", "EXPIRES"], rows)
+
+
 def _get(data: Mapping[str, Any], *path: str, default: Any = "") -> Any:
     value: Any = data
     for key in path:

@@ -99,10 +99,14 @@ class AgentClient:
         state: agent_pb2.SandboxState = reply.sandbox
         return state
 
-    async def delete(self, sandbox_id: str, grace_seconds: float = -1) -> bool:
+    async def delete(
+        self, sandbox_id: str, grace_seconds: float = -1, *, keep_logs: bool = False
+    ) -> bool:
         reply = await self._call(
             self._stub.DeleteSandbox,
-            agent_pb2.DeleteSandboxRequest(sandbox_id=sandbox_id, grace_seconds=grace_seconds),
+            agent_pb2.DeleteSandboxRequest(
+                sandbox_id=sandbox_id, grace_seconds=grace_seconds, keep_logs=keep_logs
+            ),
             CALL_TIMEOUT_SECONDS + max(grace_seconds, 10.0),
         )
         return bool(reply.existed)

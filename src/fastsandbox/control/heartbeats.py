@@ -74,6 +74,7 @@ class AgentHeartbeats:
             log.info("agent ready", extra={"agent": agent.name, "ip": agent.ip})
         agent.capacity = status.capacity or agent.capacity
         agent.agent_slots = status.used_slots
+        agent.warm_slots = {w.image: w.ready for w in status.warm_slots}
         # A Status asked before our last Cordon call answered may predate it.
         if asked >= agent.cordon_changed_at:
             self._observe_cordon(agent, status.cordoned)

@@ -12,7 +12,8 @@ its agent last reported, in this order:
    `recoveryTimeoutSeconds`: `Manual` → `Lost` (never rescheduled by itself), `AutoRecreate` → a new
    container on another agent, same name. An agent that answers again in time keeps its sandbox;
 5. the process exited → `Succeeded` (0) or `Failed` (exit code, reason such as `OOMKilled`), and
-   the slot is freed while the record stays;
+   the slot is freed while the record stays; its container, snapshot and writable layer are
+   removed on the agent, its capped log kept there until the record is deleted;
 6. a new `spec.resetRevision` → a new container from the same spec (fresh rootfs), then
    `status.observedResetRevision`.
 
@@ -42,6 +43,8 @@ from fastsandbox.errors import CapacityExhausted, FsbError, InvalidArgument, Not
 log = logging.getLogger(__name__)
 
 P = SandboxPhase
+# Phases of a sandbox whose process has ended: nothing of it runs, only its log is wanted.
+EXITED = frozenset({P.SUCCEEDED, P.FAILED})
 
 
 class SandboxLifecycle:
@@ -95,6 +98,8 @@ class SandboxLifecycle:
         elif sb.spec.reset_revision != status.observed_reset_revision:
             # Exited, or lost and left alone: a reset starts it again.
             wait = await self._reset(sb)
+        elif status.phase in EXITED and status.assigned_agent and status.container_id:
+            await self._remove_exited(sb)
         if expire is not None:
             until = (expire - now()).total_seconds()
             wait = until if wait is None else min(wait, until)
@@ -172,7 +177,36 @@ class SandboxLifecycle:
             await self._save(sb)
         if sb.spec.reset_revision != status.observed_reset_revision:
             return await self._reset(sb)
+        if status.phase in EXITED:
+            await self._remove_exited(sb)
         return None
+
+    async def _remove_exited(self, sb: Sandbox) -> None:
+        """An exited sandbox's container, snapshot and writable layer go as soon as its exit is
+        recorded; its capped log stays on the agent (readable) until the record is deleted.
+        Runs again on the next look while the agent still reports the container (an agent that
+        did not answer this time), so it needs no state of its own."""
+        status = sb.status
+        agent = self.registry.get_agent(status.assigned_agent)
+        if agent is None or self.service.unreachable_for(status.assigned_agent) is not None:
+            return
+        if status.container_id not in agent.reports:
+            return  # already removed (or never reported): nothing on the agent to free
+        try:
+            await self.service.agents.get(agent.target).delete(
+                status.container_id, 0, keep_logs=True
+            )
+        except FsbError as exc:
+            log.warning(
+                "removing an exited container failed; retried on the next look",
+                extra={"sandbox": _name(sb), "err": exc.message},
+            )
+            return
+        agent.reports.pop(status.container_id, None)
+        log.info(
+            "exited container removed, log kept",
+            extra={"sandbox": _name(sb), "container": status.container_id},
+        )
 
     def _exited(self, sb: Sandbox, code: int, reason: str) -> None:
         status = sb.status
@@ -181,8 +215,8 @@ class SandboxLifecycle:
         transition(status, P.SUCCEEDED if ok else P.FAILED, reason=why)
         status.exit_code = code
         set_condition(status, "Ready", False, reason=why, message=f"exit code {code}")
-        # The stopped container stays for its logs until the sandbox is deleted; its slot and
-        # ports are free for others now.
+        # Its slot and ports are free for others now; the stopped container goes next
+        # (`_remove_exited`), its log stays until the record is deleted.
         self.registry.release(status.assigned_agent, status.container_id)
         self.events.record(
             sb,

@@ -50,6 +50,10 @@ class PlaneSettings:
     default_cpu: str = "1"
     default_memory: str = "512Mi"
     default_disk: str = DEFAULT_SANDBOX_DISK
+    allowed_registries: frozenset[str] | None = None
+    """Registries a sandbox's image or a pool's prewarm image may name (api/images.py). Both
+    composition roots (`fsb server`, `fsb controller`) always pass one; None (no check) is
+    for tests of the plane alone."""
     pool_resync_seconds: float = 2.0
     expired_retention_seconds: float = 24 * 3600.0
     agent_token: str | None = None
@@ -115,6 +119,7 @@ class ControlPlane:
             default_cpu=settings.default_cpu,
             default_memory=settings.default_memory,
             default_disk=settings.default_disk,
+            allowed_registries=settings.allowed_registries,
             scale_wait_seconds=settings.scale_wait_seconds,
         )
         self.pools = PoolManager(
@@ -124,6 +129,7 @@ class ControlPlane:
             self.clients,
             heartbeat_seconds=settings.heartbeat_seconds,
         )
+        self.pools.allowed_registries = settings.allowed_registries
         self.sandboxes.wait_for_room = self.pools.wait_for_room
         self.lifecycle = SandboxLifecycle(
             self.sandboxes, expired_retention_seconds=settings.expired_retention_seconds

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastsandbox.api import labels
+from fastsandbox.api.images import check_registry
 from fastsandbox.api.models import (
     AgentCounts,
     Sandbox,
@@ -40,6 +41,7 @@ from fastsandbox.api.models import (
     SandboxPool,
     SandboxPoolSpec,
     SlotCounts,
+    WarmSlotStatus,
 )
 from fastsandbox.api.phases import condition
 from fastsandbox.control import pool_planner
@@ -136,6 +138,8 @@ class PoolManager:
         # The composition root's check of fields its fleet cannot honour (raises
         # InvalidArgument naming the field), run on every pool create and update.
         self.check_pool: Callable[[SandboxPool], None] | None = None
+        # Registries prewarm images may come from (None: not checked here).
+        self.allowed_registries: frozenset[str] | None = None
         # Set (and replaced) whenever an agent becomes Ready: creates waiting for room wake.
         self._room = asyncio.Event()
         # (namespace, pool) -> (time.monotonic() read, spec) for waiting creates.
@@ -530,8 +534,11 @@ class PoolManager:
         agents = self.registry.agents(pool.metadata.namespace, pool.metadata.name)
         total, allocated = self.registry.pool_slots(pool.metadata.namespace, pool.metadata.name)
         images: set[str] = set()
+        warm: dict[str, int] = {}
         for agent in agents:
             images |= agent.images
+            for image, ready in agent.warm_slots.items():
+                warm[image] = warm.get(image, 0) + ready
         status = pool.status.model_copy(
             update={
                 "agents": AgentCounts(
@@ -542,6 +549,7 @@ class PoolManager:
                 ),
                 "slots": SlotCounts(total=total, allocated=allocated),
                 "cached_images": sorted(images),
+                "warm_slots": [WarmSlotStatus(image=i, ready=n) for i, n in sorted(warm.items())],
                 "observed_generation": pool.metadata.generation,
             }
         )
@@ -552,9 +560,15 @@ class PoolManager:
                 await self.store.update_status(pool)
 
     # -- API ---------------------------------------------------------------------------------
-    async def create(self, pool: SandboxPool) -> SandboxPool:
+    def _check_images(self, pool: SandboxPool) -> None:
         if self.check_pool is not None:
             self.check_pool(pool)
+        if self.allowed_registries is not None:
+            for i, image in enumerate(pool.spec.prewarm_images):
+                check_registry(image, self.allowed_registries, f"spec.prewarmImages[{i}]")
+
+    async def create(self, pool: SandboxPool) -> SandboxPool:
+        self._check_images(pool)
         stored = await self.store.create(pool)
         self.poke()
         return stored
@@ -574,8 +588,7 @@ class PoolManager:
         """Replace the pool's spec. A non-empty `metadata.resourceVersion` must match the stored
         one (`Conflict` otherwise); an empty one replaces whatever is stored."""
         ns, name = pool.metadata.namespace, pool.metadata.name
-        if self.check_pool is not None:
-            self.check_pool(pool)
+        self._check_images(pool)
         current = await self.store.get(SandboxPool, ns, name)
         if current.metadata.deletion_timestamp is not None:
             raise Conflict(f"pool {ns}/{name} is being deleted")

@@ -56,6 +56,8 @@ class AgentRecord:
     cordoned: bool = False
     # Slots the agent itself counts, its creates in flight included (last Status).
     agent_slots: int = 0
+    # Warm slots ready on the agent, per image (last Status).
+    warm_slots: dict[str, int] = field(default_factory=dict)
     # time.monotonic() of the last Cordon call this replica made: a Status asked before it is
     # stale about `cordoned`.
     cordon_changed_at: float = 0.0

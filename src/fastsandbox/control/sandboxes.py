@@ -35,6 +35,7 @@ from datetime import timedelta
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
+from fastsandbox.api.images import check_registry
 from fastsandbox.api.labels import CLEANUP_FINALIZER
 from fastsandbox.api.models import (
     ConsistencyMode,
@@ -100,6 +101,7 @@ class SandboxService(SandboxDeletion):
         default_cpu: str,
         default_memory: str,
         default_disk: str = DEFAULT_SANDBOX_DISK,
+        allowed_registries: frozenset[str] | None = None,
         events: EventRecorder | None = None,
         scale_wait_seconds: float = 60.0,
     ) -> None:
@@ -112,6 +114,8 @@ class SandboxService(SandboxDeletion):
         self.default_cpu = default_cpu
         self.default_memory = default_memory
         self.default_disk = default_disk
+        # Registries a sandbox's image may come from (None: any; the planes always pass one).
+        self.allowed_registries = allowed_registries
         self.locks = KeyedLocks()
         self.started_at = time.monotonic()
         self._idempotency: dict[tuple[str, str], tuple[str, str]] = {}
@@ -320,7 +324,12 @@ class SandboxService(SandboxDeletion):
             return stored
         self.unstored[key] = sb
         self.remember(sb)
-        answered.set_result(sb.model_copy(deep=True))
+        answer = sb.model_copy(deep=True)
+        if not self.store.keeps_uid:
+            # The apiserver assigns the uid when the record is written, just after this answer:
+            # promising ours would show a uid that never exists. `fsb get` shows the real one.
+            answer.metadata.uid = ""
+        answered.set_result(answer)
         try:
             stored = await self._persist(sb, allocation)
         finally:
@@ -340,8 +349,13 @@ class SandboxService(SandboxDeletion):
                 break
             except AlreadyExists:
                 current = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
-                if current.metadata.uid == sb.metadata.uid:
-                    stored = current  # rebuilt from the container's label by a recovery
+                same_container = bool(sb.status.container_id) and (
+                    current.status.container_id == sb.status.container_id
+                )
+                if current.metadata.uid == sb.metadata.uid or same_container:
+                    # Rebuilt from the container's label by a recovery (on Kubernetes with the
+                    # apiserver's own uid, so the container tells it is this sandbox).
+                    stored = current
                     break
                 log.error(
                     "name taken by another writer after the create was answered; removing it",
@@ -420,7 +434,10 @@ class SandboxService(SandboxDeletion):
         refused: set[str] = set()
         last: CapacityExhausted | None = None
         refreshed = self.refresh_agents is None
-        # Before a slot is taken: a limit above the pool's maximum is refused with nothing made.
+        # Before a slot is taken: a limit above the pool's maximum, or an image from a registry
+        # we do not pull from, is refused with nothing made.
+        if self.allowed_registries is not None:
+            check_registry(sb.spec.image, self.allowed_registries, "spec.image")
         limits = await self.limits(sb, pool_record)
         waited_from: float | None = None
         while True:
@@ -455,6 +472,8 @@ class SandboxService(SandboxDeletion):
                 state = await self._run_on_agent(sb, allocation, limits)
                 if state.pulled_ms:
                     timings.pulled_ms = round(state.pulled_ms, 3)
+                if state.warm:
+                    timings.warm = True
                 return allocation, state
             except CapacityExhausted as exc:
                 self.registry.release(allocation.agent, allocation.sandbox_id)

@@ -125,6 +125,8 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
         token_file=Path(f"{CREDENTIALS_DIR}/{TOKEN_FILE}"),
         tls_cert=Path(f"{CREDENTIALS_DIR}/{TLS_CERT}"),
         tls_key=Path(f"{CREDENTIALS_DIR}/{TLS_KEY}"),
+        warm_slots=pool.spec.warm_slots,
+        warm_image=tuple(pool.spec.prewarm_images),
     )
     args = ["agent", *agent.argv()]
     resources = {

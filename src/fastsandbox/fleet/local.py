@@ -80,6 +80,9 @@ class AgentState:
     capacity: int
     version: str = ""
     pid: int = 0
+    # The pool's warm slots when the agent was started (its prewarmImages are the hot ones).
+    warm_slots: int = 0
+    warm_images: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:
@@ -194,6 +197,8 @@ class LocalFleet:
             runtime=str(pool.spec.runtime),
             capacity=pool.spec.max_sandboxes_per_agent,
             version=pool.spec.agent_version,
+            warm_slots=pool.spec.warm_slots,
+            warm_images=tuple(pool.spec.prewarm_images),
         )
         agent = _Agent(state=state, state_dir=state_dir)
         self._agents[name] = agent
@@ -320,6 +325,8 @@ class LocalFleet:
             insecure_registry=tuple(self.insecure_registries),
             grace=self.grace_seconds,
             version=state.version or None,
+            warm_slots=state.warm_slots,
+            warm_image=tuple(state.warm_images),
             log_level=self.log_settings.level,
             log_format=self.log_settings.format,
         )

@@ -8,11 +8,15 @@ runtime stays the small seam it is. It talks to the same namespace through the s
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from fastsandbox.agent.runtime._containerd_api import ContainerdApi
-from fastsandbox.errors import NotFound
+from fastsandbox.agent.runtime.containerd import is_index, platform_manifest
+from fastsandbox.errors import NotFound, RuntimeFailure
+from fastsandbox.janitor.images import CachedImage
 from fastsandbox.janitor.janitor import SnapshotSeen
 
 # containerd's snapshot kinds (snapshots.v1.Kind): UNKNOWN, VIEW, ACTIVE, COMMITTED.
@@ -38,6 +42,8 @@ class ContainerdLeftovers:
     ) -> None:
         self.snapshotter = snapshotter
         self._api = ContainerdApi(socket, namespace)
+        # Blob sizes by image digest: content is immutable, so measured once.
+        self._blobs: dict[str, dict[str, int]] = {}
 
     async def log_paths(self) -> dict[str, str]:
         paths = {}
@@ -64,6 +70,52 @@ class ContainerdLeftovers:
     async def remove_snapshot(self, key: str) -> None:
         with contextlib.suppress(NotFound):
             await self._api.remove_snapshot(self.snapshotter, key)
+
+    # -- the image cache (janitor/images.py) ---------------------------------------------------
+    async def cached_images(self) -> list[CachedImage]:
+        out = []
+        for image in await self._api.list_images():
+            if image.target.digest not in self._blobs:
+                try:
+                    self._blobs[image.target.digest] = await self._image_blobs(
+                        image.name, image.target
+                    )
+                except (NotFound, RuntimeFailure):
+                    continue  # a pull in progress, or content already collected: next pass
+            updated = image.updated_at.seconds + image.updated_at.nanos / 1e9
+            out.append(CachedImage(image.name, updated, self._blobs[image.target.digest]))
+        return out
+
+    async def _image_blobs(self, ref: str, target: Any) -> dict[str, int]:
+        blobs = {target.digest: int(target.size)}
+        manifest = await self._read_json(target.digest)
+        if is_index(target.media_type, manifest):
+            digest = platform_manifest(ref, manifest)
+            size = next(
+                (int(m.get("size", 0)) for m in manifest["manifests"] if m["digest"] == digest), 0
+            )
+            blobs[digest] = size
+            manifest = await self._read_json(digest)
+        for desc in [manifest.get("config") or {}, *(manifest.get("layers") or ())]:
+            if desc.get("digest"):
+                blobs[str(desc["digest"])] = int(desc.get("size", 0))
+        return blobs
+
+    async def _read_json(self, digest: str) -> dict[str, Any]:
+        try:
+            value = json.loads(await self._api.read_content(digest))
+        except ValueError as err:
+            raise RuntimeFailure(f"content {digest} is not JSON: {err}") from None
+        if not isinstance(value, dict):
+            raise RuntimeFailure(f"content {digest} is not a JSON object")
+        return value
+
+    async def images_in_use(self) -> set[str]:
+        return {c.image for c in await self._api.list_containers() if c.image}
+
+    async def delete_image(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self._api.delete_image(name)
 
     async def close(self) -> None:
         await self._api.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from fastsandbox.api.models import Sandbox
+from fastsandbox.api.models import Sandbox, SandboxPool
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -66,3 +66,8 @@ class EmbeddedKnownState:
         """The `on_removed` hook: the janitor removed this container; free its slot."""
         self._adopted_orphans.discard(container_id)
         self._release(container_id)
+
+
+async def pinned_images(store: ObjectStore) -> set[str]:
+    """Images the image collector never deletes: every pool's `prewarmImages`."""
+    return {image for pool in await store.list(SandboxPool) for image in pool.spec.prewarm_images}

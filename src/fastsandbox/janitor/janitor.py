@@ -42,6 +42,7 @@ from typing import Protocol
 
 from fastsandbox.agent.runtime.base import Runtime
 from fastsandbox.errors import FsbError
+from fastsandbox.janitor.images import ImageCollector
 from fastsandbox.janitor.scanner import Known, Reason, Seen, decide
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class ScanReport:
     logs_removed: list[str] = field(default_factory=list)
     snapshots_removed: list[str] = field(default_factory=list)
     fifos_removed: list[str] = field(default_factory=list)
+    images_removed: list[str] = field(default_factory=list)
     errors: int = 0
 
 
@@ -113,6 +115,7 @@ class Janitor:
         agents_dir: Path | None = None,
         leftovers: Leftovers | None = None,
         fifo_dir: Path | None = None,
+        images: ImageCollector | None = None,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         in_flight_timeout: float | None = DEFAULT_IN_FLIGHT_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
@@ -127,6 +130,8 @@ class Janitor:
         self.agents_dir = agents_dir
         self.leftovers = leftovers
         self.fifo_dir = fifo_dir
+        # Least recently used images deleted while the cache is over its budget (images.py).
+        self.images = images
         self.grace_seconds = grace_seconds
         self.in_flight_timeout = in_flight_timeout
         self._clock = clock
@@ -207,6 +212,8 @@ class Janitor:
         if self.leftovers is not None:
             report.snapshots_removed = await self._sweep_snapshots(in_flight)
         report.fifos_removed = self._sweep_fifos(existing)
+        if self.images is not None:
+            report.images_removed = await self.images.collect()
         return report
 
     # -- leftovers -------------------------------------------------------------------------------

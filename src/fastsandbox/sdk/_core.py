@@ -88,32 +88,83 @@ def load_config(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
-    """Where to connect and as whom; `token` may be missing until a call needs it."""
+    """Where to connect, how, and as whom; `token` may be missing until a call needs it.
+
+    `tls` False is plaintext (only to a loopback address); otherwise `ca_pem` is the CA to
+    trust (None: the system's roots, for a server with a public certificate).
+    """
 
     endpoint: str
     namespace: str
     token: str | None
     missing_token: str = "no API token"
     """What to tell the user when `token` is None and a call is about to be made."""
+    tls: bool = True
+    ca_pem: bytes | None = None
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         if not self.token:
             raise Unauthenticated(self.missing_token)
         return (("authorization", f"Bearer {self.token}"),)
 
+    def channel(self, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
+        if not self.tls:
+            return grpc.aio.insecure_channel(self.endpoint, options=options)
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca_pem)
+        return grpc.aio.secure_channel(self.endpoint, creds, options=options)
 
-def _read_token(path: Path) -> tuple[str | None, str]:
-    hint = "pass --token, set FSB_TOKEN, or run on the server's machine where {} exists"
+
+_TOKEN_HINT = "use --token-file, set FSB_TOKEN, or run on the server's machine where {} exists"
+
+
+def _read_token(path: Path, *, given: bool = False) -> tuple[str | None, str]:
+    """The token in `path`; `given` (the user named the file) makes a missing file an error."""
     try:
         token = path.read_text().strip()
     except FileNotFoundError:
-        return None, "no API token: " + hint.format(path)
+        if given:
+            raise InvalidArgument(f"--token-file: {path} does not exist") from None
+        return None, "no API token: " + _TOKEN_HINT.format(path)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        return None, f"cannot read API token from {path} ({reason}): pass --token or set FSB_TOKEN"
+        if given:
+            raise InvalidArgument(f"--token-file: cannot read {path} ({reason})") from None
+        return None, f"cannot read API token from {path} ({reason}): use --token-file or FSB_TOKEN"
     if not token:
-        return None, f"API token file {path} is empty: " + hint.format(path)
+        if given:
+            raise InvalidArgument(f"--token-file: {path} is empty")
+        return None, f"API token file {path} is empty: " + _TOKEN_HINT.format(path)
     return token, ""
+
+
+_LOOPBACK = ("127.", "localhost:", "[::1]:", "::1:")
+
+
+def _loopback(endpoint: str) -> bool:
+    if endpoint.startswith("unix:"):
+        return True  # a socket file: no network in between
+    target = endpoint.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    return target.startswith(_LOOPBACK)
+
+
+def _truthy(value: object) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _server_info(data: Path) -> dict[str, Any]:
+    """What `fsb server` wrote about itself into its data dir (`client.json`), or {}."""
+    try:
+        info = json.loads((data / "client.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _read_ca(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"{what}: cannot read {path} ({exc.strerror})") from None
 
 
 def resolve(
@@ -121,28 +172,70 @@ def resolve(
     token: str | None = None,
     namespace: str | None = None,
     *,
+    token_file: str | Path | None = None,
+    ca_file: str | Path | None = None,
+    insecure: bool | None = None,
     env: Mapping[str, str] | None = None,
 ) -> ClientConfig:
-    """Apply the precedence argument > `FSB_*` environment > config file > default."""
+    """Apply the precedence argument > `FSB_*` environment > config file > the server's data
+    dir (its `client.json`, `token`, `tls/ca.crt`) > default.
+
+    Transport: a CA file given (`ca_file`, `FSB_CA_FILE`, config `ca_file`) is trusted; plaintext
+    only when asked (`insecure`, `FSB_INSECURE=1`, config `insecure: true`, or the local server
+    says it serves plaintext) and only to a loopback address; else TLS trusting the data dir's
+    CA when the server made one, else the system's roots.
+    """
     env = os.environ if env is None else env
     config = load_config(config_path(env))
+    data = data_dir(env)
+    server = _server_info(data)
 
-    def pick(arg: str | None, var: str, key: str, default: str | None) -> str | None:
+    def pick(arg: object, var: str, key: str, default: str | None) -> str | None:
         for value in (arg, env.get(var), config.get(key)):
             if value not in (None, ""):
                 return str(value)
         return default
 
+    local = server.get("endpoint") if isinstance(server.get("endpoint"), str) else None
+    resolved_endpoint = (
+        pick(endpoint, "FSB_ENDPOINT", "endpoint", local or DEFAULT_ENDPOINT) or DEFAULT_ENDPOINT
+    )
+
     missing = ""
     resolved_token = pick(token, "FSB_TOKEN", "token", None)
     if resolved_token is None:
-        resolved_token, missing = _read_token(data_dir(env) / "token")
+        named = pick(token_file, "FSB_TOKEN_FILE", "token_file", None)
+        if named is not None:
+            resolved_token, missing = _read_token(Path(named).expanduser(), given=True)
+        else:
+            resolved_token, missing = _read_token(data / "token")
+
+    same_server = local is not None and local == resolved_endpoint
+    ca_named = pick(ca_file, "FSB_CA_FILE", "ca_file", None)
+    plain = insecure
+    if plain is None:
+        wanted = pick(None, "FSB_INSECURE", "insecure", None)
+        plain = _truthy(wanted) if wanted is not None else None
+    if plain is None:
+        plain = same_server and server.get("tls") is False
+    ca_pem: bytes | None = None
+    if ca_named is not None:
+        ca_pem, plain = _read_ca(Path(ca_named).expanduser(), "FSB_CA_FILE"), False
+    elif not plain and (data / "tls" / "ca.crt").is_file():
+        ca_pem = _read_ca(data / "tls" / "ca.crt", "the server's CA")
+    if plain and not _loopback(resolved_endpoint):
+        raise InvalidArgument(
+            f"FSB_INSECURE: plaintext is allowed only to a loopback address, not "
+            f"{resolved_endpoint}: the token would cross the network in clear"
+        )
     return ClientConfig(
-        endpoint=pick(endpoint, "FSB_ENDPOINT", "endpoint", DEFAULT_ENDPOINT) or DEFAULT_ENDPOINT,
+        endpoint=resolved_endpoint,
         namespace=pick(namespace, "FSB_NAMESPACE", "namespace", DEFAULT_NAMESPACE)
         or DEFAULT_NAMESPACE,
         token=resolved_token,
         missing_token=missing,
+        tls=not plain,
+        ca_pem=ca_pem,
     )
 
 
@@ -595,3 +688,23 @@ def create_result(resp: fastpath_pb2.CreateResponse) -> CreateResult:
         timings=timings,
         object=obj,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """A tenant token as the server lists it: never its secret."""
+
+    id: str
+    namespace: str
+    created: str
+    """RFC 3339, UTC."""
+    expires: str
+    """RFC 3339, UTC; empty when it never expires."""
+
+
+def token_info(msg: fastpath_pb2.TokenInfo) -> TokenInfo:
+    return TokenInfo(id=msg.id, namespace=msg.namespace, created=msg.created, expires=msg.expires)
+
+
+def ttl_seconds(ttl: int | timedelta | None) -> int:
+    return 0 if ttl is None else _ttl_seconds(ttl)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import AsyncGenerator, Mapping
 from datetime import datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
@@ -36,9 +37,12 @@ class AsyncClient:
     """Talks to `fsb server`. Use as `async with AsyncClient() as client:` or call `close()`.
 
     `endpoint`, `token` and `namespace` default to `FSB_ENDPOINT` / `FSB_TOKEN` / `FSB_NAMESPACE`,
-    then `~/.config/fastsandbox/config.yaml`, then `settings.DEFAULT_ENDPOINT`, the server's
-    token file in its data dir, and `default`. `timeout` (seconds) bounds each unary call; None
-    waits.
+    then `~/.config/fastsandbox/config.yaml`, then what the server on this machine wrote into
+    its data dir (address, token file, CA), then `settings.DEFAULT_ENDPOINT` and `default`.
+    `token_file` (or `FSB_TOKEN_FILE`) names a file holding the token. The connection is TLS,
+    trusting `ca_file` (`FSB_CA_FILE`), else the local server's CA, else the system's roots;
+    `insecure=True` (`FSB_INSECURE=1`) is plaintext, to a loopback address only. `timeout`
+    (seconds) bounds each unary call; None waits.
     """
 
     def __init__(
@@ -48,8 +52,13 @@ class AsyncClient:
         namespace: str | None = None,
         *,
         timeout: float | None = None,
+        token_file: str | Path | None = None,
+        ca_file: str | Path | None = None,
+        insecure: bool | None = None,
     ) -> None:
-        self._config = _core.resolve(endpoint, token, namespace)
+        self._config = _core.resolve(
+            endpoint, token, namespace, token_file=token_file, ca_file=ca_file, insecure=insecure
+        )
         self._timeout = timeout
         self._channel: grpc.aio.Channel | None = None
         self._stub: FastPathAsyncStub | None = None
@@ -82,9 +91,7 @@ class AsyncClient:
         # Created on first use, inside the loop that will drive it (the sync client's loop
         # lives in another thread than the one constructing the client).
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(
-                self._config.endpoint, options=_CHANNEL_OPTIONS
-            )
+            self._channel = self._config.channel(_CHANNEL_OPTIONS)
             self._stub = fastpath_pb2_grpc.FastPathStub(self._channel)
         return self._stub
 
@@ -112,6 +119,32 @@ class AsyncClient:
             self._fastpath().RenewLease, request
         )
         return reply.lease_expire_time
+
+    # ------------------------------------------------------------------ tenant tokens (admin)
+
+    async def create_token(
+        self, namespace: str, *, ttl: int | timedelta | None = None
+    ) -> tuple[_core.TokenInfo, str]:
+        """A new token that may act only in `namespace`: (its record, the secret). The secret
+        is shown this once; the server keeps only its hash."""
+        request = fastpath_pb2.CreateTokenRequest(
+            namespace=namespace, ttl_seconds=_core.ttl_seconds(ttl)
+        )
+        reply: fastpath_pb2.CreateTokenReply = await self._unary(
+            self._fastpath().CreateToken, request
+        )
+        return _core.token_info(reply.info), reply.token
+
+    async def list_tokens(self) -> builtins.list[_core.TokenInfo]:
+        reply: fastpath_pb2.ListTokensReply = await self._unary(
+            self._fastpath().ListTokens, fastpath_pb2.ListTokensRequest()
+        )
+        return [_core.token_info(t) for t in reply.tokens]
+
+    async def revoke_token(self, token_id: str) -> None:
+        await self._unary(
+            self._fastpath().RevokeToken, fastpath_pb2.RevokeTokenRequest(id=token_id)
+        )
 
     # ------------------------------------------------------------------ sandboxes
 

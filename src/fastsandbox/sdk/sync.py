@@ -14,10 +14,11 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Generator, Iterator, Mapping
 from datetime import datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
-from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
+from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions, TokenInfo
 from fastsandbox.sdk._logs import LogRecord, Since
 from fastsandbox.sdk.aio import AsyncClient
 
@@ -85,9 +86,20 @@ class Client:
         namespace: str | None = None,
         *,
         timeout: float | None = None,
+        token_file: str | Path | None = None,
+        ca_file: str | Path | None = None,
+        insecure: bool | None = None,
     ) -> None:
         # Resolve first: a bad config raises here without leaving a thread behind.
-        self._aio = AsyncClient(endpoint, token, namespace, timeout=timeout)
+        self._aio = AsyncClient(
+            endpoint,
+            token,
+            namespace,
+            timeout=timeout,
+            token_file=token_file,
+            ca_file=ca_file,
+            insecure=insecure,
+        )
         self._loop = _LoopThread()
 
     @property
@@ -117,6 +129,17 @@ class Client:
             self._loop.run(self._aio.close())
         finally:
             self._loop.stop()
+
+    def create_token(
+        self, namespace: str, *, ttl: int | timedelta | None = None
+    ) -> tuple[TokenInfo, str]:
+        return self._loop.run(self._aio.create_token(namespace, ttl=ttl))
+
+    def list_tokens(self) -> builtins.list[TokenInfo]:
+        return self._loop.run(self._aio.list_tokens())
+
+    def revoke_token(self, token_id: str) -> None:
+        self._loop.run(self._aio.revoke_token(token_id))
 
     def create(self, name: str, image: str, **options: Unpack[CreateOptions]) -> CreateResult:
         return self._loop.run(self._aio.create(name, image, **options))

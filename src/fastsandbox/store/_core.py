@@ -43,6 +43,8 @@ class Write:
 
 
 class StoreCore(abc.ABC):
+    keeps_uid = True
+
     def __init__(self, *, resource_version: int, history: int, bookmark_interval: float) -> None:
         if history < 1:
             raise InvalidArgument("the store must keep at least one event of history")

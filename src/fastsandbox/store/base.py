@@ -71,6 +71,10 @@ class WatchEvent:
 
 
 class ObjectStore(Protocol):
+    keeps_uid: bool
+    """Whether `create` keeps the `metadata.uid` it is given (SQLite, memory) or assigns its own
+    (the apiserver): a record answered before it is stored can only promise a uid it keeps."""
+
     async def get(self, kind: type[Obj], namespace: str, name: str) -> Obj: ...
 
     async def list(

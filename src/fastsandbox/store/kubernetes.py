@@ -101,6 +101,8 @@ _LAST_WRITER_ATTEMPTS = 5
 
 
 class KubernetesStore:
+    keeps_uid = False  # the apiserver assigns metadata.uid
+
     def __init__(self, client: AsyncClient, *, bookmark_interval: float = 10.0) -> None:
         """`client`: owned by the store from now on (closed by `close`).
         `bookmark_interval`: idle seconds before a watcher gets a BOOKMARK."""

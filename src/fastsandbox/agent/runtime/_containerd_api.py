@@ -183,6 +183,14 @@ class ContainerdApi:
         )
         return list(resp.images)
 
+    async def delete_image(self, name: str) -> None:
+        """Remove the image record and (sync) let containerd collect what nothing else uses:
+        layers a container's snapshot still stands on stay."""
+        await self._unary(
+            _IMAGES + "Delete", pb.CtdDeleteImageRequest(name=name, sync=True), pb.CtdEmpty,
+            f"delete image {name}",
+        )  # fmt: skip
+
     async def read_content(self, digest: str) -> bytes:
         chunks = await self._stream(
             _CONTENT + "Read",

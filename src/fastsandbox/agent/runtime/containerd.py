@@ -23,9 +23,9 @@ container and snapshot; each step tolerates "not found", so delete is idempotent
 cleans up after a half-finished create or delete.
 
 gVisor: Debian ships no runsc shim, so gVisor runs through the runc v2 shim with `BinaryName`
-pointing at a two-line wrapper that adds runsc's global `--network=host` flag (runsc refuses to
-set up its own network when started by the shim; host mode inside the agent's network namespace
-is what sandboxes want anyway). The wrapper is written once under `state_dir`.
+pointing at a wrapper (`runsc_wrapper.py`) that adds runsc's `--network=host` and starts runsc
+inside the network namespace the spec names, so a gVisor sandbox gets the same private namespace
+as a runc one. The wrapper is written once under `state_dir`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import platform
-import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -46,7 +45,9 @@ from urllib.parse import quote, urlencode
 from google.protobuf import any_pb2
 
 from fastsandbox._aio.keyed import KeyedLocks
+from fastsandbox.agent.runtime import runsc_wrapper
 from fastsandbox.agent.runtime._containerd_api import ContainerdApi
+from fastsandbox.agent.runtime.apparmor import AppArmor
 from fastsandbox.agent.runtime.base import (
     ContainerSpec,
     ContainerState,
@@ -68,6 +69,7 @@ from fastsandbox.agent.runtime.oci_spec import (
     host_pids_limit,
     linux_resources,
 )
+from fastsandbox.agent.runtime.pull_errors import classify
 from fastsandbox.agent.runtime.warm_claim import cgroup_writes, claimed_oci, in_own_thread, prepare
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
@@ -156,16 +158,29 @@ _TASK_STATUS = {
     pb.CTD_TASK_STATUS_PAUSING: ContainerStatus.RUNNING,
 }
 
-# --host-uds=open lets the sandbox connect to its agent's channel socket (a host unix socket in
-# a bind mount); it still cannot create or listen on one (the deprecated spelling is
-# --fsgofer-host-uds).
-GVISOR_WRAPPER = '#!/bin/sh\nexec {runsc} --network=host --host-uds=open "$@"\n'
+
+def platform_manifest(ref: str, index: Mapping[str, Any]) -> str:
+    """The digest of this machine's linux manifest in an image index."""
+    arch = _GOARCH.get(platform.machine(), platform.machine())
+    for entry in index.get("manifests") or ():
+        plat = entry.get("platform") or {}
+        if plat.get("os") == "linux" and plat.get("architecture") == arch:
+            return str(entry["digest"])
+    raise NotFound(f"image {ref} has no linux/{arch} manifest")
+
+
+def is_index(media_type: str, document: Mapping[str, Any]) -> bool:
+    return media_type in _INDEX_TYPES or "manifests" in document
 
 
 def _timestamp(ts: Any) -> float | None:
     seconds = float(ts.seconds) + ts.nanos / 1e9
     # containerd sends the zero time (year 1) for "never"; the Unix epoch is as meaningless.
     return seconds if seconds > 0 else None
+
+
+# Background removals of a failed create's leftovers: 0.5 s doubling to 10 s, about 2 minutes.
+_CLEANUP_ATTEMPTS = 15
 
 
 class ContainerdRuntime:
@@ -185,6 +200,7 @@ class ContainerdRuntime:
         runsc_binary: str = "runsc",
         pull_timeout: float = 900.0,
         shim_group: str | None = None,
+        apparmor: AppArmor | None = None,
     ) -> None:
         self.socket = str(socket)
         self.namespace = namespace
@@ -200,7 +216,10 @@ class ContainerdRuntime:
         self._pull_locks = KeyedLocks()
         self._id_locks = KeyedLocks()
         self._image_configs: dict[str, ImageConfig] = {}
-        self._gvisor_wrapper: Path | None = None
+        self._gvisor_wrapper: str | None = None
+        self.apparmor = apparmor or AppArmor()
+        # Removals of what a failed create left, retried while containerd does not answer.
+        self._cleanups: set[asyncio.Task[None]] = set()
         self._layers = WritableLayers(self.state_dir / "disks")
         # Warm containers this process made: their record, image config and task pid, so a
         # claim reads nothing from containerd before it starts the main process.
@@ -258,10 +277,10 @@ class ContainerdRuntime:
             ) from None
         stderr = stderr_bytes.decode(errors="replace").strip()[-_STDERR_TAIL:]
         if proc.returncode != 0:
-            message = f"pull of {ref} failed: {argv!r} exited {proc.returncode}: {stderr}"
-            if "not found" in stderr:
-                raise NotFound(message)
-            raise RuntimeFailure(message)
+            # The remote's words stay in our log; the caller gets ours (pull_errors.py).
+            log.debug("pull failed", extra={"image": ref, "argv": argv, "stderr": stderr})
+            failure = classify(stderr, registry_host(ref))
+            raise failure.kind(f"pull of {ref} failed: {failure.reason}")
         log.info("pulled image", extra={"image": ref, "ms": (time.monotonic() - started) * 1e3})
 
     async def images(self) -> list[ImageInfo]:
@@ -291,7 +310,7 @@ class ContainerdRuntime:
         if cached is not None:
             return cached
         manifest = await self._read_json(target.digest)
-        if target.media_type in _INDEX_TYPES or "manifests" in manifest:
+        if is_index(target.media_type, manifest):
             manifest = await self._read_json(self._platform_manifest(ref, manifest))
         config_digest = manifest.get("config", {}).get("digest")
         if not config_digest:
@@ -311,29 +330,13 @@ class ContainerdRuntime:
 
     @staticmethod
     def _platform_manifest(ref: str, index: Mapping[str, Any]) -> str:
-        arch = _GOARCH.get(platform.machine(), platform.machine())
-        for entry in index.get("manifests") or ():
-            plat = entry.get("platform") or {}
-            if plat.get("os") == "linux" and plat.get("architecture") == arch:
-                return str(entry["digest"])
-        raise NotFound(f"image {ref} has no linux/{arch} manifest")
+        return platform_manifest(ref, index)
 
     # -- create -------------------------------------------------------------------------------
 
     def _gvisor_binary(self) -> str:
         if self._gvisor_wrapper is None:
-            runsc = shutil.which(self.runsc_binary)
-            if runsc is None:
-                raise RuntimeFailure("runtime gvisor needs runsc: apt-get install runsc")
-            wrapper = self.state_dir / "runsc-host-network"
-            wrapper.parent.mkdir(parents=True, exist_ok=True)
-            content = GVISOR_WRAPPER.format(runsc=runsc)
-            if not wrapper.exists() or wrapper.read_text() != content:
-                tmp = wrapper.with_suffix(".tmp")
-                tmp.write_text(content)
-                tmp.chmod(0o755)
-                tmp.replace(wrapper)
-            self._gvisor_wrapper = wrapper
+            self._gvisor_wrapper = runsc_wrapper.install(self.state_dir, self.runsc_binary)
         return str(self._gvisor_wrapper)
 
     def _runtime_options(self, runtime: str) -> any_pb2.Any | None:
@@ -363,6 +366,9 @@ class ContainerdRuntime:
         elif not argv and not spec.init_path:
             raise InvalidArgument(f"image {ref} has no entrypoint or cmd: give a command")
         uid, gid = parse_user(image.user)
+        if self.apparmor.pending(spec.runtime):
+            await asyncio.to_thread(self.apparmor.profile_for, spec.runtime)
+        profile = self.apparmor.profile_for(spec.runtime)
         oci = build_oci_spec(
             container_id=spec.id,
             args=argv,
@@ -380,6 +386,7 @@ class ContainerdRuntime:
             init_env=[f"{k}={v}" for k, v in spec.init_env],
             warm=spec.warm,
             annotations={SHIM_GROUP_ANNOTATION: self.shim_group} if self.shim_group else None,
+            apparmor_profile=profile,
         )
         record_labels = {**spec.labels, MANAGED_LABEL: "true"}
         # Ours, never the caller's: remove acts on the path it names.
@@ -397,7 +404,9 @@ class ContainerdRuntime:
         )
         # The container record first: it references the snapshot key, which keeps the
         # snapshot safe from containerd's garbage collector from the moment it exists.
-        await self._api.create_container(container)
+        # The record containerd stored (its labels, created time) is the state's container
+        # half: no Get after the start, one round trip fewer on every create.
+        stored = await self._api.create_container(container)
         try:
             mounts = await self._prepare_snapshot(spec.id, image.chain_id)
             if spec.disk_bytes is not None:
@@ -419,14 +428,23 @@ class ContainerdRuntime:
             log.warning("create failed; removing what was made", extra={"sandbox": spec.id})
             try:
                 await asyncio.shield(self._remove(spec.id, grace_seconds=0))
-            except Exception:
-                # The create's own error is the one to report; the janitor finds the rest.
-                log.exception("cleanup after a failed create failed", extra={"sandbox": spec.id})
+            except Exception as exc:
+                # The create's own error is the one to report. containerd itself may be what
+                # failed (restarting): try again once it is back, so no container is left for
+                # the janitor's orphan timeout.
+                log.warning(
+                    "cleanup after a failed create failed; retrying in the background",
+                    extra={"sandbox": spec.id, "err": str(exc)},
+                )
+                self._retry_removal(spec.id)
             raise
         log.info("started container", extra={"sandbox": spec.id, "pid": created.pid})
         if spec.warm:
             self._warm[spec.id] = (container, image, created.pid)
-        return await self.get(spec.id)
+        task: pb.CtdProcess | None = None
+        with contextlib.suppress(NotFound):
+            task = await self._api.get_task(spec.id)
+        return self._state(stored if stored.id else container, task)
 
     # -- warm slots ---------------------------------------------------------------------------
 
@@ -459,6 +477,10 @@ class ContainerdRuntime:
                 oci, sandbox_id=spec.id, argv=argv, env=env, cwd=cwd, resources=resources
             )
             new_labels = {**spec.labels, MANAGED_LABEL: "true"}
+            new_labels.pop(DISK_LAYER_LABEL, None)
+            if DISK_LAYER_LABEL in container.labels:
+                # The slot's layer stays where it is: whoever removes the sandbox finds it here.
+                new_labels[DISK_LAYER_LABEL] = container.labels[DISK_LAYER_LABEL]
             updated = pb.CtdContainer()
             updated.CopyFrom(container)
             updated.labels.clear()
@@ -502,6 +524,30 @@ class ContainerdRuntime:
             # just created), so it is stale; replace it.
             await self._api.remove_snapshot(self.snapshotter, key)
             return await self._api.prepare_snapshot(self.snapshotter, key, parent)
+
+    def _retry_removal(self, container_id: str) -> None:
+        task = asyncio.create_task(
+            self._remove_until_gone(container_id), name=f"cleanup-{container_id}"
+        )
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _remove_until_gone(self, container_id: str) -> None:
+        delay = 0.5
+        for _ in range(_CLEANUP_ATTEMPTS):
+            await asyncio.sleep(delay)
+            try:
+                async with self._id_locks.hold(container_id):
+                    await self._remove(container_id, grace_seconds=0)
+            except Exception as exc:
+                log.debug("cleanup retry failed", extra={"sandbox": container_id, "err": str(exc)})
+                delay = min(delay * 2, 10.0)
+                continue
+            log.info("removed what a failed create left", extra={"sandbox": container_id})
+            return
+        log.warning(
+            "cleanup retries exhausted; the janitor removes it", extra={"sandbox": container_id}
+        )
 
     # -- delete -------------------------------------------------------------------------------
 
@@ -613,6 +659,9 @@ class ContainerdRuntime:
         return process_defaults_of(spec)
 
     async def close(self) -> None:
+        for task in self._cleanups:
+            task.cancel()
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
         await self._api.close()
 
 

@@ -12,6 +12,8 @@ Where we differ, and why:
 - Limits (`linux_resources`): CPU quota from millicores (period 100 ms) plus shares, a memory
   limit with no swap beyond it (so the OOM killer, not paging, ends a hog), and a pids limit so
   a fork bomb stays inside its sandbox.
+- AppArmor (`apparmor_profile`, set by the runtime where the host has AppArmor): our
+  `fastsandbox-default` profile, a second fence behind the masked paths and seccomp.
 - Namespaces: new pid, ipc, uts and mount namespaces; the network namespace is the agent's (a
   path) or the host's when none is given, because sandboxes share their agent's IP by design.
 
@@ -187,6 +189,7 @@ def build_oci_spec(
     channel_dir: str | None = None,
     init_env: Sequence[str] = (),
     warm: bool = False,
+    apparmor_profile: str | None = None,
 ) -> dict[str, Any]:
     """The runtime spec (as JSON-ready dict) for one sandbox container. With `init_path`, the
     static supervisor is bind-mounted read-only at `INIT_MOUNT` and runs as PID 1 in front of
@@ -259,6 +262,10 @@ def build_oci_spec(
             "readonlyPaths": list(READONLY_PATHS),
         },
     }
+    if apparmor_profile:
+        # Only where the host enforces AppArmor (apparmor.py): runc refuses a profile on a
+        # kernel without it.
+        spec["process"]["apparmorProfile"] = apparmor_profile
     if annotations:
         spec["annotations"] = dict(annotations)
     return spec

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Token, client
+from fastsandbox.cli.options import Endpoint, Namespace, TokenFile, client
 
 if TYPE_CHECKING:
     from fastsandbox.api.models import Sandbox, SandboxPool
@@ -42,6 +43,13 @@ IMMUTABLE = (
 )
 
 
+# Bounds on what `fsb apply` reads: a manifest of sandboxes and pools is kilobytes; these stop a
+# mistaken file (a log, a binary) or a YAML alias bomb (a few lines whose aliases expand to
+# billions of nodes, which validation would walk) before they cost time or memory.
+MAX_APPLY_BYTES = 1024 * 1024
+MAX_YAML_NODES = 100_000
+
+
 @dataclass(frozen=True, slots=True)
 class Document:
     index: int
@@ -57,10 +65,19 @@ def load_documents(text: str, namespace: str) -> list[Document]:
     from fastsandbox.api.models import Sandbox, SandboxPool, describe_validation_error
     from fastsandbox.errors import InvalidArgument
 
+    size = len(text.encode(errors="surrogatepass"))
+    if size > MAX_APPLY_BYTES:
+        raise InvalidArgument(
+            f"the file is {size} bytes; fsb apply reads at most {MAX_APPLY_BYTES} bytes "
+            "(split it into several files)"
+        )
     try:
+        _check_expanded_size(yaml.compose_all(text, Loader=yaml.SafeLoader))
         raw_docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise InvalidArgument(f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument("not valid YAML: nested too deeply") from None
     if not raw_docs:
         raise InvalidArgument("no documents to apply")
     docs: list[Document] = []
@@ -79,7 +96,13 @@ def load_documents(text: str, namespace: str) -> list[Document]:
             )
         body = {k: v for k, v in raw.items() if k != "status"}
         body.setdefault("apiVersion", API_VERSION)
-        meta = dict(body.get("metadata") or {})
+        raw_meta = body.get("metadata") or {}
+        if not isinstance(raw_meta, dict):
+            raise InvalidArgument(
+                f"document {i} ({kind} ?): metadata: expected a mapping with name, got "
+                f"{type(raw_meta).__name__}"
+            )
+        meta = dict(raw_meta)
         meta["namespace"] = meta.get("namespace") or namespace
         body["metadata"] = meta
         try:
@@ -95,6 +118,27 @@ def load_documents(text: str, namespace: str) -> list[Document]:
         docs.append(Document(i, kind, obj))
     # Pools first, each kind in file order.
     return sorted(docs, key=lambda d: (d.kind != "SandboxPool", d.index))
+
+
+def _check_expanded_size(documents: Iterable[Any]) -> None:
+    """Refuse YAML whose nodes, aliases expanded, exceed MAX_YAML_NODES (an alias bomb)."""
+    from fastsandbox.errors import InvalidArgument
+
+    count = 0
+    for root in documents:
+        stack = [root] if root is not None else []
+        while stack:
+            node = stack.pop()
+            count += 1
+            if count > MAX_YAML_NODES:
+                raise InvalidArgument(
+                    f"the YAML expands to more than {MAX_YAML_NODES} nodes (aliases included); "
+                    "fsb apply refuses it"
+                )
+            value = node.value
+            if isinstance(value, list):
+                for item in value:
+                    stack.extend(item if isinstance(item, tuple) else (item,))
 
 
 def apply_pool(fsb: Client, doc: Document) -> str:
@@ -226,7 +270,7 @@ def apply(
         ),
     ] = 60.0,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Create or update the sandboxes and pools described in a YAML file."""
@@ -240,7 +284,7 @@ def apply(
             text = Path(filename).read_text()
         except OSError as exc:
             raise InvalidArgument(f"cannot read {filename}: {exc.strerror or exc}") from None
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         docs = load_documents(text, fsb.namespace)
         failures: list[FsbError] = []
         for doc in docs:

@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, MetricsListen, log_settings
+from fastsandbox.cli.options import (
+    Insecure,
+    LogFile,
+    LogFormat,
+    LogLevel,
+    MetricsListen,
+    ServeTokenFile,
+    TlsCert,
+    TlsKey,
+    log_settings,
+    serve_security,
+)
 from fastsandbox.settings import DEFAULT_ENDPOINT
 
 
@@ -48,16 +59,18 @@ def controller(
             "--listen", envvar="FSB_LISTEN", metavar="HOST:PORT", help="Fast-Path address."
         ),
     ] = DEFAULT_ENDPOINT,
-    token: Annotated[
-        str | None,
+    token_file: ServeTokenFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_name: Annotated[
+        list[str] | None,
         typer.Option(
-            "--token",
-            envvar="FSB_TOKEN",
-            help="Require this API token (default: Secret fastsandbox-api-token in the "
-            "controller's namespace, created once).",
-            show_default=False,
+            "--tls-name",
+            metavar="NAME",
+            help="Another DNS name or IP for the generated certificate (repeatable).",
         ),
     ] = None,
+    insecure: Insecure = False,
     agent_image: Annotated[
         str,
         typer.Option(
@@ -83,6 +96,14 @@ def controller(
             help="Leader Lease duration; a dead leader is replaced within about 4/3 of it.",
         ),
     ] = 15,
+    allowed_registry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-registry",
+            metavar="HOST[:PORT]",
+            help="Agents pull only from these (repeatable; default: docker.io + insecure ones).",
+        ),
+    ] = None,
     insecure_registry: Annotated[
         list[str] | None,
         typer.Option(
@@ -122,17 +143,23 @@ def controller(
         raise InvalidArgument(f"--heartbeat: must be > 0 seconds, not {heartbeat}")
     if kubeconfig is not None and not kubeconfig.is_file():
         raise InvalidArgument(f"--kubeconfig: {kubeconfig} is not a file")
+    token, cert, key = serve_security(token_file, tls_cert, tls_key, insecure, listen)
     settings = ControllerSettings(
+        tls_cert=cert,
+        tls_key=key,
+        tls_names=list(tls_name or []),
+        insecure=insecure,
         kubeconfig=kubeconfig.expanduser().absolute() if kubeconfig is not None else None,
         namespace=namespace or None,
         watch_namespace=watch_namespace or None,
         listen=listen,
-        token=token or None,
+        token=token,
         kube_auth=kube_auth,
         agent_image=agent_image,
         identity=identity or None,
         lease_duration_seconds=lease_duration,
         insecure_registries=list(insecure_registry or []),
+        allowed_registries=list(allowed_registry or []),
         heartbeat_seconds=heartbeat,
         log=log,
         metrics_listen=metrics_listen,

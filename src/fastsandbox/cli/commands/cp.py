@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Token
+from fastsandbox.cli.options import Endpoint, Namespace, TokenFile
 
 if TYPE_CHECKING:
     from fastsandbox.sdk.files import AsyncFiles, EntryInfo
@@ -172,7 +172,7 @@ async def _download_file(files: AsyncFiles, entry: EntryInfo, local: Path) -> in
 
 
 async def run_cp(
-    src: str, dst: str, *, endpoint: str | None, token: str | None, namespace: str | None
+    src: str, dst: str, *, endpoint: str | None, token_file: str | None, namespace: str | None
 ) -> int:
     from fastsandbox.errors import InvalidArgument
     from fastsandbox.sdk.aio import AsyncClient
@@ -181,7 +181,7 @@ async def run_cp(
     source, dest = split_remote(src), split_remote(dst)
     if (source is None) == (dest is None):
         raise InvalidArgument("cp: exactly one of SRC and DST must be NAME:PATH")
-    async with AsyncClient(endpoint, token, namespace) as client:
+    async with AsyncClient(endpoint, None, namespace, token_file=token_file) as client:
         if dest is not None:
             name, path = dest
             return await upload(AsyncFiles(client, client.namespace, name), Path(src), path)
@@ -194,8 +194,8 @@ def cp(
     src: Annotated[str, typer.Argument(help="Local path or NAME:PATH.", show_default=False)],
     dst: Annotated[str, typer.Argument(help="NAME:PATH or local path.", show_default=False)],
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Copy files or directories between here and a sandbox."""
-    asyncio.run(run_cp(src, dst, endpoint=endpoint, token=token, namespace=namespace))
+    asyncio.run(run_cp(src, dst, endpoint=endpoint, token_file=token_file, namespace=namespace))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Token, client
+from fastsandbox.cli.options import Endpoint, Namespace, TokenFile, client
 
 
 def delete(
@@ -15,11 +15,11 @@ def delete(
         bool, typer.Option("--wait", help="Return only once the container and record are gone.")
     ] = False,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Delete a sandbox."""
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         phase = fsb.delete(name, wait=wait)
     if wait or phase in ("", "Deleted"):
         typer.echo(f"sandbox {name} deleted")

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, Token, client
+from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, TokenFile, client
 
 NONE = "<none>"
 _INDENT = "  "
@@ -26,13 +26,13 @@ def describe(
     name: Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)],
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Show one sandbox in detail, with its recent events."""
     from fastsandbox.cli import render
 
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         item = fsb.get_raw(name)
         events = fsb.events_raw(name)
     if output is Output.table:

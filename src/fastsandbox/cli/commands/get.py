@@ -6,20 +6,20 @@ from typing import Annotated
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, Token, client
+from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, TokenFile, client
 
 
 def get(
     name: Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)],
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Show one sandbox."""
     from fastsandbox.cli import render
 
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         item = fsb.get_raw(name)
     if output is Output.table:
         render.sandbox_detail(item)

@@ -8,7 +8,7 @@ from fastsandbox.cli.options import (
     Namespace,
     Output,
     OutputOpt,
-    Token,
+    TokenFile,
     client,
 )
 
@@ -17,13 +17,13 @@ def list_(
     all_namespaces: AllNamespaces = False,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """List sandboxes (NAMESPACE with -A, NAME, PHASE, AGENT, ENDPOINTS, AGE)."""
     from fastsandbox.cli import render
 
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         items = fsb.list_raw(all_namespaces=all_namespaces)
     if output is Output.table:
         render.sandbox_table(items, all_namespaces)

@@ -14,7 +14,7 @@ from typing import Annotated, BinaryIO
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Token, client
+from fastsandbox.cli.options import Endpoint, Namespace, TokenFile, client
 from fastsandbox.errors import InvalidArgument
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -92,7 +92,7 @@ def logs(
         bool, typer.Option("--timestamps", "-t", help="Start each line with its time (UTC).")
     ] = False,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Print a sandbox's stdout (to stdout) and stderr (to stderr)."""
@@ -102,7 +102,7 @@ def logs(
         "stderr": typer.get_binary_stream("stderr"),
     }
     stampers = {"stdout": _Stamper(), "stderr": _Stamper()}
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         try:
             for record in fsb.log_records(
                 name,

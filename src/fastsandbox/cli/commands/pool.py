@@ -12,7 +12,7 @@ from fastsandbox.cli.options import (
     Namespace,
     Output,
     OutputOpt,
-    Token,
+    TokenFile,
     client,
 )
 
@@ -46,11 +46,24 @@ def create(
     ] = None,
     prewarm_image: Annotated[
         list[str] | None,
-        typer.Option("--prewarm-image", metavar="IMAGE", help="Pull on every agent (repeatable)."),
+        typer.Option(
+            "--prewarm-image",
+            metavar="IMAGE",
+            help="Pull on every agent, and keep warm slots of it (repeatable).",
+        ),
+    ] = None,
+    warm_slots: Annotated[
+        int | None,
+        typer.Option(
+            "--warm-slots",
+            min=0,
+            help="Warm slots per agent and hot image: containers made ahead that a create of "
+            "that image claims in milliseconds (default: 0).",
+        ),
     ] = None,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Create a pool."""
@@ -68,10 +81,11 @@ def create(
             "buffer_max": buffer_max,
             "per_agent": per_agent,
             "prewarm_images": prewarm_image,
+            "warm_slots": warm_slots,
         }.items()
         if v is not None
     }
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         pool = fsb.create_pool(name, **options)
     if output is Output.table:
         typer.echo(f"pool {pool.metadata.namespace}/{pool.metadata.name} created")
@@ -86,13 +100,13 @@ def list_(
     all_namespaces: AllNamespaces = False,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """List pools."""
     from fastsandbox.cli import render
 
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         items = fsb.list_pools_raw(all_namespaces=all_namespaces)
     if output is Output.table:
         render.pool_table(items, all_namespaces)
@@ -105,13 +119,13 @@ def get(
     name: Name,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Show one pool."""
     from fastsandbox.cli import render
 
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         item = fsb.get_pool_raw(name)
     if output is Output.table:
         render.pool_detail(item)
@@ -130,13 +144,13 @@ def scale(
     ] = None,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Change a pool's agent bounds; agents are started or drained in the background."""
     from fastsandbox.cli import render
 
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         pool = fsb.scale_pool(name, pool_min=pool_min, pool_max=pool_max)
     if output is Output.table:
         cap = pool.spec.capacity
@@ -154,10 +168,10 @@ def scale(
 def delete(
     name: Name,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Delete a pool (its agents are stopped)."""
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         fsb.delete_pool(name)
     typer.echo(f"pool {name} deleted")

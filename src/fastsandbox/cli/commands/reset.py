@@ -10,21 +10,21 @@ from typing import Annotated
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, Token, client
+from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, TokenFile, client
 
 
 def reset(
     name: Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)],
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Recreate a sandbox's container (same spec, fresh filesystem)."""
     from fastsandbox.api.models import to_wire
     from fastsandbox.cli import render
 
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         sb = fsb.reset(name)
     if output is not Output.table:
         render.structured(to_wire(sb), output)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, Token, client
+from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, TokenFile, client
 
 _SPEC = "Sandbox spec"
 
@@ -146,7 +146,7 @@ def run(
     ] = None,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Create a sandbox and print its agent, container, endpoints and timings."""
@@ -204,7 +204,7 @@ def run(
     from fastsandbox.cli.pull_progress import pull_progress
 
     with (
-        client(endpoint, token, namespace) as fsb,
+        client(endpoint, token_file, namespace) as fsb,
         pull_progress(fsb, image_ref, options) as progress,
     ):
         result = fsb.create(name, image_ref, **options)

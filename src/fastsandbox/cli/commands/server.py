@@ -7,8 +7,24 @@ from typing import Annotated
 
 import typer
 
-from fastsandbox.cli.options import LogFile, LogFormat, LogLevel, MetricsListen, log_settings
-from fastsandbox.settings import DEFAULT_ENDPOINT, JANITOR_INTERVAL_SECONDS, ORPHAN_TIMEOUT_SECONDS
+from fastsandbox.cli.options import (
+    Insecure,
+    LogFile,
+    LogFormat,
+    LogLevel,
+    MetricsListen,
+    ServeTokenFile,
+    TlsCert,
+    TlsKey,
+    log_settings,
+    serve_security,
+)
+from fastsandbox.settings import (
+    DEFAULT_ENDPOINT,
+    IMAGE_CACHE_MAX,
+    JANITOR_INTERVAL_SECONDS,
+    ORPHAN_TIMEOUT_SECONDS,
+)
 
 
 def server(
@@ -19,7 +35,7 @@ def server(
             "--data-dir",
             envvar="FSB_DATA_DIR",
             metavar="DIR",
-            help="State, token and logs (default: ~/.local/share/fastsandbox).",
+            help="State, admin token, TLS CA and logs (default: ~/.local/share/fastsandbox).",
             show_default=False,
         ),
     ] = None,
@@ -39,21 +55,24 @@ def server(
             show_default=False,
         ),
     ] = None,
+    allowed_registry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-registry",
+            metavar="HOST[:PORT]",
+            help="Pull only from these (repeatable; default: docker.io + insecure ones).",
+        ),
+    ] = None,
     insecure_registry: Annotated[
         list[str] | None,
         typer.Option(
             "--insecure-registry", metavar="HOST:PORT", help="Pull over plain HTTP (repeatable)."
         ),
     ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            "--token",
-            envvar="FSB_TOKEN",
-            help="Require this API token (default: <data-dir>/token, created once).",
-            show_default=False,
-        ),
-    ] = None,
+    token_file: ServeTokenFile = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    insecure: Insecure = False,
     no_default_pool: Annotated[
         bool, typer.Option("--no-default-pool", help="Do not create pool default-pool.")
     ] = False,
@@ -79,6 +98,15 @@ def server(
             help="Remove a container left without a record (or agent) this long.",
         ),
     ] = ORPHAN_TIMEOUT_SECONDS,
+    image_cache_max: Annotated[
+        str,
+        typer.Option(
+            "--image-cache-max",
+            envvar="FSB_IMAGE_CACHE_MAX",
+            metavar="SIZE",
+            help="Image cache budget; least recently used images go past it.",
+        ),
+    ] = IMAGE_CACHE_MAX,
     janitor_interval: Annotated[
         float,
         typer.Option(
@@ -100,10 +128,25 @@ def server(
         raise InvalidArgument(f"--orphan-timeout: must be >= 0 seconds, not {orphan_timeout}")
     if janitor_interval <= 0:
         raise InvalidArgument(f"--janitor-interval: must be > 0 seconds, not {janitor_interval}")
+    token, cert, key = serve_security(token_file, tls_cert, tls_key, insecure, listen)
+    from fastsandbox.api.quantity import bytes_exact
+
+    try:
+        cache_max = int(bytes_exact(image_cache_max))
+    except ValueError:
+        raise InvalidArgument(
+            f"--image-cache-max: {image_cache_max!r} is not a size such as 20Gi"
+        ) from None
+    if cache_max <= 0:
+        raise InvalidArgument("--image-cache-max: must be positive (there is no unlimited)")
     settings = ServerSettings(
         listen=listen,
+        tls_cert=cert,
+        tls_key=key,
+        insecure=insecure,
         containerd_socket=containerd_socket,
         insecure_registries=list(insecure_registry or []),
+        allowed_registries=list(allowed_registry or []),
         token=token,
         default_pool=not no_default_pool,
         network=network,
@@ -111,6 +154,7 @@ def server(
         metrics_listen=metrics_listen,
         janitor_interval_seconds=janitor_interval,
         orphan_timeout_seconds=orphan_timeout,
+        image_cache_max_bytes=cache_max,
     )
     if data_dir is not None:
         settings.data_dir = data_dir.expanduser().absolute()

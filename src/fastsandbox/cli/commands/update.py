@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, Token, client
+from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, TokenFile, client
 
 
 def parse_labels(items: list[str]) -> dict[str, str | None]:
@@ -70,7 +70,7 @@ def update(
     ] = None,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
-    token: Token = None,
+    token_file: TokenFile = None,
     namespace: Namespace = None,
 ) -> None:
     """Change a sandbox's expiry, labels, failure policy or recovery timeout."""
@@ -89,7 +89,7 @@ def update(
     if len(expiry) > 1:
         raise InvalidArgument(f"{' and '.join(expiry)} are mutually exclusive: give one")
     labels = parse_labels(label or [])
-    with client(endpoint, token, namespace) as fsb:
+    with client(endpoint, token_file, namespace) as fsb:
         sb = fsb.update(
             name,
             ttl=ttl,

@@ -1,241 +1,241 @@
-"""Who may call which Fast-Path RPC on which namespace: an admin token, or identities an
-`Authenticator` knows (on Kubernetes: ServiceAccount tokens, checked by TokenReview) with every
-call checked by an `Authorizer` (SubjectAccessReview), as Kubernetes itself would check the same
-verb on the same object.
+"""Every Fast-Path call authenticated and authorized before the servicer sees it.
 
-Each RPC is one verb on one resource in one namespace (`RPC_ACCESS`), the way `kubectl` would
-spell it: `Create` is `create sandboxes`, `GetPool` is `get sandboxpools`, `List` with no
-namespace is `list sandboxes` cluster-wide. Working inside a sandbox (exec, file writes, reset,
-lease renewal) changes it, so it is `update sandboxes`; reading from one (logs, files, processes,
-events) is `get`. So `kubectl auth can-i create sandboxes -n team-a --as=...` answers for the
-Fast-Path exactly as for `kubectl apply`. An RPC missing from the table is refused (fail closed).
+`RULES` has one row per RPC of `fastpath.proto`'s FastPath service: the `Action` (RBAC verb,
+resource, subresource, namespace) its request asks for. `AccessGuard` (a server interceptor)
+authenticates the call's metadata, then wraps the RPC's handler so the request — for a
+client-streaming RPC its first message, which names the sandbox — is authorized before the
+servicer runs. A method without a row is refused (PERMISSION_DENIED) and `check_rules` fails the
+server's start, so a new RPC cannot be served unguarded; tests/e2e/test_tenants.py drives its
+matrix from the same descriptor.
 
-The namespace is in the request, which an interceptor does not see: the check wraps the handler
-and runs on the (first) request message, before the servicer does anything.
-
-This is the Kubernetes side's own minimal seam; the embedded server's namespace-scoped tokens
-can implement the same two Protocols.
+The caller travels to the servicer in a context variable (`current_caller`): `List` uses it to
+blank the env values of sandboxes the caller may list but not read.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
-from fastsandbox._grpc_auth import HEALTH_CHECK, Handler
-from fastsandbox.errors import FsbError
+from fastsandbox._grpc_auth import HEALTH_CHECK, Handler, deny, drain
+from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2
+from fastsandbox.control.fastpath.authz import Action, Authenticator, Authorizer, Principal
+from fastsandbox.errors import FsbError, InvalidArgument
 
-API_GROUP = "fastsandbox.io"
-SANDBOXES, POOLS = "sandboxes", "sandboxpools"
-_SERVICE = "/fastsandbox.v1.FastPath/"
+log = logging.getLogger(__name__)
+
+SERVICE = fastpath_pb2.DESCRIPTOR.services_by_name["FastPath"]
+PREFIX = f"/{SERVICE.full_name}/"
+DEFAULT_NAMESPACE = "default"
+
+Rule = Callable[[Any], Action]
+
+
+def _ns(namespace: str) -> str:
+    # The servicer's own default for an empty namespace: both must read the request alike.
+    return namespace or DEFAULT_NAMESPACE
+
+
+def _sandbox(verb: str, subresource: str = "") -> Rule:
+    return lambda r: Action(verb, "sandboxes", _ns(r.namespace), subresource)
+
+
+def _pool(verb: str) -> Rule:
+    return lambda r: Action(verb, "sandboxpools", _ns(r.namespace))
+
+
+def _listing(resource: str) -> Rule:
+    # An empty namespace lists every namespace (`fsb list -A`).
+    return lambda r: Action("list", resource, r.namespace or None)
+
+
+def _target(verb: str, subresource: str, target: Callable[[Any], Any]) -> Rule:
+    return lambda r: Action(verb, "sandboxes", _ns(target(r).namespace), subresource)
+
+
+def _pool_json(verb: str) -> Rule:
+    def rule(request: fastpath_pb2.PoolRequest) -> Action:
+        try:
+            body = json.loads(request.object_json)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"pool is not valid JSON: {exc}") from None
+        meta = body.get("metadata") if isinstance(body, dict) else None
+        namespace = meta.get("namespace") if isinstance(meta, dict) else None
+        if namespace is not None and not isinstance(namespace, str):
+            raise InvalidArgument("metadata.namespace: must be a string")
+        return Action(verb, "sandboxpools", _ns(namespace or ""))
+
+    return rule
+
+
+def _events(request: fastpath_pb2.EventsRequest) -> Action:
+    resource = "sandboxpools" if request.kind == "SandboxPool" else "sandboxes"
+    return Action("get", resource, _ns(request.namespace), "events")
+
+
+def _tokens(verb: str) -> Rule:
+    return lambda _r: Action(verb, "tokens", None)
+
+
+RULES: Mapping[str, Rule] = {
+    "Create": _sandbox("create"),
+    "Get": _sandbox("get"),
+    "List": _listing("sandboxes"),
+    "Delete": _sandbox("delete"),
+    "Logs": _sandbox("get", "logs"),
+    "Update": _sandbox("update"),
+    "Reset": _sandbox("update", "reset"),
+    "ListEvents": _events,
+    "RenewLease": _sandbox("update", "lease"),
+    "CreatePool": _pool_json("create"),
+    "GetPool": _pool("get"),
+    "ListPools": _listing("sandboxpools"),
+    "DeletePool": _pool("delete"),
+    "UpdatePool": _pool_json("update"),
+    # Client-streaming: the rule reads the first message (start / header).
+    "Exec": _target("create", "exec", lambda m: m.start.target),
+    "ListProcesses": _target("get", "exec", lambda m: m.target),
+    "FileOp": _target("update", "files", lambda m: m.target),
+    "ReadFile": _target("get", "files", lambda m: m.target),
+    "WriteFile": _target("update", "files", lambda m: m.header.target),
+    "Watch": _target("get", "files", lambda m: m.target),
+    "CreateToken": _tokens("create"),
+    "ListTokens": _tokens("list"),
+    "RevokeToken": _tokens("delete"),
+}
+
+
+def check_rules(rules: Mapping[str, Rule] = RULES) -> None:
+    """Every RPC of the service has a rule (and no rule names an RPC that does not exist)."""
+    methods = {m.name for m in SERVICE.methods}
+    missing, extra = methods - set(rules), set(rules) - methods
+    if missing or extra:
+        raise RuntimeError(
+            f"Fast-Path access rules out of step with fastpath.proto: no rule for "
+            f"{sorted(missing)}, rules for unknown {sorted(extra)}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated caller."""
+    principal: Principal
+    authorizer: Authorizer
+    _seen: dict[Action, bool] = field(default_factory=dict)
 
-    name: str
-    groups: tuple[str, ...] = ()
-    uid: str = ""
-    extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    admin: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Access:
-    verb: str
-    resource: str
-    namespace: str
-    """"" for every namespace (a `List` without one)."""
-
-    def describe(self) -> str:
-        where = f"in namespace {self.namespace}" if self.namespace else "in every namespace"
-        return f"{self.verb} {self.resource}.{API_GROUP} {where}"
+    async def may(self, action: Action) -> bool:
+        if action not in self._seen:
+            try:
+                await self.authorizer.authorize(self.principal, action)
+                self._seen[action] = True
+            except FsbError:
+                self._seen[action] = False
+        return self._seen[action]
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    allowed: bool
-    reason: str = ""
+_CALLER: ContextVar[Caller | None] = ContextVar("fastpath_caller", default=None)
 
 
-class Authenticator(Protocol):
-    async def authenticate(self, token: str) -> Caller | None:
-        """The caller this bearer token proves, or None (not a valid token). Raises
-        `FsbError` (e.g. Unavailable) when it cannot tell."""
-        ...
+def current_caller() -> Caller | None:
+    """The caller of the RPC being served (None outside `AccessGuard`, e.g. unit tests)."""
+    return _CALLER.get()
 
 
-class Authorizer(Protocol):
-    async def authorize(self, caller: Caller, access: Access) -> Decision: ...
-
-
-def _ns(value: str) -> str:
-    return value or "default"
-
-
-def _pool_namespace(request: Any) -> str:
+async def _peek(requests: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
+    it = requests.__aiter__()
     try:
-        meta = json.loads(request.object_json or "{}").get("metadata") or {}
-        return _ns(str(meta.get("namespace") or ""))
-    except (ValueError, AttributeError):
-        return "default"  # the servicer refuses the bad JSON itself, naming the field
+        first = await it.__anext__()
+    except StopAsyncIteration:
+        first = None
+
+    async def rest() -> AsyncIterator[Any]:
+        if first is not None:
+            yield first
+        async for message in it:
+            yield message
+
+    return first, rest()
 
 
-def _target(request: Any) -> str:
-    return _ns(request.target.namespace)
-
-
-def _exec_target(request: Any) -> str:
-    return _ns(request.start.target.namespace)
-
-
-def _write_target(request: Any) -> str:
-    return _ns(request.header.target.namespace)
-
-
-def _events(request: Any) -> tuple[str, str]:
-    return (POOLS if request.kind == "SandboxPool" else SANDBOXES), _ns(request.namespace)
-
-
-Rule = tuple[str, str, Callable[[Any], str]]
-
-RPC_ACCESS: dict[str, Rule] = {
-    "Create": ("create", SANDBOXES, lambda r: _ns(r.namespace)),
-    "Get": ("get", SANDBOXES, lambda r: _ns(r.namespace)),
-    "List": ("list", SANDBOXES, lambda r: r.namespace),
-    "Delete": ("delete", SANDBOXES, lambda r: _ns(r.namespace)),
-    "Logs": ("get", SANDBOXES, lambda r: _ns(r.namespace)),
-    "Update": ("update", SANDBOXES, lambda r: _ns(r.namespace)),
-    "Reset": ("update", SANDBOXES, lambda r: _ns(r.namespace)),
-    "RenewLease": ("update", SANDBOXES, lambda r: _ns(r.namespace)),
-    "ListEvents": ("get", SANDBOXES, lambda r: _ns(r.namespace)),  # resource: `_events`
-    "CreatePool": ("create", POOLS, _pool_namespace),
-    "GetPool": ("get", POOLS, lambda r: _ns(r.namespace)),
-    "ListPools": ("list", POOLS, lambda r: r.namespace),
-    "DeletePool": ("delete", POOLS, lambda r: _ns(r.namespace)),
-    "UpdatePool": ("update", POOLS, _pool_namespace),
-    "Exec": ("update", SANDBOXES, _exec_target),
-    "ListProcesses": ("get", SANDBOXES, _target),
-    "FileOp": ("update", SANDBOXES, _target),
-    "ReadFile": ("get", SANDBOXES, _target),
-    "WriteFile": ("update", SANDBOXES, _write_target),
-    "Watch": ("get", SANDBOXES, _target),
-}
-
-
-def access_of(method: str, request: Any) -> Access | None:
-    """What calling `method` (the RPC's name) with `request` asks for; None: unknown RPC."""
-    rule = RPC_ACCESS.get(method)
-    if rule is None:
-        return None
-    verb, resource, namespace = rule
-    if method == "ListEvents":
-        resource, ns = _events(request)
-        return Access(verb, resource, ns)
-    return Access(verb, resource, namespace(request))
-
-
-def _bearer(details: grpc.HandlerCallDetails) -> str:
-    for key, value in details.invocation_metadata or ():
-        if key == "authorization":
-            text = value if isinstance(value, str) else value.decode()
-            return text.removeprefix("Bearer ").strip() if text.startswith("Bearer ") else ""
-    return ""
-
-
-def _refusing(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
-    async def deny(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(code, message)
-
-    return _wrap(handler, lambda _request, context: deny(context))
-
-
-async def _responses(result: Any) -> AsyncIterator[Any]:
-    """A streaming handler's responses: it yields them, or writes them itself and returns."""
-    if hasattr(result, "__aiter__"):
-        async for item in result:
-            yield item
-    else:
-        await result
-
-
-def _wrap(
-    handler: Handler,
-    check: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[None]],
-) -> Handler:
-    """A handler of the same shape that first awaits `check(first_request, context)`."""
+def _wrap(handler: Handler, caller: Caller, rule: Rule) -> Handler:
+    """`handler` with the authorization of its request (or first message) in front."""
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
+
+    async def refusal(request: Any) -> FsbError | None:
+        _CALLER.set(caller)
+        if request is None:
+            return None  # an empty stream: the servicer refuses it, touching nothing
+        try:
+            await caller.authorizer.authorize(caller.principal, rule(request))
+        except FsbError as exc:
+            return exc
+        return None
+
+    async def check(request: Any, context: Any, rest: AsyncIterator[Any] | None = None) -> None:
+        refused = await refusal(request)
+        if refused is not None:
+            if rest is not None:
+                await drain(rest)  # see _grpc_auth.drain: the refusal must reach the client
+            await context.abort(refused.grpc_code, refused.message)
+
+    if handler.request_streaming and handler.response_streaming:
+        stream_stream: Any = handler.stream_stream
+
+        async def ss(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            first, rest = await _peek(requests)
+            await check(first, context, rest)
+            async for out in stream_stream(rest, context):
+                yield out
+
+        return grpc.stream_stream_rpc_method_handler(ss, **kwargs)
     if handler.request_streaming:
+        stream_unary: Any = handler.stream_unary
 
-        async def first_and_rest(requests: AsyncIterator[Any], context: Any) -> Any:
-            first = await anext(requests, None)
-            await check(first, context)
+        async def su(requests: AsyncIterator[Any], context: Any) -> Any:
+            first, rest = await _peek(requests)
+            await check(first, context, rest)
+            return await stream_unary(rest, context)
 
-            async def chained() -> AsyncIterator[Any]:
-                if first is not None:
-                    yield first
-                async for item in requests:
-                    yield item
-
-            return chained()
-
-        if handler.response_streaming:
-            inner_ss: Any = handler.stream_stream
-
-            async def stream_stream(requests: AsyncIterator[Any], context: Any) -> Any:
-                rest = await first_and_rest(requests, context)
-                async for item in _responses(inner_ss(rest, context)):
-                    yield item
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
-        inner_su: Any = handler.stream_unary
-
-        async def stream_unary(requests: AsyncIterator[Any], context: Any) -> Any:
-            rest = await first_and_rest(requests, context)
-            return await inner_su(rest, context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+        return grpc.stream_unary_rpc_method_handler(su, **kwargs)
     if handler.response_streaming:
-        inner_us: Any = handler.unary_stream
+        unary_stream: Any = handler.unary_stream
 
-        async def unary_stream(request: Any, context: Any) -> Any:
+        async def us(request: Any, context: Any) -> AsyncIterator[Any]:
             await check(request, context)
-            async for item in _responses(inner_us(request, context)):
-                yield item
+            async for out in unary_stream(request, context):
+                yield out
 
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
-    inner_uu: Any = handler.unary_unary
+        return grpc.unary_stream_rpc_method_handler(us, **kwargs)
+    unary_unary: Any = handler.unary_unary
 
-    async def unary_unary(request: Any, context: Any) -> Any:
+    async def uu(request: Any, context: Any) -> Any:
         await check(request, context)
-        return await inner_uu(request, context)
+        return await unary_unary(request, context)
 
-    return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(uu, **kwargs)
 
 
-@dataclass
-class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """The Fast-Path's gate: `admin_token` may do anything; any other bearer token must be
-    known to `authenticator`, and each call allowed by `authorizer` (see the module docstring).
-    Missing or unknown token: UNAUTHENTICATED; known but not allowed: PERMISSION_DENIED."""
+class AccessGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Authenticate every call, authorize its request by `rules`; health checks exempt."""
 
-    admin_token: str
-    authenticator: Authenticator
-    authorizer: Authorizer
-    exempt: frozenset[str] = field(default_factory=lambda: frozenset({HEALTH_CHECK}))
-
-    def __post_init__(self) -> None:
-        if not self.admin_token:
-            raise ValueError("an empty admin token would let anyone in")
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        authorizer: Authorizer,
+        rules: Mapping[str, Rule] = RULES,
+    ) -> None:
+        check_rules(rules)
+        self._authenticator = authenticator
+        self._authorizer = authorizer
+        self._rules = rules
 
     async def intercept_service(
         self,
@@ -243,50 +243,19 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         details: grpc.HandlerCallDetails,
     ) -> Handler:
         handler = await continuation(details)
-        if handler is None or details.method in self.exempt:
+        if handler is None or details.method == HEALTH_CHECK:
             return handler
-        token = _bearer(details)
-        if not token:
-            return _refusing(
-                handler,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing API token: pass --token or set FSB_TOKEN (the controller's token, or a "
-                "Kubernetes ServiceAccount token)",
+        name = details.method.removeprefix(PREFIX) if details.method.startswith(PREFIX) else ""
+        rule = self._rules.get(name)
+        if rule is None:
+            return deny(
+                handler, f"{details.method}: no access rule", grpc.StatusCode.PERMISSION_DENIED
             )
-        if hmac.compare_digest(token.encode(), self.admin_token.encode()):
-            return handler
+        metadata: dict[str, str] = {}
+        for key, value in details.invocation_metadata or ():
+            metadata[key] = value if isinstance(value, str) else value.decode(errors="replace")
         try:
-            caller = await self.authenticator.authenticate(token)
+            principal = await self._authenticator.authenticate(metadata)
         except FsbError as exc:
-            return _refusing(handler, exc.grpc_code, f"cannot check the token: {exc.message}")
-        if caller is None:
-            return _refusing(
-                handler,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "invalid API token: neither the controller's token nor a valid Kubernetes "
-                "ServiceAccount token",
-            )
-        method = details.method.removeprefix(_SERVICE)
-        if method == details.method or method not in RPC_ACCESS:
-            return _refusing(
-                handler, grpc.StatusCode.PERMISSION_DENIED, f"{details.method}: admin only"
-            )
-
-        async def check(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            if request is None:  # a stream closed before its first message: nothing to allow
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty request stream")
-            access = access_of(method, request)
-            assert access is not None
-            try:
-                decision = await self.authorizer.authorize(caller, access)
-            except FsbError as exc:
-                await context.abort(exc.grpc_code, f"cannot check access: {exc.message}")
-                return
-            if not decision.allowed:
-                why = f" ({decision.reason})" if decision.reason else ""
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"{caller.name} may not {access.describe()}{why}",
-                )
-
-        return _wrap(handler, check)
+            return deny(handler, exc.message, exc.grpc_code)
+        return _wrap(handler, Caller(principal, self._authorizer), rule)

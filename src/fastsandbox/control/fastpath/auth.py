@@ -1,8 +1,9 @@
 """Bearer-token authentication for the Fast-Path.
 
 The API starts root containers, so it is never open: every call carries
-`authorization: Bearer <token>`. The token is given with `--token` or generated once into the data
-dir (mode 0600, where the CLI on the same machine finds it). Health checks are exempt.
+`authorization: Bearer <token>`. The admin token is given with `--token-file` / `FSB_TOKEN` or
+generated once into the data dir (mode 0600, where the CLI on the same machine finds it). Who may
+do what is decided in `access.py` / `authz.py`; health checks are exempt.
 
 The interceptor itself lives in `fastsandbox._grpc_auth`, shared with the agent's API; it is
 re-exported here so `from fastsandbox.control.fastpath.auth import TokenAuth` keeps working.

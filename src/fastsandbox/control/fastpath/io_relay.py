@@ -23,7 +23,13 @@ import grpc
 
 from fastsandbox.api._proto.fastsandbox.v1 import io_pb2
 from fastsandbox.api.models import Sandbox, SandboxPhase
-from fastsandbox.errors import FailedPrecondition, FsbError, InvalidArgument, NotFound
+from fastsandbox.errors import (
+    FailedPrecondition,
+    FsbError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from fastsandbox.control.agent_client import AgentClient
@@ -35,6 +41,11 @@ Context = grpc.aio.ServicerContext[Any, Any]
 # Linux's own limits are larger (ARG_MAX ~2 MiB for argv + env together); these keep one exec
 # from costing the agent and supervisor much memory, and are far above what a command needs.
 MAX_ARGV_BYTES = 256 * 1024
+# An exec or upload relayed to an agent that has not answered heartbeats this long ends with
+# UNAVAILABLE: a hung (SIGSTOPped, wedged) agent accepts the connection but never answers, and
+# an open stream has no deadline of its own. Longer than a missed heartbeat or two under load.
+HUNG_AGENT_SECONDS = 10.0
+_HUNG_POLL_SECONDS = 0.5
 MAX_ENV_BYTES = 256 * 1024
 MAX_ENV_ENTRIES = 4096
 MAX_PATH_BYTES = 4096
@@ -165,6 +176,28 @@ class IoRelayRpcs:
             )
         return self.sandboxes.agents.get(agent.target), sandbox_id
 
+    async def _end_if_agent_hangs(
+        self, target: str, refused: list[FsbError], me: asyncio.Task[Any] | None
+    ) -> None:
+        """Watchdog of one relayed stream: cancel it (with UNAVAILABLE in `refused`) once the
+        agent at `target` has not answered heartbeats for HUNG_AGENT_SECONDS."""
+        registry = self.sandboxes.registry
+        while me is not None:
+            await asyncio.sleep(_HUNG_POLL_SECONDS)
+            agent = next((a for a in registry.agents() if a.target == target), None)
+            since = agent.unready_since if agent is not None else None
+            if since is not None and time.monotonic() - since >= HUNG_AGENT_SECONDS:
+                name = agent.name if agent is not None else target
+                refused.append(
+                    Unavailable(
+                        f"agent {name} has not answered heartbeats for "
+                        f"{HUNG_AGENT_SECONDS:.0f}s; the call was ended (the sandbox may still "
+                        "run: retry once the agent is back)"
+                    )
+                )
+                me.cancel()
+                return
+
     @staticmethod
     def _agent_target(sandbox_id: str) -> io_pb2.SandboxTarget:
         return io_pb2.SandboxTarget(sandbox_id=sandbox_id)
@@ -204,6 +237,7 @@ class IoRelayRpcs:
             relayed = io_pb2.ExecStart()
             relayed.CopyFrom(start)
             relayed.target.CopyFrom(self._agent_target(sandbox_id))
+            watchdog = asyncio.create_task(self._end_if_agent_hangs(client.target, refused, me))
             try:
                 async for out in client.exec(inputs(relayed)):
                     if self.metrics is not None and out.WhichOneof("kind") == "started":
@@ -214,6 +248,8 @@ class IoRelayRpcs:
                     raise
                 me.uncancel()
                 raise refused[0] from None
+            finally:
+                watchdog.cancel()
         except FsbError as exc:
             await context.abort(exc.grpc_code, exc.message)
 
@@ -282,7 +318,18 @@ class IoRelayRpcs:
                     # Passed as they come (a stray second header is the agent's to refuse).
                     yield msg
 
-            return await client.write_file(inputs())
+            me = asyncio.current_task()
+            refused: list[FsbError] = []
+            watchdog = asyncio.create_task(self._end_if_agent_hangs(client.target, refused, me))
+            try:
+                return await client.write_file(inputs())
+            except asyncio.CancelledError:
+                if not refused or me is None:
+                    raise
+                me.uncancel()
+                raise refused[0] from None
+            finally:
+                watchdog.cancel()
         except FsbError as exc:
             await context.abort(exc.grpc_code, exc.message)
             raise AssertionError("unreachable") from exc

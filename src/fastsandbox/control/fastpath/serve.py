@@ -1,41 +1,43 @@
-"""Serving the Fast-Path: one gRPC server with the token check, as both composition roots
-(`fsb server`, `fsb controller`) run it."""
+"""Serving the Fast-Path: one gRPC server behind the access guard, TLS unless told otherwise, as
+both composition roots (`fsb server`, `fsb controller`) run it."""
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import grpc
 
+from fastsandbox._addr import is_loopback
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc
-from fastsandbox.control.fastpath.access import AccessControl, Authenticator, Authorizer
-from fastsandbox.control.fastpath.auth import TokenAuth
+from fastsandbox.control.fastpath.access import AccessGuard
 from fastsandbox.control.fastpath.service import FastPathService
 from fastsandbox.control.fastpath.throttle import Throttle
-from fastsandbox.errors import FsbError
+from fastsandbox.control.fastpath.tls import TlsMaterial
+from fastsandbox.errors import FsbError, InvalidArgument
 from fastsandbox.settings import EdgeLimits
 
 
-class Identities(Authenticator, Authorizer, Protocol):
-    """Who else may call (besides the admin token), and what each may do."""
+def check_plaintext(listen: str) -> None:
+    """Plaintext only on loopback: anywhere else the token would cross a network in clear."""
+    if not is_loopback(listen):
+        raise InvalidArgument(
+            f"--insecure: plaintext is allowed only on a loopback address, not {listen}; "
+            "drop --insecure (TLS) or listen on 127.0.0.1"
+        )
 
 
 async def start_fastpath(
     servicer: FastPathService,
-    token: str,
+    guard: AccessGuard,
     listen: str,
+    tls: TlsMaterial | None,
     limits: EdgeLimits | None = None,
-    identities: Identities | None = None,
 ) -> grpc.aio.Server:
-    """A started server on `listen` (HOST:PORT) requiring `token`, each credential held to
-    `limits` (rate, concurrent streams, message size). With `identities` (the controller's
-    Kubernetes ones), other tokens those know are accepted too, every call authorized."""
+    """A started server on `listen` (HOST:PORT) behind `guard`, each credential held to
+    `limits` (rate, concurrent streams, message size); `tls=None` is plaintext (loopback only)."""
+    if tls is None:
+        check_plaintext(listen)
     limits = limits or EdgeLimits()
-    gate: grpc.aio.ServerInterceptor = (  # type: ignore[type-arg]
-        TokenAuth(token) if identities is None else AccessControl(token, identities, identities)
-    )
     server = grpc.aio.server(
-        interceptors=[Throttle(limits), gate],
+        interceptors=[Throttle(limits), guard],
         options=[
             # No SO_REUSEPORT: a second server on the same address must fail, not share it.
             ("grpc.so_reuseport", 0),
@@ -44,7 +46,11 @@ async def start_fastpath(
         ],
     )
     fastpath_pb2_grpc.add_FastPathServicer_to_server(servicer, server)
-    if server.add_insecure_port(listen) == 0:
+    if tls is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, tls.credentials())
+    if port == 0:
         raise FsbError(f"cannot listen on {listen}: address in use or invalid")
     await server.start()
     return server

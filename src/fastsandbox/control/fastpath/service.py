@@ -35,8 +35,11 @@ from fastsandbox.api.models import (
 )
 from fastsandbox.control.create_request import CreateOptions, request_hash
 from fastsandbox.control.fastpath import lease
+from fastsandbox.control.fastpath.access import current_caller
+from fastsandbox.control.fastpath.authz import Action
 from fastsandbox.control.fastpath.io_relay import IoRelayRpcs
 from fastsandbox.control.fastpath.request_limits import check_labels, check_sandbox
+from fastsandbox.control.fastpath.token_rpcs import TokenRpcs
 from fastsandbox.control.pools import PoolManager
 from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.control.updates import SandboxUpdates, patch_from_request
@@ -135,8 +138,27 @@ def pool_from_json(text: str, namespace: str | None = None) -> SandboxPool:
     return pool
 
 
-class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
-    """Sandboxes and pools here; exec and files (relayed to agents) in `IoRelayRpcs`."""
+async def _readable(items: list[Sandbox]) -> list[Sandbox]:
+    """`items` with the env values of every sandbox the caller may list but not read blanked
+    (names stay: they say which variables exist, not what they hold)."""
+    caller = current_caller()
+    if caller is None:
+        return items
+    out = []
+    for sb in items:
+        shown = sb
+        if not await caller.may(Action("get", "sandboxes", sb.metadata.namespace)):
+            shown = sb.model_copy(deep=True)
+            for var in shown.spec.env:
+                var.value = ""
+        out.append(shown)
+    return out
+
+
+class FastPathService(IoRelayRpcs, TokenRpcs, fastpath_pb2_grpc.FastPathServicer):
+    """Sandboxes and pools here; exec and files (relayed to agents) in `IoRelayRpcs`, tenant
+    tokens in `TokenRpcs`. Who may call what is decided before any of these run
+    (`access.AccessGuard`)."""
 
     def __init__(self, sandboxes: SandboxService, pools: PoolManager, store: ObjectStore) -> None:
         self.sandboxes = sandboxes
@@ -145,13 +167,15 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
         self.updates = SandboxUpdates(sandboxes)
         self.metrics: Metrics | None = None
 
-    def _count_create(self, mode: str, outcome: str, seconds: float | None = None) -> None:
+    def _count_create(
+        self, mode: str, outcome: str, seconds: float | None = None, warm: bool = False
+    ) -> None:
         if self.metrics is None:
             return
         self.metrics.creates_total.labels(mode=mode, outcome=outcome).inc()
         if seconds is not None:
-            # Warm slots do not exist yet: every create is a cold one.
-            self.metrics.create_seconds.labels(mode=mode, warm="false").observe(seconds)
+            label = "true" if warm else "false"
+            self.metrics.create_seconds.labels(mode=mode, warm=label).observe(seconds)
 
     async def _guard(self, context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[T]) -> T:
         try:
@@ -194,7 +218,9 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
             except FsbError as exc:
                 self._count_create(mode, type(exc).__name__)
                 raise
-            self._count_create(mode, "ok", time.perf_counter() - arrived)
+            timings = created.status.timings
+            warm = bool(timings is not None and timings.warm)
+            self._count_create(mode, "ok", time.perf_counter() - arrived, warm)
             return created
 
         sb = await self._guard(context, create())
@@ -247,6 +273,7 @@ class FastPathService(IoRelayRpcs, fastpath_pb2_grpc.FastPathServicer):
             if (not request.pool_ref or s.spec.pool_ref == request.pool_ref)
             and (not request.phase or s.status.phase.value == request.phase)
         ]
+        items = await _readable(items)
         return fastpath_pb2.ListReply(objects_json=[_json(s) for s in items])
 
     async def Delete(

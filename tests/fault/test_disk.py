@@ -1,0 +1,139 @@
+"""The data dir's disk full, then read-only (issue 12), against a real `fsb server` whose data
+dir (SQLite store, containerd root, agents' state) lives on a small ext4 filesystem this test
+makes on a loop device:
+
+- full: a create fails with an error that says so (non-zero exit, a message, no traceback), the
+  server stays up and reads still work; once space returns, creates work again by themselves;
+- read-only (remounted): the same, and a remount read-write brings service back by itself;
+- after both, the SQLite store passes `PRAGMA integrity_check` and every acknowledged sandbox is
+  there and Running; nothing leaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e._server import Server, free_port, purge
+from tests.fault._leaks import inventory, leaks
+from tests.fault.conftest import make_pool, report, until
+
+pytestmark = pytest.mark.e2e
+
+POOL = "disk"
+SIZE = "768M"
+BOUND = 90.0
+
+
+def _sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def small_fs() -> Iterator[Path]:
+    work = Path(tempfile.mkdtemp(prefix="fsb-disk-", dir="/tmp"))
+    image, mnt = work / "fs.img", work / "mnt"
+    mnt.mkdir()
+    _sh("truncate", "-s", SIZE, str(image))
+    _sh("mkfs.ext4", "-q", "-F", "-m", "0", str(image))  # -m 0: no blocks reserved for root
+    _sh("mount", "-o", "loop", str(image), str(mnt))
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(mnt)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(server: Server, name: str, image: str) -> subprocess.CompletedProcess[str]:
+    return server.fsb(
+        "run", name, "--image", image, "--pool", POOL, "--", "sleep", "3600", timeout=BOUND
+    )
+
+
+def _refused_clearly(got: subprocess.CompletedProcess[str], what: str) -> str:
+    assert got.returncode != 0, f"a create succeeded on a {what} data dir"
+    message = got.stderr.strip()
+    assert message and "Traceback" not in message, got.stderr
+    return message.splitlines()[-1][:140]
+
+
+def _fill(root: Path) -> None:
+    filler = root / "filler"
+    free = shutil.disk_usage(root).free
+    subprocess.run(["fallocate", "-l", str(max(free - 4096, 4096)), str(filler)], check=False)
+    # What fallocate could not take (metadata rounding), byte by byte until ENOSPC.
+    with contextlib.suppress(OSError), (root / "filler2").open("wb") as out:
+        while True:
+            out.write(b"\0" * 4096)
+            out.flush()
+
+
+def _created_again(server: Server, prefix: str, image: str, refused: list[str]) -> str:
+    """Service resumes by itself: a create (a new name each try) succeeds within BOUND."""
+    attempt = 0
+
+    def created() -> str | None:
+        nonlocal attempt
+        name = f"{prefix}-{attempt}"
+        attempt += 1
+        if _run(server, name, image).returncode == 0:
+            return name
+        refused.append(name)
+        return None
+
+    got: str = until(f"{prefix}: creates work again", created, BOUND, 1.0)
+    return got
+
+
+def test_a_full_then_read_only_data_dir(
+    small_fs: Path, registry_addr: str, demo_image: str
+) -> None:
+    server = Server(
+        data_dir=small_fs / "data",
+        endpoint=f"127.0.0.1:{free_port()}",
+        registry=registry_addr,
+        extra_args=["--orphan-timeout", "600"],
+    )
+    server.data_dir.mkdir()
+    acked: list[str] = []
+    refused: list[str] = []
+    try:
+        server.start()
+        make_pool(server, POOL, agents=1, per_agent=8)
+        assert _run(server, "before", demo_image).returncode == 0
+        acked.append("before")
+
+        _fill(small_fs)
+        full = _refused_clearly(_run(server, "when-full", demo_image), "full")
+        assert server.fsb("get", "before").returncode == 0, "reads stopped on a full disk"
+        (small_fs / "filler").unlink(missing_ok=True)
+        (small_fs / "filler2").unlink(missing_ok=True)
+        acked.append(_created_again(server, "after-full", demo_image, refused))
+
+        _sh("mount", "-o", "remount,ro", str(small_fs))
+        read_only = _refused_clearly(_run(server, "when-ro", demo_image), "read-only")
+        _sh("mount", "-o", "remount,rw", str(small_fs))
+        acked.append(_created_again(server, "after-ro", demo_image, refused))
+
+        for name in acked:
+            assert server.fsb_json("get", name)["status"]["phase"] == "Running", name
+        for name in ["when-full", "when-ro", *refused]:  # refused: never half-made
+            until(f"{name} absent", lambda n=name: server.fsb("get", n).returncode == 3, 30)
+        inv = inventory(server, (POOL,))
+        found = leaks(inv)
+        server.stop()
+        check = _sh("sqlite3", str(server.data_dir / "state.db"), "PRAGMA integrity_check;")
+        assert check.strip() == "ok", check
+        report(
+            "disk full / read-only", inv, found, acknowledged=len(acked),
+            integrity_check=check.strip(), full_error=repr(full), read_only_error=repr(read_only),
+        )  # fmt: skip
+    finally:
+        purge(server)
