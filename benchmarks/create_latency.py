@@ -120,7 +120,11 @@ def run(bench: Bench, results: Results, n: int, docker: tuple[Docker, str] | Non
     print(f"\n== create -> user process running (n={n} each, one at a time)", flush=True)
     bench.pool("bench", agents=1, per_agent=10)
     _report(results, "cold", asyncio.run(_series(bench, "bench", n, ("fast", "strong"))))
-    bench.pool("bench-warm", "--warm-slots", "1", "--prewarm-image", bench.image)
+    # Shared: warm slots are kept only in shared pools until they take a private namespace each.
+    bench.pool(
+        "bench-warm", "--warm-slots", "1", "--prewarm-image", bench.image,
+        "--network-mode", "shared",
+    )  # fmt: skip
     warm = asyncio.run(_series(bench, "bench-warm", n, ("fast",), warm=True))
     _report(results, "warm", warm)
     sock = bench.server.containerd_socket

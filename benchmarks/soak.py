@@ -69,7 +69,7 @@ def _processes(server: Server) -> dict[str, list[int]]:
             roles["shim"].append(int(proc.name))
         elif exe == "containerd":
             roles["containerd"].append(int(proc.name))
-        elif " agent" in line and "--state-dir" in line:
+        elif "fastsandbox.agent" in line and "--state-dir" in line:
             roles["agent"].append(int(proc.name))
     return roles
 
@@ -139,12 +139,14 @@ async def cycle(client: AsyncClient, image: str, i: int, keep: list[str]) -> Non
 async def soak(server: Server, image: str, seconds: float, rate: float, keep_n: int) -> int:
     errors: Counter[str] = Counter()
     latencies: list[float] = []
-    async with AsyncClient(endpoint=server.endpoint, namespace="default") as client:
+    async with AsyncClient(
+        server.endpoint, server.token, "default", ca_file=server.ca_file, timeout=120
+    ) as client:
         keep = [f"keep-{k}" for k in range(keep_n)]
         for name in keep:
             await client.create(name, image, pool=POOL, command=["sleep", "infinity"])
         for i in range(10):  # warm-up: pulls, connections, caches
-            await cycle(client, image, -1 - i, keep)
+            await cycle(client, image, 100000 + i, keep)
         start = sample(server)
         began = time.monotonic()
         i = 0

@@ -275,17 +275,36 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def start_registry(tmpdir: Path, port: int = 0, *, timeout: float = 20) -> RegistryProc:
-    """Start docker-registry on 127.0.0.1:`port` (0 = a free one), storage under `tmpdir`."""
+def _http_answers(url: str) -> bool:
+    """Any HTTP answer (an auth registry's /v2/ is 401)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_registry(
+    tmpdir: Path, port: int = 0, *, timeout: float = 20, htpasswd: str | None = None
+) -> RegistryProc:
+    """Start docker-registry on 127.0.0.1:`port` (0 = a free one), storage under `tmpdir`.
+    `htpasswd`: the content of an htpasswd file (bcrypt entries): every request then needs
+    Basic auth."""
     home = Path(tmpdir) / "registry"
     home.mkdir(parents=True, exist_ok=True)
     addr = f"127.0.0.1:{port or free_port()}"
     config = home / "config.yml"
+    auth = ""
+    if htpasswd is not None:
+        (home / "htpasswd").write_text(htpasswd)
+        auth = f"auth:\n  htpasswd:\n    realm: fsb-test\n    path: {home / 'htpasswd'}\n"
     config.write_text(
         "version: 0.1\n"
         "log:\n  level: warn\n"
         f"storage:\n  filesystem:\n    rootdirectory: {home / 'data'}\n"
-        f"http:\n  addr: {addr}\n"
+        f"http:\n  addr: {addr}\n" + auth
     )
     log = home / "registry.log"
     with log.open("ab") as out:
@@ -296,7 +315,8 @@ def start_registry(tmpdir: Path, port: int = 0, *, timeout: float = 20) -> Regis
             stderr=out,
             start_new_session=True,
         )
-    _wait_for("docker-registry", lambda: _http_ok(f"http://{addr}/v2/"), proc, log, timeout)
+    ready = _http_ok if htpasswd is None else _http_answers
+    _wait_for("docker-registry", lambda: ready(f"http://{addr}/v2/"), proc, log, timeout)
     return RegistryProc(addr=addr, home=home, proc=proc)
 
 
@@ -330,8 +350,11 @@ def build_demo_image(workdir: Path) -> Path:
     return cached
 
 
-def push_image(layout: Path, registry_addr: str, name: str = "busybox:latest") -> str:
-    """Copy tag `latest` of an OCI layout into a plain-HTTP registry; returns the pushed ref."""
+def push_image(
+    layout: Path, registry_addr: str, name: str = "busybox:latest", *, creds: str | None = None
+) -> str:
+    """Copy tag `latest` of an OCI layout into a plain-HTTP registry; returns the pushed ref.
+    `creds`: `user:password` for a registry with auth."""
     ref = f"{registry_addr}/{name}"
     _run(
         [
@@ -339,6 +362,7 @@ def push_image(layout: Path, registry_addr: str, name: str = "busybox:latest") -
             "copy",
             "--quiet",
             "--dest-tls-verify=false",
+            *(["--dest-creds", creds] if creds else []),
             f"oci:{layout}:latest",
             f"docker://{ref}",
         ],

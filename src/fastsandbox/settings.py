@@ -140,8 +140,11 @@ class ServerSettings(SandboxDefaults):
     """Plaintext Fast-Path: only on a loopback `listen` address (refused otherwise)."""
     default_pool: bool = True
     """Create pool `default-pool` in namespace `default` when it does not exist."""
-    network: str = "auto"
-    """cni | host | auto (cni when the bridge plugin is installed, else host)."""
+    network: str = "cni"
+    """cni | host. `cni`: every agent has a network namespace of its own on bridge fsb0, and
+    private pools' sandboxes one each behind it; when that cannot be made, agents do not start
+    (fail closed). `host` — sandboxes on the host network, pools' networkMode ignored — only
+    when an administrator sets it. `auto` is read as `cni` (it used to fall back to host)."""
     janitor_interval_seconds: float = JANITOR_INTERVAL_SECONDS
     """How often the janitor looks for orphaned containers, snapshots, logs and FIFOs."""
     orphan_timeout_seconds: float = ORPHAN_TIMEOUT_SECONDS
@@ -236,7 +239,24 @@ class AgentSettings:
     runtime: str = "runc"
     agent_ip: str = "127.0.0.1"
     netns_path: str | None = None
-    """Network namespace sandboxes join (the agent's own); None = host network."""
+    """The agent's network namespace: sandboxes of a shared network join it, private ones are
+    wired into it (their veths, rules and published ports live there); None = host network
+    (shared only: a private network needs a namespace of the agent's own)."""
+    network_mode: str = "shared"
+    """private (a namespace per sandbox, agent/network/) | shared (sandboxes join
+    `netns_path`). The fleets pass the pool's `networkMode`; "shared" is the default of a
+    hand-started agent only."""
+    egress: str = "none"
+    """Private sandboxes' outbound traffic: none | allow (NAT out of the agent's namespace)."""
+    egress_allow: list[str] = field(default_factory=list)
+    """With egress allow: only these IPv4 CIDRs (empty: anywhere not forbidden)."""
+    forbid: list[str] = field(default_factory=list)
+    """CIDRs a private sandbox may never reach besides the built-in ones (loopback,
+    link-local/metadata, multicast): the node network (bridge subnet, other agents)."""
+    sandbox_subnet: str = "10.211.0.0/22"
+    """Private sandboxes' addresses inside the agent's namespace, a /31 each."""
+    port_range: tuple[int, int] = (20000, 29999)
+    """Host ports (on `agent_ip`) that private sandboxes' declared ports are published on."""
     cgroup_parent: str = "/fastsandbox"
     insecure_registries: list[str] = field(default_factory=list)
     delete_grace_seconds: float = DELETE_GRACE_SECONDS

@@ -145,6 +145,8 @@ class KubeServer(ServerSurface):
     """N `fsb controller` replicas over one cluster (see the module docstring)."""
 
     containerd_namespace = CONTAINERD_NS  # the node's image cache, as on Kubernetes
+    # Agents in Pods refuse private networks (not implemented there yet; they fail closed).
+    pool_args = ("--network-mode", "shared")
 
     kubeconfig: Path
     containerd_socket: Path
@@ -393,7 +395,12 @@ def _ensure_default_pool(client: Client) -> None:
             "apiVersion": "fastsandbox.io/v1alpha1",
             "kind": "SandboxPool",
             "metadata": {"name": DEFAULT_POOL, "namespace": NAMESPACE},
-            "spec": {"capacity": {"poolMin": 1, "poolMax": 1}, "maxSandboxesPerAgent": 5},
+            "spec": {
+                "capacity": {"poolMin": 1, "poolMax": 1},
+                "maxSandboxesPerAgent": 5,
+                # Private networks are refused inside agent Pods (not implemented there yet).
+                "networkMode": "shared",
+            },
         }
     )
     try:

@@ -42,6 +42,9 @@ class ServerSurface:
     the containerd it drives (`Server` here, `KubeServer` in tests/e2e/_kube_server.py)."""
 
     containerd_namespace = CONTAINERD_NS
+    # Added to every `fsb pool create` of the shared acceptance tests: private networks exist
+    # only in the embedded shape so far (a Kubernetes agent refuses them, failing closed).
+    pool_args: tuple[str, ...] = ()
     env: dict[str, str]
     containerd_socket: Path
 

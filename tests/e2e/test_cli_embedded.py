@@ -182,7 +182,9 @@ def test_bad_token_is_refused(server: AnyServer) -> None:
 
 def test_capacity_exhausted_then_freed(server: AnyServer, demo_image: str) -> None:
     pool = "cap"
-    made = server.fsb("pool", "create", pool, "--min", "1", "--max", "1", "--per-agent", "2")
+    made = server.fsb(
+        "pool", "create", pool, *server.pool_args, "--min", "1", "--max", "1", "--per-agent", "2"
+    )
     assert made.returncode == 0, made.stderr
     try:
         _wait_pool_ready(server, pool, agents=1)
@@ -203,7 +205,12 @@ def test_capacity_exhausted_then_freed(server: AnyServer, demo_image: str) -> No
 
 def test_same_port_lands_on_different_agents(server: AnyServer, demo_image: str) -> None:
     pool = "ports"
-    assert server.fsb("pool", "create", pool, "--min", "2", "--max", "2").returncode == 0
+    # Shared: sandboxes join their agent's namespace, so a port is exclusive per agent
+    # (tests/e2e/test_private_network.py has the private twin: both on one agent).
+    made = server.fsb(
+        "pool", "create", pool, "--network-mode", "shared", "--min", "2", "--max", "2"
+    )
+    assert made.returncode == 0, made.stderr
     try:
         _wait_pool_ready(server, pool, agents=2)
         agents = []
@@ -289,7 +296,16 @@ def test_server_kill9_restart_keeps_sandboxes(
         srv.start()
         assert (
             srv.fsb(
-                "pool", "create", "k9", "--min", "1", "--max", "1", "--per-agent", "2"
+                "pool",
+                "create",
+                "k9",
+                *srv.pool_args,
+                "--min",
+                "1",
+                "--max",
+                "1",
+                "--per-agent",
+                "2",
             ).returncode
             == 0
         )

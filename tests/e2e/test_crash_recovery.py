@@ -43,7 +43,18 @@ def test_kill9_during_a_burst_loses_no_acknowledged_create(
     srv = new_server(registry_addr)
     try:
         srv.start()
-        made = srv.fsb("pool", "create", "burst", "--min", "1", "--max", "1", "--per-agent", "60")
+        made = srv.fsb(
+            "pool",
+            "create",
+            "burst",
+            *srv.pool_args,
+            "--min",
+            "1",
+            "--max",
+            "1",
+            "--per-agent",
+            "60",
+        )
         assert made.returncode == 0, made.stderr
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -103,7 +103,9 @@ def test_a_dead_agents_containers_are_removed_by_the_janitor(
     containers_before = server.containers()
     snapshots_before = active_snapshots(server)
     logs_before = log_files(server)
-    made = server.fsb("pool", "create", POOL, "--min", "1", "--max", "1", "--per-agent", "4")
+    made = server.fsb(
+        "pool", "create", POOL, *server.pool_args, "--min", "1", "--max", "1", "--per-agent", "4"
+    )
     assert made.returncode == 0, made.stderr
     names = ("auto", "manual")
     try:

@@ -85,7 +85,9 @@ def test_a_pool_that_may_grow_makes_creates_wait_and_refuses_at_its_pool_max(
     server: Server, demo_image: str
 ) -> None:
     pool = "grow3"
-    made = server.fsb("pool", "create", pool, "--min", "1", "--max", "3", "--per-agent", "2")
+    made = server.fsb(
+        "pool", "create", pool, *server.pool_args, "--min", "1", "--max", "3", "--per-agent", "2"
+    )
     assert made.returncode == 0, made.stderr
     names = [f"g-{i}" for i in range(7)]
     try:

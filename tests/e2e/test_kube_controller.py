@@ -199,7 +199,16 @@ async def _create_all(
 def test_two_replicas_admit_exactly_the_capacity(kube_server: KubeServer, demo_image: str) -> None:
     pool = "cap3"
     made_pool = kube_server.fsb(
-        "pool", "create", pool, "--min", "1", "--max", "1", "--per-agent", "3"
+        "pool",
+        "create",
+        pool,
+        *kube_server.pool_args,
+        "--min",
+        "1",
+        "--max",
+        "1",
+        "--per-agent",
+        "3",
     )
     assert made_pool.returncode == 0, made_pool.stderr
     made: list[str] = []
@@ -239,7 +248,18 @@ def test_demand_on_a_follower_scales_the_pool(kube_server: KubeServer, demo_imag
     annotation, and the follower places the create once it sees the new agent."""
     assert kube_server.leader() != 0
     pool = "grow"
-    made = kube_server.fsb("pool", "create", pool, "--min", "1", "--max", "2", "--per-agent", "1")
+    made = kube_server.fsb(
+        "pool",
+        "create",
+        pool,
+        *kube_server.pool_args,
+        "--min",
+        "1",
+        "--max",
+        "2",
+        "--per-agent",
+        "1",
+    )
     assert made.returncode == 0, made.stderr
     names = ["grow-a", "grow-b", "grow-c"]
     try:

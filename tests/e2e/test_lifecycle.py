@@ -144,7 +144,10 @@ def test_agent_loss_follows_the_failure_policy(
     server: AnyServer, demo_image: str, policy: str
 ) -> None:
     pool = f"loss-{policy.lower()}"
-    assert server.fsb("pool", "create", pool, "--min", "2", "--max", "2").returncode == 0
+    assert (
+        server.fsb("pool", "create", pool, *server.pool_args, "--min", "2", "--max", "2").returncode
+        == 0
+    )
     name = f"victim-{policy.lower()}"
     frozen: int | None = None
     try:

@@ -51,7 +51,9 @@ def wait_pool(server: Server, pool: str, check, timeout: float = 30.0) -> dict: 
 
 def test_pool_scales_up_on_demand_and_drains_back(server: Server, demo_image: str) -> None:
     pool = "scaler"
-    made = server.fsb("pool", "create", pool, "--min", "1", "--max", "3", "--per-agent", "1")
+    made = server.fsb(
+        "pool", "create", pool, *server.pool_args, "--min", "1", "--max", "3", "--per-agent", "1"
+    )
     assert made.returncode == 0, made.stderr
     names = ["sc-a", "sc-b", "sc-c"]
     try:
@@ -116,7 +118,10 @@ def test_a_warm_pool_shows_its_slots_and_creates_claim_them(
 
 def test_pool_scale_verb_changes_bounds(server: Server) -> None:
     pool = "scaleverb"
-    assert server.fsb("pool", "create", pool, "--min", "1", "--max", "1").returncode == 0
+    assert (
+        server.fsb("pool", "create", pool, *server.pool_args, "--min", "1", "--max", "1").returncode
+        == 0
+    )
     try:
         scaled = server.fsb("pool", "scale", pool, "--min", "2")
         assert scaled.returncode == 0, scaled.stderr
@@ -194,7 +199,9 @@ def test_version_change_rolls_agents_surge_ready_first(
     agent drains, the old agents keep their sandboxes (draining, never stopped while busy), and
     go once their sandboxes are deleted."""
     pool = "roller"
-    made = server.fsb("pool", "create", pool, "--min", "1", "--max", "3", "--per-agent", "1")
+    made = server.fsb(
+        "pool", "create", pool, *server.pool_args, "--min", "1", "--max", "3", "--per-agent", "1"
+    )
     assert made.returncode == 0, made.stderr
     names = ["ro-a", "ro-b"]
     try:

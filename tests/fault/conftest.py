@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from fastsandbox.sdk import AsyncClient
 from tests.e2e._server import Server, new_server, purge
 from tests.fault._leaks import Inventory, inventory, leaks
 
@@ -43,6 +44,13 @@ def server(registry_addr: str) -> Iterator[Server]:
         yield srv
     finally:
         purge(srv)
+
+
+def sdk_client(server: Server) -> AsyncClient:
+    """An SDK client of `server`: its admin token and the CA it made (TLS on loopback too)."""
+    return AsyncClient(
+        server.endpoint, server.token, "default", ca_file=server.ca_file, timeout=120
+    )
 
 
 def until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:

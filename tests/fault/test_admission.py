@@ -16,9 +16,8 @@ from collections import Counter
 import pytest
 
 from fastsandbox.errors import CapacityExhausted, FsbError
-from fastsandbox.sdk import AsyncClient
 from tests.e2e._server import Server
-from tests.fault.conftest import drop_pool, make_pool, report, settled_leaks
+from tests.fault.conftest import drop_pool, make_pool, report, sdk_client, settled_leaks
 
 pytestmark = pytest.mark.e2e
 
@@ -33,10 +32,9 @@ PORT_CREATES = 40
 async def _flood(
     server: Server, image: str, pool: str, count: int, ports: list[int]
 ) -> tuple[list[str], list[FsbError]]:
-    token = (server.data_dir / "token").read_text().strip()
     admitted: list[str] = []
     refused: list[FsbError] = []
-    async with AsyncClient(endpoint=server.endpoint, token=token, namespace="default") as client:
+    async with sdk_client(server) as client:
 
         async def one(i: int) -> None:
             name = f"{pool}-{i}"

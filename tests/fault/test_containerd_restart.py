@@ -21,7 +21,15 @@ from fastsandbox.errors import FsbError, NotFound
 from fastsandbox.sdk import AsyncClient
 from fastsandbox.sdk.commands import AsyncCommands
 from tests.e2e._server import Server
-from tests.fault.conftest import ROUNDS, drop_pool, make_pool, report, settled_leaks, until
+from tests.fault.conftest import (
+    ROUNDS,
+    drop_pool,
+    make_pool,
+    report,
+    sdk_client,
+    settled_leaks,
+    until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -88,9 +96,8 @@ class Load:
 
 
 async def _round(server: Server, image: str, survivors: list[str]) -> Load:
-    token = (server.data_dir / "token").read_text().strip()
     load = Load(survivors, image)
-    async with AsyncClient(endpoint=server.endpoint, token=token, namespace="default") as client:
+    async with sdk_client(server) as client:
         task = asyncio.create_task(load.run(client))
         await asyncio.sleep(2)
         await asyncio.to_thread(_restart_containerd, server)

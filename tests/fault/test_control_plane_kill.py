@@ -25,7 +25,15 @@ from fastsandbox.errors import FsbError, NotFound
 from fastsandbox.sdk import AsyncClient
 from fastsandbox.sdk.commands import AsyncCommands
 from tests.e2e._server import Server
-from tests.fault.conftest import ROUNDS, drop_pool, make_pool, report, settled_leaks, until
+from tests.fault.conftest import (
+    ROUNDS,
+    drop_pool,
+    make_pool,
+    report,
+    sdk_client,
+    settled_leaks,
+    until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -80,8 +88,7 @@ class Storm:
 
 
 async def _storm(server: Server, storm: Storm) -> None:
-    token = (server.data_dir / "token").read_text().strip()
-    async with AsyncClient(endpoint=server.endpoint, token=token, namespace="default") as client:
+    async with sdk_client(server) as client:
         await asyncio.wait_for(
             asyncio.gather(*(storm.worker(client, w) for w in range(WORKERS))), 300
         )
@@ -94,8 +101,7 @@ def _exists(server: Server, name: str) -> bool:
 
 
 async def _delete_all(server: Server, names: set[str]) -> None:
-    token = (server.data_dir / "token").read_text().strip()
-    async with AsyncClient(endpoint=server.endpoint, token=token, namespace="default") as client:
+    async with sdk_client(server) as client:
 
         async def one(name: str) -> None:
             with contextlib.suppress(NotFound):

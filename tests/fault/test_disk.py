@@ -1,12 +1,15 @@
-"""The data dir's disk full, then read-only (issue 12), against a real `fsb server` whose data
-dir (SQLite store, containerd root, agents' state) lives on a small ext4 filesystem this test
-makes on a loop device:
+"""The data dir's disk full (issue 12), against a real `fsb server` whose data dir (SQLite
+store, containerd root, agents' state) lives on a small ext4 filesystem this test makes on a
+loop device:
 
 - full: a create fails with an error that says so (non-zero exit, a message, no traceback), the
   server stays up and reads still work; once space returns, creates work again by themselves;
-- read-only (remounted): the same, and a remount read-write brings service back by itself;
-- after both, the SQLite store passes `PRAGMA integrity_check` and every acknowledged sandbox is
-  there and Running; nothing leaks.
+- then the SQLite store passes `PRAGMA integrity_check`, every acknowledged sandbox is there and
+  Running, a refused one was never half-made; nothing leaks.
+
+A read-only data dir is not here: `mount -o remount,ro` is refused while the server holds files
+open for writing (SQLite, containerd), and an ext4 that turns read-only after I/O errors needs an
+fsck before it is writable again (docs/reliability.md, "Not covered yet").
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e._server import Server, free_port, purge
-from tests.fault._leaks import inventory, leaks
-from tests.fault.conftest import make_pool, report, until
+from tests.fault.conftest import make_pool, report, settled_leaks, until
 
 pytestmark = pytest.mark.e2e
 
@@ -92,9 +94,7 @@ def _created_again(server: Server, prefix: str, image: str, refused: list[str]) 
     return got
 
 
-def test_a_full_then_read_only_data_dir(
-    small_fs: Path, registry_addr: str, demo_image: str
-) -> None:
+def test_a_full_data_dir(small_fs: Path, registry_addr: str, demo_image: str) -> None:
     server = Server(
         data_dir=small_fs / "data",
         endpoint=f"127.0.0.1:{free_port()}",
@@ -117,23 +117,17 @@ def test_a_full_then_read_only_data_dir(
         (small_fs / "filler2").unlink(missing_ok=True)
         acked.append(_created_again(server, "after-full", demo_image, refused))
 
-        _sh("mount", "-o", "remount,ro", str(small_fs))
-        read_only = _refused_clearly(_run(server, "when-ro", demo_image), "read-only")
-        _sh("mount", "-o", "remount,rw", str(small_fs))
-        acked.append(_created_again(server, "after-ro", demo_image, refused))
-
         for name in acked:
             assert server.fsb_json("get", name)["status"]["phase"] == "Running", name
-        for name in ["when-full", "when-ro", *refused]:  # refused: never half-made
+        for name in ["when-full", *refused]:  # refused: never half-made
             until(f"{name} absent", lambda n=name: server.fsb("get", n).returncode == 3, 30)
-        inv = inventory(server, (POOL,))
-        found = leaks(inv)
+        inv, found = settled_leaks(server, (POOL,))
         server.stop()
         check = _sh("sqlite3", str(server.data_dir / "state.db"), "PRAGMA integrity_check;")
         assert check.strip() == "ok", check
         report(
-            "disk full / read-only", inv, found, acknowledged=len(acked),
-            integrity_check=check.strip(), full_error=repr(full), read_only_error=repr(read_only),
+            "disk full", inv, found, acknowledged=len(acked),
+            integrity_check=check.strip(), full_error=repr(full),
         )  # fmt: skip
     finally:
         purge(server)

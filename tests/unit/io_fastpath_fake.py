@@ -37,6 +37,12 @@ class IoFastPath(IoRelayRpcs, FakeFastPath):  # type: ignore[misc]
         self.renewals.append(request.name)
         return fastpath_pb2.RenewLeaseReply(lease_expire_time="2030-01-01T00:00:00Z")
 
+    # The fake agent's readiness, as heartbeats would see it (the relay's hung-agent watchdog).
+    unready_since: float | None = None
+
+    def _unready_since(self, target: str) -> tuple[str, float | None]:
+        return "fake-agent", self.unready_since
+
     async def _agent_for(self, target: io_pb2.SandboxTarget) -> tuple[AgentClient, str]:
         sb = self.sandboxes.get((target.namespace or "default", target.name))  # type: ignore[attr-defined]
         if sb is None:

@@ -18,7 +18,14 @@ from fastsandbox.agent.manager import (
 from fastsandbox.agent.requests import SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, ContainerStatus, ImageInfo
 from fastsandbox.agent.runtime.fake import FakeRuntime
-from fastsandbox.errors import AlreadyExists, CapacityExhausted, InvalidArgument, NotFound
+from fastsandbox.api.images import PullCredentials, normalize_image_ref
+from fastsandbox.errors import (
+    AlreadyExists,
+    CapacityExhausted,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from fastsandbox.settings import AgentSettings
 
 IMG = "127.0.0.1:5000/busybox:latest"
@@ -50,9 +57,9 @@ class CountingRuntime(FakeRuntime):
         super().__init__()
         self.pull_calls = 0
 
-    async def pull(self, image: str) -> ImageInfo:
+    async def pull(self, image: str, credentials: PullCredentials | None = None) -> ImageInfo:
         self.pull_calls += 1
-        return await super().pull(image)
+        return await super().pull(image, credentials)
 
 
 @pytest.fixture
@@ -401,3 +408,47 @@ async def test_delete_removes_both_halves_of_a_capped_log(manager: SandboxManage
     assert b"".join([c.data async for c in manager.logs("sb-1")]) == b"old\nnew\n"
     await manager.delete("sb-1")
     assert not path.exists() and not rotated.exists()
+
+
+PRIVATE = "127.0.0.1:5000/team/secret:1"
+GOOD = PullCredentials("puller", "right")
+BAD = PullCredentials("puller", "wrong")
+
+
+async def test_a_cached_private_image_needs_credentials_the_registry_accepts(
+    runtime: FakeRuntime, tmp_path: Path
+) -> None:
+    runtime.private[PRIVATE] = GOOD
+    agent = SandboxManager(runtime, settings(tmp_path))
+    await agent.start()
+    with pytest.raises(PermissionDenied):
+        await agent.create(req("anon-cold", image=PRIVATE))  # the pull itself is refused
+    await agent.create(req("owner", image=PRIVATE, pull_credentials=GOOD))
+    # Cached now: still only for a caller the registry accepts.
+    for name, creds in (("anon", None), ("bad", BAD)):
+        with pytest.raises(PermissionDenied) as info:
+            await agent.create(req(name, image=PRIVATE, pull_credentials=creds))
+        assert "right" not in info.value.message and "wrong" not in info.value.message
+    await agent.create(req("owner-2", image=PRIVATE, pull_credentials=GOOD))
+    assert agent.used_slots == 2  # refused creates took no slot
+    assert {s.id for s in await runtime.list()} == {"owner", "owner-2"}
+
+
+async def test_a_public_image_pulled_anonymously_needs_no_probe(
+    runtime: FakeRuntime, tmp_path: Path
+) -> None:
+    agent = SandboxManager(runtime, settings(tmp_path))
+    await agent.start()
+    await agent.create(req("p1"))
+    await agent.create(req("p2"))
+    assert runtime.probes == [(normalize_image_ref(IMG), None)]  # the pull's own check
+
+
+async def test_a_public_image_pulled_with_credentials_stays_public(
+    runtime: FakeRuntime, tmp_path: Path
+) -> None:
+    agent = SandboxManager(runtime, settings(tmp_path))
+    await agent.start()
+    await agent.create(req("p1", pull_credentials=GOOD))
+    await agent.create(req("p2"))  # an anonymous probe finds it public
+    assert runtime.probes[-1] == (normalize_image_ref(IMG), None)

@@ -288,3 +288,40 @@ async def test_logs_carry_stream_and_timestamp_and_honour_since(agent: Agent) ->
     ]
     call = agent.stub.Logs(agent_pb2.SandboxLogsRequest(sandbox_id="sb-1", since_unix=base + 1))
     assert [m.data async for m in call] == [b"oops\n", b"late\n"]
+
+
+@pytest.mark.parametrize(
+    "size", ["cpu_millis", "memory_bytes", "pids_limit", "disk_bytes", "log_max_bytes"]
+)
+def test_a_negative_size_is_refused_naming_the_field(size: str) -> None:
+    """Found by tests/fuzz/test_agent_fuzz.py: pids_limit=-1 answered INTERNAL."""
+    from fastsandbox.agent.server import request_from_proto
+    from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
+    from fastsandbox.errors import InvalidArgument
+
+    spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="s", image="busybox", **{size: -1})
+    with pytest.raises(InvalidArgument, match=rf"spec\.{size}: must not be negative"):
+        request_from_proto(spec)
+
+
+@pytest.mark.parametrize(("size", "value"), [("memory_bytes", 1), ("log_max_bytes", 1)])
+def test_a_tiny_limit_is_refused_naming_the_field(size: str, value: int) -> None:
+    """Found by tests/fuzz/test_agent_fuzz.py: memory_bytes=1 failed inside runc (INTERNAL)."""
+    from fastsandbox.agent.server import request_from_proto
+    from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
+    from fastsandbox.errors import InvalidArgument
+
+    spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="s", image="busybox", **{size: value})
+    with pytest.raises(InvalidArgument, match=rf"spec\.{size}: at least \d+ bytes"):
+        request_from_proto(spec)
+
+
+@pytest.mark.parametrize(("size", "value"), [("pids_limit", 2**31), ("cpu_millis", 2**62)])
+def test_a_limit_beyond_the_kernels_is_refused_naming_the_field(size: str, value: int) -> None:
+    from fastsandbox.agent.server import request_from_proto
+    from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
+    from fastsandbox.errors import InvalidArgument
+
+    spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="s", image="busybox", **{size: value})
+    with pytest.raises(InvalidArgument, match=rf"spec\.{size}: at most \d+"):
+        request_from_proto(spec)

@@ -459,4 +459,4 @@ def test_main_returns_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
 def test_server_flags_are_validated_before_starting(tmp_path: Path) -> None:
     result = fsb("server", "--data-dir", str(tmp_path), "--network", "bogus")
     assert result.exit_code == 2
-    assert "--network: must be auto, cni or host" in result.stderr
+    assert "--network: must be cni or host" in result.stderr

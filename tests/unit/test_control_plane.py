@@ -19,6 +19,7 @@ from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, Contai
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
 from fastsandbox.api.labels import CLEANUP_FINALIZER
 from fastsandbox.api.models import (
+    NetworkMode,
     ObjectMeta,
     PoolCapacity,
     Sandbox,
@@ -71,13 +72,21 @@ def free_port() -> int:
         return port
 
 
-async def make_pool(store: MemoryStore, name: str, *, agents: int, per_agent: int) -> None:
+async def make_pool(
+    store: MemoryStore,
+    name: str,
+    *,
+    agents: int,
+    per_agent: int,
+    network_mode: NetworkMode = NetworkMode.PRIVATE,
+) -> None:
     await store.create(
         SandboxPool(
             metadata=ObjectMeta(name=name),
             spec=SandboxPoolSpec(
                 capacity=PoolCapacity(pool_min=agents, pool_max=agents),
                 max_sandboxes_per_agent=per_agent,
+                network_mode=network_mode,
             ),
         )
     )
@@ -182,12 +191,22 @@ async def test_capacity_exhausted_then_freed_by_delete(plane: Plane) -> None:
     assert (await plane.create("c4")).phase == "Running"
 
 
-async def test_same_port_goes_to_another_agent(plane: Plane) -> None:
+async def test_same_port_goes_to_another_agent_in_a_shared_network(plane: Plane) -> None:
+    pool = await plane.store.get(SandboxPool, "default", "p")
+    pool.spec.network_mode = NetworkMode.SHARED
+    await plane.store.update(pool)
     a = await plane.create("pa", exposed_ports=[8080])
     b = await plane.create("pb", exposed_ports=[8080])
     assert a.agent != b.agent
     code = await plane.code_of(plane.create("pc", exposed_ports=[8080]))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_same_port_fills_every_slot_in_a_private_network(plane: Plane) -> None:
+    """Private sandboxes publish each on a host port of its own: no clash per agent."""
+    made = [await plane.create(f"q{i}", exposed_ports=[8080]) for i in range(4)]
+    assert all(m.phase == "Running" for m in made)
+    assert len({m.agent for m in made}) == 2
 
 
 async def test_strong_mode_stores_pending_first(plane: Plane) -> None:

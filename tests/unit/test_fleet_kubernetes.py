@@ -124,6 +124,7 @@ def test_the_pod_args_are_what_fsb_agent_parses() -> None:
         containerd_namespace="k8s.io",
         capacity=4,
         pod_uid="$(POD_UID)",
+        network_mode="private",  # the pool's default, passed as it is
         insecure_registry=("r:5000",),
         grace=2.5,
         version="v2",

@@ -431,3 +431,27 @@ async def test_embedded_state_tells_adopted_orphans_from_creates_in_flight() -> 
     state.removed("orphan-1")
     assert released == ["orphan-1"]
     assert state.in_flight() == {"rec-1", "new-1"}
+
+
+async def test_a_writable_layer_without_its_container_goes_once_old(tmp_path: Path) -> None:
+    """Files only (no mount here): the layer of a removal cut short, next to a live one."""
+    rt, clock = FakeRuntime(), Clock()
+    await make(rt, tmp_path, "live")
+    disks = tmp_path / "agents" / "a1" / "runtime" / "disks"
+    for sid in ("live", "gone", "fresh"):
+        (disks / sid / "upper").mkdir(parents=True)
+        (disks / f"{sid}.img").write_bytes(b"")
+    for sid in ("live", "gone"):
+        age(disks / f"{sid}.img", TIMEOUT + 1)
+    j = Janitor(
+        rt,
+        Known_({"a1"}, {"live"}),
+        orphan_timeout=TIMEOUT,
+        interval=1,
+        agents_dir=tmp_path / "agents",
+        clock=clock,
+    )
+    report = await j.scan()
+    assert report.layers_removed == [str(disks / "gone")]
+    assert not (disks / "gone").exists() and not (disks / "gone.img").exists()
+    assert (disks / "live.img").exists() and (disks / "fresh.img").exists()

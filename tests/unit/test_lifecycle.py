@@ -317,3 +317,31 @@ async def test_a_returning_agent_stops_its_superseded_copy_before_it_counts_as_r
     assert not plane.plane.registry.agent(first.agent).superseded
     sb = await get(plane, "fence")
     assert sb.status.phase is P.RUNNING and sb.status.container_id != first.container_id
+
+
+async def test_pull_credentials_reach_the_agent_and_are_never_stored(plane: Plane) -> None:
+    from fastsandbox.api.images import PullCredentials, normalize_image_ref
+    from tests.unit.test_control_plane import IMG
+
+    secret = PullCredentials("puller", "s3cret-pw")
+    for agent in plane.plane.registry.agents():
+        plane.fleet.runtime(agent.name).private[normalize_image_ref(IMG)] = secret
+    denied = await plane.code_of(plane.create("anon"))
+    assert denied is grpc.StatusCode.PERMISSION_DENIED
+    assert not await stored(plane, "anon")  # refused with nothing made
+    creds = fastpath_pb2.PullCredentials(username="puller", password="s3cret-pw")
+    reply = await plane.create("owner", pull_credentials=creds)
+    assert reply.phase == "Running"
+    await eventually(lambda: stored(plane, "owner"))
+    record = (await get(plane, "owner")).model_dump_json()
+    assert "s3cret-pw" not in record
+    runtime = plane.fleet.runtime(reply.agent)
+    assert all("s3cret-pw" not in str(v) for v in runtime.specs[reply.container_id].labels.values())
+
+
+async def stored(plane: Plane, name: str) -> bool:
+    try:
+        await get(plane, name)
+    except NotFound:
+        return False
+    return True

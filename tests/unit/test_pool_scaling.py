@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from fastsandbox.api.models import (
+    Egress,
+    NetworkMode,
     ObjectMeta,
     PoolCapacity,
     RollingUpdate,
@@ -504,6 +506,18 @@ async def test_version_change_rolls_every_agent_surge_ready_first(env: Env) -> N
         return (counts.total, counts.ready, counts.updated, counts.draining) == (3, 3, 3, 0)
 
     await eventually(status_rolled)
+
+
+async def test_update_pool_refuses_another_network(env: Env) -> None:
+    """Agents keep the network they started with, so the pool's cannot change under them."""
+    pool = await env.pool()
+    pool.spec.network_mode = NetworkMode.SHARED
+    with pytest.raises(InvalidArgument, match=r"spec\.networkMode: immutable"):
+        await env.plane.pools.update(pool)
+    pool = await env.pool()
+    pool.spec.egress = Egress.ALLOW
+    with pytest.raises(InvalidArgument, match=r"spec\.egress: immutable"):
+        await env.plane.pools.update(pool)
 
 
 async def test_update_pool_checks_runtime_and_resource_version(env: Env) -> None:

@@ -41,6 +41,12 @@ class AgentArgs:
     runtime: str = "runc"
     agent_ip: str = "127.0.0.1"
     netns_path: str | None = None
+    network_mode: str = "shared"
+    egress: str = "none"
+    egress_allow: tuple[str, ...] = ()
+    forbid: tuple[str, ...] = ()
+    sandbox_subnet: str = "10.211.0.0/22"
+    port_range: str = "20000-29999"
     cgroup_parent: str = "/fastsandbox"
     pod_uid: str | None = None
     insecure_registry: tuple[str, ...] = ()

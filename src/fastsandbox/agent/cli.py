@@ -116,6 +116,12 @@ def settings_from_args(args: AgentArgs, environ: Mapping[str, str] | None = None
         runtime=args.runtime,
         agent_ip=args.agent_ip,
         netns_path=args.netns_path,
+        network_mode=_choice("--network-mode", args.network_mode, ("private", "shared")),
+        egress=_choice("--egress", args.egress, ("none", "allow")),
+        egress_allow=list(args.egress_allow),
+        forbid=list(args.forbid),
+        sandbox_subnet=args.sandbox_subnet,
+        port_range=_port_range(args.port_range),
         cgroup_parent=args.cgroup_parent,
         insecure_registries=list(args.insecure_registry),
         delete_grace_seconds=args.grace,
@@ -134,6 +140,23 @@ def settings_from_args(args: AgentArgs, environ: Mapping[str, str] | None = None
         pod_uid=args.pod_uid or None,
         log=LogSettings(level=args.log_level, format=args.log_format, file=args.log_file),
     )
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> str:
+    from fastsandbox.errors import InvalidArgument
+
+    if value not in allowed:
+        raise InvalidArgument(f"{flag} {value!r}: must be {' or '.join(allowed)}")
+    return value
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    from fastsandbox.errors import InvalidArgument
+
+    first, _, last = text.partition("-")
+    if not (first.isdigit() and last.isdigit() and 1 <= int(first) <= int(last) <= 65535):
+        raise InvalidArgument(f"--port-range {text!r}: must be FIRST-LAST within 1-65535")
+    return int(first), int(last)
 
 
 async def _serve(settings: AgentSettings) -> None:

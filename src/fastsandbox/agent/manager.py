@@ -35,7 +35,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from fastsandbox._aio.keyed import KeyedLocks
+from fastsandbox.agent.image_access import ImageAccess
 from fastsandbox.agent.logs import LogChunk, log_files, read_log
+from fastsandbox.agent.network.for_agent import net_labels, network_for
+from fastsandbox.agent.network.private import SandboxNet
 from fastsandbox.agent.requests import (
     AgentStatus,
     PullResult,
@@ -56,7 +59,7 @@ from fastsandbox.agent.runtime.base import (
 from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
 from fastsandbox.agent.warm import WarmSlots, can_claim, counts_reader
 from fastsandbox.api import labels
-from fastsandbox.api.images import normalize_image_ref
+from fastsandbox.api.images import PullCredentials, normalize_image_ref
 from fastsandbox.api.models import MIN_LOG_MAX_BYTES
 from fastsandbox.api.quantity import MIN_DISK_BYTES
 from fastsandbox.errors import (
@@ -99,6 +102,8 @@ class SandboxManager:
         self._detached: set[asyncio.Task[ContainerState]] = set()
         # Image references known to be present locally; a miss only costs a no-op pull.
         self._images: set[str] = set()
+        # Who may use a cached image (a private one: a caller the registry accepts).
+        self.access = ImageAccess(runtime)
         self._closing = asyncio.Event()
         # Refusing new slots (the control plane is draining this agent).
         self._cordoned = False
@@ -106,6 +111,9 @@ class SandboxManager:
         self.channels = ChannelHub(settings.state_dir) if settings.init_path else None
         # Process env/cwd/user of each sandbox, read once from the runtime per agent life.
         self._defaults: dict[str, ProcessDefaults] = {}
+        # A network namespace per sandbox (networkMode private); None: sandboxes join the
+        # agent's namespace (shared).
+        self.network = network_for(settings)
         # Sandbox id → container id where they differ (claimed warm slots), from the
         # sandbox-id label; and every sandbox id the runtime showed at the last look.
         self._containers: dict[str, str] = {}
@@ -130,6 +138,10 @@ class SandboxManager:
         """Adopt what already runs for this agent (a restart) and learn the cached images."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         states = await self._refresh_slots()
+        if self.network is not None:
+            # Every container that still exists keeps its namespace until it is deleted (an
+            # exited one too: its record may be reset or read); the rest are cleaned.
+            await self.network.start({sid: st.labels for sid, st in states.items()})
         if self.channels is not None:
             for _, state in sorted(states.items()):
                 if is_live(state):
@@ -154,11 +166,22 @@ class SandboxManager:
         self.close()
         if self.warm is not None:
             await self.warm.close()
+        if self.network is not None:
+            await self.network.close()
         if self.channels is not None:
             await self.channels.close()
 
     def _warm_slots(self, settings: AgentSettings) -> WarmSlots | None:
         if settings.warm_slots <= 0:
+            return None
+        if settings.network_mode == "private":
+            # A slot is made before its request, in the namespace `container_spec` names (the
+            # agent's): claimed, it would share it. Until slots take a private namespace of
+            # their own (`PrivateNetwork.acquire` per slot), a private pool keeps none.
+            log.warning(
+                "warm slots do not take private networks yet; this agent keeps none",
+                extra={"agent": settings.name},
+            )
             return None
         if self.channels is None or settings.runtime != "runc" or not can_claim():
             log.warning(
@@ -211,6 +234,10 @@ class SandboxManager:
     async def _create_held(self, req: SandboxRequest) -> ContainerState:
         began = time.perf_counter()
         async with self._locks.hold(req.sandbox_id):
+            image = normalize_image_ref(req.image)
+            if image in self._images:
+                # Cached (a warm slot's image is too): a private one needs the caller's proof.
+                await self.access.check_cached(image, req.pull_credentials)
             state = await self._claim(req)
             if state is None:
                 state = await self._create_cold(req)
@@ -375,13 +402,28 @@ class SandboxManager:
         return states
 
     async def _create(self, req: SandboxRequest) -> ContainerState:
-        spec = self._spec(req)
+        if self.network is None:
+            return await self._create_in(req, None)
+        existing = self.network.get(req.sandbox_id)
+        net = await self.network.acquire(req.sandbox_id)
+        try:
+            await self.network.publish(net, req.exposed_ports)
+            return await self._create_in(req, net)
+        except BaseException:
+            if existing is None:
+                # Nothing half-made: a failed create gives its namespace, rules and ports back.
+                await asyncio.shield(self.network.release(net))
+            raise
+
+    async def _create_in(self, req: SandboxRequest, net: SandboxNet | None) -> ContainerState:
+        spec = self._spec(req, net)
         image = normalize_image_ref(req.image)
         # Time waiting for a pull (ours, or a concurrent create's of the same image) is what the
         # create's timings report as pulledMs.
         cold = image not in self._images
         began = time.monotonic()
-        await self._ensure_image(image)
+        # Cached when the create began: its access was checked then (`_create_held`).
+        await self._ensure_image(image, req.pull_credentials, checked=not cold)
         pulled = time.monotonic() - began if cold else 0.0
         try:
             state = await self.runtime.create(spec)
@@ -389,7 +431,7 @@ class SandboxManager:
             # The image left the cache behind our back (pruned by someone): fetch it once more.
             self._images.discard(image)
             began = time.monotonic()
-            await self._pull(image)
+            await self._pull(image, req.pull_credentials)
             pulled += time.monotonic() - began
             state = await self.runtime.create(spec)
         if pulled:
@@ -406,7 +448,7 @@ class SandboxManager:
         )
         return state
 
-    def _spec(self, req: SandboxRequest) -> ContainerSpec:
+    def _spec(self, req: SandboxRequest, net: SandboxNet | None = None) -> ContainerSpec:
         labels = dict(req.labels)
         # Ours win over the caller's: they decide ownership and how we find sandboxes again.
         labels[AGENT_LABEL] = self.settings.name
@@ -417,8 +459,15 @@ class SandboxManager:
             labels[NAME_LABEL] = req.name
         if req.exposed_ports:
             labels[PORTS_LABEL] = ",".join(str(p) for p in req.exposed_ports)
+        netns_path = self.settings.netns_path
+        if net is not None:
+            # How a restarted agent finds the sandbox's network again, and how the control
+            # plane learns its endpoints (the labels travel in every SandboxState).
+            labels.update(net_labels(net))
+            netns_path = net.path
         return replace(
             self.container_spec(req.sandbox_id, req.image, labels),
+            netns_path=netns_path,
             command=req.command,
             args=req.args,
             env=req.env,
@@ -483,6 +532,10 @@ class SandboxManager:
             existed = False
             if state is not None:
                 existed = await self.runtime.delete(container_id, grace)
+            if self.network is not None:
+                net = self.network.get(sandbox_id)
+                if net is not None:
+                    await self.network.release(net)
             self._slots.discard(sandbox_id)
             self._defaults.pop(sandbox_id, None)
             if not keep_logs:
@@ -563,6 +616,7 @@ class SandboxManager:
 
     async def status(self) -> AgentStatus:
         creating = set(self._creating)
+        net_seq = self.network.seq + 1 if self.network is not None else 0
         states, images = await asyncio.gather(self._refresh_slots(), self.runtime.images())
         self._images.update(i.name for i in images)
         # A container whose create was in flight while we read has no task yet in that read, and
@@ -571,6 +625,16 @@ class SandboxManager:
             states[sandbox_id] = replace(
                 states[sandbox_id], status=ContainerStatus.CREATED, exit_code=None, reason=""
             )
+        if self.network is not None:
+            # Containers removed without a delete through us (the janitor's orphan sweep, a
+            # hand `ctr rm`): their namespace, rules and host ports go too.
+            present = {sandbox_id_of(st) for st in states.values()} | creating | self._creating
+            for net in self.network.stale(present, net_seq):
+                log.info(
+                    "releasing the network of a vanished sandbox",
+                    extra={"sandbox_id": net.sandbox_id},
+                )
+                await self.network.release(net)
         # Read after the refresh, with no await since: a create refused or counted here.
         warm = self.warm
         return AgentStatus(
@@ -595,18 +659,26 @@ class SandboxManager:
     async def ensure_image(self, image: str) -> None:
         await self._ensure_image(image)
 
-    async def _ensure_image(self, image: str) -> None:
+    async def _ensure_image(
+        self, image: str, credentials: PullCredentials | None = None, *, checked: bool = False
+    ) -> None:
         async with self._locks.hold(("image", image)):
             if image not in self._images:
-                await self._pull_locked(image)
+                await self._pull_locked(image, credentials)
+            elif not checked:
+                # Pulled meanwhile by a concurrent create, perhaps with credentials not ours.
+                await self.access.check_cached(image, credentials)
 
-    async def _pull(self, image: str) -> ImageInfo:
+    async def _pull(self, image: str, credentials: PullCredentials | None = None) -> ImageInfo:
         async with self._locks.hold(("image", image)):
-            return await self._pull_locked(image)
+            return await self._pull_locked(image, credentials)
 
-    async def _pull_locked(self, image: str) -> ImageInfo:
+    async def _pull_locked(
+        self, image: str, credentials: PullCredentials | None = None
+    ) -> ImageInfo:
         started = time.perf_counter()
-        info = await self.runtime.pull(image)
+        info = await self.runtime.pull(image, credentials)
+        self.access.pulled(image, credentials)
         self.metrics.pull_seconds.observe(time.perf_counter() - started)
         self._images.update((image, info.name))
         log.info("image ready", extra={"image": image, "digest": info.digest})

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus, ImageInfo
 from fastsandbox.agent.warm import WarmCounts
+from fastsandbox.api.images import PullCredentials
 from fastsandbox.api.labels import SANDBOX_ID_LABEL
 from fastsandbox.errors import InvalidArgument
 
@@ -39,6 +40,9 @@ class SandboxRequest:
     disk_bytes: int = 0
     # Cap of the captured stdout + stderr; 0 = the agent's default.
     log_max_bytes: int = 0
+    # Registry credentials of this create only: used to pull, and to prove access to an image
+    # already cached here when it is private (image_access.py). Never stored.
+    pull_credentials: PullCredentials | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable
@@ -28,6 +29,9 @@ from fastsandbox.agent.manager import SandboxManager
 from fastsandbox.agent.requests import SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus, Runtime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
+from fastsandbox.api.images import PullCredentials
+from fastsandbox.api.log_caps import MIN_LOG_MAX_BYTES
+from fastsandbox.api.quantity import MIN_MEMORY_BYTES
 from fastsandbox.errors import FsbError, InvalidArgument, Unavailable
 from fastsandbox.metrics import HealthState, serve_metrics
 from fastsandbox.settings import AgentSettings
@@ -41,9 +45,20 @@ Context = grpc.aio.ServicerContext[Any, Any]
 SHUTDOWN_GRACE_SECONDS = 2.0
 
 
+# The agent's own disk full or read-only: nothing the caller did wrong, and it may pass
+# (tests/fault/test_disk.py), so UNAVAILABLE (retry later) with the OS's words, not INTERNAL.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 async def _abort(context: Context, exc: BaseException) -> NoReturn:
     if isinstance(exc, FsbError):
         await context.abort(exc.grpc_code, exc.message)
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        where = f": {exc.filename}" if exc.filename else ""
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the agent's disk: {exc.strerror}{where}; retry once space is back",
+        )
     log.exception("agent call failed unexpectedly", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"agent error: {exc}")
     raise AssertionError("unreachable")
@@ -70,7 +85,30 @@ def state_to_proto(state: ContainerState) -> agent_pb2.SandboxState:
     )
 
 
+# Sizes of a runtime spec: 0 means "the default", a negative one is a caller's error (found by
+# tests/fuzz/test_agent_fuzz.py: pids_limit=-1 reached the OCI builder and answered INTERNAL).
+# The kernel's PID_MAX_LIMIT; 10 000 CPUs.
+MAX_PIDS_LIMIT = 4 * 1024 * 1024
+MAX_CPU_MILLIS = 10_000_000
+_SIZES = ("cpu_millis", "memory_bytes", "pids_limit", "disk_bytes", "log_max_bytes")
+
+
 def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
+    for size in _SIZES:
+        if getattr(spec, size) < 0:
+            raise InvalidArgument(f"spec.{size}: must not be negative, got {getattr(spec, size)}")
+    # What the control plane refuses too (tiny limits fail inside runc, as INTERNAL otherwise).
+    for size, least in (("memory_bytes", MIN_MEMORY_BYTES), ("log_max_bytes", MIN_LOG_MAX_BYTES)):
+        value = getattr(spec, size)
+        if 0 < value < least:
+            raise InvalidArgument(
+                f"spec.{size}: at least {least} bytes (0: the default), got {value}"
+            )
+    # Above what the kernel takes (pids.max, the CFS quota): refused here, not inside runc.
+    for size, most in (("pids_limit", MAX_PIDS_LIMIT), ("cpu_millis", MAX_CPU_MILLIS)):
+        value = getattr(spec, size)
+        if value > most:
+            raise InvalidArgument(f"spec.{size}: at most {most}, got {value}")
     return SandboxRequest(
         sandbox_id=spec.sandbox_id,
         image=spec.image,
@@ -87,7 +125,14 @@ def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
         pids_limit=spec.pids_limit,
         disk_bytes=spec.disk_bytes,
         log_max_bytes=spec.log_max_bytes,
+        pull_credentials=_credentials(spec),
     )
+
+
+def _credentials(spec: agent_pb2.SandboxRuntimeSpec) -> PullCredentials | None:
+    if not spec.pull_username and not spec.pull_password:
+        return None
+    return PullCredentials(spec.pull_username, spec.pull_password)
 
 
 class AgentService(IoMethods, agent_pb2_grpc.AgentServicer):
@@ -106,7 +151,11 @@ class AgentService(IoMethods, agent_pb2_grpc.AgentServicer):
     async def CreateSandbox(
         self, request: agent_pb2.CreateSandboxRequest, context: Context
     ) -> agent_pb2.CreateSandboxResponse:
-        state = await self._guard(context, self.manager.create(request_from_proto(request.spec)))
+        try:
+            req = request_from_proto(request.spec)
+        except InvalidArgument as exc:
+            await _abort(context, exc)
+        state = await self._guard(context, self.manager.create(req))
         return agent_pb2.CreateSandboxResponse(sandbox=state_to_proto(state))
 
     async def DeleteSandbox(

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SLOT_PREFIX = "w-"
 RETRY_SECONDS = 2.0
+REFILL_DELAY_SECONDS = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,13 +131,15 @@ class WarmSlots:
 
     # -- claims ---------------------------------------------------------------------------------
     def served(self, image: str) -> None:
-        """A create of `image` was served (from a slot or cold): it is hot now."""
+        """A create of `image` was served (from a slot or cold): it is hot now. The refill
+        starts a moment later, so its synchronous work (specs, records) does not hold up the
+        answer still on its way out through this event loop."""
         if self.recent_max > 0:
             self._recent.pop(image, None)
             self._recent[image] = None
             while len(self._recent) > self.recent_max:
                 self._recent.popitem(last=False)
-        self.poke()
+        asyncio.get_running_loop().call_later(REFILL_DELAY_SECONDS, self.poke)
 
     def take(self, image: str) -> str | None:
         """A ready slot of `image` (no await: atomic with the caller's capacity check)."""

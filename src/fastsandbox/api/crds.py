@@ -104,6 +104,26 @@ _VALIDATOR_SCHEMAS: dict[Any, dict[str, Any] | None] = {
     _func(models.SandboxSpec._absolute): {"pattern": "^(/|$)"},
     _func(models.SandboxSpec._policy): None,
     _func(models.SandboxPoolSpec._runtime): None,
+    _func(models.SandboxPoolSpec._network_mode): None,
+    _func(models.SandboxPoolSpec._egress): None,
+    # The apiserver checks the shape; the models check the address itself.
+    models._cidr: {"pattern": r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$"},
+    _func(models.SandboxPoolSpec._egress_allow_needs_allow): {
+        "x-kubernetes-validations": [
+            {
+                "rule": "!has(self.egressAllow) || size(self.egressAllow) == 0 || "
+                "(has(self.egress) && self.egress == 'allow')",
+                "message": "egressAllow needs egress: allow",
+                "fieldPath": ".egressAllow",
+            },
+            {
+                "rule": "!has(self.networkMode) || self.networkMode != 'shared' || "
+                "!has(self.egress) || self.egress == 'none'",
+                "message": "egress applies to networkMode: private only; leave it unset",
+                "fieldPath": ".egress",
+            },
+        ]
+    },
     agent_template._agent_name: {"enum": [agent_template.AGENT_CONTAINER]},
     agent_template._one_container: {"maxItems": 1},
     agent_template._quantity: {"pattern": agent_template._QUANTITY.pattern},

@@ -8,8 +8,10 @@ here before it reaches containerd, and image names reported back are in this for
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fastsandbox.errors import InvalidArgument
 
@@ -70,3 +72,24 @@ def check_registry(image: str, allowed: frozenset[str], field: str) -> str:
             f"{', '.join(sorted(allowed))} (setting allowed_registries)"
         )
     return ref
+
+
+@dataclass(frozen=True, slots=True)
+class PullCredentials:
+    """A registry user and password (or token) given with a create; never stored or logged."""
+
+    username: str
+    password: str
+
+    def __post_init__(self) -> None:
+        if not self.username or ":" in self.username or any(c in self.username for c in "\r\n"):
+            raise InvalidArgument("pull_credentials.username: required, without ':' or newlines")
+        if not self.password or any(c in self.password for c in "\r\n"):
+            raise InvalidArgument("pull_credentials.password: required, without newlines")
+
+    def __repr__(self) -> str:
+        return f"PullCredentials(username={self.username!r}, password=<hidden>)"
+
+    def basic(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()

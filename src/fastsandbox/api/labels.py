@@ -30,6 +30,23 @@ NAMESPACE_LABEL: Final = "fastsandbox.io/namespace"
 NAME_LABEL: Final = "fastsandbox.io/name"
 PORTS_LABEL: Final = "fastsandbox.io/ports"
 """The sandbox's exposed ports, "80,443": recovery rebuilds port reservations from it."""
+PUBLISHED_LABEL: Final = "fastsandbox.io/published"
+"""A private sandbox's published ports, "8080:20001,9000:20002" (port:hostPort on its agent's
+address): the agent writes it, the control plane's endpoints are read from it."""
+NET_INDEX_LABEL: Final = "fastsandbox.io/net-index"
+"""A private sandbox's slot in its agent's sandbox subnet (how a restarted agent finds it)."""
+
+
+def published_endpoints(agent_ip: str, value: str) -> list[str]:
+    """`agentIP:hostPort` for each item of a `PUBLISHED_LABEL` value, in port order."""
+    pairs: list[tuple[int, int]] = []
+    for item in value.split(","):
+        port, _, host = item.partition(":")
+        if port.strip().isdigit() and host.strip().isdigit():
+            pairs.append((int(port), int(host)))
+    return [f"{agent_ip}:{host}" for _, host in sorted(pairs)]
+
+
 UID_LABEL: Final = "fastsandbox.io/uid"
 """The Sandbox object's uid."""
 WARM_SLOT_LABEL: Final = "fastsandbox.io/warm-slot"

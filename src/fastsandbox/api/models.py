@@ -7,6 +7,7 @@ schemas are generated from them. Field names are snake_case in Python and camelC
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -67,6 +68,18 @@ def _port(value: int) -> int:
     return value
 
 
+def _cidr(value: str) -> str:
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IPv4 CIDR with its host bits zero (e.g. 192.0.2.0/24)"
+        ) from None
+    if net.version != 4:
+        raise ValueError(f"{value!r}: only IPv4 CIDRs are supported")
+    return str(net)
+
+
 def _env_name(value: str) -> str:
     if not _ENV_NAME.match(value):
         raise ValueError(
@@ -115,6 +128,21 @@ class FailurePolicy(StrEnum):
 class Runtime(StrEnum):
     RUNC = "runc"
     GVISOR = "gvisor"
+
+
+class NetworkMode(StrEnum):
+    """`private`: each sandbox has its own network namespace and address (DESIGN.md §6b);
+    `shared`: sandboxes join their agent's namespace (ports exclusive per agent)."""
+
+    PRIVATE = "private"
+    SHARED = "shared"
+
+
+class Egress(StrEnum):
+    """Outbound traffic of a private sandbox: `none` (the default) or `allow` (NAT)."""
+
+    NONE = "none"
+    ALLOW = "allow"
 
 
 class ConsistencyMode(StrEnum):
@@ -349,6 +377,35 @@ class SandboxPoolSpec(_Model):
     made ahead, waiting for a create of that image, which claims one in milliseconds. They fill
     only capacity no sandbox uses (runc only; gVisor agents keep none). Read by agents when they
     start: a changed value reaches the agents started after the change."""
+    network_mode: NetworkMode = NetworkMode.PRIVATE
+    """`private` (default): a network namespace per sandbox; `shared`: the agent's."""
+    egress: Egress = Egress.NONE
+    """Outbound traffic of private sandboxes: `none` (default) or `allow` (NAT)."""
+    egress_allow: list[Annotated[str, AfterValidator(_cidr)]] = Field(default_factory=list)
+    """With `egress: allow`, only these IPv4 CIDRs (empty: anywhere but the host, other
+    agents and link-local/metadata addresses, which stay closed whatever is listed)."""
+
+    @field_validator("network_mode", mode="before")
+    @classmethod
+    def _network_mode(cls, value: Any) -> Any:
+        if not isinstance(value, str) or value not in {m.value for m in NetworkMode}:
+            raise ValueError(_enum_message(NetworkMode))
+        return value
+
+    @field_validator("egress", mode="before")
+    @classmethod
+    def _egress(cls, value: Any) -> Any:
+        if not isinstance(value, str) or value not in {m.value for m in Egress}:
+            raise ValueError(_enum_message(Egress))
+        return value
+
+    @model_validator(mode="after")
+    def _egress_allow_needs_allow(self) -> Self:
+        if self.egress_allow and self.egress is not Egress.ALLOW:
+            raise ValueError("egressAllow needs egress: allow")
+        if self.egress is not Egress.NONE and self.network_mode is NetworkMode.SHARED:
+            raise ValueError("egress applies to networkMode: private only; leave it unset")
+        return self
 
     @field_validator("runtime", mode="before")
     @classmethod

@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
+from fastsandbox.api.images import PullCredentials
 from fastsandbox.api.models import ConsistencyMode, Sandbox, SandboxPool
 
 
@@ -35,6 +36,8 @@ class CreateOptions:
     arrived: float = 0.0
     # time.monotonic() the caller stops waiting at (its gRPC deadline); None: no deadline.
     deadline: float | None = None
+    # The registry credentials the request carried, for this create's agent call only.
+    pull_credentials: PullCredentials | None = field(default=None, repr=False)
 
 
 def request_hash(canonical_json: str) -> str:

@@ -1,7 +1,8 @@
 """Where a sandbox goes: a pure scoring rule, kept apart from the registry's bookkeeping.
 
 Hard filters first (same pool, same namespace, Ready, not draining, a free slot, none of the
-requested ports taken on that agent, since all sandboxes of an agent share its network namespace),
+requested ports taken on that agent when its sandboxes share its network namespace — a pool with
+`networkMode: shared`; private sandboxes each have their own and publish on their own host port),
 then the lowest score wins: the agent's load plus a large penalty when the image is not cached, so
 image affinity beats load (a pull costs far more than one more neighbour) while the least-loaded
 agent wins among equals. Ties break on the name, so placement is deterministic.
@@ -37,6 +38,9 @@ class Request:
     pool: str
     image: str
     ports: frozenset[int]
+    # False in a private network (a namespace per sandbox, ports published per sandbox): any
+    # number of sandboxes of one agent may declare the same port.
+    exclusive_ports: bool = True
 
 
 def fits(agent: Candidate, request: Request) -> bool:
@@ -46,7 +50,7 @@ def fits(agent: Candidate, request: Request) -> bool:
         and agent.pool == request.pool
         and agent.namespace == request.namespace
         and agent.allocated < agent.capacity
-        and not (agent.ports_in_use & request.ports)
+        and not (request.exclusive_ports and agent.ports_in_use & request.ports)
     )
 
 

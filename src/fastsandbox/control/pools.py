@@ -597,6 +597,18 @@ class PoolManager:
                 f"spec.runtime: runtime is immutable (pool {ns}/{name} uses "
                 f"{current.spec.runtime.value}); create a new pool for {pool.spec.runtime.value}"
             )
+        for field, wire in (
+            ("network_mode", "networkMode"),
+            ("egress", "egress"),
+            ("egress_allow", "egressAllow"),
+        ):
+            if getattr(pool.spec, field) != getattr(current.spec, field):
+                # Agents keep the network they were started with: a change would leave the
+                # pool's word and its agents' behaviour apart.
+                raise InvalidArgument(
+                    f"spec.{wire}: immutable (agents keep the network they started with); "
+                    "create a new pool for another network"
+                )
         current.spec = pool.spec
         if pool.metadata.resource_version:
             current.metadata.resource_version = pool.metadata.resource_version

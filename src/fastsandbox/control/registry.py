@@ -211,11 +211,19 @@ class Registry:
         ports: Iterable[int],
         sandbox_id: str,
         exclude: Collection[str] | None = None,
+        exclusive_ports: bool = True,
     ) -> Allocation:
         """Reserve a slot on the best agent of the pool, skipping the agents in `exclude`
-        (ones that just refused this request)."""
+        (ones that just refused this request). `exclusive_ports`: the pool's sandboxes share
+        their agent's network namespace, so a port is one sandbox's per agent."""
         wanted = frozenset(ports)
-        request = placement.Request(namespace=namespace, pool=pool, image=image, ports=wanted)
+        request = placement.Request(
+            namespace=namespace,
+            pool=pool,
+            image=image,
+            ports=wanted,
+            exclusive_ports=exclusive_ports,
+        )
         names = self._by_pool.get((namespace, pool), set())
         if exclude:
             names = names - set(exclude)

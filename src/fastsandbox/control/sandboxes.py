@@ -26,6 +26,8 @@ container when it was started), and a Strong-mode record that could not be place
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import time
 import uuid
@@ -35,10 +37,11 @@ from datetime import timedelta
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
-from fastsandbox.api.images import check_registry
+from fastsandbox.api.images import PullCredentials, check_registry
 from fastsandbox.api.labels import CLEANUP_FINALIZER
 from fastsandbox.api.models import (
     ConsistencyMode,
+    NetworkMode,
     Sandbox,
     SandboxPhase,
     SandboxPool,
@@ -70,6 +73,12 @@ from fastsandbox.settings import DEFAULT_SANDBOX_DISK
 from fastsandbox.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
+
+# The pull credentials of the create being served in this task (and the task it spawns), set by
+# `create` from the request; None everywhere else.
+_PULL_CREDENTIALS: contextvars.ContextVar[PullCredentials | None] = contextvars.ContextVar(
+    "pull_credentials", default=None
+)
 
 IDEMPOTENCY_KEY = labels.IDEMPOTENCY_KEY_ANNOTATION
 SPEC_HASH = labels.SPEC_HASH_ANNOTATION
@@ -163,6 +172,9 @@ class SandboxService(SandboxDeletion):
 
     # -- create ----------------------------------------------------------------------------
     async def create(self, sb: Sandbox, opts: CreateOptions) -> Sandbox:
+        # The caller's registry credentials reach the agent call of this create (and its task)
+        # only: never the record, so a later start (AutoRecreate, reset) goes without them.
+        _PULL_CREDENTIALS.set(opts.pull_credentials)
         if opts.mode is ConsistencyMode.STRONG:
             return await self._create_locked(sb, opts, None)
         # Fast: the serial section runs on in its own task past the answer (the record write);
@@ -438,11 +450,16 @@ class SandboxService(SandboxDeletion):
         # we do not pull from, is refused with nothing made.
         if self.allowed_registries is not None:
             check_registry(sb.spec.image, self.allowed_registries, "spec.image")
+        if pool_record is None:
+            with contextlib.suppress(NotFound):
+                pool_record = await self.store.get(SandboxPool, ns, sb.spec.pool_ref)
         limits = await self.limits(sb, pool_record)
+        # Private sandboxes publish their ports each on a host port of its own.
+        exclusive = pool_record is None or pool_record.spec.network_mode is NetworkMode.SHARED
         waited_from: float | None = None
         while True:
             try:
-                allocation = self._allocate(sb, exclude=refused)
+                allocation = self._allocate(sb, exclude=refused, exclusive_ports=exclusive)
             except CapacityExhausted as exc:
                 if not refreshed:
                     refreshed = True
@@ -487,7 +504,9 @@ class SandboxService(SandboxDeletion):
                 self.registry.release(allocation.agent, allocation.sandbox_id)
                 raise
 
-    def _allocate(self, sb: Sandbox, exclude: set[str] | None = None) -> Allocation:
+    def _allocate(
+        self, sb: Sandbox, exclude: set[str] | None = None, *, exclusive_ports: bool = True
+    ) -> Allocation:
         return self.registry.allocate(
             namespace=sb.metadata.namespace,
             pool=sb.spec.pool_ref,
@@ -495,6 +514,7 @@ class SandboxService(SandboxDeletion):
             ports=sb.spec.exposed_ports,
             sandbox_id=new_sandbox_id(sb.metadata.name),
             exclude=exclude,
+            exclusive_ports=exclusive_ports,
         )
 
     async def limits(self, sb: Sandbox, pool: SandboxPool | None = None) -> Limits:
@@ -514,6 +534,7 @@ class SandboxService(SandboxDeletion):
         self, sb: Sandbox, sandbox_id: str, limits: Limits | None = None
     ) -> agent_pb2.SandboxRuntimeSpec:
         spec = sb.spec
+        creds = _PULL_CREDENTIALS.get()
         if limits is None:
             fallback = server_defaults(self.default_cpu, self.default_memory, self.default_disk)
             limits = effective_limits(spec.resources, None, fallback)
@@ -537,6 +558,8 @@ class SandboxService(SandboxDeletion):
             pids_limit=limits.pids,
             disk_bytes=limits.disk_bytes,
             log_max_bytes=limits.log_max_bytes,
+            pull_username=creds.username if creds else "",
+            pull_password=creds.password if creds else "",
         )
 
     async def _run_on_agent(
@@ -569,7 +592,14 @@ class SandboxService(SandboxDeletion):
         transition(status, SandboxPhase.RUNNING)
         status.assigned_agent = allocation.agent
         status.agent_ip = allocation.ip
-        status.endpoints = allocation.endpoints
+        # A private sandbox's ports are published on host ports its agent chose (the label);
+        # a shared one's are the declared ports on the agent's address.
+        published = next((kv.value for kv in state.labels if kv.key == labels.PUBLISHED_LABEL), "")
+        status.endpoints = (
+            labels.published_endpoints(allocation.ip, published)
+            if published
+            else allocation.endpoints
+        )
         status.container_id = state.container_id or allocation.sandbox_id
         status.started_at = now()
         status.exit_code = None

@@ -116,6 +116,11 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
         runtime=pool.spec.runtime.value,
         # Sandboxes join this Pod's network namespace and cgroup (agent/pod.py).
         pod_uid="$(POD_UID)",
+        # Passed as the pool says: an agent that cannot honour `private` fails its creates
+        # with the reason (no private networks inside a Pod yet; docs/security.md).
+        network_mode=pool.spec.network_mode.value,
+        egress=pool.spec.egress.value,
+        egress_allow=tuple(pool.spec.egress_allow),
         grace=spec.grace_seconds,
         log_level=spec.log.level,
         log_format="json",

@@ -42,9 +42,10 @@ from pathlib import Path
 
 from fastsandbox._aio.tasks import TaskSet, guarded
 from fastsandbox.agent.args import AgentArgs, flag_of
+from fastsandbox.agent.network import plan as netplan
 from fastsandbox.api.models import SandboxPool
 from fastsandbox.errors import InvalidArgument, Unavailable
-from fastsandbox.fleet import netns
+from fastsandbox.fleet import hostnet, netns
 from fastsandbox.fleet.base import AgentHandle
 from fastsandbox.fleet.netns import CniNetwork
 from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
@@ -83,6 +84,15 @@ class AgentState:
     # The pool's warm slots when the agent was started (its prewarmImages are the hot ones).
     warm_slots: int = 0
     warm_images: tuple[str, ...] = ()
+    network_mode: str = "shared"
+    """The pool's networkMode when the agent was made (state files before it: shared)."""
+    egress: str = "none"
+    egress_allow: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # JSON gives a list back.
+        object.__setattr__(self, "egress_allow", tuple(self.egress_allow))
+        object.__setattr__(self, "warm_images", tuple(self.warm_images))
 
     @property
     def target(self) -> str:
@@ -119,7 +129,7 @@ class LocalFleet:
         *,
         data_dir: Path,
         containerd_socket: Path,
-        network: str = "auto",
+        network: str = "cni",
         insecure_registries: Sequence[str] = (),
         grace_seconds: float = DELETE_GRACE_SECONDS,
         log: LogSettings | None = None,
@@ -129,7 +139,10 @@ class LocalFleet:
         agent_argv: Sequence[str] = (sys.executable, "-m", "fastsandbox.agent"),
     ) -> None:
         if network not in {"auto", "cni", "host"}:
-            raise InvalidArgument("network must be auto, cni or host")
+            raise InvalidArgument("network must be cni or host")
+        # `auto` used to fall back to the host network when CNI was missing; it now means cni:
+        # host networking only when an administrator asks for it.
+        network = "cni" if network == "auto" else network
         # Absolute: adoption compares the `--state-dir` in a running agent's command line.
         self.data_dir = data_dir.resolve()
         self.agents_dir = self.data_dir / "agents"
@@ -199,6 +212,9 @@ class LocalFleet:
             version=pool.spec.agent_version,
             warm_slots=pool.spec.warm_slots,
             warm_images=tuple(pool.spec.prewarm_images),
+            network_mode=pool.spec.network_mode.value,
+            egress=pool.spec.egress.value,
+            egress_allow=tuple(pool.spec.egress_allow),
         )
         agent = _Agent(state=state, state_dir=state_dir)
         self._agents[name] = agent
@@ -236,6 +252,9 @@ class LocalFleet:
         agent.stopping = True
         async with agent.lock:
             await self._terminate(agent)
+            await _remove_sandbox_netns(agent.state)
+            if agent.state.egress == "allow" and agent.state.netns:
+                await hostnet.remove_guard(agent.state.ip)
             if agent.state.netns:
                 await netns.remove(agent.state.netns, self.cni)
             shutil.rmtree(agent.state_dir, ignore_errors=True)
@@ -262,12 +281,14 @@ class LocalFleet:
         if self.network == "host":
             return False
         reason = self.cni.unavailable_reason()
-        if reason is None:
-            return True
-        if self.network == "cni":
-            raise InvalidArgument(f"network cni requested but unavailable: {reason}")
-        log.warning("CNI unavailable; agents use the host network", extra={"reason": reason})
-        return False
+        if reason is not None:
+            # Fail closed: no silent fallback to the host network.
+            raise Unavailable(
+                f"cannot give agents a network namespace: {reason}; install the CNI plugins "
+                "(containernetworking-plugins) and run as root, or start the server with "
+                "--network host (sandboxes then share the host network)"
+            )
+        return True
 
     def _socket_path(self, state_dir: Path) -> str:
         path = str(state_dir / "agent.sock")
@@ -281,20 +302,14 @@ class LocalFleet:
         """(Re)make the agent's namespace if needed, spawn the process, record it."""
         state = agent.state
         if state.network == "cni":
-            try:
-                ip = await netns.ensure(
-                    state.netns, self.cni, want_ip=state.ip if state.ip != "127.0.0.1" else None
-                )
-            except Exception as exc:
-                if self.network != "auto" or state.pid:
-                    raise  # a known agent keeps its network mode; `cni` was asked for explicitly
-                log.warning(
-                    "could not make the agent's network namespace; using the host network",
-                    extra={"agent": state.name, "err": str(exc)},
-                )
-                state = replace(state, network="host", netns="", ip="127.0.0.1")
-            else:
-                state = replace(state, ip=ip)
+            # Fail closed: an agent whose namespace cannot be made does not start (no fallback
+            # to the host network; an exhausted subnet is such a failure too).
+            ip = await netns.ensure(
+                state.netns, self.cni, want_ip=state.ip if state.ip != "127.0.0.1" else None
+            )
+            state = replace(state, ip=ip)
+            if state.network_mode == "private" and state.egress == "allow":
+                await hostnet.ensure_egress(self.cni, state.netns, ip)
         agent.state_dir.mkdir(parents=True, exist_ok=True)
         Path(state.socket).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
@@ -321,6 +336,11 @@ class LocalFleet:
             runtime=state.runtime,
             agent_ip=state.ip,
             netns_path=netns.netns_path(state.netns) if state.netns else None,
+            network_mode=state.network_mode,
+            egress=state.egress,
+            egress_allow=state.egress_allow,
+            # The node network: the host's bridge address and every other agent.
+            forbid=(self.cni.subnet,) if state.netns else (),
             cgroup_parent=self.cgroup_parent,
             insecure_registry=tuple(self.insecure_registries),
             grace=self.grace_seconds,
@@ -510,5 +530,17 @@ async def purge(data_dir: Path, cni: CniNetwork | None = None) -> None:
         if state.pid > 0 and _is_our_agent(state.pid, path.parent):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state.pid, signal.SIGKILL)
+        await _remove_sandbox_netns(state)
+        if state.egress == "allow" and state.netns:
+            await hostnet.remove_guard(state.ip)
         if state.netns:
             await netns.remove(state.netns, cni)
+
+
+async def _remove_sandbox_netns(state: AgentState) -> None:
+    """The agent's sandbox namespaces (its tag), once no agent runs to delete them itself."""
+    tag = netplan.agent_tag(state.name)
+    for path in sorted(netns.NETNS_DIR.glob(f"{netplan.NETNS_PREFIX}{tag}-*")):
+        if netplan.parse_index(path.name, tag) is not None:
+            with contextlib.suppress(Exception):
+                await netns._run(["ip", "netns", "delete", path.name])

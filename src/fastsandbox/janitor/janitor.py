@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fastsandbox.agent.runtime.base import Runtime
+from fastsandbox.agent.runtime.disk import WritableLayers
 from fastsandbox.errors import FsbError
 from fastsandbox.janitor.images import ImageCollector
 from fastsandbox.janitor.scanner import Known, Reason, Seen, decide
@@ -99,6 +100,7 @@ class ScanReport:
     snapshots_removed: list[str] = field(default_factory=list)
     fifos_removed: list[str] = field(default_factory=list)
     images_removed: list[str] = field(default_factory=list)
+    layers_removed: list[str] = field(default_factory=list)
     errors: int = 0
 
 
@@ -212,6 +214,7 @@ class Janitor:
         if self.leftovers is not None:
             report.snapshots_removed = await self._sweep_snapshots(in_flight)
         report.fifos_removed = self._sweep_fifos(existing)
+        report.layers_removed = await self._sweep_layers(existing | in_flight)
         if self.images is not None:
             report.images_removed = await self.images.collect()
         return report
@@ -265,6 +268,35 @@ class Janitor:
                 continue
             removed.append(str(path))
             log.info("removed stale channel directory", extra={"path": str(path)})
+        return removed
+
+    async def _sweep_layers(self, keep: Collection[str]) -> list[str]:
+        """Size-limited writable layers (`<agent>/runtime/disks/<id>`, agent/runtime/disk.py)
+        whose container is gone: a removal cut short between the container and its layer."""
+        if self.agents_dir is None:
+            return []
+        removed = []
+        for root in self.agents_dir.glob("*/runtime/disks"):
+            layers = WritableLayers(root)
+            for container_id in layers.known():
+                if container_id in keep or not _ID.match(container_id):
+                    continue
+                try:
+                    image = layers.image_path(container_id)
+                    path = image if image.exists() else layers.mount_path(container_id)
+                    if not self._old(path.stat().st_mtime):
+                        continue
+                    await layers.remove(container_id)
+                except FileNotFoundError:
+                    continue
+                except (OSError, FsbError) as exc:
+                    log.warning(
+                        "could not remove stale writable layer",
+                        extra={"sandbox_id": container_id, "err": str(exc)},
+                    )
+                    continue
+                removed.append(str(layers.mount_path(container_id)))
+                log.info("removed stale writable layer", extra={"sandbox_id": container_id})
         return removed
 
     async def _sweep_snapshots(self, in_flight: Collection[str]) -> list[str]:

@@ -311,6 +311,9 @@ class CreateOptions(TypedDict, total=False):
     lease: int
     """Seconds: the sandbox is deleted unless its lease is renewed at least this often."""
     namespace: str
+    pull_credentials: tuple[str, str]
+    """`(username, password)` for the image's registry: to pull a private image, and to use one
+    already cached on the node (it is refused without credentials the registry accepts)."""
 
 
 class PoolOptions(TypedDict, total=False):
@@ -327,6 +330,12 @@ class PoolOptions(TypedDict, total=False):
     """Sandboxes per agent (`maxSandboxesPerAgent`)."""
     prewarm_images: Sequence[str]
     warm_slots: int
+    network_mode: str
+    """`private` (default: a network namespace per sandbox) or `shared` (the agent's)."""
+    egress: str
+    """`none` (default) or `allow` (NAT; private pools only)."""
+    egress_allow: Sequence[str]
+    """With `egress="allow"`: only these IPv4 CIDRs."""
     labels: Mapping[str, str]
     namespace: str
 
@@ -457,6 +466,11 @@ def create_request(
         idempotency_key=options.get("idempotency_key") or "",
         lease_seconds=spec.lease_seconds or 0,
     )
+    creds = options.get("pull_credentials")
+    if creds is not None:
+        user, password = creds
+        req.pull_credentials.username = user
+        req.pull_credentials.password = password
     if "resources" in spec_in:
         req.resources.cpu = spec.resources.cpu or ""
         req.resources.memory = spec.resources.memory or ""
@@ -490,6 +504,12 @@ def pool_request(namespace: str, name: str, options: PoolOptions) -> fastpath_pb
         spec["prewarmImages"] = _str_list(options["prewarm_images"], "spec.prewarmImages")
     if options.get("warm_slots") is not None:
         spec["warmSlots"] = options["warm_slots"]
+    if options.get("network_mode"):
+        spec["networkMode"] = options["network_mode"]
+    if options.get("egress"):
+        spec["egress"] = options["egress"]
+    if options.get("egress_allow") is not None:
+        spec["egressAllow"] = _str_list(options["egress_allow"], "spec.egressAllow")
     body = {
         "metadata": {
             "name": name,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
@@ -298,6 +299,8 @@ class Sandbox:
         mode: str = "fast",
         endpoint: str | None = None,
         token: str | None = None,
+        token_file: str | Path | None = None,
+        ca_file: str | Path | None = None,
         namespace: str | None = None,
         labels: Mapping[str, str] | None = None,
         resources: Mapping[str, str] | None = None,
@@ -319,6 +322,8 @@ class Sandbox:
                     mode=mode,
                     endpoint=endpoint,
                     token=token,
+                    token_file=token_file,
+                    ca_file=ca_file,
                     namespace=namespace,
                     labels=labels,
                     resources=resources,
@@ -336,12 +341,21 @@ class Sandbox:
         *,
         endpoint: str | None = None,
         token: str | None = None,
+        token_file: str | Path | None = None,
+        ca_file: str | Path | None = None,
         namespace: str | None = None,
     ) -> Sandbox:
         loop = _LoopThread()
         try:
             sandbox = loop.run(
-                AsyncSandbox.connect(name, endpoint=endpoint, token=token, namespace=namespace)
+                AsyncSandbox.connect(
+                    name,
+                    endpoint=endpoint,
+                    token=token,
+                    token_file=token_file,
+                    ca_file=ca_file,
+                    namespace=namespace,
+                )
             )
         except BaseException:
             loop.stop()

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,8 @@ class AsyncSandbox:
         mode: str = "fast",
         endpoint: str | None = None,
         token: str | None = None,
+        token_file: str | Path | None = None,
+        ca_file: str | Path | None = None,
         namespace: str | None = None,
         labels: Mapping[str, str] | None = None,
         resources: Mapping[str, str] | None = None,
@@ -84,7 +87,7 @@ class AsyncSandbox:
 
         if lease is not None and lease < MIN_LEASE_SECONDS:
             raise InvalidArgument(f"lease_seconds: must be at least {MIN_LEASE_SECONDS}")
-        client = AsyncClient(endpoint, token, namespace)
+        client = AsyncClient(endpoint, token, namespace, token_file=token_file, ca_file=ca_file)
         try:
             options: CreateOptions = {"pool": pool, "mode": mode, "ports": list(ports)}
             if command is not None:
@@ -123,11 +126,13 @@ class AsyncSandbox:
         *,
         endpoint: str | None = None,
         token: str | None = None,
+        token_file: str | Path | None = None,
+        ca_file: str | Path | None = None,
         namespace: str | None = None,
     ) -> AsyncSandbox:
         """A handle on an existing sandbox (NotFound if there is none). It does not renew a
         lease nor delete the sandbox on exit unless `kill()` is called."""
-        client = AsyncClient(endpoint, token, namespace)
+        client = AsyncClient(endpoint, token, namespace, token_file=token_file, ca_file=ca_file)
         try:
             obj = await client.get(name)
         except BaseException:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from fastsandbox.api.images import PullCredentials
 from fastsandbox.api.models import DEFAULT_LOG_MAX_BYTES
 
 
@@ -111,8 +112,13 @@ class ImageInfo:
 
 
 class Runtime(Protocol):
-    async def pull(self, image: str) -> ImageInfo:
-        """Make `image` available locally (no-op when already present)."""
+    async def pull(self, image: str, credentials: PullCredentials | None = None) -> ImageInfo:
+        """Make `image` available locally (no-op when already present), authenticating to its
+        registry with `credentials` when given."""
+        ...
+
+    async def registry_allows(self, image: str, credentials: PullCredentials | None) -> bool:
+        """Whether `image`'s registry would serve it to `credentials` (None: to anyone)."""
         ...
 
     async def images(self) -> list[ImageInfo]:

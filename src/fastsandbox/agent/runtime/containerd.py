@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import platform
 import signal
 import time
@@ -45,7 +46,7 @@ from urllib.parse import quote, urlencode
 from google.protobuf import any_pb2
 
 from fastsandbox._aio.keyed import KeyedLocks
-from fastsandbox.agent.runtime import runsc_wrapper
+from fastsandbox.agent.runtime import registry_probe, runsc_wrapper
 from fastsandbox.agent.runtime._containerd_api import ContainerdApi
 from fastsandbox.agent.runtime.apparmor import AppArmor
 from fastsandbox.agent.runtime.base import (
@@ -73,7 +74,7 @@ from fastsandbox.agent.runtime.pull_errors import classify
 from fastsandbox.agent.runtime.warm_claim import cgroup_writes, claimed_oci, in_own_thread, prepare
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
-from fastsandbox.api.images import normalize_image_ref, registry_host
+from fastsandbox.api.images import PullCredentials, normalize_image_ref, registry_host
 from fastsandbox.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -227,7 +228,7 @@ class ContainerdRuntime:
 
     # -- images -------------------------------------------------------------------------------
 
-    async def pull(self, image: str) -> ImageInfo:
+    async def pull(self, image: str, credentials: PullCredentials | None = None) -> ImageInfo:
         ref = normalize_image_ref(image)
         async with self._pull_locks.hold(ref):
             with contextlib.suppress(NotFound):
@@ -237,11 +238,16 @@ class ContainerdRuntime:
                 config = await self.image_config(ref)
                 await self._api.stat_snapshot(self.snapshotter, config.chain_id)
                 return ImageInfo(name=ref, digest=img.target.digest)
-            await self._ctr_pull(ref)
+            await self._ctr_pull(ref, credentials)
             img = await self._api.get_image(ref)
             return ImageInfo(name=ref, digest=img.target.digest)
 
-    def _pull_argv(self, ref: str) -> list[str]:
+    async def registry_allows(self, image: str, credentials: PullCredentials | None) -> bool:
+        ref = normalize_image_ref(image)
+        plain = registry_host(ref) in self.insecure_registries
+        return await registry_probe.allows(ref, credentials, plain_http=plain)
+
+    def _pull_argv(self, ref: str, username: str | None = None) -> list[str]:
         argv = [self.ctr_binary, "-a", self.socket, "-n", self.namespace, "images", "pull"]
         if registry_host(ref) in self.insecure_registries:
             argv.append("--plain-http")
@@ -249,23 +255,37 @@ class ContainerdRuntime:
             argv += ["--hosts-dir", self.hosts_dir]
         if self.snapshotter:
             argv += ["--snapshotter", self.snapshotter]
+        if username:
+            # Only the user on argv: ctr asks for the password on its terminal (`_ctr_pull`).
+            argv += ["--user", username]
         return [*argv, ref]
 
-    async def _ctr_pull(self, ref: str) -> None:
-        argv = self._pull_argv(ref)
+    async def _ctr_pull(self, ref: str, credentials: PullCredentials | None = None) -> None:
+        argv = self._pull_argv(ref, credentials.username if credentials else None)
         started = time.monotonic()
+        # The password never goes on argv (any local user reads /proc/*/cmdline) or into the
+        # environment: ctr reads it from its console, here a pty only we hold the other end of.
+        master, slave = os.openpty() if credentials else (-1, -1)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=slave if credentials else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
             )
         except FileNotFoundError:
+            if credentials:
+                os.close(master)
             raise RuntimeFailure(
                 f"{self.ctr_binary} not found: install containerd (scripts/setup)"
             ) from None
+        finally:
+            if credentials:
+                os.close(slave)
         try:
+            if credentials:
+                # Queued on the terminal's line until ctr reads it; kept open until ctr exits.
+                os.write(master, credentials.password.encode() + b"\n")
             async with asyncio.timeout(self.pull_timeout):
                 _, stderr_bytes = await proc.communicate()
         except TimeoutError:
@@ -275,6 +295,9 @@ class ContainerdRuntime:
             raise RuntimeFailure(
                 f"pull of {ref} timed out after {self.pull_timeout:.0f}s ({argv!r})"
             ) from None
+        finally:
+            if credentials:
+                os.close(master)
         stderr = stderr_bytes.decode(errors="replace").strip()[-_STDERR_TAIL:]
         if proc.returncode != 0:
             # The remote's words stay in our log; the caller gets ours (pull_errors.py).

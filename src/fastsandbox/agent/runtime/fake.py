@@ -27,9 +27,9 @@ from fastsandbox.agent.runtime.base import (
     MainProcess,
     ProcessDefaults,
 )
-from fastsandbox.api.images import normalize_image_ref
+from fastsandbox.api.images import PullCredentials, normalize_image_ref
 from fastsandbox.api.labels import WARM_SLOT_LABEL
-from fastsandbox.errors import FailedPrecondition, NotFound
+from fastsandbox.errors import FailedPrecondition, NotFound, PermissionDenied
 
 _PID_BASE = 40_000
 
@@ -46,6 +46,9 @@ class FakeRuntime:
         # The grace period each delete was called with, by id.
         self.delete_graces: dict[str, float] = {}
         self.closed = False
+        # Private images and the credential their registry accepts; the probes made.
+        self.private: dict[str, PullCredentials] = {}
+        self.probes: list[tuple[str, str | None]] = []
         self._images: dict[str, ImageInfo] = {}
         self._containers: dict[str, ContainerState] = {}
         self._next_pid = _PID_BASE
@@ -87,17 +90,27 @@ class FakeRuntime:
 
     # -- Runtime ------------------------------------------------------------------------------
 
-    async def pull(self, image: str) -> ImageInfo:
+    async def pull(self, image: str, credentials: PullCredentials | None = None) -> ImageInfo:
         ref = normalize_image_ref(image)
         if ref in self._images:
             return self._images[ref]
         if not self._registry_has(ref):
             raise NotFound(f"image {ref!r} not found in its registry")
+        if not await self.registry_allows(ref, credentials):
+            raise PermissionDenied(f"pull of {ref} failed: registry refused access")
         self.pulls.append(image)
         digest = "sha256:" + hashlib.sha256(ref.encode()).hexdigest()
         info = ImageInfo(name=ref, digest=digest)
         self._images[ref] = info
         return info
+
+    async def registry_allows(self, image: str, credentials: PullCredentials | None) -> bool:
+        """Private images (`self.private`: reference -> the one accepted credential) need it;
+        every other image is public."""
+        ref = normalize_image_ref(image)
+        self.probes.append((ref, credentials.username if credentials else None))
+        wanted = self.private.get(ref)
+        return wanted is None or credentials == wanted
 
     async def images(self) -> list[ImageInfo]:
         return sorted(self._images.values(), key=lambda i: i.name)

@@ -109,6 +109,36 @@ def agent(
         str | None,
         typer.Option(help="Network namespace sandboxes join (default: the host network)."),
     ] = DEFAULTS.netns_path,
+    network_mode: Annotated[
+        str,
+        typer.Option(
+            metavar="private|shared",
+            help="private: a network namespace per sandbox wired into --netns-path; shared: "
+            "sandboxes join --netns-path.",
+        ),
+    ] = DEFAULTS.network_mode,
+    egress: Annotated[
+        str, typer.Option(metavar="none|allow", help="Private sandboxes' outbound traffic.")
+    ] = DEFAULTS.egress,
+    egress_allow: Annotated[
+        list[str] | None,
+        typer.Option(metavar="CIDR", help="With --egress allow: only to this CIDR (repeatable)."),
+    ] = None,
+    forbid: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="CIDR",
+            help="Never reachable from a private sandbox (repeatable; loopback, link-local "
+            "and multicast always are).",
+        ),
+    ] = None,
+    sandbox_subnet: Annotated[
+        str, typer.Option(metavar="CIDR", help="Private sandboxes' addresses (a /31 each).")
+    ] = DEFAULTS.sandbox_subnet,
+    port_range: Annotated[
+        str,
+        typer.Option(metavar="FIRST-LAST", help="Host ports private sandboxes publish on."),
+    ] = DEFAULTS.port_range,
     cgroup_parent: Annotated[
         str, typer.Option(help="cgroup parent of sandboxes.")
     ] = DEFAULTS.cgroup_parent,
@@ -207,8 +237,8 @@ def _args(params: Mapping[str, Any]) -> AgentArgs:
     values: dict[str, Any] = {
         k: v.value if isinstance(v, StrEnum) else v for k, v in params.items()
     }
-    values["insecure_registry"] = tuple(values.get("insecure_registry") or ())
-    values["warm_image"] = tuple(values.get("warm_image") or ())
+    for key in ("insecure_registry", "warm_image", "egress_allow", "forbid"):
+        values[key] = tuple(values.get(key) or ())
     return AgentArgs(**values)
 
 

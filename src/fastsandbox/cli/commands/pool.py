@@ -61,6 +61,28 @@ def create(
             "that image claims in milliseconds (default: 0).",
         ),
     ] = None,
+    network_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--network-mode",
+            metavar="private|shared",
+            help="private (default): a network namespace per sandbox; shared: the agent's.",
+        ),
+    ] = None,
+    egress: Annotated[
+        str | None,
+        typer.Option(
+            "--egress", metavar="none|allow", help="Outbound traffic of private sandboxes."
+        ),
+    ] = None,
+    egress_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--egress-allow",
+            metavar="CIDR",
+            help="With --egress allow: only to this IPv4 CIDR (repeatable).",
+        ),
+    ] = None,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
     token_file: TokenFile = None,
@@ -82,6 +104,9 @@ def create(
             "per_agent": per_agent,
             "prewarm_images": prewarm_image,
             "warm_slots": warm_slots,
+            "network_mode": network_mode,
+            "egress": egress,
+            "egress_allow": egress_allow,
         }.items()
         if v is not None
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -129,6 +130,16 @@ def run(
             rich_help_panel=_SPEC,
         ),
     ] = None,
+    pull_user: Annotated[
+        str | None,
+        typer.Option(
+            "--pull-user",
+            metavar="USER",
+            help="Registry user for a private image; the password is read from "
+            "$FSB_PULL_PASSWORD (never from argv).",
+            rich_help_panel=_SPEC,
+        ),
+    ] = None,
     idempotency_key: Annotated[
         str | None,
         typer.Option(
@@ -199,6 +210,11 @@ def run(
         options["resources"] = resources
     if command:
         options["command"], options["args"] = list(command), []
+    if pull_user is not None:
+        password = os.environ.get("FSB_PULL_PASSWORD", "")
+        if not password:
+            raise InvalidArgument("--pull-user: set the password in $FSB_PULL_PASSWORD")
+        options["pull_credentials"] = (pull_user, password)
 
     image_ref = str(options.pop("image", "") or "")
     from fastsandbox.cli.pull_progress import pull_progress

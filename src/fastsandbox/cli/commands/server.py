@@ -81,10 +81,12 @@ def server(
         typer.Option(
             "--network",
             envvar="FSB_NETWORK",
-            metavar="auto|cni|host",
-            help="Agent networking: CNI bridge per agent, or the host's.",
+            metavar="cni|host",
+            help="Agent networking: a CNI bridge namespace per agent (and per sandbox in "
+            "private pools), or the host's (no isolation; only when you mean it). No fallback: "
+            "if cni cannot be set up, agents do not start.",
         ),
-    ] = "auto",
+    ] = "cni",
     log_level: LogLevel = "info",
     log_format: LogFormat = "auto",
     log_file: LogFile = None,
@@ -122,7 +124,7 @@ def server(
     from fastsandbox.settings import ServerSettings
 
     if network not in ("auto", "cni", "host"):
-        raise InvalidArgument(f"--network: must be auto, cni or host, not {network!r}")
+        raise InvalidArgument(f"--network: must be cni or host, not {network!r}")
     log = log_settings(log_level, log_format, log_file)
     if orphan_timeout < 0:
         raise InvalidArgument(f"--orphan-timeout: must be >= 0 seconds, not {orphan_timeout}")

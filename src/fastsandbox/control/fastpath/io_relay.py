@@ -181,13 +181,10 @@ class IoRelayRpcs:
     ) -> None:
         """Watchdog of one relayed stream: cancel it (with UNAVAILABLE in `refused`) once the
         agent at `target` has not answered heartbeats for HUNG_AGENT_SECONDS."""
-        registry = self.sandboxes.registry
         while me is not None:
             await asyncio.sleep(_HUNG_POLL_SECONDS)
-            agent = next((a for a in registry.agents() if a.target == target), None)
-            since = agent.unready_since if agent is not None else None
+            name, since = self._unready_since(target)
             if since is not None and time.monotonic() - since >= HUNG_AGENT_SECONDS:
-                name = agent.name if agent is not None else target
                 refused.append(
                     Unavailable(
                         f"agent {name} has not answered heartbeats for "
@@ -197,6 +194,14 @@ class IoRelayRpcs:
                 )
                 me.cancel()
                 return
+
+    def _unready_since(self, target: str) -> tuple[str, float | None]:
+        """The agent at `target`: its name and since when it has not answered heartbeats
+        (time.monotonic(); None while it answers or when it is not registered)."""
+        for agent in self.sandboxes.registry.agents():
+            if agent.target == target:
+                return agent.name, agent.unready_since
+        return target, None
 
     @staticmethod
     def _agent_target(sandbox_id: str) -> io_pb2.SandboxTarget:

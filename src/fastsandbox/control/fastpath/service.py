@@ -19,6 +19,7 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import ValidationError
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
+from fastsandbox.api.images import PullCredentials
 from fastsandbox.api.labels import API_VERSION
 from fastsandbox.api.models import (
     KINDS,
@@ -113,6 +114,13 @@ def sandbox_from_request(req: fastpath_pb2.CreateRequest) -> Sandbox:
     return sb
 
 
+def _pull_credentials(req: fastpath_pb2.CreateRequest) -> PullCredentials | None:
+    if not req.HasField("pull_credentials"):
+        return None
+    given = req.pull_credentials
+    return PullCredentials(given.username, given.password)
+
+
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     """time.monotonic() a little before the caller's gRPC deadline (None without one), so a
     create waiting for its pool answers RESOURCE_EXHAUSTED instead of DEADLINE_EXCEEDED."""
@@ -200,12 +208,15 @@ class FastPathService(IoRelayRpcs, TokenRpcs, fastpath_pb2_grpc.FastPathServicer
             fingerprint = MessageToDict(request, preserving_proto_field_name=True)
             fingerprint.pop("mode", None)
             fingerprint.pop("idempotency_key", None)
+            # Not part of what the sandbox is (and a password has no business in a stored hash).
+            fingerprint.pop("pull_credentials", None)
             opts = CreateOptions(
                 mode=ConsistencyMode(mode),
                 idempotency_key=request.idempotency_key,
                 request_hash=request_hash(json.dumps(fingerprint, sort_keys=True)),
                 arrived=arrived,
                 deadline=_deadline(context),
+                pull_credentials=_pull_credentials(request),
             )
             try:
                 created = await self.sandboxes.create(sb, opts)

@@ -1,0 +1,70 @@
+"""The agent's private network from its settings, and what a sandbox's container records of it.
+
+Kept apart from the manager so its only network knowledge is `network_for` + `net_labels`.
+"""
+
+from __future__ import annotations
+
+from fastsandbox.agent.network import plan
+from fastsandbox.agent.network.private import (
+    INDEX_LABEL,
+    PUBLISHED_LABEL,
+    PrivateNetwork,
+    SandboxNet,
+)
+from fastsandbox.settings import AgentSettings
+
+
+def _why_no_private_network(settings: AgentSettings) -> str | None:
+    if settings.pod_uid:
+        return (
+            "private networks inside a Kubernetes agent Pod are not implemented yet (the "
+            "agent would need the node's /var/run/netns with bidirectional mount propagation, "
+            "i.e. a privileged Pod); create the pool with networkMode: shared"
+        )
+    if settings.runtime == "gvisor" and not GVISOR_ENTERS_SPEC_NETNS:
+        # runsc --network=host uses the namespace it is started in, not the spec's: until the
+        # runtime wrapper enters the spec's namespace, a gVisor sandbox would sit on the
+        # host's network. Refused rather than half isolated.
+        return (
+            "gVisor sandboxes cannot be put in a private network yet (the runsc wrapper does "
+            "not enter the sandbox's namespace); use networkMode: shared or runtime: runc"
+        )
+    return None
+
+
+# Set True by the change that makes the runsc wrapper `nsenter` the network namespace named in
+# the bundle's config.json (issue 10 item 3); the spec already carries the private path.
+GVISOR_ENTERS_SPEC_NETNS = False
+
+
+def network_for(settings: AgentSettings) -> PrivateNetwork | None:
+    """The agent's private network (made, not started); None in a shared network."""
+    if settings.network_mode != "private":
+        return None
+    netns = settings.netns_path or ""
+    return PrivateNetwork(
+        plan.NetConfig(
+            agent=settings.name,
+            agent_netns=netns,
+            agent_ip=settings.agent_ip,
+            subnet=settings.sandbox_subnet,
+            port_range=settings.port_range,
+            egress=settings.egress,
+            egress_allow=tuple(settings.egress_allow),
+            forbidden=tuple(settings.forbid),
+        ),
+        unsupported=_why_no_private_network(settings),
+    )
+
+
+def net_labels(net: SandboxNet) -> dict[str, str]:
+    """How a restarted agent finds the sandbox's network again, and how the control plane
+    learns its endpoints (labels travel in every SandboxState)."""
+    return {
+        INDEX_LABEL: str(net.index),
+        PUBLISHED_LABEL: plan.published_label(
+            plan.Published(port, host, net.ip, net.sandbox_id)
+            for port, host in net.published.items()
+        ),
+    }
