@@ -18,8 +18,10 @@ plays their part for the Pods the tests (and the code under test) create:
     can listen on the same port.
   - Volumes: a `hostPath` must be named in the `host_paths` table (host path → local path; a
     test never touches the real `/run/containerd` or `/var/lib`); an `emptyDir` is a fresh
-    directory. There is no mount namespace, so mount paths appearing in the command, args or
-    env are rewritten to the local paths. An unmapped hostPath fails the container's config.
+    directory; a `secret` is a directory of one file per key (`defaultMode`), written at each
+    container start (a missing Secret waits in `CreateContainerConfigError`, as env does).
+    There is no mount namespace, so mount paths appearing in the command, args or env are
+    rewritten to the local paths. An unmapped hostPath fails the container's config.
   - stdout/stderr go to `<work_dir>/pods/<ns>_<name>/<container>.log`.
   - Status is patched as a kubelet would: `Running`, `podIP(s)`, `hostIP(s)`, `startTime`,
     conditions, `containerStatuses` (`containerID: proc://<pid>`); `Ready` only once the
@@ -638,6 +640,7 @@ class ProcessKubelet:
         self, run: _PodRun, spec: Mapping[str, Any]
     ) -> tuple[list[str], dict[str, str], str | None]:
         """argv, environment and working dir of a container, or `ConfigError`."""
+        await self._write_secret_volumes(run, spec)
         mounts = self._mounts(run, spec)
         env = await self._env(run, spec)
         command = [expand(a, env) for a in spec.get("command") or ()]
@@ -668,15 +671,38 @@ class ProcessKubelet:
                 raise ConfigError(f"volumeMount {mount['name']!r} names no volume")
             if "hostPath" in volume:
                 local = self._host_path(volume["hostPath"])
-            elif "emptyDir" in volume:
+            elif "emptyDir" in volume or "secret" in volume:
                 local = run.dir / "volumes" / volume["name"]
                 local.mkdir(parents=True, exist_ok=True)
             else:
-                raise ConfigError(f"volume {volume['name']!r}: only hostPath and emptyDir run here")
+                raise ConfigError(
+                    f"volume {volume['name']!r}: only hostPath, emptyDir and secret run here"
+                )
             if mount.get("subPath"):
                 local = local / mount["subPath"]
             out.append((mount["mountPath"].rstrip("/") or "/", str(local)))
         return sorted(out, key=lambda m: -len(m[0]))
+
+    async def _write_secret_volumes(self, run: _PodRun, spec: Mapping[str, Any]) -> None:
+        """A `secret` volume the container mounts: one file per key (`defaultMode`, else 0644),
+        written afresh at each container start; a missing Secret is a `ConfigError` (retried)."""
+        mounted = {m["name"] for m in spec.get("volumeMounts") or ()}
+        for volume in run.pod["spec"].get("volumes") or ():
+            source = volume.get("secret")
+            if source is None or volume["name"] not in mounted:
+                continue
+            data = await self._object_data(
+                Secret, run.namespace, source["secretName"], source.get("optional")
+            )
+            local = run.dir / "volumes" / volume["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            mode = int(source.get("defaultMode", 0o644))
+            for key, value in data.items():
+                path = local / key
+                path.unlink(missing_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                with os.fdopen(fd, "w") as out:
+                    out.write(value)
 
     def _host_path(self, host_path: Mapping[str, Any]) -> Path:
         path = str(host_path["path"]).rstrip("/") or "/"

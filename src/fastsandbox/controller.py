@@ -6,11 +6,11 @@ safe together because each agent refuses a create beyond its capacity and the cr
 the next agent or answers RESOURCE_EXHAUSTED. Only the replica holding the Lease
 `fastsandbox-controller` converges records and sizes pools (`ControlPlane.start_leading`).
 
-Start order: clients → agent token (Secret) → recovery (adopt agent Pods, rebuild slots) →
-heartbeats and replica sync → API token, TLS Secret → Fast-Path → "ready" → campaign for the
-Lease. Shutdown releases the Lease first (another replica takes over at once), then stops
-serving. Agent Pods and sandboxes keep running: they are cluster state, adopted by whoever
-comes next.
+Start order: clients → agent CA and token key (Secret `fastsandbox-agent-ca`) → recovery (adopt
+agent Pods, rebuild slots) → heartbeats and replica sync → API token, TLS Secret → Fast-Path →
+"ready" → campaign for the Lease. Shutdown releases the Lease first (another replica takes over
+at once), then stops serving. Agent Pods and sandboxes keep running: they are cluster state,
+adopted by whoever comes next.
 """
 
 from __future__ import annotations
@@ -32,12 +32,19 @@ from lightkube import AsyncClient
 from lightkube.resources.core_v1 import Secret
 
 from fastsandbox._aio.signals import run_until_stopped
+from fastsandbox._kube.authn import KubeAuthenticator, KubeAuthorizer
 from fastsandbox._kube.config import FIELD_MANAGER, make_client
 from fastsandbox._kube.errors import translate
 from fastsandbox._kube.lease import LEASE_NAME, KubeLeaseApi, LeaderElector
 from fastsandbox.api.images import allowed_registries
 from fastsandbox.control.fastpath.access import AccessGuard
-from fastsandbox.control.fastpath.authz import NamespaceAuthorizer, TokenAuthenticator
+from fastsandbox.control.fastpath.authz import (
+    Authenticator,
+    Authorizer,
+    FirstAuthenticator,
+    NamespaceAuthorizer,
+    TokenAuthenticator,
+)
 from fastsandbox.control.fastpath.serve import start_fastpath
 from fastsandbox.control.fastpath.tls import (
     TlsMaterial,
@@ -259,12 +266,13 @@ async def run(
     metrics: MetricsServer | None = None
     health = HealthState(reason="starting: reading the store and the agents")
     try:
+        await fleet.load_credentials()  # before any channel to an agent
         plane = ControlPlane(
             store,
             fleet,
             PlaneSettings.of(
                 settings,
-                agent_token=await fleet.token(),
+                agent_auth=fleet.agent_auth,
                 shared_agents=True,
                 agent_sync_seconds=settings.agent_sync_seconds,
                 rebuild_records=False,
@@ -279,10 +287,16 @@ async def run(
 
         tls = await fastpath_tls(client, settings, namespace)
         tokens = KubeTokenStore(client, namespace)
-        authenticator = TokenAuthenticator(token, tokens, cache_seconds=TOKEN_CACHE_SECONDS)
+        tenants = TokenAuthenticator(token, tokens, cache_seconds=TOKEN_CACHE_SECONDS)
         plane.servicer.token_store = tokens
-        plane.servicer.token_revoked = authenticator.forget
-        guard = AccessGuard(authenticator, NamespaceAuthorizer())
+        plane.servicer.token_revoked = tenants.forget
+        authenticator: Authenticator = tenants
+        authorizer: Authorizer = NamespaceAuthorizer()
+        if settings.kube_auth:
+            # The cluster's own identities too: TokenReview, then a SubjectAccessReview per call.
+            authenticator = FirstAuthenticator([authenticator, KubeAuthenticator(client)])
+            authorizer = KubeAuthorizer(client, authorizer)
+        guard = AccessGuard(authenticator, authorizer)
         server = await start_fastpath(plane.servicer, guard, settings.listen, tls, settings.edge)
 
         leadership = Leadership(plane, identity)

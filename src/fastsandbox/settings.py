@@ -200,6 +200,9 @@ class ControllerSettings(SandboxDefaults):
     """Extra names (DNS or IP) for the generated certificate, e.g. the Service's address."""
     insecure: bool = False
     """Plaintext Fast-Path: only on a loopback `listen` address (refused otherwise)."""
+    kube_auth: bool = True
+    """Also accept Kubernetes bearer tokens on the Fast-Path: TokenReview for who, a
+    SubjectAccessReview per call for whether (verbs on sandboxes/sandboxpools.fastsandbox.io)."""
     agent_image: str = f"fastsandbox/fastsandbox:{__version__}"
     """Image of the agent Pods (its entrypoint runs `fsb agent`)."""
     identity: str | None = None
@@ -274,6 +277,9 @@ class AgentSettings:
     file mode (0600) instead and needs none."""
     insecure_no_token: bool = False
     """Serve HOST:PORT without a token anyway (only for a network nobody else can reach)."""
+    tls_cert: Path | None = None
+    """Serve HOST:PORT with TLS: this PEM certificate (with `tls_key`); None: plaintext."""
+    tls_key: Path | None = None
     pod_uid: str | None = None
     """Running in this Kubernetes Pod: sandboxes join the Pod's network namespace and cgroup
     (found through its CRI sandbox in containerd; these override `netns_path` and

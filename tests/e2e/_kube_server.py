@@ -59,8 +59,8 @@ NAMESPACE = "default"
 DEFAULT_POOL = "default-pool"
 LEASE = "fastsandbox-controller"
 API_TOKEN_SECRET = "fastsandbox-api-token"
+CREDENTIALS_LABEL = "fastsandbox.io/agent-credentials"
 TLS_SECRET = "fastsandbox-fastpath-tls"
-AGENT_TOKEN_SECRET = "fastsandbox-agent-token"
 
 
 class KubeletThread:
@@ -435,9 +435,11 @@ def purge_kube(server: KubeServer) -> None:
             if pod.metadata is not None and pod.metadata.name in agents:
                 with contextlib.suppress(ApiError):
                     client.delete(Pod, pod.metadata.name, namespace=NAMESPACE, grace_period=0)
-        with contextlib.suppress(ApiError):
-            # The fleet's agent token for the pools of `default`: the next server makes its own.
-            client.delete(Secret, AGENT_TOKEN_SECRET, namespace=NAMESPACE)
+        # The agents' credentials Secrets (no garbage collector deletes them with the pool here).
+        for secret in client.list(Secret, namespace=NAMESPACE, labels={CREDENTIALS_LABEL: None}):
+            if secret.metadata is not None and secret.metadata.name:
+                with contextlib.suppress(ApiError):
+                    client.delete(Secret, secret.metadata.name, namespace=NAMESPACE)
         with contextlib.suppress(ApiError):
             client.delete(Namespace, server.system_namespace)
     _remove_containers_of(server, agents)

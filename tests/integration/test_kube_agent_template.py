@@ -5,6 +5,7 @@ agent Pod, which the fleet makes in the pool's own namespace only."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ def pool_body(namespace: str, name: str, template: dict[str, Any]) -> dict[str, 
     }
 
 
+@functools.cache
 def kubectl_binary() -> str:
     proc = subprocess.run(
         [str(ROOT / "scripts" / "build-kube-apiserver")],

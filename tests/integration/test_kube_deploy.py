@@ -270,7 +270,7 @@ def check_rbac(kubectl: Kubectl, namespace: str) -> None:
     exactly the calls store/kubernetes.py, fleet/kubernetes.py, _kube/lease.py, controller.py
     and janitor/kubernetes.py make."""
     ctl, jan = "fastsandbox-controller", "fastsandbox-janitor"
-    pool_ns = "default"  # any namespace a pool (and so its agent Pods and token Secret) lives in
+    pool_ns = "default"  # any namespace a pool (and so its agent Pods and Secrets) lives in
     allowed = [
         (ctl, pool_ns, ("create", "pods")), (ctl, pool_ns, ("delete", "pods")),
         (ctl, pool_ns, ("watch", "pods")), (ctl, pool_ns, ("list", "pods")),
@@ -282,9 +282,11 @@ def check_rbac(kubectl: Kubectl, namespace: str) -> None:
         (ctl, pool_ns, ("update", "sandboxpools.fastsandbox.io", "--subresource=finalizers")),
         (ctl, pool_ns, ("create", "events")), (ctl, pool_ns, ("update", "events")),
         (ctl, pool_ns, ("delete", "events")), (ctl, pool_ns, ("list", "events")),
-        (ctl, pool_ns, ("create", "secrets")),
-        (ctl, pool_ns, ("get", "secrets/fastsandbox-agent-token")),
-        (ctl, pool_ns, ("patch", "secrets/fastsandbox-agent-token")),
+        (ctl, pool_ns, ("create", "secrets")), (ctl, pool_ns, ("delete", "secrets")),
+        (ctl, namespace, ("get", "secrets/fastsandbox-agent-ca")),
+        (ctl, namespace, ("create", "secrets")),
+        (ctl, namespace, ("create", "tokenreviews.authentication.k8s.io")),
+        (ctl, namespace, ("create", "subjectaccessreviews.authorization.k8s.io")),
         (ctl, namespace, ("create", "leases.coordination.k8s.io")),
         (ctl, namespace, ("get", "leases.coordination.k8s.io/fastsandbox-controller")),
         (ctl, namespace, ("update", "leases.coordination.k8s.io/fastsandbox-controller")),
@@ -298,7 +300,9 @@ def check_rbac(kubectl: Kubectl, namespace: str) -> None:
     denied = [
         (ctl, pool_ns, ("get", "secrets/someone-elses")), (ctl, pool_ns, ("list", "secrets")),
         (ctl, pool_ns, ("get", "secrets/fastsandbox-api-token")),
-        (ctl, pool_ns, ("delete", "secrets/fastsandbox-agent-token")),
+        (ctl, pool_ns, ("get", "secrets/fastsandbox-agent-ca")),
+        (ctl, pool_ns, ("get", "secrets/p-abcde-credentials")),
+        (ctl, pool_ns, ("watch", "secrets")), (ctl, pool_ns, ("patch", "secrets")),
         (ctl, pool_ns, ("update", "pods")), (ctl, pool_ns, ("patch", "pods")),
         (ctl, pool_ns, ("create", "pods", "--subresource=exec")),
         (ctl, pool_ns, ("create", "deployments.apps")),
@@ -418,3 +422,32 @@ def test_the_rendered_helm_chart_applies(kubectl: Kubectl, helm: Path, namespace
         check_workloads(kubectl, namespace)
     finally:
         kubectl.delete(cluster_scoped(docs))
+
+
+def test_the_helm_chart_can_confine_agents_to_listed_namespaces(
+    kubectl: Kubectl, helm: Path, namespace: str
+) -> None:
+    """`rbac.poolNamespaces`: Pods and Secrets only there (a RoleBinding each); watching
+    sandboxes and pools and the identity checks stay cluster-wide."""
+    team = f"{namespace}-team"
+    kubectl.run("create", "namespace", team)
+    docs = helm_template(helm, namespace, "--set", f"rbac.poolNamespaces={{{team}}}")
+    kinds = {key(d): d for d in docs}
+    assert ("ClusterRoleBinding", "fastsandbox-controller-agents") not in kinds
+    binding = kinds[("RoleBinding", "fastsandbox-controller-agents")]
+    assert binding["metadata"]["namespace"] == team
+    ctl = "fastsandbox-controller"
+    try:
+        kubectl.apply(docs)
+        for verb in ("create", "delete"):
+            assert can_i(kubectl, namespace, ctl, team, verb, "pods")
+            assert can_i(kubectl, namespace, ctl, team, verb, "secrets")
+            assert not can_i(kubectl, namespace, ctl, "default", verb, "pods")
+            assert not can_i(kubectl, namespace, ctl, "default", verb, "secrets")
+        assert not can_i(kubectl, namespace, ctl, team, "get", "secrets")
+        assert can_i(kubectl, namespace, ctl, "default", "list", "sandboxpools", "-A")
+        assert can_i(kubectl, namespace, ctl, "default", "watch", "pods")
+        assert can_i(kubectl, namespace, ctl, "default", "create", "tokenreviews")
+    finally:
+        kubectl.delete(cluster_scoped(docs))
+        kubectl.run("delete", "namespace", team, "--wait=false", check=False)

@@ -1,15 +1,17 @@
 """`KubernetesFleet` against a real kube-apiserver, with agent Pods run by the process kubelet.
 
-One agent Pod goes through its whole life: created from a SandboxPool (owner, labels, token),
-served on its own podIP with the token required, a real sandbox made and removed in containerd
-namespace `k8s.io`, adopted by a second fleet, deleted by `stop_agent` (Pod and process gone);
-then deleting the SandboxPool garbage-collects the Pods it owns.
+One agent Pod goes through its whole life: created from a SandboxPool (owner, labels, its own
+credentials Secret), served on its own podIP over TLS with its own token required, a real sandbox
+made and removed in containerd namespace `k8s.io`, adopted by a second fleet, deleted by
+`stop_agent` (Pod, process and Secret gone); then deleting the SandboxPool garbage-collects the
+Pods it owns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -29,8 +31,9 @@ from fastsandbox.agent.runtime.containerd import ContainerdRuntime
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
 from fastsandbox.api.models import ObjectMeta, SandboxPool, SandboxPoolSpec
 from fastsandbox.control.agent_client import AgentClients
-from fastsandbox.errors import FsbError, Unauthenticated
-from fastsandbox.fleet.kubernetes import AGENT_PORT, TOKEN_SECRET, KubernetesFleet
+from fastsandbox.errors import FsbError, Unauthenticated, Unavailable
+from fastsandbox.fleet.kubernetes import AGENT_PORT, KubernetesFleet
+from fastsandbox.fleet.kubernetes_credentials import CA_SECRET, credentials_secret
 from tests.infra import ContainerdProc, RegistryProc
 from tests.k8s_kubelet import AGENT_IMAGE, ProcessKubelet
 
@@ -116,13 +119,20 @@ async def test_agent_pod_lifecycle(
         grace_seconds=1,
         pod_grace_seconds=5,
     )
-    token = await fleet.token()
-    assert token == await fleet.token()
-    secret = await kube.get(Secret, TOKEN_SECRET, namespace=ns)
-    assert secret.data and "token" in secret.data
+    await fleet.load_credentials()
+    ca = await kube.get(Secret, CA_SECRET, namespace=ns)
+    assert ca.data and {"ca.crt", "ca.key", "token-key"} <= set(ca.data)
 
     name = f"kpool-{uuid.uuid4().hex[:5]}"
-    clients, anonymous = AgentClients(token=token), AgentClients()
+    clients = AgentClients(auth=fleet.agent_auth)
+    # The agent's CA and name, but no token or another agent's; and no TLS at all.
+    tokenless = AgentClients(auth=lambda t: dataclasses.replace(fleet.agent_auth(t), token=None))
+    foreign = AgentClients(
+        auth=lambda t: dataclasses.replace(
+            fleet.agent_auth(t), token=fleet.credentials.token(ns, "kpool-other")
+        )
+    )
+    plaintext = AgentClients(token="anything")
     runtime = ContainerdRuntime(containerd.socket, "k8s.io", [registry.addr])
     sandbox_id = f"kube-it-{uuid.uuid4().hex[:6]}"
     try:
@@ -153,9 +163,17 @@ async def test_agent_pod_lifecycle(
         assert (status.agent_name, status.pool, status.namespace) == (name, "kpool", ns)
         assert (status.agent_ip, status.capacity, status.version) == (handle.ip, 2, "v1.2")
         with pytest.raises(Unauthenticated, match="missing agent token"):
-            await anonymous.get(handle.target).status()
+            await tokenless.get(handle.target).status()
         with pytest.raises(Unauthenticated, match="invalid agent token"):
-            await AgentClients(token="wrong").get(handle.target).status()
+            await foreign.get(handle.target).status()
+        with pytest.raises(Unavailable):
+            await plaintext.get(handle.target).status(timeout=5)
+        # Its credentials are its own Secret, owned by the pool, mounted into its Pod only.
+        creds = await kube.get(Secret, credentials_secret(name), namespace=ns)
+        assert creds.metadata is not None and creds.data is not None
+        assert set(creds.data) == {"tls.crt", "tls.key", "token"}
+        (creds_owner,) = creds.metadata.ownerReferences or []
+        assert (creds_owner.kind, creds_owner.uid) == ("SandboxPool", pool.metadata.uid)
 
         async def ready() -> bool:
             p = await kube.get(Pod, name, namespace=ns)
@@ -194,7 +212,7 @@ async def test_agent_pod_lifecycle(
         other = KubernetesFleet(kube, agent_image=AGENT_IMAGE, namespace=ns, watch_namespace=ns)
         assert [h.name for h in await other.start()] == [name]
         assert [h.target for h in await other.agents()] == [handle.target]
-        assert await other.token() == token
+        assert other.agent_auth(handle.target) == fleet.agent_auth(handle.target)
         await other.close()
 
         # A crashed agent is restarted in its Pod (restartPolicy Always), on the same podIP.
@@ -216,14 +234,16 @@ async def test_agent_pod_lifecycle(
         assert await pod_gone(kube, ns, name)
         assert not process_alive(pid)
         assert await fleet.agents() == []
+        with pytest.raises(ApiError):
+            await kube.get(Secret, credentials_secret(name), namespace=ns)
         pod_sandbox = f"proc-sandbox-{pod.metadata.uid}"
         assert pod_sandbox not in containerd.ctr("containers", "ls", "-q", namespace="k8s.io")
     finally:
         with contextlib.suppress(Exception):
             await runtime.delete(sandbox_id, 0)
         await runtime.close()
-        await clients.close()
-        await anonymous.close()
+        for each in (clients, tokenless, foreign, plaintext):
+            await each.close()
         await fleet.close()
 
 
@@ -258,23 +278,17 @@ async def test_deleting_the_pool_collects_its_agent_pods(
         await fleet.close()
 
 
-async def test_fleet_replicas_agree_on_one_token(kube: AsyncClient, kube_namespace: str) -> None:
+async def test_fleet_replicas_agree_on_one_agent_ca(kube: AsyncClient, kube_namespace: str) -> None:
     ns = kube_namespace
     first, second = (
         KubernetesFleet(kube, agent_image=AGENT_IMAGE, namespace=ns, watch_namespace=ns)
         for _ in range(2)
     )
-    # Both find no Secret and race to make it: one wins, the other adopts the winner's token.
-    one, two = await asyncio.gather(first.token(), second.token())
-    assert one == two and len(one) >= 32
-
-    # An explicitly configured token replaces what the Secret holds.
-    chosen = KubernetesFleet(
-        kube, agent_image=AGENT_IMAGE, namespace=ns, watch_namespace=ns, token="chosen-token"
-    )
-    assert await chosen.token() == "chosen-token"
-    third = KubernetesFleet(kube, agent_image=AGENT_IMAGE, namespace=ns, watch_namespace=ns)
-    assert await third.token() == "chosen-token"
+    # Both find no Secret and race to make it: one wins, the other reads the winner's.
+    await asyncio.gather(first.load_credentials(), second.load_credentials())
+    assert first.credentials.token(ns, "a1") == second.credentials.token(ns, "a1")
+    assert first.credentials.token(ns, "a1") != first.credentials.token(ns, "a2")
+    assert first.credentials.auth(ns, "a1").root_ca == second.credentials.auth(ns, "a1").root_ca
 
 
 async def test_start_clears_agent_pods_that_ended_or_never_started(

@@ -75,9 +75,16 @@ def test_the_agent_pod() -> None:
     env = {e["name"]: e.get("valueFrom") for e in agent["env"]}
     assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
-    assert env["FSB_AGENT_TOKEN"] == {
-        "secretKeyRef": {"name": "fastsandbox-agent-token", "key": "token"}
-    }
+    # No shared token in the env: its own credentials, from a Secret of its own, read-only.
+    assert "FSB_AGENT_TOKEN" not in env
+    for arg in (
+        "--token-file=/var/run/fastsandbox/agent/token",
+        "--tls-cert=/var/run/fastsandbox/agent/tls.crt",
+        "--tls-key=/var/run/fastsandbox/agent/tls.key",
+    ):
+        assert arg in agent["args"]
+    mount = {"name": "credentials", "mountPath": "/var/run/fastsandbox/agent", "readOnly": True}
+    assert mount in agent["volumeMounts"]
     assert agent["readinessProbe"]["tcpSocket"] == {"port": 7443}
     security = agent["securityContext"]
     assert security["capabilities"] == {"drop": ["ALL"]}
@@ -89,6 +96,10 @@ def test_the_agent_pod() -> None:
     assert {"name": "state", "mountPath": "/var/lib/fastsandbox"} in agent["volumeMounts"]
     assert volumes["state"]["hostPath"]["path"] == "/var/lib/fastsandbox"
     assert manifest["spec"]["automountServiceAccountToken"] is False
+    assert volumes["credentials"]["secret"] == {
+        "secretName": "p1-abcde-credentials",
+        "defaultMode": 0o400,
+    }
 
 
 def test_without_a_version_the_agent_reports_its_own() -> None:
@@ -118,6 +129,9 @@ def test_the_pod_args_are_what_fsb_agent_parses() -> None:
         grace=2.5,
         version="v2",
         log_format="json",
+        token_file=Path("/var/run/fastsandbox/agent/token"),
+        tls_cert=Path("/var/run/fastsandbox/agent/tls.crt"),
+        tls_key=Path("/var/run/fastsandbox/agent/tls.key"),
     )
 
 

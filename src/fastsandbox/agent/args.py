@@ -32,6 +32,8 @@ class AgentArgs:
     listen: str | None = None
     token_file: Path | None = None
     insecure_no_token: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     state_dir: Path | None = None
     containerd_socket: Path = CONTAINERD_SOCKET
     containerd_namespace: str = "fastsandbox"

@@ -97,6 +97,13 @@ def settings_from_args(args: AgentArgs, environ: Mapping[str, str] | None = None
             f"--listen {listen} is a network address: give a token with --token-file or "
             f"${TOKEN_ENV} (or pass --insecure-no-token on a network nobody else can reach)"
         )
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise InvalidArgument("--tls-cert and --tls-key go together: give both or neither")
+    if args.tls_cert is not None and listen.startswith("unix:"):
+        raise InvalidArgument("--tls-cert: TLS is for a HOST:PORT --listen, not a unix socket")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not path.is_file():
+            raise InvalidArgument(f"{flag}: {path} is not a readable file")
     return AgentSettings(
         name=name,
         pool=args.pool,
@@ -128,6 +135,8 @@ def settings_from_args(args: AgentArgs, environ: Mapping[str, str] | None = None
         version=args.version if args.version is not None else _package_version(),
         token=token,
         insecure_no_token=args.insecure_no_token,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         pod_uid=args.pod_uid or None,
         log=LogSettings(level=args.log_level, format=args.log_format, file=args.log_file),
     )

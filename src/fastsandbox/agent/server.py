@@ -230,11 +230,25 @@ def _socket_path(listen: str) -> Path | None:
     return Path(listen.removeprefix("unix://")) if listen.startswith("unix:") else None
 
 
-def _bind(server: grpc.aio.Server, listen: str) -> None:
-    """Listen on `unix:///path` (mode 0600) or HOST:PORT."""
+# No SO_REUSEPORT (grpc sets it by default): in a Pod, sandboxes share the agent's network
+# namespace, and a second listener on the agent's port would take a share of its connections,
+# and with them the controller's bearer token. A second bind must fail instead.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+def _bind(server: grpc.aio.Server, settings: AgentSettings) -> None:
+    """Listen on `unix:///path` (mode 0600) or HOST:PORT (TLS when a certificate is given)."""
+    listen = settings.listen
     path = _socket_path(listen)
     if path is None:
-        if server.add_insecure_port(listen) == 0:
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
+            )
+            port = server.add_secure_port(listen, credentials)
+        else:
+            port = server.add_insecure_port(listen)
+        if port == 0:
             raise Unavailable(f"cannot listen on {listen}: address in use or invalid")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,10 +271,8 @@ def _interceptors(settings: AgentSettings) -> list[grpc.aio.ServerInterceptor]: 
             TokenAuth(
                 settings.token,
                 exempt=(),
-                missing="missing agent token: the control plane must send the agent's token "
-                "(Secret fastsandbox-agent-token)",
-                invalid="invalid agent token: the control plane and the agent disagree on the "
-                "token (Secret fastsandbox-agent-token)",
+                missing="missing agent token: the control plane must send this agent's token",
+                invalid="invalid agent token: not this agent's token (each agent has its own)",
             )
         ]
     if settings.listens_on_tcp and not settings.insecure_no_token:
@@ -290,9 +302,9 @@ async def serve(
         if metrics is not None:
             await metrics.stop()
         raise
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     agent_pb2_grpc.add_AgentServicer_to_server(AgentService(manager), server)
-    _bind(server, settings.listen)
+    _bind(server, settings)
     await server.start()
     try:
         log.info(

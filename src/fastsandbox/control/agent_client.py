@@ -2,8 +2,12 @@
 into our tree at this one seam (the agent maps its own errors to status codes on its side).
 
 Agents on a unix socket (embedded) need no token: the socket's mode is their authentication.
-Agents on `podIP:port` (Kubernetes) require the bearer token the fleet shares with them; give it
-to `AgentClients(token=...)` and every call carries it.
+Agents on `podIP:port` (Kubernetes) each require a bearer token of their own and serve TLS with a
+certificate from the controller's agent CA: `AgentClients(auth=fleet.agent_auth)` asks the fleet,
+per target, for that agent's token, the CA and the name its certificate must carry
+(`fleet.base.AgentAuth`), so a call reaches only the agent it meant to and no agent learns a
+token that works on another. `AgentClients(token=...)` (one token for every agent, plaintext) is
+kept for agents outside a fleet that knows them (tests, tools).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import grpc
 from fastsandbox._grpc_auth import bearer_metadata
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc, io_pb2
 from fastsandbox.errors import FsbError, Unavailable, from_grpc, never_answered
+from fastsandbox.fleet.base import AgentAuth, AgentAuthFor
 
 T = TypeVar("T")
 
@@ -62,11 +67,22 @@ def _relayed(exc: grpc.aio.AioRpcError, target: str) -> FsbError:
 
 
 class AgentClient:
-    def __init__(self, target: str, token: str | None = None) -> None:
+    def __init__(
+        self, target: str, token: str | None = None, auth: AgentAuth | None = None
+    ) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.auth = auth if auth is not None else AgentAuth(token=token)
+        if self.auth.root_ca is not None:
+            options: list[tuple[str, str | int]] = list(CHANNEL_OPTIONS)
+            if self.auth.server_name:
+                # We dial the Pod's IP; the certificate must name the agent we meant to reach.
+                options.append(("grpc.ssl_target_name_override", self.auth.server_name))
+            credentials = grpc.ssl_channel_credentials(root_certificates=self.auth.root_ca)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = agent_pb2_grpc.AgentStub(self._channel)
-        self._metadata = bearer_metadata(token) if token else None
+        self._metadata = bearer_metadata(self.auth.token) if self.auth.token else None
 
     async def _call(self, method: Any, request: Any, timeout: float) -> Any:
         try:
@@ -194,17 +210,31 @@ class AgentClient:
 class AgentClients:
     """One channel per agent target: a channel per call would add a connect to every create."""
 
-    def __init__(self, token: str | None = None) -> None:
-        # One token for every agent: on Kubernetes they all read the same Secret. A unix-socket
-        # target never gets it (it needs none, and it should not leak to a local process).
+    def __init__(self, token: str | None = None, auth: AgentAuthFor | None = None) -> None:
+        # `auth`: the fleet's per-agent credentials (asked on every `get`, so an IP reused by
+        # another agent gets a channel of its own); else one `token` for every agent. A
+        # unix-socket target never gets either (it needs none, and it must not leak locally).
         self._token = token
+        self._auth = auth
         self._clients: dict[str, AgentClient] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def get(self, target: str) -> AgentClient:
+        if target.startswith("unix:"):
+            auth = AgentAuth()
+        elif self._auth is not None:
+            auth = self._auth(target)
+        else:
+            auth = AgentAuth(token=self._token)
         client = self._clients.get(target)
+        if client is not None and client.auth != auth:
+            # Another agent now answers at this address: never reuse the old one's channel.
+            stale, client = client, None
+            task = asyncio.get_running_loop().create_task(stale.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         if client is None:
-            token = None if target.startswith("unix:") else self._token
-            client = self._clients[target] = AgentClient(target, token)
+            client = self._clients[target] = AgentClient(target, auth=auth)
         return client
 
     async def drop(self, target: str) -> None:

@@ -35,7 +35,7 @@ from fastsandbox.control.replica_sync import ReplicaSync
 from fastsandbox.control.sandbox_reconciler import SandboxReconciler
 from fastsandbox.control.sandboxes import SandboxService
 from fastsandbox.errors import FsbError
-from fastsandbox.fleet.base import AgentFleet
+from fastsandbox.fleet.base import AgentAuthFor, AgentFleet
 from fastsandbox.metrics import Metrics
 from fastsandbox.settings import DEFAULT_SANDBOX_DISK, DELETE_GRACE_SECONDS, SandboxDefaults
 from fastsandbox.store.base import ObjectStore
@@ -57,7 +57,10 @@ class PlaneSettings:
     pool_resync_seconds: float = 2.0
     expired_retention_seconds: float = 24 * 3600.0
     agent_token: str | None = None
-    """Bearer token sent to agents on a network address (Kubernetes); unix sockets need none."""
+    """Bearer token sent to agents on a network address; unix sockets need none."""
+    agent_auth: AgentAuthFor | None = None
+    """Per-agent credentials (token, CA, certificate name) from the fleet (Kubernetes): wins
+    over `agent_token`."""
     shared_agents: bool = False
     """Other control-plane replicas use the same agents and store (the Kubernetes controller):
     learn their agents from the fleet and their slots from the store's records."""
@@ -107,7 +110,7 @@ class ControlPlane:
         self.store = store
         self.fleet = fleet
         self.registry = Registry()
-        self.clients = AgentClients(token=settings.agent_token)
+        self.clients = AgentClients(token=settings.agent_token, auth=settings.agent_auth)
         self.sandboxes = SandboxService(
             store,
             self.registry,

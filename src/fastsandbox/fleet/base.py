@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +19,24 @@ class AgentHandle:
     # Address sandboxes of this agent are reachable at (endpoints are ip:port).
     ip: str
     version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentAuth:
+    """How the control plane proves itself to one agent, and checks it reached that agent.
+
+    `token` is the bearer token the agent requires (its own: no two agents share one);
+    `root_ca` (PEM), when set, makes the channel TLS: the agent's certificate must chain to it
+    and name `server_name`. An agent on a unix socket needs neither.
+    """
+
+    token: str | None = None
+    root_ca: bytes | None = None
+    server_name: str | None = None
+
+
+# The fleet's answer for a gRPC target, looked up each time a channel is made.
+AgentAuthFor = Callable[[str], AgentAuth]
 
 
 class AgentFleet(Protocol):

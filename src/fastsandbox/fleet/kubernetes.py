@@ -2,9 +2,10 @@
 
 One Pod per agent, named by the caller (`PoolManager` picks `<pool>-<random>`), in the pool's
 namespace (an ownerReference cannot cross namespaces). The agent serves its gRPC API on
-`$(POD_IP):7443` and requires the bearer token from Secret `fastsandbox-agent-token` (key
-`token`): the fleet creates that Secret, with a random token, in every namespace it starts agents
-in, and the control plane's `AgentClients` sends the same token (`await fleet.token()`).
+`$(POD_IP):7443` over TLS and requires a bearer token of its own: before each Pod the fleet writes
+Secret `<pod>-credentials` (a certificate from the controller's agent CA and the agent's token,
+`kubernetes_credentials.py`), and the control plane's `AgentClients` asks `fleet.agent_auth` for
+each agent's token, the CA and the name its certificate must carry.
 
 What behaves differently from the embedded fleet, and why:
 - Restarts are the kubelet's job (`restartPolicy: Always`); the Pod keeps its IP across them, so
@@ -27,43 +28,39 @@ sandbox in containerd and makes its sandboxes join the Pod's network namespace a
 (`agent/pod.py`), so their endpoints are `podIP:port` and the Pod's resources bound them.
 
 What the Pod is (the pure manifest) lives in `kubernetes_manifest.py`; this module is its
-lifecycle: the token Secret, create, wait for an IP, adopt, delete.
+lifecycle: the credentials Secret, create, wait for an IP, adopt, delete.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Sequence
 from typing import Any, cast
 
 import httpx2 as httpx
 from lightkube import ALL_NS, ApiError, AsyncClient
-from lightkube.resources.core_v1 import Pod, Secret
+from lightkube.resources.core_v1 import Pod
 
 from fastsandbox._kube.config import FIELD_MANAGER
 from fastsandbox._kube.errors import translate
 from fastsandbox.api.models import SandboxPool
 from fastsandbox.errors import (
     AlreadyExists,
-    Conflict,
     FsbError,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
-from fastsandbox.fleet.base import AgentHandle
+from fastsandbox.fleet.base import AgentAuth, AgentHandle
+from fastsandbox.fleet.kubernetes_credentials import AgentCredentials
 from fastsandbox.fleet.kubernetes_manifest import (
     AGENT_PORT,
     APP_LABEL,
     APP_NAME,
     POOL_LABEL,
-    TOKEN_KEY,
-    TOKEN_SECRET,
     VERSION_ANNOTATION,
     VERSION_LABEL,
     AgentPodSpec,
@@ -89,7 +86,6 @@ class KubernetesFleet:
         agent_image: str,
         namespace: str = "default",
         watch_namespace: str | None = None,
-        token: str | None = None,
         containerd_namespace: str = "k8s.io",
         insecure_registries: Sequence[str] = (),
         grace_seconds: float = DELETE_GRACE_SECONDS,
@@ -111,90 +107,25 @@ class KubernetesFleet:
         self.stop_timeout = stop_timeout
         self.image_pull_policy = image_pull_policy
         self.log_settings = log or LogSettings()
-        self._token = token
-        self._token_given = token is not None
-        self._token_lock = asyncio.Lock()
-        self._secrets: set[str] = set()  # namespaces whose Secret holds our token
+        self.credentials = AgentCredentials(client, namespace)
         self._agents: dict[str, AgentHandle] = {}
 
-    # -- token -------------------------------------------------------------------------------
-    async def token(self) -> str:
-        """The agents' bearer token (for `AgentClients`): the one given to the constructor, else
-        the one in the controller namespace's Secret (made with a random token if missing), so
-        every fleet replica agrees on one token."""
-        async with self._token_lock:
-            await self._ensure_secret(self.namespace)
-            assert self._token is not None
-            return self._token
+    # -- credentials -------------------------------------------------------------------------
+    async def load_credentials(self) -> None:
+        """Read (or make) the agent CA and token key: before any channel to an agent is made."""
+        await self.credentials.load()
 
-    async def _ensure_secret(self, namespace: str) -> None:
-        """Make Secret `fastsandbox-agent-token` in `namespace` hold our token (call locked).
-        The controller's namespace decides the token; the others get a copy of it."""
-        if namespace in self._secrets:
-            return
-        if namespace != self.namespace:
-            await self._ensure_secret(self.namespace)
-        what = f"secret {namespace}/{TOKEN_SECRET}"
-        for _ in range(3):
-            try:
-                secret = await self.client.get(Secret, TOKEN_SECRET, namespace=namespace)
-            except ApiError as exc:
-                if exc.status.code != 404:
-                    raise translate(exc, what) from None
-            except httpx.HTTPError as exc:
-                raise translate(exc, what) from None
-            else:
-                stored = _secret_token(secret)
-                if stored and namespace == self.namespace and not self._token_given:
-                    self._token = stored  # the controller namespace's decides: replicas agree
-                if stored == self._token:
-                    self._secrets.add(namespace)
-                    return
-                # Agents here would get a token the control plane does not send: make it ours.
-                log.warning("agent token Secret differs; replacing it", extra={"secret": what})
-                try:
-                    await self.client.patch(
-                        Secret,
-                        TOKEN_SECRET,
-                        {"stringData": {TOKEN_KEY: self._token}},
-                        namespace=namespace,
-                        field_manager=FIELD_MANAGER,
-                    )
-                except (ApiError, httpx.HTTPError) as exc:
-                    raise translate(exc, what) from None
-                self._secrets.add(namespace)
-                return
-            if self._token is None:
-                self._token = secrets.token_urlsafe(32)
-            body = Secret.from_dict(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "metadata": {
-                        "name": TOKEN_SECRET,
-                        "namespace": namespace,
-                        "labels": {"app.kubernetes.io/part-of": "fastsandbox"},
-                    },
-                    "type": "Opaque",
-                    "stringData": {TOKEN_KEY: self._token},
-                }
-            )
-            try:
-                await self.client.create(cast(Secret, body), field_manager=FIELD_MANAGER)
-            except ApiError as exc:
-                if exc.status.code == 409:
-                    continue  # another replica made it first: read (and, here, adopt) theirs
-                raise translate(exc, what) from None
-            except httpx.HTTPError as exc:
-                raise translate(exc, what) from None
-            log.info("created the agent token Secret", extra={"secret": what})
-            self._secrets.add(namespace)
-            return
-        raise Conflict(f"{what} keeps changing; retry")
+    def agent_auth(self, target: str) -> AgentAuth:
+        """`AgentAuthFor` for the control plane's `AgentClients`: the credentials of the agent
+        Pod serving at `target`. An address no agent Pod of ours has is refused (fail closed)."""
+        for handle in self._agents.values():
+            if handle.target == target:
+                return self.credentials.auth(handle.namespace, handle.name)
+        raise Unavailable(f"no agent Pod of this fleet serves at {target}")
 
     # -- AgentFleet --------------------------------------------------------------------------
     async def start(self) -> list[AgentHandle]:
-        await self.token()
+        await self.credentials.load()
         now = time.time()
         # Terminating Pods are on their way out: not adopted.
         for pod in [p for p in await self._list_agent_pods() if not _deleting(p)]:
@@ -230,8 +161,8 @@ class KubernetesFleet:
             raise InvalidArgument(
                 f"agent Pod {name} of pool {ns}/{pool.metadata.name}: wrong namespace"
             )
-        async with self._token_lock:
-            await self._ensure_secret(ns)
+        await self.credentials.load()
+        await self.credentials.create_secret(pool, name)
         try:
             created = await self.client.create(
                 cast(Pod, Pod.from_dict(manifest)), field_manager=FIELD_MANAGER
@@ -250,11 +181,11 @@ class KubernetesFleet:
         try:
             pod = await self._wait_ip(ns, name, created)
         except FsbError:
-            # Never registered, so nothing else would ever delete it.
+            # Never registered, so nothing else would ever delete it (nor its Secret).
             with contextlib.suppress(FsbError):
                 await asyncio.shield(self._delete(ns, name, grace=0))
-            # If it failed for a Secret removed behind our back, the next start remakes it.
-            self._secrets.discard(ns)
+            with contextlib.suppress(FsbError):
+                await asyncio.shield(self.credentials.delete_secret(ns, name))
             raise
         return self._remember(pod)
 
@@ -266,6 +197,7 @@ class KubernetesFleet:
         try:
             await self._delete(namespace, name)
             await self._wait_gone(namespace, name)
+            await self.credentials.delete_secret(namespace, name)
         finally:
             self._agents.pop(name, None)
         log.info("agent Pod deleted", extra={"agent": name, "namespace": namespace})
@@ -420,13 +352,6 @@ class KubernetesFleet:
         except httpx.HTTPError:
             await asyncio.sleep(0.2)  # a broken watch: GET afresh after a breath
         return await self._get(namespace, name)
-
-
-def _secret_token(secret: Secret) -> str | None:
-    raw = (secret.data or {}).get(TOKEN_KEY)
-    if not raw:
-        return None
-    return base64.b64decode(raw).decode().strip() or None
 
 
 def _name(pod: Pod) -> str:

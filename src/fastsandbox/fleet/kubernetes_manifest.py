@@ -2,7 +2,7 @@
 
 `fleet/kubernetes.py` owns the Pod's lifecycle (create, wait for an IP, adopt, delete); this
 module only says what the Pod is: labels and ownerReference, `fsb agent` args (built by
-`AgentArgs`, agent/args.py), the token from a Secret, the containerd socket and the hostPath
+`AgentArgs`, agent/args.py), its credentials Secret mounted, the containerd socket and the hostPath
 state dir, a locked-down securityContext, and the pool's `agentTemplate` merged in.
 """
 
@@ -15,11 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from fastsandbox import settings
-from fastsandbox.agent.args import TOKEN_ENV, AgentArgs
+from fastsandbox.agent.args import AgentArgs
 from fastsandbox.api import labels as keys
 from fastsandbox.api.agent_template import AGENT_CONTAINER, AgentTemplate
 from fastsandbox.api.labels import API_VERSION
 from fastsandbox.api.models import SandboxPool
+from fastsandbox.fleet.kubernetes_credentials import (
+    CREDENTIALS_DIR,
+    TLS_CERT,
+    TLS_KEY,
+    TOKEN_FILE,
+    credentials_secret,
+)
 from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
 
 AGENT_PORT = 7443
@@ -29,8 +36,6 @@ POOL_LABEL = keys.POOL_LABEL
 VERSION_LABEL = keys.VERSION_LABEL
 # The exact version: a label value allows only [A-Za-z0-9-_.] and 63 characters.
 VERSION_ANNOTATION = keys.VERSION_ANNOTATION
-TOKEN_SECRET = "fastsandbox-agent-token"
-TOKEN_KEY = "token"
 CONTAINERD_SOCKET = str(settings.CONTAINERD_SOCKET)  # the node's, mounted at the same path
 # Host directory holding every agent's state (sandbox logs, the staged fsb-init), mounted at the
 # same path in the Pod: containerd opens these paths on the host.
@@ -121,6 +126,10 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
         log_format="json",
         version=version or None,
         insecure_registry=tuple(spec.insecure_registries),
+        # Its own token and TLS certificate, from Secret `<pod>-credentials` (read-only, 0400).
+        token_file=Path(f"{CREDENTIALS_DIR}/{TOKEN_FILE}"),
+        tls_cert=Path(f"{CREDENTIALS_DIR}/{TLS_CERT}"),
+        tls_key=Path(f"{CREDENTIALS_DIR}/{TLS_KEY}"),
         warm_slots=pool.spec.warm_slots,
         warm_image=tuple(pool.spec.prewarm_images),
     )
@@ -144,10 +153,6 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
             _field_env("POD_UID", "metadata.uid"),
             _field_env("POD_IP", "status.podIP"),
             _field_env("NODE_NAME", "spec.nodeName"),
-            {
-                "name": TOKEN_ENV,
-                "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}},
-            },
         ],
         "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
         "readinessProbe": {
@@ -160,6 +165,7 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
             {"name": "containerd-socket", "mountPath": CONTAINERD_SOCKET},
             {"name": "state", "mountPath": STATE_ROOT},
             {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True},
         ],
         # The agent never needs a privilege of its own: containerd and the runc shim, on
         # the host, do every privileged step (namespaces, mounts, cgroups, pulls). It runs
@@ -217,6 +223,10 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
                     "hostPath": {"path": STATE_ROOT, "type": "DirectoryOrCreate"},
                 },
                 {"name": "tmp", "emptyDir": {}},
+                {
+                    "name": "credentials",
+                    "secret": {"secretName": credentials_secret(name), "defaultMode": 0o400},
+                },
             ],
         },
     }

@@ -76,6 +76,16 @@ def agent(
             "containers.",
         ),
     ] = DEFAULTS.insecure_no_token,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM certificate to serve HOST:PORT with TLS (with --tls-key); the Kubernetes "
+            "fleet gives each agent one signed by the controller's agent CA."
+        ),
+    ] = DEFAULTS.tls_cert,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="PEM private key of --tls-cert.")
+    ] = DEFAULTS.tls_key,
     state_dir: Annotated[
         Path | None,
         typer.Option(

@@ -118,6 +118,15 @@ def controller(
             "--heartbeat", metavar="SECONDS", help="How often each agent's Status is polled."
         ),
     ] = 1.0,
+    kube_auth: Annotated[
+        bool,
+        typer.Option(
+            "--kube-auth/--no-kube-auth",
+            help="Also accept Kubernetes tokens (ServiceAccounts) on the Fast-Path, checked with "
+            "TokenReview and authorized per call with SubjectAccessReview on sandboxes and "
+            "sandboxpools (fastsandbox.io).",
+        ),
+    ] = True,
     log_level: LogLevel = "info",
     log_format: LogFormat = "auto",
     log_file: LogFile = None,
@@ -145,6 +154,7 @@ def controller(
         watch_namespace=watch_namespace or None,
         listen=listen,
         token=token,
+        kube_auth=kube_auth,
         agent_image=agent_image,
         identity=identity or None,
         lease_duration_seconds=lease_duration,
