@@ -97,7 +97,14 @@ def test_list_and_get_show_running_with_agent_and_endpoints(
     assert status["phase"] == "Running"
     assert status["assignedAgent"]
     assert status["containerID"] == created["status"]["containerID"]
-    assert status["endpoints"] == [f"{status['agentIP']}:8080"]
+    (endpoint,) = status["endpoints"]
+    host, port = endpoint.rsplit(":", 1)
+    assert host == status["agentIP"]
+    pool = server.fsb_json("pool", "get", got["spec"]["poolRef"])
+    if pool["spec"].get("networkMode", "private") == "shared":
+        assert int(port) == 8080  # the agent's own namespace: the port itself
+    else:
+        assert int(port) != 8080  # published: a host port of the agent's own for this sandbox
     timings = status["timings"]
     assert 0 <= timings["acceptedMs"] <= timings["scheduledMs"] <= timings["runtimeReadyMs"]
 

@@ -93,6 +93,8 @@ def test_a_warm_pool_shows_its_slots_and_creates_claim_them(
     made = server.fsb(
         "pool", "create", pool, "--min", "1", "--max", "1", "--per-agent", "3",
         "--warm-slots", "1", "--prewarm-image", demo_image,
+        # Slots do not hold a private namespace of their own yet: private pools keep none.
+        "--network-mode", "shared",
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     image = normalize_image_ref(demo_image)

@@ -65,10 +65,12 @@ def until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.
         time.sleep(every)
 
 
-def make_pool(server: Server, name: str, *, agents: int, per_agent: int) -> None:
+def make_pool(
+    server: Server, name: str, *, agents: int, per_agent: int, network_mode: str = "private"
+) -> None:
     made = server.fsb(
         "pool", "create", name, "--min", str(agents), "--max", str(agents),
-        "--per-agent", str(per_agent),
+        "--per-agent", str(per_agent), "--network-mode", network_mode,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     until(f"pool {name}: {agents} ready agents", lambda: ready_agents(server, name) == agents, 90)

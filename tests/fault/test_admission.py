@@ -3,8 +3,8 @@
 in all (50 / 10): exactly that many are admitted, every other one is refused with
 RESOURCE_EXHAUSTED (`CapacityExhausted`) and a message that says the pool is full; no two
 sandboxes share a container or exceed an agent's slots. Then the same race for one port:
-concurrent creates that all expose one port on two agents admit exactly two (one per agent),
-never two owners of one agent's port.
+concurrent creates that all expose one port on two agents of a shared-network pool admit exactly
+two (one per agent), never two owners of one agent's port.
 """
 
 from __future__ import annotations
@@ -79,7 +79,9 @@ def test_a_flood_admits_exactly_the_capacity(server: Server, demo_image: str) ->
 
 
 def test_a_port_race_admits_one_owner_per_agent(server: Server, demo_image: str) -> None:
-    make_pool(server, PORT_POOL, agents=2, per_agent=8)
+    # Ports are exclusive per agent only where sandboxes share the agent's namespace; in a
+    # private pool each sandbox publishes its own host port (tests/e2e/test_private_network.py).
+    make_pool(server, PORT_POOL, agents=2, per_agent=8, network_mode="shared")
     try:
         admitted, refused = asyncio.run(_flood(server, demo_image, PORT_POOL, PORT_CREATES, [PORT]))
         assert len(admitted) == 2, admitted

@@ -59,7 +59,8 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     try:
-        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115
+        with open(f"/proc/{pid}/stat") as file:
+            stat = file.read()
     except OSError:
         return False
     return stat.split(")")[-1].split()[0] != "Z"
