@@ -25,6 +25,7 @@ import pytest
 
 from fastsandbox.agent.network import plan
 from tests.e2e._server import Server, new_server, purge
+from tests.infra import cannot_run
 
 pytestmark = pytest.mark.e2e
 
@@ -110,7 +111,7 @@ def host_ip() -> str:
         dev, addr = line.split()[1], line.split()[3].split("/")[0]
         if dev not in ("lo", "fsb0") and not dev.startswith(("veth", "fsb")):
             return addr
-    pytest.skip("no host address besides loopback and the bridge")
+    cannot_run("no host address besides loopback and the bridge")
 
 
 class Listener:
