@@ -18,6 +18,8 @@ API_VERSION: Final[ApiVersion] = "fastsandbox.io/v1alpha1"
 # Held by every Sandbox until its slot and ports are released (control/sandboxes.py).
 CLEANUP_FINALIZER: Final = "fastsandbox.io/cleanup"
 API_TOKEN_LABEL: Final = "fastsandbox.io/api-token"
+# On an agent Pod's own credentials Secret (Kubernetes): which agent it belongs to.
+AGENT_CREDENTIALS_LABEL: Final = "fastsandbox.io/agent-credentials"
 """On the Secrets that hold tenant token records (store/tokens_kubernetes.py)."""
 
 # -- labels on containers (containerd), set by the agent and the control plane ----------------

@@ -33,6 +33,7 @@ from lightkube.resources.core_v1 import Secret
 from fastsandbox import _tls
 from fastsandbox._kube.config import FIELD_MANAGER
 from fastsandbox._kube.errors import translate
+from fastsandbox.api import labels
 from fastsandbox.api.labels import API_VERSION
 from fastsandbox.api.models import SandboxPool
 from fastsandbox.errors import Conflict, FsbError, Unavailable
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 CA_SECRET = "fastsandbox-agent-ca"
 CA_CERT_KEY, CA_KEY_KEY, TOKEN_KEY_KEY = "ca.crt", "ca.key", "token-key"
 CREDENTIALS_SUFFIX = "-credentials"
-CREDENTIALS_LABEL = "fastsandbox.io/agent-credentials"
+CREDENTIALS_LABEL = labels.AGENT_CREDENTIALS_LABEL
 # Where the agent Pod mounts its Secret, and the files in it.
 CREDENTIALS_DIR = "/var/run/fastsandbox/agent"
 TLS_CERT, TLS_KEY, TOKEN_FILE = "tls.crt", "tls.key", "token"
