@@ -300,9 +300,25 @@ class AgentSettings:
         """Whether sandboxes get a size-limited writable layer (a loop-mounted file system per
         sandbox, agent/runtime/disk.py). Not in a Kubernetes Pod: the agent Pod is unprivileged
         and cannot mount, and a mount in its namespace would not reach containerd's shim anyway
-        (docs/security.md, "What is not covered")."""
-        return self.pod_uid is None
+        (docs/security.md, "What is not covered"). Nor anywhere else the agent cannot mount (no
+        CAP_SYS_ADMIN: an agent in a plain container): every create would fail with EPERM."""
+        return self.pod_uid is None and can_mount()
 
     @property
     def listens_on_tcp(self) -> bool:
         return not self.listen.startswith("unix:")
+
+
+_CAP_SYS_ADMIN = 21
+
+
+def can_mount() -> bool:
+    """Whether this process holds CAP_SYS_ADMIN (what `mount -o loop` needs)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
+    except OSError:
+        pass
+    return False

@@ -54,7 +54,9 @@ echo "== sys cgroup"; ls /sys/fs/cgroup 2>&1
 echo "== mounts"; cat /proc/$$/mounts
 echo "== fds"; for f in /proc/$$/fd/*; do echo "${f##*/} $(readlink "$f")"; done
 echo "== processes"
-for p in /proc/[0-9]*; do tr '\0' ' ' < "$p/cmdline" 2>/dev/null; echo; done | sort
+# Distinct command lines: the loop's own subshells (forks of this script) come and go with
+# timing; a process either sandbox has and the other has not still shows.
+for p in /proc/[0-9]*; do tr '\0' ' ' < "$p/cmdline" 2>/dev/null; echo; done | sort -u
 echo "== tmp"; ls -A /tmp
 echo "== end"
 exec sleep 3600

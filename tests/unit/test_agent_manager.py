@@ -383,8 +383,10 @@ async def test_log_cap_comes_from_the_spec_or_the_agent_default(
 
 
 async def test_disk_limit_is_always_set_zero_meaning_the_agent_default(
-    runtime: FakeRuntime, tmp_path: Path
+    runtime: FakeRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # As an agent that may mount (root on the host), whoever runs this test.
+    monkeypatch.setattr("fastsandbox.settings.can_mount", lambda: True)
     agent = SandboxManager(
         runtime, dataclasses.replace(settings(tmp_path), default_disk_bytes=256 << 20)
     )
@@ -397,6 +399,13 @@ async def test_disk_limit_is_always_set_zero_meaning_the_agent_default(
         with pytest.raises(InvalidArgument, match="disk_bytes"):
             await agent.create(req(f"sb-bad{bad}", disk_bytes=bad))
     assert agent.used_slots == 2
+
+
+def test_an_agent_that_cannot_mount_gives_no_disk_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("fastsandbox.settings.can_mount", lambda: False)
+    assert not settings(tmp_path).enforces_disk_limit
 
 
 async def test_delete_removes_both_halves_of_a_capped_log(manager: SandboxManager) -> None:
