@@ -219,6 +219,17 @@ def test_usage_error_for_an_unknown_option(init_bin: Path) -> None:
     assert b"--warm needs FSB_CHANNEL" in result.stderr
 
 
+def _catches(pid: int, sig: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
 @pytest.mark.parametrize("argv", [[], ["--"]])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_without_a_command_it_idles_until_sigterm_or_sigint(
@@ -228,6 +239,11 @@ def test_without_a_command_it_idles_until_sigterm_or_sigint(
     try:
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=0.2)  # still up: idle (a bound on a failure, not a speed claim)
+        # Signal only once it catches the signal (SigCgt): earlier, under load, the default
+        # action would kill it before its handler is installed, which is not what is tested.
+        deadline = time.monotonic() + BOUND
+        while not _catches(proc.pid, sig) and time.monotonic() < deadline:
+            time.sleep(0.01)
         proc.send_signal(sig)
         assert proc.wait(timeout=BOUND) == 0
     finally:
