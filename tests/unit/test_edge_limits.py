@@ -202,7 +202,8 @@ async def test_over_the_rate_is_resource_exhausted_with_a_retry_hint(edge: Edge)
     # What the SDK (and so the CLI, which prints the message) makes of it.
     translated = translate(err, edge.endpoint)
     assert isinstance(translated, CapacityExhausted)
-    assert translated.retry_after is not None and translated.retry_after > 0
+    # The SDK carries the server's hint as it was sent.
+    assert translated.retry_after == float(trailing[RETRY_AFTER_KEY])
     assert "retry after" in translated.message
     # Another credential is not held back by this one (refused by the token check instead).
     with pytest.raises(grpc.aio.AioRpcError) as other:

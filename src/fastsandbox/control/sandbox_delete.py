@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from fastsandbox._aio.keyed import KeyedLocks
 from fastsandbox.api.labels import CLEANUP_FINALIZER
@@ -42,8 +43,8 @@ class SandboxDeletion:
     grace_seconds: float
     started_at: float
 
-    def _forget(self, sb: Sandbox) -> None:
-        raise NotImplementedError
+    # The service's own (`SandboxService._forget`): drops what it holds in memory for `sb`.
+    _forget: Callable[[Sandbox], None]
 
     # -- delete ----------------------------------------------------------------------------
     async def delete(self, namespace: str, name: str, *, wait: bool) -> Sandbox | None:
