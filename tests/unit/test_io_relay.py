@@ -3,6 +3,7 @@ sandbox's id, agent statuses passed through, streams in both directions."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -94,6 +95,27 @@ async def test_bad_signal_mid_stream_ends_the_call_with_invalid_argument(rig: Ri
         await _exec(rig, [start(["sleep", "30"]), io_pb2.ExecInput(signal=999)])
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "signal:" in (info.value.details() or "")
+
+
+async def test_a_refused_exec_leaves_no_child_once_the_servers_stop(tmp_path: Path) -> None:
+    # The refusal reaches the caller before the agent has unwound its handler; stopping the
+    # servers must still wait for it (a leftover `sleep 30` was an unraisable ResourceWarning
+    # in whichever test ran next).
+    with serve_io(tmp_path) as rig:
+        rig.fastpath.add_sandbox("box")
+        async with grpc.aio.insecure_channel(rig.endpoint) as channel:
+            call = fastpath_pb2_grpc.FastPathStub(channel).Exec(metadata=AUTH)
+            await call.write(start(["sleep", "30"]))
+            assert (await call.read()).WhichOneof("kind") == "started"  # the child runs
+            await call.write(io_pb2.ExecInput(signal=999))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert rig.agent.pids
+    for pid in rig.agent.pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 async def test_exec_into_a_sandbox_not_running_names_its_phase(rig: Rig) -> None:
