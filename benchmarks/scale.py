@@ -71,7 +71,7 @@ def _allocate_us(n_agents: int, calls: int = 2000) -> list[float]:
                         images=frozenset({"img"}) if a % 10 == 0 else frozenset())
         )  # fmt: skip
         for s in range(50):
-            rec.slots[f"a{a}-s{s}"] = frozenset()
+            registry.adopt(rec.name, f"a{a}-s{s}", ())
     out = []
     for i in range(calls):
         t0 = time.perf_counter()
