@@ -65,7 +65,8 @@ class Rig:
 
 
 @contextlib.contextmanager
-def serve_io(tmp_path: Path) -> Iterator[Rig]:
+def serve_io(tmp_path: Path, credentials: grpc.ServerCredentials | None = None) -> Iterator[Rig]:
+    """The fake Fast-Path with exec/files relayed to a fake agent; TLS with `credentials`."""
     root = tmp_path / "sandbox-root"
     (root / "tmp").mkdir(parents=True)
     agent = FakeAgentIo(root)
@@ -78,7 +79,11 @@ def serve_io(tmp_path: Path) -> Iterator[Rig]:
         async def main() -> None:
             server = grpc.aio.server(interceptors=[TokenAuth(TOKEN)])
             fastpath_pb2_grpc.add_FastPathServicer_to_server(fastpath, server)
-            state["port"] = server.add_insecure_port("127.0.0.1:0")
+            state["port"] = (
+                server.add_secure_port("127.0.0.1:0", credentials)
+                if credentials is not None
+                else server.add_insecure_port("127.0.0.1:0")
+            )
             state["stop"] = asyncio.Event()
             await server.start()
             started.set()
