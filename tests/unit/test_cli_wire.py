@@ -165,7 +165,7 @@ def test_status_numbers_are_grpcs() -> None:
 
     from fastsandbox.errors import STATUS_NUMBERS
 
-    assert STATUS_NUMBERS == {code.name: code.value[0] for code in grpc.StatusCode}
+    assert {code.name: code.value[0] for code in grpc.StatusCode} == STATUS_NUMBERS
 
 
 def test_the_default_data_dir_is_settings_rule(monkeypatch: pytest.MonkeyPatch) -> None:

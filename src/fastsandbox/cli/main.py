@@ -127,6 +127,13 @@ def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int
         parsed = exec_fast.parse(args[1:])
         if parsed is not None:
             return exec_fast.run(parsed)
+    if verb == "run":
+        from fastsandbox.cli import run_fast
+
+        options = run_fast.parse(args[1:])
+        code = run_fast.run(options) if options is not None else None
+        if code is not None:
+            return code
     from fastsandbox.cli import app as seam
 
     return seam.run(build_app([verb]) if verb else build_app(), args, prog_name or "fsb")

@@ -134,7 +134,12 @@ def connect(endpoint: str, *, tls: bool, ca_pem: bytes | None, timeout: float) -
             raise
     else:
         assert isinstance(address, tuple)
-        sock = socket.create_connection(address, timeout=timeout)
+        host, port = address
+        # An ASCII name as bytes: a str would be IDNA-encoded first, importing unicodedata.
+        sock = socket.create_connection(
+            (host.encode() if host.isascii() else host, port),  # type: ignore[arg-type]
+            timeout=timeout,
+        )  # (getaddrinfo takes bytes; typeshed says str)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls:
         import ssl
@@ -219,6 +224,8 @@ class Call:
         self.trailers: list[tuple[str, str]] | None = None
         self.ended = False
         self._reset: CallError | None = None
+        self._half_close = False  # END_STREAM once everything queued is sent
+        self._half_closed = False
         settings = struct.pack(">HI", _SETTINGS_ENABLE_PUSH, 0) + struct.pack(
             ">HI", _SETTINGS_INITIAL_WINDOW, WINDOW
         )
@@ -242,6 +249,11 @@ class Call:
         self._out += b"\x00" + struct.pack(">I", len(message)) + message
         self.flush()
 
+    def close_send(self) -> None:
+        """No more messages from us (a unary call's request is complete)."""
+        self._half_close = True
+        self.flush()
+
     def pending(self) -> int:
         """Bytes queued that the peer's flow-control windows do not take yet."""
         return len(self._out)
@@ -256,6 +268,9 @@ class Call:
             del self._out[:size]
             self._send_conn -= size
             self._send_stream -= size
+        if self._half_close and not self._out and not self._half_closed and not self.ended:
+            frames += _frame(DATA, END_STREAM, STREAM)
+            self._half_closed = True
         if frames:
             self.sock.sendall(frames)
 
@@ -416,3 +431,22 @@ class Call:
             return None
         name = STATUS_NAMES.get(number, "UNKNOWN")
         return CallError(name, _percent_decoded(fields.get("grpc-message", "")), trailing)
+
+
+def unary(call: Call, request: bytes) -> bytes:
+    """Send `request`, wait for the one reply; CallError when the call fails."""
+    import select
+
+    call.send(request)
+    call.close_send()
+    replies: list[bytes] = []
+    while not call.ended:
+        if not call.buffered():
+            select.select([call.sock.fileno()], [], [])
+        replies += call.receive()
+    failure = call.status()
+    if failure is not None:
+        raise failure
+    if len(replies) != 1:
+        raise CallError("INTERNAL", f"a unary call answered {len(replies)} messages")
+    return replies[0]

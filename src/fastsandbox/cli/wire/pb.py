@@ -179,3 +179,72 @@ def exec_output(message: bytes) -> Output:
                 elif sub == 3:
                     out.timed_out = bool(_int32(v))
     return out
+
+
+# ------------------------------------------------------------------ Create (fastpath.proto)
+
+
+def _packed(field: int, values: Sequence[int]) -> bytes:
+    return _bytes(field, b"".join(_varint(v) for v in values)) if values else b""
+
+
+def create_request(
+    *,
+    namespace: str,
+    name: str,
+    image: str,
+    command: Sequence[str] = (),
+    args: Sequence[str] = (),
+    env: Sequence[tuple[str, str]] = (),
+    working_dir: str = "",
+    ports: Sequence[int] = (),
+    pool: str = "",
+    ttl_seconds: int = 0,
+    resources: tuple[str, str, int, str] | None = None,
+    labels: Sequence[tuple[str, str]] = (),
+    mode: str = "",
+    idempotency_key: str = "",
+) -> bytes:
+    """`CreateRequest`; `resources` is (cpu, memory, pids, disk), sent (even empty) when given."""
+    out = bytearray(_str(1, namespace) + _str(2, name) + _str(3, image))
+    for word in command:
+        out += _bytes(4, word.encode())
+    for word in args:
+        out += _bytes(5, word.encode())
+    for key, value in env:
+        out += _bytes(6, _str(1, key) + _str(2, value))
+    out += _str(7, working_dir) + _packed(8, ports) + _str(9, pool) + _uint(11, ttl_seconds)
+    if resources is not None:
+        cpu, memory, pids, disk = resources
+        out += _bytes(15, _str(1, cpu) + _str(2, memory) + _uint(3, pids) + _str(4, disk))
+    for key, value in labels:
+        out += _bytes(16, _str(1, key) + _str(2, value))
+    out += _str(17, mode) + _str(18, idempotency_key)
+    return bytes(out)
+
+
+_TIMINGS = ("acceptedMs", "scheduledMs", "runtimeReadyMs", "scaledMs", "pulledMs")
+
+
+def create_response(message: bytes) -> dict[str, object]:
+    """`CreateResponse` as a dict: its string fields by proto name, `endpoints` a list,
+    `timings` {acceptedMs...: float} (proto3: 0 when unset)."""
+    text = {1: "name", 2: "namespace", 3: "uid", 4: "container_id", 5: "agent", 6: "agent_ip",
+            9: "phase", 10: "object_json"}  # fmt: skip
+    out: dict[str, object] = {k: "" for k in text.values()}
+    endpoints: list[str] = []
+    timings = dict.fromkeys(_TIMINGS, 0.0)
+    for field, value in fields(message):
+        if not isinstance(value, bytes):
+            continue
+        if field in text:
+            out[text[field]] = value.decode("utf-8", "replace")
+        elif field == 7:
+            endpoints.append(value.decode("utf-8", "replace"))
+        elif field == 8:
+            for sub, v in fields(value):
+                if 1 <= sub <= len(_TIMINGS) and isinstance(v, bytes) and len(v) == 8:
+                    timings[_TIMINGS[sub - 1]] = struct.unpack("<d", v)[0]
+    out["endpoints"] = endpoints
+    out["timings"] = timings
+    return out
