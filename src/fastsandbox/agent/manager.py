@@ -57,7 +57,7 @@ from fastsandbox.agent.runtime.base import (
     Runtime,
 )
 from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
-from fastsandbox.agent.warm import ClaimUncertain, WarmSlots, can_claim, counts_reader
+from fastsandbox.agent.warm import ClaimUncertain, SlotKind, WarmSlots, counts_reader
 from fastsandbox.api import labels
 from fastsandbox.api.images import PullCredentials, normalize_image_ref
 from fastsandbox.api.models import MIN_LOG_MAX_BYTES
@@ -180,10 +180,9 @@ class SandboxManager:
     def _warm_slots(self, settings: AgentSettings) -> WarmSlots | None:
         if settings.warm_slots <= 0:
             return None
-        if self.channels is None or settings.runtime != "runc" or not can_claim():
+        if self.channels is None:
             log.warning(
-                "warm slots need runc, fsb-supervisor and CAP_SYS_ADMIN (a claim sets the "
-                "sandbox's hostname and cgroup from the host); this agent keeps none",
+                "warm slots need fsb-supervisor (--init-path); this agent keeps none",
                 extra={"agent": settings.name, "runtime": settings.runtime},
             )
             return None
@@ -239,7 +238,7 @@ class SandboxManager:
             if state is None:
                 state = await self._create_cold(req)
         if self.warm is not None:
-            self.warm.served(normalize_image_ref(req.image))
+            self.warm.served(self._slot_kind(req))
         self.metrics.create_seconds.labels(mode="agent", warm=str(state.warm).lower()).observe(
             time.perf_counter() - began
         )
@@ -254,11 +253,11 @@ class SandboxManager:
             return None
         fresh = sandbox_id not in self._slots and sandbox_id not in self._containers
         fresh = fresh and sandbox_id not in self._seen and not self._cordoned
-        image = normalize_image_ref(req.image)
         same_log = self._log_cap(req.log_max_bytes) == self.settings.log_max_bytes
         # A slot's writable layer was made at the default size: another size takes the cold path.
         same_disk = self._disk(req.disk_bytes) == self._disk(0)
-        slot = warm.take(image) if fresh and same_log and same_disk else None
+        kind = self._slot_kind(req)
+        slot = warm.take(kind) if fresh and same_log and same_disk else None
         if slot is None:
             self.metrics.warm_slot_claims_total.labels(result="miss").inc()
             return None
@@ -276,7 +275,7 @@ class SandboxManager:
             if isinstance(exc, CapacityExhausted):
                 # No host port left (nothing was taken): refused as a cold create would be;
                 # the slot, untouched, stays ready.
-                warm.put_back(image, slot)
+                warm.put_back(kind, slot)
                 raise
             warm.retire(slot)
             if not isinstance(exc, Exception) or isinstance(exc, ClaimUncertain):
@@ -296,6 +295,10 @@ class SandboxManager:
             extra={"agent": self.settings.name, "sandbox_id": sandbox_id, "slot": slot},
         )
         return state
+
+    def _slot_kind(self, req: SandboxRequest) -> SlotKind:
+        assert self.warm is not None
+        return self.warm.kind(req.image, req.cpu_millis, req.memory_bytes, req.pids_limit)
 
     async def _create_cold(self, req: SandboxRequest) -> ContainerState:
         claimed = self._containers.get(req.sandbox_id)

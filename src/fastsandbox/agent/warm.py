@@ -3,8 +3,9 @@
 A warm slot is a sandbox container of a hot image with everything a cold create makes —
 snapshot, cgroup, network namespace, the log capture, the supervisor running and connected —
 but no main process: its PID 1 is `fsb-supervisor --warm`. A create of that image claims one
-(`Runtime.claim`: limits, hostname, then the supervisor's `start_main`, then the record), which
-costs a few milliseconds instead of a whole container start.
+(`Runtime.claim`: limits through containerd, then the supervisor's `start_main`, which sets
+the hostname from inside, then the record), which costs a few milliseconds instead of a whole
+container start.
 
 Why it is shaped this way:
 - Hot images: the pool's `prewarmImages` (`--warm-image`), then the images this agent served
@@ -28,10 +29,13 @@ Why it is shaped this way:
   main process starts; the record the claim writes carries the labels a cold create's has, so
   endpoints, recovery and delete read the same. Slots hold addresses as they hold capacity:
   refill takes only spare ones, and a cold create that finds none gives up a slot for one.
-- Only runc, and only an agent with CAP_SYS_ADMIN on the host: under gVisor the sandbox's
-  hostname lives in the Sentry, out of the host's reach, and an agent Pod (every capability
-  dropped) can neither join a sandbox's UTS namespace nor write its cgroup; such agents keep
-  no slots (and say so in their log), every create is cold.
+- Every agent with the supervisor keeps slots, an agent Pod with every capability dropped
+  and gVisor included: a claim does nothing to the sandbox from the agent's own process (the
+  supervisor sets the hostname, containerd's shim the limits; runtime/warm_claim.py).
+- Kinds: a slot is made for a `SlotKind` — an image, and where the runtime cannot change a
+  running sandbox's limits (gVisor, `limits_fixed`), the limits too. There a create claims only
+  a slot made with exactly its limits; pinned images get slots of the default limits, and a
+  served create makes its own kind hot.
 """
 
 from __future__ import annotations
@@ -43,12 +47,13 @@ import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastsandbox.agent.logs import log_files
 from fastsandbox.agent.network.for_agent import net_labels
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, MainProcess
+from fastsandbox.agent.runtime.oci_spec import DEFAULT_PIDS_LIMIT
+from fastsandbox.agent.runtime.warm_claim import limits_fixed
 from fastsandbox.api import labels
 from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.errors import CapacityExhausted, FsbError, RuntimeFailure
@@ -70,6 +75,17 @@ class ClaimUncertain(RuntimeFailure):
 
 
 @dataclass(frozen=True, slots=True)
+class SlotKind:
+    """What a slot is made for: an image and (where limits cannot change later) the limits;
+    None there = the agent's defaults (no cpu/memory limit, the default pids limit)."""
+
+    image: str
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+    pids_limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WarmCounts:
     image: str
     ready: int
@@ -77,21 +93,6 @@ class WarmCounts:
 
 def slot_id() -> str:
     return SLOT_PREFIX + secrets.token_hex(8)
-
-
-CAP_SYS_ADMIN = 21
-
-
-def can_claim(status: Path = Path("/proc/self/status")) -> bool:
-    """Whether this process may do a claim's host steps: join a sandbox's UTS namespace and
-    write its cgroup (CAP_SYS_ADMIN; an agent Pod runs with every capability dropped)."""
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
 
 
 class WarmSlots:
@@ -105,11 +106,12 @@ class WarmSlots:
     ) -> None:
         self.manager = manager
         self.per_image = per_image
-        self.pinned = [normalize_image_ref(i) for i in images]
+        self.pinned = [SlotKind(normalize_image_ref(i)) for i in images]
         self.recent_max = recent
-        self._recent: OrderedDict[str, None] = OrderedDict()
-        self._ready: dict[str, deque[str]] = {}
-        self._making: dict[str, int] = {}
+        self.by_limits = limits_fixed(manager.settings.runtime)
+        self._recent: OrderedDict[SlotKind, None] = OrderedDict()
+        self._ready: dict[SlotKind, deque[str]] = {}
+        self._making: dict[SlotKind, int] = {}
         self._retiring: set[str] = set()
         # Container ids of slots being made (their net may exist before their container).
         self._making_ids: set[str] = set()
@@ -122,12 +124,27 @@ class WarmSlots:
         self._removals: set[asyncio.Task[None]] = set()
 
     # -- what is there --------------------------------------------------------------------------
-    def hot(self) -> list[str]:
-        """Images to keep slots for, hottest first."""
+    def kind(
+        self,
+        image: str,
+        cpu_millis: int | None = None,
+        memory_bytes: int | None = None,
+        pids_limit: int | None = None,
+    ) -> SlotKind:
+        """The kind of slot a create of `image` with these limits can claim."""
+        image = normalize_image_ref(image)
+        if not self.by_limits:
+            return SlotKind(image)
+        if pids_limit == DEFAULT_PIDS_LIMIT:
+            pids_limit = None  # what a slot of the defaults has
+        return SlotKind(image, cpu_millis or None, memory_bytes or None, pids_limit or None)
+
+    def hot(self) -> list[SlotKind]:
+        """Kinds to keep slots for, hottest first."""
         out = list(dict.fromkeys(self.pinned))
-        for image in reversed(self._recent):
-            if image not in out:
-                out.append(image)
+        for kind in reversed(self._recent):
+            if kind not in out:
+                out.append(kind)
         return out
 
     def ready(self) -> int:
@@ -142,8 +159,11 @@ class WarmSlots:
         return self.ready() + self.busy()
 
     def counts(self) -> list[WarmCounts]:
-        images = set(self.hot()) | set(self._ready)
-        return [WarmCounts(i, len(self._ready.get(i, ()))) for i in sorted(images)]
+        """Ready slots per image (of every kind)."""
+        ready: dict[str, int] = {}
+        for kind in set(self.hot()) | set(self._ready):
+            ready[kind.image] = ready.get(kind.image, 0) + len(self._ready.get(kind, ()))
+        return [WarmCounts(i, n) for i, n in sorted(ready.items())]
 
     def ids(self) -> set[str]:
         """Container ids of every slot being made, ready or being removed."""
@@ -156,28 +176,28 @@ class WarmSlots:
         )
 
     # -- claims ---------------------------------------------------------------------------------
-    def served(self, image: str) -> None:
-        """A create of `image` was served (from a slot or cold): it is hot now. The refill
+    def served(self, kind: SlotKind) -> None:
+        """A create of `kind` was served (from a slot or cold): it is hot now. The refill
         starts a moment later, so its synchronous work (specs, records) does not hold up the
         answer still on its way out through this event loop."""
         if self.recent_max > 0:
-            self._recent.pop(image, None)
-            self._recent[image] = None
+            self._recent.pop(kind, None)
+            self._recent[kind] = None
             while len(self._recent) > self.recent_max:
                 self._recent.popitem(last=False)
         asyncio.get_running_loop().call_later(REFILL_DELAY_SECONDS, self.poke)
 
-    def take(self, image: str) -> str | None:
-        """A ready slot of `image` (no await: atomic with the caller's capacity check)."""
-        queue = self._ready.get(image)
+    def take(self, kind: SlotKind) -> str | None:
+        """A ready slot of `kind` (no await: atomic with the caller's capacity check)."""
+        queue = self._ready.get(kind)
         if not queue:
             return None
         return queue.popleft()
 
-    def put_back(self, image: str, container_id: str) -> None:
+    def put_back(self, kind: SlotKind, container_id: str) -> None:
         """A slot taken for a claim that gave up before touching it: ready again, first."""
         self._own_net(container_id)
-        self._ready.setdefault(image, deque()).appendleft(container_id)
+        self._ready.setdefault(kind, deque()).appendleft(container_id)
 
     async def claim_network(
         self, container_id: str, sandbox_id: str, ports: Sequence[int]
@@ -231,6 +251,8 @@ class WarmSlots:
                     env=list(main.env),
                     cwd=main.cwd,
                     user=main.user,
+                    # Set by the supervisor itself, before the main process starts.
+                    **({"hostname": main.hostname} if main.hostname else {}),
                 )
             except FsbError as exc:
                 if not exc.message.startswith("exec "):
@@ -318,12 +340,12 @@ class WarmSlots:
             room = min(room, network.spare() - self._address_waiters)
         return room
 
-    def _next_image(self, free: int) -> str | None:
+    def _next_kind(self, free: int) -> SlotKind | None:
         if free <= 0 or self.manager.cordoned:
             return None
-        for image in self.hot():
-            if len(self._ready.get(image, ())) + self._making.get(image, 0) < self.per_image:
-                return image
+        for kind in self.hot():
+            if len(self._ready.get(kind, ())) + self._making.get(kind, 0) < self.per_image:
+                return kind
         return None
 
     async def _run(self) -> None:
@@ -333,25 +355,26 @@ class WarmSlots:
             if self.manager.cordoned:
                 self.retire_all()
                 continue
-            while (image := self._next_image(self._room())) is not None:
+            while (kind := self._next_kind(self._room())) is not None:
                 try:
-                    await self._make(image)
+                    await self._make(kind)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     log.warning(
                         "could not make a warm slot; retrying later",
-                        extra={"image": image, "err": str(exc)},
+                        extra={"image": kind.image, "err": str(exc)},
                     )
                     await asyncio.sleep(RETRY_SECONDS)
                     break
 
-    async def _make(self, image: str) -> None:
+    async def _make(self, kind: SlotKind) -> None:
         manager = self.manager
         channels = manager.channels
         assert channels is not None
         cid = slot_id()
-        self._making[image] = self._making.get(image, 0) + 1
+        image = kind.image
+        self._making[kind] = self._making.get(kind, 0) + 1
         self._making_ids.add(cid)
         made = False
         try:
@@ -361,7 +384,12 @@ class WarmSlots:
             net = await self._acquire_net(cid)
             if net is not None:
                 slot_labels.update(net_labels(net))  # adopted (then released) after a restart
-            spec = manager.container_spec(cid, image, slot_labels, warm=True)
+            spec = replace(
+                manager.container_spec(cid, image, slot_labels, warm=True),
+                cpu_millis=kind.cpu_millis,
+                memory_bytes=kind.memory_bytes,
+                pids_limit=kind.pids_limit,
+            )
             if net is not None:
                 spec = replace(spec, netns_path=net.path)
             await manager.runtime.create(spec)
@@ -376,12 +404,12 @@ class WarmSlots:
                 await asyncio.shield(self._release_net(cid))
             raise
         finally:
-            self._making[image] -= 1
+            self._making[kind] -= 1
             self._making_ids.discard(cid)
         if manager.cordoned:
             self.retire(cid)
             return
-        self._ready.setdefault(image, deque()).append(cid)
+        self._ready.setdefault(kind, deque()).append(cid)
         log.debug("warm slot ready", extra={"slot": cid, "image": image})
 
     async def _acquire_net(self, container_id: str) -> SandboxNet | None:
