@@ -18,6 +18,12 @@ Two connections, each with its own aiosqlite thread: the writer runs one transac
 (the core's lock; SQLite has one writer anyway), the reader serves get/list/replay without
 waiting behind writes and, in autocommit mode, sees every committed change. sqlite3 errors are
 translated into `fastsandbox.errors` here and nowhere else.
+
+Recently read or written bodies are also kept in memory (`_bodies`, at most `BODY_CACHE`),
+so a `get` — two per create, one per exec to find the sandbox's agent — is answered without a
+hop to the reader's thread. That is coherent because every change passes through this process:
+a commit replaces (or drops) the entry as soon as it is committed, and a read from the file
+fills it only when no commit happened while it was reading.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from fastsandbox.store._watch import Record
 from fastsandbox.store.base import MAX_EVENTS_PER_OBJECT, EventType
 
 log = logging.getLogger(__name__)
+
+# Bodies kept in memory for `get` (oldest dropped first): recent objects' bodies are a few KiB.
+BODY_CACHE = 4096
 
 # 2: object_events (a version-1 file gets the table on open).
 SCHEMA_VERSION = 2
@@ -123,6 +132,8 @@ class SqliteStore(StoreCore):
         self._trimmed = trimmed
         # Trim in batches: one DELETE per `_trim_batch` writes instead of one per write.
         self._trim_batch = max(1, history // 10)
+        # (kind, namespace, name) -> body, or None for "not stored" (a get of a free name).
+        self._bodies: dict[tuple[str, str, str], str | None] = {}
 
     @classmethod
     async def open(
@@ -188,12 +199,29 @@ class SqliteStore(StoreCore):
 
     # -- primitives ------------------------------------------------------------------------
     async def _fetch(self, kind: str, namespace: str, name: str) -> str | None:
+        key = (kind, namespace, name)
+        try:
+            return self._bodies[key]
+        except KeyError:
+            pass
+        before = self._rv
         rows = await self._rows(
             self._reader,
             "SELECT body FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
-            (kind, namespace, name),
+            key,
         )
-        return str(rows[0][0]) if rows else None
+        body = str(rows[0][0]) if rows else None
+        if self._rv == before:
+            # No commit while we read: what we read is still the stored state.
+            self._remember(key, body)
+        return body
+
+    def _remember(self, key: tuple[str, str, str], body: str | None) -> None:
+        bodies = self._bodies
+        bodies.pop(key, None)
+        if len(bodies) >= BODY_CACHE:
+            del bodies[next(iter(bodies))]
+        bodies[key] = body
 
     async def _fetch_all(self, kind: str, namespace: str | None) -> list[str]:
         if namespace is None:
@@ -224,6 +252,17 @@ class SqliteStore(StoreCore):
         return records, int(trimmed[0][0])
 
     async def _apply(self, write: Write) -> None:
+        key = (write.kind, write.namespace, write.name)
+        try:
+            await self._apply_rows(write)
+        except BaseException:
+            self._bodies.pop(key, None)
+            raise
+        # No await from here to the core's counter bump: a read that began before this commit
+        # sees the counter move and does not put back what it read.
+        self._remember(key, None if write.event is EventType.DELETED else write.body)
+
+    async def _apply_rows(self, write: Write) -> None:
         rv = write.resource_version
         overdue = rv - self._trimmed > self._history_size + self._trim_batch
         trim_to = rv - self._history_size if overdue else None
