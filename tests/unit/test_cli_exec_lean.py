@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def test_a_timeout_kills_and_exits_124(rig: tuple[Rig, dict[str, str]]) -> None:
     assert lean.returncode == 124
     assert lean.stderr == b"error: command timed out after 0.5s: sleep 30\n"
     _same(lean, sdk)
+    # The fake agent's loop must see its killed child's exit before the rig stops it (else the
+    # child's Popen is collected later, unreaped, as a ResourceWarning in another test).
+    time.sleep(0.5)
 
 
 def test_server_errors_are_the_same_line_and_code(rig: tuple[Rig, dict[str, str]]) -> None:

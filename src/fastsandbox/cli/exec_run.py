@@ -1,7 +1,8 @@
-"""What `fsb exec` does once its arguments are parsed: run the command in the sandbox, stream its
-stdio, forward signals and window size, return its exit code. No typer here: `fsb exec` parses
-its common command lines without it (cli/exec_fast.py), and through typer otherwise
-(cli/commands/exec.py); both end in `run_exec`."""
+"""`fsb exec` on the SDK (grpc.aio): run the command in the sandbox, stream its stdio, forward
+signals and window size, return its exit code. The command lines typer parses
+(cli/commands/exec.py) and the endpoints only grpc reaches end here; the common forms run the
+same steps on the lean client (cli/exec_lean.py), and tests/unit/test_cli_exec_lean.py holds
+the two to the same bytes, exit codes and error lines."""
 
 from __future__ import annotations
 
