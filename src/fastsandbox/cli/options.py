@@ -30,6 +30,7 @@ class Output(StrEnum):
     yaml = "yaml"
 
 
+SandboxName = Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)]
 Endpoint = Annotated[
     str | None,
     typer.Option(
@@ -166,7 +167,7 @@ Listen = Annotated[
     typer.Option("--listen", envvar="FSB_LISTEN", metavar="HOST:PORT", help="Fast-Path address."),
 ]
 AllowedRegistries = Annotated[
-    "list[str] | None",
+    list[str] | None,
     typer.Option(
         "--allowed-registry",
         metavar="HOST[:PORT]",
@@ -174,7 +175,7 @@ AllowedRegistries = Annotated[
     ),
 ]
 InsecureRegistries = Annotated[
-    "list[str] | None",
+    list[str] | None,
     typer.Option(
         "--insecure-registry",
         metavar="HOST:PORT",
