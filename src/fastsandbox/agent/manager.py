@@ -480,10 +480,11 @@ class SandboxManager:
             # How a restarted agent finds the sandbox's network again, and how the control
             # plane learns its endpoints (the labels travel in every SandboxState).
             labels.update(net_labels(net))
-            netns_path = net.path
+            netns_path = net.path or None  # none in a Pod: runc makes it, net.hook wires it
         return replace(
             self.container_spec(req.sandbox_id, req.image, labels),
             netns_path=netns_path,
+            netns_hook=net.hook if net is not None else (),
             command=req.command,
             args=req.args,
             env=req.env,
