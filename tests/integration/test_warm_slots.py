@@ -242,7 +242,9 @@ async def probe_output(stub: agent_pb2_grpc.AgentAsyncStub, sid: str) -> str:
     while True:
         call = stub.Logs(agent_pb2.SandboxLogsRequest(sandbox_id=sid), timeout=BOUND)
         text = b"".join([m.data async for m in call if m.stream == "stdout"]).decode()
-        if "== end" in text:
+        # A line of its own: the script's text (with `echo "== end"`) shows in the process list
+        # before the probe is done.
+        if "\n== end\n" in text:
             return text
         if time.monotonic() > deadline:
             pytest.fail(f"probe of {sid} did not finish: {text!r}")
