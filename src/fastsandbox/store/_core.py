@@ -18,6 +18,7 @@ import builtins
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from fastsandbox._aio.tasks import to_the_end
 from fastsandbox.api.models import KINDS, Event, Sandbox, SandboxPool
 from fastsandbox.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from fastsandbox.store import _rules as rules
@@ -209,18 +210,7 @@ class StoreCore(abc.ABC):
         # A write, once started, runs to its end even if the caller is cancelled: stopping
         # between a backend's statements would leave a transaction open on the shared
         # connection, or a committed change that was never counted and published.
-        task = asyncio.ensure_future(start())
-        interrupted = False
-        while True:
-            try:
-                await asyncio.shield(task)
-                break
-            except asyncio.CancelledError:
-                if task.done():
-                    raise
-                interrupted = True
-        if interrupted:
-            raise asyncio.CancelledError
+        await to_the_end(start())
 
     async def _commit_now(self, write: Write) -> None:
         await self._apply(write)
