@@ -230,13 +230,15 @@ class Leadership:
         await self.plane.start_leading(wait=False)
 
     async def stopped(self) -> None:
+        # Logged once the leading work has stopped, not when it was asked to: the log is how
+        # one tells that two replicas never led at once (tests/fault/test_kube_faults.py).
+        await self.plane.stop_leading()
         if self.since is not None:
             log.info(
                 "following: serving the Fast-Path only",
                 extra={"identity": self.identity, "led_s": round(time.monotonic() - self.since, 1)},
             )
         self.since = None
-        await self.plane.stop_leading()
 
 
 async def run(

@@ -144,6 +144,9 @@ class Replica:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     output: list[str] = field(default_factory=list)
+    # Where this replica reaches the apiserver, when not the cluster's kubeconfig (a fault test
+    # puts a gate of its own in between: tests/fault/_kube.py).
+    kubeconfig: Path | None = None
 
 
 @dataclass
@@ -233,7 +236,7 @@ class KubeServer(ServerSurface):
             FSB,
             "controller",
             "--kubeconfig",
-            str(self.kubeconfig),
+            str(replica.kubeconfig or self.kubeconfig),
             "--namespace",
             self.system_namespace,
             "--watch-namespace",

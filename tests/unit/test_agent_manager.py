@@ -164,6 +164,37 @@ async def test_concurrent_creates_never_exceed_capacity(manager: SandboxManager)
     assert all(isinstance(r, CapacityExhausted) for r in results if isinstance(r, BaseException))
 
 
+async def test_one_port_of_a_shared_network_has_one_owner(
+    runtime: FakeRuntime, tmp_path: Path
+) -> None:
+    # Two control-plane replicas each see the other's placements late, so both may send a
+    # sandbox exposing 8080 to this agent at once: the agent, whose network the sandboxes
+    # share, admits one and refuses the other naming the port (issue 12's port race).
+    manager = SandboxManager(runtime, settings(tmp_path, capacity=8))
+    await manager.start()
+    results = await asyncio.gather(
+        *(manager.create(req(f"sb-{i}", exposed_ports=(8080,))) for i in range(5)),
+        return_exceptions=True,
+    )
+    won = [r for r in results if not isinstance(r, BaseException)]
+    lost = [r for r in results if isinstance(r, BaseException)]
+    assert len(won) == 1 and len(lost) == 4
+    for exc in lost:
+        assert isinstance(exc, CapacityExhausted) and "port 8080" in exc.message, exc
+    await manager.create(req("other-port", exposed_ports=(9090,)))
+    # A restarted agent knows the ports of what runs from the containers' labels.
+    restarted = SandboxManager(runtime, settings(tmp_path, capacity=8))
+    await restarted.start()
+    with pytest.raises(CapacityExhausted, match="port 8080 is already exposed"):
+        await restarted.create(req("late", exposed_ports=(8080,)))
+    # The port is free again once its owner is gone, or has exited.
+    assert await restarted.delete(won[0].id) is True
+    await restarted.create(req("late", exposed_ports=(8080,)))
+    runtime.exit("late", 0)
+    await restarted.status()  # the next heartbeat's look at the runtime
+    await restarted.create(req("later", exposed_ports=(8080,)))
+
+
 class SlowRuntime(FakeRuntime):
     """Holds every create until `go` is set."""
 

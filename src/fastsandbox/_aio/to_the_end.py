@@ -16,18 +16,20 @@ T = TypeVar("T")
 
 
 async def to_the_end(work: Awaitable[T]) -> T:
-    """`await work`, shielded: a cancel of the caller waits for the work to end and is then
-    raised (the work's result is dropped); a cancel of the work itself propagates as usual."""
+    """`await work` in a task of its own that runs to its end even if the caller is cancelled
+    meanwhile. A caller cancelled meanwhile then gets CancelledError, whatever the work's
+    outcome: had the work's own failure (an Unavailable of an apiserver that is down) been
+    raised instead, the caller's `except FsbError` would carry on as if it had never been
+    cancelled, and a loop told to stop (a leader stepping down) would run on."""
     task = asyncio.ensure_future(work)
     interrupted = False
-    while True:
+    while not task.done():
         try:
-            result = await asyncio.shield(task)
-            break
+            await asyncio.wait({task})
         except asyncio.CancelledError:
-            if task.done():
-                raise
             interrupted = True
     if interrupted:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller hears of its cancellation instead
         raise asyncio.CancelledError
-    return result
+    return task.result()

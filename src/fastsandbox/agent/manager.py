@@ -118,6 +118,10 @@ class SandboxManager:
         # sandbox-id label; and every sandbox id the runtime showed at the last look.
         self._containers: dict[str, str] = {}
         self._seen: set[str] = set()
+        # The ports each sandbox holding a slot exposes: in a shared network they are the
+        # agent's own, so this agent is their one arbiter (control-plane replicas each see the
+        # others' placements late, and would otherwise hand one port to two sandboxes).
+        self._ports: dict[str, frozenset[int]] = {}
         # Warm slots the last look found that no live WarmSlots knows (left by a killed agent).
         self._stale_warm: list[ContainerState] = []
         self._warm_listed: set[str] = set()
@@ -253,6 +257,8 @@ class SandboxManager:
             return None
         fresh = sandbox_id not in self._slots and sandbox_id not in self._containers
         fresh = fresh and sandbox_id not in self._seen and not self._cordoned
+        if fresh:
+            self._check_ports(sandbox_id, req.exposed_ports)
         same_log = self._log_cap(req.log_max_bytes) == self.settings.log_max_bytes
         # A slot's writable layer was made at the default size: another size takes the cold path.
         same_disk = self._disk(req.disk_bytes) == self._disk(0)
@@ -262,7 +268,7 @@ class SandboxManager:
             self.metrics.warm_slot_claims_total.labels(result="miss").inc()
             return None
         # The slot's capacity becomes the sandbox's: no capacity check, nothing to wait for.
-        self._slots.add(sandbox_id)
+        self._take(sandbox_id, req.exposed_ports)
         self._creating.add(sandbox_id)
         self._containers[sandbox_id] = slot
         try:
@@ -308,7 +314,7 @@ class SandboxManager:
                 return await self.runtime.get(claimed)
             self._containers.pop(req.sandbox_id, None)
         held_before = req.sandbox_id in self._slots
-        await self._reserve(req.sandbox_id)
+        await self._reserve(req.sandbox_id, req.exposed_ports)
         self._creating.add(req.sandbox_id)
         try:
             if self.channels is not None:
@@ -327,13 +333,34 @@ class SandboxManager:
             self._slots.discard(req.sandbox_id)
         return state
 
-    async def _reserve(self, sandbox_id: str) -> None:
+    def _check_ports(self, sandbox_id: str, ports: tuple[int, ...]) -> None:
+        """CapacityExhausted naming the port when another live sandbox of this agent exposes
+        one of `ports` in the agent's shared network (private networks publish each sandbox's
+        ports on host ports of their own: no clash possible)."""
+        if self.network is not None or not ports:
+            return
+        for other in self._slots:
+            clash = sorted(self._ports.get(other, frozenset()).intersection(ports))
+            if other != sandbox_id and clash:
+                raise CapacityExhausted(
+                    f"port {clash[0]} is already exposed on agent {self.settings.name} by "
+                    f"sandbox {other} (sandboxes share the agent's network); schedule on "
+                    "another agent or expose another port"
+                )
+
+    def _take(self, sandbox_id: str, ports: tuple[int, ...]) -> None:
+        """Check the ports and take the slot in one step (no await in between)."""
+        self._check_ports(sandbox_id, ports)
+        self._slots.add(sandbox_id)
+        self._ports[sandbox_id] = frozenset(ports)
+
+    async def _reserve(self, sandbox_id: str, ports: tuple[int, ...] = ()) -> None:
         """Take a slot for `sandbox_id`, or raise CapacityExhausted. Atomic between awaits:
-        the cordon is checked in the same step that adds a new slot."""
+        the cordon and the ports are checked in the same step that adds a new slot."""
         if sandbox_id in self._slots:
             return  # a retry of a create that holds its slot already
         if not self._cordoned and (self.free_slots() > 0 or self._retire_warm()):
-            self._slots.add(sandbox_id)
+            self._take(sandbox_id, ports)
             return
         # Looks full (or cordoned): sandboxes may have exited since we last looked, and a
         # retried create of a sandbox that exists is returned whatever the count or cordon.
@@ -347,7 +374,7 @@ class SandboxManager:
             return
         self._check_not_cordoned()
         if self.free_slots() > 0 or self._retire_warm():
-            self._slots.add(sandbox_id)
+            self._take(sandbox_id, ports)
             return
         raise CapacityExhausted(
             f"agent {self.settings.name} is full ({self.settings.capacity} sandboxes running); "
@@ -409,6 +436,12 @@ class SandboxManager:
         added, removed = now - before, before - now
         live = {sid for sid, st in states.items() if is_live(st)}
         self._slots = (live - removed) | added | (now & (self._creating | creating))
+        # The ports of what runs, from its label (a restarted agent learns them here); those
+        # of creates still in flight as they were taken.
+        self._ports = {
+            sid: _ports_of(states[sid]) if sid in states else self._ports.get(sid, frozenset())
+            for sid in self._slots
+        }
         return states
 
     async def _create(self, req: SandboxRequest) -> ContainerState:
@@ -745,3 +778,9 @@ class SandboxManager:
     def used_slots(self) -> int:
         """Sandboxes counted against capacity (for diagnostics)."""
         return len(self._slots)
+
+
+def _ports_of(state: ContainerState) -> frozenset[int]:
+    """The exposed ports a sandbox's container carries in its label (what `_spec` wrote)."""
+    text = state.labels.get(PORTS_LABEL, "")
+    return frozenset(int(p) for p in text.split(",") if p.strip().isdigit())
