@@ -4,12 +4,14 @@ FakeRuntime behind it. Checks the proto mapping, status codes, socket mode and s
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import stat
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -313,6 +315,31 @@ def test_a_relative_working_dir_is_refused_naming_the_field() -> None:
 
     spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="s", image="busybox", working_dir="relative")
     with pytest.raises(InvalidArgument, match=r"spec\.working_dir: must be an absolute path"):
+        request_from_proto(spec)
+
+
+@pytest.mark.parametrize(
+    ("field", "spec_args"),
+    [
+        ("env[0].key", {"env": [("", "")]}),
+        ("env[0].key", {"env": [("1A", "x")]}),
+        ("env[0].value", {"env": [("A", "x\0y")]}),
+        ("command[1]", {"command": ["sh", "a\0b"]}),
+        ("args[0]", {"args": ["\0"]}),
+    ],
+)
+def test_an_env_or_argv_runc_cannot_take_is_refused_naming_the_field(
+    field: str, spec_args: dict[str, list[Any]]
+) -> None:
+    """Found by tests/fuzz/test_agent_fuzz.py at 10 000 cases: env key '' failed inside runc
+    and answered INTERNAL."""
+    from fastsandbox.agent.server import request_from_proto
+    from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
+    from fastsandbox.errors import InvalidArgument
+
+    env = [agent_pb2.KeyValue(key=k, value=v) for k, v in spec_args.pop("env", [])]
+    spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="s", image="busybox", env=env, **spec_args)
+    with pytest.raises(InvalidArgument, match=re.escape(f"spec.{field}")):
         request_from_proto(spec)
 
 

@@ -31,6 +31,7 @@ from fastsandbox.agent.runtime.base import ContainerState, ContainerStatus, Runt
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2, agent_pb2_grpc
 from fastsandbox.api.images import PullCredentials
 from fastsandbox.api.log_caps import MIN_LOG_MAX_BYTES
+from fastsandbox.api.models import is_env_name
 from fastsandbox.api.quantity import MIN_MEMORY_BYTES
 from fastsandbox.errors import FsbError, InvalidArgument, Unavailable
 from fastsandbox.metrics import HealthState, serve_metrics
@@ -118,6 +119,20 @@ def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
         raise InvalidArgument(
             f"spec.working_dir: must be an absolute path, got {spec.working_dir!r}"
         )
+    # Found by tests/fuzz/test_agent_fuzz.py at 10 000 cases: an empty env name reached runc
+    # ("environment variable ... ") as INTERNAL; a NUL cannot pass exec(2) either.
+    for i, kv in enumerate(spec.env):
+        if not is_env_name(kv.key):
+            raise InvalidArgument(
+                f"spec.env[{i}].key: {kv.key!r} is not an environment variable name (letters, "
+                "digits, '_', '-' or '.', not starting with a digit)"
+            )
+        if "\0" in kv.value:
+            raise InvalidArgument(f"spec.env[{i}].value: must not contain a NUL byte")
+    for field_name in ("command", "args"):
+        for i, word in enumerate(getattr(spec, field_name)):
+            if "\0" in word:
+                raise InvalidArgument(f"spec.{field_name}[{i}]: must not contain a NUL byte")
     return SandboxRequest(
         sandbox_id=spec.sandbox_id,
         image=spec.image,

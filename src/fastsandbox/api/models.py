@@ -80,8 +80,13 @@ def _cidr(value: str) -> str:
     return str(net)
 
 
+def is_env_name(value: str) -> bool:
+    """What a sandbox's environment variable may be called (the agent checks it too)."""
+    return bool(_ENV_NAME.match(value))
+
+
 def _env_name(value: str) -> str:
-    if not _ENV_NAME.match(value):
+    if not is_env_name(value):
         raise ValueError(
             "must be an environment variable name: letters, digits, '_', '-' or '.',"
             " not starting with a digit"
