@@ -15,6 +15,10 @@ each deleted outside the timed span; Fast and Strong take turns, create by creat
                                  the marker is looked for in the ready slots' rootfs (a claimed
                                  slot keeps its own container id); only claims are samples,
                                  misses are counted in a note
+  cold/warm 1 port ...           Fast, declaring port 8080 (published by DNAT on the agent's
+                                 address: one iptables-restore on the request path, cold and warm)
+Both pools are private (`networkMode: private`, the default: a network namespace per sandbox; a
+warm slot is made in one of its own), so cold and warm pay the same network steps.
   ctr run -d / runc run -d       process spawned → exited (benchmarks/peers.py)
   docker run -d                  same, a private dockerd (Debian's docker.io)
 """
@@ -49,7 +53,12 @@ async def _wait_slot(client: Any, pool: str, bound: float = 60.0) -> None:
 
 
 async def _series(
-    bench: Bench, pool: str, n: int, modes: tuple[str, ...], warm: bool = False
+    bench: Bench,
+    pool: str,
+    n: int,
+    modes: tuple[str, ...],
+    warm: bool = False,
+    ports: tuple[int, ...] = (),
 ) -> dict[str, list[float]]:
     from fastsandbox.sdk import AsyncClient
 
@@ -65,7 +74,7 @@ async def _series(
             if warm and hits >= n:
                 break
             for mode in modes:
-                name = f"{pool}-{mode}-{i}"
+                name = f"{pool}-{mode}-{'p' if ports else ''}{i}"
                 slots: list[Path] = []
                 if warm:
                     await _wait_slot(client, pool)
@@ -74,7 +83,7 @@ async def _series(
                     slots = bench.slot_markers()
                 started = time.perf_counter()
                 made = await client.create(
-                    name, bench.image, pool=pool, command=MARKER_CMD, mode=mode
+                    name, bench.image, pool=pool, command=MARKER_CMD, mode=mode, ports=ports
                 )
                 replied = time.perf_counter()
                 marker = bench.marker(made.container_id)
@@ -120,13 +129,14 @@ def run(bench: Bench, results: Results, n: int, docker: tuple[Docker, str] | Non
     print(f"\n== create -> user process running (n={n} each, one at a time)", flush=True)
     bench.pool("bench", agents=1, per_agent=10)
     _report(results, "cold", asyncio.run(_series(bench, "bench", n, ("fast", "strong"))))
-    # Shared: warm slots are kept only in shared pools until they take a private namespace each.
-    bench.pool(
-        "bench-warm", "--warm-slots", "1", "--prewarm-image", bench.image,
-        "--network-mode", "shared",
-    )  # fmt: skip
+    port = (8080,)
+    _report(results, "cold 1 port", asyncio.run(_series(bench, "bench", n, ("fast",), ports=port)))
+    # Private as the cold pool: each slot is made in a network namespace of its own.
+    bench.pool("bench-warm", "--warm-slots", "1", "--prewarm-image", bench.image)
     warm = asyncio.run(_series(bench, "bench-warm", n, ("fast",), warm=True))
     _report(results, "warm", warm)
+    warm = asyncio.run(_series(bench, "bench-warm", n, ("fast",), warm=True, ports=port))
+    _report(results, "warm 1 port", warm)
     sock = bench.server.containerd_socket
     results.add(SECTION, "ctr run -d", bench_ctr_run(sock, bench.image, n),
                 "ctr process spawned -> exited (same containerd, image unpacked)")  # fmt: skip

@@ -53,10 +53,8 @@ def run(bench: Bench, results: Results, n: int) -> None:
     boundary = "AsyncSandbox.create() called -> first commands.run result; no earlier /tmp marker"
     results.add(SECTION, "cold: create + run('uname -a')", asyncio.run(_series(bench, "tti", n)),
                 boundary)  # fmt: skip
-    # Shared: warm slots are kept only in shared pools until they take a private namespace each.
-    refused = bench.try_pool(
-        "tti-warm", "--min", "1", "--max", "1", "--warm-slots", "2", "--network-mode", "shared"
-    )
+    # Private, as the cold pool (the default): each slot has a network namespace of its own.
+    refused = bench.try_pool("tti-warm", "--min", "1", "--max", "1", "--warm-slots", "2")
     if refused:
         results.note(f"time to interactive warm: not measured (warmSlots refused: {refused})")
     else:

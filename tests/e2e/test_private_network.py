@@ -5,6 +5,10 @@ itself, each of which is first shown reachable from outside the sandbox (so a fa
 is the isolation, not a missing listener).
 
 Embedded shape only: agents in Kubernetes Pods refuse private networks so far (fail closed).
+
+Warm slots (pool `wiso`, --warm-slots 1): sandboxes that claimed a slot get the same checks — each
+endpoint reaches its own sandbox, no other sandbox nor the host, the agent's namespace or
+metadata is reachable, and a delete leaves no namespace, veth or DNAT rule.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ import pytest
 
 from fastsandbox.agent.network import plan
 from tests.e2e._server import Server, new_server, purge
+from tests.fault._leaks import inventory, leaks
 from tests.infra import cannot_run
 
 pytestmark = pytest.mark.e2e
 
 ISO = "iso"  # 2 agents x 2 slots, egress none
+WARM = "wiso"  # 1 agent x 3 slots, egress none, one warm slot of the demo image
 OUT = "out"  # 1 agent, egress allow
 REMOTE_HOST_IP = "10.213.77.1"
 REMOTE_IP = "10.213.77.2"
@@ -354,3 +360,135 @@ def test_delete_leaves_nothing(server: Server, demo_image: str) -> None:
     )
     assert box.container not in rules()
     assert f"--dport {host_port} " not in rules()
+
+
+@pytest.fixture(scope="module")
+def warm_pool(server: Server, demo_image: str) -> str:
+    made = server.fsb(
+        "pool", "create", WARM, "--min", "1", "--max", "1", "--per-agent", "3",
+        "--warm-slots", "1", "--prewarm-image", demo_image,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    wait_pool_ready(server, WARM, 1)
+    return WARM
+
+
+def wait_warm_slot(server: Server, pool: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = server.fsb("pool", "get", pool, "-o", "json")
+        status = json.loads(got.stdout).get("status", {}) if got.returncode == 0 else {}
+        if any(w.get("ready", 0) for w in status.get("warmSlots", [])):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"pool {pool}: no warm slot ready")
+
+
+def run_warm(server: Server, image: str, name: str, pool: str) -> Box:
+    """`run_box` on a ready warm slot (a create that found none is deleted and made again);
+    `container` is the slot's container id (a claimed slot keeps it; the record names the
+    sandbox id)."""
+    for _ in range(5):
+        wait_warm_slot(server, pool)
+        box = run_box(server, image, name, pool)
+        timings = server.fsb_json("get", name)["status"].get("timings") or {}
+        if timings.get("warm"):
+            # The record's containerID is the sandbox id, which the slot's container records.
+            every = server.containers()
+            listed = [
+                c for c in every if c.startswith("w-") and slot_sandbox(server, c) == box.container
+            ]
+            assert len(listed) == 1, (box.container, {c: slot_sandbox(server, c) for c in every})
+            box.container = listed[0]
+            return box
+        server.fsb("delete", name, "--wait")
+    raise AssertionError(f"{name}: no create claimed a warm slot")
+
+
+def slot_sandbox(server: Server, container: str) -> str:
+    """The sandbox id a (claimed) slot's container records."""
+    from fastsandbox.api.labels import SANDBOX_ID_LABEL
+
+    info = json.loads(server.ctr("containers", "info", container))
+    return str((info.get("Labels") or {}).get(SANDBOX_ID_LABEL, ""))
+
+
+def test_claimed_slots_have_the_same_isolation(
+    server: Server, boxes: dict[str, Box], demo_image: str, warm_pool: str
+) -> None:
+    made: list[str] = []
+    host_listener = Listener()
+    try:
+        w1 = run_warm(server, demo_image, "pw-1", warm_pool)
+        made.append(w1.name)
+        w2 = run_warm(server, demo_image, "pw-2", warm_pool)
+        made.append(w2.name)
+        assert w1.agent == w2.agent and w1.ip != w2.ip
+        # A claimed slot keeps its own container id; its network is its own.
+        assert w1.container.startswith("w-") and w1.container != w2.container
+        # Published like a cold create: each endpoint on the agent's address reaches its own.
+        assert w1.endpoints != w2.endpoints
+        for box in (w1, w2):
+            host, port = box.endpoints[0].rsplit(":", 1)
+            assert host == box.agent_ip
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                reply = b""
+                while chunk := conn.recv(4096):
+                    reply += chunk
+            assert reply.decode().rstrip().endswith(box.name), reply
+        assert connects(server, w1.name, w1.ip, 8080)  # its own listener is there
+        ns = agent_netns(w1.agent)
+        agent_listener, agent_port = netns_listener(ns)
+        subprocess.run(
+            ["ip", "-n", ns, "addr", "add", "169.254.169.254/32", "dev", "lo"], check=True
+        )
+        try:
+            index = int(ctr_label(server, w1.container, plan_labels()[0]))
+            gateway = plan.NetConfig(w1.agent, "", w1.agent_ip).addresses(index)[0]
+            b1 = boxes["b1"]
+            targets = {
+                "other claimed slot, its address": (w2.ip, 8080),
+                "other claimed slot, its endpoint": tuple(w2.endpoints[0].rsplit(":", 1)),
+                "a cold sandbox of another agent, its endpoint": tuple(
+                    b1.endpoints[0].rsplit(":", 1)
+                ),
+                "host loopback": ("127.0.0.1", host_listener.port),
+                "host bridge address": ("10.209.0.1", host_listener.port),
+                "host's own address": (host_ip(), host_listener.port),
+                "agent namespace, agent IP": (w1.agent_ip, agent_port),
+                "agent namespace, veth gateway": (gateway, agent_port),
+                "metadata address": ("169.254.169.254", agent_port),
+            }
+            for what in ("agent namespace, agent IP", "metadata address"):
+                host, port = targets[what]
+                assert reachable_from_netns(ns, str(host), int(port)), what
+            for what, (host, port) in targets.items():
+                assert not connects(server, w1.name, str(host), int(port)), what
+        finally:
+            subprocess.run(["ip", "-n", ns, "addr", "del", "169.254.169.254/32", "dev", "lo"])
+            stop(agent_listener)
+        # A delete leaves nothing of its network.
+        cfg = plan.NetConfig(w1.agent, "", w1.agent_ip)
+        host_port = ctr_label(server, w1.container, plan_labels()[1]).split(":")[1]
+        assert Path(f"/var/run/netns/{cfg.netns_name(index)}").exists()
+        assert server.fsb("delete", w1.name, "--wait").returncode == 0
+        made.remove(w1.name)
+        rules = subprocess.run(
+            ["ip", "netns", "exec", ns, "iptables-save"], capture_output=True, text=True
+        ).stdout
+        assert f"fsb:{w1.name}:" not in rules and f"--dport {host_port} " not in rules
+        links = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True)
+        assert f"{cfg.veth_name(index)}@" not in links.stdout
+        # The fault suite's leak check, with each agent's sandbox namespaces: nothing leaked.
+        found: dict[str, list[str]] = {}
+        for _ in range(30):  # settled: a delete's last steps follow its reply
+            found = leaks(inventory(server, (warm_pool,), sandbox_netns=True))
+            if not found:
+                break
+            time.sleep(0.5)
+        assert not found, found
+    finally:
+        host_listener.close()
+        for name in made:
+            server.fsb("delete", name, "--wait")

@@ -10,6 +10,8 @@ records (`fsb list`, the pools' slot counts); `leaks` names every disagreement:
 - a pool whose allocated slots differ from its sandboxes that hold one;
 - two records with one container, or two records owning one endpoint (ip:port);
 - a network namespace with our prefix whose agent or sandbox is gone;
+- (`inventory(..., sandbox_netns=True)`) more per-sandbox namespaces of a live agent than its
+  ready ones beyond those its containers' index labels name (sandboxes' and warm slots');
 - a warm slot (a container made ahead of any request, `agent/warm.py`) whose agent is gone, or
   more slots than the pools' agents report ready (a slot of an earlier incarnation of an agent,
   or one cut mid-claim, that nobody removed). Unclaimed slots carry `WARM_SLOT_LABEL`; a claim
@@ -30,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastsandbox.agent.network import plan as netplan
+from fastsandbox.agent.network.private import DEFAULT_READY
 from fastsandbox.agent.warm import SLOT_PREFIX
-from fastsandbox.api.labels import AGENT_LABEL, SANDBOX_ID_LABEL, WARM_SLOT_LABEL
+from fastsandbox.api.labels import AGENT_LABEL, NET_INDEX_LABEL, SANDBOX_ID_LABEL, WARM_SLOT_LABEL
 from fastsandbox.api.phases import HOLDS_SLOT
 from fastsandbox.fleet.netns import NETNS_PREFIX
 from tests.e2e._server import Server
@@ -51,6 +55,10 @@ class Inventory:
     pools: dict[str, dict[str, Any]] = field(default_factory=dict)
     warm: dict[str, str] = field(default_factory=dict)
     """Unclaimed warm slots: container id → the agent that made it."""
+    unheld_netns: dict[str, set[str]] = field(default_factory=dict)
+    """With `inventory(..., sandbox_netns=True)`: each live agent's per-sandbox namespaces
+    (`fsbs-<agent tag>-<index>`) that no container's index label names. Its ready ones (at most
+    `DEFAULT_READY`) are no leak; more are."""
 
     def summary(self) -> str:
         phases = Counter(r["status"].get("phase", "?") for r in self.records)
@@ -123,12 +131,35 @@ def warm_slots(server: Server) -> tuple[dict[str, str], dict[str, str]]:
     return unclaimed, claimed
 
 
+def _unheld_netns(server: Server, agents: set[str]) -> dict[str, set[str]]:
+    held: dict[str, set[str]] = {}
+    for cid in server.ctr("containers", "ls", "-q").split():
+        with contextlib.suppress(subprocess.CalledProcessError):  # removed meanwhile
+            found = json.loads(server.ctr("containers", "info", cid)).get("Labels") or {}
+            agent, index = found.get(AGENT_LABEL, ""), found.get(NET_INDEX_LABEL, "")
+            if agent and index.isdigit():
+                name = netplan.NetConfig(agent, "", "").netns_name(int(index))
+                held.setdefault(agent, set()).add(name)
+    root = Path("/var/run/netns")
+    names = [p.name for p in root.iterdir()] if root.is_dir() else []
+    out: dict[str, set[str]] = {}
+    for agent in agents:
+        tag = netplan.agent_tag(agent)
+        own = {n for n in names if netplan.parse_index(n, tag) is not None}
+        out[agent] = own - held.get(agent, set())
+    return out
+
+
 def active_snapshots(server: Server) -> set[str]:
     rows = [line.split() for line in server.ctr("snapshots", "ls").splitlines()[1:]]
     return {row[0] for row in rows if row and row[-1] == "Active"}
 
 
-def inventory(server: Server, pools: tuple[str, ...] = ()) -> Inventory:
+def inventory(
+    server: Server, pools: tuple[str, ...] = (), *, sandbox_netns: bool = False
+) -> Inventory:
+    """`sandbox_netns`: also the per-sandbox namespaces no container holds (one `ctr` call per
+    container: off by default)."""
     records: list[dict[str, Any]] = server.fsb_json("list")["items"]
     agents = _agents(server)
     ids = {r["status"].get("containerID", "") for r in records} | {
@@ -155,6 +186,7 @@ def inventory(server: Server, pools: tuple[str, ...] = ()) -> Inventory:
         records=records,
         pools=pool_status,
         warm=warm,
+        unheld_netns=_unheld_netns(server, agents) if sandbox_netns else {},
     )
 
 
@@ -212,4 +244,7 @@ def leaks(inv: Inventory, *, baseline: Inventory | None = None) -> dict[str, lis
         "network namespaces of nothing live",
         {ns for ns in inv.netns if not any(n in ns for n in live_names)},
     )
+    for agent, unheld in inv.unheld_netns.items():
+        if len(unheld) > DEFAULT_READY:
+            add(f"sandbox namespaces of agent {agent} that no container holds", unheld)
     return found

@@ -234,3 +234,30 @@ async def test_slots_hold_addresses_and_give_one_up_for_a_create(
         assert len(runner.names()) == 4
     finally:
         await m.aclose()
+
+
+async def test_in_a_pod_a_slot_is_made_with_the_hook_and_no_namespace_path(
+    runtime: SupervisedFake, runner: Netns, tmp_path: Path
+) -> None:
+    """An agent Pod's private network (`hook_dir`): runc makes the slot's namespace and the
+    net's hook wires it, as for a cold sandbox; the agent makes no namespace of its own."""
+    m = SandboxManager(runtime, private_settings(tmp_path))
+    assert m.network is not None
+    m.network = PrivateNetwork(
+        m.network.cfg, runner=runner, netns_dir=runner.dir, require_root=False,
+        hook_dir=tmp_path / "hook",
+    )  # fmt: skip
+    await m.start()
+    try:
+        await until(lambda: ready(m) == 1, "a warm slot")
+        (slot,) = slot_ids(runtime)
+        net = m.network.get(slot)
+        assert net is not None and net.hook and net.path == ""
+        spec = runtime.specs[slot]
+        assert spec.netns_path is None and spec.netns_hook == net.hook
+        claimed = await m.create(req("sb-w", ports=(8080,)))
+        assert claimed.warm and claimed.labels[PUBLISHED_LABEL] == "8080:20000"
+        assert m.network.get("sb-w") is net
+        assert not runner.names()  # no namespace made by the agent
+    finally:
+        await m.aclose()

@@ -391,7 +391,8 @@ class WarmSlots:
                 pids_limit=kind.pids_limit,
             )
             if net is not None:
-                spec = replace(spec, netns_path=net.path)
+                # In a Pod runc makes the namespace and the net's hook wires it (as cold).
+                spec = replace(spec, netns_path=net.path or None, netns_hook=net.hook)
             await manager.runtime.create(spec)
             made = True
             await channel.control()  # ready only once its supervisor waits on the channel
