@@ -21,6 +21,14 @@ Why it is shaped this way:
   the claim records. Channel directories and log files are named by container id.
 - Recovery: a restarted agent removes unclaimed slots it finds (one cut mid-claim may already
   run a main process that no create acknowledged) and makes fresh ones.
+- Private networks: each slot is made in a namespace of its own, acquired from the agent's
+  `PrivateNetwork` under the slot's container id (address, veth and the agent's filter rules are
+  in place before any request; the index label lets a restarted agent adopt it, so it is
+  released once the slot is removed, never left behind or handed out twice). A claim hands the
+  net to the sandbox id (`PrivateNetwork.assign`) and publishes the request's ports before the
+  main process starts; the record the claim writes carries the labels a cold create's has, so
+  endpoints, recovery and delete read the same. Slots hold addresses as they hold capacity:
+  refill takes only spare ones, and a cold create that finds none gives up a slot for one.
 - Every agent with the supervisor keeps slots, an agent Pod with every capability dropped
   and gVisor included: a claim does nothing to the sandbox from the agent's own process (the
   supervisor sets the hostname, containerd's shim the limits; runtime/warm_claim.py).
@@ -42,15 +50,17 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from fastsandbox.agent.logs import log_files
+from fastsandbox.agent.network.for_agent import net_labels
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, MainProcess
 from fastsandbox.agent.runtime.oci_spec import DEFAULT_PIDS_LIMIT
 from fastsandbox.agent.runtime.warm_claim import limits_fixed
 from fastsandbox.api import labels
 from fastsandbox.api.images import normalize_image_ref
-from fastsandbox.errors import FsbError, RuntimeFailure
+from fastsandbox.errors import CapacityExhausted, FsbError, RuntimeFailure
 
 if TYPE_CHECKING:
     from fastsandbox.agent.manager import SandboxManager
+    from fastsandbox.agent.network.private import SandboxNet
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +113,12 @@ class WarmSlots:
         self._ready: dict[SlotKind, deque[str]] = {}
         self._making: dict[SlotKind, int] = {}
         self._retiring: set[str] = set()
+        # Container ids of slots being made (their net may exist before their container).
+        self._making_ids: set[str] = set()
+        # Slot container id → its private network, until a claim succeeds or it is removed.
+        self._nets: dict[str, SandboxNet] = {}
+        # Cold creates waiting for an address a retired slot gives back: refill keeps off it.
+        self._address_waiters = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Task[None]] = set()
@@ -149,6 +165,11 @@ class WarmSlots:
             ready[kind.image] = ready.get(kind.image, 0) + len(self._ready.get(kind, ()))
         return [WarmCounts(i, n) for i, n in sorted(ready.items())]
 
+    def ids(self) -> set[str]:
+        """Container ids of every slot being made, ready or being removed."""
+        ready = {cid for q in self._ready.values() for cid in q}
+        return ready | self._making_ids | self._retiring
+
     def is_slot(self, container_id: str) -> bool:
         return container_id.startswith(SLOT_PREFIX) and (
             container_id in self._retiring or any(container_id in q for q in self._ready.values())
@@ -172,6 +193,42 @@ class WarmSlots:
         if not queue:
             return None
         return queue.popleft()
+
+    def put_back(self, kind: SlotKind, container_id: str) -> None:
+        """A slot taken for a claim that gave up before touching it: ready again, first."""
+        self._own_net(container_id)
+        self._ready.setdefault(kind, deque()).appendleft(container_id)
+
+    async def claim_network(
+        self, container_id: str, sandbox_id: str, ports: Sequence[int]
+    ) -> SandboxNet | None:
+        """Hand slot `container_id`'s private network to `sandbox_id` and publish `ports` (None:
+        no private network). CapacityExhausted (no host port left) leaves the net the slot's,
+        as it was; any other failure leaves it to `retire` (which takes it back)."""
+        network = self.manager.network
+        if network is None:
+            return None
+        net = self._nets.get(container_id)
+        if net is None:
+            raise RuntimeFailure(f"warm slot {container_id} has no private network")
+        network.assign(net, sandbox_id)
+        try:
+            await network.publish(net, ports)
+        except CapacityExhausted:
+            network.assign(net, container_id)
+            raise
+        return net
+
+    def claimed(self, container_id: str) -> None:
+        """The claim of `container_id` succeeded: its network is the sandbox's now."""
+        self._nets.pop(container_id, None)
+
+    def _own_net(self, container_id: str) -> None:
+        """Give slot `container_id` its network back from a claim that did not succeed."""
+        net = self._nets.get(container_id)
+        network = self.manager.network
+        if net is not None and network is not None and net.sandbox_id != container_id:
+            network.assign(net, container_id)
 
     async def claim(self, container_id: str, spec: ContainerSpec) -> ContainerState:
         """Start `spec`'s main process in slot `container_id` and record it as the sandbox."""
@@ -216,6 +273,7 @@ class WarmSlots:
 
     def retire(self, container_id: str) -> None:
         """Remove a slot in the background (counted as busy until it is gone)."""
+        self._own_net(container_id)
         self._retiring.add(container_id)
         task = asyncio.get_running_loop().create_task(self._remove(container_id))
         self._removals.add(task)
@@ -237,6 +295,18 @@ class WarmSlots:
         for queue in self._ready.values():
             while queue:
                 self.retire(queue.pop())
+
+    async def free_address(self) -> bool:
+        """For a cold create that found no private address: wait for the slots being removed,
+        retiring one first when none is. False: no slot holds one to give."""
+        self._address_waiters += 1
+        try:
+            if not self._removals and not self.retire_one():
+                return False
+            await asyncio.gather(*self._removals, return_exceptions=True)
+            return True
+        finally:
+            self._address_waiters -= 1
 
     def adopt(self, states: Sequence[ContainerState]) -> None:
         """After a restart: remove the unclaimed slots found (see the module doc)."""
@@ -262,6 +332,14 @@ class WarmSlots:
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
 
+    def _room(self) -> int:
+        """Slots that may be made now: free capacity, and spare private addresses."""
+        room = self.manager.free_slots()
+        network = self.manager.network
+        if network is not None:
+            room = min(room, network.spare() - self._address_waiters)
+        return room
+
     def _next_kind(self, free: int) -> SlotKind | None:
         if free <= 0 or self.manager.cordoned:
             return None
@@ -277,7 +355,7 @@ class WarmSlots:
             if self.manager.cordoned:
                 self.retire_all()
                 continue
-            while (kind := self._next_kind(self.manager.free_slots())) is not None:
+            while (kind := self._next_kind(self._room())) is not None:
                 try:
                     await self._make(kind)
                 except asyncio.CancelledError:
@@ -297,21 +375,23 @@ class WarmSlots:
         cid = slot_id()
         image = kind.image
         self._making[kind] = self._making.get(kind, 0) + 1
+        self._making_ids.add(cid)
         made = False
         try:
             await manager.ensure_image(image)
             channel = await channels.open(cid)
+            slot_labels = {labels.AGENT_LABEL: manager.settings.name, labels.WARM_SLOT_LABEL: image}
+            net = await self._acquire_net(cid)
+            if net is not None:
+                slot_labels.update(net_labels(net))  # adopted (then released) after a restart
             spec = replace(
-                manager.container_spec(
-                    cid,
-                    image,
-                    {labels.AGENT_LABEL: manager.settings.name, labels.WARM_SLOT_LABEL: image},
-                    warm=True,
-                ),
+                manager.container_spec(cid, image, slot_labels, warm=True),
                 cpu_millis=kind.cpu_millis,
                 memory_bytes=kind.memory_bytes,
                 pids_limit=kind.pids_limit,
             )
+            if net is not None:
+                spec = replace(spec, netns_path=net.path)
             await manager.runtime.create(spec)
             made = True
             await channel.control()  # ready only once its supervisor waits on the channel
@@ -321,19 +401,42 @@ class WarmSlots:
             else:
                 with contextlib.suppress(FsbError):
                     await channels.remove(cid)
+                await asyncio.shield(self._release_net(cid))
             raise
         finally:
             self._making[kind] -= 1
+            self._making_ids.discard(cid)
         if manager.cordoned:
             self.retire(cid)
             return
         self._ready.setdefault(kind, deque()).append(cid)
         log.debug("warm slot ready", extra={"slot": cid, "image": image})
 
+    async def _acquire_net(self, container_id: str) -> SandboxNet | None:
+        network = self.manager.network
+        if network is None:
+            return None
+        net = await network.acquire(container_id)
+        self._nets[container_id] = net
+        return net
+
+    async def _release_net(self, container_id: str) -> None:
+        """Release the slot's network: the one it was made with, or (a slot of an earlier
+        agent process) the one adopted under its container id."""
+        network = self.manager.network
+        if network is None:
+            return
+        net = self._nets.pop(container_id, None) or network.get(container_id)
+        if net is not None:
+            await network.release(net)
+
     async def _remove(self, container_id: str) -> None:
         manager = self.manager
         try:
             await manager.runtime.delete(container_id, 0)
+            # Only once the container is gone: its namespace's index and veth name are
+            # handed out again after this.
+            await self._release_net(container_id)
             if manager.channels is not None:
                 await manager.channels.remove(container_id)
             for path in log_files(manager.log_path(container_id)):

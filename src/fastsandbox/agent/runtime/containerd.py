@@ -402,6 +402,7 @@ class ContainerdRuntime:
             gid=gid,
             cgroups_path=f"{spec.cgroup_parent.rstrip('/')}/{spec.id}",
             netns_path=spec.netns_path,
+            netns_hook=spec.netns_hook,
             cpu_millis=spec.cpu_millis,
             memory_bytes=spec.memory_bytes,
             pids_limit=host_pids_limit(spec.pids_limit or DEFAULT_PIDS_LIMIT, spec.runtime),

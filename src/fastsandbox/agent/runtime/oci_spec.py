@@ -185,6 +185,7 @@ def build_oci_spec(
     gid: int = 0,
     additional_gids: Sequence[int] = (),
     netns_path: str | None = None,
+    netns_hook: Sequence[str] = (),
     cpu_millis: int | None = None,
     memory_bytes: int | None = None,
     pids_limit: int = DEFAULT_PIDS_LIMIT,
@@ -247,8 +248,13 @@ def build_oci_spec(
         {"type": "uts"},
         {"type": "mount"},
     ]
+    if netns_path and netns_hook:
+        raise ValueError("a container joins a network namespace or has one wired by a hook")
     if netns_path:
         namespaces.append({"type": "network", "path": netns_path})
+    elif netns_hook:
+        # A namespace of its own, made by runc; the hook wires it before the process starts.
+        namespaces.append({"type": "network"})
     spec: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
         "process": {
@@ -279,4 +285,23 @@ def build_oci_spec(
         spec["process"]["apparmorProfile"] = apparmor_profile
     if annotations:
         spec["annotations"] = dict(annotations)
+    if netns_hook:
+        spec["hooks"] = {"createRuntime": [network_hook(netns_hook)]}
     return spec
+
+
+HOOK_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOOK_TIMEOUT_SECONDS = 10
+
+
+def network_hook(argv: Sequence[str]) -> dict[str, Any]:
+    """The OCI hook entry running `argv` (argv[0] is an absolute host path). Its own PATH:
+    runc would otherwise hand it the shim's environment, whatever that is on the node."""
+    if not argv or not argv[0].startswith("/"):
+        raise ValueError(f"a hook needs an absolute path: {list(argv)!r}")
+    return {
+        "path": argv[0],
+        "args": list(argv),
+        "env": [HOOK_PATH_ENV],
+        "timeout": HOOK_TIMEOUT_SECONDS,
+    }
