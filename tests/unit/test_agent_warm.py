@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import subprocess
 import time
-from dataclasses import replace
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
