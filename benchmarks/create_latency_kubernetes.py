@@ -32,6 +32,12 @@ warm-up create) and runs sequentially, n times; the three Kubernetes create seri
                           Create RPC (containerd container + task create + start)
   kube after ready        per create, client time - runtimeReadyMs (fast, follower): the reply
                           and gRPC (the record is written after the reply)
+  kube warm fast (follower)  same boundary as kube fast (follower), on pool `warm-pool`
+                          (--warm-slots 1, the image prewarmed, shared network): before each
+                          create the script waits, untimed, for the pool to show a ready slot
+                          (the refill after the last claim); only creates that claimed a slot
+                          (`timings.warm`) are samples, misses are counted and printed
+  kube warm runtimeReadyMs   the reply's `timings.runtimeReadyMs` of those warm creates
   embedded fast           SDK create called → reply, against `fsb server` (SQLite store)
   embedded acceptedMs     the reply's `timings.acceptedMs`, embedded (2 SQLite reads)
   embedded runtimeReadyMs the reply's `timings.runtimeReadyMs`, embedded
@@ -100,6 +106,10 @@ BOUNDARIES = {
     "kube fast (leader)": "SDK `create()` called → reply, Lease holder's Fast-Path: gRPC + token "
     "+ name/pool from the watch cache + placement + agent create/start (record written after)",
     "kube fast (follower)": "same, through the replica that does not hold the Lease",
+    "kube warm fast (follower)": "same as kube fast (follower), pool warm-pool, creates that "
+    "claimed a warm slot (untimed wait for a ready slot before each)",
+    "kube warm runtimeReadyMs": "server: request arrival → agent confirmed the claimed slot's "
+    "main process started (warm creates)",
     "kube strong (follower)": "same, Strong mode (record create, then start, then status write)",
     "kube acceptedMs": "server: request arrival → name and pool checked (watch cache)",
     "kube runtimeReadyMs": "server: request arrival → agent confirmed the task started",
@@ -125,6 +135,7 @@ class CreateRun:
     ready: list[float] = field(default_factory=list)
     agent: list[float] = field(default_factory=list)
     after_ready: list[float] = field(default_factory=list)
+    misses: int = 0  # warm series: creates that found no ready slot (not samples)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -150,6 +161,22 @@ class Target:
     label: str
     endpoint: str
     mode: str
+    pool: str = DEFAULT_POOL
+    warm: bool = False
+
+
+WARM_POOL = "warm-pool"
+
+
+async def wait_slot(client: AsyncClient, pool: str, bound: float = 60.0) -> None:
+    """Until the pool shows a ready warm slot (the refill after the last claim), untimed."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        got = await client.get_pool(pool)
+        if any(w.ready for w in got.status.warm_slots):
+            return
+        await asyncio.sleep(0.02)
+    raise RuntimeError(f"pool {pool}: no warm slot ready in {bound:.0f} s")
 
 
 async def bench_fsb(targets: list[Target], token: str, image: str, n: int) -> dict[str, CreateRun]:
@@ -161,16 +188,22 @@ async def bench_fsb(targets: list[Target], token: str, image: str, n: int) -> di
         for t in targets:
             # Warm-up: pulls the image on the agent (the first one) and opens every channel.
             client = clients[t.label]
-            await client.create(f"warm-{t.label}", image, pool=DEFAULT_POOL, command=TRAP_SLEEP)
+            await client.create(f"warm-{t.label}", image, pool=t.pool, command=TRAP_SLEEP)
             await client.delete(f"warm-{t.label}", wait=True)
         for i in range(n):
             for t in targets:
                 client, run, name = clients[t.label], runs[t.label], f"b-{t.label}-{i}"
+                if t.warm:
+                    await wait_slot(client, t.pool)
                 started = time.perf_counter()
                 result = await client.create(
-                    name, image, pool=DEFAULT_POOL, command=TRAP_SLEEP, mode=t.mode
+                    name, image, pool=t.pool, command=TRAP_SLEEP, mode=t.mode
                 )
                 elapsed = (time.perf_counter() - started) * 1000
+                if t.warm and not (result.timings and result.timings.warm):
+                    run.misses += 1
+                    await client.delete(name, wait=True)
+                    continue
                 run.client.append(elapsed)
                 run.accepted.append(result.timings.accepted_ms)
                 ready, scheduled = result.timings.runtime_ready_ms, result.timings.scheduled_ms
@@ -242,18 +275,20 @@ def bench_ctr(sock: Path, image: str, n: int, cgroup_parent: str) -> list[float]
     return [run_one(f"bench-ctr-{i}") for i in range(n)]
 
 
-def wait_pool_ready(fsb: Callable[..., subprocess.CompletedProcess[str]], timeout: float) -> None:
+def wait_pool_ready(
+    fsb: Callable[..., subprocess.CompletedProcess[str]], timeout: float, pool: str = DEFAULT_POOL
+) -> None:
     deadline = time.monotonic() + timeout
     status: dict[str, object] = {}
     while time.monotonic() < deadline:
-        got = fsb("pool", "get", DEFAULT_POOL, "-o", "json")
+        got = fsb("pool", "get", pool, "-o", "json")
         if got.returncode == 0:
             status = json.loads(got.stdout).get("status", {})
             agents = status.get("agents")
             if isinstance(agents, dict) and agents.get("ready"):
                 return
         time.sleep(0.2)
-    raise RuntimeError(f"pool {DEFAULT_POOL} has no ready agent after {timeout}s: {status}")
+    raise RuntimeError(f"pool {pool} has no ready agent after {timeout}s: {status}")
 
 
 def bench_embedded(registry: str, image: str, n: int) -> CreateRun:
@@ -280,7 +315,7 @@ class Cluster:
     server: KubeServer | None = None
     startup: dict[str, float] = field(default_factory=dict)
 
-    def start(self, registry: str) -> KubeServer:
+    def start(self, registry: str, image: str) -> KubeServer:
         self.api = start_kube_apiserver(self.work)
         self.startup["etcd + kube-apiserver → /readyz"] = self.api.started_in
         began = time.monotonic()
@@ -303,6 +338,15 @@ class Cluster:
         began = time.monotonic()
         wait_pool_ready(self.server.fsb, timeout=90)
         self.startup["default-pool agent Pod → ready"] = time.monotonic() - began
+        began = time.monotonic()
+        made = self.server.fsb(
+            "pool", "create", WARM_POOL, "--warm-slots", "1", "--prewarm-image", image,
+            "--network-mode", "shared",
+        )  # fmt: skip
+        if made.returncode != 0:
+            raise RuntimeError(f"fsb pool create {WARM_POOL}: {made.stderr}")
+        wait_pool_ready(self.server.fsb, timeout=90, pool=WARM_POOL)
+        self.startup[f"{WARM_POOL} agent Pod → ready"] = time.monotonic() - began
         return self.server
 
     def stop(self) -> None:
@@ -355,13 +399,14 @@ def main() -> int:
             series["embedded agent span"] = embedded.agent
             series["embedded after ready"] = embedded.after_ready
 
-        server = cluster.start(registry.addr)
+        server = cluster.start(registry.addr, image)
         leader = server.wait_leader()
         follower = 1 - leader
         targets = [
             Target("lead", server.replicas[leader].endpoint, "fast"),
             Target("follow", server.replicas[follower].endpoint, "fast"),
             Target("strong", server.replicas[follower].endpoint, "strong"),
+            Target("warm", server.replicas[follower].endpoint, "fast", WARM_POOL, warm=True),
         ]
         runs = measure(targets, server.token, image, args.n, server.ca_file)
         on_follower = runs["follow"]
@@ -378,6 +423,8 @@ def main() -> int:
             "kube runtimeReadyMs": on_follower.ready,
             "kube agent span": on_follower.agent,
             "kube after ready": on_follower.after_ready,
+            "kube warm fast (follower)": runs["warm"].client,
+            "kube warm runtimeReadyMs": runs["warm"].ready,
             **series,
             "ctr run -d": ctr,
         }
@@ -390,6 +437,7 @@ def main() -> int:
             print(f"  start-up: {what}: {seconds:.1f} s")
         for name, values in series.items():
             print(row(name, values))
+        print(f"  warm creates that found no ready slot (not samples): {runs['warm'].misses}")
         print("boundaries:")
         for name in series:
             print(f"  {name:<24} {BOUNDARIES[name]}")

@@ -3,7 +3,9 @@
 - A claimed slot is indistinguishable from a cold sandbox to the user's code: the same probe, as
   the main process of both, sees the same hostname (its sandbox id), env, cwd, user and groups,
   capabilities, rlimits, cgroup, mounts, open descriptors, processes and an empty /tmp (modulo
-  ids); and the host sees the same cgroup limits.
+  ids); and the host sees the same cgroup limits. Under runc, under gVisor, and with the agent
+  run as an agent Pod runs it (uid 0 with every capability dropped and no_new_privs, as
+  fleet/kubernetes_manifest.py's securityContext): a claim needs nothing of the agent's own.
 - Claim and refill; capacity: slots fill only free capacity, a create of another image retires
   one, the agent never holds more than its capacity; exec and logs work in a claimed sandbox.
 - kill -9 of the agent: the claimed sandbox is adopted (by its sandbox id, exec works), the old
@@ -44,7 +46,7 @@ from fastsandbox.api.labels import (
     WARM_SLOT_LABEL,
 )
 from tests.infra import ContainerdProc, RegistryProc
-from tests.integration.test_agent_exec import run, supervisor_binary
+from tests.integration.test_agent_exec import run, runsc_works, supervisor_binary
 from tests.integration.test_agent_process import AgentProc
 
 pytestmark = pytest.mark.integration
@@ -127,6 +129,23 @@ def agent_net() -> Iterator[AgentNet]:
         subprocess.run(["ip", "netns", "delete", net.name], capture_output=True)
 
 
+# An agent Pod's process: root, every capability gone (bounding set too), no_new_privs.
+AS_A_POD = [
+    "setpriv", "--no-new-privs", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
+    "--",
+]  # fmt: skip
+
+
+@pytest.fixture
+def variant(request: pytest.FixtureRequest) -> str:
+    """How the agent runs: "runc" (on the host, as root), "gvisor", or "pod" (runc, the agent
+    with no capabilities)."""
+    name = str(getattr(request, "param", "runc"))
+    if name == "gvisor" and (why := runsc_works()):
+        pytest.fail(why)  # a tier that cannot run here fails, never skips
+    return name
+
+
 @pytest.fixture
 async def agent(
     request: pytest.FixtureRequest,
@@ -135,6 +154,7 @@ async def agent(
     cgroup_parent: str,
     tmp_path: Path,
     demo_image: str,
+    variant: str,
 ) -> AsyncIterator[AgentProc]:
     """The agent, in a shared network (the default) or, parametrized `private`, in a private
     one on an `agent_net` of its own."""
@@ -152,8 +172,13 @@ async def agent(
         f"--containerd-socket={containerd.socket}", f"--cgroup-parent={cgroup_parent}",
         f"--insecure-registry={registry.addr}", f"--capacity={CAPACITY}", "--grace=1",
         f"--init-path={init}", "--log-format=json",
-        "--warm-slots=1", f"--warm-image={demo_image}", "--warm-recent=0",
+        "--warm-slots=1", f"--warm-image={demo_image}",
+        # gVisor keeps slots per image and limits: the probe's limits become hot once served.
+        f"--warm-recent={1 if variant == 'gvisor' else 0}",
+        f"--runtime={'gvisor' if variant == 'gvisor' else 'runc'}",
     ]  # fmt: skip
+    if variant == "pod":
+        argv = [*AS_A_POD, *argv]
     if net is not None:
         argv += [
             "--network-mode=private", f"--netns-path={net.path}", f"--agent-ip={net.agent_ip}",
@@ -264,7 +289,9 @@ async def container_of(containerd: ContainerdProc, sid: str) -> str:
 def normalized(text: str, ids: dict[str, str]) -> str:
     for real, alias in ids.items():
         text = text.replace(real, alias)
-    text = re.sub(r"(pipe|socket|anon_inode):\[\d+\]", r"\1:[N]", text)
+    # Inode numbers: the kernel's for pipes and sockets, and gVisor's own for host-backed
+    # descriptors (`host:[N]`, numbered in the order the Sentry imported them).
+    text = re.sub(r"(pipe|socket|anon_inode|host):\[\d+\]", r"\1:[N]", text)
     # The network view: the peer's ifindex and the MAC are per veth.
     text = re.sub(r"@if\d+", "@ifN", text)
     text = re.sub(r"link/ether [0-9a-f:]{17} brd", "link/ether MAC brd", text)
@@ -327,13 +354,18 @@ def host_limits(cgroup_parent: str, agent: str, cid: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("agent", ["shared", "private"], indirect=True)
+@pytest.mark.parametrize(
+    ("agent", "variant"),
+    [("shared", "runc"), ("private", "runc"), ("shared", "pod")],
+    indirect=True,
+)
 async def test_a_claimed_slot_is_indistinguishable_from_a_cold_sandbox(
     agent: AgentProc,
     demo_image: str,
     containerd: ContainerdProc,
     cgroup_parent: str,
     request: pytest.FixtureRequest,
+    variant: str,
 ) -> None:
     image = normalize_image_ref(demo_image)
     private = "--network-mode=private" in agent.argv
@@ -341,7 +373,19 @@ async def test_a_claimed_slot_is_indistinguishable_from_a_cold_sandbox(
     agent.start()
     await agent.ready()
     async with agent.stub() as stub:
+        if variant == "pod":
+            # The agent really runs without capabilities (what it may do decides the test).
+            assert agent.proc is not None
+            caps = Path(f"/proc/{agent.proc.pid}/status").read_text()
+            assert "CapEff:\t0000000000000000" in caps and "CapBnd:\t0000000000000000" in caps
         await wait_ready(stub, image)
+        if variant == "gvisor":
+            # A slot of the default limits cannot serve the probe's: one create of its limits
+            # makes that kind hot, and its slot is made in the background.
+            seed = await create(stub, "it-probe-seed", demo_image)
+            assert not seed.warm
+            await stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id="it-probe-seed"))
+            await wait_ready(stub, image, 2)
         slot_before = await containers(containerd, name)
         warm_sid, cold_sid = "it-probe-warm", "it-probe-cold"
         warm = await create(stub, warm_sid, demo_image, net=private)

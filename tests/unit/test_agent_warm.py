@@ -13,6 +13,7 @@ import contextlib
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,31 @@ async def test_a_claim_that_fails_after_start_main_is_not_retried_cold(
     # No cold container was made for it: the user's command ran once, in the slot.
     assert "sb-x" not in {s.id for s in await runtime.list()}
     assert (await manager.status()).sandboxes == []
+
+
+async def test_where_limits_are_fixed_slots_are_kept_per_image_and_limits(
+    runtime: SupervisedFake, tmp_path: Path
+) -> None:
+    """gVisor cannot change a running sandbox's limits: a slot serves only a create asking for
+    exactly the limits it was made with, and a served create makes its own kind hot."""
+    for image in (HOT, OTHER):
+        await runtime.pull(image)
+    s = replace(settings(tmp_path, capacity=4), runtime="gvisor", warm_recent=2)
+    m = SandboxManager(runtime, s)
+    await m.start()
+    try:
+        await until(lambda: ready(m) == 1, "the pinned slot (default limits)")
+        sized = replace(req("sb-1"), cpu_millis=500, memory_bytes=64 << 20, pids_limit=50)
+        assert not (await m.create(sized)).warm  # the default-limits slot cannot serve it
+        await until(lambda: ready(m) == 2, "a slot of the served limits")
+        assert m.warm is not None
+        made = [spec for cid, spec in runtime.specs.items() if cid in m.warm.ready_ids()]
+        assert {(x.cpu_millis, x.memory_bytes, x.pids_limit) for x in made} == {
+            (None, None, None),
+            (500, 64 << 20, 50),
+        }
+        assert (await m.create(replace(sized, sandbox_id="sb-2"))).warm
+        # A create of the defaults still claims the pinned slot.
+        assert (await m.create(req("sb-3"))).warm
+    finally:
+        await m.aclose()

@@ -170,6 +170,10 @@ class WarmSlots:
         ready = {cid for q in self._ready.values() for cid in q}
         return ready | self._making_ids | self._retiring
 
+    def ready_ids(self) -> set[str]:
+        """Container ids of the ready slots (for tests and diagnostics)."""
+        return {cid for queue in self._ready.values() for cid in queue}
+
     def is_slot(self, container_id: str) -> bool:
         return container_id.startswith(SLOT_PREFIX) and (
             container_id in self._retiring or any(container_id in q for q in self._ready.values())
