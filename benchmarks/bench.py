@@ -84,6 +84,13 @@ def targets(r: Results) -> None:
     _check(r, "gVisor cold create p50 <= 200 ms", p("gvisor", "gvisor cold fast running"), 200.0)
     _check(r, "fsb exec start <= 100 ms (whole command)", p("cli start", "fsb exec NAME -- true"),
            100.0)  # fmt: skip
+    cli_run, sdk_create = (
+        p("cli start", "fsb run NAME --image IMG"),
+        p("cli start", "sdk create (same spec)"),
+    )
+    _check(r, "fsb run start <= 100 ms (fsb run p50 - sdk create p50)",
+           cli_run - sdk_create if cli_run is not None and sdk_create is not None else None,
+           100.0)  # fmt: skip
 
 
 def main() -> int:

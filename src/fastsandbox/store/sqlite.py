@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
@@ -43,6 +45,7 @@ from fastsandbox.store import _rules as rules
 from fastsandbox.store._core import StoreCore, Write, encode_event, event_applies, merge_event
 from fastsandbox.store._watch import Record
 from fastsandbox.store.base import MAX_EVENTS_PER_OBJECT, EventType
+from fastsandbox.store.faults import WriteDelay
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,21 @@ COMMIT;
 """
 
 
+def _disk_cause(path: Path) -> str:
+    """Why the disk under `path` refuses writes, when it says (SQLite reports a read-only or
+    full file system as a bare "disk I/O error"): named, so the operator knows what to fix."""
+    directory = path.parent
+    resume = "writes resume by themselves"
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY or not os.access(directory, os.W_OK):
+            return f"; {directory} is read-only or not writable by fsb (make it writable: {resume})"
+        if shutil.disk_usage(directory).free == 0:
+            return f"; no space left on the file system of {directory} (free some: {resume})"
+    except OSError as exc:
+        return f"; {directory}: {exc.strerror or exc}"
+    return ""
+
+
 @contextlib.contextmanager
 def _translated(path: Path) -> Iterator[None]:
     """The one seam where sqlite3 (and aiosqlite) errors become our error tree."""
@@ -101,7 +119,7 @@ def _translated(path: Path) -> Iterator[None]:
                 f"the state database {path} is locked by another process: "
                 "is a second fsb server using the same --data-dir?"
             ) from exc
-        raise Unavailable(f"the state database {path} failed: {text}") from exc
+        raise Unavailable(f"the state database {path} failed: {text}{_disk_cause(path)}") from exc
     except sqlite3.Error as exc:
         raise Unavailable(
             f"the state database {path} failed: {exc} (check the disk and the file)"
@@ -121,6 +139,7 @@ class SqliteStore(StoreCore):
         trimmed: int,
         history: int,
         bookmark_interval: float,
+        write_delay: WriteDelay | None = None,
     ) -> None:
         """Use `SqliteStore.open`."""
         super().__init__(
@@ -134,16 +153,23 @@ class SqliteStore(StoreCore):
         self._trim_batch = max(1, history // 10)
         # (kind, namespace, name) -> body, or None for "not stored" (a get of a free name).
         self._bodies: dict[tuple[str, str, str], str | None] = {}
+        self._write_delay = write_delay
 
     @classmethod
     async def open(
-        cls, path: Path | str, *, history: int = 10_000, bookmark_interval: float = 10.0
+        cls,
+        path: Path | str,
+        *,
+        history: int = 10_000,
+        bookmark_interval: float = 10.0,
+        write_delay: WriteDelay | None = None,
     ) -> SqliteStore:
         """Open (creating if needed) the store at `path`.
 
         `history`: at least this many recent events are kept for watchers resuming from an
         older resourceVersion. `bookmark_interval`: idle seconds before a watcher gets a
-        BOOKMARK.
+        BOOKMARK. `write_delay`: the fault suite's slow disk (`store/faults.py`); None in
+        production.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +221,7 @@ class SqliteStore(StoreCore):
             trimmed=int(trimmed),
             history=history,
             bookmark_interval=bookmark_interval,
+            write_delay=write_delay,
         )
 
     # -- primitives ------------------------------------------------------------------------
@@ -266,6 +293,8 @@ class SqliteStore(StoreCore):
         rv = write.resource_version
         overdue = rv - self._trimmed > self._history_size + self._trim_batch
         trim_to = rv - self._history_size if overdue else None
+        if self._write_delay is not None:
+            await self._write_delay.before_write()
         await self._transaction(self._apply_sync, write, rv, trim_to)
         if trim_to is not None:
             self._trimmed = trim_to
@@ -311,6 +340,8 @@ class SqliteStore(StoreCore):
             conn.execute("DELETE FROM events WHERE resource_version <= ?", (trim_to,))
 
     async def _keep_event(self, event: Event) -> None:
+        if self._write_delay is not None:
+            await self._write_delay.before_write()
         await self._transaction(self._keep_event_sync, event)
 
     def _keep_event_sync(self, conn: sqlite3.Connection, event: Event) -> None:
