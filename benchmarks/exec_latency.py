@@ -77,9 +77,12 @@ async def bench_sdk(
                 yield io_pb2.ExecInput(start=start)
                 await asyncio.sleep(3600)  # keep the input side open, as the SDK does
 
-            async for msg in agent.exec(inputs()):
-                if msg.WhichOneof("kind") == "exited":
-                    return
+            # Closed here, not whenever the generator is collected: an open stream keeps the
+            # process's pipes in the supervisor (suspected cause of EMFILE at n=200, unverified).
+            async with contextlib.aclosing(agent.exec(inputs())) as stream:
+                async for msg in stream:
+                    if msg.WhichOneof("kind") == "exited":
+                        return
 
         for _ in range(n):
             if agent is not None:
