@@ -64,7 +64,8 @@ class Rig:
 
 
 @contextlib.contextmanager
-def serve_io(tmp_path: Path) -> Iterator[Rig]:
+def serve_io(tmp_path: Path, credentials: grpc.ServerCredentials | None = None) -> Iterator[Rig]:
+    """The fake Fast-Path with exec/files relayed to a fake agent; TLS with `credentials`."""
     root = tmp_path / "sandbox-root"
     (root / "tmp").mkdir(parents=True)
     agent = FakeAgentIo(root)
@@ -73,6 +74,8 @@ def serve_io(tmp_path: Path) -> Iterator[Rig]:
 
         def add(server: grpc.aio.Server) -> str:
             fastpath_pb2_grpc.add_FastPathServicer_to_server(fastpath, server)
+            if credentials is not None:
+                return f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', credentials)}"
             return f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
 
         async def close_clients() -> None:

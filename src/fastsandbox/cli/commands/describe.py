@@ -56,7 +56,8 @@ def describe_text(
     item: Mapping[str, Any], events: Sequence[Mapping[str, Any]], now: datetime | None = None
 ) -> str:
     """The human view of a sandbox (wire form) and its events (wire form, oldest first)."""
-    from fastsandbox.cli.render import age, timings_text
+    from fastsandbox.cli.render import age
+    from fastsandbox.cli.render_plain import timings_text
 
     now = now or datetime.now(UTC)
     meta: Mapping[str, Any] = item.get("metadata", {})

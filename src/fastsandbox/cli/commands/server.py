@@ -98,6 +98,14 @@ def server(
             help="How often the janitor looks for orphans.",
         ),
     ] = JANITOR_INTERVAL_SECONDS,
+    fault_store_delay_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--fault-store-delay-file",
+            hidden=True,  # the fault suite's slow disk (store/faults.py), not for production
+            metavar="PATH",
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane and its agents on this machine (prints `ready` when serving)."""
     from fastsandbox.errors import InvalidArgument
@@ -136,6 +144,7 @@ def server(
         janitor_interval_seconds=janitor_interval,
         orphan_timeout_seconds=orphan_timeout,
         image_cache_max_bytes=cache_max,
+        fault_store_delay_file=fault_store_delay_file,
     )
     if data_dir is not None:
         settings.data_dir = data_dir.expanduser().absolute()
