@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TypeVar, cast
 
 import grpc
 from lightkube import AsyncClient
@@ -86,12 +86,65 @@ def token_hint(namespace: str) -> str:
     )
 
 
-def _decode(secret: Secret) -> str:
-    data = secret.data or {}
-    try:
-        return base64.b64decode(data.get(API_TOKEN_KEY, "")).decode().strip()
-    except (binascii.Error, UnicodeDecodeError):
-        return ""
+_T = TypeVar("_T")
+
+
+def _secret_data(secret: Secret) -> dict[str, bytes]:
+    """The Secret's data, decoded; a key that is not base64 is left out (as if missing)."""
+    data: dict[str, bytes] = {}
+    for key, value in (secret.data or {}).items():
+        with contextlib.suppress(binascii.Error, ValueError):
+            data[key] = base64.b64decode(value)
+    return data
+
+
+async def shared_secret(
+    client: AsyncClient,
+    namespace: str,
+    name: str,
+    *,
+    read: Callable[[dict[str, bytes]], _T],
+    make: Callable[[], tuple[dict[str, str], _T]],
+    label: str,
+) -> tuple[_T, bool]:
+    """What Secret `name` keeps, read by `read` (which raises when it is unusable); when it is
+    missing, made by `make` (its stringData and the value) and stored. Every replica ends up
+    with the same value: one creates the Secret, the others read it (a create that loses the
+    race reads the winner's). Returns (value, created)."""
+    what = f"Secret {namespace}/{name}"
+    for _ in range(3):
+        try:
+            secret = await client.get(Secret, name, namespace=namespace)
+        except Exception as exc:
+            error = translate(exc, what)
+            if not isinstance(error, NotFound):
+                raise error from None
+        else:
+            return read(_secret_data(secret)), False
+        string_data, value = make()
+        body = Secret.from_dict(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "labels": {"app.kubernetes.io/part-of": "fastsandbox"},
+                },
+                "type": "Opaque",
+                "stringData": string_data,
+            }
+        )
+        try:
+            await client.create(cast(Secret, body), field_manager=FIELD_MANAGER)
+        except Exception as exc:
+            error = translate(exc, what)
+            if isinstance(error, AlreadyExists):
+                continue  # another replica made it first: use theirs
+            raise error from None
+        log.info(f"created the {label} Secret", extra={"secret": what})
+        return value, True
+    raise Conflict(f"{what} keeps changing; retry")
 
 
 async def api_token(client: AsyncClient, namespace: str, given: str | None) -> tuple[str, bool]:
@@ -100,46 +153,26 @@ async def api_token(client: AsyncClient, namespace: str, given: str | None) -> t
     the same token: one creates the Secret, the others read it."""
     if given:
         return given, False
-    what = f"Secret {namespace}/{API_TOKEN_SECRET}"
-    for _ in range(3):
+
+    def read(data: dict[str, bytes]) -> str:
         try:
-            secret = await client.get(Secret, API_TOKEN_SECRET, namespace=namespace)
-        except Exception as exc:
-            error = translate(exc, what)
-            if not isinstance(error, NotFound):
-                raise error from None
-        else:
-            token = _decode(secret)
-            if not token:
-                raise FsbError(
-                    f"{what} has no {API_TOKEN_KEY!r} key: set one, or delete the Secret and "
-                    "restart the controller to generate it"
-                )
-            return token, False
+            token = data.get(API_TOKEN_KEY, b"").decode().strip()
+        except UnicodeDecodeError:
+            token = ""
+        if not token:
+            raise FsbError(
+                f"Secret {namespace}/{API_TOKEN_SECRET} has no {API_TOKEN_KEY!r} key: set one, "
+                "or delete the Secret and restart the controller to generate it"
+            )
+        return token
+
+    def make() -> tuple[dict[str, str], str]:
         token = secrets.token_urlsafe(32)
-        body = Secret.from_dict(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {
-                    "name": API_TOKEN_SECRET,
-                    "namespace": namespace,
-                    "labels": {"app.kubernetes.io/part-of": "fastsandbox"},
-                },
-                "type": "Opaque",
-                "stringData": {API_TOKEN_KEY: token},
-            }
-        )
-        try:
-            await client.create(cast(Secret, body), field_manager=FIELD_MANAGER)
-        except Exception as exc:
-            error = translate(exc, what)
-            if isinstance(error, AlreadyExists):
-                continue  # another replica made it first: read theirs
-            raise error from None
-        log.info("created the API token Secret", extra={"secret": what})
-        return token, True
-    raise Conflict(f"{what} keeps changing; retry")
+        return {API_TOKEN_KEY: token}, token
+
+    return await shared_secret(
+        client, namespace, API_TOKEN_SECRET, read=read, make=make, label="API token"
+    )
 
 
 def controller_names(settings: ControllerSettings, namespace: str) -> list[str]:
@@ -161,56 +194,27 @@ async def fastpath_tls(
     if settings.tls_cert is not None and settings.tls_key is not None:
         return operator_tls(settings.tls_cert, settings.tls_key)
     what = f"Secret {namespace}/{TLS_SECRET}"
-    for _ in range(3):
-        try:
-            secret = await client.get(Secret, TLS_SECRET, namespace=namespace)
-        except Exception as exc:
-            error = translate(exc, what)
-            if not isinstance(error, NotFound):
-                raise error from None
-        else:
-            data = {}
-            with contextlib.suppress(binascii.Error, ValueError):
-                data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
-            need = ("ca.crt", "ca.key", "tls.crt", "tls.key")
-            if not all(data.get(k) for k in need) or not ca_usable(data["ca.crt"], data["ca.key"]):
-                raise FsbError(
-                    f"{what} lacks a usable ca.crt/ca.key/tls.crt/tls.key: delete it and "
-                    "restart the controller to have it made again, or give --tls-cert/--tls-key"
-                )
-            return TlsMaterial(
-                cert_pem=data["tls.crt"], key_pem=data["tls.key"], ca_pem=data["ca.crt"]
+
+    def read(data: dict[str, bytes]) -> TlsMaterial:
+        need = ("ca.crt", "ca.key", "tls.crt", "tls.key")
+        if not all(data.get(k) for k in need) or not ca_usable(data["ca.crt"], data["ca.key"]):
+            raise FsbError(
+                f"{what} lacks a usable ca.crt/ca.key/tls.crt/tls.key: delete it and "
+                "restart the controller to have it made again, or give --tls-cert/--tls-key"
             )
+        return TlsMaterial(cert_pem=data["tls.crt"], key_pem=data["tls.key"], ca_pem=data["ca.crt"])
+
+    def make() -> tuple[dict[str, str], TlsMaterial]:
         ca_cert, ca_key = new_ca("fastsandbox controller CA")
         cert, key = issue_server_cert(ca_cert, ca_key, controller_names(settings, namespace))
-        body = Secret.from_dict(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {
-                    "name": TLS_SECRET,
-                    "namespace": namespace,
-                    "labels": {"app.kubernetes.io/part-of": "fastsandbox"},
-                },
-                "type": "Opaque",
-                "stringData": {
-                    "ca.crt": ca_cert.decode(),
-                    "ca.key": ca_key.decode(),
-                    "tls.crt": cert.decode(),
-                    "tls.key": key.decode(),
-                },
-            }
-        )
-        try:
-            await client.create(cast(Secret, body), field_manager=FIELD_MANAGER)
-        except Exception as exc:
-            error = translate(exc, what)
-            if isinstance(error, AlreadyExists):
-                continue  # another replica made it first: serve theirs
-            raise error from None
-        log.info("created the Fast-Path TLS Secret", extra={"secret": what})
-        return TlsMaterial(cert_pem=cert, key_pem=key, ca_pem=ca_cert)
-    raise Conflict(f"{what} keeps changing; retry")
+        pems = {"ca.crt": ca_cert, "ca.key": ca_key, "tls.crt": cert, "tls.key": key}
+        material = TlsMaterial(cert_pem=cert, key_pem=key, ca_pem=ca_cert)
+        return {k: v.decode() for k, v in pems.items()}, material
+
+    material, _ = await shared_secret(
+        client, namespace, TLS_SECRET, read=read, make=make, label="Fast-Path TLS"
+    )
+    return material
 
 
 class Leadership:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -111,14 +112,26 @@ def test_ttl_expiry_keeps_the_record(server: AnyServer, demo_image: str) -> None
     )
     assert made.returncode == 0, made.stderr
     cid = json.loads(made.stdout)["status"]["containerID"]
-    obj = wait_phase(server, "short", "Expired", timeout=4.5)
+    # A generous deadline: how soon after the TTL the expiry lands is a number for benchmarks/
+    # (on a loaded machine a few CLI round trips alone took longer than the 1.5 s once allowed
+    # here); what is checked is that it happens, not early, and what it leaves.
+    obj = wait_phase(server, "short", "Expired", timeout=60)
     status = obj["status"]
+    ready = [c for c in status["conditions"] if c["type"] == "Ready"]
+    assert ready and ready[0]["reason"] == "Expired"
+    # Not early (a second's slack for a store that keeps whole seconds).
+    expired_at, deadline = ready[0]["lastTransitionTime"], obj["spec"]["expireTime"]
+    assert _instant(expired_at) >= _instant(deadline) - timedelta(seconds=1), (expired_at, deadline)
     assert not status.get("assignedAgent") and not status.get("containerID")
     assert cid not in server.containers()
     assert cid not in server.snapshots()
     # Without --wait, and yet gone at once: there is nothing left to stop.
     assert server.fsb("delete", "short").returncode == 0
     assert server.fsb("get", "short").returncode == 3
+
+
+def _instant(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
 def _agent_pid(server: AnyServer, agent: str) -> int:

@@ -549,6 +549,9 @@ async def test_a_follower_stops_placing_on_a_cordoned_agent_after_one_heartbeat(
         shared_agents=True,
         agent_sync_seconds=0.1,
         rebuild_records=False,
+        # The refused create below waits this long for room that cannot come (the pool is at
+        # its max); the default (60 s) made this test a minute of CI for nothing.
+        scale_wait_seconds=0.5,
     )
     leader = ControlPlane(store, SharedFleet(fleet), settings)
     follower = ControlPlane(store, SharedFleet(fleet), settings)

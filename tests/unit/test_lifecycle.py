@@ -4,7 +4,7 @@ agent loss with both failure policies, deletion while the agent is down, expired
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -15,7 +15,7 @@ from fastsandbox.api.models import Sandbox, SandboxPhase
 from fastsandbox.api.phases import condition
 from fastsandbox.control.fastpath.auth import TokenAuth
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
-from fastsandbox.errors import NotFound
+from fastsandbox.errors import Conflict, NotFound
 from fastsandbox.fleet.inprocess import InProcessFleet
 from fastsandbox.store.memory import MemoryStore
 from tests.unit.test_control_plane import TOKEN, Plane, auth, eventually, free_port, make_pool
@@ -52,6 +52,20 @@ async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
 
 async def get(plane: Plane, name: str) -> Sandbox:
     return await plane.store.get(Sandbox, "default", name)
+
+
+async def change_spec(plane: Plane, name: str, change: Callable[[Sandbox], None]) -> None:
+    """Read-modify-write of a record's spec, as a client does: the control plane writes the
+    record's status meanwhile (a create stores it right after answering), so a Conflict means
+    read it again and retry."""
+    while True:
+        sb = await get(plane, name)
+        change(sb)
+        try:
+            await plane.store.update(sb)
+            return
+        except Conflict:
+            await asyncio.sleep(0.01)
 
 
 async def phase_is(plane: Plane, name: str, phase: SandboxPhase) -> bool:
@@ -110,15 +124,16 @@ async def test_expired_records_are_collected_after_retention(plane: Plane) -> No
     await eventually(lambda: gone(plane, "old"), timeout=30)
 
 
+REVISION = "2026-11-23T00:00:00.001Z"
+
+
 async def test_reset_recreates_the_container(plane: Plane) -> None:
     first = await plane.create("rs")
-    sb = await get(plane, "rs")
-    sb.spec.reset_revision = "2026-11-23T00:00:00.001Z"
-    await plane.store.update(sb)
+    await change_spec(plane, "rs", lambda sb: setattr(sb.spec, "reset_revision", REVISION))
 
     async def reset_done() -> bool:
         s = await get(plane, "rs")
-        return s.status.observed_reset_revision == "2026-11-23T00:00:00.001Z"
+        return s.status.observed_reset_revision == REVISION
 
     await eventually(reset_done)
     after = await get(plane, "rs")
@@ -158,9 +173,7 @@ async def test_reset_starts_an_exited_sandbox_again(plane: Plane) -> None:
     first = await plane.create("rx")
     plane.fleet.runtime(first.agent).exit(first.container_id, 0)
     await eventually(lambda: phase_is(plane, "rx", P.SUCCEEDED))
-    sb = await get(plane, "rx")
-    sb.spec.reset_revision = "r2"
-    await plane.store.update(sb)
+    await change_spec(plane, "rx", lambda sb: setattr(sb.spec, "reset_revision", "r2"))
     await eventually(lambda: phase_is(plane, "rx", P.RUNNING))
     assert (await get(plane, "rx")).status.container_id != first.container_id
 
@@ -242,9 +255,8 @@ async def test_shortened_expiry_fires_on_the_new_deadline(plane: Plane) -> None:
     from fastsandbox.api.models import now
 
     await plane.create("later", ttl_seconds=3600)
-    sb = await get(plane, "later")
-    sb.spec.expire_time = now() + timedelta(seconds=1)
-    await plane.store.update(sb)
+    soon = now() + timedelta(seconds=1)
+    await change_spec(plane, "later", lambda sb: setattr(sb.spec, "expire_time", soon))
     await eventually(lambda: phase_is(plane, "later", P.EXPIRED), timeout=30)
 
 
