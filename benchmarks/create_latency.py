@@ -17,6 +17,8 @@ each deleted outside the timed span; Fast and Strong take turns, create by creat
                                  misses are counted in a note
   cold/warm 1 port ...           Fast, declaring port 8080 (published by DNAT on the agent's
                                  address: one iptables-restore on the request path, cold and warm)
+  warm shared network ...        warm on pool `bench-warm-shared` (networkMode shared): a claim
+                                 with no network step, for comparison
 Both pools are private (`networkMode: private`, the default: a network namespace per sandbox; a
 warm slot is made in one of its own), so cold and warm pay the same network steps.
   ctr run -d / runc run -d       process spawned → exited (benchmarks/peers.py)
@@ -137,6 +139,13 @@ def run(bench: Bench, results: Results, n: int, docker: tuple[Docker, str] | Non
     _report(results, "warm", warm)
     warm = asyncio.run(_series(bench, "bench-warm", n, ("fast",), warm=True, ports=port))
     _report(results, "warm 1 port", warm)
+    # What a claim costs without any network step: the same, the sandboxes on the agent's net.
+    bench.pool(
+        "bench-warm-shared", "--warm-slots", "1", "--prewarm-image", bench.image,
+        "--network-mode", "shared",
+    )  # fmt: skip
+    warm = asyncio.run(_series(bench, "bench-warm-shared", n, ("fast",), warm=True))
+    _report(results, "warm shared network", warm)
     sock = bench.server.containerd_socket
     results.add(SECTION, "ctr run -d", bench_ctr_run(sock, bench.image, n),
                 "ctr process spawned -> exited (same containerd, image unpacked)")  # fmt: skip
