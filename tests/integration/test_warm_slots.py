@@ -356,7 +356,7 @@ def host_limits(cgroup_parent: str, agent: str, cid: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("agent", "variant"),
-    [("shared", "runc"), ("private", "runc"), ("shared", "pod")],
+    [("shared", "runc"), ("private", "runc"), ("shared", "pod"), ("shared", "gvisor")],
     indirect=True,
 )
 async def test_a_claimed_slot_is_indistinguishable_from_a_cold_sandbox(
