@@ -82,6 +82,7 @@ def targets(r: Results) -> None:
     rss = next((s["value"] for s in r.series if s["name"].startswith("control-plane RSS")), None)
     _check(r, "control-plane RSS at 10k sandboxes <= 250 MB", rss, 250.0)
     _check(r, "gVisor cold create p50 <= 200 ms", p("gvisor", "gvisor cold fast running"), 200.0)
+    _check(r, "gVisor warm create p50 <= 20 ms", p("gvisor", "gvisor warm fast running"), 20.0)
     _check(r, "fsb exec start <= 100 ms (whole command)", p("cli start", "fsb exec NAME -- true"),
            100.0)  # fmt: skip
     cli_run, sdk_create = (
