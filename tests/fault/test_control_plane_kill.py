@@ -42,8 +42,11 @@ WORKERS = 6
 
 
 class Storm:
-    def __init__(self, server: Server, image: str, round_no: int, kill_after: int) -> None:
+    def __init__(
+        self, server: Server, image: str, round_no: int, kill_after: int, pool: str = POOL
+    ) -> None:
         self.server = server
+        self.pool = pool
         self.image = image
         self.round_no = round_no
         self.kill_after = kill_after
@@ -69,7 +72,7 @@ class Storm:
             name = f"s{self.round_no}-{w}-{k}"
             k += 1
             try:
-                await client.create(name, self.image, pool=POOL, command=["sleep", "3600"])
+                await client.create(name, self.image, pool=self.pool, command=["sleep", "3600"])
                 self.acked.add(name)
                 self._tick()
                 # Workers share the sandboxes; one a worker is using or deleting is off limits

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx2
 from lightkube import ALL_NS, AsyncClient
 
+from fastsandbox._aio.to_the_end import to_the_end
 from fastsandbox._kube import config
 from fastsandbox._kube.errors import from_response, from_status, translate
 from fastsandbox._kube.resources import (
@@ -537,19 +538,7 @@ class KubernetesStore:
         backends, and httpx never abandons a connection half-way through an exchange.
         """
         self._check_open()
-        task = asyncio.ensure_future(self._translated(what, request))
-        interrupted = False
-        while True:
-            try:
-                result = await asyncio.shield(task)
-                break
-            except asyncio.CancelledError:
-                if task.done():
-                    raise
-                interrupted = True
-        if interrupted:
-            raise asyncio.CancelledError
-        return result
+        return await to_the_end(self._translated(what, request))
 
     async def _translated(self, what: str, request: Callable[[], Awaitable[T]]) -> T:
         try:

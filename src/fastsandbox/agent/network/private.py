@@ -85,6 +85,9 @@ class SandboxNet:
     """Declared port → host port on the agent's address."""
     seq: int = 0
     """When it was acquired (`PrivateNetwork.seq`): a sweep spares creates newer than its look."""
+    published_as: str = ""
+    """The sandbox id its DNAT rules' comments name (they are deleted by exact match), kept
+    when a warm slot's net changes hands (`assign`)."""
 
 
 class PrivateNetwork:
@@ -260,15 +263,37 @@ class PrivateNetwork:
         self._wake.set()
         return net
 
+    def assign(self, net: SandboxNet, key: str) -> None:
+        """Hand `net` over to `key`: a warm slot's net (acquired under the slot's container id)
+        becomes the sandbox's that claims it, and the slot's again when the claim fails. Counts
+        as an acquire for `stale` (the new key's container may not show in a look begun
+        before)."""
+        if self._by_sandbox.get(net.sandbox_id) is not net:
+            raise RuntimeFailure(f"network of {net.sandbox_id} is not held (released already)")
+        other = self._by_sandbox.get(key)
+        if other is not None and other is not net:
+            raise FailedPrecondition(f"sandbox {key} holds a network already")
+        del self._by_sandbox[net.sandbox_id]
+        net.sandbox_id = key
+        self._by_sandbox[key] = net
+        self.seq += 1
+        net.seq = self.seq
+
+    def spare(self) -> int:
+        """Addresses an acquire can still get: ready namespaces and unused indexes."""
+        return len(self._ready) + self.cfg.slots - len(self._indexes.in_use)
+
     async def publish(self, net: SandboxNet, ports: Iterable[int]) -> dict[int, int]:
-        """Host ports for `ports` (DNAT on the agent's address); returns port → host port."""
+        """Host ports for `ports` (DNAT on the agent's address); returns port → host port.
+        All or nothing: CapacityExhausted (no host port left) takes none."""
         wanted = [p for p in sorted(set(ports)) if p not in net.published]
         if not wanted:
             return dict(net.published)
+        owner = net.published_as or net.sandbox_id
         taken: list[Published] = []
         try:
             for port in wanted:
-                taken.append(Published(port, self._ports.take(), net.ip, net.sandbox_id))
+                taken.append(Published(port, self._ports.take(), net.ip, owner))
         except Exhausted as exc:
             for p in taken:
                 self._ports.release(p.host_port)
@@ -286,6 +311,7 @@ class PrivateNetwork:
                 self._ports.release(p.host_port)
             raise
         net.published.update({p.port: p.host_port for p in taken})
+        net.published_as = owner
         return dict(net.published)
 
     def get(self, sandbox_id: str) -> SandboxNet | None:
@@ -309,10 +335,8 @@ class PrivateNetwork:
 
     async def _drop(self, net: SandboxNet) -> None:
         if net.published:
-            rules = [
-                Published(port, host, net.ip, net.sandbox_id)
-                for port, host in net.published.items()
-            ]
+            owner = net.published_as or net.sandbox_id
+            rules = [Published(port, host, net.ip, owner) for port, host in net.published.items()]
             try:
                 async with self._dnat_lock:
                     await self.runner.run(

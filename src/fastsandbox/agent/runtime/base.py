@@ -91,12 +91,14 @@ class ContainerState:
 class MainProcess:
     """What a claimed warm slot's supervisor starts (`start_main`): the argv, env and cwd a
     cold container of the same spec would have run (image defaults merged with the spec's),
-    and the user ("" = the container's own, the image's)."""
+    the user ("" = the container's own, the image's) and the hostname a cold container of the
+    sandbox would have ("" = leave it; the supervisor sets it from inside the sandbox)."""
 
     argv: tuple[str, ...]
     env: tuple[str, ...]
     cwd: str
     user: str = ""
+    hostname: str = ""
 
 
 @dataclass(frozen=True, slots=True)
