@@ -154,7 +154,9 @@ class KubeServer(ServerSurface):
     """N `fsb controller` replicas over one cluster (see the module docstring)."""
 
     containerd_namespace = CONTAINERD_NS  # the node's image cache, as on Kubernetes
-    # Agents in Pods refuse private networks (not implemented there yet; they fail closed).
+    # Without `pod_network` agent Pods run in the test's own network namespace, where an agent
+    # must not set rules: shared. With it, the pools' default (private): see
+    # tests/e2e/test_kube_private_network.py.
     pool_args = ("--network-mode", "shared")
 
     kubeconfig: Path

@@ -4,7 +4,7 @@ inside a sandbox with `fsb exec` and busybox's `nc`/`wget`, against listeners th
 itself, each of which is first shown reachable from outside the sandbox (so a failure from inside
 is the isolation, not a missing listener).
 
-Embedded shape only: agents in Kubernetes Pods refuse private networks so far (fail closed).
+Embedded shape; the Kubernetes shape's version is tests/e2e/test_kube_private_network.py.
 
 Warm slots (pool `wiso`, --warm-slots 1): sandboxes that claimed a slot get the same checks — each
 endpoint reaches its own sandbox, no other sandbox nor the host, the agent's namespace or

@@ -106,7 +106,8 @@ async def test_agent_pod_lifecycle(
     cgroup_parent: str,
 ) -> None:
     ns = kube_namespace
-    # Shared: agents in Pods refuse private networks so far (they fail closed).
+    # Shared: this kubelet runs Pods in the test's own namespace, where an agent must not set
+    # rules (private pools in Pods: tests/e2e/test_kube_private_network.py, `pod_network`).
     pool = await create_pool(
         kube, ns, "kpool", max_sandboxes_per_agent=2, agent_version="v1.2", network_mode="shared"
     )

@@ -91,6 +91,10 @@ def test_the_agent_pod() -> None:
     # namespace need (docs/security.md); nothing else.
     assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
     assert {"name": "XTABLES_LOCKFILE", "value": "/tmp/xtables.lock"} in agent["env"]
+    assert "--forbid=$(HOST_IP)/32" in agent["args"]  # the node, even with egress allow
+    assert {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}} in (
+        agent["env"]
+    )
     assert (security["privileged"], security["allowPrivilegeEscalation"]) == (False, False)
     assert agent["resources"] == {"requests": {"cpu": "2"}, "limits": {"cpu": "2"}}
     volumes = {v["name"]: v for v in manifest["spec"]["volumes"]}
@@ -128,6 +132,7 @@ def test_the_pod_args_are_what_fsb_agent_parses() -> None:
         capacity=4,
         pod_uid="$(POD_UID)",
         network_mode="private",  # the pool's default, passed as it is
+        forbid=("$(HOST_IP)/32",),
         insecure_registry=("r:5000",),
         grace=2.5,
         version="v2",

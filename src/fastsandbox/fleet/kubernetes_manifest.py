@@ -121,6 +121,9 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
         network_mode=pool.spec.network_mode.value,
         egress=pool.spec.egress.value,
         egress_allow=tuple(pool.spec.egress_allow),
+        # With egress allow, the node's own address stays closed to sandboxes (as the host is
+        # in the embedded shape); the rest of the cluster network is the pool's NetworkPolicy's.
+        forbid=("$(HOST_IP)/32",),
         grace=spec.grace_seconds,
         log_level=spec.log.level,
         log_format="json",
@@ -153,6 +156,7 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
             _field_env("POD_UID", "metadata.uid"),
             _field_env("POD_IP", "status.podIP"),
             _field_env("NODE_NAME", "spec.nodeName"),
+            _field_env("HOST_IP", "status.hostIP"),
             # iptables-legacy's lock file: the root filesystem is read-only, /tmp is not.
             {"name": "XTABLES_LOCKFILE", "value": "/tmp/xtables.lock"},
         ],
