@@ -82,12 +82,30 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--agents", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("/tmp/fsb-profile"))
+    parser.add_argument(
+        "--warm", action="store_true", help="profile a warm burst (burst.py's warm pool)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pyspy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
     with bench_server() as bench:
-        bench.pool("burst", agents=args.agents, per_agent=-(-args.count // args.agents))
+        per_agent = -(-args.count // args.agents)
+        extra: tuple[str, ...] = ()
+        if args.warm:
+            extra = ("--warm-slots", str(per_agent), "--prewarm-image", bench.image)
+            extra += ("--network-mode", "shared")
+        bench.pool("burst", *extra, agents=args.agents, per_agent=per_agent)
         asyncio.run(_round(bench, "burst", args.agents, "warmup"))
+        if args.warm:
+            # Untimed and unprofiled: until every slot is ready again after the warm-up.
+            from benchmarks.burst import _warm_ready
+            from fastsandbox.sdk import AsyncClient
+
+            async def ready() -> None:
+                async with AsyncClient(endpoint=bench.server.endpoint) as client:
+                    await _warm_ready(client, "burst", args.count)
+
+            asyncio.run(ready())
         server_pid = bench.server.proc.pid if bench.server.proc else None
         agents = [p for p, (c, _) in _cpu().items() if "agent" in c and "python" in c]
         spies = []
@@ -100,7 +118,7 @@ def main() -> int:
                  "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )))  # fmt: skip
         before, total0 = _cpu(), _total()
-        result = asyncio.run(_round(bench, "burst", args.count, "profiled"))
+        result = asyncio.run(_round(bench, "burst", args.count, "profiled", warm=args.warm))
         after, total1 = _cpu(), _total()
         for _, _, proc in spies:
             proc.send_signal(2)

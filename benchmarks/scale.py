@@ -5,6 +5,8 @@ Run:  .venv/bin/python benchmarks/scale.py   (no root, no containerd: in-process
 - allocate: `Registry.allocate` + `release` on one pool of N ready agents (100 slots each,
   half full, the image cached on every tenth), timed per call with perf_counter over 2000 calls;
   boundary: allocate() called → Allocation returned (placement only; no agent, no store).
+  Baseline in the same run: `Registry.place_linear` (the placement rule scanning every agent,
+  which is what allocate did before the index), a twentieth as many calls.
 - RSS at 10k sandboxes: a fresh Python process holding what a control plane keeps per sandbox
   (the registry's slots over 100 agents, 10k `Sandbox` records in the memory store, the
   SandboxService indexes), VmRSS read from /proc/self/status after a gc; boundary: that
@@ -60,7 +62,8 @@ asyncio.run(main())
 """
 
 
-def _allocate_us(n_agents: int, calls: int = 2000) -> list[float]:
+def _allocate_us(n_agents: int, calls: int = 2000) -> tuple[list[float], list[float]]:
+    """allocate() times, and (the baseline) the linear rule's scan over the same agents."""
     from fastsandbox.control.registry import AgentRecord, Registry
 
     registry = Registry()
@@ -71,7 +74,7 @@ def _allocate_us(n_agents: int, calls: int = 2000) -> list[float]:
                         images=frozenset({"img"}) if a % 10 == 0 else frozenset())
         )  # fmt: skip
         for s in range(50):
-            rec.slots[f"a{a}-s{s}"] = frozenset()
+            registry.adopt(rec.name, f"a{a}-s{s}", ())
     out = []
     for i in range(calls):
         t0 = time.perf_counter()
@@ -79,15 +82,22 @@ def _allocate_us(n_agents: int, calls: int = 2000) -> list[float]:
                                   sandbox_id=f"new-{i}")  # fmt: skip
         out.append((time.perf_counter() - t0) * 1e6)
         registry.release(alloc.agent, alloc.sandbox_id)
-    return out
+    linear = []
+    for _ in range(max(3, calls // 20)):
+        t0 = time.perf_counter()
+        registry.place_linear(namespace="default", pool="p", image="img", ports=())
+        linear.append((time.perf_counter() - t0) * 1e6)
+    return out, linear
 
 
 def run(results: Results) -> None:
     print("\n== placement alone and control-plane RSS", flush=True)
     for n in (1_000, 10_000):
-        values = _allocate_us(n, calls=2000 if n <= 1000 else 300)
+        values, linear = _allocate_us(n)
         boundary = "Registry.allocate() called -> Allocation returned (placement only)"
         results.add(SECTION, f"allocate at {n} agents (us)", values, boundary, unit="us")
+        boundary = "Registry.place_linear() (the rule scanning every agent, the old path)"
+        results.add(SECTION, f"linear scan at {n} agents (us)", linear, boundary, unit="us")
     out = subprocess.run([sys.executable, "-c", _RSS_PROBE], capture_output=True, text=True,
                          check=True).stdout  # fmt: skip
     rss = json.loads(out.splitlines()[-1])["rss_mb"]

@@ -15,7 +15,11 @@ plays their part for the Pods the tests (and the code under test) create:
     `configMapKeyRef`, `envFrom`. A missing Secret keeps the container waiting in
     `CreateContainerConfigError` and is retried, as a kubelet does.
   - Every Pod gets its own loopback address `127.0.x.y` (all of 127/8 is on `lo`), so every agent
-    can listen on the same port.
+    can listen on the same port. With `pod_network=True` each Pod instead gets a network
+    namespace of its own behind a /31 veth from the host (tests/k8s_podnet.py), its processes run
+    in it, and the container's `securityContext.capabilities` (drop ALL + add) bound them
+    (`setpriv`), as a container runtime would: an agent Pod then has a real Pod namespace and
+    only the capabilities its manifest asks for.
   - Volumes: a `hostPath` must be named in the `host_paths` table (host path → local path; a
     test never touches the real `/run/containerd` or `/var/lib`); an `emptyDir` is a fresh
     directory; a `secret` is a directory of one file per key (`defaultMode`), written at each
@@ -35,7 +39,8 @@ plays their part for the Pods the tests (and the code under test) create:
   `io.kubernetes.pod.uid`; runtime spec naming the network namespace and
   `<cgroup_root>/pod<uid>/...`), in containerd namespace `k8s.io`, so an agent started with
   `--pod-uid` finds "its Pod" exactly as on a real node. The network namespace is this test
-  process's own (where the Pod's 127.0.x.y lives); the cgroup is under the test's cgroup.
+  process's own (where the Pod's 127.0.x.y lives), or the Pod's own with `pod_network`; the
+  cgroup is under the test's cgroup.
 - **Garbage collector**: Pods none of whose ownerReferences still exist (by uid) are deleted.
 
 Teardown kills every process and force-deletes the Pods bound to the node, then the node.
@@ -91,6 +96,8 @@ from fastsandbox.agent.runtime._containerd_api import ContainerdApi
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
 from fastsandbox.errors import AlreadyExists as FsbAlreadyExists
 from fastsandbox.errors import NotFound as FsbNotFound
+from tests import k8s_podnet
+from tests.k8s_podnet import PodNet
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +193,8 @@ class _PodRun:
     transitions: dict[str, tuple[str, str]] = field(default_factory=dict)
     last_status: dict[str, Any] | None = None
     status_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    net: PodNet | None = None
+    forwards: list[asyncio.Server] = field(default_factory=list)
 
     def condition(self, kind: str, ok: bool) -> dict[str, str]:
         value = "True" if ok else "False"
@@ -210,9 +219,15 @@ class ProcessKubelet:
         gc_interval: float = 1.0,
         base_env: Mapping[str, str] | None = None,
         cri: CriEmulation | None = None,
+        pod_network: bool = False,
+        loopback_ports: Sequence[int] = (),
     ) -> None:
         self.client = client
         self.cri = cri
+        self.pod_network = pod_network
+        # With `pod_network`: host loopback ports each Pod reaches on its own 127.0.0.1 (the
+        # session's registry; k8s_podnet.forward_loopback).
+        self.loopback_ports = list(loopback_ports)
         self.images = {k: list(v) for k, v in images.items()}
         self.host_paths = {k.rstrip("/") or "/": Path(v) for k, v in host_paths.items()}
         self.work_dir = work_dir
@@ -256,6 +271,8 @@ class ProcessKubelet:
         if self.cri is not None:
             for run in runs:
                 await self._cri_sandbox(run, create=False)
+        for run in runs:
+            await self._remove_net(run)
         with contextlib.suppress(ApiError, httpx.HTTPError):
             async for pod in self.client.list(
                 Pod, namespace=ALL_NS, fields={"spec.nodeName": self.node}
@@ -421,7 +438,7 @@ class ProcessKubelet:
             uid=meta["uid"],
             namespace=meta["namespace"],
             name=meta["name"],
-            ip=self._allocate_ip(pod),
+            ip="" if self.pod_network else self._allocate_ip(pod),
             pod=pod,
             dir=self.work_dir / "pods" / f"{meta['namespace']}_{meta['name']}",
         )
@@ -458,6 +475,10 @@ class ProcessKubelet:
             log.exception("process kubelet: Pod %s/%s failed", run.namespace, run.name)
 
     async def _run_pod_inner(self, run: _PodRun) -> None:
+        if self.pod_network:
+            run.net = await k8s_podnet.make()
+            run.ip = run.net.ip
+            run.forwards = await k8s_podnet.forward_loopback(run.net, self.loopback_ports)
         if self.cri is not None:
             await self._cri_sandbox(run, create=True)
         workers = [
@@ -484,8 +505,17 @@ class ProcessKubelet:
             await asyncio.gather(*workers, return_exceptions=True)
             if run.deleting.is_set() and self.cri is not None:
                 await asyncio.shield(self._cri_sandbox(run, create=False))
+            if run.deleting.is_set():
+                await asyncio.shield(self._remove_net(run))
             if run.gone or run.uid not in self.runs:
                 self._release(run)
+
+    async def _remove_net(self, run: _PodRun) -> None:
+        for server in run.forwards:
+            server.close()
+        run.forwards = []
+        if run.net is not None:
+            await k8s_podnet.remove(run.net)
 
     async def _cri_sandbox(self, run: _PodRun, *, create: bool) -> None:
         """Make (or remove) the Pod's CRI-style sandbox record (see the module docstring)."""
@@ -502,7 +532,10 @@ class ProcessKubelet:
                 "linux": {
                     "namespaces": [
                         {"type": "pid"},
-                        {"type": "network", "path": f"/proc/{os.getpid()}/ns/net"},
+                        {
+                            "type": "network",
+                            "path": run.net.path if run.net else f"/proc/{os.getpid()}/ns/net",
+                        },
                     ],
                     "cgroupsPath": f"{self.cri.cgroup_root}/pod{run.uid}/{sandbox_id}",
                 },
@@ -656,6 +689,9 @@ class ProcessKubelet:
                 raise ConfigError(f"image {image!r} is not in the process kubelet's image table")
             entrypoint = list(entry)
         argv = entrypoint + [_rewrite(a, mounts) for a in command + args]
+        if run.net is not None:
+            # Into the Pod's namespace first (nsenter needs CAP_SYS_ADMIN), then bounded.
+            argv = run.net.enter(_bounded(spec, argv))
         full = {**self.base_env, "HOSTNAME": run.name}
         full.update({k: _rewrite(v, mounts) for k, v in env.items()})
         cwd = spec.get("workingDir")
@@ -920,6 +956,22 @@ def _rewrite(text: str, mounts: Sequence[tuple[str, str]]) -> str:
     alternatives = "|".join(re.escape(m) for m, _ in mounts)  # longest first: see `_mounts`
     pattern = r"(?<![\w.-])(" + alternatives + r")(?=/|$|[^\w.-])"
     return re.sub(pattern, lambda m: local[m[1]], text)
+
+
+def _bounded(spec: Mapping[str, Any], argv: list[str]) -> list[str]:
+    """`argv` with only the capabilities `securityContext.capabilities` leaves (drop ALL, add
+    some: the only shape agent Pods use), and no_new_privs when privilege escalation is off."""
+    context = spec.get("securityContext") or {}
+    caps = context.get("capabilities") or {}
+    if not caps:
+        return argv
+    if [c.upper() for c in caps.get("drop") or ()] != ["ALL"]:
+        raise ConfigError("the process kubelet bounds capabilities only as drop: [ALL] + add")
+    keep = "".join(f",+{c.lower()}" for c in caps.get("add") or ())
+    wrap = ["setpriv", "--inh-caps=-all", f"--bounding-set=-all{keep}"]
+    if context.get("allowPrivilegeEscalation") is False:
+        wrap.append("--no-new-privs")
+    return [*wrap, "--", *argv]
 
 
 def _port_free(ip: str, port: int) -> bool:

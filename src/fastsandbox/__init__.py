@@ -11,7 +11,9 @@ too, and must not pay for grpc and the SDK at start-up.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+# Not `from typing import ...`: typing (and what it imports) is a tenth of `fsb exec`'s
+# start-up, and every entry point imports this package. mypy reads the name as typing's.
+TYPE_CHECKING = False
 
 # The one version string: the wheel's (pyproject reads it, [tool.hatch.version]), `fsb
 # --version`, the image tag (scripts/build-image) and the default agent image; the manifests in
@@ -19,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from fastsandbox.errors import (
         AlreadyExists,
         CapacityExhausted,

@@ -46,40 +46,44 @@ async def drain(requests: Any) -> None:
         await asyncio.wait_for(read_all(), DRAIN_SECONDS)
 
 
-def deny(
-    handler: Handler, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
-) -> Handler:
-    """A handler of the same shape as `handler` (unary or streaming) that only refuses."""
-
-    async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(code, message)
-
-    async def abort_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
-
-    async def abort_drained(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await drain(requests)
-        await context.abort(code, message)
-
-    async def abort_stream_drained(
-        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Any:
-        await drain(requests)
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
-
+def same_shape(handler: Handler, unary: Any, stream: Any) -> Handler:
+    """A handler with `handler`'s (de)serializers and streaming shape, running `unary` (an
+    async function) for a unary response or `stream` (an async generator) for a streamed one."""
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_stream_drained, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort_drained, **kwargs)
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+
+
+def deny(
+    handler: Handler,
+    message: str,
+    code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED,
+    *,
+    trailers: tuple[tuple[str, str], ...] = (),
+) -> Handler:
+    """A handler of the same shape as `handler` (unary or streaming) that only refuses, with
+    `trailers` as trailing metadata; a client-streaming call is drained first (`drain`)."""
+
+    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if handler.request_streaming:
+            await drain(request)
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        await context.abort(code, message)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await abort(request, context)
+        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+
+    return same_shape(handler, abort, stream)
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

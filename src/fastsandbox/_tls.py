@@ -1,8 +1,9 @@
 """Certificates for our own gRPC links: a small CA and the leaf certificates it signs.
 
-Shared by the Kubernetes fleet (the controller's agent CA signs every agent's serving
-certificate) and by anything else that needs a private CA (the Fast-Path's own TLS may use the
-same helpers); imports no server code, so `control`, `agent` and `fleet` can all use it.
+The one place certificates are made: the Kubernetes fleet's agent CA (it signs every agent's
+serving certificate) and the Fast-Path's CA (`control/fastpath/tls.py` decides where its
+material comes from and is kept; the certificates are made here). Imports no server code, so
+`control`, `agent` and `fleet` can all use it.
 ECDSA P-256 keys, PEM everywhere, SHA-256 signatures. Also the per-agent bearer token:
 HMAC-SHA256 of the agent's identity under a key only the controller holds, so each agent has a
 token of its own and none can be derived from another.
@@ -15,7 +16,7 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,6 +40,18 @@ def derive_token(key: bytes, subject: str) -> str:
     compute: base64url(HMAC-SHA256(key, subject)), unpadded."""
     digest = hmac.new(key, subject.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def split_names(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(DNS names, IP addresses) of a mixed list of host names, as `issue` takes them."""
+    dns: list[str] = []
+    ips: list[str] = []
+    for name in names:
+        try:
+            ips.append(str(ipaddress.ip_address(name)))
+        except ValueError:
+            dns.append(name)
+    return dns, ips
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -134,3 +147,18 @@ def issue(
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def ca_usable(ca_cert_pem: bytes, ca_key_pem: bytes, *, valid_for: dt.timedelta) -> bool:
+    """The CA parses, is an EC key's own certificate, and stays valid `valid_for` from now (so
+    a certificate it signs now does not outlive it)."""
+    try:
+        cert = x509.load_pem_x509_certificate(ca_cert_pem)
+        key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    except ValueError:
+        return False
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        return False
+    spki = (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    same = cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+    return same and cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + valid_for

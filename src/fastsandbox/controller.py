@@ -49,7 +49,7 @@ from fastsandbox.control.fastpath.serve import start_fastpath
 from fastsandbox.control.fastpath.tls import (
     TlsMaterial,
     ca_usable,
-    issue,
+    issue_server_cert,
     new_ca,
     operator_tls,
     server_names,
@@ -182,7 +182,7 @@ async def fastpath_tls(
                 cert_pem=data["tls.crt"], key_pem=data["tls.key"], ca_pem=data["ca.crt"]
             )
         ca_cert, ca_key = new_ca("fastsandbox controller CA")
-        cert, key = issue(ca_cert, ca_key, controller_names(settings, namespace))
+        cert, key = issue_server_cert(ca_cert, ca_key, controller_names(settings, namespace))
         body = Secret.from_dict(
             {
                 "apiVersion": "v1",

@@ -25,13 +25,19 @@ CommandTimeout and CommandFailed are raised by the client (SDK, CLI), never sent
 Third-party errors (grpc, containerd, sqlite, kubernetes) are translated into this tree at one
 seam each; the gRPC status codes and CLI exit codes are mapped here, in `TABLE`, and nowhere
 else: `FsbError.grpc_code` / `exit_code` are filled from it, `from_grpc` reads it backwards.
+
+grpc itself is imported only when a `grpc.StatusCode` is asked for: the rows name their status,
+so `fsb exec`'s lean client (cli/wire/) maps a status it read off the wire (`from_status`)
+without paying grpc's start-up.
 """
 
 from __future__ import annotations
 
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Final
 
-import grpc
+    import grpc
 
 
 class FsbError(Exception):
@@ -39,6 +45,8 @@ class FsbError(Exception):
 
     # Filled from `TABLE` below; declared here so every subclass has them.
     grpc_code: grpc.StatusCode
+    status: str
+    """The gRPC status code's name (`grpc_code.name`)."""
     exit_code: int
 
     # Seconds the server asked the caller to wait before retrying (its `retry-after` trailing
@@ -93,7 +101,15 @@ class RuntimeFailure(FsbError):
     """containerd/runc refused or failed; the message carries the runtime's words."""
 
 
-S = grpc.StatusCode
+# gRPC's status codes by name, with their numbers on the wire (fixed by the gRPC protocol;
+# `grpc.StatusCode` carries the same pairs, tests/unit/test_errors.py checks).
+STATUS_NUMBERS: Final[dict[str, int]] = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}  # fmt: skip
+STATUS_NAMES: Final[dict[int, str]] = {number: name for name, number in STATUS_NUMBERS.items()}
 
 RETRY_AFTER_KEY: Final = "retry-after"
 """Trailing metadata of a RESOURCE_EXHAUSTED that names when to retry (seconds, decimal);
@@ -116,28 +132,44 @@ class CommandFailed(FsbError):
         self.exit_code = exit_code
 
 
-# The one table: error class ⇄ gRPC status code ⇄ CLI exit code.
-TABLE: Final[tuple[tuple[type[FsbError], grpc.StatusCode, int], ...]] = (
-    (FsbError, S.INTERNAL, 1),
-    (InvalidArgument, S.INVALID_ARGUMENT, 2),
-    (NotFound, S.NOT_FOUND, 3),
-    (AlreadyExists, S.ALREADY_EXISTS, 4),
-    (Conflict, S.ABORTED, 4),
-    (CapacityExhausted, S.RESOURCE_EXHAUSTED, 5),
-    (Unauthenticated, S.UNAUTHENTICATED, 6),
-    (PermissionDenied, S.PERMISSION_DENIED, 6),
-    (Unavailable, S.UNAVAILABLE, 7),
-    (RuntimeFailure, S.INTERNAL, 1),
-    (FailedPrecondition, S.FAILED_PRECONDITION, 4),
+# The one table: error class ⇄ gRPC status code (by name) ⇄ CLI exit code. `TABLE` is these
+# rows with `grpc.StatusCode`s.
+ROWS: Final[tuple[tuple[type[FsbError], str, int], ...]] = (
+    (FsbError, "INTERNAL", 1),
+    (InvalidArgument, "INVALID_ARGUMENT", 2),
+    (NotFound, "NOT_FOUND", 3),
+    (AlreadyExists, "ALREADY_EXISTS", 4),
+    (Conflict, "ABORTED", 4),
+    (CapacityExhausted, "RESOURCE_EXHAUSTED", 5),
+    (Unauthenticated, "UNAUTHENTICATED", 6),
+    (PermissionDenied, "PERMISSION_DENIED", 6),
+    (Unavailable, "UNAVAILABLE", 7),
+    (RuntimeFailure, "INTERNAL", 1),
+    (FailedPrecondition, "FAILED_PRECONDITION", 4),
 )
 
+if TYPE_CHECKING:
+    TABLE: tuple[tuple[type[FsbError], grpc.StatusCode, int], ...]
+
 # Codes received that no class sends, and what they mean to the caller.
-_RECEIVED_ALSO: Final[dict[grpc.StatusCode, type[FsbError]]] = {
-    S.DEADLINE_EXCEEDED: Unavailable,  # no answer in time: retry later
+_RECEIVED_ALSO: Final[dict[str, type[FsbError]]] = {
+    "DEADLINE_EXCEEDED": Unavailable,  # no answer in time: retry later
 }
 
-for _cls, _code, _exit in TABLE:
-    _cls.grpc_code = _code
+
+class _GrpcCode:
+    """`FsbError.grpc_code`: the class's row as a `grpc.StatusCode`, grpc imported on first use.
+    A non-data descriptor, so an instance may still carry its own code (a relayed status)."""
+
+    def __get__(self, obj: object, owner: type[FsbError]) -> grpc.StatusCode:
+        import grpc
+
+        return grpc.StatusCode[owner.status]
+
+
+setattr(FsbError, "grpc_code", _GrpcCode())  # noqa: B010 (the annotation above stays the type)
+for _cls, _status, _exit in ROWS:
+    _cls.status = _status
     _cls.exit_code = _exit
 
 # Raised by clients only, never sent as a gRPC status. CommandTimeout exits 124 as GNU `timeout`
@@ -147,8 +179,8 @@ CLIENT_ONLY: Final[tuple[type[FsbError], ...]] = (CommandTimeout, CommandFailed)
 CommandTimeout.exit_code = 124
 
 # Received INTERNAL is RuntimeFailure (the later row wins): our servers send INTERNAL for those.
-_BY_CODE: Final[dict[grpc.StatusCode, type[FsbError]]] = {
-    **{code: cls for cls, code, _ in TABLE},
+_BY_STATUS: Final[dict[str, type[FsbError]]] = {
+    **{status: cls for cls, status, _ in ROWS},
     **_RECEIVED_ALSO,
 }
 
@@ -172,31 +204,52 @@ def exit_code_of(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, FsbError) else 1
 
 
-def never_answered(code: grpc.StatusCode | None, details: str | None) -> bool:
+def _name(code: grpc.StatusCode | str | None) -> str | None:
+    return code if code is None or isinstance(code, str) else code.name
+
+
+def never_answered(code: grpc.StatusCode | str | None, details: str | None) -> bool:
     """True when grpc itself failed the call because no server answered: it could not connect
     (refused, no socket, DNS), or the deadline passed with no status. An UNAVAILABLE that a
-    server sent is not this: its reason is the server's and must reach the user."""
+    server sent is not this: its reason is the server's and must reach the user. `code` is a
+    `grpc.StatusCode` or its name."""
     text = (details or "").strip().lower()
-    if code is S.UNAVAILABLE:
+    name = _name(code)
+    if name == "UNAVAILABLE":
         return text.startswith(_NEVER_REACHED)
-    return code is S.DEADLINE_EXCEEDED and text == _CLIENT_DEADLINE
+    return name == "DEADLINE_EXCEEDED" and text == _CLIENT_DEADLINE
 
 
 def from_grpc(
-    code: grpc.StatusCode | None,
+    code: grpc.StatusCode | str | None,
     details: str | None,
     *,
     fallback: type[FsbError] = FsbError,
 ) -> FsbError:
-    """Translate a gRPC status back into the tree; `details` becomes the message. A code the
-    table does not know (UNKNOWN, UNIMPLEMENTED, ...) becomes `fallback`."""
-    cls = _BY_CODE.get(code, fallback) if code is not None else fallback
-    return cls(details or (code.name if code is not None else "unknown error"))
+    """Translate a gRPC status (a `grpc.StatusCode` or its name) back into the tree; `details`
+    becomes the message. A code the table does not know (UNKNOWN, UNIMPLEMENTED, ...) becomes
+    `fallback`."""
+    name = _name(code)
+    cls = _BY_STATUS.get(name, fallback) if name is not None else fallback
+    return cls(details or name or "unknown error")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TABLE":  # the rows with grpc's codes: imports grpc, so only when asked for
+        import grpc
+
+        table = tuple((cls, grpc.StatusCode[status], code) for cls, status, code in ROWS)
+        globals()["TABLE"] = table
+        return table
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "CLIENT_ONLY",
     "RETRY_AFTER_KEY",
+    "ROWS",
+    "STATUS_NAMES",
+    "STATUS_NUMBERS",
     "TABLE",
     "AlreadyExists",
     "CapacityExhausted",

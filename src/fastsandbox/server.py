@@ -50,6 +50,7 @@ from fastsandbox.logconfig import configure
 from fastsandbox.metrics import HealthState, MetricsServer, serve_metrics
 from fastsandbox.settings import ServerSettings
 from fastsandbox.store.base import ObjectStore
+from fastsandbox.store.faults import DelayFile
 from fastsandbox.store.sqlite import SqliteStore
 from fastsandbox.store.tokens_sqlite import SqliteTokenStore
 
@@ -248,7 +249,10 @@ async def run(
     tokens = await SqliteTokenStore.open(settings.tokens_db_path)
 
     containerd = await containerd_daemon.ensure(data_dir, settings.containerd_socket)
-    store = await SqliteStore.open(settings.db_path)
+    delay = settings.fault_store_delay_file
+    store = await SqliteStore.open(
+        settings.db_path, write_delay=DelayFile(delay) if delay is not None else None
+    )
     fleet = LocalFleet(
         data_dir=data_dir,
         containerd_socket=containerd.socket,

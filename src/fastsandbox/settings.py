@@ -156,6 +156,9 @@ class ServerSettings(SandboxDefaults):
     """Disk budget of the node's image cache (content store blobs): over it, the janitor
     deletes least recently used images not in use and not a pool's prewarm image."""
     log: LogSettings = field(default_factory=LogSettings)
+    fault_store_delay_file: Path | None = None
+    """The fault suite only (tests/fault, `store/faults.py`): a file telling the store how long
+    to wait before each write (a slow disk). None: the store never waits."""
 
     @property
     def db_path(self) -> Path:

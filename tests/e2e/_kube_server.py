@@ -74,7 +74,11 @@ class KubeletThread:
         work_dir: Path,
         node: str,
         cri: CriEmulation,
+        pod_network: bool = False,
+        loopback_ports: tuple[int, ...] = (),
     ) -> None:
+        self.pod_network = pod_network
+        self.loopback_ports = loopback_ports
         self.kubeconfig = kubeconfig
         self.cri = cri
         self.host_paths = host_paths
@@ -102,6 +106,8 @@ class KubeletThread:
                 node=self.node,
                 kill_cap=5.0,
                 cri=self.cri,
+                pod_network=self.pod_network,
+                loopback_ports=self.loopback_ports,
             )
             await self.kubelet.start()
 
@@ -161,6 +167,8 @@ class KubeServer(ServerSurface):
     lease_duration: int = 5
     extra_args: list[str] = field(default_factory=list)
     kubelet: KubeletThread | None = None
+    pod_network: bool = False
+    """Agent Pods in network namespaces of their own, bounded by their capabilities."""
     token: str = ""
     shape: str = "kubernetes"
 
@@ -205,6 +213,9 @@ class KubeServer(ServerSurface):
                 cri=CriEmulation(
                     socket=self.containerd_socket, cgroup_root=f"{self.cgroup_parent}/kubepods"
                 ),
+                pod_network=self.pod_network,
+                # Agents pull from the session's registry on the host's loopback.
+                loopback_ports=(int(self.registry.rsplit(":", 1)[1]),),
             )
             (self.work_dir / "host-state").mkdir(parents=True, exist_ok=True)
             self.kubelet.start()
@@ -361,6 +372,7 @@ def new_kube_server(
     lease_duration: int = 5,
     default_pool: bool = True,
     extra_args: tuple[str, ...] = (),
+    pod_network: bool = False,
 ) -> KubeServer:
     work_dir = Path(tempfile.mkdtemp(prefix="fsb-kube-e2e-", dir="/tmp"))
     suffix = uuid.uuid4().hex[:6]
@@ -370,7 +382,7 @@ def new_kube_server(
     ) as client:
         client.create(Namespace(metadata=ObjectMeta(name=system)))
         if default_pool:
-            _ensure_default_pool(client)
+            _ensure_default_pool(client, private=pod_network)
     return KubeServer(
         kubeconfig=kubeconfig,
         containerd_socket=containerd_socket,
@@ -388,22 +400,23 @@ def new_kube_server(
         system_namespace=system,
         lease_duration=lease_duration,
         extra_args=list(extra_args),
+        pod_network=pod_network,
     )
 
 
-def _ensure_default_pool(client: Client) -> None:
-    """What `fsb server` makes at its first start: pool `default-pool` in `default`."""
+def _ensure_default_pool(client: Client, *, private: bool = False) -> None:
+    """What `fsb server` makes at its first start: pool `default-pool` in `default`. Private
+    (the default networkMode) only when agent Pods have namespaces of their own
+    (`pod_network`); in the test's namespace an agent must not set rules, so shared."""
+    spec: dict[str, object] = {"capacity": {"poolMin": 1, "poolMax": 1}, "maxSandboxesPerAgent": 5}
+    if not private:
+        spec["networkMode"] = "shared"
     body = SandboxPoolResource.from_dict(
         {
             "apiVersion": "fastsandbox.io/v1alpha1",
             "kind": "SandboxPool",
             "metadata": {"name": DEFAULT_POOL, "namespace": NAMESPACE},
-            "spec": {
-                "capacity": {"poolMin": 1, "poolMax": 1},
-                "maxSandboxesPerAgent": 5,
-                # Private networks are refused inside agent Pods (not implemented there yet).
-                "networkMode": "shared",
-            },
+            "spec": spec,
         }
     )
     try:

@@ -39,6 +39,8 @@ def registry_addr(registry: Any) -> str:
 @pytest.fixture(scope="package")
 def server(registry_addr: str) -> Iterator[Server]:
     srv = new_server(registry_addr, "--orphan-timeout", str(ORPHAN_TIMEOUT))
+    # The slow-store scenario's hook (store/faults.py): no file, no delay.
+    srv.extra_args += ["--fault-store-delay-file", str(store_delay_file(srv))]
     try:
         srv.start()
         yield srv
@@ -46,10 +48,23 @@ def server(registry_addr: str) -> Iterator[Server]:
         purge(srv)
 
 
-def sdk_client(server: Server) -> AsyncClient:
+def store_delay_file(server: Server) -> Path:
+    return server.data_dir / "fault-store-delay"
+
+
+def set_store_delay(server: Server, value: str | None) -> None:
+    """Seconds the store waits before each write, `hold` (until told otherwise), None: none."""
+    path = store_delay_file(server)
+    if value is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(value + "\n")
+
+
+def sdk_client(server: Server, timeout: float = 120) -> AsyncClient:
     """An SDK client of `server`: its admin token and the CA it made (TLS on loopback too)."""
     return AsyncClient(
-        server.endpoint, server.token, "default", ca_file=server.ca_file, timeout=120
+        server.endpoint, server.token, "default", ca_file=server.ca_file, timeout=timeout
     )
 
 
@@ -66,11 +81,17 @@ def until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.
 
 
 def make_pool(
-    server: Server, name: str, *, agents: int, per_agent: int, network_mode: str = "private"
+    server: Server,
+    name: str,
+    *,
+    agents: int,
+    per_agent: int,
+    network_mode: str = "private",
+    extra: tuple[str, ...] = (),
 ) -> None:
     made = server.fsb(
         "pool", "create", name, "--min", str(agents), "--max", str(agents),
-        "--per-agent", str(per_agent), "--network-mode", network_mode,
+        "--per-agent", str(per_agent), "--network-mode", network_mode, *extra,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     until(f"pool {name}: {agents} ready agents", lambda: ready_agents(server, name) == agents, 90)
@@ -82,6 +103,14 @@ def ready_agents(server: Server, pool: str) -> int:
         return -1
     ready: int = json.loads(got.stdout)["status"]["agents"].get("ready", 0)
     return ready
+
+
+def warm_ready(server: Server, pool: str) -> int:
+    """Warm slots the pool's agents report ready (`status.warmSlots`)."""
+    got = server.fsb("pool", "get", pool, "-o", "json")
+    if got.returncode != 0:
+        return -1
+    return sum(int(w.get("ready", 0)) for w in json.loads(got.stdout)["status"]["warmSlots"])
 
 
 def drop_pool(server: Server, pool: str) -> None:

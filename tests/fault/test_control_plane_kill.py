@@ -42,13 +42,18 @@ WORKERS = 6
 
 
 class Storm:
-    def __init__(self, server: Server, image: str, round_no: int, kill_after: int) -> None:
+    def __init__(
+        self, server: Server, image: str, round_no: int, kill_after: int, pool: str = POOL
+    ) -> None:
         self.server = server
+        self.pool = pool
         self.image = image
         self.round_no = round_no
         self.kill_after = kill_after
         self.acked: set[str] = set()
         self.deleted: set[str] = set()
+        self.dying: set[str] = set()  # a delete was sent; its reply may not have come
+        self.busy: dict[str, int] = {}  # execs in flight per sandbox
         self.execs = 0
         self.ops = 0
         self.killed = asyncio.Event()
@@ -67,17 +72,28 @@ class Storm:
             name = f"s{self.round_no}-{w}-{k}"
             k += 1
             try:
-                await client.create(name, self.image, pool=POOL, command=["sleep", "3600"])
+                await client.create(name, self.image, pool=self.pool, command=["sleep", "3600"])
                 self.acked.add(name)
                 self._tick()
-                alive = sorted(self.acked - self.deleted)
-                target = rng.choice(alive)
-                got = await AsyncCommands(client, "default", target).run(["echo", name], timeout=30)
+                # Workers share the sandboxes; one a worker is using or deleting is off limits
+                # to the others, so a NotFound here is a real loss, not two workers racing.
+                target = rng.choice(sorted(self.acked - self.deleted - self.dying))
+                self.busy[target] = self.busy.get(target, 0) + 1
+                try:
+                    got = await AsyncCommands(client, "default", target).run(
+                        ["echo", name], timeout=30
+                    )
+                finally:
+                    self.busy[target] -= 1
                 assert got.stdout == f"{name}\n"
                 self.execs += 1
                 self._tick()
-                if rng.random() < 0.5:
-                    victim = rng.choice(sorted(self.acked - self.deleted))
+                idle = sorted(
+                    n for n in self.acked - self.deleted - self.dying if not self.busy.get(n)
+                )
+                if idle and rng.random() < 0.5:
+                    victim = rng.choice(idle)
+                    self.dying.add(victim)
                     await client.delete(victim)
                     self.deleted.add(victim)
                     self._tick()
@@ -123,7 +139,7 @@ def test_kill9_during_a_storm_loses_and_resurrects_nothing(server: Server, demo_
             started = time.monotonic()
             server.start()
             totals["restart_s"] = max(totals["restart_s"], time.monotonic() - started)
-            kept = storm.acked - storm.deleted
+            kept = storm.acked - storm.dying  # a delete without a reply may have happened
             for name in sorted(kept):
                 until(
                     f"acknowledged {name} Running after the restart",

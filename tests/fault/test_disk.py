@@ -7,9 +7,8 @@ loop device:
 - then the SQLite store passes `PRAGMA integrity_check`, every acknowledged sandbox is there and
   Running, a refused one was never half-made; nothing leaks.
 
-A read-only data dir is not here: `mount -o remount,ro` is refused while the server holds files
-open for writing (SQLite, containerd), and an ext4 that turns read-only after I/O errors needs an
-fsck before it is writable again (docs/reliability.md, "Not covered yet").
+A read-only data dir is tests/fault/test_readonly.py (on a FUSE mount: `mount -o remount,ro`
+is refused while the server holds files open for writing).
 """
 
 from __future__ import annotations

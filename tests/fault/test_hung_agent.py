@@ -2,7 +2,10 @@
 real `fsb server`: calls to the hung agent end with a clear error within their timeout instead
 of hanging, and nothing stalls on the other agent meanwhile: execs there work and new
 sandboxes are placed there, both while the control plane has not yet noticed the hang and
-after it has. Durations are printed, never asserted; the waits are liveness bounds.
+after it has. Slow (stopped and continued in turns, 300 ms each, so it still heartbeats and
+stays ready): execs on the other agent work, and creates placed while it is slow end with an
+answer or a clear error, those on the other agent included. Durations are printed, never
+asserted; the waits are liveness bounds.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _run(server: Server, name: str, image: str) -> subprocess.CompletedProcess[s
 
 
 def test_a_hung_agent_stalls_nothing_elsewhere(server: Server, demo_image: str) -> None:
-    make_pool(server, POOL, agents=2, per_agent=6)
+    make_pool(server, POOL, agents=2, per_agent=8)
     try:
         for name in ("on-a", "on-b"):
             assert _run(server, name, demo_image).returncode == 0
@@ -75,14 +78,24 @@ def test_a_hung_agent_stalls_nothing_elsewhere(server: Server, demo_image: str) 
             resume(pid)
         until("the agent back", lambda: ready_agents(server, POOL) == 2, BOUND)
         # Slow: stopped and continued in turns; the other agent still serves every call.
+        # Creates go on meanwhile: placement onto either agent ends (an answer or an error
+        # with a message), those placed on the other agent are not held up by the slow one.
         slow = _Slow(agent_pid(server, a))
         slow.start()
+        slow_creates: dict[str, list[float]] = {a: [], b: []}
         try:
             for _ in range(3):
                 got = server.fsb("exec", "on-b", "--", "echo", "ok", timeout=BOUND)
                 assert got.returncode == 0, got.stderr
             slow_a, t_slow_a = _timed(server, "exec", "on-a", "--", "echo", "ok")
             assert slow_a.returncode == 0 or slow_a.stderr.strip(), slow_a
+            for i in range(6):
+                got, took = _timed(server, "run", f"slow-{i}", "--image", demo_image, "--pool",
+                                   POOL, "--", "sleep", "3600")  # fmt: skip
+                assert got.returncode == 0 or got.stderr.strip(), got
+                if got.returncode == 0:
+                    slow_creates[status(server, f"slow-{i}")["assignedAgent"]].append(took)
+            assert slow_creates[b], "no create was placed on the other agent while one was slow"
         finally:
             slow.stop()
         inv, found = settled_leaks(server, (POOL,))
@@ -92,6 +105,8 @@ def test_a_hung_agent_stalls_nothing_elsewhere(server: Server, demo_image: str) 
             hung_error=repr(exec_a.stderr.strip()[:100]),
             creates_elsewhere_s=",".join(f"{t:.2f}" for t in placed),
             exec_slow_agent_s=f"{t_slow_a:.2f}", exec_slow_ok=slow_a.returncode == 0,
+            creates_on_slow_s=",".join(f"{t:.2f}" for t in slow_creates[a]),
+            creates_on_other_s=",".join(f"{t:.2f}" for t in slow_creates[b]),
         )  # fmt: skip
     finally:
         drop_pool(server, POOL)

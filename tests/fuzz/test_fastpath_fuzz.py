@@ -53,7 +53,7 @@ FIELD = re.compile(
     r"port|poolRef|pool_ref|pool|expireTime|expire_time|ttl|failurePolicy|failure_policy|"
     r"recoveryTimeout|recovery_timeout|resetRevision|reset_revision|resources|cpu|memory|pids|"
     r"disk|labels?|mode|idempotency|lease|phase|spec|metadata|capacity|object_json|json|"
-    r"runtime|kind|limit|selector",
+    r"runtime|kind|apiVersion|limit|selector",
     re.IGNORECASE,
 )
 

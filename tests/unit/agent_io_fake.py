@@ -19,7 +19,6 @@ import signal
 import stat as stat_mod
 import struct
 import termios
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import grpc
 
 from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2_grpc, io_pb2
+from tests.unit.loop_thread import serve_in_thread
 
 CHUNK = 256 * 1024
 
@@ -37,6 +37,7 @@ class FakeAgentIo(agent_pb2_grpc.AgentServicer):
         self.sandbox_ids: list[str] = []
         self.inputs: list[str] = []
         self.sandbox_env: dict[str, dict[str, str]] = {}
+        self.pids: list[int] = []  # every child Exec started, so a test can see it was reaped
 
     def host(self, path: str) -> Path:
         return self.root / path.lstrip("/")
@@ -143,6 +144,7 @@ class FakeAgentIo(agent_pb2_grpc.AgentServicer):
                 asyncio.ensure_future(pump(proc.stdout, "stdout")),
                 asyncio.ensure_future(pump(proc.stderr, "stderr")),
             ]
+        self.pids.append(proc.pid)
         yield io_pb2.ExecOutput(started=io_pb2.ExecStarted(pid=proc.pid))
 
         async def feed() -> None:
@@ -309,26 +311,11 @@ class FakeAgentIo(agent_pb2_grpc.AgentServicer):
 @contextlib.contextmanager
 def serve_agent(servicer: FakeAgentIo, socket_path: Path) -> Iterator[str]:
     """Serve on `unix:socket_path` from a private loop thread; yields the target."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    state: dict[str, Any] = {}
 
-    async def main() -> None:
-        server = grpc.aio.server()
+    def add(server: grpc.aio.Server) -> str:
         agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
         server.add_insecure_port(f"unix:{socket_path}")
-        await server.start()
-        state["stop"] = asyncio.Event()
-        started.set()
-        await state["stop"].wait()
-        await server.stop(grace=None)
+        return f"unix:{socket_path}"
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    started.wait(10)
-    try:
-        yield f"unix:{socket_path}"
-    finally:
-        loop.call_soon_threadsafe(state["stop"].set)
-        thread.join(timeout=10)
-        loop.close()
+    with serve_in_thread(add, name="fake agent") as target:
+        yield target

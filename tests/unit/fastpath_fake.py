@@ -9,11 +9,9 @@ This tests the clients, not the server.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import socket
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,6 +32,7 @@ from fastsandbox.api.models import (
     Timings,
     to_wire,
 )
+from tests.unit.loop_thread import serve_in_thread
 
 TOKEN = "test-token-123"
 CREATED = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -230,32 +229,13 @@ class FakeFastPath(fastpath_pb2_grpc.FastPathServicer):
 @contextlib.contextmanager
 def serve(servicer: FakeFastPath) -> Iterator[str]:
     """Serve `servicer` on 127.0.0.1 from a private loop thread; yields `HOST:PORT`."""
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    state: dict[str, Any] = {}
 
-    async def main() -> None:
-        server = grpc.aio.server()
+    def add(server: grpc.aio.Server) -> str:
         fastpath_pb2_grpc.add_FastPathServicer_to_server(servicer, server)
-        state["port"] = server.add_insecure_port("127.0.0.1:0")
-        state["stop"] = asyncio.Event()
-        await server.start()
-        started.set()
-        try:
-            await state["stop"].wait()
-        finally:
-            await server.stop(grace=None)
+        return f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    if not started.wait(timeout=10):
-        raise RuntimeError("fake Fast-Path server did not start")
-    try:
-        yield f"127.0.0.1:{state['port']}"
-    finally:
-        loop.call_soon_threadsafe(state["stop"].set)
-        thread.join(timeout=10)
-        loop.close()
+    with serve_in_thread(add, name="fake Fast-Path server") as endpoint:
+        yield endpoint
 
 
 def free_port() -> int:

@@ -4,9 +4,7 @@ and the real token check, with no containerd underneath."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from fastsandbox.control.fastpath.io_relay import IoRelayRpcs, running_on
 from fastsandbox.errors import NotFound
 from tests.unit.agent_io_fake import FakeAgentIo, serve_agent
 from tests.unit.fastpath_fake import TOKEN, FakeFastPath
+from tests.unit.loop_thread import serve_in_thread
 
 
 @dataclass
@@ -65,36 +64,25 @@ class Rig:
 
 
 @contextlib.contextmanager
-def serve_io(tmp_path: Path) -> Iterator[Rig]:
+def serve_io(tmp_path: Path, credentials: grpc.ServerCredentials | None = None) -> Iterator[Rig]:
+    """The fake Fast-Path with exec/files relayed to a fake agent; TLS with `credentials`."""
     root = tmp_path / "sandbox-root"
     (root / "tmp").mkdir(parents=True)
     agent = FakeAgentIo(root)
     with serve_agent(agent, tmp_path / "agent.sock") as target:
         fastpath = IoFastPath(agent_target=target, agent=agent)
-        loop = asyncio.new_event_loop()
-        started = threading.Event()
-        state: dict[str, Any] = {}
 
-        async def main() -> None:
-            server = grpc.aio.server(interceptors=[TokenAuth(TOKEN)])
+        def add(server: grpc.aio.Server) -> str:
             fastpath_pb2_grpc.add_FastPathServicer_to_server(fastpath, server)
-            state["port"] = server.add_insecure_port("127.0.0.1:0")
-            state["stop"] = asyncio.Event()
-            await server.start()
-            started.set()
-            try:
-                await state["stop"].wait()
-            finally:
-                await server.stop(grace=None)
-                if fastpath._clients is not None:
-                    await fastpath._clients.close()
+            if credentials is not None:
+                return f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', credentials)}"
+            return f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
 
-        thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-        thread.start()
-        started.wait(10)
-        try:
-            yield Rig(f"127.0.0.1:{state['port']}", fastpath, agent, root)
-        finally:
-            loop.call_soon_threadsafe(state["stop"].set)
-            thread.join(timeout=10)
-            loop.close()
+        async def close_clients() -> None:
+            if fastpath._clients is not None:
+                await fastpath._clients.close()
+
+        with serve_in_thread(
+            add, interceptors=[TokenAuth(TOKEN)], cleanup=close_clients, name="fake Fast-Path"
+        ) as endpoint:
+            yield Rig(endpoint, fastpath, agent, root)

@@ -304,6 +304,18 @@ def test_a_negative_size_is_refused_naming_the_field(size: str) -> None:
         request_from_proto(spec)
 
 
+def test_a_relative_working_dir_is_refused_naming_the_field() -> None:
+    """Found by tests/fuzz/test_agent_fuzz.py at 10 000 cases: working_dir='relative' failed
+    inside runc ("Cwd must be an absolute path") and answered INTERNAL."""
+    from fastsandbox.agent.server import request_from_proto
+    from fastsandbox.api._proto.fastsandbox.v1 import agent_pb2
+    from fastsandbox.errors import InvalidArgument
+
+    spec = agent_pb2.SandboxRuntimeSpec(sandbox_id="s", image="busybox", working_dir="relative")
+    with pytest.raises(InvalidArgument, match=r"spec\.working_dir: must be an absolute path"):
+        request_from_proto(spec)
+
+
 @pytest.mark.parametrize(("size", "value"), [("memory_bytes", 1), ("log_max_bytes", 1)])
 def test_a_tiny_limit_is_refused_naming_the_field(size: str, value: int) -> None:
     """Found by tests/fuzz/test_agent_fuzz.py: memory_bytes=1 failed inside runc (INTERNAL)."""

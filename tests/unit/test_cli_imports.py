@@ -44,3 +44,13 @@ def test_every_verb_is_listed_by_the_whole_app() -> None:
     names = {c.name for c in main.build_app().registered_commands}
     groups = {g.name for g in main.build_app().registered_groups}
     assert names | groups == set(main._VERBS)
+
+
+def test_the_entry_point_and_version_do_not_import_typer() -> None:
+    """`fsb exec`/`fsb run`'s common forms and `fsb --version` are answered before any app is
+    built (cli/exec_fast.py, cli/run_fast.py): the entry point must not pay for typer."""
+    loaded = _loaded_after(
+        "import contextlib, io\nfrom fastsandbox.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n    main(['--version'])"
+    )
+    assert _under(loaded, ("typer", "click", "pydantic", "yaml", "grpc", "asyncio")) == []

@@ -30,6 +30,26 @@ def test_bad_flags_exit_2_naming_the_flag(args: list[str], message: str) -> None
     assert message in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "later_error"),
+    [
+        (["controller", "--lease-duration", "1"], "--lease-duration: must be >= 2 seconds"),
+        (["server", "--network", "bogus"], "--network: must be cni or host"),
+    ],
+)
+def test_the_shared_serving_flags_parse_in_both_commands(
+    command: list[str], later_error: str
+) -> None:
+    # One definition (cli/options.py) serves `fsb server` and `fsb controller`: repeated list
+    # flags and --listen parse in both, so the command gets as far as its own later check.
+    shared = ["--listen", "127.0.0.1:0"]
+    shared += ["--insecure-registry", "r:5000", "--insecure-registry", "s:5000"]
+    shared += ["--allowed-registry", "docker.io", "--allowed-registry", "r:5000"]
+    result = runner.invoke(app, [*command, *shared])
+    assert result.exit_code == 2, result.output
+    assert later_error in result.stderr, result.stderr
+
+
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     """`fsb controller` configures the root logger for its process: undo that after the test."""

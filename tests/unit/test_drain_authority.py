@@ -68,7 +68,7 @@ def spec(sandbox_id: str) -> agent_pb2.SandboxRuntimeSpec:
     return agent_pb2.SandboxRuntimeSpec(sandbox_id=sandbox_id, name=sandbox_id, image=IMG)
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:

@@ -308,7 +308,7 @@ async def test_delete_while_the_agent_is_down_is_recorded(plane: Plane) -> None:
         agent = plane.plane.registry.get_agent(reply.agent)
         return agent is not None and not agent.ready
 
-    await eventually(unready, timeout=2)
+    await eventually(unready, timeout=30)
     await plane.stub.Delete(fastpath_pb2.DeleteRequest(name="dd"), metadata=auth())
     got = await wait_events(plane, "dd", "Deleting", "DeletePending")
     assert got[:2] == ["Scheduled", "Started"]
@@ -326,7 +326,7 @@ async def test_unschedulable_retries_are_one_counted_event(plane: Plane) -> None
         got = await events_of(plane, "waiting")
         return len(got) == 1 and got[0].reason == "Unschedulable" and got[0].count >= 2
 
-    await eventually(counted, timeout=8)
+    await eventually(counted, timeout=30)
     [event] = await events_of(plane, "waiting")
     assert event.type == "Warning"
 

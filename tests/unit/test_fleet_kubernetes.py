@@ -87,7 +87,10 @@ def test_the_agent_pod() -> None:
     assert mount in agent["volumeMounts"]
     assert agent["readinessProbe"]["tcpSocket"] == {"port": 7443}
     security = agent["securityContext"]
-    assert security["capabilities"] == {"drop": ["ALL"]}
+    # A private pool (the default): only what its sandboxes' rules in the Pod's own network
+    # namespace need (docs/security.md); nothing else.
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    assert {"name": "XTABLES_LOCKFILE", "value": "/tmp/xtables.lock"} in agent["env"]
     assert (security["privileged"], security["allowPrivilegeEscalation"]) == (False, False)
     assert agent["resources"] == {"requests": {"cpu": "2"}, "limits": {"cpu": "2"}}
     volumes = {v["name"]: v for v in manifest["spec"]["volumes"]}
@@ -230,3 +233,10 @@ def test_stage_init_copies_atomically(tmp_path: Path) -> None:
     source.write_bytes(b"\x7fELF two")
     assert stage_init(source, state).read_bytes() == b"\x7fELF two"
     assert sorted(p.name for p in state.iterdir()) == ["fsb-init"]
+
+
+def test_a_shared_pool_agent_keeps_no_capability() -> None:
+    manifest = fleet().pod_manifest(pool(network_mode="shared"), "p1-abcde")
+    security = agent_container(manifest)["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert (security["privileged"], security["readOnlyRootFilesystem"]) == (False, True)

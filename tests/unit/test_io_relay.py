@@ -3,6 +3,9 @@ sandbox's id, agent statuses passed through, streams in both directions."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +16,7 @@ import pytest
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2_grpc, io_pb2
 from fastsandbox.api.models import Sandbox, SandboxPhase
-from fastsandbox.control.fastpath.io_relay import IoRelayRpcs, check_start
+from fastsandbox.control.fastpath.io_relay import HUNG_AGENT_SECONDS, IoRelayRpcs, check_start
 from fastsandbox.errors import FailedPrecondition, InvalidArgument, NotFound
 from fastsandbox.store.memory import MemoryStore
 from tests.unit.fastpath_fake import TOKEN, FakeFastPath
@@ -94,6 +97,50 @@ async def test_bad_signal_mid_stream_ends_the_call_with_invalid_argument(rig: Ri
         await _exec(rig, [start(["sleep", "30"]), io_pb2.ExecInput(signal=999)])
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "signal:" in (info.value.details() or "")
+
+
+async def test_a_refused_exec_leaves_no_child_once_the_servers_stop(tmp_path: Path) -> None:
+    # The refusal reaches the caller before the agent has unwound its handler; stopping the
+    # servers must still wait for it (a leftover `sleep 30` was an unraisable ResourceWarning
+    # in whichever test ran next).
+    with serve_io(tmp_path) as rig:
+        rig.fastpath.add_sandbox("box")
+        async with grpc.aio.insecure_channel(rig.endpoint) as channel:
+            call = fastpath_pb2_grpc.FastPathStub(channel).Exec(metadata=AUTH)
+            await call.write(start(["sleep", "30"]))
+            assert (await call.read()).WhichOneof("kind") == "started"  # the child runs
+            await call.write(io_pb2.ExecInput(signal=999))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert rig.agent.pids
+    for pid in rig.agent.pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+async def test_streams_to_an_agent_that_stops_answering_heartbeats_end_unavailable(
+    rig: Rig,
+) -> None:
+    # As heartbeats would see it: unready for longer than the relay waits. The exec's child
+    # and the upload both still hang at the agent; the relay's watchdog ends the calls.
+    rig.fastpath.unready_since = time.monotonic() - HUNG_AGENT_SECONDS
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _exec(rig, [start(["sleep", "30"])])
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "has not answered heartbeats" in (info.value.details() or "")
+
+    async def never_ending_upload() -> Any:
+        yield io_pb2.WriteFileInput(header=io_pb2.WriteFileHeader(target=target(), path="/tmp/u"))
+        await asyncio.Event().wait()
+        yield io_pb2.WriteFileInput()  # pragma: no cover - never reached
+
+    async with grpc.aio.insecure_channel(rig.endpoint) as channel:
+        stub = fastpath_pb2_grpc.FastPathStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.WriteFile(never_ending_upload(), metadata=AUTH)
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
 async def test_exec_into_a_sandbox_not_running_names_its_phase(rig: Rig) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fastsandbox.agent.manager import SandboxManager, SandboxRequest
-from fastsandbox.agent.network import plan
+from fastsandbox.agent.network import hook, plan
 from fastsandbox.agent.network.plan import Exhausted, NetConfig, Published, RangeAllocator
 from fastsandbox.agent.network.private import INDEX_LABEL, PUBLISHED_LABEL, PrivateNetwork
 from fastsandbox.agent.runtime.fake import FakeRuntime
@@ -241,8 +241,9 @@ async def test_the_net_of_a_vanished_container_is_released(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(
     ("extra", "reason"),
-    # (gVisor is no longer here: the runsc wrapper enters the spec's namespace.)
-    [({"pod_uid": "u1"}, "Kubernetes agent Pod")],
+    # (gVisor outside a Pod is no longer here: the runsc wrapper enters the spec's namespace;
+    # runc in a Pod neither: the network hook wires the namespace runc makes.)
+    [({"pod_uid": "u1", "runtime": "gvisor"}, "gVisor sandboxes in a Kubernetes agent Pod")],
 )
 async def test_what_cannot_be_isolated_yet_is_refused(
     tmp_path: Path, extra: dict[str, str], reason: str
@@ -262,4 +263,70 @@ async def test_what_cannot_be_isolated_yet_is_refused(
     await manager.start()
     with pytest.raises(FailedPrecondition, match=reason):
         await manager.create(SandboxRequest(sandbox_id="sb-1", image="busybox:latest"))
+    await manager.aclose()
+
+
+async def test_in_a_pod_runc_makes_the_namespace_and_the_hook_wires_it(tmp_path: Path) -> None:
+    """An agent Pod (hook_dir): its rules are set where it runs, without nsenter (that needs
+    CAP_SYS_ADMIN); no namespace or veth is made or deleted by the agent, a sandbox's net is
+    an address and the hook's argv; the hook is staged, executable, in the state dir."""
+    runner = Recorder()
+    cfg = NetConfig(**{**_fields(CFG), "agent_netns": "/var/run/netns/cni-not-visible-here"})
+    net = PrivateNetwork(
+        cfg, runner=runner, ready=2, netns_dir=tmp_path / "netns", require_root=False,
+        hook_dir=tmp_path / "state",
+    )  # fmt: skip
+    await net.start({"sb-live": {INDEX_LABEL: "0", PUBLISHED_LABEL: "8080:20000"}})
+    assert net.unavailable is None
+    staged = tmp_path / "state" / hook.HOOK_NAME
+    assert staged.read_text() == hook.SCRIPT and staged.stat().st_mode & 0o111
+    a = await net.acquire("sb-a")
+    assert a.path == "" and a.index == 1
+    assert a.hook == (str(staged), cfg.agent_netns, cfg.veth_name(1), *cfg.addresses(1))
+    assert await net.publish(a, [8080]) == {8080: 20001}
+    await net.release(a)
+    await net.close()
+    argvs = [argv for argv, _ in runner.calls]
+    assert argvs and not any(argv[0] in ("nsenter", "ip", "sysctl") for argv in argvs), argvs
+    restore = next(stdin for argv, stdin in runner.calls if argv[0] == "iptables-restore")
+    assert restore is not None and "--dport 20000" in restore  # the adopted one's DNAT
+
+
+async def test_a_pod_without_net_admin_fails_creates_naming_the_capabilities(
+    tmp_path: Path,
+) -> None:
+    net = PrivateNetwork(
+        CFG, runner=Recorder(fail="iptables-restore"), require_root=False, hook_dir=tmp_path,
+    )  # fmt: skip
+    await net.start({})
+    assert net.unavailable is not None and "NET_ADMIN" in net.unavailable
+    with pytest.raises(FailedPrecondition, match="NET_ADMIN and NET_RAW"):
+        await net.acquire("sb-x")
+
+
+async def test_a_pod_agent_hands_the_hook_to_the_runtime(tmp_path: Path) -> None:
+    """The container spec of a private sandbox in a Pod names no namespace path (runc makes
+    one) and carries the hook; the create fails closed when the hook cannot be staged."""
+    runtime = FakeRuntime()
+    settings = AgentSettings(
+        name="a1",
+        pool="p",
+        namespace="default",
+        listen=f"unix://{tmp_path}/a.sock",
+        state_dir=tmp_path / "state",
+        containerd_socket=tmp_path / "c.sock",
+        network_mode="private",
+        netns_path="/var/run/netns/cni-1",
+        pod_uid="u1",
+    )
+    manager = SandboxManager(runtime, settings)
+    assert manager.network is not None
+    manager.network.runner = Recorder()
+    manager.network.require_root = False
+    await manager.start()
+    await manager.create(SandboxRequest(sandbox_id="sb-1", image="busybox:latest"))
+    spec = runtime.specs["sb-1"]
+    assert spec.netns_path is None
+    assert spec.netns_hook[0] == str(tmp_path / "state" / hook.HOOK_NAME)
+    assert spec.netns_hook[1] == "/var/run/netns/cni-1"
     await manager.aclose()

@@ -164,3 +164,18 @@ def test_gvisor_host_pids_limit_leaves_room_for_the_sentry() -> None:
     # Each guest process costs the ptrace platform ~8 host pids, plus the Sentry's threads.
     assert host_pids_limit(64, "gvisor") > 8 * 64
     assert host_pids_limit(1, "gvisor") > host_pids_limit(1, "runc")
+
+
+def test_a_hooked_network_is_a_fresh_namespace_wired_before_the_process_runs() -> None:
+    hook = ("/var/lib/fastsandbox/agents/a1/fsb-nethook", "/var/run/netns/cni-1", "fv1", "g", "a")
+    s = spec(netns_hook=hook)
+    assert {"type": "network"} in s["linux"]["namespaces"]  # runc makes it: no path
+    (entry,) = s["hooks"]["createRuntime"]
+    assert entry["path"] == hook[0] and entry["args"] == list(hook)
+    assert entry["env"] == ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    assert entry["timeout"] > 0
+    assert "hooks" not in spec()
+    with pytest.raises(ValueError, match="network namespace"):
+        spec(netns_hook=hook, netns_path="/var/run/netns/x")
+    with pytest.raises(ValueError, match="absolute"):
+        spec(netns_hook=("fsb-nethook",))

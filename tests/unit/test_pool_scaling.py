@@ -737,7 +737,7 @@ async def test_an_agent_holding_a_sandbox_is_not_stopped_when_its_start_times_ou
     (agent,) = bare.registry.agents("default", "p")
     bare.registry.heartbeat(agent.name, images=[], reports={})
     bare.take_slot("s-0001")
-    await eventually(lambda: agent.draining, timeout=5)
+    await eventually(lambda: agent.draining, timeout=30)
     await asyncio.sleep(0.2)
     assert bare.fleet.stopped == []
     assert bare.registry.get_agent(agent.name) is agent

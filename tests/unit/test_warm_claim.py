@@ -1,16 +1,14 @@
 """A warm slot's spec, and what a claim rewrites: the record must read as the cold spec of the
-same sandbox, and the cgroup files get what runc would have written for it."""
+same sandbox (capabilities and seccomp too: a slot's PID 1 had more, for the hostname)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fastsandbox.agent.runtime.oci_spec import build_oci_spec, linux_resources
-from fastsandbox.agent.runtime.warm_claim import cgroup_writes, claimed_oci, cpu_weight
-from fastsandbox.agent.warm import can_claim
+from fastsandbox.agent.runtime.warm_claim import claimed_oci, limits_fixed
 
 INIT = "/opt/fsb-supervisor"
 CHANNEL_ENV = ["FSB_CHANNEL=/.fsb/run", "FSB_SANDBOX_ID=w-1"]
@@ -61,48 +59,38 @@ def test_a_claimed_record_reads_as_the_cold_spec() -> None:
     assert warm["process"]["args"] == ["/.fsb/init"]  # the input is not changed
 
 
-def test_cgroup_v1_writes_in_runc_order(tmp_path: Path) -> None:
-    mem = tmp_path / "memory" / "fsb" / "w-1"
-    mem.mkdir(parents=True)
-    (mem / "memory.memsw.limit_in_bytes").write_text("max")
-    writes = cgroup_writes("/fsb/w-1", linux_resources(250, 1 << 30, 64), tmp_path)
-    assert [(p.relative_to(tmp_path).as_posix(), v) for p, v in writes] == [
-        ("memory/fsb/w-1/memory.limit_in_bytes", str(1 << 30)),
-        ("memory/fsb/w-1/memory.memsw.limit_in_bytes", str(1 << 30)),
-        ("cpu/fsb/w-1/cpu.shares", "256"),
-        ("cpu/fsb/w-1/cpu.cfs_period_us", "100000"),
-        ("cpu/fsb/w-1/cpu.cfs_quota_us", "25000"),
-        ("pids/fsb/w-1/pids.max", "64"),
-    ]
-    # No cpu or memory asked: only the pids limit (always set) is written.
-    assert [v for _, v in cgroup_writes("/fsb/w-1", linux_resources(None, None, 8), tmp_path)] == [
-        "8"
-    ]
+def test_only_a_warm_slot_gives_pid1_cap_sys_admin_and_sethostname() -> None:
+    cold, warm = spec("sb-1"), spec("w-1", args=[], warm=True)
+    for kind in ("bounding", "effective", "permitted"):
+        assert "CAP_SYS_ADMIN" not in cold["process"]["capabilities"][kind]
+        assert warm["process"]["capabilities"][kind] == [
+            *cold["process"]["capabilities"][kind],
+            "CAP_SYS_ADMIN",
+        ]
+    # Never inheritable or ambient: nothing PID 1 starts could receive it through exec.
+    assert set(warm["process"]["capabilities"]) == {"bounding", "effective", "permitted"}
+
+    def allowed(s: dict[str, Any]) -> set[str]:
+        return {
+            n
+            for rule in s["linux"]["seccomp"]["syscalls"]
+            if rule["action"] == "SCMP_ACT_ALLOW" and not rule.get("args")
+            for n in rule["names"]
+        }
+
+    # The one syscall the supervisor's helper needs; none of what else CAP_SYS_ADMIN opens.
+    assert allowed(warm) - allowed(cold) == {"sethostname"}
 
 
-def test_cgroup_v2_writes(tmp_path: Path) -> None:
-    (tmp_path / "cgroup.controllers").write_text("cpu memory pids")
-    base = tmp_path / "fsb" / "w-1"
-    base.mkdir(parents=True)
-    (base / "memory.swap.max").write_text("max")
-    writes = dict(
-        (p.name, v)
-        for p, v in cgroup_writes("fsb/w-1", linux_resources(1000, 1 << 20, 9), tmp_path)
-    )
-    assert writes == {
-        "memory.max": str(1 << 20),
-        "memory.swap.max": "0",
-        "cpu.weight": str(cpu_weight(1024)),
-        "cpu.max": "100000 100000",
-        "pids.max": "9",
-    }
-    assert cpu_weight(2) == 1 and cpu_weight(262144) == 10000
+def test_a_claimed_record_holds_the_cold_capabilities_and_seccomp() -> None:
+    cold = spec("sb-9", args=["true"])
+    claimed = claimed_oci(
+        spec("w-1", args=[], warm=True), sandbox_id="sb-9", argv=["true"], env=[], cwd="/",
+        resources=cold["linux"]["resources"],
+    )  # fmt: skip
+    assert claimed["process"]["capabilities"] == cold["process"]["capabilities"]
+    assert claimed["linux"]["seccomp"] == cold["linux"]["seccomp"]
 
 
-def test_claims_need_cap_sys_admin(tmp_path: Path) -> None:
-    status = tmp_path / "status"
-    status.write_text("Name:\tx\nCapEff:\t000001ffffffffff\n")
-    assert can_claim(status)
-    status.write_text("Name:\tx\nCapEff:\t00000000a80425fb\n")  # containerd's default set
-    assert not can_claim(status)
-    assert not can_claim(tmp_path / "missing")
+def test_limits_are_fixed_only_under_gvisor() -> None:
+    assert limits_fixed("gvisor") and not limits_fixed("runc")

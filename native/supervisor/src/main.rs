@@ -11,6 +11,7 @@ mod channel;
 mod errors;
 mod files;
 mod frame;
+mod hostname;
 mod procs;
 mod spawn;
 mod users;
@@ -117,11 +118,11 @@ fn wipe_secret_in_place() {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut warm: Option<Arc<warm::WarmMain>> = None;
+    let mut warm_mode = false;
     let argv: Vec<String> = match args.first().map(String::as_str) {
         Some("--") => args[1..].to_vec(),
         Some("--warm") if args.len() == 1 => {
-            warm = Some(Arc::default());
+            warm_mode = true;
             Vec::new()
         }
         Some(a) if a.starts_with('-') => usage(),
@@ -131,9 +132,9 @@ fn main() {
     // either way (sandbox code can read /proc/1/cmdline: a warm and a cold sandbox must not
     // differ there, and the main command is the sandbox's business, not PID 1's).
     let mut argv = argv;
-    if argv.is_empty() && warm.is_none() {
+    if argv.is_empty() && !warm_mode {
         if std::env::var("FSB_WARM").as_deref() == Ok("1") {
-            warm = Some(Arc::default());
+            warm_mode = true;
         } else if let Ok(main) = std::env::var("FSB_MAIN") {
             argv = match serde_json::from_str::<Vec<String>>(&main) {
                 Ok(a) if !a.is_empty() => a,
@@ -144,13 +145,8 @@ fn main() {
             };
         }
     }
-    let table = Arc::new(Table::default());
-    let config = take_env(&table, warm.clone());
-    if warm.is_some() && config.channel.is_none() {
-        eprintln!("fsb-supervisor: --warm needs FSB_CHANNEL (start_main comes from the agent)");
-        std::process::exit(EXIT_USAGE);
-    }
-    // SAFETY: plain prctl calls. Not dumpable: sandbox code cannot read our environ or memory.
+    // SAFETY: plain prctl calls. Not dumpable: sandbox code cannot read our environ or memory
+    // (first, while the secret is still in our environment).
     unsafe {
         if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) < 0 {
             die("prctl(PR_SET_DUMPABLE)");
@@ -159,6 +155,24 @@ fn main() {
         if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0 {
             die("prctl(PR_SET_CHILD_SUBREAPER)");
         }
+    }
+    let table = Arc::new(Table::default());
+    let mut config = take_env(&table, None);
+    if warm_mode && config.channel.is_none() {
+        eprintln!("fsb-supervisor: --warm needs FSB_CHANNEL (start_main comes from the agent)");
+        std::process::exit(EXIT_USAGE);
+    }
+    // Still single-threaded: a warm supervisor holding CAP_SYS_ADMIN (for the hostname) hands
+    // it to a helper and drops it for good here, before any thread or child exists.
+    let warm: Option<Arc<warm::WarmMain>> = warm_mode.then(|| match hostname::Hostname::start() {
+        Ok(h) => Arc::new(warm::WarmMain::new(h)),
+        Err(e) => {
+            eprintln!("fsb-supervisor: {e}");
+            std::process::exit(1);
+        }
+    });
+    if let Some(ch) = config.channel.as_mut() {
+        ch.warm = warm.clone();
     }
     // Block everything before any thread or child exists; the main thread takes signals below.
     // SAFETY: sigset manipulation on a local.

@@ -5,6 +5,7 @@
 //! and its exit ends the sandbox with its status.
 
 use crate::errors::OpError;
+use crate::hostname::Hostname;
 use crate::procs::{ExecReq, Proc, Table};
 use crate::spawn::{Spec, Stdio};
 use crate::users;
@@ -27,6 +28,8 @@ pub struct WarmMain {
     /// tell a claim that ran from one that never did.
     replied: Mutex<bool>,
     replied_cv: Condvar,
+    /// Sets `start_main`'s hostname from inside the sandbox (hostname.rs).
+    hostname: Hostname,
 }
 
 /// The main process's spec from a `start_main` request. `own_home` is the supervisor's own
@@ -83,7 +86,27 @@ pub fn parse(req: &Value, own_home: Option<&str>) -> Result<Spec, OpError> {
     })
 }
 
+/// `start_main`'s optional `hostname` (absent or null: the hostname stays as it is).
+pub fn hostname_of(req: &Value) -> Result<Option<String>, OpError> {
+    match req.get("hostname") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            Hostname::check(s)?;
+            Ok(Some(s.clone()))
+        }
+        Some(_) => Err(OpError::invalid("field \"hostname\" must be a string")),
+    }
+}
+
 impl WarmMain {
+    /// A warm supervisor's state; `hostname` is made at startup (`Hostname::start`).
+    pub fn new(hostname: Hostname) -> WarmMain {
+        WarmMain {
+            hostname,
+            ..WarmMain::default()
+        }
+    }
+
     pub fn main(&self) -> Option<Arc<Proc>> {
         self.main.get().cloned()
     }
@@ -123,6 +146,11 @@ impl WarmMain {
         }
         let home = std::env::var("HOME").ok();
         let spec = parse(req, home.as_deref())?;
+        let hostname = hostname_of(req)?;
+        // Before anything of the user's runs: the hostname is set and the helper holding
+        // CAP_SYS_ADMIN is gone (also without a hostname), so the main process and everything
+        // after it hold a cold sandbox's capabilities.
+        self.hostname.finish(hostname.as_deref())?;
         if !spec.cwd.is_empty() {
             // runc makes a missing working directory (root-owned, 0755) before it starts a
             // container's process; a warm main process must find the same.

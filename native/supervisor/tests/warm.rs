@@ -66,17 +66,23 @@ fn start(name: &str) -> Warm {
 /// Starts the supervisor with `args` and `env` (plus the channel's) and accepts its control
 /// connection.
 fn start_with(name: &str, args: &[&str], env: &[(&str, &str)]) -> Warm {
+    start_cmd(name, env!("CARGO_BIN_EXE_fsb-supervisor"), args, env)
+}
+
+/// Starts `program args` (the supervisor, or a wrapper that execs it) with `env` plus the
+/// channel's, and accepts its control connection.
+fn start_cmd(name: &str, program: &str, args: &[&str], env: &[(&str, &str)]) -> Warm {
     let dir = std::env::temp_dir().join(format!("fsb-warm-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let listener = UnixListener::bind(dir.join("agent.sock")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_fsb-supervisor"))
+    let child = Command::new(program)
         .args(args)
         .envs(env.iter().copied())
         .env("FSB_CHANNEL", &dir)
         .env("FSB_SUPERVISOR_SECRET", hex(&SECRET))
         .env("FSB_SANDBOX_ID", "warm-test")
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -257,4 +263,136 @@ fn warm_and_main_can_come_from_the_environment_leaving_the_command_line_bare() {
     std::fs::write(&go, b"").unwrap();
     assert_eq!(wait(&mut c.child).code(), Some(5));
     assert_eq!(output(&mut c.child).0, "cold\n");
+}
+
+/// The supervisor in a UTS namespace of its own (so setting a hostname never touches the
+/// host's): `unshare` execs it, so the child's pid is the supervisor's.
+fn start_in_own_uts(name: &str) -> Warm {
+    let bin = env!("CARGO_BIN_EXE_fsb-supervisor");
+    // SAFETY: plain geteuid(2).
+    let args: &[&str] = if unsafe { libc::geteuid() } == 0 {
+        &["--uts", "--", bin, "--warm"]
+    } else {
+        &["--user", "--map-root-user", "--uts", "--", bin, "--warm"]
+    };
+    start_cmd(name, "unshare", args, &[])
+}
+
+fn caps(pid: u32) -> Vec<(String, u64)> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("Cap"))
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.to_owned(), u64::from_str_radix(v.trim(), 16).unwrap())
+        })
+        .collect()
+}
+
+/// Children of every thread of `pid` (a `children` file lists one thread's).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out: Vec<u32> = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let path = task.unwrap().path().join("children");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        out.extend(text.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
+    }
+    out.sort_unstable();
+    out
+}
+
+const SYS_ADMIN: u64 = 1 << 21;
+
+#[test]
+fn start_main_sets_the_hostname_and_nothing_keeps_cap_sys_admin_after_it() {
+    let mut w = start_in_own_uts("hostname");
+    let sup = w.child.id();
+    // Waiting: the supervisor itself dropped CAP_SYS_ADMIN at startup; only its helper has it.
+    for (set, value) in caps(sup) {
+        assert_eq!(
+            value & SYS_ADMIN,
+            0,
+            "the supervisor's {set} holds CAP_SYS_ADMIN"
+        );
+    }
+    let helpers = children(sup);
+    assert_eq!(helpers.len(), 1, "one helper: {helpers:?}");
+    let helper_caps = caps(helpers[0]);
+    assert!(
+        helper_caps
+            .iter()
+            .any(|(k, v)| k == "CapEff" && v & SYS_ADMIN != 0)
+    );
+
+    // A bad hostname is refused before anything changes; the helper stays for the next try.
+    write_json(
+        &mut w.control,
+        &json!({"id": 1, "op": "start_main", "argv": ["/bin/true"], "hostname": "a".repeat(65)}),
+    );
+    let reply = read_json(&mut w.control);
+    assert_eq!(reply["error"]["code"], "EINVAL", "{reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("hostname")
+    );
+    assert_eq!(children(sup), helpers);
+
+    let script = "cat /proc/sys/kernel/hostname; grep ^Cap /proc/self/status; \
+                  cat /proc/$PPID/task/*/children; echo; read _; exit 0";
+    write_json(
+        &mut w.control,
+        &json!({"id": 2, "op": "start_main", "argv": ["/bin/sh", "-c", script],
+                "hostname": "claimed-sbx"}),
+    );
+    let reply = read_json(&mut w.control);
+    assert_eq!(reply["ok"], true, "{reply}");
+    let main = reply["pid"].as_u64().unwrap() as u32;
+    // The helper is gone before the main process starts: the main is the only child.
+    assert_eq!(children(sup), vec![main]);
+    let sup_caps = caps(sup);
+    drop(w.child.stdin.take());
+    let status = wait(&mut w.child);
+    assert_eq!(status.code(), Some(0));
+    let (out, _) = output(&mut w.child);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("claimed-sbx"));
+    let main_caps: Vec<(String, u64)> = lines
+        .by_ref()
+        .take(5)
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.to_owned(), u64::from_str_radix(v.trim(), 16).unwrap())
+        })
+        .collect();
+    assert_eq!(main_caps.len(), 5, "{out}");
+    for (set, value) in &main_caps {
+        assert_eq!(
+            value & SYS_ADMIN,
+            0,
+            "the main process's {set} holds CAP_SYS_ADMIN"
+        );
+    }
+    // Exactly the supervisor's own (reduced) sets, as a cold main process inherits them.
+    let bnd = |c: &[(String, u64)]| c.iter().find(|(k, _)| k == "CapBnd").unwrap().1;
+    assert_eq!(bnd(&main_caps), bnd(&sup_caps));
+    assert_eq!(lines.next().map(str::trim), Some(main.to_string().as_str()));
+}
+
+#[test]
+fn start_main_without_a_hostname_still_ends_the_helper() {
+    let mut w = start_in_own_uts("nohostname");
+    let sup = w.child.id();
+    assert_eq!(children(sup).len(), 1);
+    write_json(
+        &mut w.control,
+        &json!({"id": 1, "op": "start_main", "argv": ["/bin/sh", "-c", "read _; exit 0"]}),
+    );
+    let reply = read_json(&mut w.control);
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(children(sup), vec![reply["pid"].as_u64().unwrap() as u32]);
+    drop(w.child.stdin.take());
+    assert_eq!(wait(&mut w.child).code(), Some(0));
 }

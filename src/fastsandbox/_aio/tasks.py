@@ -6,32 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-async def to_the_end(step: Awaitable[T]) -> T:
-    """Await `step` in a task of its own that runs to its end even if the caller is cancelled
-    meanwhile (a write must not stop half-way). A caller cancelled meanwhile then gets
-    CancelledError, whatever the step's outcome: had the step's own failure (an Unavailable of
-    an apiserver that is down) been raised instead, the caller's `except FsbError` would carry
-    on as if it had never been cancelled, and a loop told to stop (a leader stepping down)
-    would run on."""
-    task = asyncio.ensure_future(step)
-    interrupted = False
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            interrupted = True
-    if interrupted:
-        if not task.cancelled():
-            task.exception()  # retrieved: the caller hears of its cancellation instead
-        raise asyncio.CancelledError
-    return task.result()
 
 
 async def guarded(

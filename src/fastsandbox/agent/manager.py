@@ -57,7 +57,7 @@ from fastsandbox.agent.runtime.base import (
     Runtime,
 )
 from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
-from fastsandbox.agent.warm import ClaimUncertain, WarmSlots, can_claim, counts_reader
+from fastsandbox.agent.warm import ClaimUncertain, SlotKind, WarmSlots, counts_reader
 from fastsandbox.api import labels
 from fastsandbox.api.images import PullCredentials, normalize_image_ref
 from fastsandbox.api.models import MIN_LOG_MAX_BYTES
@@ -124,6 +124,7 @@ class SandboxManager:
         self._ports: dict[str, frozenset[int]] = {}
         # Warm slots the last look found that no live WarmSlots knows (left by a killed agent).
         self._stale_warm: list[ContainerState] = []
+        self._warm_listed: set[str] = set()
         self.warm = self._warm_slots(settings)
         self.metrics.gauge(
             "fsb_warm_slots", "Warm slots ready to be claimed, per image.", ("image",),
@@ -145,7 +146,12 @@ class SandboxManager:
         if self.network is not None:
             # Every container that still exists keeps its namespace until it is deleted (an
             # exited one too: its record may be reset or read); the rest are cleaned.
-            await self.network.start({sid: st.labels for sid, st in states.items()})
+            # Warm slots left by an earlier agent process too: each is removed below
+            # (`WarmSlots.adopt`), and its namespace released with it.
+            adopt = {sid: st.labels for sid, st in states.items()}
+            if self.warm is not None:
+                adopt.update((st.id, st.labels) for st in self._stale_warm)
+            await self.network.start(adopt)
         if self.channels is not None:
             for _, state in sorted(states.items()):
                 if is_live(state):
@@ -178,19 +184,9 @@ class SandboxManager:
     def _warm_slots(self, settings: AgentSettings) -> WarmSlots | None:
         if settings.warm_slots <= 0:
             return None
-        if settings.network_mode == "private":
-            # A slot is made before its request, in the namespace `container_spec` names (the
-            # agent's): claimed, it would share it. Until slots take a private namespace of
-            # their own (`PrivateNetwork.acquire` per slot), a private pool keeps none.
+        if self.channels is None:
             log.warning(
-                "warm slots do not take private networks yet; this agent keeps none",
-                extra={"agent": settings.name},
-            )
-            return None
-        if self.channels is None or settings.runtime != "runc" or not can_claim():
-            log.warning(
-                "warm slots need runc, fsb-supervisor and CAP_SYS_ADMIN (a claim sets the "
-                "sandbox's hostname and cgroup from the host); this agent keeps none",
+                "warm slots need fsb-supervisor (--init-path); this agent keeps none",
                 extra={"agent": settings.name, "runtime": settings.runtime},
             )
             return None
@@ -246,7 +242,7 @@ class SandboxManager:
             if state is None:
                 state = await self._create_cold(req)
         if self.warm is not None:
-            self.warm.served(normalize_image_ref(req.image))
+            self.warm.served(self._slot_kind(req))
         self.metrics.create_seconds.labels(mode="agent", warm=str(state.warm).lower()).observe(
             time.perf_counter() - began
         )
@@ -263,11 +259,11 @@ class SandboxManager:
         fresh = fresh and sandbox_id not in self._seen and not self._cordoned
         if fresh:
             self._check_ports(sandbox_id, req.exposed_ports)
-        image = normalize_image_ref(req.image)
         same_log = self._log_cap(req.log_max_bytes) == self.settings.log_max_bytes
         # A slot's writable layer was made at the default size: another size takes the cold path.
         same_disk = self._disk(req.disk_bytes) == self._disk(0)
-        slot = warm.take(image) if fresh and same_log and same_disk else None
+        kind = self._slot_kind(req)
+        slot = warm.take(kind) if fresh and same_log and same_disk else None
         if slot is None:
             self.metrics.warm_slot_claims_total.labels(result="miss").inc()
             return None
@@ -276,10 +272,17 @@ class SandboxManager:
         self._creating.add(sandbox_id)
         self._containers[sandbox_id] = slot
         try:
-            state = await warm.claim(slot, self._spec(req))
+            # A private pool: the slot's namespace becomes the sandbox's, its ports published.
+            net = await warm.claim_network(slot, sandbox_id, req.exposed_ports)
+            state = await warm.claim(slot, self._spec(req, net))
         except BaseException as exc:
             self._slots.discard(sandbox_id)
             self._containers.pop(sandbox_id, None)
+            if isinstance(exc, CapacityExhausted):
+                # No host port left (nothing was taken): refused as a cold create would be;
+                # the slot, untouched, stays ready.
+                warm.put_back(kind, slot)
+                raise
             warm.retire(slot)
             if not isinstance(exc, Exception) or isinstance(exc, ClaimUncertain):
                 raise
@@ -291,12 +294,17 @@ class SandboxManager:
             return None
         finally:
             self._creating.discard(sandbox_id)
+        warm.claimed(slot)
         self.metrics.warm_slot_claims_total.labels(result="hit").inc()
         log.info(
             "sandbox created from a warm slot",
             extra={"agent": self.settings.name, "sandbox_id": sandbox_id, "slot": slot},
         )
         return state
+
+    def _slot_kind(self, req: SandboxRequest) -> SlotKind:
+        assert self.warm is not None
+        return self.warm.kind(req.image, req.cpu_millis, req.memory_bytes, req.pids_limit)
 
     async def _create_cold(self, req: SandboxRequest) -> ContainerState:
         claimed = self._containers.get(req.sandbox_id)
@@ -412,8 +420,10 @@ class SandboxManager:
         listed = await self.runtime.list(labels={AGENT_LABEL: self.settings.name})
         states: dict[str, ContainerState] = {}
         self._stale_warm = []
+        self._warm_listed = set()
         for state in listed:
             if WARM_SLOT_LABEL in state.labels:
+                self._warm_listed.add(state.id)
                 if self.warm is None or not self.warm.is_slot(state.id):
                     self._stale_warm.append(state)
                 continue
@@ -438,7 +448,13 @@ class SandboxManager:
         if self.network is None:
             return await self._create_in(req, None)
         existing = self.network.get(req.sandbox_id)
-        net = await self.network.acquire(req.sandbox_id)
+        try:
+            net = await self.network.acquire(req.sandbox_id)
+        except CapacityExhausted:
+            # Warm slots hold addresses as they hold capacity: one gives its address up.
+            if self.warm is None or not await self.warm.free_address():
+                raise
+            net = await self.network.acquire(req.sandbox_id)
         try:
             await self.network.publish(net, req.exposed_ports)
             return await self._create_in(req, net)
@@ -497,10 +513,11 @@ class SandboxManager:
             # How a restarted agent finds the sandbox's network again, and how the control
             # plane learns its endpoints (the labels travel in every SandboxState).
             labels.update(net_labels(net))
-            netns_path = net.path
+            netns_path = net.path or None  # none in a Pod: runc makes it, net.hook wires it
         return replace(
             self.container_spec(req.sandbox_id, req.image, labels),
             netns_path=netns_path,
+            netns_hook=net.hook if net is not None else (),
             command=req.command,
             args=req.args,
             env=req.env,
@@ -662,6 +679,8 @@ class SandboxManager:
             # Containers removed without a delete through us (the janitor's orphan sweep, a
             # hand `ctr rm`): their namespace, rules and host ports go too.
             present = {sandbox_id_of(st) for st in states.values()} | creating | self._creating
+            # Warm slots' nets are theirs to release (`WarmSlots._remove`) while they exist.
+            present |= self._warm_listed | (self.warm.ids() if self.warm is not None else set())
             for net in self.network.stale(present, net_seq):
                 log.info(
                     "releasing the network of a vanished sandbox",

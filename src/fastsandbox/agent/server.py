@@ -55,9 +55,12 @@ async def _abort(context: Context, exc: BaseException) -> NoReturn:
         await context.abort(exc.grpc_code, exc.message)
     if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
         where = f": {exc.filename}" if exc.filename else ""
+        # Read-only is not "full": say what the operator has to restore (seen in
+        # tests/fault/test_readonly.py, which read "retry once space is back").
+        back = "it is writable again" if exc.errno == errno.EROFS else "space is back"
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
-            f"the agent's disk: {exc.strerror}{where}; retry once space is back",
+            f"the agent's disk: {exc.strerror}{where}; retry once {back}",
         )
     log.exception("agent call failed unexpectedly", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"agent error: {exc}")
@@ -109,6 +112,12 @@ def request_from_proto(spec: agent_pb2.SandboxRuntimeSpec) -> SandboxRequest:
         value = getattr(spec, size)
         if value > most:
             raise InvalidArgument(f"spec.{size}: at most {most}, got {value}")
+    # As the control plane's model checks it (found by tests/fuzz/test_agent_fuzz.py at 10 000
+    # cases: a relative one reached runc, "Cwd must be an absolute path", as INTERNAL).
+    if spec.working_dir and not spec.working_dir.startswith("/"):
+        raise InvalidArgument(
+            f"spec.working_dir: must be an absolute path, got {spec.working_dir!r}"
+        )
     return SandboxRequest(
         sandbox_id=spec.sandbox_id,
         image=spec.image,

@@ -3,8 +3,9 @@
 A warm slot is a sandbox container of a hot image with everything a cold create makes —
 snapshot, cgroup, network namespace, the log capture, the supervisor running and connected —
 but no main process: its PID 1 is `fsb-supervisor --warm`. A create of that image claims one
-(`Runtime.claim`: limits, hostname, then the supervisor's `start_main`, then the record), which
-costs a few milliseconds instead of a whole container start.
+(`Runtime.claim`: limits through containerd, then the supervisor's `start_main`, which sets
+the hostname from inside, then the record), which costs a few milliseconds instead of a whole
+container start.
 
 Why it is shaped this way:
 - Hot images: the pool's `prewarmImages` (`--warm-image`), then the images this agent served
@@ -20,10 +21,21 @@ Why it is shaped this way:
   the claim records. Channel directories and log files are named by container id.
 - Recovery: a restarted agent removes unclaimed slots it finds (one cut mid-claim may already
   run a main process that no create acknowledged) and makes fresh ones.
-- Only runc, and only an agent with CAP_SYS_ADMIN on the host: under gVisor the sandbox's
-  hostname lives in the Sentry, out of the host's reach, and an agent Pod (every capability
-  dropped) can neither join a sandbox's UTS namespace nor write its cgroup; such agents keep
-  no slots (and say so in their log), every create is cold.
+- Private networks: each slot is made in a namespace of its own, acquired from the agent's
+  `PrivateNetwork` under the slot's container id (address, veth and the agent's filter rules are
+  in place before any request; the index label lets a restarted agent adopt it, so it is
+  released once the slot is removed, never left behind or handed out twice). A claim hands the
+  net to the sandbox id (`PrivateNetwork.assign`) and publishes the request's ports before the
+  main process starts; the record the claim writes carries the labels a cold create's has, so
+  endpoints, recovery and delete read the same. Slots hold addresses as they hold capacity:
+  refill takes only spare ones, and a cold create that finds none gives up a slot for one.
+- Every agent with the supervisor keeps slots, an agent Pod with every capability dropped
+  and gVisor included: a claim does nothing to the sandbox from the agent's own process (the
+  supervisor sets the hostname, containerd's shim the limits; runtime/warm_claim.py).
+- Kinds: a slot is made for a `SlotKind` — an image, and where the runtime cannot change a
+  running sandbox's limits (gVisor, `limits_fixed`), the limits too. There a create claims only
+  a slot made with exactly its limits; pinned images get slots of the default limits, and a
+  served create makes its own kind hot.
 """
 
 from __future__ import annotations
@@ -34,18 +46,21 @@ import logging
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from fastsandbox.agent.logs import log_files
+from fastsandbox.agent.network.for_agent import net_labels
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, MainProcess
+from fastsandbox.agent.runtime.oci_spec import DEFAULT_PIDS_LIMIT
+from fastsandbox.agent.runtime.warm_claim import limits_fixed
 from fastsandbox.api import labels
 from fastsandbox.api.images import normalize_image_ref
-from fastsandbox.errors import FsbError, RuntimeFailure
+from fastsandbox.errors import CapacityExhausted, FsbError, RuntimeFailure
 
 if TYPE_CHECKING:
     from fastsandbox.agent.manager import SandboxManager
+    from fastsandbox.agent.network.private import SandboxNet
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +75,17 @@ class ClaimUncertain(RuntimeFailure):
 
 
 @dataclass(frozen=True, slots=True)
+class SlotKind:
+    """What a slot is made for: an image and (where limits cannot change later) the limits;
+    None there = the agent's defaults (no cpu/memory limit, the default pids limit)."""
+
+    image: str
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+    pids_limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WarmCounts:
     image: str
     ready: int
@@ -67,21 +93,6 @@ class WarmCounts:
 
 def slot_id() -> str:
     return SLOT_PREFIX + secrets.token_hex(8)
-
-
-CAP_SYS_ADMIN = 21
-
-
-def can_claim(status: Path = Path("/proc/self/status")) -> bool:
-    """Whether this process may do a claim's host steps: join a sandbox's UTS namespace and
-    write its cgroup (CAP_SYS_ADMIN; an agent Pod runs with every capability dropped)."""
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
 
 
 class WarmSlots:
@@ -95,23 +106,45 @@ class WarmSlots:
     ) -> None:
         self.manager = manager
         self.per_image = per_image
-        self.pinned = [normalize_image_ref(i) for i in images]
+        self.pinned = [SlotKind(normalize_image_ref(i)) for i in images]
         self.recent_max = recent
-        self._recent: OrderedDict[str, None] = OrderedDict()
-        self._ready: dict[str, deque[str]] = {}
-        self._making: dict[str, int] = {}
+        self.by_limits = limits_fixed(manager.settings.runtime)
+        self._recent: OrderedDict[SlotKind, None] = OrderedDict()
+        self._ready: dict[SlotKind, deque[str]] = {}
+        self._making: dict[SlotKind, int] = {}
         self._retiring: set[str] = set()
+        # Container ids of slots being made (their net may exist before their container).
+        self._making_ids: set[str] = set()
+        # Slot container id → its private network, until a claim succeeds or it is removed.
+        self._nets: dict[str, SandboxNet] = {}
+        # Cold creates waiting for an address a retired slot gives back: refill keeps off it.
+        self._address_waiters = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Task[None]] = set()
 
     # -- what is there --------------------------------------------------------------------------
-    def hot(self) -> list[str]:
-        """Images to keep slots for, hottest first."""
+    def kind(
+        self,
+        image: str,
+        cpu_millis: int | None = None,
+        memory_bytes: int | None = None,
+        pids_limit: int | None = None,
+    ) -> SlotKind:
+        """The kind of slot a create of `image` with these limits can claim."""
+        image = normalize_image_ref(image)
+        if not self.by_limits:
+            return SlotKind(image)
+        if pids_limit == DEFAULT_PIDS_LIMIT:
+            pids_limit = None  # what a slot of the defaults has
+        return SlotKind(image, cpu_millis or None, memory_bytes or None, pids_limit or None)
+
+    def hot(self) -> list[SlotKind]:
+        """Kinds to keep slots for, hottest first."""
         out = list(dict.fromkeys(self.pinned))
-        for image in reversed(self._recent):
-            if image not in out:
-                out.append(image)
+        for kind in reversed(self._recent):
+            if kind not in out:
+                out.append(kind)
         return out
 
     def ready(self) -> int:
@@ -126,8 +159,16 @@ class WarmSlots:
         return self.ready() + self.busy()
 
     def counts(self) -> list[WarmCounts]:
-        images = set(self.hot()) | set(self._ready)
-        return [WarmCounts(i, len(self._ready.get(i, ()))) for i in sorted(images)]
+        """Ready slots per image (of every kind)."""
+        ready: dict[str, int] = {}
+        for kind in set(self.hot()) | set(self._ready):
+            ready[kind.image] = ready.get(kind.image, 0) + len(self._ready.get(kind, ()))
+        return [WarmCounts(i, n) for i, n in sorted(ready.items())]
+
+    def ids(self) -> set[str]:
+        """Container ids of every slot being made, ready or being removed."""
+        ready = {cid for q in self._ready.values() for cid in q}
+        return ready | self._making_ids | self._retiring
 
     def is_slot(self, container_id: str) -> bool:
         return container_id.startswith(SLOT_PREFIX) and (
@@ -135,23 +176,59 @@ class WarmSlots:
         )
 
     # -- claims ---------------------------------------------------------------------------------
-    def served(self, image: str) -> None:
-        """A create of `image` was served (from a slot or cold): it is hot now. The refill
+    def served(self, kind: SlotKind) -> None:
+        """A create of `kind` was served (from a slot or cold): it is hot now. The refill
         starts a moment later, so its synchronous work (specs, records) does not hold up the
         answer still on its way out through this event loop."""
         if self.recent_max > 0:
-            self._recent.pop(image, None)
-            self._recent[image] = None
+            self._recent.pop(kind, None)
+            self._recent[kind] = None
             while len(self._recent) > self.recent_max:
                 self._recent.popitem(last=False)
         asyncio.get_running_loop().call_later(REFILL_DELAY_SECONDS, self.poke)
 
-    def take(self, image: str) -> str | None:
-        """A ready slot of `image` (no await: atomic with the caller's capacity check)."""
-        queue = self._ready.get(image)
+    def take(self, kind: SlotKind) -> str | None:
+        """A ready slot of `kind` (no await: atomic with the caller's capacity check)."""
+        queue = self._ready.get(kind)
         if not queue:
             return None
         return queue.popleft()
+
+    def put_back(self, kind: SlotKind, container_id: str) -> None:
+        """A slot taken for a claim that gave up before touching it: ready again, first."""
+        self._own_net(container_id)
+        self._ready.setdefault(kind, deque()).appendleft(container_id)
+
+    async def claim_network(
+        self, container_id: str, sandbox_id: str, ports: Sequence[int]
+    ) -> SandboxNet | None:
+        """Hand slot `container_id`'s private network to `sandbox_id` and publish `ports` (None:
+        no private network). CapacityExhausted (no host port left) leaves the net the slot's,
+        as it was; any other failure leaves it to `retire` (which takes it back)."""
+        network = self.manager.network
+        if network is None:
+            return None
+        net = self._nets.get(container_id)
+        if net is None:
+            raise RuntimeFailure(f"warm slot {container_id} has no private network")
+        network.assign(net, sandbox_id)
+        try:
+            await network.publish(net, ports)
+        except CapacityExhausted:
+            network.assign(net, container_id)
+            raise
+        return net
+
+    def claimed(self, container_id: str) -> None:
+        """The claim of `container_id` succeeded: its network is the sandbox's now."""
+        self._nets.pop(container_id, None)
+
+    def _own_net(self, container_id: str) -> None:
+        """Give slot `container_id` its network back from a claim that did not succeed."""
+        net = self._nets.get(container_id)
+        network = self.manager.network
+        if net is not None and network is not None and net.sandbox_id != container_id:
+            network.assign(net, container_id)
 
     async def claim(self, container_id: str, spec: ContainerSpec) -> ContainerState:
         """Start `spec`'s main process in slot `container_id` and record it as the sandbox."""
@@ -174,6 +251,8 @@ class WarmSlots:
                     env=list(main.env),
                     cwd=main.cwd,
                     user=main.user,
+                    # Set by the supervisor itself, before the main process starts.
+                    **({"hostname": main.hostname} if main.hostname else {}),
                 )
             except FsbError as exc:
                 if not exc.message.startswith("exec "):
@@ -194,6 +273,7 @@ class WarmSlots:
 
     def retire(self, container_id: str) -> None:
         """Remove a slot in the background (counted as busy until it is gone)."""
+        self._own_net(container_id)
         self._retiring.add(container_id)
         task = asyncio.get_running_loop().create_task(self._remove(container_id))
         self._removals.add(task)
@@ -215,6 +295,18 @@ class WarmSlots:
         for queue in self._ready.values():
             while queue:
                 self.retire(queue.pop())
+
+    async def free_address(self) -> bool:
+        """For a cold create that found no private address: wait for the slots being removed,
+        retiring one first when none is. False: no slot holds one to give."""
+        self._address_waiters += 1
+        try:
+            if not self._removals and not self.retire_one():
+                return False
+            await asyncio.gather(*self._removals, return_exceptions=True)
+            return True
+        finally:
+            self._address_waiters -= 1
 
     def adopt(self, states: Sequence[ContainerState]) -> None:
         """After a restart: remove the unclaimed slots found (see the module doc)."""
@@ -240,12 +332,20 @@ class WarmSlots:
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
 
-    def _next_image(self, free: int) -> str | None:
+    def _room(self) -> int:
+        """Slots that may be made now: free capacity, and spare private addresses."""
+        room = self.manager.free_slots()
+        network = self.manager.network
+        if network is not None:
+            room = min(room, network.spare() - self._address_waiters)
+        return room
+
+    def _next_kind(self, free: int) -> SlotKind | None:
         if free <= 0 or self.manager.cordoned:
             return None
-        for image in self.hot():
-            if len(self._ready.get(image, ())) + self._making.get(image, 0) < self.per_image:
-                return image
+        for kind in self.hot():
+            if len(self._ready.get(kind, ())) + self._making.get(kind, 0) < self.per_image:
+                return kind
         return None
 
     async def _run(self) -> None:
@@ -255,35 +355,43 @@ class WarmSlots:
             if self.manager.cordoned:
                 self.retire_all()
                 continue
-            while (image := self._next_image(self.manager.free_slots())) is not None:
+            while (kind := self._next_kind(self._room())) is not None:
                 try:
-                    await self._make(image)
+                    await self._make(kind)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     log.warning(
                         "could not make a warm slot; retrying later",
-                        extra={"image": image, "err": str(exc)},
+                        extra={"image": kind.image, "err": str(exc)},
                     )
                     await asyncio.sleep(RETRY_SECONDS)
                     break
 
-    async def _make(self, image: str) -> None:
+    async def _make(self, kind: SlotKind) -> None:
         manager = self.manager
         channels = manager.channels
         assert channels is not None
         cid = slot_id()
-        self._making[image] = self._making.get(image, 0) + 1
+        image = kind.image
+        self._making[kind] = self._making.get(kind, 0) + 1
+        self._making_ids.add(cid)
         made = False
         try:
             await manager.ensure_image(image)
             channel = await channels.open(cid)
-            spec = manager.container_spec(
-                cid,
-                image,
-                {labels.AGENT_LABEL: manager.settings.name, labels.WARM_SLOT_LABEL: image},
-                warm=True,
+            slot_labels = {labels.AGENT_LABEL: manager.settings.name, labels.WARM_SLOT_LABEL: image}
+            net = await self._acquire_net(cid)
+            if net is not None:
+                slot_labels.update(net_labels(net))  # adopted (then released) after a restart
+            spec = replace(
+                manager.container_spec(cid, image, slot_labels, warm=True),
+                cpu_millis=kind.cpu_millis,
+                memory_bytes=kind.memory_bytes,
+                pids_limit=kind.pids_limit,
             )
+            if net is not None:
+                spec = replace(spec, netns_path=net.path)
             await manager.runtime.create(spec)
             made = True
             await channel.control()  # ready only once its supervisor waits on the channel
@@ -293,19 +401,42 @@ class WarmSlots:
             else:
                 with contextlib.suppress(FsbError):
                     await channels.remove(cid)
+                await asyncio.shield(self._release_net(cid))
             raise
         finally:
-            self._making[image] -= 1
+            self._making[kind] -= 1
+            self._making_ids.discard(cid)
         if manager.cordoned:
             self.retire(cid)
             return
-        self._ready.setdefault(image, deque()).append(cid)
+        self._ready.setdefault(kind, deque()).append(cid)
         log.debug("warm slot ready", extra={"slot": cid, "image": image})
+
+    async def _acquire_net(self, container_id: str) -> SandboxNet | None:
+        network = self.manager.network
+        if network is None:
+            return None
+        net = await network.acquire(container_id)
+        self._nets[container_id] = net
+        return net
+
+    async def _release_net(self, container_id: str) -> None:
+        """Release the slot's network: the one it was made with, or (a slot of an earlier
+        agent process) the one adopted under its container id."""
+        network = self.manager.network
+        if network is None:
+            return
+        net = self._nets.pop(container_id, None) or network.get(container_id)
+        if net is not None:
+            await network.release(net)
 
     async def _remove(self, container_id: str) -> None:
         manager = self.manager
         try:
             await manager.runtime.delete(container_id, 0)
+            # Only once the container is gone: its namespace's index and veth name are
+            # handed out again after this.
+            await self._release_net(container_id)
             if manager.channels is not None:
                 await manager.channels.remove(container_id)
             for path in log_files(manager.log_path(container_id)):

@@ -9,15 +9,20 @@ command
 (or a command none of whose words starts with `-`) — and returns None for anything else
 (`--help`, an unknown option, a missing value), which typer then handles, with its messages.
 Errors become one `error: ...` line and the code of the one table in `errors.py`, as everywhere.
+
+The call itself goes through the lean client (cli/exec_lean.py) when it can reach the endpoint
+as grpc would, else through the SDK (cli/exec_run.py). Nothing here imports typer, pydantic,
+yaml, grpc, protobuf or asyncio (tests/unit/test_cli_imports.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 _FLAGS = {"-i": "interactive", "--interactive": "interactive", "-t": "tty", "--tty": "tty"}
 _VALUES = {
@@ -32,19 +37,43 @@ _VALUES = {
 _ENVVARS = {"endpoint": "FSB_ENDPOINT", "namespace": "FSB_NAMESPACE"}
 
 
-@dataclass
-class ExecArgs:
-    name: str
-    command: list[str]
-    interactive: bool = False
-    tty: bool = False
-    env: list[str] = field(default_factory=list)
-    workdir: str | None = None
-    user: str | None = None
-    timeout: str | None = None
-    endpoint: str | None = None
-    token_file: str | None = None
-    namespace: str | None = None
+class ExecArgs:  # noqa: PLW1641 (mutable, compared in tests: unhashable like a dataclass)
+    """What `parse` understood (a plain class: dataclasses cost `fsb exec` start-up time)."""
+
+    __slots__ = (
+        "command", "endpoint", "env", "interactive", "name", "namespace", "timeout",
+        "token_file", "tty", "user", "workdir",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        interactive: bool = False,
+        tty: bool = False,
+        env: list[str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        timeout: str | None = None,
+        endpoint: str | None = None,
+        token_file: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        self.name, self.command = name, command
+        self.interactive, self.tty = interactive, tty
+        self.env = env if env is not None else []
+        self.workdir, self.user, self.timeout = workdir, user, timeout
+        self.endpoint, self.token_file, self.namespace = endpoint, token_file, namespace
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f) for f in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExecArgs) and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__)
+        return f"ExecArgs({inner})"
 
 
 def parse(argv: Sequence[str]) -> ExecArgs | None:
@@ -96,7 +125,7 @@ def parse(argv: Sequence[str]) -> ExecArgs | None:
 
 def run(args: ExecArgs) -> int:
     """Run `args`; the process exit code (the command's, or our error's)."""
-    from fastsandbox.cli.exec_run import env_pairs, run_exec
+    from fastsandbox.cli.exec_term import env_pairs
     from fastsandbox.errors import FsbError, InvalidArgument, exit_code_of
 
     try:
@@ -110,13 +139,39 @@ def run(args: ExecArgs) -> int:
                 ) from None
             if timeout <= 0:
                 raise InvalidArgument("--timeout: must be a positive number of seconds")
-        return asyncio.run(
-            run_exec(
-                args.name, args.command, interactive=args.interactive, tty=args.tty,
-                env=env_pairs(args.env), workdir=args.workdir, user=args.user, timeout=timeout,
-                endpoint=args.endpoint, token_file=args.token_file, namespace=args.namespace,
-            )
-        )  # fmt: skip
+        env = env_pairs(args.env)
+        from fastsandbox.cli import exec_lean
+        from fastsandbox.sdk._resolve import resolve
+
+        config = resolve(args.endpoint, None, args.namespace, token_file=args.token_file)
+        if exec_lean.usable(config):
+            return exec_lean.run(
+                config, args.name, args.command, interactive=args.interactive, tty=args.tty,
+                env=env, workdir=args.workdir, user=args.user, timeout=timeout,
+                stdin_fd=_fd(sys.stdin), stdout_fd=_fd(sys.stdout), stderr_fd=_fd(sys.stderr),
+            )  # fmt: skip
+        return _through_the_sdk(args, env, timeout)
     except FsbError as exc:
         sys.stderr.write(f"error: {' '.join(exc.message.split())}\n")
         return exit_code_of(exc)
+
+
+def _fd(stream: object) -> int:
+    from fastsandbox.cli.exec_term import fileno
+
+    return fileno(stream)
+
+
+def _through_the_sdk(args: ExecArgs, env: dict[str, str], timeout: float | None) -> int:
+    """The endpoints only grpc reaches (a proxy, a `dns://` authority...): the SDK's client."""
+    import asyncio
+
+    from fastsandbox.cli.exec_run import run_exec
+
+    return asyncio.run(
+        run_exec(
+            args.name, args.command, interactive=args.interactive, tty=args.tty, env=env,
+            workdir=args.workdir, user=args.user, timeout=timeout, endpoint=args.endpoint,
+            token_file=args.token_file, namespace=args.namespace,
+        )
+    )  # fmt: skip

@@ -1,7 +1,8 @@
-"""What `fsb exec` does once its arguments are parsed: run the command in the sandbox, stream its
-stdio, forward signals and window size, return its exit code. No typer here: `fsb exec` parses
-its common command lines without it (cli/exec_fast.py), and through typer otherwise
-(cli/commands/exec.py); both end in `run_exec`."""
+"""`fsb exec` on the SDK (grpc.aio): run the command in the sandbox, stream its stdio, forward
+signals and window size, return its exit code. The command lines typer parses
+(cli/commands/exec.py) and the endpoints only grpc reaches end here; the common forms run the
+same steps on the lean client (cli/exec_lean.py), and tests/unit/test_cli_exec_lean.py holds
+the two to the same bytes, exit codes and error lines."""
 
 from __future__ import annotations
 
@@ -17,49 +18,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastsandbox.sdk.commands import ExecSession
 
-# How much longer than --timeout we wait for the sandbox to report the kill itself.
-CLIENT_GRACE_SECONDS = 5.0
-DEFAULT_SIZE = (80, 24)
+from fastsandbox.cli.exec_term import (
+    CLIENT_GRACE_SECONDS,
+    env_pairs,
+    raw_terminal,
+)
+from fastsandbox.cli.exec_term import fileno as _fileno
+from fastsandbox.cli.exec_term import isatty as _isatty
+from fastsandbox.cli.exec_term import size as _size
 
-
-def env_pairs(pairs: list[str]) -> dict[str, str]:
-    from fastsandbox.errors import InvalidArgument
-
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not key:
-            raise InvalidArgument(f"--env: {pair!r} is not KEY=VALUE")
-        # `-e KEY` alone passes our own value through, as docker does.
-        env[key] = value if sep else os.environ.get(key, "")
-    return env
-
-
-def _size(fd: int) -> tuple[int, int]:
-    if fd < 0:
-        return DEFAULT_SIZE
-    try:
-        cols, rows = os.get_terminal_size(fd)
-    except OSError:
-        return DEFAULT_SIZE
-    return (cols or DEFAULT_SIZE[0], rows or DEFAULT_SIZE[1])
-
-
-@contextlib.contextmanager
-def raw_terminal(fd: int) -> Any:
-    """Raw mode on `fd` if it is a terminal, restored however we leave."""
-    if not _isatty(fd):
-        yield
-        return
-    import termios
-    import tty
-
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setraw(fd, termios.TCSANOW)
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+__all__ = ["CLIENT_GRACE_SECONDS", "env_pairs", "run_exec"]
 
 
 def _pump_stdin(session: ExecSession, loop: asyncio.AbstractEventLoop, stream: Any) -> None:
@@ -85,17 +53,6 @@ def _pump_stdin(session: ExecSession, loop: asyncio.AbstractEventLoop, stream: A
             pass  # the loop is gone (we are exiting) or stdin broke: nothing to send to
 
     threading.Thread(target=run, name="fsb-exec-stdin", daemon=True).start()
-
-
-def _fileno(stream: Any) -> int:
-    try:
-        return int(stream.fileno())
-    except (AttributeError, OSError, ValueError):
-        return -1
-
-
-def _isatty(fd: int) -> bool:
-    return fd >= 0 and os.isatty(fd)
 
 
 async def run_exec(

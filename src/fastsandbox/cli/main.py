@@ -3,21 +3,21 @@
 Each verb lives in `cli/commands/<verb>.py`. Errors become exit codes in `cli/app.py`'s
 `_Group.invoke` and nowhere else; the codes come from the one table in `errors.py`. Scripts call
 `fsb` thousands of times, so nothing heavier than typer is imported before a verb runs, and only
-the verb that runs is imported (tests/unit/test_cli_imports.py).
+the verb that runs is imported (tests/unit/test_cli_imports.py). `fsb exec`'s common forms and
+`fsb --version` do not even import typer: they are answered before any app is built.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
 
-import typer
-
-from fastsandbox.cli import app as seam
-
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    import typer
+
     app: typer.Typer
 
 # verb -> (module under fastsandbox.cli.commands, attribute, options). Each verb's module (and
@@ -46,6 +46,8 @@ _VERBS: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 
 def _version(value: bool) -> None:
+    import typer
+
     if value:
         from fastsandbox import __version__
 
@@ -53,15 +55,24 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
-    ),
-) -> None:
-    """Fast Sandbox: isolated containers running in milliseconds."""
+def _root_callback() -> Callable[..., None]:
+    import typer
+
+    def _root(
+        version: bool = typer.Option(
+            False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ) -> None:
+        """Fast Sandbox: isolated containers running in milliseconds."""
+
+    return _root
 
 
 def _add(app: typer.Typer, verb: str) -> None:
+    import importlib
+
+    import typer
+
     module, attr, options = _VERBS[verb]
     target: Callable[..., Any] | typer.Typer = getattr(
         importlib.import_module(f"fastsandbox.cli.commands.{module}"), attr
@@ -74,8 +85,10 @@ def _add(app: typer.Typer, verb: str) -> None:
 
 def build_app(verbs: Sequence[str] | None = None) -> typer.Typer:
     """`fsb` with `verbs` (default: every verb, in the order `fsb --help` lists them)."""
+    from fastsandbox.cli import app as seam
+
     app = seam.typer_app()
-    app.callback()(_root)
+    app.callback()(_root_callback())
     for verb in verbs if verbs is not None else _VERBS:
         _add(app, verb)
     return app
@@ -114,6 +127,15 @@ def main(argv: Sequence[str] | None = None, prog_name: str | None = None) -> int
         parsed = exec_fast.parse(args[1:])
         if parsed is not None:
             return exec_fast.run(parsed)
+    if verb == "run":
+        from fastsandbox.cli import run_fast
+
+        options = run_fast.parse(args[1:])
+        code = run_fast.run(options) if options is not None else None
+        if code is not None:
+            return code
+    from fastsandbox.cli import app as seam
+
     return seam.run(build_app([verb]) if verb else build_app(), args, prog_name or "fsb")
 
 

@@ -30,6 +30,7 @@ class Output(StrEnum):
     yaml = "yaml"
 
 
+SandboxName = Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)]
 Endpoint = Annotated[
     str | None,
     typer.Option(
@@ -141,7 +142,46 @@ MetricsListen = Annotated[
 ]
 
 
+# The janitor's, shared by `fsb server` (its janitor runs in-process) and `fsb janitor`.
+OrphanTimeout = Annotated[
+    float,
+    typer.Option(
+        "--orphan-timeout",
+        envvar="FSB_ORPHAN_TIMEOUT",
+        metavar="SECONDS",
+        help="Remove a container left without a record (or agent) this long.",
+    ),
+]
+
+
+def check_orphan_timeout(seconds: float) -> None:
+    from fastsandbox.errors import InvalidArgument
+
+    if seconds < 0:
+        raise InvalidArgument(f"--orphan-timeout: must be >= 0 seconds, not {seconds}")
+
+
 # The Fast-Path's serving options, shared by `fsb server` and `fsb controller`.
+Listen = Annotated[
+    str,
+    typer.Option("--listen", envvar="FSB_LISTEN", metavar="HOST:PORT", help="Fast-Path address."),
+]
+AllowedRegistries = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allowed-registry",
+        metavar="HOST[:PORT]",
+        help="Agents pull only from these (repeatable; default: docker.io + insecure ones).",
+    ),
+]
+InsecureRegistries = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--insecure-registry",
+        metavar="HOST:PORT",
+        help="Agents pull from this one over plain HTTP (repeatable).",
+    ),
+]
 ServeTokenFile = Annotated[
     "Path | None",
     typer.Option(

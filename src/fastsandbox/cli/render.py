@@ -16,6 +16,11 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from fastsandbox.cli.options import Output
+from fastsandbox.cli.render_plain import (
+    created_lines,
+    field_lines,
+    timings_text,
+)
 
 if TYPE_CHECKING:
     from fastsandbox.sdk._core import CreateResult
@@ -128,53 +133,31 @@ def pool_table(items: Sequence[Mapping[str, Any]], all_namespaces: bool) -> None
 
 
 def _fields(pairs: Iterable[tuple[str, Any]]) -> None:
-    shown = [(k, v) for k, v in pairs if v not in (None, "", [], {})]
-    width = max((len(k) for k, _ in shown), default=0) + 1
-    for key, value in shown:
-        typer.echo(f"{key + ':':<{width}} {value}")
-
-
-def timings_text(timings: Mapping[str, Any] | None) -> str:
-    if not timings:
-        return ""
-    parts = []
-    for key, label in (
-        ("acceptedMs", "accepted"),
-        ("scheduledMs", "scheduled"),
-        ("runtimeReadyMs", "runtime ready"),
-        ("pulledMs", "of which pulling the image"),
-        ("scaledMs", "waited for a new agent"),
-    ):
-        if timings.get(key) is not None:
-            parts.append(f"{label} {float(timings[key]):.1f} ms")
-    return ", ".join(parts)
+    for line in field_lines(pairs):
+        typer.echo(line)
 
 
 def created(result: CreateResult) -> None:
     """`fsb run`'s human answer: where it runs and how long each step took."""
     t = result.timings
-    _fields(
-        [
-            ("sandbox", f"{result.namespace}/{result.name}"),
-            ("uid", result.uid),
-            ("phase", result.phase),
-            ("agent", f"{result.agent} ({result.agent_ip})" if result.agent_ip else result.agent),
-            ("container", result.container_id),
-            ("endpoints", ", ".join(result.endpoints)),
-            (
-                "timings",
-                timings_text(
-                    {
-                        "acceptedMs": t.accepted_ms,
-                        "scheduledMs": t.scheduled_ms,
-                        "runtimeReadyMs": t.runtime_ready_ms,
-                        "pulledMs": t.pulled_ms,
-                        "scaledMs": t.scaled_ms,
-                    }
-                ),
-            ),
-        ]
-    )
+    for line in created_lines(
+        namespace=result.namespace,
+        name=result.name,
+        uid=result.uid,
+        phase=result.phase,
+        agent=result.agent,
+        agent_ip=result.agent_ip,
+        container_id=result.container_id,
+        endpoints=result.endpoints,
+        timings={
+            "acceptedMs": t.accepted_ms,
+            "scheduledMs": t.scheduled_ms,
+            "runtimeReadyMs": t.runtime_ready_ms,
+            "pulledMs": t.pulled_ms,
+            "scaledMs": t.scaled_ms,
+        },
+    ):
+        typer.echo(line)
 
 
 def sandbox_detail(item: Mapping[str, Any]) -> None:

@@ -12,14 +12,17 @@ which the caller makes only after the agent confirmed the container is gone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
+from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.control import placement
-from fastsandbox.errors import CapacityExhausted, NotFound
+from fastsandbox.control.placement_index import Key, PoolIndex
+from fastsandbox.errors import CapacityExhausted, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,12 @@ class SandboxReport:
 # Called with the agent and the sandbox ids whose state may have changed (exits, or every id
 # of the agent when it becomes reachable or unreachable).
 Listener = Callable[["AgentRecord", set[str]], None]
+
+# What placement reads of an agent: setting any of these re-files it in its pool's index.
+# `slots` is changed in place only by the registry's own methods, which re-file it themselves.
+_PLACEMENT_FIELDS = frozenset(
+    {"namespace", "pool", "capacity", "ready", "draining", "cordoned", "images", "slots"}
+)
 
 
 @dataclass(slots=True)
@@ -72,6 +81,16 @@ class AgentRecord:
     # rescheduled elsewhere, or reset): should the agent come back, its next heartbeat stops
     # them before the agent counts as ready again (fencing: one copy of a sandbox at a time).
     superseded: set[str] = field(default_factory=set)
+    # The registry holding this record (None before upsert_agent, and after it is replaced or
+    # removed): told of every change placement reads.
+    registry: Registry | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in _PLACEMENT_FIELDS:
+            registry = getattr(self, "registry", None)
+            if registry is not None:
+                registry._refile(self)
 
     @property
     def ports_in_use(self) -> frozenset[int]:
@@ -110,11 +129,61 @@ class Allocation:
         return [f"{self.ip}:{port}" for port in sorted(self.ports)]
 
 
+# Where an agent is in the placement index: its (namespace, pool), key and the images it is
+# filed under.
+_Filed = tuple[tuple[str, str], Key, frozenset[str]]
+
+
+@functools.lru_cache(maxsize=1024)
+def _normalized(image: str) -> str:
+    """The image's normalised name for affinity (the name itself if it does not parse),
+    remembered: a pool sees few distinct images and parsing one costs more than a placement."""
+    try:
+        return normalize_image_ref(image)
+    except InvalidArgument:
+        return image
+
+
+def _any(name: str) -> bool:
+    return True
+
+
 class Registry:
     def __init__(self) -> None:
         self._agents: dict[str, AgentRecord] = {}
         self._by_pool: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self._index: dict[tuple[str, str], PoolIndex] = defaultdict(PoolIndex)
+        self._filed: dict[str, _Filed] = {}
         self.listeners: list[Listener] = []
+
+    # -- placement index ----------------------------------------------------------------------
+    def _refile(self, record: AgentRecord) -> None:
+        """Bring the index in step with `record` (a no-op when nothing placement reads moved)."""
+        if self._agents.get(record.name) is not record:
+            return
+        eligible = (
+            record.ready
+            and not record.draining
+            and not record.cordoned
+            and len(record.slots) < record.capacity
+        )
+        old = self._filed.get(record.name)
+        if eligible:
+            new = ((record.namespace, record.pool), (len(record.slots), record.name), record.images)
+            if old == new:
+                return
+            if old is not None:
+                self._index[old[0]].discard(old[1], old[2])
+            self._index[new[0]].add(new[1], new[2])
+            self._filed[record.name] = new
+        elif old is not None:
+            self._index[old[0]].discard(old[1], old[2])
+            del self._filed[record.name]
+
+    def _unfile(self, name: str) -> None:
+        old = self._filed.pop(name, None)
+        if old is not None:
+            self._index[old[0]].discard(old[1], old[2])
 
     # -- agents -------------------------------------------------------------------------------
     def upsert_agent(self, record: AgentRecord) -> AgentRecord:
@@ -131,14 +200,22 @@ class Registry:
             record.cordoned = existing.cordoned
             record.agent_slots = existing.agent_slots
             record.cordon_changed_at = existing.cordon_changed_at
+            existing.registry = None
+            # An agent re-registered in another pool leaves the old one's list (else removing
+            # it later would leave a name there that no longer resolves).
+            self._by_pool[(existing.namespace, existing.pool)].discard(record.name)
         self._agents[record.name] = record
         self._by_pool[(record.namespace, record.pool)].add(record.name)
+        record.registry = self
+        self._refile(record)
         return record
 
     def remove_agent(self, name: str) -> AgentRecord | None:
         record = self._agents.pop(name, None)
         if record is not None:
             self._by_pool[(record.namespace, record.pool)].discard(name)
+            record.registry = None
+            self._unfile(name)
         return record
 
     def agent(self, name: str) -> AgentRecord:
@@ -169,12 +246,15 @@ class Registry:
         record = self._agents.get(name)
         if record is None:
             return
-        record.images = frozenset(images)
+        images = frozenset(images)
+        if images != record.images:
+            record.images = images
         record.last_heartbeat = time.monotonic()
         changed: set[str] = set()
         if not record.ready:
             changed |= set(record.slots)
-        record.ready = True
+        if not record.ready:
+            record.ready = True
         record.unready_since = None
         if reports is not None:
             changed |= {
@@ -217,6 +297,63 @@ class Registry:
         (ones that just refused this request). `exclusive_ports`: the pool's sandboxes share
         their agent's network namespace, so a port is one sandbox's per agent."""
         wanted = frozenset(ports)
+        chosen = self.place(
+            namespace=namespace,
+            pool=pool,
+            image=image,
+            ports=wanted,
+            exclude=exclude,
+            exclusive_ports=exclusive_ports,
+        )
+        if chosen is None:
+            raise CapacityExhausted(self._why_no_fit(namespace, pool, wanted))
+        record = self._agents[chosen]
+        record.slots[sandbox_id] = wanted
+        self._refile(record)
+        log.debug("allocated", extra={"sandbox_id": sandbox_id, "agent": record.name})
+        return Allocation(record.name, record.target, record.ip, sandbox_id, wanted)
+
+    def place(
+        self,
+        *,
+        namespace: str,
+        pool: str,
+        image: str,
+        ports: frozenset[int],
+        exclude: Collection[str] | None = None,
+        exclusive_ports: bool = True,
+    ) -> str | None:
+        """The agent `allocate` picks, from the index, reserving nothing."""
+        index = self._index.get((namespace, pool))
+        if index is None:
+            return None
+        normalized = _normalized(image)
+        agents = self._agents
+        skip = frozenset(exclude) if exclude else frozenset()
+        check_ports = bool(ports) and exclusive_ports
+        if not skip and not check_ports:
+            return index.best(image, normalized, _any)
+
+        def usable(name: str) -> bool:
+            if name in skip:
+                return False
+            return not (check_ports and agents[name].ports_in_use & ports)
+
+        return index.best(image, normalized, usable)
+
+    def place_linear(
+        self,
+        *,
+        namespace: str,
+        pool: str,
+        image: str,
+        ports: Iterable[int],
+        exclude: Collection[str] | None = None,
+        exclusive_ports: bool = True,
+    ) -> str | None:
+        """The agent `placement.choose` (the rule itself) picks scanning every agent of the
+        pool, reserving nothing: the reference `place` is tested against."""
+        wanted = frozenset(ports)
         request = placement.Request(
             namespace=namespace,
             pool=pool,
@@ -230,22 +367,19 @@ class Registry:
         chosen = placement.choose(
             (self._agents[n].candidate(ports=bool(wanted)) for n in names), request
         )
-        if chosen is None:
-            raise CapacityExhausted(self._why_no_fit(namespace, pool, wanted))
-        record = self._agents[chosen.name]
-        record.slots[sandbox_id] = wanted
-        log.debug("allocated", extra={"sandbox_id": sandbox_id, "agent": record.name})
-        return Allocation(record.name, record.target, record.ip, sandbox_id, wanted)
+        return None if chosen is None else chosen.name
 
     def adopt(self, agent: str, sandbox_id: str, ports: Iterable[int]) -> Allocation:
         """Record a slot that is already in use (recovery, declarative objects on restart)."""
         record = self.agent(agent)
         record.slots[sandbox_id] = frozenset(ports)
+        self._refile(record)
         return Allocation(record.name, record.target, record.ip, sandbox_id, frozenset(ports))
 
     def release(self, agent: str, sandbox_id: str) -> None:
         record = self._agents.get(agent)
         if record is not None and record.slots.pop(sandbox_id, None) is not None:
+            self._refile(record)
             log.debug("released", extra={"sandbox_id": sandbox_id, "agent": agent})
 
     def give_up(self, agent: str, sandbox_id: str) -> None:

@@ -117,7 +117,7 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
         # Sandboxes join this Pod's network namespace and cgroup (agent/pod.py).
         pod_uid="$(POD_UID)",
         # Passed as the pool says: an agent that cannot honour `private` fails its creates
-        # with the reason (no private networks inside a Pod yet; docs/security.md).
+        # with the reason (e.g. gVisor in a Pod; docs/security.md).
         network_mode=pool.spec.network_mode.value,
         egress=pool.spec.egress.value,
         egress_allow=tuple(pool.spec.egress_allow),
@@ -153,6 +153,8 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
             _field_env("POD_UID", "metadata.uid"),
             _field_env("POD_IP", "status.podIP"),
             _field_env("NODE_NAME", "spec.nodeName"),
+            # iptables-legacy's lock file: the root filesystem is read-only, /tmp is not.
+            {"name": "XTABLES_LOCKFILE", "value": "/tmp/xtables.lock"},
         ],
         "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
         "readinessProbe": {
@@ -167,10 +169,10 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True},
         ],
-        # The agent never needs a privilege of its own: containerd and the runc shim, on
-        # the host, do every privileged step (namespaces, mounts, cgroups, pulls). It runs
-        # as uid 0 only because the containerd socket and the hostPath state dir are
-        # root-owned (mode 0660 / 0755): with every capability dropped, root passes plain
+        # containerd and the runc shim, on the host, do every privileged step (namespaces,
+        # mounts, cgroups, pulls; a private sandbox's veth through the network hook). The
+        # agent runs as uid 0 only because the containerd socket and the hostPath state dir
+        # are root-owned (mode 0660 / 0755): with capabilities dropped, root passes plain
         # owner permission checks and nothing more. No privilege escalation, a read-only
         # root filesystem (writes go to the state dir and /tmp), the runtime's default
         # seccomp profile. The real power is the socket itself: whoever drives containerd
@@ -181,7 +183,7 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
             "privileged": False,
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
+            "capabilities": agent_capabilities(pool.spec.network_mode.value),
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
@@ -233,6 +235,19 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
     if annotations:
         pod["metadata"]["annotations"] = annotations
     return merge_template(pool.spec.agent_template, pod)
+
+
+PRIVATE_NETWORK_CAPABILITIES = ("NET_ADMIN", "NET_RAW")
+"""What an agent Pod of a `private` pool keeps: the sandboxes' filtering and DNAT rules live in
+the Pod's own network namespace (iptables: NET_ADMIN; NET_RAW for iptables-legacy's socket).
+Both act on that namespace only, never the node's (docs/security.md)."""
+
+
+def agent_capabilities(network_mode: str) -> dict[str, list[str]]:
+    """The agent container's capabilities: none, but those a private network needs."""
+    if network_mode == "private":
+        return {"drop": ["ALL"], "add": list(PRIVATE_NETWORK_CAPABILITIES)}
+    return {"drop": ["ALL"]}
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:

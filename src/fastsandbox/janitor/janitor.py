@@ -223,6 +223,23 @@ class Janitor:
     def _old(self, created_wall: float) -> bool:
         return self._wall() - created_wall >= self.orphan_timeout
 
+    def _remove_if_old(self, path: Path, remove: Callable[[Path], object], what: str) -> bool:
+        """Remove `path` (with `remove`) once it is older than the orphan timeout; True when
+        this call removed it (gone already, or not removable: logged, False)."""
+        try:
+            if not self._old(path.stat().st_mtime):
+                return False
+            remove(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log.warning(
+                f"could not remove stale {what}", extra={"path": str(path), "err": str(exc)}
+            )
+            return False
+        log.info(f"removed stale {what}", extra={"path": str(path)})
+        return True
+
     def _sweep_logs(self, keep: Collection[str]) -> list[str]:
         """Log files of containers that are gone and that no record points at."""
         if self.agents_dir is None:
@@ -232,19 +249,8 @@ class Janitor:
         for path in paths:
             if path.name.removesuffix(".1").removesuffix(".log") in keep:
                 continue
-            try:
-                if not self._old(path.stat().st_mtime):
-                    continue
-                path.unlink()
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning(
-                    "could not remove stale log", extra={"path": str(path), "err": str(exc)}
-                )
-                continue
-            removed.append(str(path))
-            log.info("removed stale log file", extra={"path": str(path)})
+            if self._remove_if_old(path, Path.unlink, "log file"):
+                removed.append(str(path))
         return removed
 
     def _sweep_channels(self, keep: Collection[str]) -> list[str]:
@@ -255,19 +261,8 @@ class Janitor:
         for path in self.agents_dir.glob("*/channels/*"):
             if path.name in keep or not _ID.match(path.name) or not path.is_dir():
                 continue
-            try:
-                if not self._old(path.stat().st_mtime):
-                    continue
-                shutil.rmtree(path)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                log.warning(
-                    "could not remove stale channel", extra={"path": str(path), "err": str(exc)}
-                )
-                continue
-            removed.append(str(path))
-            log.info("removed stale channel directory", extra={"path": str(path)})
+            if self._remove_if_old(path, shutil.rmtree, "channel directory"):
+                removed.append(str(path))
         return removed
 
     async def _sweep_layers(self, keep: Collection[str]) -> list[str]:

@@ -13,269 +13,59 @@ models costs more than the rest of the CLI's start-up together.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import grpc
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2
 from fastsandbox.api.labels import API_VERSION
-from fastsandbox.errors import (
-    RETRY_AFTER_KEY,
-    FsbError,
-    InvalidArgument,
-    Unauthenticated,
-    Unavailable,
-    from_grpc,
-    never_answered,
+from fastsandbox.errors import FsbError, InvalidArgument
+
+# Resolution lives in `_resolve` (grpc-free, shared with `fsb exec`'s lean client); these names
+# stay importable from here.
+from fastsandbox.sdk._resolve import (  # noqa: F401
+    DEFAULT_NAMESPACE,
+    ClientConfig,
+    config_path,
+    data_dir,
+    load_config,
+    resolve,
+    retry_after_in,
+    translate_status,
 )
-from fastsandbox.settings import DEFAULT_ENDPOINT, default_data_dir
 
 if TYPE_CHECKING:
     from fastsandbox.api.models import Event, Sandbox, SandboxPool, Timings
 
-DEFAULT_NAMESPACE = "default"
 DEFAULT_POOL = "default-pool"
-
-
-# --------------------------------------------------------------------------- resolution
-
-
-def config_path(env: Mapping[str, str]) -> Path:
-    """`$FSB_CONFIG`, else `$XDG_CONFIG_HOME/fastsandbox/config.yaml` (`~/.config` by default)."""
-    if env.get("FSB_CONFIG"):
-        return Path(env["FSB_CONFIG"])
-    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "fastsandbox" / "config.yaml"
-
-
-def data_dir(env: Mapping[str, str]) -> Path:
-    """Where `fsb server` keeps its token by default: `$FSB_DATA_DIR` or the XDG data dir.
-
-    Same rule as `settings.default_data_dir`, applied to `env` rather than `os.environ`.
-    """
-    if env.get("FSB_DATA_DIR"):
-        return Path(env["FSB_DATA_DIR"])
-    if env.get("XDG_DATA_HOME"):
-        return Path(env["XDG_DATA_HOME"]) / "fastsandbox"
-    return default_data_dir()
-
-
-def load_config(path: Path) -> dict[str, Any]:
-    """The config file as a mapping; a missing file is an empty config."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read config file {path}: {exc.strerror}") from None
-    import yaml  # only when there is a file: yaml costs start-up time
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InvalidArgument(f"config file {path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise InvalidArgument(f"config file {path}: expected a mapping of keys to values")
-    return data
-
-
-@dataclass(frozen=True, slots=True)
-class ClientConfig:
-    """Where to connect, how, and as whom; `token` may be missing until a call needs it.
-
-    `tls` False is plaintext (only to a loopback address); otherwise `ca_pem` is the CA to
-    trust (None: the system's roots, for a server with a public certificate).
-    """
-
-    endpoint: str
-    namespace: str
-    token: str | None
-    missing_token: str = "no API token"
-    """What to tell the user when `token` is None and a call is about to be made."""
-    tls: bool = True
-    ca_pem: bytes | None = None
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        if not self.token:
-            raise Unauthenticated(self.missing_token)
-        return (("authorization", f"Bearer {self.token}"),)
-
-    def channel(self, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
-        if not self.tls:
-            return grpc.aio.insecure_channel(self.endpoint, options=options)
-        creds = grpc.ssl_channel_credentials(root_certificates=self.ca_pem)
-        return grpc.aio.secure_channel(self.endpoint, creds, options=options)
-
-
-_TOKEN_HINT = "use --token-file, set FSB_TOKEN, or run on the server's machine where {} exists"
-
-
-def _read_token(path: Path, *, given: bool = False) -> tuple[str | None, str]:
-    """The token in `path`; `given` (the user named the file) makes a missing file an error."""
-    try:
-        token = path.read_text().strip()
-    except FileNotFoundError:
-        if given:
-            raise InvalidArgument(f"--token-file: {path} does not exist") from None
-        return None, "no API token: " + _TOKEN_HINT.format(path)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        if given:
-            raise InvalidArgument(f"--token-file: cannot read {path} ({reason})") from None
-        return None, f"cannot read API token from {path} ({reason}): use --token-file or FSB_TOKEN"
-    if not token:
-        if given:
-            raise InvalidArgument(f"--token-file: {path} is empty")
-        return None, f"API token file {path} is empty: " + _TOKEN_HINT.format(path)
-    return token, ""
-
-
-_LOOPBACK = ("127.", "localhost:", "[::1]:", "::1:")
-
-
-def _loopback(endpoint: str) -> bool:
-    if endpoint.startswith("unix:"):
-        return True  # a socket file: no network in between
-    target = endpoint.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
-    return target.startswith(_LOOPBACK)
-
-
-def _truthy(value: object) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def _server_info(data: Path) -> dict[str, Any]:
-    """What `fsb server` wrote about itself into its data dir (`client.json`), or {}."""
-    try:
-        info = json.loads((data / "client.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def _read_ca(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InvalidArgument(f"{what}: cannot read {path} ({exc.strerror})") from None
-
-
-def resolve(
-    endpoint: str | None = None,
-    token: str | None = None,
-    namespace: str | None = None,
-    *,
-    token_file: str | Path | None = None,
-    ca_file: str | Path | None = None,
-    insecure: bool | None = None,
-    env: Mapping[str, str] | None = None,
-) -> ClientConfig:
-    """Apply the precedence argument > `FSB_*` environment > config file > the server's data
-    dir (its `client.json`, `token`, `tls/ca.crt`) > default.
-
-    Transport: a CA file given (`ca_file`, `FSB_CA_FILE`, config `ca_file`) is trusted; plaintext
-    only when asked (`insecure`, `FSB_INSECURE=1`, config `insecure: true`, or the local server
-    says it serves plaintext) and only to a loopback address; else TLS trusting the data dir's
-    CA when the server made one, else the system's roots.
-    """
-    env = os.environ if env is None else env
-    config = load_config(config_path(env))
-    data = data_dir(env)
-    server = _server_info(data)
-
-    def pick(arg: object, var: str, key: str, default: str | None) -> str | None:
-        for value in (arg, env.get(var), config.get(key)):
-            if value not in (None, ""):
-                return str(value)
-        return default
-
-    local = server.get("endpoint") if isinstance(server.get("endpoint"), str) else None
-    resolved_endpoint = (
-        pick(endpoint, "FSB_ENDPOINT", "endpoint", local or DEFAULT_ENDPOINT) or DEFAULT_ENDPOINT
-    )
-
-    missing = ""
-    resolved_token = pick(token, "FSB_TOKEN", "token", None)
-    if resolved_token is None:
-        named = pick(token_file, "FSB_TOKEN_FILE", "token_file", None)
-        if named is not None:
-            resolved_token, missing = _read_token(Path(named).expanduser(), given=True)
-        else:
-            resolved_token, missing = _read_token(data / "token")
-
-    same_server = local is not None and local == resolved_endpoint
-    ca_named = pick(ca_file, "FSB_CA_FILE", "ca_file", None)
-    plain = insecure
-    if plain is None:
-        wanted = pick(None, "FSB_INSECURE", "insecure", None)
-        plain = _truthy(wanted) if wanted is not None else None
-    if plain is None:
-        plain = same_server and server.get("tls") is False
-    ca_pem: bytes | None = None
-    if ca_named is not None:
-        ca_pem, plain = _read_ca(Path(ca_named).expanduser(), "FSB_CA_FILE"), False
-    elif not plain and (data / "tls" / "ca.crt").is_file():
-        ca_pem = _read_ca(data / "tls" / "ca.crt", "the server's CA")
-    if plain and not _loopback(resolved_endpoint):
-        raise InvalidArgument(
-            f"FSB_INSECURE: plaintext is allowed only to a loopback address, not "
-            f"{resolved_endpoint}: the token would cross the network in clear"
-        )
-    return ClientConfig(
-        endpoint=resolved_endpoint,
-        namespace=pick(namespace, "FSB_NAMESPACE", "namespace", DEFAULT_NAMESPACE)
-        or DEFAULT_NAMESPACE,
-        token=resolved_token,
-        missing_token=missing,
-        tls=not plain,
-        ca_pem=ca_pem,
-    )
 
 
 # --------------------------------------------------------------------------- the error seam
 
 
 def translate(err: grpc.RpcError, endpoint: str) -> FsbError:
-    """The one place a gRPC failure becomes an `FsbError` (and so a CLI exit code)."""
+    """The one place a gRPC failure becomes an `FsbError` (and so a CLI exit code): grpc's
+    view of the status, handed to `_resolve.translate_status`."""
     code: grpc.StatusCode | None = err.code() if hasattr(err, "code") else None
     details: str = (err.details() if hasattr(err, "details") else "") or ""
-    # Only when nothing answered; a server's own UNAVAILABLE keeps its reason (errors.py).
-    if never_answered(code, details):
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return Unavailable(f"no answer from fsb server at {endpoint} in time: retry later")
-        return Unavailable(f"cannot reach fsb server at {endpoint}: is `fsb server` running?")
-    if code is grpc.StatusCode.UNIMPLEMENTED:
-        return FsbError(f"the server at {endpoint} does not support this call: upgrade fsb server")
-    exc = from_grpc(code, details)
-    exc.retry_after = retry_after_of(err)
-    if exc.retry_after is not None and "retry after" not in details:
-        exc.message = f"{details} (retry after {exc.retry_after:g}s)"
-        exc.args = (exc.message,)
-    return exc
+    name = code.name if code is not None else None
+    return translate_status(name, details, _trailing(err), endpoint)
+
+
+def _trailing(err: grpc.RpcError) -> Any:
+    trailing = getattr(err, "trailing_metadata", None)
+    try:
+        return trailing() if callable(trailing) else None
+    except Exception:  # an error grpc made itself has no metadata to give
+        return None
 
 
 def retry_after_of(err: grpc.RpcError) -> float | None:
     """The `retry-after` seconds in a failed call's trailing metadata, if the server sent one."""
-    trailing = getattr(err, "trailing_metadata", None)
-    try:
-        pairs = trailing() if callable(trailing) else None
-    except Exception:  # an error grpc made itself has no metadata to give
-        return None
-    for key, value in pairs or ():
-        if key == RETRY_AFTER_KEY:
-            try:
-                seconds = float(value if isinstance(value, str) else value.decode())
-            except ValueError:
-                return None
-            return seconds if seconds >= 0 else None
-    return None
+    return retry_after_in(_trailing(err))
 
 
 # --------------------------------------------------------------------------- requests

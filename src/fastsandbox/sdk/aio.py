@@ -18,7 +18,7 @@ import grpc
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
 from fastsandbox.errors import Conflict
-from fastsandbox.sdk import _core
+from fastsandbox.sdk import _core, _resolve
 from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
 from fastsandbox.sdk._logs import LogRecord, Since, logs_request, record_from_wire
 
@@ -56,7 +56,7 @@ class AsyncClient:
         ca_file: str | Path | None = None,
         insecure: bool | None = None,
     ) -> None:
-        self._config = _core.resolve(
+        self._config = _resolve.resolve(
             endpoint, token, namespace, token_file=token_file, ca_file=ca_file, insecure=insecure
         )
         self._timeout = timeout

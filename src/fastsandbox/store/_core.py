@@ -15,10 +15,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import builtins
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
-from fastsandbox._aio.tasks import to_the_end
+from fastsandbox._aio.to_the_end import to_the_end
 from fastsandbox.api.models import KINDS, Event, Sandbox, SandboxPool
 from fastsandbox.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from fastsandbox.store import _rules as rules
@@ -119,7 +119,7 @@ class StoreCore(abc.ABC):
         # Under the write lock: the backend's writer runs one transaction at a time.
         async with self._write_lock:
             self._check_open()
-            await self._to_the_end(lambda: self._keep_event(event))
+            await to_the_end(self._keep_event(event))
 
     async def list_events(
         self, kind: str, namespace: str, name: str, limit: int = DEFAULT_EVENT_LIMIT
@@ -203,14 +203,7 @@ class StoreCore(abc.ABC):
         return new
 
     async def _commit(self, write: Write) -> None:
-        await self._to_the_end(lambda: self._commit_now(write))
-
-    @staticmethod
-    async def _to_the_end(start: Callable[[], Awaitable[None]]) -> None:
-        # A write, once started, runs to its end even if the caller is cancelled: stopping
-        # between a backend's statements would leave a transaction open on the shared
-        # connection, or a committed change that was never counted and published.
-        await to_the_end(start())
+        await to_the_end(self._commit_now(write))
 
     async def _commit_now(self, write: Write) -> None:
         await self._apply(write)

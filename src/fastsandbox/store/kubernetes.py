@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx2
 from lightkube import ALL_NS, AsyncClient
 
-from fastsandbox._aio.tasks import to_the_end
+from fastsandbox._aio.to_the_end import to_the_end
 from fastsandbox._kube import config
 from fastsandbox._kube.errors import from_response, from_status, translate
 from fastsandbox._kube.resources import (

@@ -18,14 +18,22 @@ Two connections, each with its own aiosqlite thread: the writer runs one transac
 (the core's lock; SQLite has one writer anyway), the reader serves get/list/replay without
 waiting behind writes and, in autocommit mode, sees every committed change. sqlite3 errors are
 translated into `fastsandbox.errors` here and nowhere else.
+
+Recently read or written bodies are also kept in memory (`_bodies`, at most `BODY_CACHE`),
+so a `get` — two per create, one per exec to find the sandbox's agent — is answered without a
+hop to the reader's thread. That is coherent because every change passes through this process:
+a commit replaces (or drops) the entry as soon as it is committed, and a read from the file
+fills it only when no commit happened while it was reading.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +45,12 @@ from fastsandbox.store import _rules as rules
 from fastsandbox.store._core import StoreCore, Write, encode_event, event_applies, merge_event
 from fastsandbox.store._watch import Record
 from fastsandbox.store.base import MAX_EVENTS_PER_OBJECT, EventType
+from fastsandbox.store.faults import WriteDelay
 
 log = logging.getLogger(__name__)
+
+# Bodies kept in memory for `get` (oldest dropped first): recent objects' bodies are a few KiB.
+BODY_CACHE = 4096
 
 # 2: object_events (a version-1 file gets the table on open).
 SCHEMA_VERSION = 2
@@ -80,6 +92,21 @@ COMMIT;
 """
 
 
+def _disk_cause(path: Path) -> str:
+    """Why the disk under `path` refuses writes, when it says (SQLite reports a read-only or
+    full file system as a bare "disk I/O error"): named, so the operator knows what to fix."""
+    directory = path.parent
+    resume = "writes resume by themselves"
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY or not os.access(directory, os.W_OK):
+            return f"; {directory} is read-only or not writable by fsb (make it writable: {resume})"
+        if shutil.disk_usage(directory).free == 0:
+            return f"; no space left on the file system of {directory} (free some: {resume})"
+    except OSError as exc:
+        return f"; {directory}: {exc.strerror or exc}"
+    return ""
+
+
 @contextlib.contextmanager
 def _translated(path: Path) -> Iterator[None]:
     """The one seam where sqlite3 (and aiosqlite) errors become our error tree."""
@@ -92,7 +119,7 @@ def _translated(path: Path) -> Iterator[None]:
                 f"the state database {path} is locked by another process: "
                 "is a second fsb server using the same --data-dir?"
             ) from exc
-        raise Unavailable(f"the state database {path} failed: {text}") from exc
+        raise Unavailable(f"the state database {path} failed: {text}{_disk_cause(path)}") from exc
     except sqlite3.Error as exc:
         raise Unavailable(
             f"the state database {path} failed: {exc} (check the disk and the file)"
@@ -112,6 +139,7 @@ class SqliteStore(StoreCore):
         trimmed: int,
         history: int,
         bookmark_interval: float,
+        write_delay: WriteDelay | None = None,
     ) -> None:
         """Use `SqliteStore.open`."""
         super().__init__(
@@ -123,16 +151,25 @@ class SqliteStore(StoreCore):
         self._trimmed = trimmed
         # Trim in batches: one DELETE per `_trim_batch` writes instead of one per write.
         self._trim_batch = max(1, history // 10)
+        # (kind, namespace, name) -> body, or None for "not stored" (a get of a free name).
+        self._bodies: dict[tuple[str, str, str], str | None] = {}
+        self._write_delay = write_delay
 
     @classmethod
     async def open(
-        cls, path: Path | str, *, history: int = 10_000, bookmark_interval: float = 10.0
+        cls,
+        path: Path | str,
+        *,
+        history: int = 10_000,
+        bookmark_interval: float = 10.0,
+        write_delay: WriteDelay | None = None,
     ) -> SqliteStore:
         """Open (creating if needed) the store at `path`.
 
         `history`: at least this many recent events are kept for watchers resuming from an
         older resourceVersion. `bookmark_interval`: idle seconds before a watcher gets a
-        BOOKMARK.
+        BOOKMARK. `write_delay`: the fault suite's slow disk (`store/faults.py`); None in
+        production.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,16 +221,34 @@ class SqliteStore(StoreCore):
             trimmed=int(trimmed),
             history=history,
             bookmark_interval=bookmark_interval,
+            write_delay=write_delay,
         )
 
     # -- primitives ------------------------------------------------------------------------
     async def _fetch(self, kind: str, namespace: str, name: str) -> str | None:
+        key = (kind, namespace, name)
+        try:
+            return self._bodies[key]
+        except KeyError:
+            pass
+        before = self._rv
         rows = await self._rows(
             self._reader,
             "SELECT body FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
-            (kind, namespace, name),
+            key,
         )
-        return str(rows[0][0]) if rows else None
+        body = str(rows[0][0]) if rows else None
+        if self._rv == before:
+            # No commit while we read: what we read is still the stored state.
+            self._remember(key, body)
+        return body
+
+    def _remember(self, key: tuple[str, str, str], body: str | None) -> None:
+        bodies = self._bodies
+        bodies.pop(key, None)
+        if len(bodies) >= BODY_CACHE:
+            del bodies[next(iter(bodies))]
+        bodies[key] = body
 
     async def _fetch_all(self, kind: str, namespace: str | None) -> list[str]:
         if namespace is None:
@@ -224,94 +279,125 @@ class SqliteStore(StoreCore):
         return records, int(trimmed[0][0])
 
     async def _apply(self, write: Write) -> None:
+        key = (write.kind, write.namespace, write.name)
+        try:
+            await self._apply_rows(write)
+        except BaseException:
+            self._bodies.pop(key, None)
+            raise
+        # No await from here to the core's counter bump: a read that began before this commit
+        # sees the counter move and does not put back what it read.
+        self._remember(key, None if write.event is EventType.DELETED else write.body)
+
+    async def _apply_rows(self, write: Write) -> None:
         rv = write.resource_version
         overdue = rv - self._trimmed > self._history_size + self._trim_batch
         trim_to = rv - self._history_size if overdue else None
-        await self._exec("BEGIN IMMEDIATE")
-        try:
-            await self._bump_counter(rv, trim_to)
-            what = rules.describe(write.kind, write.namespace, write.name)
-            if write.event is EventType.ADDED:
-                changed = await self._exec(
-                    "INSERT INTO objects (kind, namespace, name, uid, resource_version, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (write.kind, write.namespace, write.name, write.uid, rv, write.body),
-                )
-                if changed != 1:
-                    raise AlreadyExists(f"{what} already exists: pick another name")
-            else:
-                key = (write.kind, write.namespace, write.name, write.previous)
-                if write.event is EventType.DELETED:
-                    changed = await self._exec(
-                        "DELETE FROM objects WHERE kind = ? AND namespace = ? AND name = ?"
-                        " AND resource_version = ?",
-                        key,
-                    )
-                    await self._exec(
-                        "DELETE FROM object_events WHERE kind = ? AND namespace = ? AND name = ?",
-                        key[:3],
-                    )
-                else:
-                    changed = await self._exec(
-                        "UPDATE objects SET uid = ?, resource_version = ?, body = ?"
-                        " WHERE kind = ? AND namespace = ? AND name = ? AND resource_version = ?",
-                        (write.uid, rv, write.body, *key),
-                    )
-                if changed != 1:
-                    raise Conflict(f"{what} was modified meanwhile: read it again and retry")
-            await self._exec(
-                "INSERT INTO events (resource_version, kind, type, body) VALUES (?, ?, ?, ?)",
-                (rv, write.kind, write.event.value, write.body),
-            )
-            if trim_to is not None:
-                await self._exec("DELETE FROM events WHERE resource_version <= ?", (trim_to,))
-            await self._exec("COMMIT")
-        except BaseException:
-            await self._rollback()
-            raise
+        if self._write_delay is not None:
+            await self._write_delay.before_write()
+        await self._transaction(self._apply_sync, write, rv, trim_to)
         if trim_to is not None:
             self._trimmed = trim_to
 
-    async def _keep_event(self, event: Event) -> None:
-        key = (event.kind, event.namespace, event.name)
-        await self._exec("BEGIN IMMEDIATE")
-        try:
-            rows = await self._rows(
-                self._writer,
-                "SELECT uid FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
-                key,
-            )
-            if event_applies(event, str(rows[0][0]) if rows else None):
-                await self._insert_or_merge(key, event)
-            await self._exec("COMMIT")
-        except BaseException:
-            await self._rollback()
-            raise
+    def _apply_sync(
+        self, conn: sqlite3.Connection, write: Write, rv: int, trim_to: int | None
+    ) -> None:
+        self._bump_counter(conn, rv, trim_to)
+        what = rules.describe(write.kind, write.namespace, write.name)
+        if write.event is EventType.ADDED:
+            changed = conn.execute(
+                "INSERT INTO objects (kind, namespace, name, uid, resource_version, body)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (write.kind, write.namespace, write.name, write.uid, rv, write.body),
+            ).rowcount
+            if changed != 1:
+                raise AlreadyExists(f"{what} already exists: pick another name")
+        else:
+            key = (write.kind, write.namespace, write.name, write.previous)
+            if write.event is EventType.DELETED:
+                changed = conn.execute(
+                    "DELETE FROM objects WHERE kind = ? AND namespace = ? AND name = ?"
+                    " AND resource_version = ?",
+                    key,
+                ).rowcount
+                conn.execute(
+                    "DELETE FROM object_events WHERE kind = ? AND namespace = ? AND name = ?",
+                    key[:3],
+                )
+            else:
+                changed = conn.execute(
+                    "UPDATE objects SET uid = ?, resource_version = ?, body = ?"
+                    " WHERE kind = ? AND namespace = ? AND name = ? AND resource_version = ?",
+                    (write.uid, rv, write.body, *key),
+                ).rowcount
+            if changed != 1:
+                raise Conflict(f"{what} was modified meanwhile: read it again and retry")
+        conn.execute(
+            "INSERT INTO events (resource_version, kind, type, body) VALUES (?, ?, ?, ?)",
+            (rv, write.kind, write.event.value, write.body),
+        )
+        if trim_to is not None:
+            conn.execute("DELETE FROM events WHERE resource_version <= ?", (trim_to,))
 
-    async def _insert_or_merge(self, key: tuple[str, str, str], event: Event) -> None:
-        latest = await self._rows(
-            self._writer,
+    async def _keep_event(self, event: Event) -> None:
+        if self._write_delay is not None:
+            await self._write_delay.before_write()
+        await self._transaction(self._keep_event_sync, event)
+
+    def _keep_event_sync(self, conn: sqlite3.Connection, event: Event) -> None:
+        key = (event.kind, event.namespace, event.name)
+        rows = conn.execute(
+            "SELECT uid FROM objects WHERE kind = ? AND namespace = ? AND name = ?", key
+        ).fetchall()
+        if not event_applies(event, str(rows[0][0]) if rows else None):
+            return
+        latest = conn.execute(
             "SELECT id, body FROM object_events WHERE kind = ? AND namespace = ? AND name = ?"
             " ORDER BY id DESC LIMIT 1",
             key,
-        )
+        ).fetchall()
         merged = merge_event(Event.model_validate_json(latest[0][1]) if latest else None, event)
         if merged is not None:
-            await self._exec(
+            conn.execute(
                 "UPDATE object_events SET body = ? WHERE id = ?",
                 (encode_event(merged), latest[0][0]),
             )
             return
-        await self._exec(
+        conn.execute(
             "INSERT INTO object_events (kind, namespace, name, body) VALUES (?, ?, ?, ?)",
             (*key, encode_event(event)),
         )
-        await self._exec(
+        conn.execute(
             "DELETE FROM object_events WHERE kind = ? AND namespace = ? AND name = ? AND id <= ("
             " SELECT id FROM object_events WHERE kind = ? AND namespace = ? AND name = ?"
             " ORDER BY id DESC LIMIT 1 OFFSET ?)",
             (*key, *key, MAX_EVENTS_PER_OBJECT),
         )
+
+    async def _transaction(self, work: Callable[..., None], *args: Any) -> None:
+        """Run `work(conn, *args)` inside BEGIN IMMEDIATE … COMMIT (ROLLBACK on any error) as
+        one call into the writer's thread: a write's five to seven statements cost one hand-off
+        between the event loop and that thread instead of one each (under a burst of creates
+        those hand-offs were most of the server's CPU). aiosqlite has no public call for running
+        a function in its thread; `_execute` is the one its own methods use."""
+
+        def run() -> None:
+            conn = self._writer._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                work(conn, *args)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    try:
+                        conn.rollback()
+                    except sqlite3.Error:
+                        log.exception("rollback failed", extra={"path": str(self.path)})
+                raise
+
+        call: Callable[[Callable[[], None]], Awaitable[None]] = self._writer._execute
+        with _translated(self.path):
+            await call(run)
 
     async def _fetch_events(self, kind: str, namespace: str, name: str, limit: int) -> list[str]:
         rows = await self._rows(
@@ -323,31 +409,23 @@ class SqliteStore(StoreCore):
         )
         return [str(row[0]) for row in rows]
 
-    async def _bump_counter(self, rv: int, trim_to: int | None) -> None:
+    def _bump_counter(self, conn: sqlite3.Connection, rv: int, trim_to: int | None) -> None:
         if trim_to is None:
-            bumped = await self._exec(
+            bumped = conn.execute(
                 "UPDATE meta SET resource_version = ? WHERE id = 0 AND resource_version = ?",
                 (rv, rv - 1),
-            )
+            ).rowcount
         else:
-            bumped = await self._exec(
+            bumped = conn.execute(
                 "UPDATE meta SET resource_version = ?, trimmed_resource_version = ?"
                 " WHERE id = 0 AND resource_version = ?",
                 (rv, trim_to, rv - 1),
-            )
+            ).rowcount
         if bumped != 1:
             raise Unavailable(
                 f"the state database {self.path} was written by another process: only one "
                 "fsb server may use a data dir; stop the other one and restart this one"
             )
-
-    async def _rollback(self) -> None:
-        if not self._writer.in_transaction:
-            return
-        try:
-            await self._writer.rollback()
-        except (sqlite3.Error, ValueError):
-            log.exception("rollback failed", extra={"path": str(self.path)})
 
     async def _shutdown(self) -> None:
         with _translated(self.path):
@@ -360,12 +438,6 @@ class SqliteStore(StoreCore):
     ) -> list[tuple[Any, ...]]:
         with _translated(self.path):
             return [tuple(row) for row in await conn.execute_fetchall(sql, tuple(params))]
-
-    async def _exec(self, sql: str, params: Iterable[Any] = ()) -> int:
-        """Run one statement on the writer; the number of rows it changed."""
-        with _translated(self.path):
-            cursor = await self._writer.execute(sql, tuple(params))
-            return int(cursor.rowcount)
 
 
 async def _scalar(conn: aiosqlite.Connection, sql: str) -> Any:

@@ -16,11 +16,14 @@ from fastsandbox.settings import AgentSettings
 
 
 def _why_no_private_network(settings: AgentSettings) -> str | None:
-    if settings.pod_uid:
+    if settings.pod_uid and settings.runtime == "gvisor":
+        # In a Pod runc makes the sandbox's namespace and a createRuntime hook wires it
+        # (hook.py); the runsc wrapper enters a namespace by path only, so there is none to
+        # enter yet. Refused rather than put on the Pod's network.
         return (
-            "private networks inside a Kubernetes agent Pod are not implemented yet (the "
-            "agent would need the node's /var/run/netns with bidirectional mount propagation, "
-            "i.e. a privileged Pod); create the pool with networkMode: shared"
+            "gVisor sandboxes in a Kubernetes agent Pod cannot be put in a private network yet "
+            "(the runsc wrapper needs a namespace path; in a Pod runc makes it); use "
+            "networkMode: shared or runtime: runc"
         )
     if settings.runtime == "gvisor" and not GVISOR_ENTERS_SPEC_NETNS:
         # runsc --network=host uses the namespace it is started in, not the spec's: until the
@@ -56,6 +59,9 @@ def network_for(settings: AgentSettings) -> PrivateNetwork | None:
             forbidden=tuple(settings.forbid),
         ),
         unsupported=_why_no_private_network(settings),
+        # In a Pod: the hook wires each sandbox's namespace, staged in the state dir (a
+        # hostPath at the same path, so the node's runc finds it).
+        hook_dir=settings.state_dir if settings.pod_uid else None,
     )
 
 

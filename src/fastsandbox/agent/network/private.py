@@ -14,6 +14,10 @@ Why it is shaped this way:
 - Restart: the agent adopts its sandboxes from their container labels (slot index and published
   ports); every other namespace carrying this agent's tag is deleted, and the agent's chains are
   rewritten whole (`iptables-restore`), DNAT rules of the adopted sandboxes included.
+- In a Kubernetes agent Pod (`hook_dir` set) the agent makes no namespace and no veth: runc makes
+  the sandbox's namespace and the hook of hook.py wires it, on the host. The agent then runs in
+  A itself and sets its rules there directly (no nsenter, which would need CAP_SYS_ADMIN), with
+  NET_ADMIN + NET_RAW in its own Pod namespace; an acquire is an address and nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from fastsandbox.agent.network import plan
+from fastsandbox.agent.network import hook, plan
 from fastsandbox.agent.network.plan import Exhausted, NetConfig, Published, RangeAllocator
 from fastsandbox.api import labels
 from fastsandbox.errors import CapacityExhausted, FailedPrecondition, RuntimeFailure
@@ -75,10 +79,15 @@ class SandboxNet:
     gateway: str
     veth: str
     sandbox_id: str = ""
+    hook: tuple[str, ...] = ()
+    """In a Pod: the createRuntime hook that wires the namespace runc makes (`path` empty)."""
     published: dict[int, int] = field(default_factory=dict)
     """Declared port → host port on the agent's address."""
     seq: int = 0
     """When it was acquired (`PrivateNetwork.seq`): a sweep spares creates newer than its look."""
+    published_as: str = ""
+    """The sandbox id its DNAT rules' comments name (they are deleted by exact match), kept
+    when a warm slot's net changes hands (`assign`)."""
 
 
 class PrivateNetwork:
@@ -91,14 +100,19 @@ class PrivateNetwork:
         netns_dir: Path = NETNS_DIR,
         unsupported: str | None = None,
         require_root: bool = True,
+        hook_dir: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        # Set in a Kubernetes agent Pod: where the network hook is staged (a host path).
+        self.hook_dir = hook_dir
+        self.hook: Path | None = None
         # Why this agent can never make private networks (it fails every create with it).
         self.unsupported = unsupported
         # Off only with a runner that does not touch the kernel (unit tests).
         self.require_root = require_root
         self.runner: Runner = runner or SubprocessRunner()
-        self.ready_target = ready
+        # In a Pod an acquire takes an address only: nothing to make ahead.
+        self.ready_target = 0 if hook_dir is not None else ready
         self.netns_dir = netns_dir
         self.unavailable: str | None = "not started"
         self._indexes = RangeAllocator(0, cfg.slots - 1, "sandbox address")
@@ -143,6 +157,10 @@ class PrivateNetwork:
             return self.unsupported
         if self.require_root and os.geteuid() != 0:
             return "private networking needs root (network namespaces and iptables)"
+        if self.hook_dir is not None:
+            # The Pod's namespace path is the node's (from the CRI sandbox record): not
+            # visible here, so it is the hook that checks it, at each create.
+            return None if self.cfg.agent_netns else "the agent's Pod names no network namespace"
         if not self.cfg.agent_netns:
             return (
                 "the agent runs on the host network (no --netns-path): a private network "
@@ -153,45 +171,53 @@ class PrivateNetwork:
         return None
 
     async def _setup(self, adopt: Mapping[str, Mapping[str, str]]) -> None:
+        if self.hook_dir is not None:
+            try:
+                self.hook = hook.stage(self.hook_dir)
+            except OSError as exc:
+                raise RuntimeFailure(
+                    f"cannot stage the network hook in {self.hook_dir}: {exc}"
+                ) from None
         published: list[Published] = []
         for sandbox_id, found in adopt.items():
             index = _int(found.get(INDEX_LABEL, ""))
             if index is None or not 0 <= index < self.cfg.slots:
                 continue
-            gateway, ip = self.cfg.addresses(index)
-            net = SandboxNet(
-                index=index,
-                netns=self.cfg.netns_name(index),
-                path=str(self.netns_dir / self.cfg.netns_name(index)),
-                ip=ip,
-                gateway=gateway,
-                veth=self.cfg.veth_name(index),
-                sandbox_id=sandbox_id,
-                published=plan.parse_published_label(found.get(PUBLISHED_LABEL, "")),
-            )
+            net = self._net(index)
+            net.sandbox_id = sandbox_id
+            net.published = plan.parse_published_label(found.get(PUBLISHED_LABEL, ""))
             self._indexes.mark(index)
             for port, host_port in net.published.items():
                 with contextlib.suppress(ValueError):
                     self._ports.mark(host_port)
-                published.append(Published(port, host_port, ip, sandbox_id))
+                published.append(Published(port, host_port, net.ip, sandbox_id))
             self._by_sandbox[sandbox_id] = net
-        a = self.cfg.agent_netns
-        await self.runner.run(plan.in_netns(a, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))
-        await self.runner.run(
-            plan.in_netns(a, ["iptables-restore", "-w", "--noflush"]),
-            plan.static_rules(self.cfg, published),
-        )
+        if self.hook_dir is None:
+            # In a Pod the hook turns forwarding on (/proc/sys is read-only in a container).
+            await self.runner.run(self._in_a(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))
+        try:
+            await self.runner.run(
+                self._in_a(["iptables-restore", "-w", "--noflush"]),
+                plan.static_rules(self.cfg, published),
+            )
+        except RuntimeFailure as exc:
+            if self.hook_dir is None:
+                raise
+            raise RuntimeFailure(
+                f"{exc.message} (an agent Pod of a private pool needs the capabilities "
+                "NET_ADMIN and NET_RAW, in its own network namespace only)"
+            ) from None
         for table, builtin, ours in plan.jumps(self.cfg):
             try:
                 await self.runner.run(
-                    plan.in_netns(a, ["iptables", "-w", "-t", table, "-C", builtin, "-j", ours])
+                    self._in_a(["iptables", "-w", "-t", table, "-C", builtin, "-j", ours])
                 )
             except RuntimeFailure:
                 await self.runner.run(
-                    plan.in_netns(
-                        a, ["iptables", "-w", "-t", table, "-I", builtin, "1", "-j", ours]
-                    )
+                    self._in_a(["iptables", "-w", "-t", table, "-I", builtin, "1", "-j", ours])
                 )
+        if self.hook_dir is not None:
+            return  # runc's namespaces die with their containers: nothing of ours to sweep
         # Namespaces of this agent that no adopted sandbox holds: ready ones of the previous
         # life, or leftovers of a crash mid-create. Deleted, never reused: a fresh one is cheap
         # and known clean.
@@ -237,15 +263,37 @@ class PrivateNetwork:
         self._wake.set()
         return net
 
+    def assign(self, net: SandboxNet, key: str) -> None:
+        """Hand `net` over to `key`: a warm slot's net (acquired under the slot's container id)
+        becomes the sandbox's that claims it, and the slot's again when the claim fails. Counts
+        as an acquire for `stale` (the new key's container may not show in a look begun
+        before)."""
+        if self._by_sandbox.get(net.sandbox_id) is not net:
+            raise RuntimeFailure(f"network of {net.sandbox_id} is not held (released already)")
+        other = self._by_sandbox.get(key)
+        if other is not None and other is not net:
+            raise FailedPrecondition(f"sandbox {key} holds a network already")
+        del self._by_sandbox[net.sandbox_id]
+        net.sandbox_id = key
+        self._by_sandbox[key] = net
+        self.seq += 1
+        net.seq = self.seq
+
+    def spare(self) -> int:
+        """Addresses an acquire can still get: ready namespaces and unused indexes."""
+        return len(self._ready) + self.cfg.slots - len(self._indexes.in_use)
+
     async def publish(self, net: SandboxNet, ports: Iterable[int]) -> dict[int, int]:
-        """Host ports for `ports` (DNAT on the agent's address); returns port → host port."""
+        """Host ports for `ports` (DNAT on the agent's address); returns port → host port.
+        All or nothing: CapacityExhausted (no host port left) takes none."""
         wanted = [p for p in sorted(set(ports)) if p not in net.published]
         if not wanted:
             return dict(net.published)
+        owner = net.published_as or net.sandbox_id
         taken: list[Published] = []
         try:
             for port in wanted:
-                taken.append(Published(port, self._ports.take(), net.ip, net.sandbox_id))
+                taken.append(Published(port, self._ports.take(), net.ip, owner))
         except Exhausted as exc:
             for p in taken:
                 self._ports.release(p.host_port)
@@ -255,7 +303,7 @@ class PrivateNetwork:
         try:
             async with self._dnat_lock:
                 await self.runner.run(
-                    plan.in_netns(self.cfg.agent_netns, ["iptables-restore", "-w", "--noflush"]),
+                    self._in_a(["iptables-restore", "-w", "--noflush"]),
                     "\n".join(plan.dnat_commands(self.cfg, taken, "-A")),
                 )
         except RuntimeFailure:
@@ -263,6 +311,7 @@ class PrivateNetwork:
                 self._ports.release(p.host_port)
             raise
         net.published.update({p.port: p.host_port for p in taken})
+        net.published_as = owner
         return dict(net.published)
 
     def get(self, sandbox_id: str) -> SandboxNet | None:
@@ -286,16 +335,12 @@ class PrivateNetwork:
 
     async def _drop(self, net: SandboxNet) -> None:
         if net.published:
-            rules = [
-                Published(port, host, net.ip, net.sandbox_id)
-                for port, host in net.published.items()
-            ]
+            owner = net.published_as or net.sandbox_id
+            rules = [Published(port, host, net.ip, owner) for port, host in net.published.items()]
             try:
                 async with self._dnat_lock:
                     await self.runner.run(
-                        plan.in_netns(
-                            self.cfg.agent_netns, ["iptables-restore", "-w", "--noflush"]
-                        ),
+                        self._in_a(["iptables-restore", "-w", "--noflush"]),
                         "\n".join(plan.dnat_commands(self.cfg, rules, "-D")),
                     )
             except RuntimeFailure as exc:
@@ -304,8 +349,31 @@ class PrivateNetwork:
             for host in net.published.values():
                 self._ports.release(host)
             net.published = {}
-        await self._remove_netns(net.netns)
+        if self.hook_dir is None:
+            await self._remove_netns(net.netns)
         self._indexes.release(net.index)
+
+    def _in_a(self, argv: list[str]) -> list[str]:
+        """`argv` run in the agent's namespace A: where the agent itself runs in a Pod."""
+        return argv if self.hook_dir is not None else plan.in_netns(self.cfg.agent_netns, argv)
+
+    def _net(self, index: int) -> SandboxNet:
+        gateway, ip = self.cfg.addresses(index)
+        name = self.cfg.netns_name(index)
+        if self.hook_dir is not None:
+            assert self.hook is not None, "hook staged at start"
+            return SandboxNet(
+                index=index, netns=name, path="", ip=ip, gateway=gateway,
+                veth=self.cfg.veth_name(index), hook=hook.argv(self.hook, self.cfg, index),
+            )  # fmt: skip
+        return SandboxNet(
+            index=index,
+            netns=name,
+            path=str(self.netns_dir / name),
+            ip=ip,
+            gateway=gateway,
+            veth=self.cfg.veth_name(index),
+        )
 
     async def _remove_netns(self, name: str) -> None:
         if not (self.netns_dir / name).exists():
@@ -325,6 +393,8 @@ class PrivateNetwork:
             raise CapacityExhausted(
                 f"agent {self.cfg.agent} has no sandbox address left in {self.cfg.subnet}: {exc}"
             ) from None
+        if self.hook_dir is not None:
+            return self._net(index)  # runc makes the namespace, the hook wires it
         name = self.cfg.netns_name(index)
         try:
             await self._remove_netns(name)  # a leftover of a crash, never a live one (adopted)
@@ -335,15 +405,7 @@ class PrivateNetwork:
                 await asyncio.shield(self._remove_netns(name))
             self._indexes.release(index)
             raise
-        gateway, ip = self.cfg.addresses(index)
-        return SandboxNet(
-            index=index,
-            netns=name,
-            path=str(self.netns_dir / name),
-            ip=ip,
-            gateway=gateway,
-            veth=self.cfg.veth_name(index),
-        )
+        return self._net(index)
 
     async def _refill_loop(self) -> None:
         failures = 0

@@ -14,11 +14,13 @@ and what we were doing.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
+from google.protobuf import any_pb2
 
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
 from fastsandbox.errors import FsbError, RuntimeFailure, from_grpc
@@ -33,6 +35,7 @@ _IMAGES = "/containerd.services.images.v1.Images/"
 _CONTENT = "/containerd.services.content.v1.Content/"
 _SNAPSHOTS = "/containerd.services.snapshots.v1.Snapshots/"
 _TASKS = "/containerd.services.tasks.v1.Tasks/"
+RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
 
 class _Message(Protocol):
@@ -268,6 +271,20 @@ class ContainerdApi:
             f"start task {container_id}",
         )
         return resp.pid
+
+    async def update_task(self, container_id: str, resources: Mapping[str, Any]) -> None:
+        """A running task's cgroup limits (the runc shim runs `runc update`)."""
+        await self._unary(
+            _TASKS + "Update",
+            pb.CtdUpdateTaskRequest(
+                container_id=container_id,
+                resources=any_pb2.Any(
+                    type_url=RESOURCES_TYPE_URL, value=json.dumps(dict(resources)).encode()
+                ),
+            ),
+            pb.CtdEmpty,
+            f"update task {container_id}",
+        )
 
     async def kill(
         self, container_id: str, signal: int, *, all_processes: bool = False, exec_id: str = ""

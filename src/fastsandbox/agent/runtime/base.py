@@ -37,6 +37,10 @@ class ContainerSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     # Path of the network namespace to join (e.g. /var/run/netns/fsb-agent-1); None = host.
     netns_path: str | None = None
+    # argv of an OCI `createRuntime` hook that wires a network namespace runc makes for this
+    # container (a private network inside a Kubernetes agent Pod: agent/network/hook.py).
+    # Only without `netns_path`; the hook runs on the host, in the runtime's namespaces.
+    netns_hook: tuple[str, ...] = ()
     # cgroup path under which the container's cgroup is made, e.g. "/fastsandbox/agent-1".
     cgroup_parent: str = "/fastsandbox"
     cpu_millis: int | None = None
@@ -87,12 +91,14 @@ class ContainerState:
 class MainProcess:
     """What a claimed warm slot's supervisor starts (`start_main`): the argv, env and cwd a
     cold container of the same spec would have run (image defaults merged with the spec's),
-    and the user ("" = the container's own, the image's)."""
+    the user ("" = the container's own, the image's) and the hostname a cold container of the
+    sandbox would have ("" = leave it; the supervisor sets it from inside the sandbox)."""
 
     argv: tuple[str, ...]
     env: tuple[str, ...]
     cwd: str
     user: str = ""
+    hostname: str = ""
 
 
 @dataclass(frozen=True, slots=True)

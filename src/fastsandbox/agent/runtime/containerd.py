@@ -66,12 +66,13 @@ from fastsandbox.agent.runtime.image_config import (
 )
 from fastsandbox.agent.runtime.oci_spec import (
     DEFAULT_PIDS_LIMIT,
+    MAX_HOSTNAME,
     build_oci_spec,
     host_pids_limit,
     linux_resources,
 )
 from fastsandbox.agent.runtime.pull_errors import classify
-from fastsandbox.agent.runtime.warm_claim import cgroup_writes, claimed_oci, in_own_thread, prepare
+from fastsandbox.agent.runtime.warm_claim import claimed_oci, limits_fixed
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
 from fastsandbox.api.images import PullCredentials, normalize_image_ref, registry_host
@@ -401,6 +402,7 @@ class ContainerdRuntime:
             gid=gid,
             cgroups_path=f"{spec.cgroup_parent.rstrip('/')}/{spec.id}",
             netns_path=spec.netns_path,
+            netns_hook=spec.netns_hook,
             cpu_millis=spec.cpu_millis,
             memory_bytes=spec.memory_bytes,
             pids_limit=host_pids_limit(spec.pids_limit or DEFAULT_PIDS_LIMIT, spec.runtime),
@@ -490,9 +492,18 @@ class ContainerdRuntime:
                 host_pids_limit(spec.pids_limit or DEFAULT_PIDS_LIMIT, spec.runtime),
             )
             oci = json.loads(container.spec.value or b"{}")
-            cgroups = oci.get("linux", {}).get("cgroupsPath", "")
-            await in_own_thread(prepare, pid, spec.id, cgroup_writes(cgroups, resources))
-            await start(MainProcess(argv=tuple(argv), env=tuple(env), cwd=cwd))
+            if (oci.get("linux") or {}).get("resources") != resources:
+                if limits_fixed(spec.runtime):
+                    raise FailedPrecondition(
+                        f"warm slot {container_id} was made with other limits, and "
+                        f"{spec.runtime} cannot change a running sandbox's"
+                    )
+                # Before the user's process exists: it starts inside the request's limits.
+                await self._api.update_task(container_id, resources)
+            main = MainProcess(
+                argv=tuple(argv), env=tuple(env), cwd=cwd, hostname=spec.id[:MAX_HOSTNAME]
+            )
+            await start(main)
             # Recorded only once the main process runs: a claim cut short before this still
             # reads as a warm slot, which a restarted agent removes (never as a sandbox that
             # runs nothing).

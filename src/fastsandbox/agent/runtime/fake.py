@@ -150,6 +150,7 @@ class FakeRuntime:
             argv=(*spec.command, *spec.args),
             env=tuple(f"{k}={v}" for k, v in spec.env),
             cwd=spec.working_dir or "/",
+            # No hostname: a test's supervisor runs on the host, in the host's UTS namespace.
         )
         await start(main)
         self.claims[container_id] = main

@@ -6,6 +6,11 @@ Where we differ, and why:
 - Capabilities: containerd's default list minus NET_RAW (raw sockets: ARP/ICMP spoofing inside a
   shared network namespace), MKNOD (device nodes), AUDIT_WRITE and SETFCAP (file capabilities
   that would outlive the sandbox's own limits). Untrusted code gets what ordinary programs need.
+- A warm slot (`warm=True`) also gives PID 1 CAP_SYS_ADMIN (bounding, effective, permitted;
+  never inheritable or ambient) and its seccomp profile `sethostname`: the supervisor hands
+  both to a helper at startup and drops the capability from its own sets for good, and the
+  helper sets the claimed sandbox's hostname and is gone before the user's process starts
+  (native/supervisor/src/hostname.rs). A claimed slot then holds a cold sandbox's sets.
 - `noNewPrivileges`: setuid binaries in an image cannot regain dropped privileges.
 - Seccomp is an allowlist (`seccomp.py`): what ordinary programs need, Docker's coverage;
   every other syscall, including ones newer than the profile, fails with EPERM.
@@ -48,6 +53,8 @@ CTR_DEFAULT_CAPABILITIES = (
 )
 DROPPED_CAPABILITIES = frozenset({"CAP_NET_RAW", "CAP_MKNOD", "CAP_AUDIT_WRITE", "CAP_SETFCAP"})
 DEFAULT_CAPABILITIES = tuple(c for c in CTR_DEFAULT_CAPABILITIES if c not in DROPPED_CAPABILITIES)
+# Given to a warm slot's PID 1 only, for the hostname (module doc); dropped before any claim.
+WARM_CAPABILITY = "CAP_SYS_ADMIN"
 
 DEFAULT_PIDS_LIMIT = 1024
 # containerd's default open-files limit. A container cannot raise it above the shim's own hard
@@ -178,6 +185,7 @@ def build_oci_spec(
     gid: int = 0,
     additional_gids: Sequence[int] = (),
     netns_path: str | None = None,
+    netns_hook: Sequence[str] = (),
     cpu_millis: int | None = None,
     memory_bytes: int | None = None,
     pids_limit: int = DEFAULT_PIDS_LIMIT,
@@ -229,6 +237,10 @@ def build_oci_spec(
     if additional_gids:
         user["additionalGids"] = list(additional_gids)
     caps = list(capabilities)
+    process_caps: dict[str, list[str]] = {"bounding": caps, "effective": caps, "permitted": caps}
+    if warm and WARM_CAPABILITY not in caps:
+        pid1 = [*caps, WARM_CAPABILITY]
+        process_caps = {"bounding": pid1, "effective": pid1, "permitted": pid1}
     resources = linux_resources(cpu_millis, memory_bytes, pids_limit)
     namespaces: list[dict[str, str]] = [
         {"type": "pid"},
@@ -236,8 +248,13 @@ def build_oci_spec(
         {"type": "uts"},
         {"type": "mount"},
     ]
+    if netns_path and netns_hook:
+        raise ValueError("a container joins a network namespace or has one wired by a hook")
     if netns_path:
         namespaces.append({"type": "network", "path": netns_path})
+    elif netns_hook:
+        # A namespace of its own, made by runc; the hook wires it before the process starts.
+        namespaces.append({"type": "network"})
     spec: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
         "process": {
@@ -246,7 +263,7 @@ def build_oci_spec(
             "args": list(args),
             "env": list(env),
             "cwd": cwd or "/",
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "capabilities": process_caps,
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
             "noNewPrivileges": True,
         },
@@ -257,7 +274,7 @@ def build_oci_spec(
             "resources": resources,
             "cgroupsPath": cgroups_path,
             "namespaces": namespaces,
-            "seccomp": seccomp_profile(machine),
+            "seccomp": seccomp_profile(machine, warm=warm),
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
         },
@@ -268,4 +285,23 @@ def build_oci_spec(
         spec["process"]["apparmorProfile"] = apparmor_profile
     if annotations:
         spec["annotations"] = dict(annotations)
+    if netns_hook:
+        spec["hooks"] = {"createRuntime": [network_hook(netns_hook)]}
     return spec
+
+
+HOOK_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOOK_TIMEOUT_SECONDS = 10
+
+
+def network_hook(argv: Sequence[str]) -> dict[str, Any]:
+    """The OCI hook entry running `argv` (argv[0] is an absolute host path). Its own PATH:
+    runc would otherwise hand it the shim's environment, whatever that is on the node."""
+    if not argv or not argv[0].startswith("/"):
+        raise ValueError(f"a hook needs an absolute path: {list(argv)!r}")
+    return {
+        "path": argv[0],
+        "args": list(argv),
+        "env": [HOOK_PATH_ENV],
+        "timeout": HOOK_TIMEOUT_SECONDS,
+    }

@@ -36,6 +36,14 @@ differences, each stricter:
   PER_LINUX32, their combination, and the query 0xffffffff): no ADDR_NO_RANDOMIZE, READ_IMPLIES_EXEC
   or other persona that weakens exploit mitigations.
 
+A warm slot's profile (`seccomp_profile(warm=True)`) allows one more syscall, `sethostname`:
+its supervisor sets the claimed sandbox's hostname itself (native/supervisor/src/hostname.rs),
+from a helper that alone holds CAP_SYS_ADMIN and is gone before the user's process starts. The
+seccomp filter cannot be changed once installed, so a claimed sandbox keeps that one rule; it
+reads the same as a cold one's refusal: without CAP_SYS_ADMIN (which nothing in a claimed
+sandbox holds) the kernel answers sethostname with EPERM, the errno this profile would give.
+Nothing else CAP_SYS_ADMIN would open (mount, setns, unshare, ...) is allowed there.
+
 Names the host's libseccomp does not know (newer than it) are skipped by runc, so the list may
 name syscalls ahead of the host. gVisor (`runtime: gvisor`) enforces the OCI profile only with
 runsc's `--oci-seccomp`; its own boundary is the Sentry (docs/security.md).
@@ -174,8 +182,13 @@ def _allow_if(name: str, index: int, value: int, op: str, value_two: int = 0) ->
     return {"names": [name], "action": "SCMP_ACT_ALLOW", "args": [arg]}
 
 
-def seccomp_profile(machine: str | None = None) -> dict[str, Any]:
-    """The OCI `linux.seccomp` object: refuse (EPERM) whatever is not allowed below."""
+# What a warm slot's supervisor needs beyond a cold sandbox (see the module doc).
+WARM_EXTRA_SYSCALLS: tuple[str, ...] = ("sethostname",)
+
+
+def seccomp_profile(machine: str | None = None, *, warm: bool = False) -> dict[str, Any]:
+    """The OCI `linux.seccomp` object: refuse (EPERM) whatever is not allowed below. `warm`:
+    a warm slot's, which also allows `WARM_EXTRA_SYSCALLS`."""
     arch = machine or platform.machine()
     rules: list[dict[str, Any]] = [
         {"names": list(ALLOWED_SYSCALLS), "action": "SCMP_ACT_ALLOW"},
@@ -186,6 +199,8 @@ def seccomp_profile(machine: str | None = None) -> dict[str, Any]:
     # Several args in one rule are AND-ed; separate rules are OR-ed: one rule per value.
     rules += [_allow_if("personality", 0, v, "SCMP_CMP_EQ") for v in PERSONALITY_ALLOWED]
     rules += [_allow_if("socket", 0, v, "SCMP_CMP_EQ") for v in SOCKET_FAMILIES.values()]
+    if warm:
+        rules.append({"names": list(WARM_EXTRA_SYSCALLS), "action": "SCMP_ACT_ALLOW"})
     profile: dict[str, Any] = {
         "defaultAction": "SCMP_ACT_ERRNO",
         "defaultErrnoRet": EPERM,

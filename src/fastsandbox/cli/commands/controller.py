@@ -8,7 +8,10 @@ from typing import Annotated
 import typer
 
 from fastsandbox.cli.options import (
+    AllowedRegistries,
     Insecure,
+    InsecureRegistries,
+    Listen,
     LogFile,
     LogFormat,
     LogLevel,
@@ -53,12 +56,7 @@ def controller(
             show_default=False,
         ),
     ] = None,
-    listen: Annotated[
-        str,
-        typer.Option(
-            "--listen", envvar="FSB_LISTEN", metavar="HOST:PORT", help="Fast-Path address."
-        ),
-    ] = DEFAULT_ENDPOINT,
+    listen: Listen = DEFAULT_ENDPOINT,
     token_file: ServeTokenFile = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
@@ -96,22 +94,8 @@ def controller(
             help="Leader Lease duration; a dead leader is replaced within about 4/3 of it.",
         ),
     ] = 15,
-    allowed_registry: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--allowed-registry",
-            metavar="HOST[:PORT]",
-            help="Agents pull only from these (repeatable; default: docker.io + insecure ones).",
-        ),
-    ] = None,
-    insecure_registry: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--insecure-registry",
-            metavar="HOST:PORT",
-            help="Agents pull over plain HTTP (repeatable).",
-        ),
-    ] = None,
+    allowed_registry: AllowedRegistries = None,
+    insecure_registry: InsecureRegistries = None,
     heartbeat: Annotated[
         float,
         typer.Option(

@@ -6,11 +6,11 @@ from typing import Annotated
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, TokenFile, client
+from fastsandbox.cli.options import Endpoint, Namespace, SandboxName, TokenFile, client
 
 
 def delete(
-    name: Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)],
+    name: SandboxName,
     wait: Annotated[
         bool, typer.Option("--wait", help="Return only once the container and record are gone.")
     ] = False,

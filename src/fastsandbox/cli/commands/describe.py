@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, TokenFile, client
+from fastsandbox.cli.options import (
+    Endpoint,
+    Namespace,
+    Output,
+    OutputOpt,
+    SandboxName,
+    TokenFile,
+    client,
+)
 
 NONE = "<none>"
 _INDENT = "  "
@@ -23,7 +31,7 @@ _GAP = "   "
 
 
 def describe(
-    name: Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)],
+    name: SandboxName,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
     token_file: TokenFile = None,
@@ -48,7 +56,8 @@ def describe_text(
     item: Mapping[str, Any], events: Sequence[Mapping[str, Any]], now: datetime | None = None
 ) -> str:
     """The human view of a sandbox (wire form) and its events (wire form, oldest first)."""
-    from fastsandbox.cli.render import age, timings_text
+    from fastsandbox.cli.render import age
+    from fastsandbox.cli.render_plain import timings_text
 
     now = now or datetime.now(UTC)
     meta: Mapping[str, Any] = item.get("metadata", {})

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
-from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, TokenFile, client
+from fastsandbox.cli.options import (
+    Endpoint,
+    Namespace,
+    Output,
+    OutputOpt,
+    SandboxName,
+    TokenFile,
+    client,
+)
 
 
 def get(
-    name: Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)],
+    name: SandboxName,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
     token_file: TokenFile = None,

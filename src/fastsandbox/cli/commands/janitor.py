@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fastsandbox.cli.options import LogFormat, LogLevel, log_settings
+from fastsandbox.cli.options import (
+    LogFormat,
+    LogLevel,
+    OrphanTimeout,
+    check_orphan_timeout,
+    log_settings,
+)
 from fastsandbox.settings import CONTAINERD_SOCKET, JANITOR_INTERVAL_SECONDS, ORPHAN_TIMEOUT_SECONDS
 
 if TYPE_CHECKING:
@@ -66,15 +72,7 @@ def janitor(
             show_default=False,
         ),
     ] = None,
-    orphan_timeout: Annotated[
-        float,
-        typer.Option(
-            "--orphan-timeout",
-            envvar="FSB_ORPHAN_TIMEOUT",
-            metavar="SECONDS",
-            help="Remove a container left without a record (or agent) this long.",
-        ),
-    ] = ORPHAN_TIMEOUT_SECONDS,
+    orphan_timeout: OrphanTimeout = ORPHAN_TIMEOUT_SECONDS,
     interval: Annotated[
         float,
         typer.Option(
@@ -92,8 +90,7 @@ def janitor(
 
     if not node:
         raise InvalidArgument("--node: required (the DaemonSet passes spec.nodeName)")
-    if orphan_timeout < 0:
-        raise InvalidArgument(f"--orphan-timeout: must be >= 0 seconds, not {orphan_timeout}")
+    check_orphan_timeout(orphan_timeout)
     if interval <= 0:
         raise InvalidArgument(f"--interval: must be > 0 seconds, not {interval}")
     log = log_settings(log_level, log_format)

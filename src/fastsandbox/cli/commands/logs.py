@@ -14,7 +14,7 @@ from typing import Annotated, BinaryIO
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, TokenFile, client
+from fastsandbox.cli.options import Endpoint, Namespace, SandboxName, TokenFile, client
 from fastsandbox.errors import InvalidArgument
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -69,7 +69,7 @@ class _Stamper:
 
 
 def logs(
-    name: Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)],
+    name: SandboxName,
     follow: Annotated[
         bool,
         typer.Option("-f", "--follow", help="Keep streaming until the sandbox ends (or Ctrl-C)."),

@@ -6,15 +6,21 @@ and then sets `status.observedResetRevision` to the same value.
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, TokenFile, client
+from fastsandbox.cli.options import (
+    Endpoint,
+    Namespace,
+    Output,
+    OutputOpt,
+    SandboxName,
+    TokenFile,
+    client,
+)
 
 
 def reset(
-    name: Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)],
+    name: SandboxName,
     output: OutputOpt = Output.table,
     endpoint: Endpoint = None,
     token_file: TokenFile = None,

@@ -10,7 +10,15 @@ from typing import Annotated
 
 import typer
 
-from fastsandbox.cli.options import Endpoint, Namespace, Output, OutputOpt, TokenFile, client
+from fastsandbox.cli.options import (
+    Endpoint,
+    Namespace,
+    Output,
+    OutputOpt,
+    SandboxName,
+    TokenFile,
+    client,
+)
 
 
 def parse_labels(items: list[str]) -> dict[str, str | None]:
@@ -30,7 +38,7 @@ def parse_labels(items: list[str]) -> dict[str, str | None]:
 
 
 def update(
-    name: Annotated[str, typer.Argument(help="Sandbox name.", show_default=False)],
+    name: SandboxName,
     *,
     ttl: Annotated[
         int | None,

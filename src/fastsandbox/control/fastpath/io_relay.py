@@ -14,6 +14,7 @@ directory where a file is wanted) reach the caller unchanged (`AgentStatus`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator
@@ -195,6 +196,23 @@ class IoRelayRpcs:
                 me.cancel()
                 return
 
+    @contextlib.asynccontextmanager
+    async def _hang_guard(self, target: str, refused: list[FsbError]) -> AsyncIterator[None]:
+        """Run the body of a relayed stream under the hung-agent watchdog. A cancel that came
+        with a refusal appended to `refused` (the watchdog's, or a bad message's) leaves as
+        that refusal; any other cancel stays a cancel."""
+        me = asyncio.current_task()
+        watchdog = asyncio.create_task(self._end_if_agent_hangs(target, refused, me))
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not refused or me is None:
+                raise
+            me.uncancel()
+            raise refused[0] from None
+        finally:
+            watchdog.cancel()
+
     def _unready_since(self, target: str) -> tuple[str, float | None]:
         """The agent at `target`: its name and since when it has not answered heartbeats
         (time.monotonic(); None while it answers or when it is not registered)."""
@@ -242,19 +260,11 @@ class IoRelayRpcs:
             relayed = io_pb2.ExecStart()
             relayed.CopyFrom(start)
             relayed.target.CopyFrom(self._agent_target(sandbox_id))
-            watchdog = asyncio.create_task(self._end_if_agent_hangs(client.target, refused, me))
-            try:
+            async with self._hang_guard(client.target, refused):
                 async for out in client.exec(inputs(relayed)):
                     if self.metrics is not None and out.WhichOneof("kind") == "started":
                         self.metrics.exec_seconds.observe(time.perf_counter() - arrived)
                     yield out
-            except asyncio.CancelledError:
-                if not refused or me is None:
-                    raise
-                me.uncancel()
-                raise refused[0] from None
-            finally:
-                watchdog.cancel()
         except FsbError as exc:
             await context.abort(exc.grpc_code, exc.message)
 
@@ -323,18 +333,8 @@ class IoRelayRpcs:
                     # Passed as they come (a stray second header is the agent's to refuse).
                     yield msg
 
-            me = asyncio.current_task()
-            refused: list[FsbError] = []
-            watchdog = asyncio.create_task(self._end_if_agent_hangs(client.target, refused, me))
-            try:
+            async with self._hang_guard(client.target, []):
                 return await client.write_file(inputs())
-            except asyncio.CancelledError:
-                if not refused or me is None:
-                    raise
-                me.uncancel()
-                raise refused[0] from None
-            finally:
-                watchdog.cancel()
         except FsbError as exc:
             await context.abort(exc.grpc_code, exc.message)
             raise AssertionError("unreachable") from exc

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from fastsandbox._grpc_auth import HEALTH_CHECK, Handler
+from fastsandbox._grpc_auth import HEALTH_CHECK, Handler, deny, same_shape
 from fastsandbox.errors import RETRY_AFTER_KEY
 from fastsandbox.settings import EdgeLimits
 
@@ -101,38 +101,6 @@ class Limiter:
             self.streams.pop(key, None)
 
 
-def _refuse(handler: Handler, message: str, retry_after: float | None) -> Handler:
-    """A handler shaped like `handler` that only answers RESOURCE_EXHAUSTED."""
-
-    async def abort(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if retry_after is not None:
-            context.set_trailing_metadata(((RETRY_AFTER_KEY, f"{retry_after:.3f}"),))
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
-
-    async def unary(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await abort(context)
-
-    async def stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await abort(context)
-        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
-
-    return _same_shape(handler, unary, stream)
-
-
-def _same_shape(handler: Handler, unary: Any, stream: Any) -> Handler:
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-
-
 def _behaviour(handler: Handler) -> Callable[..., Any]:
     if handler.request_streaming and handler.response_streaming:
         found: Any = handler.stream_stream
@@ -166,11 +134,12 @@ class Throttle(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         wait = self.limiter.admit(key)
         if wait > 0:
             hint = math.ceil(wait * 1000) / 1000
-            return _refuse(
+            return deny(
                 handler,
                 f"rate limit exceeded: {limits.rate_per_second:g} calls/s per token "
                 f"(burst {limits.rate_burst}); retry after {hint:.3f}s",
-                hint,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                trailers=((RETRY_AFTER_KEY, f"{hint:.3f}"),),
             )
         if not (handler.request_streaming or handler.response_streaming):
             return handler
@@ -206,7 +175,7 @@ class Throttle(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             finally:
                 limiter.close_stream(key)
 
-        return _same_shape(handler, unary, stream)
+        return same_shape(handler, unary, stream)
 
 
 async def _iterate(gen: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -8,25 +8,25 @@ so its names follow `--listen`; the CLI and SDK on the same machine trust `tls/c
 the data dir by themselves. `fsb controller` keeps the same three PEMs in a Secret of its
 namespace instead, so every replica serves the same certificate (`controller.py`).
 
-Every file here is written owner-only (0600) from its first byte, in a 0700 directory.
+The certificates themselves are made by `fastsandbox._tls` (the agents' CA uses it too); this
+module decides where the Fast-Path's come from. Every file here is written owner-only (0600)
+from its first byte, in a 0700 directory.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
+from fastsandbox import _tls
 from fastsandbox._addr import listen_host
 from fastsandbox.errors import InvalidArgument
 
@@ -62,97 +62,31 @@ def server_names(listen: str, extra: Iterable[str] = ()) -> list[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _san(names: Iterable[str]) -> x509.SubjectAlternativeName:
-    entries: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            entries.append(x509.DNSName(name))
-    return x509.SubjectAlternativeName(entries)
-
-
 def new_ca(common_name: str = "fastsandbox CA") -> tuple[bytes, bytes]:
-    """A self-signed CA: (certificate PEM, key PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    start = datetime.now(UTC) - timedelta(minutes=5)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+    """A self-signed CA for the Fast-Path: (certificate PEM, key PEM)."""
+    return _tls.new_ca(common_name, days=CA_DAYS)
 
 
-def issue(ca_cert_pem: bytes, ca_key_pem: bytes, names: Iterable[str]) -> tuple[bytes, bytes]:
-    """A server certificate for `names` signed by the CA: (certificate PEM, key PEM)."""
-    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
-    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise InvalidArgument("the CA key is not an ECDSA key: remove it to have a new CA made")
+def issue_server_cert(
+    ca_cert_pem: bytes, ca_key_pem: bytes, names: Iterable[str]
+) -> tuple[bytes, bytes]:
+    """A server certificate for `names` (the first is its common name) signed by the CA:
+    (certificate PEM, key PEM)."""
     names = list(names)
-    key = ec.generate_private_key(ec.SECP256R1())
-    start = datetime.now(UTC) - timedelta(minutes=5)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + timedelta(days=CERT_DAYS))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(_san(names), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+    dns, ips = _tls.split_names(names)
+    try:
+        return _tls.issue(
+            ca_cert_pem, ca_key_pem, names[0], dns_names=dns, ip_addresses=ips, days=CERT_DAYS
+        )
+    except ValueError:
+        raise InvalidArgument(
+            "the CA key is not an ECDSA key: remove it to have a new CA made"
+        ) from None
 
 
 def ca_usable(ca_cert_pem: bytes, ca_key_pem: bytes) -> bool:
     """The CA parses, is still valid for a certificate's life, and the key is its own."""
-    try:
-        cert = x509.load_pem_x509_certificate(ca_cert_pem)
-        key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    except ValueError:
-        return False
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        return False
-    same = cert.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) == key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return same and cert.not_valid_after_utc > datetime.now(UTC) + timedelta(days=CERT_DAYS)
+    return _tls.ca_usable(ca_cert_pem, ca_key_pem, valid_for=timedelta(days=CERT_DAYS))
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -179,7 +113,7 @@ def data_dir_tls(tls_dir: Path, names: Iterable[str]) -> TlsMaterial:
         ca_cert, ca_key = new_ca()
         write_private(ca_key_path, ca_key)
         write_private(ca_cert_path, ca_cert)
-    cert, key = issue(ca_cert, ca_key, names)
+    cert, key = issue_server_cert(ca_cert, ca_key, names)
     write_private(tls_dir / SERVER_KEY, key)
     write_private(tls_dir / SERVER_CERT, cert)
     return TlsMaterial(cert_pem=cert, key_pem=key, ca_pem=ca_cert)

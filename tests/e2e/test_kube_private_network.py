@@ -1,0 +1,176 @@
+"""Private networks in the Kubernetes shape (issue 10 item 1): the *default* pool (no
+`networkMode` given: private) works with agents in Pods, and its sandboxes are isolated as in
+the embedded shape (tests/e2e/test_private_network.py, whose helpers this reuses).
+
+The process kubelet runs each agent Pod in a network namespace of its own (tests/k8s_podnet.py)
+with exactly the capabilities its manifest asks for (drop ALL, add NET_ADMIN + NET_RAW), so the
+agent sets its rules in its Pod's namespace only. The sandboxes' namespaces are made by the test
+containerd's runc, wired by the network hook (agent/network/hook.py) running on the host.
+Nothing here sets a filter or NAT rule in the host's namespace.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fastsandbox.agent.network import plan
+from tests.e2e._kube_server import DEFAULT_POOL, KubeServer, purge_kube
+from tests.e2e.conftest import start_kube_server
+from tests.e2e.test_private_network import (
+    Box,
+    Listener,
+    connects,
+    ctr_label,
+    host_ip,
+    netns_listener,
+    plan_labels,
+    reachable_from_netns,
+    run_box,
+    stop,
+    wait_pool_ready,
+)
+from tests.k8s_podnet import SUBNET, PodNet
+
+pytestmark = [pytest.mark.e2e, pytest.mark.kubernetes]
+
+AGENT_PORT = 7443
+# CapEff of the agent Pod's process: CAP_NET_ADMIN (12) and CAP_NET_RAW (13), nothing else.
+NET_ADMIN_RAW = (1 << 12) | (1 << 13)
+
+
+@pytest.fixture(scope="module")
+def kube(request: pytest.FixtureRequest) -> Iterator[KubeServer]:
+    srv = start_kube_server(request, replicas=1, pod_network=True)
+    srv.pool_args = ()  # the pools' defaults: networkMode private
+    try:
+        wait_pool_ready(srv, DEFAULT_POOL, 1)  # type: ignore[arg-type]
+        yield srv
+    finally:
+        purge_kube(srv)
+
+
+def pod_net(agent_ip: str) -> PodNet:
+    """The agent Pod's namespace, from its Pod IP (tests/k8s_podnet.py's layout)."""
+    offset = int(ipaddress.ip_address(agent_ip)) - int(SUBNET.network_address)
+    assert offset % 2 == 1, agent_ip
+    return PodNet(offset // 2)
+
+
+@pytest.fixture(scope="module")
+def boxes(kube: KubeServer, demo_image: str) -> Iterator[tuple[Box, Box]]:
+    made: list[Box] = []
+    try:
+        for name in ("kpn-1", "kpn-2"):
+            made.append(run_box(kube, demo_image, name, DEFAULT_POOL))  # type: ignore[arg-type]
+        yield made[0], made[1]
+    finally:
+        for box in made:
+            kube.fsb("delete", box.name, "--wait")
+
+
+def test_the_agent_pod_keeps_only_net_admin_and_net_raw(
+    kube: KubeServer, boxes: tuple[Box, Box]
+) -> None:
+    a1, _ = boxes
+    status = Path(f"/proc/{kube.agent_pid(a1.agent)}/status").read_text()
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert int(fields["CapEff"], 16) == NET_ADMIN_RAW, fields["CapEff"]
+    assert int(fields["CapBnd"], 16) == NET_ADMIN_RAW, fields["CapBnd"]
+    assert fields["NoNewPrivs"].strip() == "1"
+    # ... and runs in its Pod's namespace, not the host's.
+    agent_ns = Path(f"/proc/{kube.agent_pid(a1.agent)}/ns/net").stat().st_ino
+    assert agent_ns == Path(pod_net(a1.agent_ip).path).stat().st_ino
+    assert agent_ns != Path("/proc/self/ns/net").stat().st_ino
+
+
+def test_two_sandboxes_of_one_agent_both_serve_8080(boxes: tuple[Box, Box]) -> None:
+    a1, a2 = boxes
+    assert a1.agent == a2.agent and a1.ip != a2.ip
+    assert len(a1.endpoints) == len(a2.endpoints) == 1 and a1.endpoints != a2.endpoints
+    for box in boxes:
+        host, port = box.endpoints[0].rsplit(":", 1)
+        assert host == box.agent_ip  # the Pod IP
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := conn.recv(4096):
+                reply += chunk
+        assert reply.decode().rstrip().endswith(box.name), reply
+
+
+def test_no_other_sandbox_agent_api_host_or_metadata(
+    kube: KubeServer, boxes: tuple[Box, Box]
+) -> None:
+    a1, a2 = boxes
+    net = pod_net(a1.agent_ip)
+    assert connects(kube, a1.name, a1.ip, 8080)  # its own server: the listener is there
+    # The agent's API answers from outside (the controller's path).
+    socket.create_connection((a1.agent_ip, AGENT_PORT), timeout=5).close()
+    host_listener = Listener()
+    pod_listener, pod_port = netns_listener(net.netns)
+    subprocess.run(
+        ["ip", "-n", net.netns, "addr", "add", "169.254.169.254/32", "dev", "lo"], check=True
+    )
+    try:
+        index = int(ctr_label(kube, a1.container, plan_labels()[0]))  # type: ignore[arg-type]
+        gateway = plan.NetConfig(a1.agent, "", a1.agent_ip).addresses(index)[0]
+        in_pod = {
+            "agent Pod IP, another port": (a1.agent_ip, pod_port),
+            "veth gateway in the Pod": (gateway, pod_port),
+            "metadata address": ("169.254.169.254", pod_port),
+            "node, its end of the Pod link": (net.host_ip, host_listener.port),
+            "node's own address": (host_ip(), host_listener.port),
+        }
+        for what, (host, port) in in_pod.items():
+            assert reachable_from_netns(net.netns, host, port), what
+        targets = {
+            **in_pod,
+            "agent API": (a1.agent_ip, AGENT_PORT),
+            "other sandbox, its address": (a2.ip, 8080),
+            "other sandbox, its endpoint": tuple(a2.endpoints[0].rsplit(":", 1)),
+        }
+        for what, (host, port) in targets.items():
+            assert not connects(kube, a1.name, str(host), int(port)), what
+    finally:
+        subprocess.run(["ip", "-n", net.netns, "addr", "del", "169.254.169.254/32", "dev", "lo"])
+        stop(pod_listener)
+        host_listener.close()
+
+
+def test_delete_leaves_nothing(kube: KubeServer, demo_image: str) -> None:
+    box = run_box(kube, demo_image, "kpn-gone", DEFAULT_POOL, serve=False)  # type: ignore[arg-type]
+    index = int(ctr_label(kube, box.container, plan_labels()[0]))  # type: ignore[arg-type]
+    published = ctr_label(kube, box.container, plan_labels()[1])  # type: ignore[arg-type]
+    host_port = published.split(":")[1]
+    veth = plan.NetConfig(box.agent, "", box.agent_ip).veth_name(index)
+    net = pod_net(box.agent_ip)
+
+    def links() -> str:
+        return subprocess.run(
+            ["ip", "-n", net.netns, "-o", "link"], capture_output=True, text=True
+        ).stdout
+
+    def rules() -> str:
+        return subprocess.run(
+            ["ip", "netns", "exec", net.netns, "iptables-save"], capture_output=True, text=True
+        ).stdout
+
+    namespaces_before = set(Path("/var/run/netns").iterdir())
+    assert veth in links()
+    assert box.container in rules() and f"--dport {host_port}" in rules()
+    assert kube.fsb("delete", box.name, "--wait").returncode == 0
+    # The kernel tears a dead namespace down in the background: its veth goes shortly after.
+    deadline = time.monotonic() + 30
+    while veth in links() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert veth not in links()
+    assert box.container not in rules() and f"--dport {host_port} " not in rules()
+    # The agent never made a named namespace: runc's went with the container.
+    assert set(Path("/var/run/netns").iterdir()) <= namespaces_before
