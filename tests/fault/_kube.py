@@ -10,8 +10,8 @@
   with the records): the session's containerd is shared with other tests of the session, so
   only the containers of this server's agents count, and snapshots and shims against a baseline
   taken before the scenario.
-- `leading_intervals`: when each replica led, from its own log (`Leadership` logs "leading:"
-  when the reconcilers start and "following:" once they have stopped), to check that no two
+- `leading_intervals`: when each replica led, from its own log ("leading:" when the
+  reconcilers start, "... stopped leading" when the elector cancels them), to check that no two
   replicas ever led at once.
 """
 
@@ -192,13 +192,20 @@ def kube_inventory(
     )
 
 
-def _stamp(text: str) -> float:
+def log_stamp(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+# What the elector logs as it cancels the leading work (`_kube/lease.py`): from then on the
+# replica starts nothing (its loops end at their next await; a request already sent finishes
+# and its answer is dropped), then "following:" once every loop has ended.
+ENDS = ("stopped leading", "stepping down", "lease released", "lease not released", "following:")
+
+
 def leading_intervals(server: KubeServer) -> list[tuple[int, float, float]]:
-    """(replica, began, ended) for every time a replica led, from the replicas' logs; one that
-    still leads ends at +inf."""
+    """(replica, began, ended) for every time a replica led, from the replicas' logs: from
+    "leading:" (the reconcilers start) to the first of `ENDS`; one that still leads ends at
+    +inf."""
     out: list[tuple[int, float, float]] = []
     for index, replica in enumerate(server.replicas):
         began: float | None = None
@@ -211,9 +218,9 @@ def leading_intervals(server: KubeServer) -> list[tuple[int, float, float]]:
                 continue
             event = str(entry.get("event", ""))
             if event.startswith("leading:") and began is None:
-                began = _stamp(entry["timestamp"])
-            elif event.startswith("following:") and began is not None:
-                out.append((index, began, _stamp(entry["timestamp"])))
+                began = log_stamp(entry["timestamp"])
+            elif began is not None and any(word in event for word in ENDS):
+                out.append((index, began, log_stamp(entry["timestamp"])))
                 began = None
         if began is not None:
             out.append((index, began, float("inf")))

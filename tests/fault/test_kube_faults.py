@@ -50,6 +50,7 @@ from tests.fault._kube import (
     gated_kubeconfig,
     kube_inventory,
     leading_intervals,
+    log_stamp,
     overlaps,
 )
 from tests.fault._leaks import Inventory, leaks
@@ -300,12 +301,15 @@ def test_apiserver_restart_under_load(kube: Kube, demo_image: str) -> None:
 # -- 2. the leader cut off from the apiserver --------------------------------------------------
 
 
-def _log_events(kube: Kube, replica: int) -> list[str]:
+def _log_events(kube: Kube, replica: int, since: float) -> list[str]:
+    """The messages a replica logged from unix time `since` on."""
     path = kube.server.replicas[replica].log
     out = []
     for line in path.read_text(errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
-            out.append(str(json.loads(line).get("event", "")))
+        with contextlib.suppress(ValueError, KeyError):
+            entry = json.loads(line)
+            if log_stamp(entry["timestamp"]) >= since:
+                out.append(str(entry.get("event", "")))
     return out
 
 
@@ -318,10 +322,9 @@ def _cut_round(kube: Kube, demo_image: str, pool: str, r: int, made: set[str]) -
     ran = server.fsb("run", before, "--image", demo_image, "--pool", pool, "--", *SLEEP)
     assert ran.returncode == 0, ran.stderr
     made.add(before)
-    said_before = len(_log_events(kube, leader))
 
     kube.gates[leader].cut()
-    cut_at = time.monotonic()
+    cut_at, cut_wall = time.monotonic(), time.time()
     # The cut-off replica's Fast-Path ends a call that needs the apiserver with an
     # error (not a hang) while the partition lasts.
     answer: dict[str, Any] = {}
@@ -352,9 +355,16 @@ def _cut_round(kube: Kube, demo_image: str, pool: str, r: int, made: set[str]) -
     made.add(fast)
     got = server.fsb("exec", fast, "--", "echo", "ok", env=server.env_for(other))
     assert got.returncode == 0 and got.stdout == "ok\n", got.stderr
-    # The old leader noticed on its own: it stopped leading (no apiserver told it).
-    said = _log_events(kube, leader)[said_before:]
-    assert any(e.startswith("following:") for e in said), said[-20:]
+    # The old leader noticed on its own (no apiserver told it): it stopped leading, and its
+    # loops ended (they wait on requests that cannot get through, which time out).
+    said = _log_events(kube, leader, cut_wall)
+    assert any("stopped leading" in e for e in said), said[-20:]
+    until(
+        "the cut-off leader's loops ended",
+        lambda: any(e.startswith("following:") for e in _log_events(kube, leader, cut_wall)),
+        BOUND,
+    )
+    loops_ended_s = time.monotonic() - cut_at
     # Longer than the Lease and the request timeouts, so every watch and renew has
     # given up or is stuck on the cut connection.
     while time.monotonic() - cut_at < 3 * LEASE_SECONDS + 12:
@@ -391,7 +401,7 @@ def _cut_round(kube: Kube, demo_image: str, pool: str, r: int, made: set[str]) -
         f"leader cut off round {r + 1}/{ROUNDS}", inv, found,
         old_leader=leader, new_leader=taken, takeover_s=round(took_s, 2),
         cut_s=round(healed - cut_at, 1), fastpath_error_after_s=round(answer["s"], 1),
-        resumed_s=round(resumed_s, 1), terms=leads,
+        resumed_s=round(resumed_s, 1), loops_ended_within_s=round(loops_ended_s, 1), terms=leads,
     )  # fmt: skip
     asyncio.run(delete_all(kube, set(made)))
     made.clear()

@@ -1,7 +1,5 @@
-"""`to_the_end`, under both stores' requests and writes: started work finishes even when its
-caller is cancelled, and the caller then hears of its cancellation whatever the work's outcome
-(issue 12: during a kube-apiserver restart a cancelled request failed with Unavailable, the
-leader's loops took that for an outage and ran on after it stepped down: two leaders)."""
+"""`to_the_end`: started work finishes even when its caller is cancelled, and the caller still
+sees its cancellation afterwards."""
 
 from __future__ import annotations
 
@@ -50,6 +48,8 @@ async def test_the_work_failing_is_the_callers_error() -> None:
         await to_the_end(work())
 
 
+# Issue 12: during a kube-apiserver restart a cancelled request failed with Unavailable, and
+# the leader's loops took that for an outage and ran on after stepping down (two leaders).
 async def _failing_later(gate: asyncio.Event, finished: list[str]) -> None:
     await gate.wait()
     finished.append("ran to its end")

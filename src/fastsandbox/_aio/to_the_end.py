@@ -16,11 +16,8 @@ T = TypeVar("T")
 
 
 async def to_the_end(work: Awaitable[T]) -> T:
-    """`await work` in a task of its own that runs to its end even if the caller is cancelled
-    meanwhile. A caller cancelled meanwhile then gets CancelledError, whatever the work's
-    outcome: had the work's own failure (an Unavailable of an apiserver that is down) been
-    raised instead, the caller's `except FsbError` would carry on as if it had never been
-    cancelled, and a loop told to stop (a leader stepping down) would run on."""
+    """`await work`, shielded: a cancel of the caller waits for the work to end and is then
+    raised (the work's result is dropped); a cancel of the work itself propagates as usual."""
     task = asyncio.ensure_future(work)
     interrupted = False
     while not task.done():
@@ -29,6 +26,9 @@ async def to_the_end(work: Awaitable[T]) -> T:
         except asyncio.CancelledError:
             interrupted = True
     if interrupted:
+        # Whatever the work's outcome: had its own failure (an Unavailable of an apiserver
+        # that is down) been raised instead, the caller's `except FsbError` would carry on as
+        # if never cancelled, and a loop told to stop (a leader stepping down) would run on.
         if not task.cancelled():
             task.exception()  # retrieved: the caller hears of its cancellation instead
         raise asyncio.CancelledError
