@@ -71,7 +71,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-def spec(sandbox_id: str) -> agent_pb2.SandboxRuntimeSpec:
+def spec(sandbox_id: str, port: int = 8080) -> agent_pb2.SandboxRuntimeSpec:
     return agent_pb2.SandboxRuntimeSpec(
         sandbox_id=sandbox_id,
         namespace="default",
@@ -80,12 +80,14 @@ def spec(sandbox_id: str) -> agent_pb2.SandboxRuntimeSpec:
         command=["sh", "-c", "echo hi"],
         env=[agent_pb2.KeyValue(key="A", value="1")],
         labels=[agent_pb2.KeyValue(key="fastsandbox.io/uid", value="u1")],
-        exposed_ports=[8080],
+        exposed_ports=[port],
     )
 
 
-async def create(agent: Agent, sandbox_id: str) -> agent_pb2.SandboxState:
-    reply = await agent.stub.CreateSandbox(agent_pb2.CreateSandboxRequest(spec=spec(sandbox_id)))
+async def create(agent: Agent, sandbox_id: str, port: int = 8080) -> agent_pb2.SandboxState:
+    """`port`: this agent shares its network with its sandboxes, so each needs its own."""
+    request = agent_pb2.CreateSandboxRequest(spec=spec(sandbox_id, port))
+    reply = await agent.stub.CreateSandbox(request)
     return reply.sandbox
 
 
@@ -111,14 +113,14 @@ async def test_create_maps_the_spec_and_state(agent: Agent) -> None:
 
 async def test_capacity_is_resource_exhausted_until_a_delete(agent: Agent) -> None:
     await create(agent, "sb-1")
-    await create(agent, "sb-2")
+    await create(agent, "sb-2", 8082)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await create(agent, "sb-3")
+        await create(agent, "sb-3", 8083)
     assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "agent-1" in (err.value.details() or "")
     reply = await agent.stub.DeleteSandbox(agent_pb2.DeleteSandboxRequest(sandbox_id="sb-1"))
     assert reply.existed
-    await create(agent, "sb-3")
+    await create(agent, "sb-3", 8083)
 
 
 async def test_delete_is_idempotent(agent: Agent) -> None:
@@ -146,7 +148,7 @@ async def test_bad_request_is_invalid_argument(agent: Agent) -> None:
 
 async def test_status_reports_agent_sandboxes_and_exit_codes(agent: Agent) -> None:
     await create(agent, "sb-1")
-    await create(agent, "sb-2")
+    await create(agent, "sb-2", 8082)
     agent.runtime.exit("sb-2", 42)
     status = await agent.stub.Status(agent_pb2.StatusRequest())
     assert (status.agent_name, status.pool, status.namespace) == ("agent-1", "p", "default")

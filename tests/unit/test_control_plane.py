@@ -202,11 +202,26 @@ async def test_same_port_goes_to_another_agent_in_a_shared_network(plane: Plane)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-async def test_same_port_fills_every_slot_in_a_private_network(plane: Plane) -> None:
-    """Private sandboxes publish each on a host port of its own: no clash per agent."""
-    made = [await plane.create(f"q{i}", exposed_ports=[8080]) for i in range(4)]
-    assert all(m.phase == "Running" for m in made)
-    assert len({m.agent for m in made}) == 2
+async def test_placement_keeps_ports_exclusive_only_in_a_shared_network(plane: Plane) -> None:
+    """Private sandboxes publish each on a host port of its own: placement does not spread them
+    by port (the registry's rule itself: tests/unit/test_placement_index.py). The in-process
+    agents share one network (a fake runtime has no namespaces), so each agent would refuse a
+    second 8080 on its own: what is checked here is what the plane asks placement for."""
+    registry = plane.plane.registry
+    asked: list[bool] = []
+    allocate = registry.allocate
+
+    def spy(**kwargs: Any) -> Any:
+        asked.append(kwargs["exclusive_ports"])
+        return allocate(**kwargs)
+
+    registry.allocate = spy  # type: ignore[method-assign]
+    assert (await plane.create("q0", exposed_ports=[8080])).phase == "Running"
+    pool = await plane.store.get(SandboxPool, "default", "p")
+    pool.spec.network_mode = NetworkMode.SHARED
+    await plane.store.update(pool)
+    assert (await plane.create("q1", exposed_ports=[8081])).phase == "Running"
+    assert asked == [False, True]
 
 
 async def test_strong_mode_stores_pending_first(plane: Plane) -> None:
