@@ -3,7 +3,8 @@ spec (`build_oci_spec` through `ContainerdRuntime`, fsb-supervisor as PID 1, the
 directory mounted at /.fsb/run): a static probe (probes/seccomp_probe.c, compiled here) makes the
 calls hostile code would make and the ones ordinary programs make, reads its own privileges
 (seccomp mode, no_new_privs, the five capability sets) and tries every masked and read-only path
-of the spec (oci_spec.MASKED_PATHS, READONLY_PATHS, /sys, /.fsb).
+of the spec (oci_spec.MASKED_PATHS, READONLY_PATHS, /sys, /.fsb). Ordinary programs run there
+unaffected: busybox's, and python3 and gcc in a Debian image (scripts/build-workload-image).
 
 Every check can fail: the same probe runs once more in a container whose spec has the
 confinement taken out (no seccomp, no masked or read-only paths, every capability, no
@@ -39,7 +40,7 @@ from fastsandbox.agent.runtime.oci_spec import (
     MASKED_PATHS,
     READONLY_PATHS,
 )
-from tests.infra import ContainerdProc, RegistryProc, build_demo_image, push_image
+from tests.infra import ContainerdProc, RegistryProc, build_demo_image, cannot_run, push_image
 from tests.integration.test_supervisor_container import build as build_supervisor
 
 pytestmark = pytest.mark.integration
@@ -259,7 +260,8 @@ async def test_probe_is_confined_and_every_check_fails_unconfined(
 async def test_busybox_programs_run_unaffected(
     runtime: ContainerdRuntime, demo_image: str, cgroup_parent: str, tmp_path: Path
 ) -> None:
-    # The test image is busybox (tests/infra.build_demo_image): no python or gcc in it. glibc's
+    # The demo image is busybox (tests/infra.build_demo_image); python3 and gcc run in a Debian
+    # image below (test_python_and_gcc_run_confined_and_fail_without_a_needed_syscall). glibc's
     # own clone3 → clone fallback is covered by the probe's pthread_create.
     script = (
         "set -e; mkdir -p /tmp/d && echo hi > /tmp/d/f && cat /tmp/d/f; ls / >/dev/null;"
@@ -275,3 +277,106 @@ async def test_busybox_programs_run_unaffected(
     lines = out.splitlines()
     assert "hi" in lines and lines[-1] == "ok", out
     assert any(line.endswith("  /tmp/d/f") for line in lines), out
+
+
+# -- python3 and gcc, in a Debian image (scripts/build-workload-image) ---------------------------
+
+WORKLOAD_SCRIPT = Path(__file__).parents[2] / "scripts" / "build-workload-image"
+# Threads, a subprocess, a socket pair, json, os.urandom and a fork-based multiprocessing pool:
+# each needs its own syscalls (clone, futex, pipe2/wait4, socketpair, getrandom, shared memory).
+PY_PROGRAM = """
+import json, multiprocessing, os, socket, subprocess, threading
+res = []
+ts = [threading.Thread(target=lambda i=i: res.append(i * i)) for i in range(4)]
+for t in ts: t.start()
+for t in ts: t.join()
+out = {"threads": sorted(res)}
+out["sub"] = subprocess.run(["echo", "sub"], capture_output=True, text=True, check=True).stdout
+a, b = socket.socketpair(); a.sendall(b"ping"); out["pair"] = b.recv(4).decode()
+out["rand"] = len(set(os.urandom(32))) > 1
+with multiprocessing.get_context("fork").Pool(2) as pool: out["pool"] = pool.map(abs, [-1, -2])
+print("PY " + json.dumps(out, sort_keys=True))
+"""
+PY_EXPECTED = (
+    'PY {"pair": "ping", "pool": [1, 2], "rand": true, "sub": "sub\\n", "threads": [0, 1, 4, 9]}'
+)
+# Four pthreads, a socket pair, fork + exec of /bin/echo, compiled by gcc in the sandbox.
+C_PROGRAM = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static void *square(void *arg) { long i = (long)arg; return (void *)(i * i); }
+int main(void) {
+  pthread_t t[4]; long sum = 0; void *r; int sv[2]; char buf[5] = {0};
+  for (long i = 0; i < 4; i++) pthread_create(&t[i], NULL, square, (void *)i);
+  for (int i = 0; i < 4; i++) { pthread_join(t[i], &r); sum += (long)r; }
+  if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) { perror("socketpair"); return 1; }
+  write(sv[0], "ping", 4); read(sv[1], buf, 4);
+  fflush(stdout);
+  pid_t pid = fork();
+  if (pid == 0) { execl("/bin/echo", "echo", "C exec ok", (char *)NULL); _exit(127); }
+  int status; waitpid(pid, &status, 0);
+  printf("C threads %ld pair %s exit %d\n", sum, buf, WEXITSTATUS(status));
+  return 0;
+}
+"""
+WORKLOAD_COMMAND = (
+    "sh", "-c",
+    f"python3 -c '{PY_PROGRAM}'; cat > /tmp/t.c <<'EOF'\n{C_PROGRAM}\nEOF\n"
+    "gcc -O1 -pthread -o /tmp/t /tmp/t.c && /tmp/t; grep ^Seccomp: /proc/self/status;"
+    " echo workload-end",
+)  # fmt: skip
+C_EXPECTED = ("C exec ok", "C threads 14 pair ping exit 0")
+
+
+@pytest.fixture(scope="module")
+def workload_image(registry: RegistryProc, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Debian bookworm + python3, gcc, libc6-dev (cached under ~/.cache/fastsandbox)."""
+    layout = tmp_path_factory.mktemp("workload-img") / "layout"
+    try:
+        subprocess.run([str(WORKLOAD_SCRIPT), str(layout)], check=True, timeout=600,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    except subprocess.CalledProcessError as exc:
+        # A real failure (no mirror, a broken recipe): fails under CI, else skips with the reason.
+        cannot_run(f"scripts/build-workload-image failed: {exc.stderr[-2000:]}")
+    return push_image(layout, registry.addr, "workload:latest")
+
+
+def without_socketpair(spec: dict[str, Any]) -> dict[str, Any]:
+    """The agent's spec with `socketpair` taken out of the seccomp allowlist."""
+    spec = copy.deepcopy(spec)
+    for rule in spec["linux"]["seccomp"]["syscalls"]:
+        rule["names"] = [n for n in rule["names"] if n != "socketpair"]
+    return spec
+
+
+async def test_python_and_gcc_run_confined_and_fail_without_a_needed_syscall(
+    runtime: ContainerdRuntime, workload_image: str, cgroup_parent: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    out = await _run_to_exit(
+        runtime, workload_image, WORKLOAD_COMMAND, cgroup_parent, tmp_path, "workload-ok"
+    )
+    print(out)
+    lines = out.splitlines()
+    assert PY_EXPECTED in lines and all(line in lines for line in C_EXPECTED), out
+    assert "Seccomp:\t2" in lines, out  # the shell that ran them was under the profile
+    assert lines[-1] == "workload-end", out
+
+    # The same programs under a profile without one call they need: each must see EPERM, which
+    # shows they ran under the profile and that this test sees a refusal.
+    real: Callable[..., dict[str, Any]] = containerd_module.build_oci_spec
+    monkeypatch.setattr(
+        containerd_module, "build_oci_spec", lambda **kw: without_socketpair(real(**kw))
+    )
+    broken = await _run_to_exit(
+        runtime, workload_image, WORKLOAD_COMMAND, cgroup_parent, tmp_path, "workload-broken"
+    )
+    print(broken)
+    blines = broken.splitlines()
+    assert PY_EXPECTED not in blines, broken
+    assert "PermissionError: [Errno 1] Operation not permitted" in blines, broken
+    assert "socketpair: Operation not permitted" in blines, broken
+    assert C_EXPECTED[1] not in blines and blines[-1] == "workload-end", broken
