@@ -63,7 +63,7 @@ bench: setup
 
 ## make fuzz: the property-based fuzz targets at full size (CI runs 500 cases per target).
 fuzz: setup
-	FSB_FUZZ_EXAMPLES=10000 .venv/bin/pytest -q -p no:cacheprovider tests/fuzz
+	FSB_FUZZ_EXAMPLES=10000 .venv/bin/pytest -q -p no:cacheprovider --timeout=3600 tests/fuzz
 
 ## make fault: the fault-injection suite (tests/fault, docs/reliability.md) at full size: 20 rounds
 ## of each kill/restart scenario, 500 concurrent creates against 50 slots. `make test` runs it at
@@ -71,7 +71,7 @@ fuzz: setup
 fault: setup
 	FSB_FAULT_ROUNDS=$${FSB_FAULT_ROUNDS:-20} FSB_FAULT_CREATES=$${FSB_FAULT_CREATES:-500} \
 		FSB_FAULT_CAPACITY=$${FSB_FAULT_CAPACITY:-50} \
-		.venv/bin/pytest -q -s -p no:cacheprovider tests/fault
+		.venv/bin/pytest -q -s -p no:cacheprovider --timeout=3600 tests/fault
 
 ## make soak: create / exec / file write / delete at a steady rate, resources at start vs end
 ## (benchmarks/soak.py; SOAK_MINUTES=30 by default). Not in CI.
