@@ -80,6 +80,26 @@ def until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.
         time.sleep(every)
 
 
+def created_again(
+    prefix: str, create: Callable[[str], bool], refused: list[str], timeout: float
+) -> str:
+    """Service resumes by itself: `create(name)` (a new name `<prefix>-N` each try) succeeds
+    within `timeout`; the names tried before are appended to `refused`."""
+    attempt = 0
+
+    def created() -> str | None:
+        nonlocal attempt
+        name = f"{prefix}-{attempt}"
+        attempt += 1
+        if create(name):
+            return name
+        refused.append(name)
+        return None
+
+    got: str = until(f"{prefix}: creates work again", created, timeout, 1.0)
+    return got
+
+
 def make_pool(
     server: Server,
     name: str,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e._server import Server, free_port, purge
-from tests.fault.conftest import make_pool, report, settled_leaks, until
+from tests.fault.conftest import created_again, make_pool, report, settled_leaks, until
 
 pytestmark = pytest.mark.e2e
 
@@ -76,23 +76,6 @@ def _fill(root: Path) -> None:
             out.flush()
 
 
-def _created_again(server: Server, prefix: str, image: str, refused: list[str]) -> str:
-    """Service resumes by itself: a create (a new name each try) succeeds within BOUND."""
-    attempt = 0
-
-    def created() -> str | None:
-        nonlocal attempt
-        name = f"{prefix}-{attempt}"
-        attempt += 1
-        if _run(server, name, image).returncode == 0:
-            return name
-        refused.append(name)
-        return None
-
-    got: str = until(f"{prefix}: creates work again", created, BOUND, 1.0)
-    return got
-
-
 def test_a_full_data_dir(small_fs: Path, registry_addr: str, demo_image: str) -> None:
     server = Server(
         data_dir=small_fs / "data",
@@ -114,7 +97,14 @@ def test_a_full_data_dir(small_fs: Path, registry_addr: str, demo_image: str) ->
         assert server.fsb("get", "before").returncode == 0, "reads stopped on a full disk"
         (small_fs / "filler").unlink(missing_ok=True)
         (small_fs / "filler2").unlink(missing_ok=True)
-        acked.append(_created_again(server, "after-full", demo_image, refused))
+        acked.append(
+            created_again(
+                "after-full",
+                lambda n: _run(server, n, demo_image).returncode == 0,
+                refused,
+                BOUND,
+            )
+        )
 
         for name in acked:
             assert server.fsb_json("get", name)["status"]["phase"] == "Running", name

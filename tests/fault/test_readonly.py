@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e._server import Server, free_port, purge
-from tests.fault.conftest import make_pool, report, settled_leaks, until
+from tests.fault.conftest import created_again, make_pool, report, settled_leaks, until
 
 pytestmark = pytest.mark.e2e
 
@@ -126,18 +126,14 @@ def test_a_read_only_data_dir(switchable: Switch, registry_addr: str, demo_image
         assert container in server.running_tasks(), "the running sandbox stopped"
 
         switchable.read_only(False)
-        attempt = 0
-
-        def created() -> str | None:
-            nonlocal attempt
-            name = f"after-ro-{attempt}"
-            attempt += 1
-            if _run(server, name, demo_image).returncode == 0:
-                return name
-            refused.append(name)
-            return None
-
-        acked.append(until("creates work again", created, BOUND, 1.0))
+        acked.append(
+            created_again(
+                "after-ro",
+                lambda n: _run(server, n, demo_image).returncode == 0,
+                refused,
+                BOUND,
+            )
+        )
         assert _run(server, "after-strong", demo_image, "--mode", "strong").returncode == 0
         acked.append("after-strong")
         deleted = server.fsb("delete", "before", "--wait", timeout=BOUND)
