@@ -33,25 +33,13 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import MARKER_CMD, Bench, Results, bench_server, wait_marker
+from benchmarks.harness import MARKER_CMD, Bench, Results, bench_server, wait_marker, wait_slot
 from benchmarks.peers import Docker, RuncBundle, bench_ctr_run
 
 SECTION = "create"
-
-
-async def _wait_slot(client: Any, pool: str, bound: float = 60.0) -> None:
-    """Until the pool shows a ready warm slot (the refill after the last claim), untimed."""
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        got = await client.get_pool(pool)
-        if any(w.ready for w in got.status.warm_slots):
-            return
-        await asyncio.sleep(0.02)
-    raise RuntimeError(f"pool {pool}: no warm slot ready in {bound:.0f} s")
 
 
 async def _series(
@@ -79,7 +67,7 @@ async def _series(
                 name = f"{pool}-{mode}-{'p' if ports else ''}{i}"
                 slots: list[Path] = []
                 if warm:
-                    await _wait_slot(client, pool)
+                    await wait_slot(client, pool)
                     # The pool's status lags the agent by a heartbeat: give the refill time.
                     await asyncio.sleep(0.3)
                     slots = bench.slot_markers()

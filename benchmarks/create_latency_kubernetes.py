@@ -77,6 +77,7 @@ sys.path.insert(0, str(ROOT))
 
 from lightkube import Client, KubeConfig  # noqa: E402
 
+from benchmarks.harness import wait_slot  # noqa: E402
 from fastsandbox.sdk import AsyncClient  # noqa: E402
 from tests.e2e._kube_server import (  # noqa: E402
     CONTAINERD_NS,
@@ -166,17 +167,6 @@ class Target:
 
 
 WARM_POOL = "warm-pool"
-
-
-async def wait_slot(client: AsyncClient, pool: str, bound: float = 60.0) -> None:
-    """Until the pool shows a ready warm slot (the refill after the last claim), untimed."""
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        got = await client.get_pool(pool)
-        if any(w.ready for w in got.status.warm_slots):
-            return
-        await asyncio.sleep(0.02)
-    raise RuntimeError(f"pool {pool}: no warm slot ready in {bound:.0f} s")
 
 
 async def bench_fsb(targets: list[Target], token: str, image: str, n: int) -> dict[str, CreateRun]:

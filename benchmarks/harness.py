@@ -14,6 +14,7 @@ server's containerd state, polled every 0.2 ms (so a sample is at most that late
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -178,3 +179,14 @@ def bench_server(*server_args: str) -> Iterator[Bench]:
             for pid in out:
                 os.kill(int(pid), signal.SIGTERM)
         shutil.rmtree(work, ignore_errors=True)
+
+
+async def wait_slot(client: Any, pool: str, bound: float = 60.0) -> None:
+    """Until the pool shows a ready warm slot (the refill after the last claim), untimed."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        got = await client.get_pool(pool)
+        if any(w.ready for w in got.status.warm_slots):
+            return
+        await asyncio.sleep(0.02)
+    raise RuntimeError(f"pool {pool}: no warm slot ready in {bound:.0f} s")
