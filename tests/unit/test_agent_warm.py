@@ -242,3 +242,24 @@ async def test_where_limits_are_fixed_slots_are_kept_per_image_and_limits(
         assert (await m.create(req("sb-3"))).warm
     finally:
         await m.aclose()
+
+
+async def test_slots_are_made_with_the_limits_their_image_was_last_asked_for(
+    manager: SandboxManager, runtime: SupervisedFake
+) -> None:
+    """Under runc a claim of a slot with other limits updates them (a `runc update`); slots made
+    after a create carry that create's limits, so the next create asking the same needs none."""
+    await until(lambda: ready(manager) == 1, "a warm slot")
+    assert manager.warm is not None
+    first = next(iter(manager.warm.ready_ids()))
+    assert (runtime.specs[first].cpu_millis, runtime.specs[first].memory_bytes) == (None, None)
+    limited = replace(req("sb-l1"), cpu_millis=1000, memory_bytes=512 << 20, pids_limit=300)
+    assert (await manager.create(limited)).warm
+    await until(lambda: ready(manager) == 1, "the refill")
+    refill = next(iter(manager.warm.ready_ids()))
+    spec = runtime.specs[refill]
+    assert (spec.cpu_millis, spec.memory_bytes, spec.pids_limit) == (1000, 512 << 20, 300)
+    # Any create still claims it: its own limits are what the sandbox gets (Runtime.claim).
+    claimed = await manager.create(req("sb-l2"))
+    assert claimed.warm
+    assert runtime.specs[refill].cpu_millis is None

@@ -218,6 +218,7 @@ class SandboxManager:
             if state is None:
                 state = await self._create_cold(req)
         if self.warm is not None:
+            self.warm.learn_limits(req.image, req.cpu_millis, req.memory_bytes, req.pids_limit)
             self.warm.served(self._slot_kind(req))
         self.metrics.create_seconds.labels(mode="agent", warm=str(state.warm).lower()).observe(
             time.perf_counter() - began

@@ -32,6 +32,11 @@ Why it is shaped this way:
 - Every agent with the supervisor keeps slots, an agent Pod with every capability dropped
   and gVisor included: a claim does nothing to the sandbox from the agent's own process (the
   supervisor sets the hostname, containerd's shim the limits; runtime/warm_claim.py).
+- Limits under runc: a claim can change a slot's limits (containerd's `Tasks.Update`, one `runc
+  update`: 8–30 ms here, the largest step of a claim when taken), but need not. A slot is made
+  with the limits the last create of its image asked for (`learn_limits`: mostly the pool's
+  defaults, which the control plane fills in), so the next create asking the same skips it;
+  one asking other limits still claims the slot and pays the update.
 - Kinds: a slot is made for a `SlotKind` — an image, and where the runtime cannot change a
   running sandbox's limits (gVisor, `limits_fixed`), the limits too. There a create claims only
   a slot made with exactly its limits; pinned images get slots of the default limits, and a
@@ -110,6 +115,9 @@ class WarmSlots:
         self.recent_max = recent
         self.by_limits = limits_fixed(manager.settings.runtime)
         self._recent: OrderedDict[SlotKind, None] = OrderedDict()
+        # Image → the limits (cpu millis, memory bytes, pids; None = the default) of its last
+        # create: what its next slots are made with (runc; see the module doc).
+        self._limits: dict[str, tuple[int | None, int | None, int | None]] = {}
         self._ready: dict[SlotKind, deque[str]] = {}
         self._making: dict[SlotKind, int] = {}
         self._retiring: set[str] = set()
@@ -190,6 +198,17 @@ class WarmSlots:
             while len(self._recent) > self.recent_max:
                 self._recent.popitem(last=False)
         asyncio.get_running_loop().call_later(REFILL_DELAY_SECONDS, self.poke)
+
+    def learn_limits(self, image: str, cpu_millis: int, memory_bytes: int, pids_limit: int) -> None:
+        """A create of `image` asked for these limits (0 = the default): slots made from now
+        on have them, so a claim asking the same needs no limits update."""
+        if pids_limit == DEFAULT_PIDS_LIMIT:
+            pids_limit = 0
+        self._limits[normalize_image_ref(image)] = (
+            cpu_millis or None,
+            memory_bytes or None,
+            pids_limit or None,
+        )
 
     def take(self, kind: SlotKind) -> str | None:
         """A ready slot of `kind` (no await: atomic with the caller's capacity check)."""
@@ -388,11 +407,15 @@ class WarmSlots:
             net = await self._acquire_net(cid)
             if net is not None:
                 slot_labels.update(net_labels(net))  # adopted (then released) after a restart
+            if self.by_limits:
+                cpu, memory, pids = kind.cpu_millis, kind.memory_bytes, kind.pids_limit
+            else:
+                cpu, memory, pids = self._limits.get(image, (None, None, None))
             spec = replace(
                 manager.specs.container(cid, image, slot_labels, warm=True),
-                cpu_millis=kind.cpu_millis,
-                memory_bytes=kind.memory_bytes,
-                pids_limit=kind.pids_limit,
+                cpu_millis=cpu,
+                memory_bytes=memory,
+                pids_limit=pids,
             )
             if net is not None:
                 # In a Pod runc makes the namespace and the net's hook wires it (as cold).
