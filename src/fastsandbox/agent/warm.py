@@ -33,7 +33,7 @@ Why it is shaped this way:
   and gVisor included: a claim does nothing to the sandbox from the agent's own process (the
   supervisor sets the hostname, containerd's shim the limits; runtime/warm_claim.py).
 - Limits under runc: a claim can change a slot's limits (containerd's `Tasks.Update`, one `runc
-  update`: 8–30 ms here, the largest step of a claim when taken), but need not. A slot is made
+  update`: 8 to 30 ms here, the largest step of a claim when taken), but need not. A slot is made
   with the limits the last create of its image asked for (`learn_limits`: mostly the pool's
   defaults, which the control plane fills in), so the next create asking the same skips it;
   one asking other limits still claims the slot and pays the update.
