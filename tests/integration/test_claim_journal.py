@@ -24,7 +24,7 @@ import pytest
 from fastsandbox.agent.manager import SandboxManager
 from fastsandbox.agent.requests import SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerStatus
-from fastsandbox.agent.runtime.claim_records import SUFFIX
+from fastsandbox.agent.runtime.claim_records import unrecorded
 from fastsandbox.agent.runtime.containerd import ContainerdRuntime
 from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.api.labels import AGENT_LABEL, SANDBOX_ID_LABEL, WARM_SLOT_LABEL
@@ -116,8 +116,7 @@ async def test_a_claim_answered_before_its_record_survives_an_agent_restart(
         assert state.warm
         cid = first._container_id("it-journal-1")
         await asyncio.sleep(0.2)  # the refused write has run
-        entries = sorted(p.name for p in journal.glob(f"*{SUFFIX}"))
-        assert entries == [f"{cid}{SUFFIX}"]
+        assert set(unrecorded(journal)) == {cid}
         # containerd still holds the slot's record; the agent shows the sandbox.
         raw = await outside.get(cid)
         assert WARM_SLOT_LABEL in raw.labels and SANDBOX_ID_LABEL not in raw.labels
@@ -141,7 +140,7 @@ async def test_a_claim_answered_before_its_record_survives_an_agent_restart(
         assert recorded.labels[SANDBOX_ID_LABEL] == "it-journal-1"
         assert WARM_SLOT_LABEL not in recorded.labels
         assert recorded.status is ContainerStatus.RUNNING
-        assert not list(journal.glob(f"*{SUFFIX}"))
+        assert not unrecorded(journal)
         assert (await again.get("it-journal-1")).status is ContainerStatus.RUNNING
         defaults = await again_runtime.process_defaults(cid)
         assert ("V=world" in defaults.env, defaults.cwd) == (True, "/srv")
@@ -158,7 +157,7 @@ async def test_a_claim_answered_before_its_record_survives_an_agent_restart(
         while SANDBOX_ID_LABEL not in (await outside.get(cid2)).labels:
             assert time.monotonic() < deadline, "the record was never written"
             await asyncio.sleep(0.01)
-        while list(journal.glob(f"*{SUFFIX}")):
+        while unrecorded(journal):
             assert time.monotonic() < deadline, "the entry was never removed"
             await asyncio.sleep(0.01)
         assert await again.delete("it-journal-2")

@@ -278,7 +278,9 @@ class SandboxManager:
         with contextlib.suppress(FsbError):
             self._defaults[sandbox_id] = await self.runtime.process_defaults(slot)
         self.metrics.warm_slot_claims_total.labels(result="hit").inc()
-        log.info(
+        # Debug, not info: a formatted record costs 0.2 to 0.4 ms here, a tenth of a claim; the
+        # create's own events and metrics (warm hits) say the same.
+        log.debug(
             "sandbox created from a warm slot",
             extra={"agent": self.settings.name, "sandbox_id": sandbox_id, "slot": slot},
         )

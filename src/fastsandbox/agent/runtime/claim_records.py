@@ -7,9 +7,12 @@ Why it is shaped this way:
   with an fsync inside containerd: the largest step of a claim, and one the user's process does
   not need. The guarantee it gives is that an acknowledged create survives a kill -9 of the
   agent: a restarted agent must find the sandbox, never a warm slot to remove. A journal entry
-  gives the same before the answer, for a few syscalls: one small file per claim under the
-  runtime's state directory, written (temp file + rename, so it is whole or absent) after the
-  main process started, removed once containerd has the record.
+  gives the same before the answer, for one syscall: a line appended (`O_APPEND`, one `write`)
+  to `claims.log` under the runtime's state directory after the main process started, and a
+  `done` line once containerd has the record; the file is emptied whenever no record is in
+  flight. A file per claim cost 0.3 to 0.8 ms here (ext4 creates under load); an append to an
+  open file is tens of microseconds. A line cut short can only be the last one, by a process
+  that died writing it (before it answered): it is skipped.
 - No fsync: the entry must outlive the agent's process, which the page cache does. A host
   crash ends the sandbox itself (its processes do not survive a reboot); without the entry the
   restarted agent removes the container as an unclaimed slot and the control plane reads the
@@ -20,7 +23,8 @@ Why it is shaped this way:
   its records from the request label, and the first exec all see the sandbox at once.
 - A restarted runtime replays the entries before its first read (`replay`): a container still
   labelled a warm slot gets its record then. Entries name their containerd socket and namespace,
-  so a runtime sharing the directory (tests) never acts on another's.
+  so a runtime sharing the directory (test helpers, which never claim) never acts on another's;
+  one claiming runtime per directory (the agent's own).
 - The write retries while containerd is unavailable (the answer is given; giving up would leave a
   sandbox that reads as a warm slot); a container deleted meanwhile ends it.
 """
@@ -46,7 +50,11 @@ from fastsandbox.errors import FsbError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
-SUFFIX = ".claim.json"
+JOURNAL = "claims.log"
+# The record write starts this long after the claim: right away, its CPU (the record's JSON, the
+# RPC) and containerd's transaction would sit between the claim and its answer on the way out,
+# and the sandbox's first command comes just after that answer.
+RECORD_DELAY_SECONDS = 0.05
 # How long a delete waits for a record write in flight before removing the container anyway.
 SETTLE_SECONDS = 5.0
 _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0
@@ -73,8 +81,7 @@ class Claimed:
         return json.dumps(value, separators=(",", ":")).encode()
 
     @staticmethod
-    def from_json(data: bytes) -> Claimed:
-        value = json.loads(data)
+    def from_value(value: Mapping[str, Any]) -> Claimed:
         return Claimed(
             sandbox_id=str(value["sandbox_id"]),
             argv=[str(a) for a in value["argv"]],
@@ -109,6 +116,7 @@ def record_of(
 
 @dataclass(slots=True)
 class _Pending:
+    container: pb.CtdContainer
     claim: Claimed
     oci: Mapping[str, Any]
     task: asyncio.Task[None] | None = None
@@ -120,6 +128,7 @@ class ClaimRecords:
         self.directory = directory
         self.scope = scope
         self._pending: dict[str, _Pending] = {}
+        self._fd: int | None = None
         self._replayed = False
         self._replay_lock = asyncio.Lock()
 
@@ -129,12 +138,17 @@ class ClaimRecords:
         to containerd in the background. Raises OSError when the entry cannot be written."""
         cid = container.id
         claim = replace(claim, scope=self.scope, container_id=cid)
-        self._write_entry(cid, claim.to_json())
-        pending = _Pending(claim, oci)
+        self._append(b'{"claim":' + claim.to_json() + b"}\n")
+        pending = _Pending(container, claim, oci)
         self._pending[cid] = pending
-        pending.task = asyncio.get_running_loop().create_task(
-            self._record(container, pending), name=f"claim record {cid}"
-        )
+        asyncio.get_running_loop().call_later(RECORD_DELAY_SECONDS, self._start_record, pending)
+
+    def _start_record(self, pending: _Pending) -> None:
+        cid = pending.container.id
+        if self._pending.get(cid) is pending and pending.task is None:
+            pending.task = asyncio.get_running_loop().create_task(
+                self._record(pending), name=f"claim record {cid}"
+            )
 
     def overlay(self, state: ContainerState) -> ContainerState:
         """`state` with the labels its record will hold once written."""
@@ -166,11 +180,11 @@ class ClaimRecords:
                 async with asyncio.timeout(SETTLE_SECONDS):
                     await asyncio.shield(pending.task)
             pending.task.cancel()
-        self._pending.pop(container_id, None)
-        self._remove_entry(container_id)
+        if self._pending.pop(container_id, None) is not None:
+            self._done(container_id)
 
-    async def _record(self, container: pb.CtdContainer, pending: _Pending) -> None:
-        cid = container.id
+    async def _record(self, pending: _Pending) -> None:
+        container, cid = pending.container, pending.container.id
         delay = _RETRY_FIRST
         try:
             while True:
@@ -196,7 +210,7 @@ class ClaimRecords:
             return
         if self._pending.get(cid) is pending:
             del self._pending[cid]
-            self._remove_entry(cid)
+            self._done(cid)
 
     # -- after a restart ------------------------------------------------------------------------
     async def replay(self) -> None:
@@ -207,30 +221,22 @@ class ClaimRecords:
         async with self._replay_lock:
             if self._replayed:
                 return
-            for path in sorted(self.directory.glob(f"*{SUFFIX}")):
-                await self._replay_one(path)
+            left = unrecorded(self.directory)
+            foreign = False
+            for cid, claim in left.items():
+                if claim.scope != self.scope:
+                    foreign = True  # another containerd's or namespace's: not ours to touch
+                elif cid not in self._pending:
+                    await self._replay_one(cid, claim)
+            if left and not foreign and not self._pending:
+                self._truncate()
             self._replayed = True
 
-    async def _replay_one(self, path: Path) -> None:
-        try:
-            claim = Claimed.from_json(path.read_bytes())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning(
-                "unreadable claim entry removed", extra={"path": str(path), "err": str(exc)}
-            )
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            return
-        if claim.scope != self.scope or not claim.container_id:
-            return  # another runtime's (another containerd or namespace)
-        cid = claim.container_id
-        if cid in self._pending:
-            return
+    async def _replay_one(self, cid: str, claim: Claimed) -> None:
         try:
             container = await self._api.get_container(cid)
         except NotFound:
-            self._remove_entry(cid)
-            return
+            return  # removed since: nothing to record
         if labels.WARM_SLOT_LABEL in container.labels:
             oci = json.loads(container.spec.value or b"{}")
             await self._api.update_container(record_of(container, oci, claim), ["labels", "spec"])
@@ -238,34 +244,64 @@ class ClaimRecords:
                 "recorded a claim answered before a restart",
                 extra={"sandbox": cid, "sandbox_id": claim.sandbox_id},
             )
-        self._remove_entry(cid)
 
     async def close(self) -> None:
-        """Let records in flight finish (bounded); what is left stays journalled."""
+        """Write the records not written yet and let them finish (bounded); what is left stays
+        journalled."""
+        for pending in list(self._pending.values()):
+            self._start_record(pending)
         tasks = [p.task for p in self._pending.values() if p.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=SETTLE_SECONDS)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     # -- the journal ----------------------------------------------------------------------------
-    def _path(self, container_id: str) -> Path:
-        return self.directory / f"{container_id}{SUFFIX}"
-
-    def _write_entry(self, container_id: str, data: bytes) -> None:
-        path = self._path(container_id)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
+    def _open(self) -> int:
+        if self._fd is None:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            self._fd = os.open(self.directory / JOURNAL, flags, 0o600)
+        return self._fd
 
-    def _remove_entry(self, container_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(container_id).unlink()
+    def _append(self, line: bytes) -> None:
+        """One `write` of a whole line (appends of one write do not interleave)."""
+        written = os.write(self._open(), line)
+        if written != len(line):
+            raise OSError(f"claim journal: short write ({written} of {len(line)} bytes)")
+
+    def _done(self, container_id: str) -> None:
+        try:
+            if self._pending:
+                self._append(json.dumps({"done": container_id}).encode() + b"\n")
+            else:
+                self._truncate()  # nothing in flight: nothing to replay
+        except OSError as exc:
+            # A replay would find the record already written and do nothing more.
+            log.warning(
+                "claim journal not updated", extra={"sandbox": container_id, "err": str(exc)}
+            )
+
+    def _truncate(self) -> None:
+        os.ftruncate(self._open(), 0)
+
+
+def unrecorded(directory: Path) -> dict[str, Claimed]:
+    """The claims journalled in `directory` with no `done` after them, by container id."""
+    try:
+        data = (directory / JOURNAL).read_bytes()
+    except FileNotFoundError:
+        return {}
+    claims: dict[str, Claimed] = {}
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+            if "claim" in entry:
+                claim = Claimed.from_value(entry["claim"])
+                claims[claim.container_id] = claim
+            elif "done" in entry:
+                claims.pop(str(entry["done"]), None)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # cut short: its writer died before it answered
+    return claims
