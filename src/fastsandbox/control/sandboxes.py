@@ -608,6 +608,9 @@ class SandboxService(SandboxDeletion):
         status.observed_reset_revision = sb.spec.reset_revision
         status.conditions = [c for c in status.conditions if c.type not in _RESET_ON_START]
         set_condition(status, "Ready", True, reason="Started")
+        # The agent has just answered: the reconciler's first pass over this record then finds
+        # nothing to write (one store write, watch event and pass fewer per create).
+        set_condition(status, "AgentReachable", True, reason="Started")
         self.keys[status.container_id] = (sb.metadata.namespace, sb.metadata.name)
 
     async def _remove_container(self, allocation: Allocation) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import builtins
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
 from fastsandbox._aio.to_the_end import to_the_end
@@ -120,6 +120,19 @@ class StoreCore(abc.ABC):
         async with self._write_lock:
             self._check_open()
             await to_the_end(self._keep_event(event))
+
+    async def record_events(self, events: Sequence[Event]) -> None:
+        """`record_event` of each (in order) as one write (`store.base.EventBatches`)."""
+        for event in events:
+            check_event_kind(event.kind)
+        async with self._write_lock:
+            self._check_open()
+            await to_the_end(self._keep_events(events))
+
+    async def _keep_events(self, events: Sequence[Event]) -> None:
+        """Keep each of `events` in order; a backend with transactions does it in one."""
+        for event in events:
+            await self._keep_event(event)
 
     async def list_events(
         self, kind: str, namespace: str, name: str, limit: int = DEFAULT_EVENT_LIMIT

@@ -35,15 +35,18 @@ side record for diagnostics, not objects: no resourceVersion, no watch, best eff
   `NotFound`) for an object without any.
 - A backend keeps about the last `MAX_EVENTS_PER_OBJECT` events of each object and drops them
   all when the object is removed.
+- A backend may also take several events at once (`EventBatches.record_events`: as many
+  `record_event`s in order, in one write): a burst of creates records two events each, and one
+  write per event was one hand-off to the database's thread per event.
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from fastsandbox.api.models import Event, Sandbox, SandboxPool
 
@@ -115,3 +118,13 @@ class ObjectStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class EventBatches(Protocol):
+    """A store that writes several events as one write (SQLite: one transaction)."""
+
+    async def record_events(self, events: Sequence[Event]) -> None:
+        """`record_event` of each, in order, as one write; raises `Unavailable` when the store
+        fails (then none of them is kept)."""
+        ...

@@ -23,7 +23,9 @@ Recently read or written bodies are also kept in memory (`_bodies`, at most `BOD
 so a `get` — two per create, one per exec to find the sandbox's agent — is answered without a
 hop to the reader's thread. That is coherent because every change passes through this process:
 a commit replaces (or drops) the entry as soon as it is committed, and a read from the file
-fills it only when no commit happened while it was reading.
+fills it only when no commit happened while it was reading. The keys of every stored object are
+kept in memory too (`_keys`, read once at open, changed by each commit), so a `get` of a name
+nobody holds — every create's name-free check — is answered NotFound without reading the file.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,7 @@ class SqliteStore(StoreCore):
         history: int,
         bookmark_interval: float,
         write_delay: WriteDelay | None = None,
+        keys: set[tuple[str, str, str]] | None = None,
     ) -> None:
         """Use `SqliteStore.open`."""
         super().__init__(
@@ -153,6 +156,8 @@ class SqliteStore(StoreCore):
         self._trim_batch = max(1, history // 10)
         # (kind, namespace, name) -> body, or None for "not stored" (a get of a free name).
         self._bodies: dict[tuple[str, str, str], str | None] = {}
+        # (kind, namespace, name) of every stored object; None: unknown (read the file).
+        self._keys = keys
         self._write_delay = write_delay
 
     @classmethod
@@ -201,6 +206,8 @@ class SqliteStore(StoreCore):
                     "SELECT resource_version, trimmed_resource_version FROM meta WHERE id = 0"
                 )
                 resource_version, trimmed = next(iter(rows))
+                stored = await writer.execute_fetchall("SELECT kind, namespace, name FROM objects")
+                keys = {(str(k), str(ns), str(n)) for k, ns, n in stored}
                 reader = await aiosqlite.connect(path, isolation_level=None)
                 await reader.execute("PRAGMA busy_timeout = 5000")
                 await reader.execute("PRAGMA query_only = ON")
@@ -222,6 +229,7 @@ class SqliteStore(StoreCore):
             history=history,
             bookmark_interval=bookmark_interval,
             write_delay=write_delay,
+            keys=keys,
         )
 
     # -- primitives ------------------------------------------------------------------------
@@ -231,6 +239,8 @@ class SqliteStore(StoreCore):
             return self._bodies[key]
         except KeyError:
             pass
+        if self._keys is not None and key not in self._keys:
+            return None  # nothing by that name: no need to read the file
         before = self._rv
         rows = await self._rows(
             self._reader,
@@ -284,10 +294,20 @@ class SqliteStore(StoreCore):
             await self._apply_rows(write)
         except BaseException:
             self._bodies.pop(key, None)
+            if self._keys is not None:
+                # It may have been written after all: being in `_keys` only means "read the
+                # file", which tells.
+                self._keys.add(key)
             raise
         # No await from here to the core's counter bump: a read that began before this commit
         # sees the counter move and does not put back what it read.
-        self._remember(key, None if write.event is EventType.DELETED else write.body)
+        gone = write.event is EventType.DELETED
+        self._remember(key, None if gone else write.body)
+        if self._keys is not None:
+            if gone:
+                self._keys.discard(key)
+            else:
+                self._keys.add(key)
 
     async def _apply_rows(self, write: Write) -> None:
         rv = write.resource_version
@@ -343,6 +363,15 @@ class SqliteStore(StoreCore):
         if self._write_delay is not None:
             await self._write_delay.before_write()
         await self._transaction(self._keep_event_sync, event)
+
+    async def _keep_events(self, events: Sequence[Event]) -> None:
+        if self._write_delay is not None:
+            await self._write_delay.before_write()
+        await self._transaction(self._keep_events_sync, events)
+
+    def _keep_events_sync(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+        for event in events:
+            self._keep_event_sync(conn, event)
 
     def _keep_event_sync(self, conn: sqlite3.Connection, event: Event) -> None:
         key = (event.kind, event.namespace, event.name)
