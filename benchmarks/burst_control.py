@@ -103,7 +103,7 @@ class ProcessFleet:
         state.mkdir(parents=True, exist_ok=True)
         ip = f"10.99.0.{len(self._procs) + 2}"
         log = (state / "agent.log").open("wb")
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: ASYNC220 - a spawn, not a wait
             [sys.executable, __file__, "--agent", str(state), name, meta.name,
              str(spec.max_sandboxes_per_agent), ip],
             stdout=subprocess.DEVNULL, stderr=log,
@@ -310,8 +310,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--profile", type=Path, default=None)
-    parser.add_argument("--cprofile", type=Path, default=None,
-                        help="cProfile the server's creates (all rounds) into this pstats file")  # fmt: skip
+    parser.add_argument(
+        "--cprofile", type=Path, default=None, help="cProfile the creates (one round) into this"
+    )
     parser.add_argument("--agent", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--serve", nargs=4, metavar=("ROOT", "PORT", "AGENTS", "PER"),
                         help=argparse.SUPPRESS)  # fmt: skip
@@ -397,8 +398,8 @@ def main() -> int:
             agent_ms.append((a1 - a0) * 1000 / args.count)
             main_ms.append((m1 - m0) * 1000 / args.count)
             print(f"  round {r}: all replied {took:7.1f} ms; CPU per create: server "
-                  f"{server_ms[-1]:.2f} ms (event loop {main_ms[-1]:.2f}), agents {agent_ms[-1]:.2f} ms, client "
-                  f"{client_ms[-1]:.2f} ms")  # fmt: skip
+                  f"{server_ms[-1]:.2f} ms (event loop {main_ms[-1]:.2f}), agents "
+                  f"{agent_ms[-1]:.2f} ms, client {client_ms[-1]:.2f} ms")  # fmt: skip
             asyncio.run(_delete_all(endpoint, ca, args.count, str(r)))
         for name, values in (
             ("all replied (ms)", walls),
