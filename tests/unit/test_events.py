@@ -251,6 +251,8 @@ async def wait_events(plane: Plane, name: str, *wanted: str, timeout: float = 5.
 
 async def test_create_and_exit_are_recorded(plane: Plane) -> None:
     reply = await plane.create("ex")
+    # Fast: the record (and then its events) is stored just after the answer.
+    await wait_events(plane, "ex", "Scheduled", "Started")
     got = await events_of(plane, "ex")
     assert [e.reason for e in got] == ["Scheduled", "Started"]
     assert reply.agent in got[0].message and reply.container_id in got[1].message

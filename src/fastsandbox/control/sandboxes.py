@@ -58,6 +58,7 @@ from fastsandbox.control.create_request import (
 )
 from fastsandbox.control.events import EventRecorder
 from fastsandbox.control.limits import Limits, effective_limits, server_defaults
+from fastsandbox.control.record_batch import RecordBatcher
 from fastsandbox.control.registry import Allocation, Registry
 from fastsandbox.control.sandbox_delete import SandboxDeletion
 from fastsandbox.errors import (
@@ -142,6 +143,8 @@ class SandboxService(SandboxDeletion):
         self.scale_wait_seconds = scale_wait_seconds
         # Fast creates answered and not stored yet, and the tasks storing them.
         self.unstored: dict[Key, Sandbox] = {}
+        # Their records go to the store together (one write for those answered meanwhile).
+        self.records = RecordBatcher(store)
         self._persisting: set[asyncio.Task[Sandbox]] = set()
         # With replicas (Kubernetes): the watch cache read before placement; None: the store.
         self.cache: ReadCache | None = None
@@ -357,7 +360,7 @@ class SandboxService(SandboxDeletion):
         delay = 0.05
         while True:
             try:
-                stored = await self.store.create(sb)
+                stored = await self.records.create(sb)
                 break
             except AlreadyExists:
                 current = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
