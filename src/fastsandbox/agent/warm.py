@@ -15,7 +15,10 @@ Why it is shaped this way:
   when no room is left it retires a slot (of the least hot image) to make room. Slots being made
   or removed are counted as used (`busy`): they hold resources no create can claim.
 - Refill runs in one background task, one slot at a time, never on a request's path; a create
-  only pokes it.
+  only pokes it. It also yields to creates: a slot is made only once no create has been served
+  for `REFILL_QUIET_SECONDS` (or the refill has waited `REFILL_MAX_DEFER_SECONDS`), so a burst
+  of claims does not share its CPU with the containers made to replace them (a slot costs
+  a whole cold create: shim, `runc create`, snapshot).
 - Container ids never change in containerd, so a claimed slot keeps its id (`w-<hex>`): the
   manager maps sandbox id → container id, rebuilt after a restart from the sandbox-id label
   the claim records. Channel directories and log files are named by container id.
@@ -49,6 +52,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -71,7 +75,11 @@ log = logging.getLogger(__name__)
 
 SLOT_PREFIX = "w-"
 RETRY_SECONDS = 2.0
-REFILL_DELAY_SECONDS = 0.02
+# The refill waits for this long without a served create before it makes a slot (a burst's
+# creates come every few milliseconds) ...
+REFILL_QUIET_SECONDS = 0.2
+# ... but never longer than this, so a steady stream of creates still gets its slots back.
+REFILL_MAX_DEFER_SECONDS = 2.0
 
 
 class ClaimUncertain(RuntimeFailure):
@@ -128,6 +136,9 @@ class WarmSlots:
         # Cold creates waiting for an address a retired slot gives back: refill keeps off it.
         self._address_waiters = 0
         self._wake = asyncio.Event()
+        # time.monotonic() of the last served create (the refill keeps out of its way).
+        self.clock: Callable[[], float] = time.monotonic
+        self._last_served = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Task[None]] = set()
 
@@ -190,14 +201,15 @@ class WarmSlots:
     # -- claims ---------------------------------------------------------------------------------
     def served(self, kind: SlotKind) -> None:
         """A create of `kind` was served (from a slot or cold): it is hot now. The refill
-        starts a moment later, so its synchronous work (specs, records) does not hold up the
-        answer still on its way out through this event loop."""
+        waits until creates stop coming (`_quiet`), so neither its synchronous work nor the
+        slot's container competes with the answers of a burst."""
         if self.recent_max > 0:
             self._recent.pop(kind, None)
             self._recent[kind] = None
             while len(self._recent) > self.recent_max:
                 self._recent.popitem(last=False)
-        asyncio.get_running_loop().call_later(REFILL_DELAY_SECONDS, self.poke)
+        self._last_served = self.clock()
+        self.poke()
 
     def learn_limits(self, image: str, cpu_millis: int, memory_bytes: int, pids_limit: int) -> None:
         """A create of `image` asked for these limits (0 = the default): slots made from now
@@ -379,6 +391,11 @@ class WarmSlots:
                 self.retire_all()
                 continue
             while (kind := self._next_kind(self._room())) is not None:
+                if await self._quiet():
+                    # Room and kinds may have changed while it waited.
+                    kind = self._next_kind(self._room())
+                    if kind is None:
+                        break
                 try:
                     await self._make(kind)
                 except asyncio.CancelledError:
@@ -390,6 +407,19 @@ class WarmSlots:
                     )
                     await asyncio.sleep(RETRY_SECONDS)
                     break
+
+    async def _quiet(self) -> bool:
+        """Wait until no create was served for REFILL_QUIET_SECONDS, at most
+        REFILL_MAX_DEFER_SECONDS from the first wait; True when it waited."""
+        waited = False
+        deadline = self.clock() + REFILL_MAX_DEFER_SECONDS
+        while True:
+            now = self.clock()
+            left = min(self._last_served + REFILL_QUIET_SECONDS, deadline) - now
+            if left <= 0:
+                return waited
+            waited = True
+            await asyncio.sleep(min(left, REFILL_QUIET_SECONDS))
 
     async def _make(self, kind: SlotKind) -> None:
         manager = self.manager
