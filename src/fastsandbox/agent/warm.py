@@ -36,6 +36,11 @@ Why it is shaped this way:
   running sandbox's limits (gVisor, `limits_fixed`), the limits too. There a create claims only
   a slot made with exactly its limits; pinned images get slots of the default limits, and a
   served create makes its own kind hot.
+- Default limits: slots are made with the limits a create of the pool's defaults asks for
+  (`--slot-cpu-millis`/`--slot-memory-bytes`/`--slot-pids`, which the fleets fill from the
+  pool's `sandboxDefaults` and the control plane's defaults), so the common claim changes no
+  limit: no `Tasks.Update`, no `runc update` process on the request's path. Under runc a
+  create asking other limits still claims a slot of its image (the claim changes them).
 """
 
 from __future__ import annotations
@@ -106,9 +111,14 @@ class WarmSlots:
     ) -> None:
         self.manager = manager
         self.per_image = per_image
-        self.pinned = [SlotKind(normalize_image_ref(i)) for i in images]
         self.recent_max = recent
-        self.by_limits = limits_fixed(manager.settings.runtime)
+        s = manager.settings
+        self.by_limits = limits_fixed(s.runtime)
+        # What a slot is made with when its kind does not say (runc: every slot).
+        self.defaults = self._limits("", s.slot_cpu_millis, s.slot_memory_bytes, s.slot_pids)
+        self.pinned = [
+            self.kind(i, s.slot_cpu_millis, s.slot_memory_bytes, s.slot_pids) for i in images
+        ]
         self._recent: OrderedDict[SlotKind, None] = OrderedDict()
         self._ready: dict[SlotKind, deque[str]] = {}
         self._making: dict[SlotKind, int] = {}
@@ -135,6 +145,13 @@ class WarmSlots:
         image = normalize_image_ref(image)
         if not self.by_limits:
             return SlotKind(image)
+        return self._limits(image, cpu_millis, memory_bytes, pids_limit)
+
+    @staticmethod
+    def _limits(
+        image: str, cpu_millis: int | None, memory_bytes: int | None, pids_limit: int | None
+    ) -> SlotKind:
+        """Limits as a slot is made with them: 0 and None alike, the default pids as None."""
         if pids_limit == DEFAULT_PIDS_LIMIT:
             pids_limit = None  # what a slot of the defaults has
         return SlotKind(image, cpu_millis or None, memory_bytes or None, pids_limit or None)
@@ -388,11 +405,12 @@ class WarmSlots:
             net = await self._acquire_net(cid)
             if net is not None:
                 slot_labels.update(net_labels(net))  # adopted (then released) after a restart
+            limits = kind if self.by_limits else self.defaults
             spec = replace(
                 manager.specs.container(cid, image, slot_labels, warm=True),
-                cpu_millis=kind.cpu_millis,
-                memory_bytes=kind.memory_bytes,
-                pids_limit=kind.pids_limit,
+                cpu_millis=limits.cpu_millis,
+                memory_bytes=limits.memory_bytes,
+                pids_limit=limits.pids_limit,
             )
             if net is not None:
                 # In a Pod runc makes the namespace and the net's hook wires it (as cold).
