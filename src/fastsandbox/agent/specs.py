@@ -28,9 +28,6 @@ class SpecBuilder:
     def __init__(self, settings: AgentSettings, channels: ChannelHub | None) -> None:
         self.settings = settings
         self.channels = channels
-        # Read once: it reads /proc/self/status (0.1 ms a read, twice per claim), and the
-        # agent's capabilities do not change while it runs.
-        self.disk_limit = settings.enforces_disk_limit
 
     @property
     def log_dir(self) -> Path:
@@ -69,7 +66,7 @@ class SpecBuilder:
             memory_bytes=req.memory_bytes or None,
             pids_limit=req.pids_limit or None,
             log_max_bytes=self.log_cap(req.log_max_bytes),
-            disk_bytes=self.disk(req.disk_bytes) if self.disk_limit else None,
+            disk_bytes=self.disk(req.disk_bytes) if self.settings.enforces_disk_limit else None,
         )
 
     def container(
@@ -91,7 +88,7 @@ class SpecBuilder:
             log_max_bytes=self.settings.log_max_bytes,
             # A warm slot's layer is made at the agent's default size; `sandbox` sets the
             # request's.
-            disk_bytes=self.disk(0) if self.disk_limit else None,
+            disk_bytes=self.disk(0) if self.settings.enforces_disk_limit else None,
             logger_path=str(self.settings.logger_path) if self.settings.logger_path else None,
             warm=warm,
         )

@@ -58,7 +58,7 @@ from fastsandbox.agent.runtime.base import (
     ProcessDefaults,
 )
 from fastsandbox.agent.runtime.claim_records import Claimed, ClaimRecords
-from fastsandbox.agent.runtime.disk import WritableLayers, with_upper
+from fastsandbox.agent.runtime.disk import TASK_BUNDLES, WritableLayers
 from fastsandbox.agent.runtime.image_config import (
     ImageConfig,
     chain_id,
@@ -204,6 +204,7 @@ class ContainerdRuntime:
         pull_timeout: float = 900.0,
         shim_group: str | None = None,
         apparmor: AppArmor | None = None,
+        containerd_state: Path | None = None,
     ) -> None:
         self.socket = str(socket)
         self.namespace = namespace
@@ -223,7 +224,10 @@ class ContainerdRuntime:
         self.apparmor = apparmor or AppArmor()
         # Removals of what a failed create left, retried while containerd does not answer.
         self._cleanups: set[asyncio.Task[None]] = set()
-        self._layers = WritableLayers(self.state_dir / "disks")
+        # containerd's state dir known: its shim mounts each sandbox's size-limited layer, so
+        # the agent needs no mount privilege (agent/runtime/disk.py; a Kubernetes agent Pod).
+        bundles = containerd_state / TASK_BUNDLES / namespace if containerd_state else None
+        self._layers = WritableLayers(self.state_dir / "disks", bundle_root=bundles)
         # Warm containers this process made: their record, its OCI spec parsed, image config
         # and task pid, so a claim reads (and decodes) nothing before it starts the main process.
         self._warm: dict[str, tuple[pb.CtdContainer, dict[str, Any], ImageConfig, int]] = {}
@@ -441,7 +445,7 @@ class ContainerdRuntime:
             mounts = await self._prepare_snapshot(spec.id, image.chain_id)
             if spec.disk_bytes is not None:
                 layer = await self._layers.make(spec.id, spec.disk_bytes)
-                mounts = with_upper(mounts, layer)
+                mounts = self._layers.rootfs(spec.id, mounts, layer)
             uri = log_uri(spec)
             Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
             created = await self._api.create_task(
