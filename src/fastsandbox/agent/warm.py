@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 SLOT_PREFIX = "w-"
 RETRY_SECONDS = 2.0
+REFILL_DELAY_SECONDS = 0.02
 # The refill waits for this long without a served create before it makes a slot (a burst's
 # creates come every few milliseconds) ...
 REFILL_QUIET_SECONDS = 0.2
@@ -193,15 +194,15 @@ class WarmSlots:
     # -- claims ---------------------------------------------------------------------------------
     def served(self, kind: SlotKind) -> None:
         """A create of `kind` was served (from a slot or cold): it is hot now. The refill
-        waits until creates stop coming (`_quiet`), so neither its synchronous work nor the
-        slot's container competes with the answers of a burst."""
+        starts a moment later, so its synchronous work (specs, records) does not hold up the
+        answer still on its way out through this event loop."""
+        self._last_served = self.clock()  # the refill keeps out of a burst's way (`_quiet`)
         if self.recent_max > 0:
             self._recent.pop(kind, None)
             self._recent[kind] = None
             while len(self._recent) > self.recent_max:
                 self._recent.popitem(last=False)
-        self._last_served = self.clock()
-        self.poke()
+        asyncio.get_running_loop().call_later(REFILL_DELAY_SECONDS, self.poke)
 
     def take(self, kind: SlotKind) -> str | None:
         """A ready slot of `kind` (no await: atomic with the caller's capacity check)."""
