@@ -23,11 +23,14 @@ DELETE_GRACE_SECONDS: Final = 10.0
 """SIGTERM → SIGKILL grace on sandbox delete when the request gives none."""
 CONTAINERD_SOCKET: Final = Path("/run/containerd/containerd.sock")
 """The system containerd's socket."""
+CONTAINERD_STATE: Final = Path("/run/containerd")
+"""The system containerd's state dir (`state` in its config): where its task bundles are."""
 JANITOR_INTERVAL_SECONDS: Final = 10.0
 """How often the janitor looks for orphaned containers, snapshots, logs and FIFOs."""
 DEFAULT_SANDBOX_DISK: Final = "1Gi"
 """Writable-layer limit of a sandbox that asks for none (a quantity; sparse: only what is
 written costs disk). There is no "unlimited": 0 on the wire means this default."""
+DEFAULT_DISK_BYTES: Final = int(bytes_exact(DEFAULT_SANDBOX_DISK))
 IMAGE_CACHE_MAX: Final = "20Gi"
 """Default disk budget of a node's image cache (compressed blobs; unpacked layers come on top)."""
 IMAGE_CACHE_MAX_BYTES: Final = int(bytes_exact(IMAGE_CACHE_MAX))
@@ -220,6 +223,9 @@ class ControllerSettings(SandboxDefaults):
     `insecure_registries`. A sandbox or pool naming another is refused (INVALID_ARGUMENT)."""
     containerd_namespace: str = "k8s.io"
     """containerd namespace the agents use: the node's image cache."""
+    node_containerd_state: Path = CONTAINERD_STATE
+    """The nodes' containerd state dir: the agent Pods' shims mount each sandbox's
+    size-limited writable layer under it (agent/runtime/disk.py)."""
     agent_sync_seconds: float = 2.0
     """How often every replica lists agent Pods (agents another replica started or stopped)."""
     metrics_listen: str | None = None
@@ -271,8 +277,9 @@ class AgentSettings:
     each line and caps the log. None = containerd's `file://` (one uncapped file, streams mixed)."""
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     """Cap of one sandbox's captured output when its spec asks for none (newest kept)."""
-    default_disk_bytes: int = int(bytes_exact(DEFAULT_SANDBOX_DISK))
-    """Writable-layer limit of a sandbox whose request says 0 (never unlimited)."""
+    default_disk_bytes: int = DEFAULT_DISK_BYTES
+    """Writable-layer limit of a sandbox whose request says 0 (never unlimited); also the
+    size a warm slot's layer is made at (the fleets pass the pool's default)."""
     version: str = ""
     token: str | None = None
     """Bearer token every call must carry. Required on a HOST:PORT listen address (anyone who
@@ -283,6 +290,10 @@ class AgentSettings:
     tls_cert: Path | None = None
     """Serve HOST:PORT with TLS: this PEM certificate (with `tls_key`); None: plaintext."""
     tls_key: Path | None = None
+    containerd_state: Path | None = None
+    """containerd's state dir as containerd sees it. Set, the writable-layer limit is mounted by
+    containerd's shim (the agent needs no mount privilege: a Kubernetes agent Pod); None, the
+    agent mounts it itself, where it can (`can_mount`)."""
     pod_uid: str | None = None
     """Running in this Kubernetes Pod: sandboxes join the Pod's network namespace and cgroup
     (found through its CRI sandbox in containerd; these override `netns_path` and
@@ -296,15 +307,25 @@ class AgentSettings:
     """Images always hot (the pool's prewarmImages)."""
     warm_recent: int = 1
     """How many of the most recently served images are hot too."""
+    slot_cpu_millis: int | None = None
+    slot_memory_bytes: int | None = None
+    slot_pids: int | None = None
+    """The limits warm slots are made with: those a create of the pool's defaults asks for (the
+    fleets pass them), so that create claims a slot with no `runc update`. None: no cpu or
+    memory limit, the default pids limit. A create asking other limits still claims a slot
+    (they are changed through containerd), except under gVisor (`agent/warm.py`, kinds)."""
     log: LogSettings = field(default_factory=LogSettings)
 
     @property
     def enforces_disk_limit(self) -> bool:
         """Whether sandboxes get a size-limited writable layer (a loop-mounted file system per
-        sandbox, agent/runtime/disk.py). Not in a Kubernetes Pod: the agent Pod is unprivileged
-        and cannot mount, and a mount in its namespace would not reach containerd's shim anyway
-        (docs/security.md, "What is not covered"). Nor anywhere else the agent cannot mount (no
-        CAP_SYS_ADMIN: an agent in a plain container): every create would fail with EPERM."""
+        sandbox, agent/runtime/disk.py). With `containerd_state` the shim mounts it, which needs
+        nothing of the agent (a Kubernetes agent Pod). Otherwise the agent mounts it, so not in
+        a Pod (its mounts would live in the Pod's mount namespace, out of the shim's sight) nor
+        anywhere else the agent cannot mount (no CAP_SYS_ADMIN: every create would fail with
+        EPERM)."""
+        if self.containerd_state is not None:
+            return True
         return self.pod_uid is None and can_mount()
 
     @property

@@ -35,10 +35,20 @@ Why it is shaped this way:
 - Every agent with the supervisor keeps slots, an agent Pod with every capability dropped
   and gVisor included: a claim does nothing to the sandbox from the agent's own process (the
   supervisor sets the hostname, containerd's shim the limits; runtime/warm_claim.py).
+- Limits under runc: a claim can change a slot's limits (containerd's `Tasks.Update`, one `runc
+  update`: 8 to 30 ms here, the largest step of a claim when taken), but need not. A slot is made
+  with the limits the last create of its image asked for (`learn_limits`), and before any
+  create with the pool's defaults (below), so the next create asking the same skips it; one
+  asking other limits still claims the slot and pays the update.
 - Kinds: a slot is made for a `SlotKind` — an image, and where the runtime cannot change a
   running sandbox's limits (gVisor, `limits_fixed`), the limits too. There a create claims only
   a slot made with exactly its limits; pinned images get slots of the default limits, and a
   served create makes its own kind hot.
+- Default limits: slots are made with the limits a create of the pool's defaults asks for
+  (`--slot-cpu-millis`/`--slot-memory-bytes`/`--slot-pids`, which the fleets fill from the
+  pool's `sandboxDefaults` and the control plane's defaults), so the common claim changes no
+  limit: no `Tasks.Update`, no `runc update` process on the request's path. Under runc a
+  create asking other limits still claims a slot of its image (the claim changes them).
 """
 
 from __future__ import annotations
@@ -116,10 +126,18 @@ class WarmSlots:
     ) -> None:
         self.manager = manager
         self.per_image = per_image
-        self.pinned = [SlotKind(normalize_image_ref(i)) for i in images]
         self.recent_max = recent
-        self.by_limits = limits_fixed(manager.settings.runtime)
+        s = manager.settings
+        self.by_limits = limits_fixed(s.runtime)
+        # What a slot is made with when its kind does not say (runc: every slot).
+        self.defaults = self._kind_of("", s.slot_cpu_millis, s.slot_memory_bytes, s.slot_pids)
+        self.pinned = [
+            self.kind(i, s.slot_cpu_millis, s.slot_memory_bytes, s.slot_pids) for i in images
+        ]
         self._recent: OrderedDict[SlotKind, None] = OrderedDict()
+        # Image → the limits of its last create: what its next slots are made with (runc; see
+        # the module doc). An image no create asked for yet gets `defaults`.
+        self._asked: dict[str, SlotKind] = {}
         self._ready: dict[SlotKind, deque[str]] = {}
         self._making: dict[SlotKind, int] = {}
         self._retiring: set[str] = set()
@@ -148,6 +166,13 @@ class WarmSlots:
         image = normalize_image_ref(image)
         if not self.by_limits:
             return SlotKind(image)
+        return self._kind_of(image, cpu_millis, memory_bytes, pids_limit)
+
+    @staticmethod
+    def _kind_of(
+        image: str, cpu_millis: int | None, memory_bytes: int | None, pids_limit: int | None
+    ) -> SlotKind:
+        """Limits as a slot is made with them: 0 and None alike, the default pids as None."""
         if pids_limit == DEFAULT_PIDS_LIMIT:
             pids_limit = None  # what a slot of the defaults has
         return SlotKind(image, cpu_millis or None, memory_bytes or None, pids_limit or None)
@@ -204,6 +229,12 @@ class WarmSlots:
                 self._recent.popitem(last=False)
         self._last_served = self.clock()  # the refill keeps out of a burst's way (`_quiet`)
         asyncio.get_running_loop().call_later(REFILL_DELAY_SECONDS, self.poke)
+
+    def learn_limits(self, image: str, cpu_millis: int, memory_bytes: int, pids_limit: int) -> None:
+        """A create of `image` asked for these limits (0 = the default): slots made from now
+        on have them, so a claim asking the same needs no limits update."""
+        image = normalize_image_ref(image)
+        self._asked[image] = self._kind_of(image, cpu_millis, memory_bytes, pids_limit)
 
     def take(self, kind: SlotKind) -> str | None:
         """A ready slot of `kind` (no await: atomic with the caller's capacity check)."""
@@ -420,11 +451,12 @@ class WarmSlots:
             net = await self._acquire_net(cid)
             if net is not None:
                 slot_labels.update(net_labels(net))  # adopted (then released) after a restart
+            limits = kind if self.by_limits else self._asked.get(image, self.defaults)
             spec = replace(
                 manager.specs.container(cid, image, slot_labels, warm=True),
-                cpu_millis=kind.cpu_millis,
-                memory_bytes=kind.memory_bytes,
-                pids_limit=kind.pids_limit,
+                cpu_millis=limits.cpu_millis,
+                memory_bytes=limits.memory_bytes,
+                pids_limit=limits.pids_limit,
             )
             if net is not None:
                 # In a Pod runc makes the namespace and the net's hook wires it (as cold).

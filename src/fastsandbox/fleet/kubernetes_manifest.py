@@ -2,7 +2,8 @@
 
 `fleet/kubernetes.py` owns the Pod's lifecycle (create, wait for an IP, adopt, delete); this
 module only says what the Pod is: labels and ownerReference, `fsb agent` args (built by
-`AgentArgs`, agent/args.py), its credentials Secret mounted, the containerd socket and the hostPath
+`AgentArgs`, agent/args.py; with the limits of a create of the pool's defaults, which the warm
+slots are made with), its credentials Secret mounted, the containerd socket and the hostPath
 state dir, a locked-down securityContext, and the pool's `agentTemplate` merged in.
 """
 
@@ -19,7 +20,9 @@ from fastsandbox.agent.args import AgentArgs
 from fastsandbox.api import labels as keys
 from fastsandbox.api.agent_template import AGENT_CONTAINER, AgentTemplate
 from fastsandbox.api.labels import API_VERSION
-from fastsandbox.api.models import SandboxPool
+from fastsandbox.api.models import SandboxLimits, SandboxPool
+from fastsandbox.control.limits import defaults_of
+from fastsandbox.fleet.base import default_limit_args
 from fastsandbox.fleet.kubernetes_credentials import (
     CREDENTIALS_DIR,
     TLS_CERT,
@@ -27,7 +30,7 @@ from fastsandbox.fleet.kubernetes_credentials import (
     TOKEN_FILE,
     credentials_secret,
 )
-from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
+from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings, SandboxDefaults
 
 AGENT_PORT = 7443
 APP_LABEL = "app.kubernetes.io/name"
@@ -85,12 +88,17 @@ class AgentPodSpec:
 
     agent_image: str
     containerd_namespace: str = "k8s.io"
+    # The node's containerd state dir: the shim mounts each sandbox's size-limited layer there.
+    containerd_state: str = str(settings.CONTAINERD_STATE)
     insecure_registries: tuple[str, ...] = ()
     grace_seconds: float = DELETE_GRACE_SECONDS
     """The agents' default SIGTERM → SIGKILL grace on sandbox delete."""
     pod_grace_seconds: int = 30
     image_pull_policy: str = "IfNotPresent"
     log: LogSettings = field(default_factory=LogSettings)
+    sandbox_defaults: SandboxLimits = field(default_factory=lambda: defaults_of(SandboxDefaults()))
+    """The control plane's limits for a sandbox that asks for none and whose pool sets none
+    (`--default-sandbox-cpu`, ...): with the pool's, what the agent makes warm slots with."""
 
 
 def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, Any]:
@@ -112,6 +120,8 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
         state_dir=Path(f"{STATE_ROOT}/agents/$(POD_NAME)"),
         containerd_socket=Path(CONTAINERD_SOCKET),
         containerd_namespace=spec.containerd_namespace,
+        # The writable-layer limit without mount privilege: containerd's shim mounts it.
+        containerd_state=Path(spec.containerd_state),
         capacity=pool.spec.max_sandboxes_per_agent,
         runtime=pool.spec.runtime.value,
         # Sandboxes join this Pod's network namespace and cgroup (agent/pod.py).
@@ -135,6 +145,7 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
         tls_key=Path(f"{CREDENTIALS_DIR}/{TLS_KEY}"),
         warm_slots=pool.spec.warm_slots,
         warm_image=tuple(pool.spec.prewarm_images),
+        **default_limit_args(pool, spec.sandbox_defaults),
     )
     args = ["agent", *agent.argv()]
     resources = {
