@@ -13,7 +13,12 @@ the server, of all agents together (both from /proc) and of the client (this pro
 work after the replies included (CPU is read once the server has stored every answered Fast
 create and its events). `--profile DIR` samples the server with py-spy during the creates only
 (raw collapsed stacks in DIR; top self-time frames and our functions' inclusive share
-printed). No containerd: this is what the plane adds to a real burst, on top of the runtime.
+printed; `BURST_NATIVE=1` adds native frames). No containerd: this is what the plane adds to
+a real burst, on top of the runtime.
+
+Experiments (environment `BURST_EXP`, words combined): `mem` runs the server on MemoryStore
+instead of SQLite, `nolog` raises its log level to warning, `noevents` drops its events, so
+each one's share of the CPU per create can be read off against a plain run.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ The CLI builds these; daemons receive them whole and never read the environment 
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,10 +336,8 @@ class AgentSettings:
 _CAP_SYS_ADMIN = 21
 
 
-@functools.cache
 def can_mount() -> bool:
-    """Whether this process holds CAP_SYS_ADMIN (what `mount -o loop` needs). Read once: an
-    agent asks on every create, and its capabilities do not change while it runs."""
+    """Whether this process holds CAP_SYS_ADMIN (what `mount -o loop` needs)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:

@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from fastsandbox.api.models import ConsistencyMode, ObjectMeta, Sandbox, SandboxSpec
+from fastsandbox.api.labels import REQUEST_LABEL
+from fastsandbox.api.models import ConsistencyMode, EnvVar, ObjectMeta, Sandbox, SandboxSpec
 from fastsandbox.control.create_request import CreateOptions
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.errors import NotFound
@@ -98,3 +99,24 @@ async def test_strong_answers_only_after_the_record_is_stored(
     made = await asyncio.wait_for(strong, timeout=5)
     stored = await store.get(Sandbox, "default", "s1")
     assert stored.metadata.uid == made.metadata.uid
+
+
+async def test_a_request_too_big_for_its_label_is_stored_before_the_answer(
+    held: tuple[ControlPlane, HeldStore],
+) -> None:
+    cp, store = held
+    sb = _sandbox("big")
+    sb.spec.env = [EnvVar(name="BIG", value="x" * 5000)]  # over containerd's 4 KiB label
+    fast = asyncio.ensure_future(cp.sandboxes.create(sb, CreateOptions()))
+    while store.waiting == 0:  # bounded by the test's own timeout
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert not fast.done()  # nothing would rebuild it after a crash: no answer before the write
+    store.release.set()
+    made = await asyncio.wait_for(fast, timeout=5)
+    stored = await store.get(Sandbox, "default", "big")
+    assert stored.metadata.uid == made.metadata.uid
+    fleet = cp.fleet
+    assert isinstance(fleet, InProcessFleet)
+    spec = fleet.runtime(made.status.assigned_agent).specs[made.status.container_id]
+    assert REQUEST_LABEL not in dict(spec.labels)

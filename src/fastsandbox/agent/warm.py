@@ -78,13 +78,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SLOT_PREFIX = "w-"
-RETRY_SECONDS = 2.0
 # The refill waits for this long without a served create before it makes a slot (a burst's
 # creates come every few milliseconds) ...
 REFILL_QUIET_SECONDS = 0.2
 # ... but never longer than this, so a steady stream of creates still gets its slots back.
 REFILL_MAX_DEFER_SECONDS = 2.0
+
+SLOT_PREFIX = "w-"
+RETRY_SECONDS = 2.0
+REFILL_DELAY_SECONDS = 0.02
 
 
 class ClaimUncertain(RuntimeFailure):
@@ -218,15 +220,15 @@ class WarmSlots:
     # -- claims ---------------------------------------------------------------------------------
     def served(self, kind: SlotKind) -> None:
         """A create of `kind` was served (from a slot or cold): it is hot now. The refill
-        waits until creates stop coming (`_quiet`), so neither its synchronous work nor the
-        slot's container competes with the answers of a burst."""
+        starts a moment later, so its synchronous work (specs, records) does not hold up the
+        answer still on its way out through this event loop."""
         if self.recent_max > 0:
             self._recent.pop(kind, None)
             self._recent[kind] = None
             while len(self._recent) > self.recent_max:
                 self._recent.popitem(last=False)
-        self._last_served = self.clock()
-        self.poke()
+        self._last_served = self.clock()  # the refill keeps out of a burst's way (`_quiet`)
+        asyncio.get_running_loop().call_later(REFILL_DELAY_SECONDS, self.poke)
 
     def learn_limits(self, image: str, cpu_millis: int, memory_bytes: int, pids_limit: int) -> None:
         """A create of `image` asked for these limits (0 = the default): slots made from now

@@ -31,7 +31,7 @@ import contextvars
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 
 from fastsandbox._aio.keyed import KeyedLocks
@@ -325,12 +325,16 @@ class SandboxService(SandboxDeletion):
         pool: SandboxPool,
         answered: asyncio.Future[Sandbox],
     ) -> Sandbox:
-        allocation, state = await self._place(sb, arrived, timings, until=until, pool_record=pool)
+        # Built once: the label the container carries is also what says whether it fits.
+        label = request_label(sb)
+        allocation, state = await self._place(
+            sb, arrived, timings, until=until, pool_record=pool, label=label
+        )
         timings.runtime_ready_ms = _ms(arrived)
         self.mark_running(sb, allocation, state, timings)
         sb.metadata.creation_timestamp = sb.metadata.creation_timestamp or now()
         key = (sb.metadata.namespace, sb.metadata.name)
-        if not request_label(sb):
+        if not label:
             # Too big to ride on the container (containerd's 4 KiB label limit): nothing would
             # rebuild it after a crash, so this one is stored before it is answered.
             stored = await self._persist(sb, allocation)
@@ -439,6 +443,7 @@ class SandboxService(SandboxDeletion):
         *,
         until: float | None = None,
         pool_record: SandboxPool | None = None,
+        label: Sequence[agent_pb2.KeyValue] | None = None,
     ) -> tuple[Allocation, agent_pb2.SandboxState]:
         """Take a slot and start the container there. An agent that refuses for capacity is
         skipped for the next candidate: its own count is the truth, and ours lags behind creates
@@ -489,7 +494,7 @@ class SandboxService(SandboxDeletion):
             if waited_from is not None:
                 timings.scaled_ms = _ms(waited_from)
             try:
-                state = await self._run_on_agent(sb, allocation, limits)
+                state = await self._run_on_agent(sb, allocation, limits, label)
                 if state.pulled_ms:
                     timings.pulled_ms = round(state.pulled_ms, 3)
                 if state.warm:
@@ -534,8 +539,13 @@ class SandboxService(SandboxDeletion):
         )
 
     def runtime_spec(
-        self, sb: Sandbox, sandbox_id: str, limits: Limits | None = None
+        self,
+        sb: Sandbox,
+        sandbox_id: str,
+        limits: Limits | None = None,
+        label: Sequence[agent_pb2.KeyValue] | None = None,
     ) -> agent_pb2.SandboxRuntimeSpec:
+        """What the agent gets; `label`: `request_label(sb)` when the caller has built it."""
         spec = sb.spec
         creds = _PULL_CREDENTIALS.get()
         if limits is None:
@@ -554,7 +564,7 @@ class SandboxService(SandboxDeletion):
             labels=[
                 agent_pb2.KeyValue(key=labels.UID_LABEL, value=sb.metadata.uid),
                 agent_pb2.KeyValue(key=labels.POOL_LABEL, value=spec.pool_ref),
-                *request_label(sb),
+                *(request_label(sb) if label is None else label),
             ],
             cpu_millis=limits.cpu_millis,
             memory_bytes=limits.memory_bytes,
@@ -566,11 +576,16 @@ class SandboxService(SandboxDeletion):
         )
 
     async def _run_on_agent(
-        self, sb: Sandbox, allocation: Allocation, limits: Limits | None = None
+        self,
+        sb: Sandbox,
+        allocation: Allocation,
+        limits: Limits | None = None,
+        label: Sequence[agent_pb2.KeyValue] | None = None,
     ) -> agent_pb2.SandboxState:
         client = self.agents.get(allocation.target)
         try:
-            return await client.create(self.runtime_spec(sb, allocation.sandbox_id, limits))
+            spec = self.runtime_spec(sb, allocation.sandbox_id, limits, label)
+            return await client.create(spec)
         except CapacityExhausted:
             # The agent is the capacity authority; our view was stale (e.g. an unknown orphan).
             raise
