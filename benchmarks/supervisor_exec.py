@@ -10,12 +10,15 @@ listens, and measures, interleaved, n times each:
                        connection → the exit report (JSON {"exit":…}) read on its data connection.
                        Includes the reply, the dial + HMAC handshake of the data connection,
                        fork + execve in the sandbox, reaping, draining the pipes.
+  supervisor parked    the same, the exec naming a data connection parked before it (`park`,
+                       PROTOCOL.md; untimed): what the agent does once a channel has had a stream
   asyncio subprocess   baseline: `asyncio.create_subprocess_exec("true")` with stdout/stderr
                        pipes → `communicate()` returned (fork+exec+wait from the same event loop)
   posix_spawn          floor: `os.posix_spawn("/bin/true")` → `os.waitpid` returned (no pipes)
 
 It also prints the binary's size and the supervisor's VmRSS (/proc/PID/status) idle after the
-control connection is up, and again after the runs. Milliseconds, p50/p95/p99/mean.
+control connection is up, and again after the runs, and its open descriptors (each exited
+process must leave none behind). Milliseconds, p50/p95/p99/mean.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -68,6 +72,22 @@ async def supervisor_exec(agent: FakeAgent) -> float:
     elapsed = (time.perf_counter() - started) * 1000
     assert out.exit["code"] == 0, out
     conn.send(EOF)
+    conn.close()
+    return elapsed
+
+
+async def parked_exec(agent: FakeAgent) -> float:
+    token = secrets.token_hex(16)
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    agent._streams[token] = fut
+    assert (await agent.request("park", stream=token))["ok"]
+    conn = fut.result()
+    started = time.perf_counter()
+    reply = await agent.request("exec", stream=token, argv=[TRUE], env=[], stdin=False)
+    assert reply["ok"] and reply.get("parked") is True, reply
+    out = await conn.collect()
+    elapsed = (time.perf_counter() - started) * 1000
+    assert out.exit["code"] == 0, out
     conn.close()
     return elapsed
 
@@ -119,21 +139,27 @@ async def main(binary: Path, n: int) -> None:
                 await asyncio_exec()
                 spawn_exec()
             sup: list[float] = []
+            parked: list[float] = []
             aio: list[float] = []
             spawn: list[float] = []
+            fds_before = len(os.listdir(f"/proc/{proc.pid}/fd"))
             for _ in range(n):
                 sup.append(await supervisor_exec(agent))
+                parked.append(await parked_exec(agent))
                 aio.append(await asyncio_exec())
                 spawn.append(spawn_exec())
             await asyncio.sleep(0.2)
             after_rss = vm_rss_kib(proc.pid)
+            fds_after = len(os.listdir(f"/proc/{proc.pid}/fd"))
         finally:
             proc.terminate()
             proc.wait()
             await agent.stop()
     print(f"binary {binary}: {binary.stat().st_size / 1024:.0f} KiB (static, stripped)")
     print(f"supervisor VmRSS: idle {idle_rss} KiB, after {n} execs {after_rss} KiB")
+    print(f"supervisor open fds: {fds_before} before, {fds_after} after {2 * n} execs")
     print(row("supervisor exec", sup))
+    print(row("supervisor parked", parked))
     print(row("asyncio subprocess", aio))
     print(row("posix_spawn", spawn))
 

@@ -94,6 +94,8 @@ pub struct Proc {
     /// A duplicate of the attached socket, outside `out`, so a new attach can shut a stalled
     /// connection down (unblocking the pump's write) without waiting for the pump.
     current: Mutex<Option<(u64, UnixStream)>>,
+    /// When `timeout_ms` runs out; enforced by the pump's poll (no thread of its own per exec).
+    deadline: Option<Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -337,6 +339,7 @@ impl Proc {
             vec![(Some(stdout), frame::STDOUT), (stderr, frame::STDERR)];
         let mut buf = vec![0u8; frame::CHUNK];
         let mut exited = false;
+        let mut deadline = self.deadline;
         loop {
             let mut pfds: Vec<libc::pollfd> = vec![libc::pollfd {
                 fd: wake,
@@ -357,11 +360,31 @@ impl Proc {
             if which.is_empty() && exited {
                 break;
             }
-            let timeout = if exited { DRAIN_QUIET_MS } else { -1 };
+            let timeout = if exited {
+            DRAIN_QUIET_MS
+        } else if let Some(at) = deadline {
+            // Rounded up: woken early, the poll would only come round again.
+            let left = at.saturating_duration_since(Instant::now());
+            (left.as_micros().div_ceil(1000)).min(i32::MAX as u128) as i32
+        } else {
+            -1
+        };
             // SAFETY: pfds is a valid array of pollfd for its length.
             let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
             if n < 0 {
                 continue; // EINTR
+            }
+            if n == 0 && !exited {
+                // The deadline: kill the group, report timed_out (as the reaper reports the exit).
+                deadline = None;
+                let mut st = lock(&self.exit);
+                if st.status.is_none() {
+                    st.timed_out = true;
+                    drop(st);
+                    // SAFETY: plain kill(2) of the process group.
+                    unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+                }
+                continue;
             }
             if n == 0 {
                 break; // exited and quiet: drained
@@ -490,10 +513,13 @@ impl Table {
             }),
             attached: AtomicBool::new(false),
             current: Mutex::new(None),
+            // With output to pump, the pump enforces it; else (none today) a thread waits.
+            deadline: (req.timeout_ms > 0 && out_reader.is_some())
+                .then(|| Instant::now() + Duration::from_millis(req.timeout_ms)),
         });
         table.insert(pid, Arc::clone(&proc));
         drop(table);
-        if req.timeout_ms > 0 {
+        if req.timeout_ms > 0 && proc.deadline.is_none() {
             proc.start_timeout(Duration::from_millis(req.timeout_ms));
         }
         Ok((proc, out_reader, stderr))

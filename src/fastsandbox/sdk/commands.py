@@ -190,10 +190,18 @@ class ExecSession:
         await self._put(io_pb2.ExecInput(resize=io_pb2.TermSize(cols=cols, rows=rows)))
 
     def close(self) -> None:
-        """End the call (idempotent); a process still running is the server's to keep or end."""
+        """End the call (idempotent); a process still running is the server's to keep or end.
+
+        After `exited` the server ends the call itself a moment later: cancelling it then would
+        only race that ending, making the server and the agent unwind a cancelled stream (more
+        work on both, measured). It is cancelled only if it has not ended within the grace."""
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)
-        self._call.cancel()
+        if self.exited is not None and not self._call.done():
+            timer = asyncio.get_running_loop().call_later(_CLIENT_GRACE, self._call.cancel)
+            self._call.add_done_callback(lambda _call: timer.cancel())
+        else:
+            self._call.cancel()
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
 

@@ -177,15 +177,25 @@ class IoRelayRpcs:
             )
         return self.sandboxes.agents.get(agent.target), sandbox_id
 
-    async def _end_if_agent_hangs(
-        self, target: str, refused: list[FsbError], me: asyncio.Task[Any] | None
-    ) -> None:
-        """Watchdog of one relayed stream: cancel it (with UNAVAILABLE in `refused`) once the
-        agent at `target` has not answered heartbeats for HUNG_AGENT_SECONDS."""
-        while me is not None:
-            await asyncio.sleep(_HUNG_POLL_SECONDS)
+    @contextlib.asynccontextmanager
+    async def _hang_guard(self, target: str, refused: list[FsbError]) -> AsyncIterator[None]:
+        """Run the body of a relayed stream under the hung-agent watchdog: every
+        _HUNG_POLL_SECONDS a timer (not a task per stream) looks at the agent at `target`, and
+        once it has not answered heartbeats for HUNG_AGENT_SECONDS cancels the body with
+        UNAVAILABLE in `refused`. A cancel that came with a refusal appended to `refused` (the
+        watchdog's, or a bad message's) leaves as that refusal; any other stays a cancel."""
+        me = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal timer
             name, since = self._unready_since(target)
-            if since is not None and time.monotonic() - since >= HUNG_AGENT_SECONDS:
+            if (
+                me is not None
+                and since is not None
+                and time.monotonic() - since >= (HUNG_AGENT_SECONDS)
+            ):
                 refused.append(
                     Unavailable(
                         f"agent {name} has not answered heartbeats for "
@@ -193,16 +203,13 @@ class IoRelayRpcs:
                         "run: retry once the agent is back)"
                     )
                 )
+                timer = None
                 me.cancel()
                 return
+            timer = loop.call_later(_HUNG_POLL_SECONDS, check)
 
-    @contextlib.asynccontextmanager
-    async def _hang_guard(self, target: str, refused: list[FsbError]) -> AsyncIterator[None]:
-        """Run the body of a relayed stream under the hung-agent watchdog. A cancel that came
-        with a refusal appended to `refused` (the watchdog's, or a bad message's) leaves as
-        that refusal; any other cancel stays a cancel."""
-        me = asyncio.current_task()
-        watchdog = asyncio.create_task(self._end_if_agent_hangs(target, refused, me))
+        if me is not None:
+            timer = loop.call_later(_HUNG_POLL_SECONDS, check)
         try:
             yield
         except asyncio.CancelledError:
@@ -211,7 +218,8 @@ class IoRelayRpcs:
             me.uncancel()
             raise refused[0] from None
         finally:
-            watchdog.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def _unready_since(self, target: str) -> tuple[str, float | None]:
         """The agent at `target`: its name and since when it has not answered heartbeats
