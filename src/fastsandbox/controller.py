@@ -54,6 +54,7 @@ from fastsandbox.control.fastpath.tls import (
     operator_tls,
     server_names,
 )
+from fastsandbox.control.limits import defaults_of
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.errors import AlreadyExists, Conflict, FsbError, NotFound
 from fastsandbox.fleet.kubernetes import KubernetesFleet
@@ -266,6 +267,7 @@ async def run(
         insecure_registries=settings.insecure_registries,
         grace_seconds=settings.delete_grace_seconds,
         log=settings.log,
+        sandbox_defaults=defaults_of(settings),
     )
     plane: ControlPlane | None = None
     server: grpc.aio.Server | None = None

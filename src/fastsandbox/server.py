@@ -39,6 +39,7 @@ from fastsandbox.control.fastpath.tls import (
     server_names,
     write_private,
 )
+from fastsandbox.control.limits import defaults_of
 from fastsandbox.control.plane import ControlPlane, PlaneSettings
 from fastsandbox.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
 from fastsandbox.fleet.local import LocalFleet
@@ -260,6 +261,7 @@ async def run(
         insecure_registries=settings.insecure_registries,
         grace_seconds=settings.delete_grace_seconds,
         log=settings.log,
+        sandbox_defaults=defaults_of(settings),
     )
     registries = allowed_registries(settings.allowed_registries, settings.insecure_registries)
     plane = ControlPlane(store, fleet, PlaneSettings.of(settings, allowed_registries=registries))

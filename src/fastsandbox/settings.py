@@ -6,6 +6,7 @@ The CLI builds these; daemons receive them whole and never read the environment 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ JANITOR_INTERVAL_SECONDS: Final = 10.0
 DEFAULT_SANDBOX_DISK: Final = "1Gi"
 """Writable-layer limit of a sandbox that asks for none (a quantity; sparse: only what is
 written costs disk). There is no "unlimited": 0 on the wire means this default."""
+DEFAULT_DISK_BYTES: Final = int(bytes_exact(DEFAULT_SANDBOX_DISK))
 IMAGE_CACHE_MAX: Final = "20Gi"
 """Default disk budget of a node's image cache (compressed blobs; unpacked layers come on top)."""
 IMAGE_CACHE_MAX_BYTES: Final = int(bytes_exact(IMAGE_CACHE_MAX))
@@ -276,8 +278,9 @@ class AgentSettings:
     each line and caps the log. None = containerd's `file://` (one uncapped file, streams mixed)."""
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     """Cap of one sandbox's captured output when its spec asks for none (newest kept)."""
-    default_disk_bytes: int = int(bytes_exact(DEFAULT_SANDBOX_DISK))
-    """Writable-layer limit of a sandbox whose request says 0 (never unlimited)."""
+    default_disk_bytes: int = DEFAULT_DISK_BYTES
+    """Writable-layer limit of a sandbox whose request says 0 (never unlimited); also the
+    size a warm slot's layer is made at (the fleets pass the pool's default)."""
     version: str = ""
     token: str | None = None
     """Bearer token every call must carry. Required on a HOST:PORT listen address (anyone who
@@ -305,6 +308,13 @@ class AgentSettings:
     """Images always hot (the pool's prewarmImages)."""
     warm_recent: int = 1
     """How many of the most recently served images are hot too."""
+    slot_cpu_millis: int | None = None
+    slot_memory_bytes: int | None = None
+    slot_pids: int | None = None
+    """The limits warm slots are made with: those a create of the pool's defaults asks for (the
+    fleets pass them), so that create claims a slot with no `runc update`. None: no cpu or
+    memory limit, the default pids limit. A create asking other limits still claims a slot
+    (they are changed through containerd), except under gVisor (`agent/warm.py`, kinds)."""
     log: LogSettings = field(default_factory=LogSettings)
 
     @property
@@ -327,8 +337,10 @@ class AgentSettings:
 _CAP_SYS_ADMIN = 21
 
 
+@functools.cache
 def can_mount() -> bool:
-    """Whether this process holds CAP_SYS_ADMIN (what `mount -o loop` needs)."""
+    """Whether this process holds CAP_SYS_ADMIN (what `mount -o loop` needs). Read once: an
+    agent asks on every create, and its capabilities do not change while it runs."""
     try:
         with open("/proc/self/status") as status:
             for line in status:

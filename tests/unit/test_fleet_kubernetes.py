@@ -11,8 +11,15 @@ from lightkube.resources.core_v1 import Pod
 
 from fastsandbox.agent.args import AgentArgs
 from fastsandbox.agent.pod import pod_cgroup, read_pod_sandbox, slice_path, stage_init
-from fastsandbox.api.models import ObjectMeta, SandboxPool, SandboxPoolSpec
+from fastsandbox.api.models import (
+    ObjectMeta,
+    SandboxLimits,
+    SandboxPool,
+    SandboxPoolSpec,
+    SandboxResources,
+)
 from fastsandbox.cli.commands.agent import parse
+from fastsandbox.control.limits import effective_limits
 from fastsandbox.errors import Unavailable
 from fastsandbox.fleet.kubernetes import KubernetesFleet
 from fastsandbox.fleet.kubernetes_manifest import merge_template, version_label
@@ -142,7 +149,29 @@ def test_the_pod_args_are_what_fsb_agent_parses() -> None:
         token_file=Path("/var/run/fastsandbox/agent/token"),
         tls_cert=Path("/var/run/fastsandbox/agent/tls.crt"),
         tls_key=Path("/var/run/fastsandbox/agent/tls.key"),
+        # Warm slots are made with what a create of the defaults asks (here the plane's own).
+        slot_cpu_millis=1000,
+        slot_memory_bytes=512 << 20,
+        slot_pids=1024,
     )
+
+
+def test_warm_slots_get_the_limits_a_create_of_the_pools_defaults_asks_for() -> None:
+    """The pool's sandboxDefaults where it sets them, else the control plane's defaults (as
+    `effective_limits` gives a create that asks for none): that create claims a slot with no
+    limit to change."""
+    defaults = SandboxLimits(cpu="250m", memory="1Gi", pids=300, disk="4Gi", log_max_bytes=1 << 20)
+    manifest = fleet(sandbox_defaults=defaults).pod_manifest(
+        pool(warm_slots=1, sandbox_defaults={"memory": "128Mi", "pids": 64}), "p1-abcde"
+    )
+    args = parse(agent_container(manifest)["args"][1:])
+    limits = effective_limits(
+        SandboxResources(), pool(sandbox_defaults={"memory": "128Mi", "pids": 64}).spec, defaults
+    )
+    assert (args.slot_cpu_millis, args.slot_memory_bytes, args.slot_pids) == (250, 128 << 20, 64)
+    assert (limits.cpu_millis, limits.memory_bytes, limits.pids) == (250, 128 << 20, 64)
+    assert (args.default_disk_bytes, args.log_max_bytes) == (4 << 30, 1 << 20)
+    assert (limits.disk_bytes, limits.log_max_bytes) == (4 << 30, 1 << 20)
 
 
 def test_the_pool_template_sets_placement_and_the_agents_resources_only() -> None:

@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from fastsandbox.agent.cli import settings_from_args
+from fastsandbox.api.models import ObjectMeta, SandboxPool, SandboxPoolSpec
 from fastsandbox.cli.commands.agent import parse
+from fastsandbox.control.limits import defaults_of
+from fastsandbox.fleet.base import default_limit_args
 from fastsandbox.fleet.local import MAX_SOCKET_PATH, AgentState, LocalFleet, _is_our_agent
 from fastsandbox.fleet.netns import CniNetwork
-from fastsandbox.settings import LogSettings
+from fastsandbox.settings import LogSettings, SandboxDefaults
 
 
 def fleet(data_dir: Path) -> LocalFleet:
@@ -64,6 +68,23 @@ def test_agent_argv_is_understood_by_the_agent(tmp_path: Path) -> None:
     assert s.insecure_registries == ["127.0.0.1:5000", "reg.local:80"]
     assert (s.delete_grace_seconds, s.version) == (3, "v2")
     assert (s.log.level, s.log.format) == ("debug", "json")
+
+
+def test_the_agent_makes_warm_slots_with_the_pools_default_limits(tmp_path: Path) -> None:
+    """What `start_agent` keeps in the state (the pool's defaults, else the plane's) reaches the
+    agent's settings; a state file from before (no `limits`) gives the agent's own defaults."""
+    pool = SandboxPool(
+        metadata=ObjectMeta(name="p", namespace="team"),
+        spec=SandboxPoolSpec(sandbox_defaults={"cpu": "250m", "pids": 64}),
+    )
+    limits = default_limit_args(pool, defaults_of(SandboxDefaults()))
+    argv = fleet(tmp_path)._argv(state(limits=limits), tmp_path / "agents" / "p-1")
+    s = settings_from_args(parse(argv[3:]))
+    assert (s.slot_cpu_millis, s.slot_memory_bytes, s.slot_pids) == (250, 512 << 20, 64)
+    assert s.default_disk_bytes == 1 << 30
+    before = AgentState(**{k: v for k, v in asdict(state()).items() if k != "limits"})
+    old = settings_from_args(parse(fleet(tmp_path)._argv(before, tmp_path / "a")[3:]))
+    assert (old.slot_cpu_millis, old.slot_memory_bytes, old.slot_pids) == (None, None, None)
 
 
 def test_host_network_agent_has_no_netns(tmp_path: Path) -> None:

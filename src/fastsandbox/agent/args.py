@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fastsandbox.api.models import DEFAULT_LOG_MAX_BYTES
-from fastsandbox.settings import CONTAINERD_SOCKET, DELETE_GRACE_SECONDS
+from fastsandbox.settings import CONTAINERD_SOCKET, DEFAULT_DISK_BYTES, DELETE_GRACE_SECONDS
 
 # Where the agent reads its bearer token when no --token-file is given; the Kubernetes fleet
 # fills it from a Secret.
@@ -60,6 +60,12 @@ class AgentArgs:
     warm_slots: int = 0
     warm_image: tuple[str, ...] = ()
     warm_recent: int = 1
+    # What a create of the pool's defaults asks for (0 = none / the agent's own default): warm
+    # slots are made with these, so such a create claims one without changing its limits.
+    slot_cpu_millis: int = 0
+    slot_memory_bytes: int = 0
+    slot_pids: int = 0
+    default_disk_bytes: int = DEFAULT_DISK_BYTES
     log_level: str = "info"
     log_format: str = "auto"
     log_file: Path | None = None

@@ -22,7 +22,7 @@ from fastsandbox.api.models import (
 )
 from fastsandbox.api.quantity import cpu_millis, memory_bytes
 from fastsandbox.errors import InvalidArgument
-from fastsandbox.settings import DEFAULT_SANDBOX_DISK
+from fastsandbox.settings import DEFAULT_SANDBOX_DISK, SandboxDefaults
 
 # The pids limit of a sandbox when neither it nor its pool sets one: generous for a build, small
 # enough that a fork bomb stops long before the host's own table fills.
@@ -44,6 +44,19 @@ def server_defaults(cpu: str, memory: str, disk: str = DEFAULT_SANDBOX_DISK) -> 
     return SandboxLimits(
         cpu=cpu, memory=memory, pids=DEFAULT_PIDS, disk=disk, log_max_bytes=DEFAULT_LOG_MAX_BYTES
     )
+
+
+def defaults_of(settings: SandboxDefaults) -> SandboxLimits:
+    """The control plane's own defaults (`fsb server` / `fsb controller` settings) as limits."""
+    return server_defaults(
+        settings.default_sandbox_cpu, settings.default_sandbox_memory, settings.default_sandbox_disk
+    )
+
+
+def pool_defaults(pool: SandboxPoolSpec, fallback: SandboxLimits) -> Limits:
+    """What a sandbox of `pool` that asks for no limits gets: the limits its agents make warm
+    slots with, so that such a create claims one without changing them."""
+    return effective_limits(SandboxResources(), pool, fallback)
 
 
 def effective_limits(

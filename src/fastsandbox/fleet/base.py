@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypedDict
 
-from fastsandbox.api.models import SandboxPool
+from fastsandbox.api.models import SandboxLimits, SandboxPool
+from fastsandbox.control.limits import pool_defaults
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +58,29 @@ class AgentFleet(Protocol):
     async def close(self) -> None:
         """Stop supervising. Agents are stopped too; their sandboxes keep running."""
         ...
+
+
+class DefaultLimitArgs(TypedDict, total=False):
+    """The `AgentArgs` fields of a pool's default limits (names as there)."""
+
+    slot_cpu_millis: int
+    slot_memory_bytes: int
+    slot_pids: int
+    default_disk_bytes: int
+    log_max_bytes: int
+
+
+def default_limit_args(pool: SandboxPool, fallback: SandboxLimits) -> DefaultLimitArgs:
+    """`AgentArgs` fields (agent/args.py) for an agent of `pool`: the limits a create of the
+    pool's defaults asks for (its `sandboxDefaults`, else `fallback`, the control plane's).
+    The agent makes its warm slots with them, so the common claim changes no limit (no
+    `runc update` on the request's path), and takes them as its own defaults for log and disk.
+    A pool edited later still works: its agents' slots then differ, and a claim changes them."""
+    limits = pool_defaults(pool.spec, fallback)
+    return DefaultLimitArgs(
+        slot_cpu_millis=limits.cpu_millis,
+        slot_memory_bytes=limits.memory_bytes,
+        slot_pids=limits.pids,
+        default_disk_bytes=limits.disk_bytes,
+        log_max_bytes=limits.log_max_bytes,
+    )

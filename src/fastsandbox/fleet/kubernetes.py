@@ -46,7 +46,8 @@ from lightkube.resources.core_v1 import Pod
 
 from fastsandbox._kube.config import FIELD_MANAGER
 from fastsandbox._kube.errors import translate
-from fastsandbox.api.models import SandboxPool
+from fastsandbox.api.models import SandboxLimits, SandboxPool
+from fastsandbox.control.limits import defaults_of
 from fastsandbox.errors import (
     AlreadyExists,
     FsbError,
@@ -66,7 +67,7 @@ from fastsandbox.fleet.kubernetes_manifest import (
     AgentPodSpec,
     pod_manifest,
 )
-from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
+from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings, SandboxDefaults
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class KubernetesFleet:
         stop_timeout: float = 15.0,
         image_pull_policy: str = "IfNotPresent",
         log: LogSettings | None = None,
+        sandbox_defaults: SandboxLimits | None = None,
     ) -> None:
         self.client = client
         self.agent_image = agent_image
@@ -109,6 +111,8 @@ class KubernetesFleet:
         self.stop_timeout = stop_timeout
         self.image_pull_policy = image_pull_policy
         self.log_settings = log or LogSettings()
+        # The control plane's defaults: the agents make warm slots of the pool's (or these).
+        self.sandbox_defaults = sandbox_defaults or defaults_of(SandboxDefaults())
         self.credentials = AgentCredentials(client, namespace)
         self._agents: dict[str, AgentHandle] = {}
 
@@ -228,6 +232,7 @@ class KubernetesFleet:
             pod_grace_seconds=self.pod_grace_seconds,
             image_pull_policy=self.image_pull_policy,
             log=self.log_settings,
+            sandbox_defaults=self.sandbox_defaults,
         )
         return pod_manifest(pool, name, spec)
 

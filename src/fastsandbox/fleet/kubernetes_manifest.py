@@ -2,7 +2,8 @@
 
 `fleet/kubernetes.py` owns the Pod's lifecycle (create, wait for an IP, adopt, delete); this
 module only says what the Pod is: labels and ownerReference, `fsb agent` args (built by
-`AgentArgs`, agent/args.py), its credentials Secret mounted, the containerd socket and the hostPath
+`AgentArgs`, agent/args.py; with the limits of a create of the pool's defaults, which the warm
+slots are made with), its credentials Secret mounted, the containerd socket and the hostPath
 state dir, a locked-down securityContext, and the pool's `agentTemplate` merged in.
 """
 
@@ -19,7 +20,9 @@ from fastsandbox.agent.args import AgentArgs
 from fastsandbox.api import labels as keys
 from fastsandbox.api.agent_template import AGENT_CONTAINER, AgentTemplate
 from fastsandbox.api.labels import API_VERSION
-from fastsandbox.api.models import SandboxPool
+from fastsandbox.api.models import SandboxLimits, SandboxPool
+from fastsandbox.control.limits import defaults_of
+from fastsandbox.fleet.base import default_limit_args
 from fastsandbox.fleet.kubernetes_credentials import (
     CREDENTIALS_DIR,
     TLS_CERT,
@@ -27,7 +30,7 @@ from fastsandbox.fleet.kubernetes_credentials import (
     TOKEN_FILE,
     credentials_secret,
 )
-from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
+from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings, SandboxDefaults
 
 AGENT_PORT = 7443
 APP_LABEL = "app.kubernetes.io/name"
@@ -93,6 +96,9 @@ class AgentPodSpec:
     pod_grace_seconds: int = 30
     image_pull_policy: str = "IfNotPresent"
     log: LogSettings = field(default_factory=LogSettings)
+    sandbox_defaults: SandboxLimits = field(default_factory=lambda: defaults_of(SandboxDefaults()))
+    """The control plane's limits for a sandbox that asks for none and whose pool sets none
+    (`--default-sandbox-cpu`, ...): with the pool's, what the agent makes warm slots with."""
 
 
 def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, Any]:
@@ -139,6 +145,7 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
         tls_key=Path(f"{CREDENTIALS_DIR}/{TLS_KEY}"),
         warm_slots=pool.spec.warm_slots,
         warm_image=tuple(pool.spec.prewarm_images),
+        **default_limit_args(pool, spec.sandbox_defaults),
     )
     args = ["agent", *agent.argv()]
     resources = {

@@ -39,16 +39,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 from fastsandbox._aio.tasks import TaskSet, guarded
 from fastsandbox.agent.args import AgentArgs, flag_of
 from fastsandbox.agent.network import plan as netplan
-from fastsandbox.api.models import SandboxPool
+from fastsandbox.api.models import SandboxLimits, SandboxPool
+from fastsandbox.control.limits import defaults_of
 from fastsandbox.errors import InvalidArgument, Unavailable
 from fastsandbox.fleet import hostnet, netns
-from fastsandbox.fleet.base import AgentHandle
+from fastsandbox.fleet.base import AgentHandle, DefaultLimitArgs, default_limit_args
 from fastsandbox.fleet.netns import CniNetwork
-from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
+from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings, SandboxDefaults
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,9 @@ class AgentState:
     """The pool's networkMode when the agent was made (state files before it: shared)."""
     egress: str = "none"
     egress_allow: tuple[str, ...] = ()
+    limits: DefaultLimitArgs = field(default_factory=DefaultLimitArgs)
+    """`AgentArgs` fields of the pool's default limits (`default_limit_args`: what warm slots
+    are made with) when the agent was made; state files before it: the agent's own defaults."""
 
     def __post_init__(self) -> None:
         # JSON gives a list back.
@@ -137,6 +142,7 @@ class LocalFleet:
         containerd_namespace: str = "fastsandbox",
         cgroup_parent: str = CGROUP_PARENT,
         agent_argv: Sequence[str] = (sys.executable, "-m", "fastsandbox.agent"),
+        sandbox_defaults: SandboxLimits | None = None,
     ) -> None:
         if network not in {"auto", "cni", "host"}:
             raise InvalidArgument("network must be cni or host")
@@ -155,6 +161,8 @@ class LocalFleet:
         self.grace_seconds = grace_seconds
         self.log_settings = log or LogSettings()
         self.agent_argv = list(agent_argv)
+        # The control plane's defaults: the agents make warm slots of the pool's (or these).
+        self.sandbox_defaults = sandbox_defaults or defaults_of(SandboxDefaults())
         self._agents: dict[str, _Agent] = {}
         self._tasks = TaskSet()
         self._wake = asyncio.Event()
@@ -215,6 +223,7 @@ class LocalFleet:
             network_mode=pool.spec.network_mode.value,
             egress=pool.spec.egress.value,
             egress_allow=tuple(pool.spec.egress_allow),
+            limits=default_limit_args(pool, self.sandbox_defaults),
         )
         agent = _Agent(state=state, state_dir=state_dir)
         self._agents[name] = agent
@@ -350,6 +359,10 @@ class LocalFleet:
             log_level=self.log_settings.level,
             log_format=self.log_settings.format,
         )
+        # Only the fields known here: a state file of a later version may name more.
+        known = DefaultLimitArgs.__annotations__
+        limits = cast(DefaultLimitArgs, {k: v for k, v in state.limits.items() if k in known})
+        args = replace(args, **limits)
         return [*self.agent_argv, *args.argv()]
 
     def _save(self, agent: _Agent) -> None:

@@ -19,6 +19,7 @@ import typer
 
 from fastsandbox.agent.args import DEFAULTS, AgentArgs
 from fastsandbox.api.models import MIN_LOG_MAX_BYTES
+from fastsandbox.api.quantity import MIN_DISK_BYTES
 
 
 class Runtime(StrEnum):
@@ -227,6 +228,35 @@ def agent(
         int,
         typer.Option(min=0, help="How many of the most recently served images are kept warm."),
     ] = DEFAULTS.warm_recent,
+    slot_cpu_millis: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            metavar="MILLICPU",
+            help="CPU limit warm slots are made with: the pool's default, so a create of the "
+            "defaults claims one unchanged (0 = none).",
+        ),
+    ] = DEFAULTS.slot_cpu_millis,
+    slot_memory_bytes: Annotated[
+        int,
+        typer.Option(
+            min=0, metavar="BYTES", help="Memory limit warm slots are made with (0 = none)."
+        ),
+    ] = DEFAULTS.slot_memory_bytes,
+    slot_pids: Annotated[
+        int,
+        typer.Option(
+            min=0, metavar="N", help="Pids limit warm slots are made with (0 = the default)."
+        ),
+    ] = DEFAULTS.slot_pids,
+    default_disk_bytes: Annotated[
+        int,
+        typer.Option(
+            min=MIN_DISK_BYTES,
+            metavar="BYTES",
+            help="Writable-layer size of a sandbox whose request gives none, and of warm slots.",
+        ),
+    ] = DEFAULTS.default_disk_bytes,
     log_level: Annotated[Level, typer.Option(help="Log level.")] = _LEVEL,
     log_format: Annotated[Format, typer.Option(help="Log format.")] = _FORMAT,
     log_file: Annotated[
