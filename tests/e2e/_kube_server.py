@@ -254,8 +254,10 @@ class KubeServer(ServerSurface):
             "--insecure-registry",
             self.registry,
             # The test containerd's (tests/infra.py): the shims mount the disk limit under it.
+            # Spelled through /proc/self/root (the same path for the shim) because the process
+            # kubelet rewrites args under a Pod's mount paths, and the agent has `/tmp`.
             "--node-containerd-state",
-            str(self.containerd_socket.parent / "state"),
+            f"/proc/self/root{self.containerd_socket.parent / 'state'}",
             "--log-format",
             "json",
             "--log-file",

@@ -11,9 +11,12 @@ Nothing here sets a filter or NAT rule in the host's namespace.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import secrets
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,7 @@ from tests.e2e.test_private_network import (
     Listener,
     connects,
     ctr_label,
+    exec_in,
     host_ip,
     netns_listener,
     plan_labels,
@@ -174,3 +178,153 @@ def test_delete_leaves_nothing(kube: KubeServer, demo_image: str) -> None:
     assert box.container not in rules() and f"--dport {host_port} " not in rules()
     # The agent never made a named namespace: runc's went with the container.
     assert set(Path("/var/run/netns").iterdir()) <= namespaces_before
+
+
+def loop_images(needle: str) -> list[Path]:
+    """Backing files of the host's loop devices whose path contains `needle`."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            path = backing.read_text().strip()
+            if needle in path:
+                found.append(Path(path))
+    return found
+
+
+def test_the_disk_limit_holds_in_an_agent_pod(
+    kube: KubeServer, boxes: tuple[Box, Box], demo_image: str
+) -> None:
+    """`fsb run --disk 8Mi` in an agent Pod that cannot mount (no CAP_SYS_ADMIN, checked above):
+    writing 24 MiB fails inside with ENOSPC, `df /` shows the limit, the sandbox keeps running,
+    a neighbour with the default limit writes the same; the loop device is the shim's, and
+    delete leaves no loop device, mount or image file."""
+    fill = "dd if=/dev/zero of=/fill bs=1M count=24 2>&1; echo dd-exit=$?"
+    made = kube.fsb(
+        "run", "kpn-disk", "--image", demo_image, "--pool", DEFAULT_POOL, "--disk", "8Mi",
+        "--", "sleep", "600",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    container = kube.fsb_json("get", "kpn-disk")["status"]["containerID"]
+    try:
+        images = loop_images(container)
+        assert len(images) == 1 and images[0].is_file(), images  # attached by the node's shim
+        small = exec_in(kube, "kpn-disk", fill)  # type: ignore[arg-type]
+        assert "No space left on device" in small.stdout and "dd-exit=1" in small.stdout, small
+        again = exec_in(kube, "kpn-disk", "df -k / | tail -1; echo up")  # type: ignore[arg-type]
+        assert again.returncode == 0 and "up" in again.stdout, again
+        assert int(again.stdout.split()[1]) <= 8 * 1024, again.stdout
+        big = exec_in(kube, boxes[1].name, fill + "; rm -f /fill")  # type: ignore[arg-type]
+        assert "dd-exit=0" in big.stdout, big
+        assert kube.fsb_json("get", "kpn-disk")["status"]["phase"] == "Running"
+    finally:
+        assert kube.fsb("delete", "kpn-disk", "--wait").returncode == 0
+    assert not loop_images(container)
+    assert not images[0].exists()
+    assert container not in Path("/proc/self/mountinfo").read_text()
+
+
+OUT_POOL = "kpn-out"  # egress allow
+REMOTE_PREFIX = "10.215.77."  # link i: the Pod's end .(4i+1)/30, the remote's .(4i+2)/30
+
+
+@contextlib.contextmanager
+def remote_linked_to(*nets: PodNet) -> Iterator[tuple[list[str], int]]:
+    """A "remote" host: a namespace of the test's own with a veth into each Pod namespace in
+    `nets` (its own /30 each; the Pod's namespace gets the route with the address) and one
+    listener. Yields the remote's address on each link, and the port."""
+    name = f"fsbt-kremote-{secrets.token_hex(3)}"
+    veths = [f"fsbtk{secrets.token_hex(2)}" for _ in nets]
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    listener: subprocess.Popen[str] | None = None
+    try:
+        addresses = []
+        for i, (net, veth) in enumerate(zip(nets, veths, strict=True)):
+            pod_end, remote_end = f"{REMOTE_PREFIX}{4 * i + 1}", f"{REMOTE_PREFIX}{4 * i + 2}"
+            for argv in (
+                ["ip", "-n", net.netns, "link", "add", veth, "type", "veth", "peer", "name",
+                 f"r{i}", "netns", name],
+                ["ip", "-n", net.netns, "addr", "add", f"{pod_end}/30", "dev", veth],
+                ["ip", "-n", net.netns, "link", "set", veth, "up"],
+                ["ip", "-n", name, "addr", "add", f"{remote_end}/30", "dev", f"r{i}"],
+                ["ip", "-n", name, "link", "set", f"r{i}", "up"],
+            ):  # fmt: skip
+                subprocess.run(argv, check=True)
+            addresses.append(remote_end)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        listener, port = netns_listener(name)
+        yield addresses, port
+    finally:
+        if listener is not None:
+            stop(listener)
+        for net, veth in zip(nets, veths, strict=True):
+            subprocess.run(["ip", "-n", net.netns, "link", "delete", veth], capture_output=True)
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+@contextlib.contextmanager
+def pods_linked(a: PodNet, b: PodNet) -> Iterator[None]:
+    """A direct veth between two Pod namespaces with a /32 route to each other's Pod IP, so
+    one Pod reaches the other as on a real Pod network (the test tier's Pods do not route to
+    each other: that would need forwarding on the host)."""
+    va, vb = f"fsbtp{secrets.token_hex(2)}", f"fsbtp{secrets.token_hex(2)}"
+    try:
+        for argv in (
+            ["ip", "-n", a.netns, "link", "add", va, "type", "veth", "peer", "name", vb,
+             "netns", b.netns],
+            ["ip", "-n", a.netns, "link", "set", va, "up"],
+            ["ip", "-n", b.netns, "link", "set", vb, "up"],
+            ["ip", "-n", a.netns, "route", "add", f"{b.ip}/32", "dev", va],
+            ["ip", "-n", b.netns, "route", "add", f"{a.ip}/32", "dev", vb],
+        ):  # fmt: skip
+            subprocess.run(argv, check=True)
+        yield
+    finally:
+        subprocess.run(["ip", "-n", a.netns, "link", "delete", va], capture_output=True)
+
+
+def test_egress_none_reaches_nothing_allow_reaches_the_remote_but_no_other_agent_pod(
+    kube: KubeServer, boxes: tuple[Box, Box], demo_image: str
+) -> None:
+    a1, _ = boxes
+    made = kube.fsb("pool", "create", OUT_POOL, "--min", "1", "--max", "1", "--egress", "allow")
+    assert made.returncode == 0, made.stderr
+    out: Box | None = None
+    try:
+        wait_pool_ready(kube, OUT_POOL, 1)  # type: ignore[arg-type]
+        out = run_box(kube, demo_image, "kpn-out-1", OUT_POOL, serve=False)  # type: ignore[arg-type]
+        assert out.agent != a1.agent
+        none_net, out_net = pod_net(a1.agent_ip), pod_net(out.agent_ip)
+        with (
+            remote_linked_to(none_net, out_net) as (remotes, port),
+            pods_linked(none_net, out_net),
+        ):
+            # Each Pod's namespace reaches the remote and the other Pod's agent API and
+            # sandbox endpoint: the routes are there.
+            assert reachable_from_netns(none_net.netns, remotes[0], port)
+            assert reachable_from_netns(out_net.netns, remotes[1], port)
+            a1_host, a1_port = a1.endpoints[0].rsplit(":", 1)
+            for what, (host, p) in {
+                "other agent Pod's API": (a1.agent_ip, AGENT_PORT),
+                "its sandbox's endpoint": (a1_host, int(a1_port)),
+            }.items():
+                # A TLS server and a plain one: a TCP connect is the question.
+                probe = subprocess.run(
+                    ["ip", "netns", "exec", out_net.netns, sys.executable, "-c",
+                     f"import socket; socket.create_connection(({host!r}, {p}), 5)"],
+                    capture_output=True, timeout=30,
+                )  # fmt: skip
+                assert probe.returncode == 0, (what, probe.stderr)
+            assert not connects(kube, a1.name, remotes[0], port), "egress none"
+            assert connects(kube, out.name, remotes[1], port), "egress allow: the remote"
+            for what, (host, p) in {
+                "other agent Pod's API": (a1.agent_ip, AGENT_PORT),
+                "its sandbox's endpoint": (a1_host, int(a1_port)),
+                "its sandbox's address": (a1.ip, 8080),
+                "own agent's API": (out.agent_ip, AGENT_PORT),
+                "metadata": ("169.254.169.254", 80),
+            }.items():
+                assert not connects(kube, out.name, str(host), int(p)), what
+    finally:
+        if out is not None:
+            kube.fsb("delete", out.name, "--wait")
+        kube.fsb("pool", "delete", OUT_POOL)

@@ -330,3 +330,43 @@ async def test_a_pod_agent_hands_the_hook_to_the_runtime(tmp_path: Path) -> None
     assert spec.netns_hook[0] == str(tmp_path / "state" / hook.HOOK_NAME)
     assert spec.netns_hook[1] == "/var/run/netns/cni-1"
     await manager.aclose()
+
+
+@pytest.mark.parametrize("pod_uid", [None, "u1"])
+def test_in_a_pod_egress_allow_refuses_every_agents_api_and_published_ports(
+    tmp_path: Path, pod_uid: str | None
+) -> None:
+    """Another agent Pod's address is not known in a Pod (the cluster's Pod CIDR), so its API
+    port and the published-port range are closed on every address, before any ACCEPT."""
+    from fastsandbox.agent.network.for_agent import network_for
+
+    settings = AgentSettings(
+        name="a1",
+        pool="p",
+        namespace="default",
+        listen="10.214.0.5:7443",
+        state_dir=tmp_path,
+        containerd_socket=tmp_path / "c.sock",
+        network_mode="private",
+        netns_path="/var/run/netns/cni-1",
+        egress="allow",
+        port_range=(20000, 29999),
+        pod_uid=pod_uid,
+    )
+    network = network_for(settings)
+    assert network is not None
+    cfg = network.cfg
+    egress = [
+        r for r in _lines(plan.static_rules(cfg)) if r.startswith(f"-A {cfg.chain('EGRESS')} ")
+    ]
+    first_accept = next(i for i, r in enumerate(egress) if r.endswith("ACCEPT"))
+    closed = [r for r in egress[:first_accept] if "--dport" in r]
+    if pod_uid is None:
+        # Embedded: the other agents' addresses are forbidden by CIDR (--forbid) instead.
+        assert closed == []
+        return
+    deny = cfg.chain("DENY")
+    assert closed == [
+        f"-A {cfg.chain('EGRESS')} -p tcp -m tcp --dport 7443 -j {deny}",
+        f"-A {cfg.chain('EGRESS')} -p tcp -m tcp --dport 20000:29999 -j {deny}",
+    ]

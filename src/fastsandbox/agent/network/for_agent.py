@@ -57,12 +57,23 @@ def network_for(settings: AgentSettings) -> PrivateNetwork | None:
             egress=settings.egress,
             egress_allow=tuple(settings.egress_allow),
             forbidden=tuple(settings.forbid),
+            forbidden_tcp_ports=_other_agents_ports(settings) if settings.pod_uid else (),
         ),
         unsupported=_why_no_private_network(settings),
         # In a Pod: the hook wires each sandbox's namespace, staged in the state dir (a
         # hostPath at the same path, so the node's runc finds it).
         hook_dir=settings.state_dir if settings.pod_uid else None,
     )
+
+
+def _other_agents_ports(settings: AgentSettings) -> tuple[str, ...]:
+    """What of another agent Pod a sandbox with egress allow could reach: its API (every agent
+    of a fleet listens on the same port) and its sandboxes' endpoints (the same port range)."""
+    first, last = settings.port_range
+    ports = [f"{first}:{last}"]
+    if settings.listens_on_tcp:
+        ports.insert(0, settings.listen.rsplit(":", 1)[1])
+    return tuple(ports)
 
 
 def net_labels(net: SandboxNet) -> dict[str, str]:

@@ -80,6 +80,11 @@ class NetConfig:
     egress_allow: tuple[str, ...] = ()
     forbidden: tuple[str, ...] = ()
     """Extra CIDRs never reachable (the node network: bridge subnet, other agents, host)."""
+    forbidden_tcp_ports: tuple[str, ...] = ()
+    """TCP destination ports (`N` or `FIRST:LAST`) never reachable on any address with egress
+    allow. In a Kubernetes Pod the other agent Pods' addresses are not known (the Pod network's
+    CIDR is the cluster's), but what a sandbox must not reach there is: every agent's API port
+    and the published-port range its sandboxes' endpoints live in (for_agent.py)."""
 
     @property
     def tag(self) -> str:
@@ -300,6 +305,10 @@ def static_rules(cfg: NetConfig, published: Iterable[Published] = ()) -> str:
     ]
     if cfg.egress == "allow":
         lines += [f"-A {egress} -d {cidr} -j {deny}" for cidr in cfg.all_forbidden()]
+        lines += [
+            f"-A {egress} -p tcp -m tcp --dport {ports} -j {deny}"
+            for ports in cfg.forbidden_tcp_ports
+        ]
         if cfg.egress_allow:
             lines += [f"-A {egress} -d {cidr} -j ACCEPT" for cidr in cfg.egress_allow]
             lines.append(f"-A {egress} -j {deny}")
