@@ -6,9 +6,10 @@ different sandboxes proceed in parallel.
 
 - Fast mode answers first (DESIGN.md §5): allocate a slot, start the container on the agent,
   answer, then write the record (already Running) in the same serial section, retrying until it
-  is stored; with `store_after_reply` (the controller) once the answer has left. Until then the record is served from memory (`get`, `list`, exec), so a `get` right
-  after `run` finds it; a crash in between is repaired by recovery from the request label the
-  container carries (`request_label`), so an acknowledged create survives a kill -9.
+  is stored (with `store_after_reply`, the controller: once the answer has left). Until then
+  the record is served from memory (`get`, `list`, exec), so a `get` right after `run` finds
+  it; a crash in between is repaired by recovery from the request label the container carries
+  (`request_label`), so an acknowledged create survives a kill -9.
 - Strong mode and declarative objects: the record exists first (Pending), then the same start
   path runs and the status becomes Running.
 - Deletion goes through the `fastsandbox.io/cleanup` finalizer: the slot and ports are released
