@@ -263,6 +263,7 @@ async def run(
         namespace=namespace,
         watch_namespace=settings.watch_namespace,
         containerd_namespace=settings.containerd_namespace,
+        containerd_state=str(settings.node_containerd_state),
         insecure_registries=settings.insecure_registries,
         grace_seconds=settings.delete_grace_seconds,
         log=settings.log,

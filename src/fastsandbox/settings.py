@@ -6,6 +6,7 @@ The CLI builds these; daemons receive them whole and never read the environment 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ DELETE_GRACE_SECONDS: Final = 10.0
 """SIGTERM → SIGKILL grace on sandbox delete when the request gives none."""
 CONTAINERD_SOCKET: Final = Path("/run/containerd/containerd.sock")
 """The system containerd's socket."""
+CONTAINERD_STATE: Final = Path("/run/containerd")
+"""The system containerd's state dir (`state` in its config): where its task bundles are."""
 JANITOR_INTERVAL_SECONDS: Final = 10.0
 """How often the janitor looks for orphaned containers, snapshots, logs and FIFOs."""
 DEFAULT_SANDBOX_DISK: Final = "1Gi"
@@ -221,6 +224,9 @@ class ControllerSettings(SandboxDefaults):
     `insecure_registries`. A sandbox or pool naming another is refused (INVALID_ARGUMENT)."""
     containerd_namespace: str = "k8s.io"
     """containerd namespace the agents use: the node's image cache."""
+    node_containerd_state: Path = CONTAINERD_STATE
+    """The nodes' containerd state dir: the agent Pods' shims mount each sandbox's
+    size-limited writable layer under it (agent/runtime/disk.py)."""
     agent_sync_seconds: float = 2.0
     """How often every replica lists agent Pods (agents another replica started or stopped)."""
     metrics_listen: str | None = None
@@ -285,6 +291,10 @@ class AgentSettings:
     tls_cert: Path | None = None
     """Serve HOST:PORT with TLS: this PEM certificate (with `tls_key`); None: plaintext."""
     tls_key: Path | None = None
+    containerd_state: Path | None = None
+    """containerd's state dir as containerd sees it. Set, the writable-layer limit is mounted by
+    containerd's shim (the agent needs no mount privilege: a Kubernetes agent Pod); None, the
+    agent mounts it itself, where it can (`can_mount`)."""
     pod_uid: str | None = None
     """Running in this Kubernetes Pod: sandboxes join the Pod's network namespace and cgroup
     (found through its CRI sandbox in containerd; these override `netns_path` and
@@ -310,10 +320,13 @@ class AgentSettings:
     @property
     def enforces_disk_limit(self) -> bool:
         """Whether sandboxes get a size-limited writable layer (a loop-mounted file system per
-        sandbox, agent/runtime/disk.py). Not in a Kubernetes Pod: the agent Pod is unprivileged
-        and cannot mount, and a mount in its namespace would not reach containerd's shim anyway
-        (docs/security.md, "What is not covered"). Nor anywhere else the agent cannot mount (no
-        CAP_SYS_ADMIN: an agent in a plain container): every create would fail with EPERM."""
+        sandbox, agent/runtime/disk.py). With `containerd_state` the shim mounts it, which needs
+        nothing of the agent (a Kubernetes agent Pod). Otherwise the agent mounts it, so not in
+        a Pod (its mounts would live in the Pod's mount namespace, out of the shim's sight) nor
+        anywhere else the agent cannot mount (no CAP_SYS_ADMIN: every create would fail with
+        EPERM)."""
+        if self.containerd_state is not None:
+            return True
         return self.pod_uid is None and can_mount()
 
     @property
@@ -324,8 +337,10 @@ class AgentSettings:
 _CAP_SYS_ADMIN = 21
 
 
+@functools.cache
 def can_mount() -> bool:
-    """Whether this process holds CAP_SYS_ADMIN (what `mount -o loop` needs)."""
+    """Whether this process holds CAP_SYS_ADMIN (what `mount -o loop` needs). Read once: an
+    agent asks on every create, and its capabilities do not change while it runs."""
     try:
         with open("/proc/self/status") as status:
             for line in status:

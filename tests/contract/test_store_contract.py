@@ -23,7 +23,7 @@ import pytest
 
 from fastsandbox.api.models import Sandbox, SandboxPhase, SandboxPool
 from fastsandbox.errors import AlreadyExists, Conflict, NotFound, Unavailable
-from fastsandbox.store.base import EventType, ObjectStore, WatchEvent
+from fastsandbox.store.base import BatchCreates, EventType, ObjectStore, WatchEvent
 from fastsandbox.store.memory import MemoryStore
 from fastsandbox.store.sqlite import SqliteStore
 from tests.infra import cannot_run
@@ -202,6 +202,29 @@ async def test_create_existing_key_is_already_exists(store: ObjectStore) -> None
     # The key is (kind, namespace, name): other namespaces and kinds are free.
     await store.create(sandbox("a", namespace="other"))
     await store.create(pool("a"))
+
+
+async def test_create_many_is_each_create_in_one_write(store: ObjectStore) -> None:
+    if not isinstance(store, BatchCreates):
+        pytest.skip("this backend creates one by one")  # SandboxService then sends them so
+    await store.create(sandbox("taken"))
+    since = await store.current_resource_version()
+    out = await store.create_many(
+        [sandbox("m1"), sandbox("taken"), sandbox("m2"), sandbox("m1"), sandbox("m3")]
+    )
+    assert [type(o).__name__ for o in out] == [
+        "Sandbox", "AlreadyExists", "Sandbox", "AlreadyExists", "Sandbox",
+    ]  # fmt: skip
+    made = [o for o in out if isinstance(o, Sandbox)]
+    assert [rv(o) for o in made] == [int(since) + 1, int(since) + 2, int(since) + 3]
+    assert await store.current_resource_version() == made[-1].metadata.resource_version
+    for obj in made:
+        assert obj.metadata.uid and obj.metadata.generation == 1
+        assert await store.get(Sandbox, "default", obj.metadata.name) == obj
+    async with contextlib.aclosing(store.watch(Sandbox, since)) as events:
+        seen = [describe(await next_change(events)) for _ in made]
+    assert seen == [(EventType.ADDED, "m1"), (EventType.ADDED, "m2"), (EventType.ADDED, "m3")]
+    assert await store.create_many([]) == []
 
 
 async def test_missing_objects_are_not_found(store: ObjectStore) -> None:

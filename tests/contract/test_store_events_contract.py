@@ -19,7 +19,7 @@ import pytest
 
 from fastsandbox.api.models import Event, Sandbox, SandboxPool
 from fastsandbox.errors import InvalidArgument, Unavailable
-from fastsandbox.store.base import MAX_EVENTS_PER_OBJECT, EventType, ObjectStore
+from fastsandbox.store.base import MAX_EVENTS_PER_OBJECT, EventBatches, EventType, ObjectStore
 from fastsandbox.store.memory import MemoryStore
 from fastsandbox.store.sqlite import SqliteStore
 
@@ -166,6 +166,31 @@ async def test_only_consecutive_identical_events_merge(env: Env) -> None:
         ("Started", "y", "Normal", 1),
         ("Started", "y", "Warning", 1),
     ]
+
+
+async def test_a_batch_is_kept_as_its_events_one_by_one(env: Env) -> None:
+    store = env.store
+    if not isinstance(store, EventBatches):
+        pytest.skip("this backend takes events one by one")  # the recorder sends them so
+    sb = await store.create(sandbox("batch", env.namespace))
+    other = await store.create(sandbox("batch2", env.namespace))
+    ghost = sandbox("batch-ghost", env.namespace)
+    await store.record_events(
+        [
+            event(sb, "Scheduled", "a1", at=0),
+            event(other, "Scheduled", "a2", at=0),
+            event(ghost, "Started", uid="no-such-uid"),  # dropped, the rest kept
+            event(sb, "Started", "x", at=1),
+            event(sb, "Started", "x", at=2),  # a repeat inside the batch is counted
+        ]
+    )
+    got = await events_of(env, sb)
+    assert [(e.reason, e.count) for e in got] == [("Scheduled", 1), ("Started", 2)]
+    assert got[1].timestamp == T0 + timedelta(seconds=2)
+    assert reasons(await events_of(env, other)) == ["Scheduled"]
+    assert await events_of(env, ghost) == []
+    with pytest.raises(InvalidArgument):
+        await store.record_events([event(sb, "Started").model_copy(update={"kind": "Pod"})])
 
 
 async def test_events_of_a_missing_or_earlier_object_are_dropped(env: Env) -> None:

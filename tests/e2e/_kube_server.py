@@ -253,6 +253,9 @@ class KubeServer(ServerSurface):
             str(self.lease_duration),
             "--insecure-registry",
             self.registry,
+            # The test containerd's (tests/infra.py): the shims mount the disk limit under it.
+            "--node-containerd-state",
+            str(self.containerd_socket.parent / "state"),
             "--log-format",
             "json",
             "--log-file",

@@ -1,10 +1,15 @@
 """A sandbox's writable layer has a real size limit (agent/runtime/disk.py), seen from inside:
 writing past it fails with ENOSPC while the sandbox keeps running, a neighbour with a larger
-limit writes the same amount unharmed, and delete leaves no mount, loop image or directory."""
+limit writes the same amount unharmed, and delete leaves no mount, loop image or directory.
+
+Both ways of mounting the layer: `agent` (the agent loop-mounts it, the embedded shape) and
+`shim` (containerd's shim mounts it from the image the agent wrote, `containerd_state` set:
+what an unprivileged Kubernetes agent Pod does)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,15 +27,17 @@ MiB = 1 << 20
 FILL = "dd if=/dev/zero of=/fill bs=1M count=24 2>&1; echo dd-exit=$?; echo alive; sleep 600"
 
 
-@pytest.fixture
+@pytest.fixture(params=["agent", "shim"])
 async def runtime(
-    containerd: ContainerdProc, demo_image: str, tmp_path: Path
+    containerd: ContainerdProc, demo_image: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[ContainerdRuntime]:
     rt = ContainerdRuntime(
         containerd.socket,
         "fsb-disk-test",
         [demo_image.split("/", 1)[0]],
         state_dir=tmp_path / "runtime",
+        # tests/infra.py's containerd layout: state next to the socket.
+        containerd_state=containerd.home / "state" if request.param == "shim" else None,
     )
     await rt.pull(demo_image)
     try:
@@ -79,7 +86,8 @@ async def test_writes_past_the_limit_fail_inside_and_the_neighbour_is_unaffected
         # The full sandbox keeps running: a full disk is its problem, not a crash.
         assert (await runtime.get(small.id)).status is ContainerStatus.RUNNING
         assert (await runtime.get(big.id)).status is ContainerStatus.RUNNING
-        assert (layers / small.id).is_mount() and (layers / big.id).is_mount()
+        for sid in (small.id, big.id):
+            assert (layers / sid).is_mount() or loop_devices_of(layers / f"{sid}.img"), sid
     finally:
         await runtime.delete(small.id, 0)
         await runtime.delete(big.id, 0)
@@ -88,6 +96,18 @@ async def test_writes_past_the_limit_fail_inside_and_the_neighbour_is_unaffected
         assert not (layers / f"{sid}.img").exists()
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(layers) not in mounts
+    assert "disk-small" not in mounts and "disk-big" not in mounts
+    assert not loop_devices_of(layers), "a loop device outlived its sandbox"
+
+
+def loop_devices_of(path: Path) -> list[str]:
+    """Loop devices whose backing file is `path` or under it."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if backing.read_text().strip().startswith(str(path)):
+                found.append(backing.parent.parent.name)
+    return found
 
 
 async def test_a_failed_create_leaves_no_layer(
@@ -116,3 +136,5 @@ async def test_a_failed_create_leaves_no_layer(
         await runtime.create(spec)
     layers = tmp_path / "runtime" / "disks"
     assert not layers.exists() or list(layers.iterdir()) == []
+    assert not loop_devices_of(layers)
+    assert "disk-bad-runtime" not in Path("/proc/self/mountinfo").read_text()

@@ -28,6 +28,7 @@ EVERY_FLAG = AgentArgs(
     state_dir=Path("/var/lib/fsb/agents/a1"),
     containerd_socket=Path("/run/c.sock"),
     containerd_namespace="k8s.io",
+    containerd_state=Path("/run/containerd"),
     capacity=3,
     runtime="gvisor",
     agent_ip="10.0.0.5",

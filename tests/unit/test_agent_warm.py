@@ -161,6 +161,41 @@ async def test_claim_refill_and_capacity(manager: SandboxManager, runtime: Super
     await until(lambda: ready(manager) == 1, "a slot in the room the delete made")
 
 
+async def test_the_refill_waits_until_creates_stop_coming(
+    manager: SandboxManager, runtime: SupervisedFake
+) -> None:
+    warm = manager.warm
+    assert warm is not None
+    await until(lambda: ready(manager) == 1, "a warm slot")
+    now = [1000.0]
+    warm.clock = lambda: now[0]  # time stands still: creates keep "just" being served
+    assert (await manager.create(req("sb-q1"))).warm
+    made = len(runtime.procs)
+    await asyncio.sleep(1.0)  # whatever the machine's speed: the clock did not move
+    assert (ready(manager), warm.busy(), len(runtime.procs)) == (0, 0, made)
+    now[0] += 1.0  # a second without a create: the refill goes on
+    await until(lambda: ready(manager) == 1, "the refill after the quiet period")
+
+
+async def test_the_refill_defers_only_so_long(
+    manager: SandboxManager, runtime: SupervisedFake
+) -> None:
+    warm = manager.warm
+    assert warm is not None
+    await until(lambda: ready(manager) == 1, "a warm slot")
+    now = [1000.0]
+    warm.clock = lambda: now[0]
+    assert (await manager.create(req("sb-d1"))).warm
+    # Creates keep coming (each one "just" served), but time passes beyond the longest wait.
+    for _ in range(40):
+        warm.served(warm.kind(HOT))
+        now[0] += 0.1
+        await asyncio.sleep(0.01)
+        if ready(manager) == 1:
+            break
+    await until(lambda: ready(manager) == 1, "the refill despite the stream of creates")
+
+
 async def test_cordon_retires_slots_and_counts_them_until_gone(
     manager: SandboxManager, runtime: SupervisedFake
 ) -> None:
@@ -242,6 +277,27 @@ async def test_where_limits_are_fixed_slots_are_kept_per_image_and_limits(
         assert (await m.create(req("sb-3"))).warm
     finally:
         await m.aclose()
+
+
+async def test_slots_are_made_with_the_limits_their_image_was_last_asked_for(
+    manager: SandboxManager, runtime: SupervisedFake
+) -> None:
+    """Under runc a claim of a slot with other limits updates them (a `runc update`); slots made
+    after a create carry that create's limits, so the next create asking the same needs none."""
+    await until(lambda: ready(manager) == 1, "a warm slot")
+    assert manager.warm is not None
+    first = next(iter(manager.warm.ready_ids()))
+    assert (runtime.specs[first].cpu_millis, runtime.specs[first].memory_bytes) == (None, None)
+    limited = replace(req("sb-l1"), cpu_millis=1000, memory_bytes=512 << 20, pids_limit=300)
+    assert (await manager.create(limited)).warm
+    await until(lambda: ready(manager) == 1, "the refill")
+    refill = next(iter(manager.warm.ready_ids()))
+    spec = runtime.specs[refill]
+    assert (spec.cpu_millis, spec.memory_bytes, spec.pids_limit) == (1000, 512 << 20, 300)
+    # Any create still claims it: its own limits are what the sandbox gets (Runtime.claim).
+    claimed = await manager.create(req("sb-l2"))
+    assert claimed.warm
+    assert runtime.specs[refill].cpu_millis is None
 
 
 async def test_slots_are_made_with_the_pools_default_limits(

@@ -152,6 +152,36 @@ async def test_a_hung_store_does_not_block_record_and_close_gives_up(
     assert await store.list_events("Sandbox", "default", "s") == []
 
 
+@dataclass
+class BatchSpy:
+    """A store that takes batches (`EventBatches`) and says how it was called."""
+
+    inner: MemoryStore
+    calls: list[int] = field(default_factory=list)
+
+    async def record_event(self, event: Event) -> None:
+        self.calls.append(1)
+        await self.inner.record_event(event)
+
+    async def record_events(self, events: list[Event]) -> None:
+        self.calls.append(len(events))
+        await self.inner.record_events(events)
+
+
+async def test_a_burst_reaches_a_batch_store_in_one_write(store: MemoryStore) -> None:
+    made = [await store.create(sandbox(f"b{i}")) for i in range(50)]
+    spy = BatchSpy(store)
+    recorder = EventRecorder(spy)  # type: ignore[arg-type]
+    for sb in made:
+        recorder.record(sb, "Scheduled")
+        recorder.record(sb, "Started")
+    await recorder.flush()
+    assert spy.calls == [100]
+    for sb in made:
+        got = await store.list_events("Sandbox", "default", sb.metadata.name)
+        assert [e.reason for e in got] == ["Scheduled", "Started"]
+
+
 async def test_close_writes_what_is_queued(store: MemoryStore) -> None:
     sb = await store.create(sandbox())
     recorder = EventRecorder(store)
@@ -221,6 +251,8 @@ async def wait_events(plane: Plane, name: str, *wanted: str, timeout: float = 5.
 
 async def test_create_and_exit_are_recorded(plane: Plane) -> None:
     reply = await plane.create("ex")
+    # Fast: the record (and then its events) is stored just after the answer.
+    await wait_events(plane, "ex", "Scheduled", "Started")
     got = await events_of(plane, "ex")
     assert [e.reason for e in got] == ["Scheduled", "Started"]
     assert reply.agent in got[0].message and reply.container_id in got[1].message

@@ -136,6 +136,8 @@ def test_the_pod_args_are_what_fsb_agent_parses() -> None:
         agent_ip="$(POD_IP)",
         state_dir=Path("/var/lib/fastsandbox/agents/$(POD_NAME)"),
         containerd_namespace="k8s.io",
+        # The node's containerd state: its shim mounts the disk limit, the Pod cannot.
+        containerd_state=Path("/run/containerd"),
         capacity=4,
         pod_uid="$(POD_UID)",
         network_mode="private",  # the pool's default, passed as it is

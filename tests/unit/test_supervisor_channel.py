@@ -355,3 +355,52 @@ async def test_idle_supervisor_exits_zero_on_sigterm(sandbox: Sandbox) -> None:
 
 def test_json_frame_constant_matches_protocol() -> None:
     assert (JSON, DATA, STDOUT, EOF) == (1, 2, 3, 5)
+
+
+# -- parked data connections, descriptors per exec ---------------------------------------------
+
+
+async def test_a_parked_data_connection_carries_the_next_stream(sandbox: Sandbox) -> None:
+    agent = sandbox.agent
+    token = secrets.token_hex(16)
+    fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    agent._streams[token] = fut  # type: ignore[assignment]
+    assert (await agent.request("park", stream=token))["ok"] is True
+    # Answered only once parked: the connection is here already, handshaken like any other.
+    assert fut.done()
+    conn = fut.result()
+    parked_hellos = len(agent.hellos)
+    reply = await agent.request(
+        "exec", stream=token, argv=["sh", "-c", "echo parked"], env=[PATH_ENV], stdin=False
+    )
+    assert reply["ok"] is True and reply["parked"] is True
+    out = await conn.collect()  # type: ignore[attr-defined]
+    assert (out.stdout, out.exit["code"]) == (b"parked\n", 0)
+    assert len(agent.hellos) == parked_hellos  # no dial for the stream itself
+    # A token used once is gone: a stream naming it again gets a dial, which the agent refuses.
+    again = await agent.request("exec", stream=token, argv=["true"], env=[PATH_ENV])
+    assert again["ok"] is True and "parked" not in again
+    await wait_until(lambda: agent.refused == 1, "the refused redial of a used token")
+
+
+async def test_park_is_bounded_and_refuses_a_bad_token(sandbox: Sandbox) -> None:
+    agent = sandbox.agent
+    assert err(await agent.request("park", stream=""))["code"] == "EINVAL"
+    for i in range(8):
+        token = secrets.token_hex(16)
+        agent._streams[token] = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+        assert (await agent.request("park", stream=token))["ok"] is True, i
+    token = secrets.token_hex(16)
+    agent._streams[token] = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+    assert err(await agent.request("park", stream=token))["code"] == "EBUSY"
+
+
+async def test_execs_do_not_keep_descriptors_after_they_end(sandbox: Sandbox) -> None:
+    # An exited process's status is kept for minutes; its eventfd, stdin pipe and socket
+    # duplicate must not be, or a few hundred execs exhaust the sandbox's RLIMIT_NOFILE.
+    fds = Path(f"/proc/{sandbox.proc.pid}/fd")
+    await sandbox.agent.run(["true"])
+    before = len(list(fds.iterdir()))
+    for _ in range(40):
+        await sandbox.agent.run(["true"], stdin=True)
+    await wait_until(lambda: len(list(fds.iterdir())) <= before + 4, "descriptors released")

@@ -11,6 +11,7 @@ use crate::users;
 use crate::warm::WarmMain;
 use crate::watch::Watch;
 use serde_json::{Map, Value, json};
+use std::collections::HashMap;
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -18,6 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Data connections the agent may hold parked (`park`) at once: a few are enough for back-to-
+/// back streams; the bound keeps a misbehaving agent from making us hold many descriptors.
+pub const MAX_PARKED: usize = 8;
 
 pub struct Channel {
     pub socket: PathBuf,
@@ -26,6 +30,9 @@ pub struct Channel {
     pub table: Arc<Table>,
     /// Set in warm mode (`--warm`): the main process `start_main` starts.
     pub warm: Option<Arc<WarmMain>>,
+    /// Data connections dialled and handshaken ahead of their stream (`park`), by token. They
+    /// belong to the control connection they were asked on: dropped when it is lost.
+    pub parked: Mutex<HashMap<String, UnixStream>>,
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -95,6 +102,8 @@ impl Channel {
                         self.socket.display()
                     ));
                     let why = self.serve(conn);
+                    // Parked connections were the lost agent's: the next one parks its own.
+                    lock(&self.parked).clear();
                     log(&format!("control connection lost: {why}; redialling"));
                 }
                 Err(e) => {
@@ -138,13 +147,35 @@ impl Channel {
             log(&format!("request without a numeric id ignored: {req}"));
             return;
         };
+        // A stream whose token names a parked connection uses it: no dial, no handshake on
+        // the stream's path (the reply says so, so the agent knows not to wait for a dial).
+        let mut parked: Option<UnixStream> = None;
         let (reply, job) = match self.dispatch(&req) {
+            Ok((_, Some((token, Job::Park)))) => {
+                // Parked before the reply, so a stream the agent names it in finds it here.
+                match self.connect(Some(&token)) {
+                    Ok(c) => {
+                        lock(&self.parked).insert(token, c);
+                        (json!({"id": id, "ok": true}), None)
+                    }
+                    Err(e) => {
+                        let err = OpError::new("EIO", format!("park: dial the agent: {e}"), None);
+                        (json!({"id": id, "ok": false, "error": err.to_json()}), None)
+                    }
+                }
+            }
             Ok((result, job)) => {
                 let mut r = Map::new();
                 r.insert("id".into(), json!(id));
                 r.insert("ok".into(), json!(true));
                 if let Value::Object(m) = result {
                     r.extend(m);
+                }
+                if let Some((token, _)) = &job {
+                    parked = lock(&self.parked).remove(token);
+                    if parked.is_some() {
+                        r.insert("parked".into(), json!(true));
+                    }
                 }
                 (Value::Object(r), job)
             }
@@ -178,7 +209,10 @@ impl Channel {
             std::process::exit(code);
         }
         if let Some((token, job)) = job {
-            let conn = self.connect(Some(&token));
+            let conn = match parked {
+                Some(c) => Ok(c),
+                None => self.connect(Some(&token)),
+            };
             if let Err(e) = &conn {
                 log(&format!("data connection for stream {token}: {e}"));
             }
@@ -219,6 +253,19 @@ impl Channel {
                     )));
                 }
                 Ok((json!({}), Some((token, Job::Attach(proc)))))
+            }
+            "park" => {
+                // Dial a data connection now, for a stream named later by the same token.
+                let token = stream()?;
+                let held = lock(&self.parked);
+                if held.len() >= MAX_PARKED || held.contains_key(&token) {
+                    return Err(OpError::new(
+                        "EBUSY",
+                        format!("park: {MAX_PARKED} data connections are parked already"),
+                        None,
+                    ));
+                }
+                Ok((json!({}), Some((token, Job::Park))))
             }
             "signal" => {
                 let sig = req
@@ -372,6 +419,8 @@ impl Channel {
 }
 
 enum Job {
+    /// A connection to keep for a later stream (dialled in `handle` before its reply).
+    Park,
     Exec(Arc<Proc>, Option<std::fs::File>, Option<std::fs::File>),
     Attach(Arc<Proc>),
     Read(std::fs::File),
@@ -383,6 +432,7 @@ impl Job {
     /// Runs on the request's thread once the data connection is up (None: it could not be made).
     fn run(self, conn: Option<UnixStream>) {
         match self {
+            Job::Park => {}
             Job::Exec(proc, out, err) => {
                 if let Some(out) = out {
                     let p = Arc::clone(&proc);
@@ -457,6 +507,10 @@ impl Job {
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

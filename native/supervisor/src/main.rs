@@ -86,6 +86,7 @@ fn take_env(table: &Arc<Table>, warm: Option<Arc<warm::WarmMain>>) -> Config {
             sandbox,
             table: Arc::clone(table),
             warm,
+            parked: Default::default(),
         }
     });
     Config { channel }

@@ -81,17 +81,19 @@ pub struct Proc {
     own_group: bool,
     exit: Mutex<ExitState>,
     exited: Condvar,
-    /// eventfd the reaper writes so the pump learns of the exit.
-    wake: OwnedFd,
+    /// eventfd the reaper writes so the pump learns of the exit; closed by the pump when it
+    /// is done. An exited process is kept (its status) for KEEP_EXITED, its descriptors not:
+    /// every one still held per exec would end in EMFILE after a few hundred back-to-back execs.
+    wake: Mutex<Option<OwnedFd>>,
     stdin: Mutex<Option<Arc<File>>>,
-    master: Option<Arc<File>>,
+    master: Mutex<Option<Arc<File>>>,
     /// Held while the pump writes (possibly blocked by a slow agent): never taken by the
     /// reaper, ps or the table's pruning, which read `attached` instead.
     out: Mutex<Output>,
     attached: AtomicBool,
     /// A duplicate of the attached socket, outside `out`, so a new attach can shut a stalled
     /// connection down (unblocking the pump's write) without waiting for the pump.
-    current: Mutex<Option<UnixStream>>,
+    current: Mutex<Option<(u64, UnixStream)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,8 +163,10 @@ impl Proc {
         st.at = Some(Instant::now());
         self.exited.notify_all();
         let one: u64 = 1;
-        // SAFETY: an 8-byte write to our eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if let Some(wake) = lock(&self.wake).as_ref() {
+            // SAFETY: an 8-byte write to our eventfd.
+            unsafe { libc::write(wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
     }
 
     fn emit(&self, ty: u8, data: &[u8]) {
@@ -188,6 +192,10 @@ impl Proc {
             let _ = frame::write_json(&mut conn, &exit);
             end_stream(&conn);
         }
+        drop(out);
+        // Exited and drained: nothing can be written to it or resized any more.
+        lock(&self.stdin).take();
+        lock(&self.master).take();
     }
 
     pub fn describe(&self) -> Value {
@@ -211,7 +219,7 @@ impl Proc {
         let Ok(ctl) = conn.try_clone() else { return };
         {
             let mut current = lock(&self.current);
-            if let Some(old) = current.replace(ctl) {
+            if let Some((_, old)) = current.replace((generation, ctl)) {
                 let _ = old.shutdown(Shutdown::Both);
             }
         }
@@ -231,6 +239,7 @@ impl Proc {
                 end_stream(&conn);
                 drop(out);
                 drain_until_closed(&mut reader);
+                self.release(generation);
                 return;
             }
             out.conn = Some((generation, conn));
@@ -265,6 +274,17 @@ impl Proc {
             out.conn = None;
             self.attached.store(false, Ordering::Relaxed);
         }
+        drop(out);
+        self.release(generation);
+    }
+
+    /// The attachment `generation` is over: drop our duplicate of its socket (unless a newer
+    /// attach has replaced it already).
+    fn release(&self, generation: u64) {
+        let mut current = lock(&self.current);
+        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            current.take();
+        }
     }
 
     fn write_stdin(&self, data: &[u8]) {
@@ -278,7 +298,7 @@ impl Proc {
     }
 
     pub fn resize(&self, cols: u16, rows: u16) {
-        if let Some(m) = &self.master {
+        if let Some(m) = lock(&self.master).as_ref() {
             let ws = libc::winsize {
                 ws_row: rows,
                 ws_col: cols,
@@ -310,13 +330,16 @@ impl Proc {
     /// Moves stdout/stderr (or the PTY) into frames until the process has exited and its
     /// output is drained, then reports the exit.
     pub fn pump(self: &Arc<Self>, stdout: File, stderr: Option<File>) {
+        let Some(wake) = lock(&self.wake).as_ref().map(|w| w.as_raw_fd()) else {
+            return; // a second pump for one process: never started
+        };
         let mut fds: Vec<(Option<File>, u8)> =
             vec![(Some(stdout), frame::STDOUT), (stderr, frame::STDERR)];
         let mut buf = vec![0u8; frame::CHUNK];
         let mut exited = false;
         loop {
             let mut pfds: Vec<libc::pollfd> = vec![libc::pollfd {
-                fd: self.wake.as_raw_fd(),
+                fd: wake,
                 events: libc::POLLIN,
                 revents: 0,
             }];
@@ -346,7 +369,7 @@ impl Proc {
             if pfds[0].revents != 0 {
                 let mut v = 0u64;
                 // SAFETY: an 8-byte read from our eventfd.
-                unsafe { libc::read(self.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+                unsafe { libc::read(wake, (&mut v as *mut u64).cast(), 8) };
                 exited = !self.running();
             }
             for (k, &i) in which.iter().enumerate() {
@@ -363,6 +386,8 @@ impl Proc {
             }
         }
         self.finish();
+        // The reaper has reported the exit (we saw it): nothing writes the eventfd any more.
+        lock(&self.wake).take();
     }
 }
 
@@ -455,9 +480,9 @@ impl Table {
             own_group,
             exit: Mutex::new(ExitState::default()),
             exited: Condvar::new(),
-            wake,
+            wake: Mutex::new(Some(wake)),
             stdin: Mutex::new(stdin),
-            master,
+            master: Mutex::new(master),
             out: Mutex::new(Output {
                 ring: Ring::default(),
                 conn: None,

@@ -37,6 +37,7 @@ class AgentArgs:
     state_dir: Path | None = None
     containerd_socket: Path = CONTAINERD_SOCKET
     containerd_namespace: str = "fastsandbox"
+    containerd_state: Path | None = None
     capacity: int = 5
     runtime: str = "runc"
     agent_ip: str = "127.0.0.1"

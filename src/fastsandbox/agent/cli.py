@@ -112,6 +112,7 @@ def settings_from_args(args: AgentArgs, environ: Mapping[str, str] | None = None
         state_dir=state_dir,
         containerd_socket=args.containerd_socket,
         containerd_namespace=args.containerd_namespace,
+        containerd_state=args.containerd_state,
         capacity=args.capacity,
         runtime=args.runtime,
         agent_ip=args.agent_ip,

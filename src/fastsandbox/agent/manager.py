@@ -1,20 +1,13 @@
 """The agent's core: sandboxes on one agent, with no gRPC in sight.
 
 Why it is shaped this way:
-- Capacity is decided here, not only in the control plane's registry: the agent is the one place
-  that knows what really runs on it, so a stale or restarted control plane can never overfill it.
-  Only sandboxes that have not exited count. The count is kept in memory (no runtime call when
-  there is room) and re-read from the runtime only when the agent looks full, because sandboxes
-  exit without telling us.
+- Capacity and draining are decided here, not only in the control plane's registry (the slots'
+  bookkeeping is `capacity.py`); the count is re-read from the runtime only when the agent looks
+  full, because sandboxes exit without telling us.
 - Every container this agent makes carries the label `fastsandbox.io/agent=<name>`; status and
   start-up read the runtime by that label, so an agent that restarts finds its sandboxes again
   (they belong to containerd's shims, not to this process), and an agent never touches a container
   of another agent sharing the same containerd namespace.
-- Draining is decided here too (`cordon`): every control-plane replica places sandboxes, but only
-  one plans which agents to stop, and the others learn of a drain a heartbeat later. A cordoned
-  agent refuses new slots, checked in the same step that takes one, so a Status read after the
-  cordon that shows no slot and no container means nothing more can start here. A restarted agent
-  starts uncordoned; the control plane cordons it again.
 - Work on one sandbox id is serialised by a per-id lock; different ids never wait on each other.
 - Logs are read from the files `fsb-logger` (started by containerd's shim, not by us) writes, so
   they survive agent restarts; reading them is `logs.py`.
@@ -35,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fastsandbox._aio.keyed import KeyedLocks
+from fastsandbox.agent.capacity import Capacity
 from fastsandbox.agent.image_cache import ImageCache
 from fastsandbox.agent.logs import LogChunk, log_files, read_log
 from fastsandbox.agent.network.for_agent import network_for
@@ -63,6 +57,7 @@ from fastsandbox.errors import (
     AlreadyExists,
     CapacityExhausted,
     FailedPrecondition,
+    FsbError,
     InvalidArgument,
     NotFound,
 )
@@ -72,7 +67,6 @@ from fastsandbox.settings import AgentSettings
 log = logging.getLogger(__name__)
 
 AGENT_LABEL = labels.AGENT_LABEL
-PORTS_LABEL = labels.PORTS_LABEL
 WARM_SLOT_LABEL = labels.WARM_SLOT_LABEL
 
 
@@ -88,17 +82,11 @@ class SandboxManager:
         )  # fmt: skip
         self.settings = settings
         self._locks = KeyedLocks()
-        # Sandbox ids holding a slot: created (or being created) and not known to have exited.
-        self._slots: set[str] = set()
-        # Ids whose create is in flight: they hold a slot the runtime cannot show yet.
-        self._creating: set[str] = set()
         # Create tasks, kept referenced until done (they outlive a caller that went away).
         self._detached: set[asyncio.Task[ContainerState]] = set()
         # Images present here (a miss only costs a no-op pull), and who may use a cached one.
         self.images = ImageCache(runtime, self.metrics)
         self._closing = asyncio.Event()
-        # Refusing new slots (the control plane is draining this agent).
-        self._cordoned = False
         # Supervisor channels exist only when sandboxes get a supervisor as PID 1.
         self.channels = ChannelHub(settings.state_dir) if settings.init_path else None
         self.specs = SpecBuilder(settings, self.channels)
@@ -107,18 +95,19 @@ class SandboxManager:
         # A network namespace per sandbox (networkMode private); None: sandboxes join the
         # agent's namespace (shared).
         self.network = network_for(settings)
+        self.capacity = Capacity(settings, shared_ports=self.network is None)
         # Sandbox id → container id where they differ (claimed warm slots), from the
         # sandbox-id label; and every sandbox id the runtime showed at the last look.
         self._containers: dict[str, str] = {}
         self._seen: set[str] = set()
-        # The ports each sandbox holding a slot exposes: in a shared network they are the
-        # agent's own, so this agent is their one arbiter (control-plane replicas each see the
-        # others' placements late, and would otherwise hand one port to two sandboxes).
-        self._ports: dict[str, frozenset[int]] = {}
         # Warm slots the last look found that no live WarmSlots knows (left by a killed agent).
         self._stale_warm: list[ContainerState] = []
         self._warm_listed: set[str] = set()
         self.warm = self._warm_slots(settings)
+        if self.warm is not None:
+            warm = self.warm
+            self.capacity.warm_count = warm.count
+            self.capacity.retire_warm = warm.retire_one
         self.metrics.gauge(
             "fsb_warm_slots", "Warm slots ready to be claimed, per image.", ("image",),
             counts_reader(lambda: self.warm),
@@ -152,7 +141,7 @@ class SandboxManager:
             self.warm.poke()
         log.info(
             "agent manager started",
-            extra={"agent": self.settings.name, "sandboxes": len(self._slots)},
+            extra={"agent": self.settings.name, "sandboxes": len(self.capacity.held)},
         )
 
     def close(self) -> None:
@@ -187,8 +176,7 @@ class SandboxManager:
 
     def free_slots(self) -> int:
         """Capacity neither a sandbox nor a warm slot holds."""
-        warm = self.warm.count() if self.warm is not None else 0
-        return self.settings.capacity - len(self._slots) - warm
+        return self.capacity.free()
 
     def _container_id(self, sandbox_id: str) -> str:
         return self._containers.get(sandbox_id, sandbox_id)
@@ -230,6 +218,7 @@ class SandboxManager:
             if state is None:
                 state = await self._create_cold(req)
         if self.warm is not None:
+            self.warm.learn_limits(req.image, req.cpu_millis, req.memory_bytes, req.pids_limit)
             self.warm.served(self._slot_kind(req))
         self.metrics.create_seconds.labels(mode="agent", warm=str(state.warm).lower()).observe(
             time.perf_counter() - began
@@ -243,10 +232,11 @@ class SandboxManager:
         warm, sandbox_id = self.warm, req.sandbox_id
         if warm is None:
             return None
-        fresh = sandbox_id not in self._slots and sandbox_id not in self._containers
-        fresh = fresh and sandbox_id not in self._seen and not self._cordoned
+        slots = self.capacity
+        fresh = sandbox_id not in slots.held and sandbox_id not in self._containers
+        fresh = fresh and sandbox_id not in self._seen and not slots.cordoned
         if fresh:
-            self._check_ports(sandbox_id, req.exposed_ports)
+            slots.check_ports(sandbox_id, req.exposed_ports)
         same_log = self.specs.log_cap(req.log_max_bytes) == self.settings.log_max_bytes
         # A slot's writable layer was made at the default size: another size takes the cold path.
         same_disk = self.specs.disk(req.disk_bytes) == self.specs.disk(0)
@@ -256,15 +246,15 @@ class SandboxManager:
             self.metrics.warm_slot_claims_total.labels(result="miss").inc()
             return None
         # The slot's capacity becomes the sandbox's: no capacity check, nothing to wait for.
-        self._take(sandbox_id, req.exposed_ports)
-        self._creating.add(sandbox_id)
+        slots.take(sandbox_id, req.exposed_ports)
+        slots.creating.add(sandbox_id)
         self._containers[sandbox_id] = slot
         try:
             # A private pool: the slot's namespace becomes the sandbox's, its ports published.
             net = await warm.claim_network(slot, sandbox_id, req.exposed_ports)
             state = await warm.claim(slot, self.specs.sandbox(req, net))
         except BaseException as exc:
-            self._slots.discard(sandbox_id)
+            slots.held.discard(sandbox_id)
             self._containers.pop(sandbox_id, None)
             if isinstance(exc, CapacityExhausted):
                 # No host port left (nothing was taken): refused as a cold create would be;
@@ -281,10 +271,16 @@ class SandboxManager:
             self.metrics.warm_slot_claims_total.labels(result="miss").inc()
             return None
         finally:
-            self._creating.discard(sandbox_id)
+            slots.creating.discard(sandbox_id)
         warm.claimed(slot)
+        # What its processes inherit is known now (the runtime has it from the claim while its
+        # record is being written): the first exec needs no runtime call for it.
+        with contextlib.suppress(FsbError):
+            self._defaults[sandbox_id] = await self.runtime.process_defaults(slot)
         self.metrics.warm_slot_claims_total.labels(result="hit").inc()
-        log.info(
+        # Debug, not info: a formatted record costs 0.2 to 0.4 ms here, a tenth of a claim; the
+        # create's own events and metrics (warm hits) say the same.
+        log.debug(
             "sandbox created from a warm slot",
             extra={"agent": self.settings.name, "sandbox_id": sandbox_id, "slot": slot},
         )
@@ -301,110 +297,63 @@ class SandboxManager:
             with contextlib.suppress(NotFound):
                 return await self.runtime.get(claimed)
             self._containers.pop(req.sandbox_id, None)
-        held_before = req.sandbox_id in self._slots
+        slots = self.capacity
+        held_before = req.sandbox_id in slots.held
         await self._reserve(req.sandbox_id, req.exposed_ports)
-        self._creating.add(req.sandbox_id)
+        slots.creating.add(req.sandbox_id)
         try:
             if self.channels is not None:
                 await self.channels.open(req.sandbox_id)
             state = await self._create(req)
         except BaseException:
             if not held_before:
-                self._slots.discard(req.sandbox_id)
+                slots.held.discard(req.sandbox_id)
                 if self.channels is not None:
                     await self.channels.remove(req.sandbox_id)
             raise
         finally:
-            self._creating.discard(req.sandbox_id)
+            slots.creating.discard(req.sandbox_id)
         if not is_live(state):
             # Idempotent re-create of a sandbox that has already finished: no slot used.
-            self._slots.discard(req.sandbox_id)
+            slots.held.discard(req.sandbox_id)
         return state
-
-    def _check_ports(self, sandbox_id: str, ports: tuple[int, ...]) -> None:
-        """CapacityExhausted naming the port when another live sandbox of this agent exposes
-        one of `ports` in the agent's shared network (private networks publish each sandbox's
-        ports on host ports of their own: no clash possible)."""
-        if self.network is not None or not ports:
-            return
-        for other in self._slots:
-            clash = sorted(self._ports.get(other, frozenset()).intersection(ports))
-            if other != sandbox_id and clash:
-                raise CapacityExhausted(
-                    f"port {clash[0]} is already exposed on agent {self.settings.name} by "
-                    f"sandbox {other} (sandboxes share the agent's network); schedule on "
-                    "another agent or expose another port"
-                )
-
-    def _take(self, sandbox_id: str, ports: tuple[int, ...]) -> None:
-        """Check the ports and take the slot in one step (no await in between)."""
-        self._check_ports(sandbox_id, ports)
-        self._slots.add(sandbox_id)
-        self._ports[sandbox_id] = frozenset(ports)
 
     async def _reserve(self, sandbox_id: str, ports: tuple[int, ...] = ()) -> None:
         """Take a slot for `sandbox_id`, or raise CapacityExhausted. Atomic between awaits:
         the cordon and the ports are checked in the same step that adds a new slot."""
-        if sandbox_id in self._slots:
-            return  # a retry of a create that holds its slot already
-        if not self._cordoned and (self.free_slots() > 0 or self._retire_warm()):
-            self._take(sandbox_id, ports)
-            return
+        slots = self.capacity
+        if sandbox_id in slots.held or slots.take_if_room(sandbox_id, ports):
+            return  # held already: a retry of a create that holds its slot
         # Looks full (or cordoned): sandboxes may have exited since we last looked, and a
         # retried create of a sandbox that exists is returned whatever the count or cordon.
         states = await self._refresh_slots()
         existing = states.get(sandbox_id)
         if existing is not None:
             if is_live(existing):
-                self._slots.add(sandbox_id)
+                slots.held.add(sandbox_id)
             return
-        if sandbox_id in self._slots:
+        if sandbox_id in slots.held:
             return
-        self._check_not_cordoned()
-        if self.free_slots() > 0 or self._retire_warm():
-            self._take(sandbox_id, ports)
-            return
-        raise CapacityExhausted(
-            f"agent {self.settings.name} is full ({self.settings.capacity} sandboxes running); "
-            "delete a sandbox or schedule on another agent"
-        )
-
-    def _retire_warm(self) -> bool:
-        """Make room for a create by retiring a warm slot (removed in the background; the
-        container count may exceed capacity by it for as long as that takes)."""
-        return self.warm is not None and self.warm.retire_one()
-
-    def _check_not_cordoned(self) -> None:
-        if self._cordoned:
-            raise CapacityExhausted(
-                f"agent {self.settings.name} is draining and takes no new sandboxes; "
-                "schedule on another agent of the pool"
-            )
+        slots.check_not_cordoned()
+        if not slots.take_if_room(sandbox_id, ports):
+            raise slots.full()
 
     def cordon(self, cordoned: bool) -> bool:
         """Refuse (True) or accept again (False) new sandboxes. Returns whether this changed
         anything; creates already past the check finish and keep their slots."""
-        changed = self._cordoned != cordoned
-        self._cordoned = cordoned
+        changed = self.capacity.cordon(cordoned)
         if self.warm is not None:
             self.warm.poke()  # cordoned: retire the slots; uncordoned: make them again
-        if changed:
-            log.info(
-                "agent cordoned" if cordoned else "agent uncordoned",
-                extra={"agent": self.settings.name, "sandboxes": len(self._slots)},
-            )
         return changed
 
     @property
     def cordoned(self) -> bool:
-        return self._cordoned
+        return self.capacity.cordoned
 
     async def _refresh_slots(self) -> dict[str, ContainerState]:
         """Re-count slots from the runtime, keeping what changed while we were asking."""
-        before = set(self._slots)
-        # A create in flight when the list starts may finish (its container made after the
-        # runtime answered) before we look again: its slot stays, or Status would read empty.
-        creating = set(self._creating)
+        before = set(self.capacity.held)
+        creating = set(self.capacity.creating)
         listed = await self.runtime.list(labels={AGENT_LABEL: self.settings.name})
         states: dict[str, ContainerState] = {}
         self._stale_warm = []
@@ -420,16 +369,7 @@ class SandboxManager:
             if sandbox_id != state.id:
                 self._containers[sandbox_id] = state.id
         self._seen = set(states)
-        now = self._slots
-        added, removed = now - before, before - now
-        live = {sid for sid, st in states.items() if is_live(st)}
-        self._slots = (live - removed) | added | (now & (self._creating | creating))
-        # The ports of what runs, from its label (a restarted agent learns them here); those
-        # of creates still in flight as they were taken.
-        self._ports = {
-            sid: _ports_of(states[sid]) if sid in states else self._ports.get(sid, frozenset())
-            for sid in self._slots
-        }
+        self.capacity.recount(states, before, creating)
         return states
 
     async def _create(self, req: SandboxRequest) -> ContainerState:
@@ -503,7 +443,7 @@ class SandboxManager:
                 net = self.network.get(sandbox_id)
                 if net is not None:
                     await self.network.release(net)
-            self._slots.discard(sandbox_id)
+            self.capacity.held.discard(sandbox_id)
             self._defaults.pop(sandbox_id, None)
             if not keep_logs:
                 # Kept with the log: a warm slot's sandbox id still finds its container's log.
@@ -582,20 +522,21 @@ class SandboxManager:
         return outward(state)
 
     async def status(self) -> AgentStatus:
-        creating = set(self._creating)
+        slots = self.capacity
+        creating = set(slots.creating)
         net_seq = self.network.seq + 1 if self.network is not None else 0
         states, images = await asyncio.gather(self._refresh_slots(), self.runtime.images())
         self.images.learn(i.name for i in images)
         # A container whose create was in flight while we read has no task yet in that read, and
         # the runtime shows it stopped; it must not read as "exited" to the control plane.
-        for sandbox_id in (creating | self._creating) & states.keys():
+        for sandbox_id in (creating | slots.creating) & states.keys():
             states[sandbox_id] = replace(
                 states[sandbox_id], status=ContainerStatus.CREATED, exit_code=None, reason=""
             )
         if self.network is not None:
             # Containers removed without a delete through us (the janitor's orphan sweep, a
             # hand `ctr rm`): their namespace, rules and host ports go too.
-            present = {sandbox_id_of(st) for st in states.values()} | creating | self._creating
+            present = {sandbox_id_of(st) for st in states.values()} | creating | slots.creating
             # Warm slots' nets are theirs to release (`WarmSlots._remove`) while they exist.
             present |= self._warm_listed | (self.warm.ids() if self.warm is not None else set())
             for net in self.network.stale(present, net_seq):
@@ -609,10 +550,10 @@ class SandboxManager:
         return AgentStatus(
             sandboxes=sorted((outward(s) for s in states.values()), key=lambda s: s.id),
             images=images,
-            cordoned=self._cordoned,
+            cordoned=slots.cordoned,
             # Slots being made or removed hold capacity too (a drain waits for them).
-            used_slots=len(self._slots) + (warm.busy() if warm is not None else 0),
-            creating=len(self._creating),
+            used_slots=len(slots.held) + (warm.busy() if warm is not None else 0),
+            creating=len(slots.creating),
             warm=warm.counts() if warm is not None else [],
         )
 
@@ -664,10 +605,4 @@ class SandboxManager:
     @property
     def used_slots(self) -> int:
         """Sandboxes counted against capacity (for diagnostics)."""
-        return len(self._slots)
-
-
-def _ports_of(state: ContainerState) -> frozenset[int]:
-    """The exposed ports a sandbox's container carries in its label (what `_spec` wrote)."""
-    text = state.labels.get(PORTS_LABEL, "")
-    return frozenset(int(p) for p in text.split(",") if p.strip().isdigit())
+        return len(self.capacity.held)

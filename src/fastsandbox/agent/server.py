@@ -382,6 +382,7 @@ async def run(
             settings.containerd_namespace,
             settings.insecure_registries,
             state_dir=settings.state_dir / "runtime",
+            containerd_state=settings.containerd_state,
         )
     try:
         await serve(SandboxManager(runtime, settings), ready=ready, stop=stop)

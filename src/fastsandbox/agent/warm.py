@@ -15,7 +15,10 @@ Why it is shaped this way:
   when no room is left it retires a slot (of the least hot image) to make room. Slots being made
   or removed are counted as used (`busy`): they hold resources no create can claim.
 - Refill runs in one background task, one slot at a time, never on a request's path; a create
-  only pokes it.
+  only pokes it. It also yields to creates: a slot is made only once no create has been served
+  for `REFILL_QUIET_SECONDS` (or the refill has waited `REFILL_MAX_DEFER_SECONDS`), so a burst
+  of claims does not share its CPU with the containers made to replace them (a slot costs
+  a whole cold create: shim, `runc create`, snapshot).
 - Container ids never change in containerd, so a claimed slot keeps its id (`w-<hex>`): the
   manager maps sandbox id → container id, rebuilt after a restart from the sandbox-id label
   the claim records. Channel directories and log files are named by container id.
@@ -32,6 +35,11 @@ Why it is shaped this way:
 - Every agent with the supervisor keeps slots, an agent Pod with every capability dropped
   and gVisor included: a claim does nothing to the sandbox from the agent's own process (the
   supervisor sets the hostname, containerd's shim the limits; runtime/warm_claim.py).
+- Limits under runc: a claim can change a slot's limits (containerd's `Tasks.Update`, one `runc
+  update`: 8 to 30 ms here, the largest step of a claim when taken), but need not. A slot is made
+  with the limits the last create of its image asked for (`learn_limits`), and before any
+  create with the pool's defaults (below), so the next create asking the same skips it; one
+  asking other limits still claims the slot and pays the update.
 - Kinds: a slot is made for a `SlotKind` — an image, and where the runtime cannot change a
   running sandbox's limits (gVisor, `limits_fixed`), the limits too. There a create claims only
   a slot made with exactly its limits; pinned images get slots of the default limits, and a
@@ -49,6 +57,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -71,7 +80,11 @@ log = logging.getLogger(__name__)
 
 SLOT_PREFIX = "w-"
 RETRY_SECONDS = 2.0
-REFILL_DELAY_SECONDS = 0.02
+# The refill waits for this long without a served create before it makes a slot (a burst's
+# creates come every few milliseconds) ...
+REFILL_QUIET_SECONDS = 0.2
+# ... but never longer than this, so a steady stream of creates still gets its slots back.
+REFILL_MAX_DEFER_SECONDS = 2.0
 
 
 class ClaimUncertain(RuntimeFailure):
@@ -115,11 +128,14 @@ class WarmSlots:
         s = manager.settings
         self.by_limits = limits_fixed(s.runtime)
         # What a slot is made with when its kind does not say (runc: every slot).
-        self.defaults = self._limits("", s.slot_cpu_millis, s.slot_memory_bytes, s.slot_pids)
+        self.defaults = self._kind_of("", s.slot_cpu_millis, s.slot_memory_bytes, s.slot_pids)
         self.pinned = [
             self.kind(i, s.slot_cpu_millis, s.slot_memory_bytes, s.slot_pids) for i in images
         ]
         self._recent: OrderedDict[SlotKind, None] = OrderedDict()
+        # Image → the limits of its last create: what its next slots are made with (runc; see
+        # the module doc). An image no create asked for yet gets `defaults`.
+        self._asked: dict[str, SlotKind] = {}
         self._ready: dict[SlotKind, deque[str]] = {}
         self._making: dict[SlotKind, int] = {}
         self._retiring: set[str] = set()
@@ -130,6 +146,9 @@ class WarmSlots:
         # Cold creates waiting for an address a retired slot gives back: refill keeps off it.
         self._address_waiters = 0
         self._wake = asyncio.Event()
+        # time.monotonic() of the last served create (the refill keeps out of its way).
+        self.clock: Callable[[], float] = time.monotonic
+        self._last_served = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Task[None]] = set()
 
@@ -145,10 +164,10 @@ class WarmSlots:
         image = normalize_image_ref(image)
         if not self.by_limits:
             return SlotKind(image)
-        return self._limits(image, cpu_millis, memory_bytes, pids_limit)
+        return self._kind_of(image, cpu_millis, memory_bytes, pids_limit)
 
     @staticmethod
-    def _limits(
+    def _kind_of(
         image: str, cpu_millis: int | None, memory_bytes: int | None, pids_limit: int | None
     ) -> SlotKind:
         """Limits as a slot is made with them: 0 and None alike, the default pids as None."""
@@ -199,14 +218,21 @@ class WarmSlots:
     # -- claims ---------------------------------------------------------------------------------
     def served(self, kind: SlotKind) -> None:
         """A create of `kind` was served (from a slot or cold): it is hot now. The refill
-        starts a moment later, so its synchronous work (specs, records) does not hold up the
-        answer still on its way out through this event loop."""
+        waits until creates stop coming (`_quiet`), so neither its synchronous work nor the
+        slot's container competes with the answers of a burst."""
         if self.recent_max > 0:
             self._recent.pop(kind, None)
             self._recent[kind] = None
             while len(self._recent) > self.recent_max:
                 self._recent.popitem(last=False)
-        asyncio.get_running_loop().call_later(REFILL_DELAY_SECONDS, self.poke)
+        self._last_served = self.clock()
+        self.poke()
+
+    def learn_limits(self, image: str, cpu_millis: int, memory_bytes: int, pids_limit: int) -> None:
+        """A create of `image` asked for these limits (0 = the default): slots made from now
+        on have them, so a claim asking the same needs no limits update."""
+        image = normalize_image_ref(image)
+        self._asked[image] = self._kind_of(image, cpu_millis, memory_bytes, pids_limit)
 
     def take(self, kind: SlotKind) -> str | None:
         """A ready slot of `kind` (no await: atomic with the caller's capacity check)."""
@@ -377,6 +403,11 @@ class WarmSlots:
                 self.retire_all()
                 continue
             while (kind := self._next_kind(self._room())) is not None:
+                if await self._quiet():
+                    # Room and kinds may have changed while it waited.
+                    kind = self._next_kind(self._room())
+                    if kind is None:
+                        break
                 try:
                     await self._make(kind)
                 except asyncio.CancelledError:
@@ -388,6 +419,19 @@ class WarmSlots:
                     )
                     await asyncio.sleep(RETRY_SECONDS)
                     break
+
+    async def _quiet(self) -> bool:
+        """Wait until no create was served for REFILL_QUIET_SECONDS, at most
+        REFILL_MAX_DEFER_SECONDS from the first wait; True when it waited."""
+        waited = False
+        deadline = self.clock() + REFILL_MAX_DEFER_SECONDS
+        while True:
+            now = self.clock()
+            left = min(self._last_served + REFILL_QUIET_SECONDS, deadline) - now
+            if left <= 0:
+                return waited
+            waited = True
+            await asyncio.sleep(min(left, REFILL_QUIET_SECONDS))
 
     async def _make(self, kind: SlotKind) -> None:
         manager = self.manager
@@ -405,7 +449,7 @@ class WarmSlots:
             net = await self._acquire_net(cid)
             if net is not None:
                 slot_labels.update(net_labels(net))  # adopted (then released) after a restart
-            limits = kind if self.by_limits else self.defaults
+            limits = kind if self.by_limits else self._asked.get(image, self.defaults)
             spec = replace(
                 manager.specs.container(cid, image, slot_labels, warm=True),
                 cpu_millis=limits.cpu_millis,

@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Literal
 
 from fastsandbox.api.models import Event, Sandbox, SandboxPool, now
-from fastsandbox.store.base import ObjectStore
+from fastsandbox.store.base import EventBatches, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ DEFAULT_QUEUE_SIZE = 2000
 # Events wait this long before they are written: the work they describe (its own next store
 # writes) goes first, and a burst goes out together, its repeats counted in while queued.
 DEFAULT_DELAY = 0.05
+# Events written in one batch at most (a store that takes batches: `EventBatches`).
+BATCH = 500
 # How long `close()` lets queued events reach the store before it drops them.
 CLOSE_TIMEOUT = 2.0
 
@@ -144,25 +146,35 @@ class EventRecorder:
 
     async def _write_all(self) -> None:
         await asyncio.sleep(self.delay)
+        store = self.store
+        batches = isinstance(store, EventBatches)
         while self._queue:
-            entry = self._queue[0]
             # Taken off the queue (and out of `_latest`) before the write: a repeat recorded
-            # while the store works is a new entry, merged by the store instead.
-            self._queue.popleft()
-            self._forget(entry)
+            # while the store works is a new entry, merged by the store instead. A store that
+            # takes batches gets every queued event in one write (a burst of creates queues
+            # two each), others one by one.
+            take = min(len(self._queue), BATCH) if batches else 1
+            entries = [self._queue.popleft() for _ in range(take)]
+            for entry in entries:
+                self._forget(entry)
+            events = [entry.event for entry in entries]
             try:
-                await self.store.record_event(entry.event)
+                if isinstance(store, EventBatches):
+                    await store.record_events(events)
+                else:
+                    await store.record_event(events[0])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.failed_writes += 1
-                self.dropped += 1
+                self.dropped += len(events)
                 if self.failed_writes == 1 or self.failed_writes % 100 == 0:
                     log.warning(
-                        "could not record an event; dropped",
+                        "could not record events; dropped",
                         extra={
-                            "reason": entry.event.reason,
-                            "object": f"{entry.event.namespace}/{entry.event.name}",
+                            "reason": events[0].reason,
+                            "object": f"{events[0].namespace}/{events[0].name}",
+                            "events": len(events),
                             "err": str(exc),
                             "failed_writes": self.failed_writes,
                         },

@@ -156,7 +156,10 @@ class SandboxLifecycle:
         if gone_for is not None:
             return await self._agent_unreachable(sb, gone_for)
         before = condition(status, "AgentReachable")
-        changed = set_condition(status, "AgentReachable", True, reason="Heartbeat")
+        # A True condition stays as it is (its reason says since when: Started or Heartbeat).
+        changed = before is None or before.status != "True"
+        if changed:
+            set_condition(status, "AgentReachable", True, reason="Heartbeat")
         was_lost = status.phase is P.LOST
         if was_lost:
             transition(status, P.RUNNING, reason="AgentReturned")

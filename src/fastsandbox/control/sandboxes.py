@@ -59,6 +59,7 @@ from fastsandbox.control.create_request import (
 )
 from fastsandbox.control.events import EventRecorder
 from fastsandbox.control.limits import Limits, effective_limits, server_defaults
+from fastsandbox.control.record_batch import RecordBatcher
 from fastsandbox.control.registry import Allocation, Registry
 from fastsandbox.control.sandbox_delete import SandboxDeletion
 from fastsandbox.errors import (
@@ -146,6 +147,8 @@ class SandboxService(SandboxDeletion):
         self.scale_wait_seconds = scale_wait_seconds
         # Fast creates answered and not stored yet, and the tasks storing them.
         self.unstored: dict[Key, Sandbox] = {}
+        # Their records go to the store together (one write for those answered meanwhile).
+        self.records = RecordBatcher(store)
         self._persisting: set[asyncio.Task[Sandbox]] = set()
         # With replicas (Kubernetes): the watch cache read before placement; None: the store.
         self.cache: ReadCache | None = None
@@ -371,7 +374,7 @@ class SandboxService(SandboxDeletion):
         delay = 0.05
         while True:
             try:
-                stored = await self.store.create(sb)
+                stored = await self.records.create(sb)
                 break
             except AlreadyExists:
                 current = await self.store.get(Sandbox, sb.metadata.namespace, sb.metadata.name)
@@ -622,6 +625,9 @@ class SandboxService(SandboxDeletion):
         status.observed_reset_revision = sb.spec.reset_revision
         status.conditions = [c for c in status.conditions if c.type not in _RESET_ON_START]
         set_condition(status, "Ready", True, reason="Started")
+        # The agent has just answered: the reconciler's first pass over this record then finds
+        # nothing to write (one store write, watch event and pass fewer per create).
+        set_condition(status, "AgentReachable", True, reason="Started")
         self.keys[status.container_id] = (sb.metadata.namespace, sb.metadata.name)
 
     async def _remove_container(self, allocation: Allocation) -> None:

@@ -88,6 +88,7 @@ class KubernetesFleet:
         namespace: str = "default",
         watch_namespace: str | None = None,
         containerd_namespace: str = "k8s.io",
+        containerd_state: str = "/run/containerd",
         insecure_registries: Sequence[str] = (),
         grace_seconds: float = DELETE_GRACE_SECONDS,
         pod_grace_seconds: int = 30,
@@ -102,6 +103,7 @@ class KubernetesFleet:
         self.namespace = namespace
         self.watch_namespace = watch_namespace
         self.containerd_namespace = containerd_namespace
+        self.containerd_state = containerd_state
         self.insecure_registries = list(insecure_registries)
         self.grace_seconds = grace_seconds
         self.pod_grace_seconds = pod_grace_seconds
@@ -224,6 +226,7 @@ class KubernetesFleet:
         spec = AgentPodSpec(
             agent_image=self.agent_image,
             containerd_namespace=self.containerd_namespace,
+            containerd_state=self.containerd_state,
             insecure_registries=tuple(self.insecure_registries),
             grace_seconds=self.grace_seconds,
             pod_grace_seconds=self.pod_grace_seconds,

@@ -88,6 +88,8 @@ class AgentPodSpec:
 
     agent_image: str
     containerd_namespace: str = "k8s.io"
+    # The node's containerd state dir: the shim mounts each sandbox's size-limited layer there.
+    containerd_state: str = str(settings.CONTAINERD_STATE)
     insecure_registries: tuple[str, ...] = ()
     grace_seconds: float = DELETE_GRACE_SECONDS
     """The agents' default SIGTERM → SIGKILL grace on sandbox delete."""
@@ -118,6 +120,8 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
         state_dir=Path(f"{STATE_ROOT}/agents/$(POD_NAME)"),
         containerd_socket=Path(CONTAINERD_SOCKET),
         containerd_namespace=spec.containerd_namespace,
+        # The writable-layer limit without mount privilege: containerd's shim mounts it.
+        containerd_state=Path(spec.containerd_state),
         capacity=pool.spec.max_sandboxes_per_agent,
         runtime=pool.spec.runtime.value,
         # Sandboxes join this Pod's network namespace and cgroup (agent/pod.py).

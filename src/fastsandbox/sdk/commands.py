@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import shlex
 import signal as signals
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -107,19 +107,46 @@ def exec_start(
 
 
 class ExecSession:
-    """One Exec stream. Read with `next_output()`; write with `send_stdin` / `signal` / ..."""
+    """One Exec stream. Read with `next_output()`; write with `send_stdin` / `signal` / ...
+
+    The `start` message is written on the call itself, and later input goes through a writer
+    task made on the first `send_*`: a command that never gets input (most `run`s) costs no
+    task and no queue hop, only the call's own reads and writes."""
 
     def __init__(self, client: AsyncClient, start: io_pb2.ExecStart) -> None:
         self._client = client
         self._queue: asyncio.Queue[io_pb2.ExecInput | None] = asyncio.Queue(_INPUT_QUEUE)
         stub, metadata = client._rpc()
-        self._call: Any = stub.Exec(self._inputs(start), metadata=metadata)
+        self._call: Any = stub.Exec(metadata=metadata)  # type: ignore[call-arg]
+        self._start: io_pb2.ExecStart | None = start
+        self._start_written: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
         self.exited: io_pb2.ExecExited | None = None
 
-    async def _inputs(self, start: io_pb2.ExecStart) -> AsyncIterator[io_pb2.ExecInput]:
-        yield io_pb2.ExecInput(start=start)
-        while (msg := await self._queue.get()) is not None:
-            yield msg
+    async def _write_start(self) -> None:
+        """Write `start` once (the first read waits for it, as does the writer task)."""
+        if self._start_written is None:
+            self._start_written = asyncio.get_running_loop().create_future()
+            start, self._start = self._start, None
+            try:
+                await self._call.write(io_pb2.ExecInput(start=start))
+            except grpc.RpcError:
+                pass  # the call failed: the read that follows raises its status
+            except (asyncio.InvalidStateError, grpc.aio.UsageError):
+                pass  # closed meanwhile
+            finally:
+                self._start_written.set_result(None)
+        else:
+            await self._start_written
+
+    async def _inputs(self) -> None:
+        await self._write_start()
+        try:
+            while (msg := await self._queue.get()) is not None:
+                await self._call.write(msg)
+            await self._call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            pass  # the call ended; its status reaches the reader
 
     async def started(self) -> int:
         """Wait for the process to start; its pid. Raises the server's error if it cannot."""
@@ -132,6 +159,8 @@ class ExecSession:
         """The next message, None after `exited` (or when the stream ends)."""
         if self.exited is not None:
             return None
+        if self._start_written is None or not self._start_written.done():
+            await self._write_start()
         try:
             out = await self._call.read()
         except grpc.RpcError as err:
@@ -144,6 +173,8 @@ class ExecSession:
 
     async def _put(self, msg: io_pb2.ExecInput) -> None:
         if self.exited is None:
+            if self._writer is None:
+                self._writer = asyncio.get_running_loop().create_task(self._inputs())
             await self._queue.put(msg)
 
     async def send_stdin(self, data: bytes | str) -> None:
@@ -163,6 +194,8 @@ class ExecSession:
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)
         self._call.cancel()
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
 
 
 async def _deliver(callback: OutputCallback | None, text: str) -> None:
@@ -184,6 +217,7 @@ class CommandHandle:
         on_stderr: OutputCallback | None = None,
         timeout: float | None = None,
         cmd: str = "",
+        inline: bool = False,
     ) -> None:
         self._session = session
         self.pid = pid
@@ -193,7 +227,15 @@ class CommandHandle:
         self._cmd = cmd
         self._stdout: list[str] = []
         self._stderr: list[str] = []
-        self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+        # `run` without background reads in its own task (`_wait_inline`): no task per call.
+        self._pump_task: asyncio.Task[CommandResult] | None = (
+            None if inline else asyncio.get_running_loop().create_task(self._pump())
+        )
+
+    def _task(self) -> asyncio.Task[CommandResult]:
+        if self._pump_task is None:
+            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+        return self._pump_task
 
     @property
     def stdout(self) -> str:
@@ -239,21 +281,38 @@ class CommandHandle:
 
     async def wait(self) -> CommandResult:
         """The result once it ends; `CommandTimeout` when it ran past its timeout (then killed)."""
+        task = self._task()
         if self._timeout is None:
-            return await asyncio.shield(self._pump_task)
+            return await asyncio.shield(task)
         try:
             async with asyncio.timeout(self._timeout + _CLIENT_GRACE):
-                return await asyncio.shield(self._pump_task)
+                return await asyncio.shield(task)
         except TimeoutError:
             await self.kill()
-            self._pump_task.cancel()
+            task.cancel()
+            raise CommandTimeout(
+                f"command timed out after {self._timeout:g}s: {self._cmd}"
+            ) from None
+
+    async def _wait_inline(self) -> CommandResult:
+        """`wait()` reading in the caller's task (the handle was never given out)."""
+        if self._pump_task is not None:
+            return await self.wait()
+        try:
+            async with asyncio.timeout(
+                None if self._timeout is None else self._timeout + _CLIENT_GRACE
+            ):
+                return await self._pump()
+        except TimeoutError:
             raise CommandTimeout(
                 f"command timed out after {self._timeout:g}s: {self._cmd}"
             ) from None
 
     async def kill(self, signum: int = signals.SIGKILL) -> bool:
         """Send `signum` (SIGKILL) to its process group; False when it had already ended."""
-        if self._pump_task.done():
+        if self._session.exited is not None or (
+            self._pump_task is not None and self._pump_task.done()
+        ):
             return False
         await self._session.signal(signum)
         return True
@@ -266,9 +325,10 @@ class CommandHandle:
 
     async def disconnect(self) -> None:
         """Stop following it (the process keeps running in the sandbox)."""
-        self._pump_task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._pump_task
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._pump_task
         self._session.close()
 
 
@@ -293,6 +353,7 @@ class AsyncCommands:
         on_stderr: OutputCallback | None = None,
         pty: tuple[int, int] | None = None,
         tag: str = "",
+        _inline: bool = False,
     ) -> CommandHandle:
         argv = argv_of(cmd)
         start = exec_start(
@@ -315,7 +376,13 @@ class AsyncCommands:
             raise
         label = cmd if isinstance(cmd, str) else shlex.join(argv)
         return CommandHandle(
-            session, pid, on_stdout=on_stdout, on_stderr=on_stderr, timeout=timeout, cmd=label
+            session,
+            pid,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            timeout=timeout,
+            cmd=label,
+            inline=_inline,
         )
 
     @overload
@@ -375,10 +442,11 @@ class AsyncCommands:
             timeout=timeout,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
+            _inline=not background,
         )
         if background:
             return handle
-        return await handle.wait()
+        return await handle._wait_inline()
 
     async def list(self) -> list[io_pb2.ProcessInfo]:
         """The sandbox's processes (the main one included), as the supervisor sees them."""

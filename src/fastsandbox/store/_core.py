@@ -15,12 +15,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import builtins
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
 from fastsandbox._aio.to_the_end import to_the_end
 from fastsandbox.api.models import KINDS, Event, Sandbox, SandboxPool
-from fastsandbox.errors import Conflict, InvalidArgument, NotFound, Unavailable
+from fastsandbox.errors import (
+    AlreadyExists,
+    Conflict,
+    FsbError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from fastsandbox.store import _rules as rules
 from fastsandbox.store._watch import Hub, Record
 from fastsandbox.store.base import DEFAULT_EVENT_LIMIT, EventType, Obj, WatchEvent
@@ -121,6 +128,19 @@ class StoreCore(abc.ABC):
             self._check_open()
             await to_the_end(self._keep_event(event))
 
+    async def record_events(self, events: Sequence[Event]) -> None:
+        """`record_event` of each (in order) as one write (`store.base.EventBatches`)."""
+        for event in events:
+            check_event_kind(event.kind)
+        async with self._write_lock:
+            self._check_open()
+            await to_the_end(self._keep_events(events))
+
+    async def _keep_events(self, events: Sequence[Event]) -> None:
+        """Keep each of `events` in order; a backend with transactions does it in one."""
+        for event in events:
+            await self._keep_event(event)
+
     async def list_events(
         self, kind: str, namespace: str, name: str, limit: int = DEFAULT_EVENT_LIMIT
     ) -> builtins.list[Event]:
@@ -151,6 +171,53 @@ class StoreCore(abc.ABC):
                 )
             )
             return fresh
+
+    async def create_many(self, objs: Sequence[Obj]) -> builtins.list[Obj | FsbError]:
+        """Each of `objs` as by `create`, in order (`store.base.BatchCreates`): one `create`
+        each here, one transaction for all in SQLite (`SqliteStore.create_many`)."""
+        outcomes: builtins.list[Obj | FsbError] = []
+        for obj in objs:
+            try:
+                outcomes.append(await self.create(obj))
+            except AlreadyExists as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def _create_writes(
+        self, objs: Sequence[Obj]
+    ) -> tuple[builtins.list[Obj | FsbError], builtins.list[Write]]:
+        """For a backend's one-write `create_many`, under the write lock: each object's
+        stored form (or AlreadyExists) and the writes for those that are new. Nothing else
+        writes meanwhile, so a name checked free here cannot be taken before the commit."""
+        outcomes: builtins.list[Obj | FsbError] = []
+        writes: builtins.list[Write] = []
+        taken: set[tuple[str, str, str]] = set()
+        rv = self._rv
+        for obj in objs:
+            kname = rules.kind_name(type(obj))
+            key = (kname, obj.metadata.namespace, obj.metadata.name)
+            if key in taken or await self._fetch(*key) is not None:
+                outcomes.append(
+                    AlreadyExists(f"{rules.describe(*key)} already exists: pick another name")
+                )
+                continue
+            taken.add(key)
+            rv += 1
+            fresh = rules.for_create(obj, rv)
+            outcomes.append(fresh)
+            writes.append(
+                Write(
+                    kind=kname,
+                    namespace=key[1],
+                    name=key[2],
+                    uid=fresh.metadata.uid,
+                    resource_version=rv,
+                    previous=None,
+                    event=EventType.ADDED,
+                    body=rules.encode(fresh),
+                )
+            )
+        return outcomes, writes
 
     async def update(self, obj: Obj) -> Obj:
         async with self._write_lock:
@@ -207,6 +274,9 @@ class StoreCore(abc.ABC):
 
     async def _commit_now(self, write: Write) -> None:
         await self._apply(write)
+        self._published(write)
+
+    def _published(self, write: Write) -> None:
         self._rv = write.resource_version
         self._hub.publish(Record(write.resource_version, write.kind, write.event, write.body))
 

@@ -35,17 +35,25 @@ side record for diagnostics, not objects: no resourceVersion, no watch, best eff
   `NotFound`) for an object without any.
 - A backend keeps about the last `MAX_EVENTS_PER_OBJECT` events of each object and drops them
   all when the object is removed.
+- A backend may also create several objects at once (`BatchCreates.create_many`: each as by
+  `create`, in order, with its own outcome, in one write): a burst of Fast creates stores one
+  record each right after answering, and one write each was one hand-off to the database's
+  thread each.
+- A backend may also take several events at once (`EventBatches.record_events`: as many
+  `record_event`s in order, in one write): a burst of creates records two events each, and one
+  write per event was one hand-off to the database's thread per event.
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from fastsandbox.api.models import Event, Sandbox, SandboxPool
+from fastsandbox.errors import FsbError
 
 # Events kept per object; older ones are dropped first.
 MAX_EVENTS_PER_OBJECT = 100
@@ -115,3 +123,24 @@ class ObjectStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class EventBatches(Protocol):
+    """A store that writes several events as one write (SQLite: one transaction)."""
+
+    async def record_events(self, events: Sequence[Event]) -> None:
+        """`record_event` of each, in order, as one write; raises `Unavailable` when the store
+        fails (then none of them is kept)."""
+        ...
+
+
+@runtime_checkable
+class BatchCreates(Protocol):
+    """A store that creates several objects as one write (SQLite: one transaction)."""
+
+    async def create_many(self, objs: Sequence[Obj]) -> list[Obj | FsbError]:
+        """`create` of each, in order, as one write: the stored object of each, or the error
+        its own `create` would have raised (`AlreadyExists`); raises `Unavailable` when the
+        store fails (then none of them is stored)."""
+        ...

@@ -23,7 +23,9 @@ Recently read or written bodies are also kept in memory (`_bodies`, at most `BOD
 so a `get` — two per create, one per exec to find the sandbox's agent — is answered without a
 hop to the reader's thread. That is coherent because every change passes through this process:
 a commit replaces (or drops) the entry as soon as it is committed, and a read from the file
-fills it only when no commit happened while it was reading.
+fills it only when no commit happened while it was reading. The keys of every stored object are
+kept in memory too (`_keys`, read once at open, changed by each commit), so a `get` of a name
+nobody holds — every create's name-free check — is answered NotFound without reading the file.
 """
 
 from __future__ import annotations
@@ -33,18 +35,19 @@ import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from fastsandbox._aio.to_the_end import to_the_end
 from fastsandbox.api.models import Event
-from fastsandbox.errors import AlreadyExists, Conflict, Unavailable
+from fastsandbox.errors import AlreadyExists, Conflict, FsbError, Unavailable
 from fastsandbox.store import _rules as rules
 from fastsandbox.store._core import StoreCore, Write, encode_event, event_applies, merge_event
 from fastsandbox.store._watch import Record
-from fastsandbox.store.base import MAX_EVENTS_PER_OBJECT, EventType
+from fastsandbox.store.base import MAX_EVENTS_PER_OBJECT, EventType, Obj
 from fastsandbox.store.faults import WriteDelay
 
 log = logging.getLogger(__name__)
@@ -140,6 +143,7 @@ class SqliteStore(StoreCore):
         history: int,
         bookmark_interval: float,
         write_delay: WriteDelay | None = None,
+        keys: set[tuple[str, str, str]] | None = None,
     ) -> None:
         """Use `SqliteStore.open`."""
         super().__init__(
@@ -153,6 +157,8 @@ class SqliteStore(StoreCore):
         self._trim_batch = max(1, history // 10)
         # (kind, namespace, name) -> body, or None for "not stored" (a get of a free name).
         self._bodies: dict[tuple[str, str, str], str | None] = {}
+        # (kind, namespace, name) of every stored object; None: unknown (read the file).
+        self._keys = keys
         self._write_delay = write_delay
 
     @classmethod
@@ -201,6 +207,8 @@ class SqliteStore(StoreCore):
                     "SELECT resource_version, trimmed_resource_version FROM meta WHERE id = 0"
                 )
                 resource_version, trimmed = next(iter(rows))
+                stored = await writer.execute_fetchall("SELECT kind, namespace, name FROM objects")
+                keys = {(str(k), str(ns), str(n)) for k, ns, n in stored}
                 reader = await aiosqlite.connect(path, isolation_level=None)
                 await reader.execute("PRAGMA busy_timeout = 5000")
                 await reader.execute("PRAGMA query_only = ON")
@@ -222,6 +230,7 @@ class SqliteStore(StoreCore):
             history=history,
             bookmark_interval=bookmark_interval,
             write_delay=write_delay,
+            keys=keys,
         )
 
     # -- primitives ------------------------------------------------------------------------
@@ -231,6 +240,8 @@ class SqliteStore(StoreCore):
             return self._bodies[key]
         except KeyError:
             pass
+        if self._keys is not None and key not in self._keys:
+            return None  # nothing by that name: no need to read the file
         before = self._rv
         rows = await self._rows(
             self._reader,
@@ -284,10 +295,61 @@ class SqliteStore(StoreCore):
             await self._apply_rows(write)
         except BaseException:
             self._bodies.pop(key, None)
+            if self._keys is not None:
+                # It may have been written after all: being in `_keys` only means "read the
+                # file", which tells.
+                self._keys.add(key)
             raise
         # No await from here to the core's counter bump: a read that began before this commit
         # sees the counter move and does not put back what it read.
-        self._remember(key, None if write.event is EventType.DELETED else write.body)
+        gone = write.event is EventType.DELETED
+        self._remember(key, None if gone else write.body)
+        if self._keys is not None:
+            if gone:
+                self._keys.discard(key)
+            else:
+                self._keys.add(key)
+
+    async def create_many(self, objs: Sequence[Obj]) -> list[Obj | FsbError]:
+        """Each as by `create`, in order, in one transaction (`store.base.BatchCreates`)."""
+        async with self._write_lock:
+            self._check_open()
+            outcomes, writes = await self._create_writes(objs)
+            if writes:
+                await to_the_end(self._commit_many(writes))
+        return outcomes
+
+    async def _commit_many(self, writes: Sequence[Write]) -> None:
+        """Every write in one transaction (one hand-off to the writer's thread), then each
+        remembered and published in order, as `_apply` and the core do for one."""
+        last = writes[-1].resource_version
+        overdue = last - self._trimmed > self._history_size + self._trim_batch
+        trim_to = last - self._history_size if overdue else None
+        keys = [(w.kind, w.namespace, w.name) for w in writes]
+        if self._write_delay is not None:
+            await self._write_delay.before_write()
+        try:
+            await self._transaction(self._apply_many_sync, writes, trim_to)
+        except BaseException:
+            for key in keys:
+                self._bodies.pop(key, None)
+                if self._keys is not None:
+                    self._keys.add(key)  # as in `_apply`: "read the file"
+            raise
+        if trim_to is not None:
+            self._trimmed = trim_to
+        for write, key in zip(writes, keys, strict=True):
+            self._remember(key, write.body)
+            if self._keys is not None:
+                self._keys.add(key)
+            self._published(write)
+
+    def _apply_many_sync(
+        self, conn: sqlite3.Connection, writes: Sequence[Write], trim_to: int | None
+    ) -> None:
+        for i, write in enumerate(writes):
+            last = i == len(writes) - 1
+            self._apply_sync(conn, write, write.resource_version, trim_to if last else None)
 
     async def _apply_rows(self, write: Write) -> None:
         rv = write.resource_version
@@ -343,6 +405,15 @@ class SqliteStore(StoreCore):
         if self._write_delay is not None:
             await self._write_delay.before_write()
         await self._transaction(self._keep_event_sync, event)
+
+    async def _keep_events(self, events: Sequence[Event]) -> None:
+        if self._write_delay is not None:
+            await self._write_delay.before_write()
+        await self._transaction(self._keep_events_sync, events)
+
+    def _keep_events_sync(self, conn: sqlite3.Connection, events: Sequence[Event]) -> None:
+        for event in events:
+            self._keep_event_sync(conn, event)
 
     def _keep_event_sync(self, conn: sqlite3.Connection, event: Event) -> None:
         key = (event.kind, event.namespace, event.name)

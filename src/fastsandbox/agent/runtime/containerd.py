@@ -57,7 +57,8 @@ from fastsandbox.agent.runtime.base import (
     MainProcess,
     ProcessDefaults,
 )
-from fastsandbox.agent.runtime.disk import WritableLayers, with_upper
+from fastsandbox.agent.runtime.claim_records import Claimed, ClaimRecords
+from fastsandbox.agent.runtime.disk import TASK_BUNDLES, WritableLayers, with_upper
 from fastsandbox.agent.runtime.image_config import (
     ImageConfig,
     chain_id,
@@ -72,7 +73,7 @@ from fastsandbox.agent.runtime.oci_spec import (
     linux_resources,
 )
 from fastsandbox.agent.runtime.pull_errors import classify
-from fastsandbox.agent.runtime.warm_claim import claimed_oci, limits_fixed
+from fastsandbox.agent.runtime.warm_claim import limits_fixed
 from fastsandbox.api import labels
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
 from fastsandbox.api.images import PullCredentials, normalize_image_ref, registry_host
@@ -203,6 +204,7 @@ class ContainerdRuntime:
         pull_timeout: float = 900.0,
         shim_group: str | None = None,
         apparmor: AppArmor | None = None,
+        containerd_state: Path | None = None,
     ) -> None:
         self.socket = str(socket)
         self.namespace = namespace
@@ -222,10 +224,17 @@ class ContainerdRuntime:
         self.apparmor = apparmor or AppArmor()
         # Removals of what a failed create left, retried while containerd does not answer.
         self._cleanups: set[asyncio.Task[None]] = set()
-        self._layers = WritableLayers(self.state_dir / "disks")
-        # Warm containers this process made: their record, image config and task pid, so a
-        # claim reads nothing from containerd before it starts the main process.
-        self._warm: dict[str, tuple[pb.CtdContainer, ImageConfig, int]] = {}
+        # containerd's state dir known: its shim mounts each sandbox's size-limited layer, so
+        # the agent needs no mount privilege (agent/runtime/disk.py; a Kubernetes agent Pod).
+        bundles = containerd_state / TASK_BUNDLES / namespace if containerd_state else None
+        self._layers = WritableLayers(self.state_dir / "disks", bundle_root=bundles)
+        # Warm containers this process made: their record, its OCI spec parsed, image config
+        # and task pid, so a claim reads (and decodes) nothing before it starts the main process.
+        self._warm: dict[str, tuple[pb.CtdContainer, dict[str, Any], ImageConfig, int]] = {}
+        # Claimed slots' records: journalled before a claim is answered, written after.
+        self._claims = ClaimRecords(
+            self._api, self.state_dir / "claims", f"{self.socket}|{namespace}"
+        )
 
     # -- images -------------------------------------------------------------------------------
 
@@ -436,7 +445,7 @@ class ContainerdRuntime:
             mounts = await self._prepare_snapshot(spec.id, image.chain_id)
             if spec.disk_bytes is not None:
                 layer = await self._layers.make(spec.id, spec.disk_bytes)
-                mounts = with_upper(mounts, layer)
+                mounts = self._layers.rootfs(spec.id, mounts, layer)
             uri = log_uri(spec)
             Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
             created = await self._api.create_task(
@@ -465,7 +474,7 @@ class ContainerdRuntime:
             raise
         log.info("started container", extra={"sandbox": spec.id, "pid": created.pid})
         if spec.warm:
-            self._warm[spec.id] = (container, image, created.pid)
+            self._warm[spec.id] = (container, oci, image, created.pid)
         task: pb.CtdProcess | None = None
         with contextlib.suppress(NotFound):
             task = await self._api.get_task(spec.id)
@@ -480,7 +489,7 @@ class ContainerdRuntime:
         start: Callable[[MainProcess], Awaitable[None]],
     ) -> ContainerState:
         async with self._id_locks.hold(container_id):
-            container, image, pid = await self._warm_slot(container_id)
+            container, oci, image, pid = await self._warm_slot(container_id)
             argv, env, cwd = merge_process(spec, image)
             if not argv:
                 raise InvalidArgument(
@@ -491,7 +500,6 @@ class ContainerdRuntime:
                 spec.memory_bytes,
                 host_pids_limit(spec.pids_limit or DEFAULT_PIDS_LIMIT, spec.runtime),
             )
-            oci = json.loads(container.spec.value or b"{}")
             if (oci.get("linux") or {}).get("resources") != resources:
                 if limits_fixed(spec.runtime):
                     raise FailedPrecondition(
@@ -506,21 +514,15 @@ class ContainerdRuntime:
             await start(main)
             # Recorded only once the main process runs: a claim cut short before this still
             # reads as a warm slot, which a restarted agent removes (never as a sandbox that
-            # runs nothing).
-            record = claimed_oci(
-                oci, sandbox_id=spec.id, argv=argv, env=env, cwd=cwd, resources=resources
-            )
+            # runs nothing). Journalled now, written to containerd after the answer
+            # (claim_records.py).
             new_labels = {**spec.labels, MANAGED_LABEL: "true"}
             new_labels.pop(DISK_LAYER_LABEL, None)
             if DISK_LAYER_LABEL in container.labels:
                 # The slot's layer stays where it is: whoever removes the sandbox finds it here.
                 new_labels[DISK_LAYER_LABEL] = container.labels[DISK_LAYER_LABEL]
-            updated = pb.CtdContainer()
-            updated.CopyFrom(container)
-            updated.labels.clear()
-            updated.labels.update(new_labels)
-            updated.spec.value = json.dumps(record).encode()
-            await self._api.update_container(updated, ["labels", "spec"])
+            claim = Claimed(spec.id, argv, env, cwd, resources, new_labels)
+            self._claims.begin(container, oci, claim)
             self._warm.pop(container_id, None)
             return ContainerState(
                 id=container_id,
@@ -531,7 +533,9 @@ class ContainerdRuntime:
                 warm=True,
             )
 
-    async def _warm_slot(self, container_id: str) -> tuple[pb.CtdContainer, ImageConfig, int]:
+    async def _warm_slot(
+        self, container_id: str
+    ) -> tuple[pb.CtdContainer, dict[str, Any], ImageConfig, int]:
         cached = self._warm.get(container_id)
         if cached is not None:
             return cached
@@ -543,7 +547,7 @@ class ContainerdRuntime:
         if task.status != pb.CTD_TASK_STATUS_RUNNING:
             raise FailedPrecondition(f"warm slot {container_id} is not running")
         image = await self.image_config(container.image)
-        return container, image, task.pid
+        return container, json.loads(container.spec.value or b"{}"), image, task.pid
 
     async def _prepare_snapshot(self, key: str, parent: str) -> list[pb.CtdMount]:
         try:
@@ -591,6 +595,7 @@ class ContainerdRuntime:
 
     async def _remove(self, container_id: str, grace_seconds: float) -> bool:
         self._warm.pop(container_id, None)
+        await self._claims.settle(container_id)
         existed = await self._stop_task(container_id, grace_seconds)
         layers = self._layers
         with contextlib.suppress(NotFound):
@@ -668,13 +673,15 @@ class ContainerdRuntime:
         )
 
     async def get(self, container_id: str) -> ContainerState:
+        await self._claims.replay()
         container = await self._api.get_container(container_id)
         task: pb.CtdProcess | None = None
         with contextlib.suppress(NotFound):
             task = await self._api.get_task(container_id)
-        return self._state(container, task)
+        return self._claims.overlay(self._state(container, task))
 
     async def list(self, labels: Mapping[str, str] | None = None) -> list[ContainerState]:
+        await self._claims.replay()
         wanted = {MANAGED_LABEL: "true", **(labels or {})}
         selector = ",".join(f"labels.{_quote(k)}=={_quote(v)}" for k, v in wanted.items())
         containers, tasks = await asyncio.gather(
@@ -682,9 +689,14 @@ class ContainerdRuntime:
         )
         # containerd fills `id` (not `container_id`) for init processes in List.
         by_id = {t.container_id or t.id: t for t in tasks}
-        return sorted((self._state(c, by_id.get(c.id)) for c in containers), key=lambda s: s.id)
+        states = (self._claims.overlay(self._state(c, by_id.get(c.id))) for c in containers)
+        return sorted(states, key=lambda s: s.id)
 
     async def process_defaults(self, container_id: str) -> ProcessDefaults:
+        recording = self._claims.process(container_id)
+        if recording is not None:
+            return process_defaults_of(recording)
+        await self._claims.replay()
         container = await self._api.get_container(container_id)
         try:
             spec = json.loads(container.spec.value or b"{}")
@@ -693,6 +705,7 @@ class ContainerdRuntime:
         return process_defaults_of(spec)
 
     async def close(self) -> None:
+        await self._claims.close()
         for task in self._cleanups:
             task.cancel()
         await asyncio.gather(*self._cleanups, return_exceptions=True)

@@ -16,6 +16,17 @@ dies with the sandbox, so that is accepted.
 The snapshot containerd prepared keeps its own (empty) upper dir; the task's overlay mount is
 rewritten to use `upper/` and `work/` on the small file system instead. Remove is a lazy
 unmount (the loop device goes with the last user, `autoclear`), then the image file.
+
+Where the agent may not mount (a Kubernetes agent Pod: no CAP_SYS_ADMIN, and its mounts would
+live in the Pod's mount namespace where the node's shim cannot see them), the layer is
+**mounted by containerd's shim** instead (`bundle_root` set): the agent only writes the image
+(`mkfs.ext4 -d` puts `upper/` and `work/` in it, no mount needed) and hands the shim two rootfs
+mounts, the image with containerd's `loop` option (the shim attaches a loop device, autoclear)
+and then the overlay, whose upper and work dirs are on that file system. The shim mounts both
+on the task's bundle rootfs, in that order, so the overlay's `upperdir=<rootfs>/upper` resolves
+into the ext4 before the overlay covers it; on task delete (or a failed create, or the shim's
+own cleanup after it died) it unmounts the rootfs until nothing is left (`UnmountAll`), and the
+loop device goes with the last unmount. The agent then deletes the image file.
 """
 
 from __future__ import annotations
@@ -36,6 +47,9 @@ log = logging.getLogger(__name__)
 _MKFS_OPTIONS = ("-q", "-F", "-m", "0", "-O", "^has_journal")
 _MKFS_EXTENDED = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
 _TAIL = 1000
+_TEMPLATE = ".tmpl"
+# Under containerd's state dir: runtime v2 task bundles, `<namespace>/<container id>/rootfs`.
+TASK_BUNDLES = "io.containerd.runtime.v2.task"
 
 
 async def _run(argv: Sequence[str]) -> None:
@@ -59,9 +73,14 @@ async def _run(argv: Sequence[str]) -> None:
 class WritableLayers:
     """Size-limited upper dirs, one per container id, under `root` (`<id>.img`, `<id>/`)."""
 
-    def __init__(self, root: Path, mkfs: str = "mkfs.ext4") -> None:
+    def __init__(
+        self, root: Path, mkfs: str = "mkfs.ext4", bundle_root: Path | None = None
+    ) -> None:
         self.root = root
         self.mkfs = mkfs
+        # containerd's task bundles (`<state>/io.containerd.runtime.v2.task/<namespace>`):
+        # set, the shim mounts each layer (see the module docstring); None, the agent does.
+        self.bundle_root = bundle_root
 
     def image_path(self, container_id: str) -> Path:
         return self.root / f"{container_id}.img"
@@ -76,6 +95,9 @@ class WritableLayers:
             raise InvalidArgument(
                 f"disk_bytes {size_bytes}: must be at least {MIN_DISK_BYTES} bytes (1Mi)"
             )
+        if self.bundle_root is not None:
+            await self._make_image(container_id, size_bytes)
+            return self.image_path(container_id)
         mnt = self.mount_path(container_id)
         if mnt.is_mount():
             return mnt
@@ -94,6 +116,38 @@ class WritableLayers:
             raise
         return mnt
 
+    async def _make_image(self, container_id: str, size_bytes: int) -> None:
+        """The image only, with empty `upper/` and `work/` in it, for the shim to mount."""
+        image = self.image_path(container_id)
+        template = self.root / f".{container_id}{_TEMPLATE}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("upper", "work"):
+                (template / sub).mkdir(parents=True, exist_ok=True)
+            with image.open("wb") as f:
+                f.truncate(size_bytes)
+            await _run(
+                [self.mkfs, *_MKFS_OPTIONS, "-E", _MKFS_EXTENDED, "-d", str(template), str(image)]
+            )
+        except BaseException:
+            image.unlink(missing_ok=True)
+            raise
+        finally:
+            shutil.rmtree(template, ignore_errors=True)
+
+    def rootfs(
+        self, container_id: str, mounts: Sequence[pb.CtdMount], layer: Path
+    ) -> list[pb.CtdMount]:
+        """The task's rootfs mounts: the snapshot's, with the overlay's upper dir in `layer`
+        (what `make` returned)."""
+        if self.bundle_root is None:
+            return with_upper(mounts, layer)
+        # The shim mounts these in order on `<bundle>/rootfs`: the ext4 first, so the
+        # overlay's upper dir paths below resolve into it.
+        target = self.bundle_root / container_id / "rootfs"
+        image = pb.CtdMount(type="ext4", source=str(layer), options=["loop", "rw"])
+        return [image, *with_upper(mounts, target)]
+
     async def remove(self, container_id: str) -> bool:
         """Unmount and delete the layer of `container_id`; False when there was none."""
         mnt, image = self.mount_path(container_id), self.image_path(container_id)
@@ -103,9 +157,10 @@ class WritableLayers:
             # with its last user.
             await _run(["umount", "-l", str(mnt)])
             existed = True
-        if mnt.exists():
-            shutil.rmtree(mnt, ignore_errors=True)
-            existed = True
+        for leftover in (mnt, self.root / f".{container_id}{_TEMPLATE}"):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+                existed = True
         with contextlib.suppress(FileNotFoundError):
             image.unlink()
             existed = True
@@ -116,7 +171,14 @@ class WritableLayers:
         if not self.root.is_dir():
             return []
         ids = {p.stem for p in self.root.glob("*.img")}
-        ids.update(p.name for p in self.root.iterdir() if p.is_dir())
+        for p in self.root.iterdir():
+            if not p.is_dir():
+                continue
+            name = p.name
+            if name.startswith(".") and name.endswith(_TEMPLATE):
+                # An image's template an agent left when it died in `make`.
+                name = name[1 : -len(_TEMPLATE)]
+            ids.add(name)
         return sorted(ids)
 
 

@@ -15,6 +15,10 @@ Why it is shaped this way:
   unknown or used token is refused.
 - Waiting for a supervisor that has not dialled yet (just after create, or after an agent
   restart) is bounded; then `Unavailable` names the sandbox.
+- A stream's dial and handshake are taken off its path: once a channel has carried a stream,
+  it keeps SPARES data connections parked (`park`, PROTOCOL.md) — dialled and proven by the
+  same handshake, each under a single-use token of its own — and the next stream names one of
+  them. A supervisor without `park` (older) dials per stream as before.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +43,7 @@ from fastsandbox.agent.supervisor.frames import (
     read_frame,
 )
 from fastsandbox.agent.supervisor.handshake import accept
-from fastsandbox.errors import Unavailable
+from fastsandbox.errors import FsbError, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,9 @@ DATA_WAIT_SECONDS = 10.0
 # is the slowest honest case).
 REPLY_SECONDS = 300.0
 _READ_LIMIT = 512 * 1024
+# Parked data connections per channel (each one descriptor here and one in the supervisor):
+# two let back-to-back streams each find one while the last one used is replaced.
+SPARES = 2
 
 
 class DataConnection:
@@ -60,6 +68,12 @@ class DataConnection:
         self._reader = reader
         self._writer = writer
         self.closed = asyncio.Event()
+        self.on_close: Callable[[], None] | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Open on both ends as far as we know (a parked one the supervisor dropped reads EOF)."""
+        return not self.closed.is_set() and not self._reader.at_eof()
 
     async def recv(self) -> Frame | None:
         """The next frame; None when the supervisor closed the stream."""
@@ -84,6 +98,8 @@ class DataConnection:
         if self.closed.is_set():
             return
         self.closed.set()
+        if self.on_close is not None:
+            self.on_close()
         self._writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self._writer.wait_closed()
@@ -171,6 +187,12 @@ class Channel:
         self._streams: dict[str, asyncio.Future[DataConnection]] = {}
         # Open data connections, closed with the channel (an agent shutting down).
         self._open: set[DataConnection] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        # Parked data connections: (token, connection, the control connection it was parked
+        # under — the supervisor drops its parked ones when that one is lost).
+        self._spares: list[tuple[str, DataConnection, _Control]] = []
+        self._park = True  # False once the supervisor says it has no `park`
+        self._parking: asyncio.Task[None] | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -198,6 +220,9 @@ class Channel:
             self._server = None
         if self._control is not None:
             self._control.lose()
+        if self._parking is not None:
+            self._parking.cancel()
+        self._spares.clear()  # closed below with every open connection
         for future in self._streams.values():
             if not future.done():
                 future.set_exception(Unavailable(f"sandbox {self.sandbox_id}: channel closed"))
@@ -228,26 +253,98 @@ class Channel:
         return await control.request(op, fields)
 
     async def open_stream(self, op: str, **fields: Any) -> tuple[dict[str, Any], DataConnection]:
-        """Send a streaming request; its reply and the data connection the supervisor dials."""
-        token = secrets.token_hex(16)
+        """Send a streaming request; its reply and its data connection (a parked one, or the
+        one the supervisor dials for it)."""
+        spare = self._take_spare()
+        token = spare[0] if spare is not None else secrets.token_hex(16)
         future: asyncio.Future[DataConnection] = asyncio.get_running_loop().create_future()
+        # Registered even for a parked token: a supervisor that no longer holds it (it lost
+        # our control connection in between) dials one for it instead.
         self._streams[token] = future
         try:
             reply = await self.request(op, stream=token, **fields)
-            try:
-                async with asyncio.timeout(DATA_WAIT_SECONDS):
-                    conn = await future
-            except TimeoutError:
-                raise Unavailable(
-                    f"the supervisor of sandbox {self.sandbox_id} did not open the stream of "
-                    f"{op} within {DATA_WAIT_SECONDS:.0f}s"
-                ) from None
-        except BaseException:
+            if spare is not None and reply.get("parked") is True:
+                self._streams.pop(token, None)
+                conn = spare[1]
+            else:
+                if spare is not None:
+                    await spare[1].close()
+                    spare = None
+                try:
+                    async with asyncio.timeout(DATA_WAIT_SECONDS):
+                        conn = await future
+                except TimeoutError:
+                    raise Unavailable(
+                        f"the supervisor of sandbox {self.sandbox_id} did not open the stream "
+                        f"of {op} within {DATA_WAIT_SECONDS:.0f}s"
+                    ) from None
+        except BaseException as exc:
             self._streams.pop(token, None)
             if future.done() and not future.cancelled() and future.exception() is None:
                 await future.result().close()
+            if spare is not None:
+                # Refused by the supervisor (a bad path, a failed exec): it kept the parked
+                # connection, so it stays ours to use. Anything else: not known, so drop it.
+                if isinstance(exc, FsbError) and not isinstance(exc, Unavailable):
+                    self._spares.append(spare)
+                else:
+                    await spare[1].close()
             raise
+        conn.on_close = self._refill_soon
         return reply, conn
+
+    # -- parked data connections ------------------------------------------------------------
+    def _take_spare(self) -> tuple[str, DataConnection, _Control] | None:
+        while self._spares:
+            spare = self._spares.pop()
+            if spare[2] is self._control and not spare[2].lost and spare[1].usable:
+                return spare
+            self._close_later(spare[1])
+        return None
+
+    def _close_later(self, conn: DataConnection) -> None:
+        task = asyncio.get_running_loop().create_task(conn.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _refill_soon(self) -> None:
+        """After a stream ends (never on a stream's own path): park up to SPARES again."""
+        if not self._park or self._parking is not None or self._server is None:
+            return
+        if len(self._spares) >= SPARES or not self.connected:
+            return
+        self._parking = asyncio.get_running_loop().create_task(self._refill())
+
+    async def _refill(self) -> None:
+        try:
+            while self._park and len(self._spares) < SPARES:
+                control = self._control
+                if control is None or control.lost:
+                    return
+                token = secrets.token_hex(16)
+                future: asyncio.Future[DataConnection] = asyncio.get_running_loop().create_future()
+                self._streams[token] = future
+                try:
+                    await control.request("park", {"stream": token})
+                    async with asyncio.timeout(DATA_WAIT_SECONDS):
+                        conn = await future
+                except InvalidArgument:
+                    self._park = False  # an older supervisor: "unknown op"
+                    return
+                except (FsbError, TimeoutError) as err:
+                    log.debug(
+                        "could not park a data connection",
+                        extra={"sandbox_id": self.sandbox_id, "err": str(err)},
+                    )
+                    return
+                finally:
+                    self._streams.pop(token, None)
+                if control is not self._control or control.lost:
+                    await conn.close()
+                    return
+                self._spares.append((token, conn, control))
+        finally:
+            self._parking = None
 
     # -- connections ------------------------------------------------------------------------
     def _stream_waiting(self, token: str) -> bool:
@@ -298,6 +395,9 @@ class Channel:
             self._control.lose()  # a redial means the old connection is dead to the supervisor
         control = _Control(self.sandbox_id, reader, writer)
         self._control = control
+        stale, self._spares = self._spares, []  # parked under the lost control connection
+        for _, conn, _ in stale:
+            self._close_later(conn)
         self.supervisor_version = version
         self._connected.set()
         log.info(

@@ -99,6 +99,14 @@ def agent(
     containerd_namespace: Annotated[
         str, typer.Option(help="containerd namespace.")
     ] = DEFAULTS.containerd_namespace,
+    containerd_state: Annotated[
+        Path | None,
+        typer.Option(
+            help="containerd's state dir, as containerd sees it: its shim then mounts each "
+            "sandbox's size-limited writable layer, and the agent needs no mount privilege "
+            "(required for the limit in a Kubernetes Pod)."
+        ),
+    ] = DEFAULTS.containerd_state,
     capacity: Annotated[
         int, typer.Option(min=1, help="Max running sandboxes.")
     ] = DEFAULTS.capacity,

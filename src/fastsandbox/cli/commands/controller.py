@@ -96,6 +96,15 @@ def controller(
     ] = 15,
     allowed_registry: AllowedRegistries = None,
     insecure_registry: InsecureRegistries = None,
+    node_containerd_state: Annotated[
+        Path,
+        typer.Option(
+            "--node-containerd-state",
+            metavar="DIR",
+            help="The nodes' containerd state dir (its config's `state`): the agent Pods' "
+            "containerd shim mounts each sandbox's size-limited writable layer under it.",
+        ),
+    ] = Path("/run/containerd"),
     heartbeat: Annotated[
         float,
         typer.Option(
@@ -145,6 +154,7 @@ def controller(
         insecure_registries=list(insecure_registry or []),
         allowed_registries=list(allowed_registry or []),
         heartbeat_seconds=heartbeat,
+        node_containerd_state=node_containerd_state,
         log=log,
         metrics_listen=metrics_listen,
     )

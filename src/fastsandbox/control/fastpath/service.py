@@ -223,15 +223,19 @@ class FastPathService(IoRelayRpcs, TokenRpcs, fastpath_pb2_grpc.FastPathServicer
             mode = request.mode or ConsistencyMode.FAST.value
             if mode not in {m.value for m in ConsistencyMode}:
                 raise InvalidArgument("mode: must be fast or strong")
-            fingerprint = MessageToDict(request, preserving_proto_field_name=True)
-            fingerprint.pop("mode", None)
-            fingerprint.pop("idempotency_key", None)
-            # Not part of what the sandbox is (and a password has no business in a stored hash).
-            fingerprint.pop("pull_credentials", None)
+            digest = ""
+            if request.idempotency_key:
+                # What a replay with the same key must match (only then is it compared).
+                fingerprint = MessageToDict(request, preserving_proto_field_name=True)
+                fingerprint.pop("mode", None)
+                fingerprint.pop("idempotency_key", None)
+                # Not part of what the sandbox is (and a password has no business in a hash).
+                fingerprint.pop("pull_credentials", None)
+                digest = request_hash(json.dumps(fingerprint, sort_keys=True))
             opts = CreateOptions(
                 mode=ConsistencyMode(mode),
                 idempotency_key=request.idempotency_key,
-                request_hash=request_hash(json.dumps(fingerprint, sort_keys=True)),
+                request_hash=digest,
                 arrived=arrived,
                 deadline=_deadline(context),
                 pull_credentials=_pull_credentials(request),
