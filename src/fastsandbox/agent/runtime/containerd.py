@@ -58,7 +58,7 @@ from fastsandbox.agent.runtime.base import (
     ProcessDefaults,
 )
 from fastsandbox.agent.runtime.claim_records import Claimed, ClaimRecords
-from fastsandbox.agent.runtime.disk import TASK_BUNDLES, WritableLayers, with_upper
+from fastsandbox.agent.runtime.disk import TASK_BUNDLES, WritableLayers
 from fastsandbox.agent.runtime.image_config import (
     ImageConfig,
     chain_id,
