@@ -38,6 +38,10 @@ warm-up create) and runs sequentially, n times; the three Kubernetes create seri
                           (the refill after the last claim); only creates that claimed a slot
                           (`timings.warm`) are samples, misses are counted and printed
   kube warm runtimeReadyMs   the reply's `timings.runtimeReadyMs` of those warm creates
+  kube warm acceptedMs / scheduledMs / agent span / after ready
+                          the same breakdown as for the cold follower series, of the warm
+                          creates: name and pool checked, slot allocated, the agent's claim
+                          (Create RPC), the reply
   embedded fast           SDK create called → reply, against `fsb server` (SQLite store)
   embedded acceptedMs     the reply's `timings.acceptedMs`, embedded (2 SQLite reads)
   embedded runtimeReadyMs the reply's `timings.runtimeReadyMs`, embedded
@@ -111,6 +115,13 @@ BOUNDARIES = {
     "claimed a warm slot (untimed wait for a ready slot before each)",
     "kube warm runtimeReadyMs": "server: request arrival → agent confirmed the claimed slot's "
     "main process started (warm creates)",
+    "kube warm acceptedMs": "server: request arrival → name and pool checked (warm creates)",
+    "kube warm scheduledMs": "server: request arrival → a slot allocated, before the agent's "
+    "Create RPC (warm creates)",
+    "kube warm agent span": "server: scheduledMs → runtimeReadyMs per warm create: the agent's "
+    "Create RPC claiming the slot",
+    "kube warm after ready": "client time - runtimeReadyMs per warm create: the reply, gRPC, "
+    "the client (the record is written after the reply)",
     "kube strong (follower)": "same, Strong mode (record create, then start, then status write)",
     "kube acceptedMs": "server: request arrival → name and pool checked (watch cache)",
     "kube runtimeReadyMs": "server: request arrival → agent confirmed the task started",
@@ -134,6 +145,7 @@ class CreateRun:
     client: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
     ready: list[float] = field(default_factory=list)
+    scheduled: list[float] = field(default_factory=list)
     agent: list[float] = field(default_factory=list)
     after_ready: list[float] = field(default_factory=list)
     misses: int = 0  # warm series: creates that found no ready slot (not samples)
@@ -201,6 +213,7 @@ async def bench_fsb(targets: list[Target], token: str, image: str, n: int) -> di
                     run.ready.append(ready)
                     run.after_ready.append(elapsed - ready)
                     if scheduled is not None:
+                        run.scheduled.append(scheduled)
                         run.agent.append(ready - scheduled)
                 await client.delete(name, wait=True)
     finally:
@@ -354,6 +367,16 @@ class Cluster:
                 print(f"cleanup step failed: {exc!r}", file=sys.stderr)
 
 
+def keep_logs(source: Path, dest: Path) -> None:
+    """Every `*.log` under `source` (controllers, agent Pods), same relative paths, in `dest`."""
+    for path in source.rglob("*.log"):
+        target = dest / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            shutil.copyfile(path, target)
+    print(f"logs kept in {dest}", file=sys.stderr)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("-n", type=int, default=30, help="samples per series")
@@ -362,6 +385,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--markdown", action="store_true", help="also print the table as Markdown (for docs)"
+    )
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        metavar="DIR",
+        help="copy the controllers' and agent Pods' logs into DIR before cleaning up (profiling)",
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -415,6 +444,10 @@ def main() -> int:
             "kube after ready": on_follower.after_ready,
             "kube warm fast (follower)": runs["warm"].client,
             "kube warm runtimeReadyMs": runs["warm"].ready,
+            "kube warm acceptedMs": runs["warm"].accepted,
+            "kube warm scheduledMs": runs["warm"].scheduled,
+            "kube warm agent span": runs["warm"].agent,
+            "kube warm after ready": runs["warm"].after_ready,
             **series,
             "ctr run -d": ctr,
         }
@@ -439,6 +472,8 @@ def main() -> int:
         # A second Ctrl-C must not cut the cleanup short and leave processes and mounts behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if args.keep_logs is not None and cluster.server is not None:
+            keep_logs(cluster.server.work_dir, args.keep_logs)
         cluster.stop()
         if registry is not None:
             with contextlib.suppress(Exception):

@@ -285,6 +285,7 @@ async def run(
                 shared_agents=True,
                 agent_sync_seconds=settings.agent_sync_seconds,
                 rebuild_records=False,
+                store_after_reply=True,
                 allowed_registries=allowed_registries(
                     settings.allowed_registries, settings.insecure_registries
                 ),

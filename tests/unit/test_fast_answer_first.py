@@ -120,3 +120,39 @@ async def test_a_request_too_big_for_its_label_is_stored_before_the_answer(
     assert isinstance(fleet, InProcessFleet)
     spec = fleet.runtime(made.status.assigned_agent).specs[made.status.container_id]
     assert REQUEST_LABEL not in dict(spec.labels)
+
+
+async def test_with_store_after_reply_the_record_waits_for_the_answer_to_leave(
+    held: tuple[ControlPlane, HeldStore],
+) -> None:
+    """`store_after_reply` (the controller): the record's write starts only once the caller's
+    answer has left (`CreateOptions.replied`); without that signal at once."""
+    cp, store = held
+    svc = cp.sandboxes
+    svc.store_after_reply = True
+    store.release.set()
+    replied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    made = await asyncio.wait_for(
+        svc.create(_sandbox("r1"), CreateOptions(replied=replied)), timeout=5
+    )
+    assert made.status.phase.value == "Running"
+    await asyncio.sleep(0.02)  # well under the bound (REPLY_WAIT_SECONDS): still unstored
+    assert store.waiting == 0
+    assert (await svc.get("default", "r1")).status.phase.value == "Running"  # from memory
+    replied.set_result(None)
+    await _stored(store, "r1")
+
+    # A reply that never reports back holds the record only for the bound.
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    await asyncio.wait_for(svc.create(_sandbox("r2"), CreateOptions(replied=never)), timeout=5)
+    await _stored(store, "r2")
+
+
+async def _stored(store: HeldStore, name: str) -> None:
+    for _ in range(200):
+        try:
+            await MemoryStore.get(store, Sandbox, "default", name)
+            return
+        except NotFound:
+            await asyncio.sleep(0.01)
+    pytest.fail(f"{name} was never stored")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +39,10 @@ class CreateOptions:
     deadline: float | None = None
     # The registry credentials the request carried, for this create's agent call only.
     pull_credentials: PullCredentials | None = field(default=None, repr=False)
+    # Done once the answer has left (the Fast-Path: its RPC finished). With
+    # `SandboxService.store_after_reply` Fast mode stores the record after it, so the store's
+    # work does not compete with the reply on its way out. None: store at once.
+    replied: Awaitable[None] | None = field(default=None, repr=False)
 
 
 def request_hash(canonical_json: str) -> str:

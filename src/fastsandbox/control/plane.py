@@ -69,6 +69,9 @@ class PlaneSettings:
     the pool is below poolMax) before it is refused."""
     agent_sync_seconds: float = 2.0
     """With `shared_agents`, how often the fleet is listed for agents other replicas started."""
+    store_after_reply: bool = False
+    """Fast mode stores a create's record once its answer has left, not while it is on its way
+    (`SandboxService.store_after_reply`): for a store whose write is round trips (Kubernetes)."""
     creator_grace_seconds: float = 10.0
     """With `shared_agents`: how long the leader leaves a Pending record made through another
     replica's Fast-Path to that replica before it schedules the record itself."""
@@ -122,6 +125,7 @@ class ControlPlane:
             allowed_registries=settings.allowed_registries,
             scale_wait_seconds=settings.scale_wait_seconds,
         )
+        self.sandboxes.store_after_reply = settings.store_after_reply
         self.pools = PoolManager(
             store,
             self.registry,

@@ -6,9 +6,10 @@ different sandboxes proceed in parallel.
 
 - Fast mode answers first (DESIGN.md §5): allocate a slot, start the container on the agent,
   answer, then write the record (already Running) in the same serial section, retrying until it
-  is stored. Until then the record is served from memory (`get`, `list`, exec), so a `get` right
-  after `run` finds it; a crash in between is repaired by recovery from the request label the
-  container carries (`request_label`), so an acknowledged create survives a kill -9.
+  is stored (with `store_after_reply`, the controller: once the answer has left). Until then
+  the record is served from memory (`get`, `list`, exec), so a `get` right after `run` finds
+  it; a crash in between is repaired by recovery from the request label the container carries
+  (`request_label`), so an acknowledged create survives a kill -9.
 - Strong mode and declarative objects: the record exists first (Pending), then the same start
   path runs and the status becomes Running.
 - Deletion goes through the `fastsandbox.io/cleanup` finalizer: the slot and ports are released
@@ -88,6 +89,9 @@ MODE = labels.MODE_ANNOTATION
 Key = tuple[str, str]
 
 
+# How long a Fast create's record waits for its answer to leave before it is stored anyway.
+REPLY_WAIT_SECONDS = 0.05
+
 # Conditions that describe the previous container; a new one starts without them.
 _RESET_ON_START = frozenset({"Ready", "Scheduled", "AgentReachable"})
 
@@ -148,6 +152,10 @@ class SandboxService(SandboxDeletion):
         self._persisting: set[asyncio.Task[Sandbox]] = set()
         # With replicas (Kubernetes): the watch cache read before placement; None: the store.
         self.cache: ReadCache | None = None
+        # Fast mode: store the record only once the answer has left (`CreateOptions.replied`),
+        # where the store's write costs enough to hold the reply back (Kubernetes: two
+        # apiserver round trips, their TLS and JSON, on the cores the reply needs).
+        self.store_after_reply = False
 
     # -- index -----------------------------------------------------------------------------
     async def load(self) -> list[Sandbox]:
@@ -270,7 +278,7 @@ class SandboxService(SandboxDeletion):
                     await self._discard_record(stored)
                     raise
             else:
-                stored = await self._start_fast(sb, opts.arrived, timings, until, pool, answered)
+                stored = await self._start_fast(sb, opts, timings, until, pool, answered)
             self.remember(stored)
             return stored
 
@@ -319,12 +327,13 @@ class SandboxService(SandboxDeletion):
     async def _start_fast(
         self,
         sb: Sandbox,
-        arrived: float,
+        opts: CreateOptions,
         timings: Timings,
         until: float,
         pool: SandboxPool,
         answered: asyncio.Future[Sandbox],
     ) -> Sandbox:
+        arrived = opts.arrived
         # Built once: the label the container carries is also what says whether it fits.
         label = request_label(sb)
         allocation, state = await self._place(
@@ -350,6 +359,11 @@ class SandboxService(SandboxDeletion):
             answer.metadata.uid = ""
         answered.set_result(answer)
         try:
+            if opts.replied is not None and self.store_after_reply:
+                # Bounded: a reply stuck on a slow client must not hold the record back. The
+                # container's request label covers a crash meanwhile, as it covers the write.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(opts.replied), REPLY_WAIT_SECONDS)
             stored = await self._persist(sb, allocation)
         finally:
             self.unstored.pop(key, None)

@@ -7,6 +7,7 @@ field, before anything is allocated), handed to `SandboxService` / `PoolManager`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -130,6 +131,22 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     return time.monotonic() + max(remaining - 0.5, 0.0)
 
 
+def _finished(context: grpc.aio.ServicerContext[Any, Any]) -> asyncio.Future[None] | None:
+    """Done once the RPC has finished, its answer sent (or it failed or was cancelled): what a
+    Fast create waits for before it stores the record. None when the context cannot say."""
+    add = getattr(context, "add_done_callback", None)
+    if add is None:
+        return None
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def finished(_: object) -> None:
+        if not done.done():
+            done.set_result(None)
+
+    add(finished)
+    return done
+
+
 def pool_from_json(text: str, namespace: str | None = None) -> SandboxPool:
     try:
         data = json.loads(text)
@@ -199,6 +216,7 @@ class FastPathService(IoRelayRpcs, TokenRpcs, fastpath_pb2_grpc.FastPathServicer
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> fastpath_pb2.CreateResponse:
         arrived = time.perf_counter()
+        replied = _finished(context)
 
         async def create() -> Sandbox:
             sb = sandbox_from_request(request)
@@ -221,6 +239,7 @@ class FastPathService(IoRelayRpcs, TokenRpcs, fastpath_pb2_grpc.FastPathServicer
                 arrived=arrived,
                 deadline=_deadline(context),
                 pull_credentials=_pull_credentials(request),
+                replied=replied,
             )
             try:
                 created = await self.sandboxes.create(sb, opts)
