@@ -265,6 +265,8 @@ async def run(
         insecure_registries=settings.insecure_registries,
         grace_seconds=settings.delete_grace_seconds,
         log=settings.log,
+        default_cpu=settings.default_sandbox_cpu,
+        default_memory=settings.default_sandbox_memory,
     )
     plane: ControlPlane | None = None
     server: grpc.aio.Server | None = None

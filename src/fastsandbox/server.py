@@ -260,6 +260,8 @@ async def run(
         insecure_registries=settings.insecure_registries,
         grace_seconds=settings.delete_grace_seconds,
         log=settings.log,
+        default_cpu=settings.default_sandbox_cpu,
+        default_memory=settings.default_sandbox_memory,
     )
     registries = allowed_registries(settings.allowed_registries, settings.insecure_registries)
     plane = ControlPlane(store, fleet, PlaneSettings.of(settings, allowed_registries=registries))

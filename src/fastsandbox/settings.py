@@ -296,6 +296,10 @@ class AgentSettings:
     """Images always hot (the pool's prewarmImages)."""
     warm_recent: int = 1
     """How many of the most recently served images are hot too."""
+    warm_limits: tuple[int, int, int] = (0, 0, 0)
+    """The pool's default (cpu millis, memory bytes, pids limit) a create that asks for none
+    gets (0 = none): where limits cannot change after start (gVisor), pinned images' slots are
+    made with them, so such a create claims one."""
     log: LogSettings = field(default_factory=LogSettings)
 
     @property

@@ -242,3 +242,24 @@ async def test_where_limits_are_fixed_slots_are_kept_per_image_and_limits(
         assert (await m.create(req("sb-3"))).warm
     finally:
         await m.aclose()
+
+
+async def test_pinned_slots_get_the_pools_default_limits_where_limits_are_fixed(
+    runtime: SupervisedFake, tmp_path: Path
+) -> None:
+    """The control plane sends every create limits (the pool's defaults when it asks for
+    none): under gVisor the pinned slot is made with them, so the first such create claims it."""
+    await runtime.pull(HOT)
+    limits = (1000, 512 << 20, 1024)
+    s = replace(settings(tmp_path), runtime="gvisor", warm_limits=limits)
+    m = SandboxManager(runtime, s)
+    await m.start()
+    try:
+        await until(lambda: ready(m) == 1, "the pinned slot")
+        assert m.warm is not None
+        made = [spec for cid, spec in runtime.specs.items() if cid in m.warm.ready_ids()]
+        assert [(x.cpu_millis, x.memory_bytes) for x in made] == [limits[:2]]
+        asked = replace(req("sb-1"), cpu_millis=1000, memory_bytes=512 << 20, pids_limit=1024)
+        assert (await m.create(asked)).warm
+    finally:
+        await m.aclose()

@@ -59,6 +59,9 @@ class AgentArgs:
     warm_slots: int = 0
     warm_image: tuple[str, ...] = ()
     warm_recent: int = 1
+    warm_cpu_millis: int | None = None
+    warm_memory_bytes: int | None = None
+    warm_pids_limit: int | None = None
     log_level: str = "info"
     log_format: str = "auto"
     log_file: Path | None = None

@@ -132,6 +132,11 @@ def settings_from_args(args: AgentArgs, environ: Mapping[str, str] | None = None
         warm_slots=args.warm_slots,
         warm_images=tuple(args.warm_image),
         warm_recent=args.warm_recent,
+        warm_limits=(
+            args.warm_cpu_millis or 0,
+            args.warm_memory_bytes or 0,
+            args.warm_pids_limit or 0,
+        ),
         version=args.version if args.version is not None else _package_version(),
         token=token,
         insecure_no_token=args.insecure_no_token,

@@ -106,9 +106,10 @@ class WarmSlots:
     ) -> None:
         self.manager = manager
         self.per_image = per_image
-        self.pinned = [SlotKind(normalize_image_ref(i)) for i in images]
         self.recent_max = recent
         self.by_limits = limits_fixed(manager.settings.runtime)
+        # Pinned slots get the limits a create that asks for none is given (the pool's).
+        self.pinned = [self.kind(i, *manager.settings.warm_limits) for i in images]
         self._recent: OrderedDict[SlotKind, None] = OrderedDict()
         self._ready: dict[SlotKind, deque[str]] = {}
         self._making: dict[SlotKind, int] = {}

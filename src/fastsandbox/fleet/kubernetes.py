@@ -66,6 +66,7 @@ from fastsandbox.fleet.kubernetes_manifest import (
     AgentPodSpec,
     pod_manifest,
 )
+from fastsandbox.fleet.warm_limits import DEFAULT_CPU, DEFAULT_MEMORY
 from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,11 @@ class KubernetesFleet:
         stop_timeout: float = 15.0,
         image_pull_policy: str = "IfNotPresent",
         log: LogSettings | None = None,
+        default_cpu: str = DEFAULT_CPU,
+        default_memory: str = DEFAULT_MEMORY,
     ) -> None:
         self.client = client
+        self.default_limits = (default_cpu, default_memory)
         self.agent_image = agent_image
         self.namespace = namespace
         self.watch_namespace = watch_namespace
@@ -225,6 +229,8 @@ class KubernetesFleet:
             pod_grace_seconds=self.pod_grace_seconds,
             image_pull_policy=self.image_pull_policy,
             log=self.log_settings,
+            default_cpu=self.default_limits[0],
+            default_memory=self.default_limits[1],
         )
         return pod_manifest(pool, name, spec)
 

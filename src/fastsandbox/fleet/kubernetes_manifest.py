@@ -27,6 +27,7 @@ from fastsandbox.fleet.kubernetes_credentials import (
     TOKEN_FILE,
     credentials_secret,
 )
+from fastsandbox.fleet.warm_limits import DEFAULT_CPU, DEFAULT_MEMORY, warm_limit_args
 from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
 
 AGENT_PORT = 7443
@@ -91,6 +92,10 @@ class AgentPodSpec:
     pod_grace_seconds: int = 30
     image_pull_policy: str = "IfNotPresent"
     log: LogSettings = field(default_factory=LogSettings)
+    default_cpu: str = DEFAULT_CPU
+    """The server's default sandbox limits: a gVisor pool's warm slots are made with the
+    pool's effective defaults (fleet/warm_limits.py)."""
+    default_memory: str = DEFAULT_MEMORY
 
 
 def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, Any]:
@@ -135,6 +140,7 @@ def pod_manifest(pool: SandboxPool, name: str, spec: AgentPodSpec) -> dict[str, 
         tls_key=Path(f"{CREDENTIALS_DIR}/{TLS_KEY}"),
         warm_slots=pool.spec.warm_slots,
         warm_image=tuple(pool.spec.prewarm_images),
+        **warm_limit_args(pool, spec.default_cpu, spec.default_memory),  # type: ignore[arg-type]
     )
     args = ["agent", *agent.argv()]
     resources = {

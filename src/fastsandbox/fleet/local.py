@@ -48,6 +48,7 @@ from fastsandbox.errors import InvalidArgument, Unavailable
 from fastsandbox.fleet import hostnet, netns
 from fastsandbox.fleet.base import AgentHandle
 from fastsandbox.fleet.netns import CniNetwork
+from fastsandbox.fleet.warm_limits import DEFAULT_CPU, DEFAULT_MEMORY, warm_limit_args
 from fastsandbox.settings import DELETE_GRACE_SECONDS, LogSettings
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class AgentState:
     # The pool's warm slots when the agent was started (its prewarmImages are the hot ones).
     warm_slots: int = 0
     warm_images: tuple[str, ...] = ()
+    # A gVisor pool's default limits, its pinned slots' (fleet/warm_limits.py); else empty.
+    warm_limits: dict[str, int] = field(default_factory=dict)
     network_mode: str = "shared"
     """The pool's networkMode when the agent was made (state files before it: shared)."""
     egress: str = "none"
@@ -134,6 +137,8 @@ class LocalFleet:
         grace_seconds: float = DELETE_GRACE_SECONDS,
         log: LogSettings | None = None,
         cni: CniNetwork | None = None,
+        default_cpu: str = DEFAULT_CPU,
+        default_memory: str = DEFAULT_MEMORY,
         containerd_namespace: str = "fastsandbox",
         cgroup_parent: str = CGROUP_PARENT,
         agent_argv: Sequence[str] = (sys.executable, "-m", "fastsandbox.agent"),
@@ -154,6 +159,7 @@ class LocalFleet:
         self.insecure_registries = list(insecure_registries)
         self.grace_seconds = grace_seconds
         self.log_settings = log or LogSettings()
+        self.default_limits = (default_cpu, default_memory)
         self.agent_argv = list(agent_argv)
         self._agents: dict[str, _Agent] = {}
         self._tasks = TaskSet()
@@ -212,6 +218,7 @@ class LocalFleet:
             version=pool.spec.agent_version,
             warm_slots=pool.spec.warm_slots,
             warm_images=tuple(pool.spec.prewarm_images),
+            warm_limits=warm_limit_args(pool, *self.default_limits),
             network_mode=pool.spec.network_mode.value,
             egress=pool.spec.egress.value,
             egress_allow=tuple(pool.spec.egress_allow),
@@ -347,6 +354,7 @@ class LocalFleet:
             version=state.version or None,
             warm_slots=state.warm_slots,
             warm_image=tuple(state.warm_images),
+            **state.warm_limits,  # type: ignore[arg-type]
             log_level=self.log_settings.level,
             log_format=self.log_settings.format,
         )

@@ -219,6 +219,21 @@ def agent(
         int,
         typer.Option(min=0, help="How many of the most recently served images are kept warm."),
     ] = DEFAULTS.warm_recent,
+    warm_cpu_millis: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="The pool's default cpu limit (millicores; 0 = none): where a running "
+            "sandbox's limits cannot change (gVisor), pinned images' slots are made with it.",
+        ),
+    ] = DEFAULTS.warm_cpu_millis,
+    warm_memory_bytes: Annotated[
+        int | None,
+        typer.Option(min=0, help="The pool's default memory limit, as --warm-cpu-millis."),
+    ] = DEFAULTS.warm_memory_bytes,
+    warm_pids_limit: Annotated[
+        int | None, typer.Option(min=0, help="The pool's default pids limit, as --warm-cpu-millis.")
+    ] = DEFAULTS.warm_pids_limit,
     log_level: Annotated[Level, typer.Option(help="Log level.")] = _LEVEL,
     log_format: Annotated[Format, typer.Option(help="Log format.")] = _FORMAT,
     log_file: Annotated[
