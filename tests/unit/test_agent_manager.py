@@ -8,17 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from fastsandbox.agent.manager import (
-    AGENT_LABEL,
-    NAME_LABEL,
-    NAMESPACE_LABEL,
-    SANDBOX_ID_LABEL,
-    SandboxManager,
-)
+from fastsandbox.agent.manager import SandboxManager
 from fastsandbox.agent.requests import SandboxRequest
 from fastsandbox.agent.runtime.base import ContainerSpec, ContainerState, ContainerStatus, ImageInfo
 from fastsandbox.agent.runtime.fake import FakeRuntime
 from fastsandbox.api.images import PullCredentials, normalize_image_ref
+from fastsandbox.api.labels import AGENT_LABEL, NAME_LABEL, NAMESPACE_LABEL, SANDBOX_ID_LABEL
 from fastsandbox.errors import (
     AlreadyExists,
     CapacityExhausted,
@@ -123,7 +118,7 @@ async def test_an_image_pruned_behind_our_back_is_pulled_again(
     await manager.create(req("sb-1"))
     pruned = CountingRuntime()  # same agent, a runtime that lost its images
     restarted = SandboxManager(pruned, manager.settings)
-    restarted._images.add(IMG)  # believes the image is cached
+    restarted.images.learn([IMG])  # believes the image is cached
     await restarted.create(req("sb-2"))
     assert pruned.pull_calls == 1
 

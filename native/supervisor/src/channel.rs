@@ -155,7 +155,13 @@ impl Channel {
             let _ = frame::write_json(&mut *w, &reply);
         }
         let start_main = req.get("op").and_then(Value::as_str) == Some("start_main");
-        if start_main && let Some(w) = &self.warm {
+        // Only the reply of the start_main that started the main process: marked after a
+        // refused one, a later main process that exits at once would end PID 1 before its own
+        // reply is written, and the agent would read EOF for a claim that ran.
+        if start_main
+            && let Some(w) = &self.warm
+            && reply.get("ok") == Some(&Value::Bool(true))
+        {
             w.mark_replied();
         }
         if let Some(code) = self

@@ -23,9 +23,10 @@ pub struct WarmMain {
     /// The exit code the supervisor must end with after the reply (the main process could not
     /// be executed: 126/127, as a cold start would).
     fatal: OnceLock<i32>,
-    /// Set once the start_main reply is written: PID 1 must not exit (its main process may
-    /// end at once) before the agent knows the main process started, or the agent could not
-    /// tell a claim that ran from one that never did.
+    /// Set once the reply of the start_main that started the main process is written (never
+    /// by a refused one): PID 1 must not exit (its main process may end at once) before the
+    /// agent knows the main process started, or the agent could not tell a claim that ran
+    /// from one that never did.
     replied: Mutex<bool>,
     replied_cv: Condvar,
     /// Sets `start_main`'s hostname from inside the sandbox (hostname.rs).

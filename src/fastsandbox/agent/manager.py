@@ -30,14 +30,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator
 from dataclasses import replace
 from pathlib import Path
 
 from fastsandbox._aio.keyed import KeyedLocks
-from fastsandbox.agent.image_access import ImageAccess
+from fastsandbox.agent.image_cache import ImageCache
 from fastsandbox.agent.logs import LogChunk, log_files, read_log
-from fastsandbox.agent.network.for_agent import net_labels, network_for
+from fastsandbox.agent.network.for_agent import network_for
 from fastsandbox.agent.network.private import SandboxNet
 from fastsandbox.agent.requests import (
     AgentStatus,
@@ -49,19 +49,16 @@ from fastsandbox.agent.requests import (
     sandbox_id_of,
 )
 from fastsandbox.agent.runtime.base import (
-    ContainerSpec,
     ContainerState,
     ContainerStatus,
-    ImageInfo,
     ProcessDefaults,
     Runtime,
 )
+from fastsandbox.agent.specs import SpecBuilder
 from fastsandbox.agent.supervisor import ChannelHub, SupervisorClient
 from fastsandbox.agent.warm import ClaimUncertain, SlotKind, WarmSlots, counts_reader
 from fastsandbox.api import labels
-from fastsandbox.api.images import PullCredentials, normalize_image_ref
-from fastsandbox.api.models import MIN_LOG_MAX_BYTES
-from fastsandbox.api.quantity import MIN_DISK_BYTES
+from fastsandbox.api.images import normalize_image_ref
 from fastsandbox.errors import (
     AlreadyExists,
     CapacityExhausted,
@@ -75,9 +72,6 @@ from fastsandbox.settings import AgentSettings
 log = logging.getLogger(__name__)
 
 AGENT_LABEL = labels.AGENT_LABEL
-SANDBOX_ID_LABEL = labels.SANDBOX_ID_LABEL
-NAMESPACE_LABEL = labels.NAMESPACE_LABEL
-NAME_LABEL = labels.NAME_LABEL
 PORTS_LABEL = labels.PORTS_LABEL
 WARM_SLOT_LABEL = labels.WARM_SLOT_LABEL
 
@@ -100,15 +94,14 @@ class SandboxManager:
         self._creating: set[str] = set()
         # Create tasks, kept referenced until done (they outlive a caller that went away).
         self._detached: set[asyncio.Task[ContainerState]] = set()
-        # Image references known to be present locally; a miss only costs a no-op pull.
-        self._images: set[str] = set()
-        # Who may use a cached image (a private one: a caller the registry accepts).
-        self.access = ImageAccess(runtime)
+        # Images present here (a miss only costs a no-op pull), and who may use a cached one.
+        self.images = ImageCache(runtime, self.metrics)
         self._closing = asyncio.Event()
         # Refusing new slots (the control plane is draining this agent).
         self._cordoned = False
         # Supervisor channels exist only when sandboxes get a supervisor as PID 1.
         self.channels = ChannelHub(settings.state_dir) if settings.init_path else None
+        self.specs = SpecBuilder(settings, self.channels)
         # Process env/cwd/user of each sandbox, read once from the runtime per agent life.
         self._defaults: dict[str, ProcessDefaults] = {}
         # A network namespace per sandbox (networkMode private); None: sandboxes join the
@@ -132,16 +125,12 @@ class SandboxManager:
         )  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------------------------
-    @property
-    def log_dir(self) -> Path:
-        return self.settings.state_dir / "logs"
-
-    def log_path(self, sandbox_id: str) -> Path:
-        return self.log_dir / f"{sandbox_id}.log"
+    def log_path(self, container_id: str) -> Path:
+        return self.specs.log_path(container_id)
 
     async def start(self) -> None:
         """Adopt what already runs for this agent (a restart) and learn the cached images."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.specs.log_dir.mkdir(parents=True, exist_ok=True)
         states = await self._refresh_slots()
         if self.network is not None:
             # Every container that still exists keeps its namespace until it is deleted (an
@@ -156,8 +145,7 @@ class SandboxManager:
             for _, state in sorted(states.items()):
                 if is_live(state):
                     await self.channels.open(state.id)
-        for image in await self.runtime.images():
-            self._images.add(image.name)
+        self.images.learn(image.name for image in await self.runtime.images())
         if self.warm is not None:
             self.warm.adopt(self._stale_warm)
             self.warm.start()
@@ -211,8 +199,8 @@ class SandboxManager:
         if not req.image:
             raise InvalidArgument("image: required")
         normalize_image_ref(req.image)  # a bad reference fails before a slot is taken
-        self._log_cap(req.log_max_bytes)  # so does a bad log cap
-        self._disk(req.disk_bytes)  # and a bad disk size
+        self.specs.log_cap(req.log_max_bytes)  # so does a bad log cap
+        self.specs.disk(req.disk_bytes)  # and a bad disk size
         # A create runs to its end even when its caller goes away (a control plane killed or
         # timed out mid-call): Status reports a create in flight as a sandbox on its way, and a
         # restarted control plane adopts it on that word; cut off, the create would be rolled
@@ -235,9 +223,9 @@ class SandboxManager:
         began = time.perf_counter()
         async with self._locks.hold(req.sandbox_id):
             image = normalize_image_ref(req.image)
-            if image in self._images:
+            if image in self.images:
                 # Cached (a warm slot's image is too): a private one needs the caller's proof.
-                await self.access.check_cached(image, req.pull_credentials)
+                await self.images.check_cached(image, req.pull_credentials)
             state = await self._claim(req)
             if state is None:
                 state = await self._create_cold(req)
@@ -259,9 +247,9 @@ class SandboxManager:
         fresh = fresh and sandbox_id not in self._seen and not self._cordoned
         if fresh:
             self._check_ports(sandbox_id, req.exposed_ports)
-        same_log = self._log_cap(req.log_max_bytes) == self.settings.log_max_bytes
+        same_log = self.specs.log_cap(req.log_max_bytes) == self.settings.log_max_bytes
         # A slot's writable layer was made at the default size: another size takes the cold path.
-        same_disk = self._disk(req.disk_bytes) == self._disk(0)
+        same_disk = self.specs.disk(req.disk_bytes) == self.specs.disk(0)
         kind = self._slot_kind(req)
         slot = warm.take(kind) if fresh and same_log and same_disk else None
         if slot is None:
@@ -274,7 +262,7 @@ class SandboxManager:
         try:
             # A private pool: the slot's namespace becomes the sandbox's, its ports published.
             net = await warm.claim_network(slot, sandbox_id, req.exposed_ports)
-            state = await warm.claim(slot, self._spec(req, net))
+            state = await warm.claim(slot, self.specs.sandbox(req, net))
         except BaseException as exc:
             self._slots.discard(sandbox_id)
             self._containers.pop(sandbox_id, None)
@@ -465,22 +453,22 @@ class SandboxManager:
             raise
 
     async def _create_in(self, req: SandboxRequest, net: SandboxNet | None) -> ContainerState:
-        spec = self._spec(req, net)
+        spec = self.specs.sandbox(req, net)
         image = normalize_image_ref(req.image)
         # Time waiting for a pull (ours, or a concurrent create's of the same image) is what the
         # create's timings report as pulledMs.
-        cold = image not in self._images
+        cold = image not in self.images
         began = time.monotonic()
         # Cached when the create began: its access was checked then (`_create_held`).
-        await self._ensure_image(image, req.pull_credentials, checked=not cold)
+        await self.images.ensure(image, req.pull_credentials, checked=not cold)
         pulled = time.monotonic() - began if cold else 0.0
         try:
             state = await self.runtime.create(spec)
         except NotFound:
             # The image left the cache behind our back (pruned by someone): fetch it once more.
-            self._images.discard(image)
+            self.images.forget(image)
             began = time.monotonic()
-            await self._pull(image, req.pull_credentials)
+            await self.images.pull(image, req.pull_credentials)
             pulled += time.monotonic() - began
             state = await self.runtime.create(spec)
         if pulled:
@@ -496,77 +484,6 @@ class SandboxManager:
             extra={"agent": self.settings.name, "sandbox_id": req.sandbox_id, "image": req.image},
         )
         return state
-
-    def _spec(self, req: SandboxRequest, net: SandboxNet | None = None) -> ContainerSpec:
-        labels = dict(req.labels)
-        # Ours win over the caller's: they decide ownership and how we find sandboxes again.
-        labels[AGENT_LABEL] = self.settings.name
-        labels[SANDBOX_ID_LABEL] = req.sandbox_id
-        if req.namespace:
-            labels[NAMESPACE_LABEL] = req.namespace
-        if req.name:
-            labels[NAME_LABEL] = req.name
-        if req.exposed_ports:
-            labels[PORTS_LABEL] = ",".join(str(p) for p in req.exposed_ports)
-        netns_path = self.settings.netns_path
-        if net is not None:
-            # How a restarted agent finds the sandbox's network again, and how the control
-            # plane learns its endpoints (the labels travel in every SandboxState).
-            labels.update(net_labels(net))
-            netns_path = net.path or None  # none in a Pod: runc makes it, net.hook wires it
-        return replace(
-            self.container_spec(req.sandbox_id, req.image, labels),
-            netns_path=netns_path,
-            netns_hook=net.hook if net is not None else (),
-            command=req.command,
-            args=req.args,
-            env=req.env,
-            working_dir=req.working_dir,
-            cpu_millis=req.cpu_millis or None,
-            memory_bytes=req.memory_bytes or None,
-            pids_limit=req.pids_limit or None,
-            log_max_bytes=self._log_cap(req.log_max_bytes),
-            disk_bytes=self._disk(req.disk_bytes) if self.settings.enforces_disk_limit else None,
-        )
-
-    def container_spec(
-        self, container_id: str, image: str, labels: Mapping[str, str], *, warm: bool = False
-    ) -> ContainerSpec:
-        """What every container of this agent shares (a warm slot is made from this alone)."""
-        channels = self.channels
-        return ContainerSpec(
-            id=container_id,
-            image=normalize_image_ref(image),
-            log_path=str(self.log_path(container_id)),
-            labels=dict(labels),
-            netns_path=self.settings.netns_path,
-            cgroup_parent=f"{self.settings.cgroup_parent.rstrip('/')}/{self.settings.name}",
-            runtime=self.settings.runtime,
-            init_path=str(self.settings.init_path) if self.settings.init_path else None,
-            channel_dir=str(channels.directory(container_id)) if channels else None,
-            init_env=channels.supervisor_env(container_id) if channels else (),
-            log_max_bytes=self.settings.log_max_bytes,
-            # A warm slot's layer is made at the agent's default size; `_spec` sets the request's.
-            disk_bytes=self._disk(0) if self.settings.enforces_disk_limit else None,
-            logger_path=str(self.settings.logger_path) if self.settings.logger_path else None,
-            warm=warm,
-        )
-
-    def _log_cap(self, asked: int) -> int:
-        if asked < 0:
-            raise InvalidArgument(f"log_max_bytes {asked}: must be 0 (the default) or positive")
-        if 0 < asked < MIN_LOG_MAX_BYTES:
-            raise InvalidArgument(
-                f"log_max_bytes {asked}: must be at least {MIN_LOG_MAX_BYTES} bytes (64 KiB)"
-            )
-        return asked or self.settings.log_max_bytes
-
-    def _disk(self, asked: int) -> int:
-        if asked < 0:
-            raise InvalidArgument(f"disk_bytes {asked}: must be 0 (the default) or positive")
-        if 0 < asked < MIN_DISK_BYTES:
-            raise InvalidArgument(f"disk_bytes {asked}: must be at least {MIN_DISK_BYTES} (1Mi)")
-        return asked or self.settings.default_disk_bytes
 
     async def delete(
         self, sandbox_id: str, grace_seconds: float = -1, *, keep_logs: bool = False
@@ -668,7 +585,7 @@ class SandboxManager:
         creating = set(self._creating)
         net_seq = self.network.seq + 1 if self.network is not None else 0
         states, images = await asyncio.gather(self._refresh_slots(), self.runtime.images())
-        self._images.update(i.name for i in images)
+        self.images.learn(i.name for i in images)
         # A container whose create was in flight while we read has no task yet in that read, and
         # the runtime shows it stopped; it must not read as "exited" to the control plane.
         for sandbox_id in (creating | self._creating) & states.keys():
@@ -703,38 +620,8 @@ class SandboxManager:
         if not image:
             raise InvalidArgument("image: required")
         began = time.monotonic()
-        info = await self._pull(normalize_image_ref(image))
+        info = await self.images.pull(normalize_image_ref(image))
         return PullResult(info, time.monotonic() - began)
-
-    # One pull per image at a time: concurrent creates of a cold image wait for the same pull
-    # instead of each starting their own.
-    async def ensure_image(self, image: str) -> None:
-        await self._ensure_image(image)
-
-    async def _ensure_image(
-        self, image: str, credentials: PullCredentials | None = None, *, checked: bool = False
-    ) -> None:
-        async with self._locks.hold(("image", image)):
-            if image not in self._images:
-                await self._pull_locked(image, credentials)
-            elif not checked:
-                # Pulled meanwhile by a concurrent create, perhaps with credentials not ours.
-                await self.access.check_cached(image, credentials)
-
-    async def _pull(self, image: str, credentials: PullCredentials | None = None) -> ImageInfo:
-        async with self._locks.hold(("image", image)):
-            return await self._pull_locked(image, credentials)
-
-    async def _pull_locked(
-        self, image: str, credentials: PullCredentials | None = None
-    ) -> ImageInfo:
-        started = time.perf_counter()
-        info = await self.runtime.pull(image, credentials)
-        self.access.pulled(image, credentials)
-        self.metrics.pull_seconds.observe(time.perf_counter() - started)
-        self._images.update((image, info.name))
-        log.info("image ready", extra={"image": image, "digest": info.digest})
-        return info
 
     # -- logs -----------------------------------------------------------------------------------
     async def logs(

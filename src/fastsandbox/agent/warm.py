@@ -383,14 +383,14 @@ class WarmSlots:
         self._making_ids.add(cid)
         made = False
         try:
-            await manager.ensure_image(image)
+            await manager.images.ensure(image)
             channel = await channels.open(cid)
             slot_labels = {labels.AGENT_LABEL: manager.settings.name, labels.WARM_SLOT_LABEL: image}
             net = await self._acquire_net(cid)
             if net is not None:
                 slot_labels.update(net_labels(net))  # adopted (then released) after a restart
             spec = replace(
-                manager.container_spec(cid, image, slot_labels, warm=True),
+                manager.specs.container(cid, image, slot_labels, warm=True),
                 cpu_millis=kind.cpu_millis,
                 memory_bytes=kind.memory_bytes,
                 pids_limit=kind.pids_limit,
