@@ -188,7 +188,6 @@ def test_front_creates_in_the_annotated_namespace_without_python(
 @pytest.mark.parametrize(
     ("netns", "annotation"),
     [
-        (None, None),  # no path (an agent Pod: runsc makes the namespace)
         ("/var/run/netns/real", "/var/run/netns/other"),  # disagrees with the namespaces
         ("/var/run/netns/real", ""),  # no annotation value
     ],
@@ -203,3 +202,24 @@ def test_front_leaves_what_it_cannot_read_to_the_script(
     bundle = _annotated_bundle(tmp_path, netns, annotation)
     out = _run(wrapper, env, "--root", str(root), "create", "--bundle", str(bundle), "sb-1")
     assert out[:4] == ["script", "-I", "-S", "wrapper.py"] and out[4].endswith("runsc")
+
+
+def test_front_runs_a_pathless_create_itself(
+    sh_front: tuple[Path, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """An agent Pod's spec (a `network` entry without a path): runsc directly, no record."""
+    wrapper, root, env = sh_front
+    bundle = _annotated_bundle(tmp_path, None, None)
+    out = _run(wrapper, env, "--root", str(root), "create", "--bundle", str(bundle), "sb-1")
+    assert out[0] == "runsc" and out[1:3] == list(w.EXTRA_FLAGS)
+    assert not (root / w.RECORD_DIR / "sb-1").exists()
+    # A Go-style spelling, or no network entry at all: left to the script.
+    for spec in ({"linux": {"namespaces": [{"type": "pid"}]}},):
+        (tmp_path / "config.json").write_text(json.dumps(spec, separators=(",", ":")))
+        out = _run(wrapper, env, "--root", str(root), "create", "--bundle", str(bundle), "sb-2")
+        assert out[0] == "script"
+    go = {"linux": {"namespaces": [{"type": "network"}]}}
+    (tmp_path / "config.json").write_text(json.dumps(go, separators=(",", ":")))
+    assert _run(wrapper, env, "--root", str(root), "create", "--bundle", str(bundle), "x")[0] == (
+        "script"
+    )

@@ -34,7 +34,10 @@ the fallback is never "outside the namespace". The parsing is pure and unit-test
 In a Kubernetes agent Pod the spec's `network` entry has no path: runsc itself then starts its
 sandbox process in a fresh namespace and runs the createRuntime hook (agent/network/hook.py)
 with that process's pid; the control socket stays where runsc ran (the shim's namespace), so
-no record is needed there.
+no record is needed there. The front runs such a create itself, with no Python (a real node
+has not the agent's interpreter), when the spec holds the literal pathless entry
+`{"type": "network"}` and no `"type": "network", "path"` (JSON escapes every quote inside a
+string, so no value of the spec can fake either); other spellings go to the script.
 """
 
 from __future__ import annotations
@@ -200,6 +203,11 @@ case "$sub" in create|run)
   named=
   if [ -n "$ns" ]; then
     grep -qF -e "\\"path\\": \\"$ns\\"" -e "\\"path\\":\\"$ns\\"" "$spec" && named=1
+  fi
+  if [ -z "$named" ] && [ -n "$id" ] && grep -qF '{{"type": "network"}}' "$spec" &&
+    ! grep -qF '"type": "network", "path"' "$spec"; then
+    # A `network` entry without a path (an agent Pod): runsc makes the namespace itself.
+    exec {runsc} {flags} "$@"
   fi
   if [ -z "$named" ] || [ -z "$id" ]; then
     exec {python} -I -S {script} {runsc} "$@"
