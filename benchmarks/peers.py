@@ -135,6 +135,26 @@ class RuncBundle:
             self.kill(cid)
         return out
 
+    def bench_runsc(self, n: int, *, split: bool = False) -> list[float]:
+        """`runsc run --detach` (or `create` then `start`, as the runc shim drives it) on the
+        same bundle with the flags our wrapper adds (agent/runtime/runsc_wrapper.py). The
+        bundle's `network` namespace entry has no path: runsc puts its sandbox in a fresh one."""
+        from fastsandbox.agent.runtime.runsc_wrapper import EXTRA_FLAGS
+
+        runsc = ["runsc", "--root", str(self.state.with_name("runsc-state")), *EXTRA_FLAGS]
+        out = []
+        for i in range(n):
+            cid = f"bench-runsc-{os.getpid()}-{i}"
+            if split:
+                took = timed([*runsc, "create", "--bundle", str(self.bundle), cid])
+                took += timed([*runsc, "start", cid])
+            else:
+                took = timed([*runsc, "run", "--detach", "--bundle", str(self.bundle), cid])
+            out.append(took)
+            subprocess.run([*runsc, "kill", cid, "KILL"], capture_output=True)
+            _retry([*runsc, "delete", "--force", cid])
+        return out
+
     def bench_exec(self, n: int, argv: tuple[str, ...] = ("true",)) -> list[float]:
         """`runc exec ID true` into one running container."""
         cid = f"bench-runc-exec-{os.getpid()}"

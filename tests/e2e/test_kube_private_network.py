@@ -7,6 +7,12 @@ with exactly the capabilities its manifest asks for (drop ALL, add NET_ADMIN + N
 agent sets its rules in its Pod's namespace only. The sandboxes' namespaces are made by the test
 containerd's runc, wired by the network hook (agent/network/hook.py) running on the host.
 Nothing here sets a filter or NAT rule in the host's namespace.
+
+Every test runs twice: on the default pool (runc) and on a gVisor pool (`runtime: gvisor`,
+private). Under runsc the sandbox's namespace is made by runsc itself (the spec's `network` entry
+has no path) and wired by the same hook, which runsc runs as a createRuntime hook with its
+sandbox process's pid; the Sentry's `--network=host` is that namespace. The agent Pod of the
+gVisor pool keeps exactly the same two capabilities.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from tests.e2e.test_private_network import (
     stop,
     wait_pool_ready,
 )
+from tests.infra import cannot_run, missing_requirements
 from tests.k8s_podnet import SUBNET, PodNet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kubernetes]
@@ -47,6 +54,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.kubernetes]
 AGENT_PORT = 7443
 # CapEff of the agent Pod's process: CAP_NET_ADMIN (12) and CAP_NET_RAW (13), nothing else.
 NET_ADMIN_RAW = (1 << 12) | (1 << 13)
+
+
+GVISOR_POOL = "kpn-gvisor"
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +70,22 @@ def kube(request: pytest.FixtureRequest) -> Iterator[KubeServer]:
         purge_kube(srv)
 
 
+@pytest.fixture(scope="module", params=["runc", "gvisor"])
+def pool(request: pytest.FixtureRequest, kube: KubeServer) -> str:
+    """The pool the module's sandboxes run in: the default (runc) one, or a gVisor one."""
+    if request.param == "runc":
+        return DEFAULT_POOL
+    if (why := missing_requirements(gvisor=True)) is not None:
+        cannot_run(why)
+    made = kube.fsb(
+        "pool", "create", GVISOR_POOL, "--runtime", "gvisor", "--min", "1", "--max", "1",
+        "--per-agent", "3",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    wait_pool_ready(kube, GVISOR_POOL, 1)  # type: ignore[arg-type]
+    return GVISOR_POOL
+
+
 def pod_net(agent_ip: str) -> PodNet:
     """The agent Pod's namespace, from its Pod IP (tests/k8s_podnet.py's layout)."""
     offset = int(ipaddress.ip_address(agent_ip)) - int(SUBNET.network_address)
@@ -68,11 +94,12 @@ def pod_net(agent_ip: str) -> PodNet:
 
 
 @pytest.fixture(scope="module")
-def boxes(kube: KubeServer, demo_image: str) -> Iterator[tuple[Box, Box]]:
+def boxes(kube: KubeServer, demo_image: str, pool: str) -> Iterator[tuple[Box, Box]]:
     made: list[Box] = []
+    prefix = "kpn" if pool == DEFAULT_POOL else "kpg"
     try:
-        for name in ("kpn-1", "kpn-2"):
-            made.append(run_box(kube, demo_image, name, DEFAULT_POOL))  # type: ignore[arg-type]
+        for name in (f"{prefix}-1", f"{prefix}-2"):
+            made.append(run_box(kube, demo_image, name, pool))  # type: ignore[arg-type]
         yield made[0], made[1]
     finally:
         for box in made:
@@ -148,8 +175,23 @@ def test_no_other_sandbox_agent_api_host_or_metadata(
         host_listener.close()
 
 
-def test_delete_leaves_nothing(kube: KubeServer, demo_image: str) -> None:
-    box = run_box(kube, demo_image, "kpn-gone", DEFAULT_POOL, serve=False)  # type: ignore[arg-type]
+def test_exec_runs_under_the_pools_runtime_seeing_lo_and_eth0(
+    kube: KubeServer, boxes: tuple[Box, Box], pool: str
+) -> None:
+    """Exec works; a gVisor pool's sandbox runs on the Sentry (its dmesg says so: the host's
+    runc sandbox may not read the host's), and sees only its loopback and eth0."""
+    a1, _ = boxes
+    if pool == GVISOR_POOL:
+        dmesg = exec_in(kube, a1.name, "dmesg")  # type: ignore[arg-type]
+        assert dmesg.returncode == 0 and "gVisor" in dmesg.stdout, dmesg.stdout[:300]
+    links = exec_in(kube, a1.name, "cat /proc/net/dev")  # type: ignore[arg-type]
+    names = {ln.split(":")[0].strip() for ln in links.stdout.splitlines()[2:] if ":" in ln}
+    assert names == {"lo", "eth0"}, links.stdout
+
+
+def test_delete_leaves_nothing(kube: KubeServer, demo_image: str, pool: str) -> None:
+    name = "kpn-gone" if pool == DEFAULT_POOL else "kpg-gone"
+    box = run_box(kube, demo_image, name, pool, serve=False)  # type: ignore[arg-type]
     index = int(ctr_label(kube, box.container, plan_labels()[0]))  # type: ignore[arg-type]
     published = ctr_label(kube, box.container, plan_labels()[1])  # type: ignore[arg-type]
     host_port = published.split(":")[1]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fastsandbox.agent.manager import SandboxManager, SandboxRequest
-from fastsandbox.agent.network import hook, plan
+from fastsandbox.agent.network import for_agent, hook, plan
+from fastsandbox.agent.network.for_agent import network_for
 from fastsandbox.agent.network.plan import Exhausted, NetConfig, Published, RangeAllocator
 from fastsandbox.agent.network.private import INDEX_LABEL, PUBLISHED_LABEL, PrivateNetwork
 from fastsandbox.agent.runtime.fake import FakeRuntime
@@ -239,16 +240,8 @@ async def test_the_net_of_a_vanished_container_is_released(tmp_path: Path) -> No
     await net.close()
 
 
-@pytest.mark.parametrize(
-    ("extra", "reason"),
-    # (gVisor outside a Pod is no longer here: the runsc wrapper enters the spec's namespace;
-    # runc in a Pod neither: the network hook wires the namespace runc makes.)
-    [({"pod_uid": "u1", "runtime": "gvisor"}, "gVisor sandboxes in a Kubernetes agent Pod")],
-)
-async def test_what_cannot_be_isolated_yet_is_refused(
-    tmp_path: Path, extra: dict[str, str], reason: str
-) -> None:
-    settings = AgentSettings(
+def _agent_settings(tmp_path: Path, **extra: str) -> AgentSettings:
+    return AgentSettings(
         name="a1",
         pool="p",
         namespace="default",
@@ -259,9 +252,24 @@ async def test_what_cannot_be_isolated_yet_is_refused(
         netns_path=str(tmp_path),
         **extra,  # type: ignore[arg-type]
     )
-    manager = SandboxManager(FakeRuntime(), settings)
+
+
+async def test_gvisor_in_a_pod_gets_the_hook_as_runc_does(tmp_path: Path) -> None:
+    """In a Pod runsc makes the sandbox's namespace itself (a `network` entry without a path)
+    and runs the createRuntime hook with its sandbox process's pid: no refusal any more."""
+    net = network_for(_agent_settings(tmp_path, pod_uid="u1", runtime="gvisor"))
+    assert net is not None and net.unsupported is None and net.hook_dir == tmp_path
+
+
+async def test_what_cannot_be_isolated_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gVisor agent whose wrapper would not enter the sandbox's namespace fails the create
+    with the reason (never a sandbox on the agent's network)."""
+    monkeypatch.setattr(for_agent, "GVISOR_ENTERS_SPEC_NETNS", False)
+    manager = SandboxManager(FakeRuntime(), _agent_settings(tmp_path, runtime="gvisor"))
     await manager.start()
-    with pytest.raises(FailedPrecondition, match=reason):
+    with pytest.raises(FailedPrecondition, match="gVisor sandboxes cannot be put in a private"):
         await manager.create(SandboxRequest(sandbox_id="sb-1", image="busybox:latest"))
     await manager.aclose()
 

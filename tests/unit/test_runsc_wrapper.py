@@ -125,3 +125,101 @@ def test_front_create_fails_closed_with_the_reason_in_the_shim_log(
     assert done.returncode == 1 and done.stdout == ""
     entry = json.loads(log.read_text().splitlines()[-1])
     assert entry["level"] == "error" and "/var/run/netns/fsb-gone" in entry["msg"]
+
+
+def _annotated_bundle(tmp_path: Path, netns: str | None, annotation: str | None) -> Path:
+    ns: dict[str, str] = {"type": "network"}
+    if netns:
+        ns["path"] = netns
+    spec = w.annotate({"linux": {"namespaces": [ns]}, "process": {"env": ["A=1"]}})
+    if annotation is not None:
+        spec["annotations"] = {w.NETNS_ANNOTATION: annotation}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    return tmp_path
+
+
+@pytest.fixture
+def sh_front(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """The front with a stand-in for the Python that runs the script (it prints "script")."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("runsc", "nsenter", "script"):
+        fake = bin_dir / name
+        fake.write_text(f'#!/bin/sh\necho {name} "$@"\n')
+        fake.chmod(0o755)
+    wrapper = tmp_path / "runsc-wrapper"
+    python = bin_dir / "script"
+    wrapper.write_text(w.shell_wrapper(str(bin_dir / "runsc"), str(python), "wrapper.py"))
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return wrapper, tmp_path / "root", env
+
+
+def test_annotate_names_only_plain_paths() -> None:
+    spec = {"linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/fsb-a1-3"}]}}
+    assert w.annotate(spec)["annotations"] == {w.NETNS_ANNOTATION: "/var/run/netns/fsb-a1-3"}
+    odd = {"linux": {"namespaces": [{"type": "network", "path": '/n/"x y'}]}}
+    assert "annotations" not in w.annotate(odd)
+    assert "annotations" not in w.annotate({"linux": {"namespaces": [{"type": "network"}]}})
+
+
+def test_front_creates_in_the_annotated_namespace_without_python(
+    sh_front: tuple[Path, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    wrapper, root, env = sh_front
+    netns = tmp_path / "netns-sb-1"
+    netns.write_text("")
+    (tmp_path / "b").mkdir()
+    bundle = _annotated_bundle(tmp_path / "b", str(netns), None)
+    top = ["--root", str(root), "--log", str(tmp_path / "log.json")]
+    out = _run(wrapper, env, *top, "create", "--bundle", str(bundle), "--pid-file", "p", "sb-1")
+    assert out[:3] == ["nsenter", f"--net={netns}", "--"] and out[4:6] == list(w.EXTRA_FLAGS)
+    assert (root / w.RECORD_DIR / "sb-1").read_text().strip() == str(netns)
+    # The namespace gone: fails closed with the reason where the shim reads it.
+    netns.unlink()
+    log = tmp_path / "log.json"
+    argv = [str(wrapper), *top, "create", "--bundle", str(bundle), "sb-2"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 1 and done.stdout == ""
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["level"] == "error" and str(netns) in entry["msg"]
+
+
+@pytest.mark.parametrize(
+    ("netns", "annotation"),
+    [
+        ("/var/run/netns/real", "/var/run/netns/other"),  # disagrees with the namespaces
+        ("/var/run/netns/real", ""),  # no annotation value
+    ],
+)
+def test_front_leaves_what_it_cannot_read_to_the_script(
+    sh_front: tuple[Path, Path, dict[str, str]],
+    tmp_path: Path,
+    netns: str | None,
+    annotation: str | None,
+) -> None:
+    wrapper, root, env = sh_front
+    bundle = _annotated_bundle(tmp_path, netns, annotation)
+    out = _run(wrapper, env, "--root", str(root), "create", "--bundle", str(bundle), "sb-1")
+    assert out[:4] == ["script", "-I", "-S", "wrapper.py"] and out[4].endswith("runsc")
+
+
+def test_front_runs_a_pathless_create_itself(
+    sh_front: tuple[Path, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """An agent Pod's spec (a `network` entry without a path): runsc directly, no record."""
+    wrapper, root, env = sh_front
+    bundle = _annotated_bundle(tmp_path, None, None)
+    out = _run(wrapper, env, "--root", str(root), "create", "--bundle", str(bundle), "sb-1")
+    assert out[0] == "runsc" and out[1:3] == list(w.EXTRA_FLAGS)
+    assert not (root / w.RECORD_DIR / "sb-1").exists()
+    # A Go-style spelling, or no network entry at all: left to the script.
+    for spec in ({"linux": {"namespaces": [{"type": "pid"}]}},):
+        (tmp_path / "config.json").write_text(json.dumps(spec, separators=(",", ":")))
+        out = _run(wrapper, env, "--root", str(root), "create", "--bundle", str(bundle), "sb-2")
+        assert out[0] == "script"
+    go = {"linux": {"namespaces": [{"type": "network"}]}}
+    (tmp_path / "config.json").write_text(json.dumps(go, separators=(",", ":")))
+    assert _run(wrapper, env, "--root", str(root), "create", "--bundle", str(bundle), "x")[0] == (
+        "script"
+    )

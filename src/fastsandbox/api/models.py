@@ -380,7 +380,8 @@ class SandboxPoolSpec(_Model):
     warm_slots: int = Field(default=0, ge=0, le=MAX_WARM_SLOTS)
     """Per agent and hot image (`prewarmImages`, then the image it served last): containers
     made ahead, waiting for a create of that image, which claims one in milliseconds. They fill
-    only capacity no sandbox uses (runc only; gVisor agents keep none). Read by agents when they
+    only capacity no sandbox uses (under gVisor a slot is made with the pool's default limits and
+    serves only creates of exactly those: runsc cannot change them). Read by agents when they
     start: a changed value reaches the agents started after the change."""
     network_mode: NetworkMode = NetworkMode.PRIVATE
     """`private` (default): a network namespace per sandbox; `shared`: the agent's."""

@@ -16,15 +16,6 @@ from fastsandbox.settings import AgentSettings
 
 
 def _why_no_private_network(settings: AgentSettings) -> str | None:
-    if settings.pod_uid and settings.runtime == "gvisor":
-        # In a Pod runc makes the sandbox's namespace and a createRuntime hook wires it
-        # (hook.py); the runsc wrapper enters a namespace by path only, so there is none to
-        # enter yet. Refused rather than put on the Pod's network.
-        return (
-            "gVisor sandboxes in a Kubernetes agent Pod cannot be put in a private network yet "
-            "(the runsc wrapper needs a namespace path; in a Pod runc makes it); use "
-            "networkMode: shared or runtime: runc"
-        )
     if settings.runtime == "gvisor" and not GVISOR_ENTERS_SPEC_NETNS:
         # runsc --network=host uses the namespace it is started in, not the spec's: until the
         # runtime wrapper enters the spec's namespace, a gVisor sandbox would sit on the
@@ -39,6 +30,10 @@ def _why_no_private_network(settings: AgentSettings) -> str | None:
 # True: the runsc wrapper (agent/runtime/runsc_wrapper.py) starts runsc inside the network
 # namespace named in the bundle's config.json, and fails the create when it cannot
 # (tests/integration/test_gvisor_netns.py), so a gVisor sandbox gets the private path too.
+# In a Kubernetes agent Pod the spec's `network` entry has no path: runsc itself then starts
+# its sandbox process in a fresh namespace, runs the createRuntime hook (hook.py) with that
+# process's pid, and the Sentry's host network is that namespace (measured with Debian's runsc
+# 0.0~20221219; tests/e2e/test_kube_gvisor_network.py), as runc's container is.
 GVISOR_ENTERS_SPEC_NETNS = True
 
 

@@ -422,6 +422,8 @@ class ContainerdRuntime:
             annotations={SHIM_GROUP_ANNOTATION: self.shim_group} if self.shim_group else None,
             apparmor_profile=profile,
         )
+        if spec.runtime == "gvisor":
+            oci = runsc_wrapper.annotate(oci)  # the wrapper's front reads the netns with sed
         record_labels = {**spec.labels, MANAGED_LABEL: "true"}
         # Ours, never the caller's: remove acts on the path it names.
         record_labels.pop(DISK_LAYER_LABEL, None)
