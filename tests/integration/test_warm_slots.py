@@ -277,9 +277,16 @@ async def probe_output(stub: agent_pb2_grpc.AgentAsyncStub, sid: str) -> str:
 
 
 async def container_of(containerd: ContainerdProc, sid: str) -> str:
+    """The container of sandbox `sid` as containerd itself records it: a claimed slot's record
+    is written just after the create is answered (runtime/claim_records.py), so it is waited
+    for (bounded)."""
     runtime = ContainerdRuntime(containerd.socket, "fastsandbox")
+    deadline = time.monotonic() + BOUND
     try:
-        states = await runtime.list({SANDBOX_ID_LABEL: sid})
+        while not (states := await runtime.list({SANDBOX_ID_LABEL: sid})):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
     finally:
         await runtime.close()
     assert len(states) == 1, states

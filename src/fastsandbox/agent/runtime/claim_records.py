@@ -54,7 +54,7 @@ JOURNAL = "claims.log"
 # The record write starts this long after the claim: right away, its CPU (the record's JSON, the
 # RPC) and containerd's transaction would sit between the claim and its answer on the way out,
 # and the sandbox's first command comes just after that answer.
-RECORD_DELAY_SECONDS = 0.2
+RECORD_DELAY_SECONDS = 0.05
 # How long a delete waits for a record write in flight before removing the container anyway.
 SETTLE_SECONDS = 5.0
 _RETRY_FIRST, _RETRY_MAX = 0.05, 2.0
