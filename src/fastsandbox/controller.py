@@ -284,7 +284,9 @@ async def run(
                 agent_auth=fleet.agent_auth,
                 shared_agents=True,
                 agent_sync_seconds=settings.agent_sync_seconds,
-                rebuild_records=False,
+                # Recovery rebuilds the record of a Fast create answered just before a kill -9
+                # from the container's request label (`recover` waits for creates in flight at
+                # the agents); here the answer leaves before the record's write.
                 store_after_reply=True,
                 allowed_registries=allowed_registries(
                     settings.allowed_registries, settings.insecure_registries
