@@ -119,6 +119,9 @@ async def test_agent_pod_lifecycle(
         insecure_registries=[registry.addr],
         grace_seconds=1,
         pod_grace_seconds=5,
+        # The test's containerd keeps its state under its home, not /run/containerd: its shim
+        # mounts each sandbox's size-limited layer in a bundle there (agent/runtime/disk.py).
+        containerd_state=str(containerd.home / "state"),
     )
     await fleet.load_credentials()
     ca = await kube.get(Secret, CA_SECRET, namespace=ns)

@@ -147,6 +147,7 @@ def test_requests_at_the_limits_pass() -> None:
 class Edge:
     stub: fastpath_pb2_grpc.FastPathStub
     endpoint: str
+    fleet: InProcessFleet
 
 
 def _port() -> int:
@@ -179,7 +180,7 @@ async def edge(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     server = await start_fastpath(cp.servicer, guard, endpoint, None, limits)
     channel = grpc.aio.insecure_channel(endpoint)
     try:
-        yield Edge(fastpath_pb2_grpc.FastPathStub(channel), endpoint)  # type: ignore[no-untyped-call]
+        yield Edge(fastpath_pb2_grpc.FastPathStub(channel), endpoint, fleet)  # type: ignore[no-untyped-call]
     finally:
         await channel.close()
         await server.stop(0)
@@ -214,19 +215,21 @@ async def test_over_the_rate_is_resource_exhausted_with_a_retry_hint(edge: Edge)
 @pytest.mark.parametrize("edge", [EdgeLimits(max_streams=1)], indirect=True)
 async def test_concurrent_streams_per_credential_are_capped(edge: Edge) -> None:
     await edge.stub.Create(_create(command=["sleep", "60"]), metadata=AUTH)
+    (agent,) = edge.fleet.started
+    runtime = edge.fleet.runtime(agent)
+    (container_id,) = runtime.specs
+    runtime.write_log(container_id, b"ready\n")
     logs = fastpath_pb2.LogsRequest(namespace="default", name="s", follow=True)
     first = edge.stub.Logs(logs, metadata=AUTH)
+    # Its first chunk proves the server holds the stream open (and so counts it); polling for
+    # a refusal instead raced the first call's start on a loaded machine.
+    chunk = await asyncio.wait_for(first.read(), 30)
+    assert isinstance(chunk, fastpath_pb2.LogChunk) and chunk.data == b"ready\n"
     once = fastpath_pb2.LogsRequest(namespace="default", name="s")
-    refused: grpc.aio.AioRpcError | None = None
-    for _ in range(200):  # until the server has counted the first stream
-        try:
-            async for _ in edge.stub.Logs(once, metadata=AUTH):
-                pass
-        except grpc.aio.AioRpcError as exc:
-            refused = exc
-            break
-        await asyncio.sleep(0.05)
-    assert refused is not None, "a second stream was never refused"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in edge.stub.Logs(once, metadata=AUTH):
+            pass
+    refused = info.value
     assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "at most 1" in (refused.details() or "")
     first.cancel()
