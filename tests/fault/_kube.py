@@ -6,6 +6,8 @@
   partition) and `heal`. It forwards bytes only (TLS passes through untouched: the replica's
   kubeconfig names `127.0.0.1:<gate port>` and the apiserver's certificate is for 127.0.0.1).
   No firewall rule is touched: the partition is ours alone, and only the gated replica is cut.
+  `drop` (during a cut) closes every connection and throws away what was held: what a replica
+  sent before it was killed never arrives, as with a real partition that outlives the process.
 - `kube_inventory`: the leak check's truth for a `KubeServer` (tests/fault/_leaks.py compares it
   with the records): the session's containerd is shared with other tests of the session, so
   only the containers of this server's agents count, and snapshots and shims against a baseline
@@ -44,6 +46,8 @@ class Gate:
         self._open: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        # Bumped by `drop`: a pump of an older generation delivers nothing more.
+        self._generation = 0
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="gate")
         self.connections = 0
 
@@ -67,6 +71,16 @@ class Gate:
     def heal(self) -> None:
         assert self._open is not None
         self.loop.call_soon_threadsafe(self._open.set)
+
+    def drop(self) -> None:
+        """During a cut: end every connection through the gate, delivering nothing it held."""
+
+        async def drop() -> None:
+            self._generation += 1
+            for writer in list(self._writers):
+                writer.close()
+
+        asyncio.run_coroutine_threadsafe(drop(), self.loop).result(10)
 
     def stop(self) -> None:
         async def stop() -> None:
@@ -95,8 +109,10 @@ class Gate:
                 "127.0.0.1", self.target_port
             )
             self._writers.add(upstream_writer)
+            generation = self._generation
             await asyncio.gather(
-                self._pump(reader, upstream_writer), self._pump(upstream_reader, writer)
+                self._pump(reader, upstream_writer, generation),
+                self._pump(upstream_reader, writer, generation),
             )
         except OSError:
             pass
@@ -106,14 +122,16 @@ class Gate:
                     self._writers.discard(w)
                     w.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, generation: int
+    ) -> None:
         assert self._open is not None
         try:
             while True:
                 data = await reader.read(_CHUNK)
                 await self._open.wait()  # cut: held here, delivered once healed
-                if not data:
-                    break
+                if not data or generation != self._generation:
+                    break  # ended, or dropped: what was held is thrown away
                 writer.write(data)
                 await writer.drain()
         except OSError:

@@ -14,6 +14,12 @@ cut it off.
   the Lease and reconciles, the Fast-Path of the cut-off replica ends calls with UNAVAILABLE
   instead of hanging, and once the partition heals the replica serves again as a follower.
   Never two leaders at once (both replicas' logs); the leak check.
+- **a Fast create answered, then its replica killed -9 before the record is written**: the
+  follower's gate to the apiserver is cut before the create, so its record write after the
+  reply is held there; the replica is killed -9 and what it had sent is dropped. Checked: no
+  record exists after the kill (so the case really is "answered, not stored"), and once the
+  replica is started again its recovery rebuilds the record from the container's request label:
+  the same container, Running, exec works; the leak check.
 - **admission with two replicas**: `FSB_FAULT_CREATES` concurrent creates (100; `make fault`:
   500) spread over both replicas against `FSB_FAULT_CAPACITY` slots (10; 50): exactly that many
   admitted, the rest RESOURCE_EXHAUSTED; no agent over its slots, no container claimed twice;
@@ -31,6 +37,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -423,7 +430,79 @@ def test_a_leader_cut_off_from_the_apiserver_steps_down(kube: Kube, demo_image: 
         drop_pool(server, pool)
 
 
-# -- 3. admission with two replicas ------------------------------------------------------------
+# -- 3. answered, not stored, then kill -9 ------------------------------------------------------
+
+
+def _container_id(server: KubeServer, name: str, replica: int) -> str:
+    got = server.fsb("get", name, "-o", "json", env=server.env_for(replica))
+    if got.returncode != 0:
+        return ""
+    status = json.loads(got.stdout)["status"]
+    return str(status.get("containerID", "")) if status.get("phase") == "Running" else ""
+
+
+def test_a_fast_create_answered_before_its_record_survives_a_kill(
+    kube: Kube, demo_image: str
+) -> None:
+    server = kube.server
+    pool = "kunstored"
+    name = "answered-unstored"
+    kube.baseline = kube.baseline or kube_inventory(server, ())
+    make_pool(server, pool, agents=1, per_agent=4, network_mode="shared")
+    leader = server.wait_leader()
+    follower = 1 - leader
+    gate = kube.gates[follower]
+    try:
+
+        async def create(sandbox: str) -> str:
+            async with kube.client(follower) as client:
+                made = await client.create(sandbox, demo_image, pool=pool, command=SLEEP)
+                return made.container_id
+
+        # First one create through the follower while it reaches the apiserver: its watch
+        # cache then holds the pool, the agent is up and the image is on the node.
+        asyncio.run(create(f"{name}-first"))
+        until("the first create's record", lambda: _container_id(server, f"{name}-first", 0), BOUND)
+        # The follower answers a Fast create from its watch cache and the agent alone; its
+        # record write, which follows the reply, is held at the cut gate.
+        gate.cut()
+        container = asyncio.run(create(name))
+        assert container
+        server.stop_replica(follower, signal.SIGKILL)
+        gate.drop()
+        gate.heal()
+        # Not stored: the leader (through the apiserver) has no record of it.
+        assert not exists(server, name, leader)
+        assert container in server.containers()
+        killed = time.monotonic()
+        server.start_replica(follower)
+        # Recovery (at the restarted replica's start) rebuilt the record from the container.
+        for replica in (follower, leader):
+            until(
+                f"{name} Running with its container, seen by replica {replica}",
+                lambda replica=replica: _container_id(server, name, replica) == container,
+                BOUND,
+            )
+        rebuilt_s = time.monotonic() - killed
+        got = server.fsb("exec", name, "--", "echo", "ok", env=server.env_for(leader))
+        assert got.returncode == 0 and got.stdout == "ok\n", got.stderr
+        inv, found = settled(kube, (pool,))
+        report(
+            "fast create answered, replica killed before its record", inv, found,
+            follower=follower, rebuilt_within_s=round(rebuilt_s, 1),
+        )  # fmt: skip
+    finally:
+        gate.heal()
+        if (
+            server.replicas[follower].proc is None
+            or server.replicas[follower].proc.poll() is not None
+        ):
+            server.start_replica(follower)
+        asyncio.run(delete_all(kube, {name, f"{name}-first"}))
+        drop_pool(server, pool)
+
+
+# -- 4. admission with two replicas ------------------------------------------------------------
 
 
 async def _flood(

@@ -121,7 +121,9 @@ async def test_agent_pod_lifecycle(
         pod_grace_seconds=5,
         # The test's containerd keeps its state under its home, not /run/containerd: its shim
         # mounts each sandbox's size-limited layer in a bundle there (agent/runtime/disk.py).
-        containerd_state=str(containerd.home / "state"),
+        # Spelled through /proc/self/root (the same path for the shim) because the process
+        # kubelet rewrites args under a Pod's mount paths, and the agent has `/tmp`.
+        containerd_state=f"/proc/self/root{containerd.home / 'state'}",
     )
     await fleet.load_credentials()
     ca = await kube.get(Secret, CA_SECRET, namespace=ns)
