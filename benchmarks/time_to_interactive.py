@@ -4,9 +4,12 @@ is seen (a reused, not reset, container would show it).
 
 Run as root:  .venv/bin/python benchmarks/time_to_interactive.py [-n 30]
 
-Boundary: `AsyncSandbox.create()` called (a new client each time, as a user's script does) →
-`commands.run("uname -a")` returned its result. Untimed after it: `test ! -e /tmp/fsb-tti` must
-succeed, then the marker is written and the sandbox deleted.
+Boundary: `AsyncSandbox.create()` called (a new sandbox object and client each time, as a user's
+script makes them) → `commands.run("uname -a")` returned its result. Untimed after it: `test ! -e
+/tmp/fsb-tti` must succeed, then the marker is written and the sandbox deleted. The SDK's clients
+of one event loop share their connection to the server (`sdk/_channels.py`, the connection pool
+of an HTTP SDK), so these samples reuse it; the `new connection` series makes each sample
+connect anew (TCP, TLS, HTTP/2), as the first sandbox of a new process does.
 
 Warm: pool `tti-warm` (--warm-slots 2, the image prewarmed); before each create the benchmark
 waits, untimed, for a ready slot (the refill after the last claim, as create_latency.py does),
@@ -29,8 +32,10 @@ SECTION = "time to interactive"
 CHECK = "test ! -e /tmp/fsb-tti && touch /tmp/fsb-tti"
 
 
-async def _series(bench: Bench, pool: str, n: int, warm: bool = False) -> tuple[list[float], int]:
-    from fastsandbox.sdk import AsyncClient
+async def _series(
+    bench: Bench, pool: str, n: int, warm: bool = False, fresh: bool = False
+) -> tuple[list[float], int]:
+    from fastsandbox.sdk import AsyncClient, _channels
 
     out: list[float] = []
     misses = 0
@@ -41,6 +46,8 @@ async def _series(bench: Bench, pool: str, n: int, warm: bool = False) -> tuple[
             if warm:
                 await wait_slot(watcher, pool)
                 await asyncio.sleep(0.3)  # the pool's status lags the agent by a heartbeat
+            if fresh:
+                _channels.forget()  # this sample's client connects anew
             took, claimed = await _one(bench, pool)
             if i == 0:
                 continue  # the first one warms the client's caches and the agent's image
@@ -88,6 +95,9 @@ def run(bench: Bench, results: Results, n: int) -> None:
     )
     results.add(SECTION, "warm: create + run('uname -a')", warm,
                 "same, a pool with warm slots; only claims are samples")  # fmt: skip
+    fresh, _ = asyncio.run(_series(bench, "tti-warm", n, warm=True, fresh=True))
+    results.add(SECTION, "warm, new connection: create + run('uname -a')", fresh,
+                "same, each sample's client connecting anew (TCP + TLS + HTTP/2)")  # fmt: skip
 
 
 def main() -> int:

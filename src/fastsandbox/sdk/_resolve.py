@@ -111,6 +111,11 @@ class ClientConfig:
             raise Unauthenticated(self.missing_token)
         return (("authorization", f"Bearer {self.token}"),)
 
+    @property
+    def channel_key(self) -> tuple[str, bool, bytes | None]:
+        """What a channel to this server depends on (the token does not: it goes per call)."""
+        return (self.endpoint, self.tls, self.ca_pem)
+
     def channel(self, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
         import grpc
 

@@ -18,7 +18,7 @@ import grpc
 
 from fastsandbox.api._proto.fastsandbox.v1 import fastpath_pb2, fastpath_pb2_grpc
 from fastsandbox.errors import Conflict
-from fastsandbox.sdk import _core, _resolve
+from fastsandbox.sdk import _channels, _core, _resolve
 from fastsandbox.sdk._core import CreateOptions, CreateResult, PoolOptions
 from fastsandbox.sdk._logs import LogRecord, Since, logs_request, record_from_wire
 
@@ -42,7 +42,8 @@ class AsyncClient:
     `token_file` (or `FSB_TOKEN_FILE`) names a file holding the token. The connection is TLS,
     trusting `ca_file` (`FSB_CA_FILE`), else the local server's CA, else the system's roots;
     `insecure=True` (`FSB_INSECURE=1`) is plaintext, to a loopback address only. `timeout`
-    (seconds) bounds each unary call; None waits.
+    (seconds) bounds each unary call; None waits. Clients of one event loop to one endpoint
+    share a connection, kept open a while after the last of them closes (`_channels`).
     """
 
     def __init__(
@@ -60,8 +61,11 @@ class AsyncClient:
             endpoint, token, namespace, token_file=token_file, ca_file=ca_file, insecure=insecure
         )
         self._timeout = timeout
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: _channels.Lease | None = None
         self._stub: FastPathAsyncStub | None = None
+        # How long the shared channel stays open once no client uses it; the sync `Client`
+        # sets 0 (its loop is its own and ends with it).
+        self._linger = _channels.LINGER_SECONDS
 
     @property
     def endpoint(self) -> str:
@@ -84,15 +88,17 @@ class AsyncClient:
 
     async def close(self) -> None:
         if self._channel is not None:
-            channel, self._channel, self._stub = self._channel, None, None
-            await channel.close(grace=None)
+            lease, self._channel, self._stub = self._channel, None, None
+            await _channels.release(lease, self._linger)
 
     def _fastpath(self) -> FastPathAsyncStub:
-        # Created on first use, inside the loop that will drive it (the sync client's loop
+        # Taken on first use, inside the loop that will drive it (the sync client's loop
         # lives in another thread than the one constructing the client).
         if self._stub is None:
-            self._channel = self._config.channel(_CHANNEL_OPTIONS)
-            self._stub = fastpath_pb2_grpc.FastPathStub(self._channel)
+            self._channel = _channels.acquire(
+                self._config.channel_key, lambda: self._config.channel(_CHANNEL_OPTIONS)
+            )
+            self._stub = fastpath_pb2_grpc.FastPathStub(self._channel.channel)
         return self._stub
 
     async def _unary(self, method: Any, request: Req, *, timeout: float | None = None) -> Any:

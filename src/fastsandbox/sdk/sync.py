@@ -100,6 +100,7 @@ class Client:
             ca_file=ca_file,
             insecure=insecure,
         )
+        self._aio._linger = 0  # the loop below is this client's alone and ends with it
         self._loop = _LoopThread()
 
     @property
