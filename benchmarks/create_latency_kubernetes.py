@@ -392,6 +392,9 @@ def main() -> int:
         metavar="DIR",
         help="copy the controllers' and agent Pods' logs into DIR before cleaning up (profiling)",
     )
+    parser.add_argument(
+        "--json", type=Path, metavar="PATH", help="also write every series' samples (ms) here"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -464,6 +467,8 @@ def main() -> int:
         print("boundaries:")
         for name in series:
             print(f"  {name:<24} {BOUNDARIES[name]}")
+        if args.json is not None:
+            args.json.write_text(json.dumps({"series": series, "misses": runs["warm"].misses}))
         if args.markdown:
             print("\n| series | p50 | p95 | p99 | boundary |\n|---|---|---|---|---|")
             for name, values in series.items():
