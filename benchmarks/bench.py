@@ -66,8 +66,12 @@ def targets(r: Results) -> None:
            cold + 5 if cold is not None else None)  # fmt: skip
     warm = p("create", "warm fast running")
     _check(r, "warm create p50 <= 10 ms", warm, 10.0)
-    if warm is not None and ctr:
-        _check(r, "warm create p50 <= 0.25 x ctr run -d", warm, 0.25 * ctr)
+    _check(r, "warm create p99 <= 30 ms", r.quantile("create", "warm fast running", "p99"), 30.0)
+    docker = p("create", "docker run -d")
+    if warm is not None:
+        _check(r, "warm create p50 <= 0.25 x ctr run -d", warm, 0.25 * ctr if ctr else None)
+        _check(r, "warm create p50 <= 0.5 x runc run -d", warm, 0.5 * runc if runc else None)
+        _check(r, "warm create p50 <= 0.1 x docker run -d", warm, 0.1 * docker if docker else None)
     _check(r, "100 concurrent creates all running <= 500 ms (warm)",
            p("burst", "100 concurrent warm: all running"), 500.0)  # fmt: skip
     _check(r, "100 concurrent cold creates all running <= 100 concurrent ctr run -d",

@@ -73,9 +73,13 @@ class Results:
         print(f"  note: {text}", flush=True)
 
     def p50(self, section: str, name: str) -> float | None:
+        return self.quantile(section, name, "p50")
+
+    def quantile(self, section: str, name: str, which: str) -> float | None:
+        """`which` ("p50", "p95", "p99", "max") of a series, None if it was not measured."""
         for s in self.series:
-            if s["section"] == section and s["name"] == name and "p50" in s:
-                return float(s["p50"])
+            if s["section"] == section and s["name"] == name and which in s:
+                return float(s[which])
         return None
 
     def write(self, path: Path, meta: dict[str, Any]) -> None:
