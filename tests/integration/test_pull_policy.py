@@ -68,7 +68,7 @@ async def test_a_failed_pull_does_not_echo_the_remote(
     runtime: ContainerdRuntime, leaky: tuple[str, int], caplog: pytest.LogCaptureFixture
 ) -> None:
     addr, status = leaky
-    caplog.set_level(logging.DEBUG, logger="fastsandbox.agent.runtime.containerd")
+    caplog.set_level(logging.DEBUG, logger="fastsandbox.agent.runtime.containerd_images")
     with pytest.raises(FsbError) as info:
         await runtime.pull(f"{addr}/app:1")
     # ctr did repeat the remote's words (so a message built from its output would leak them);

@@ -141,7 +141,7 @@ def test_supervisor_channel_mounted_read_only_with_its_env() -> None:
 
 
 def test_process_defaults_leave_out_the_supervisor_env() -> None:
-    from fastsandbox.agent.runtime.containerd import process_defaults_of
+    from fastsandbox.agent.runtime.container_state import process_defaults_of
 
     s = spec(
         args=["sh"],

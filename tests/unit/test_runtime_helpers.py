@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fastsandbox.agent.runtime.base import ContainerSpec
-from fastsandbox.agent.runtime.containerd import ImageConfig, chain_id, merge_process, parse_user
+from fastsandbox.agent.runtime.image_config import ImageConfig, chain_id, merge_process, parse_user
 from fastsandbox.api.images import normalize_image_ref, registry_host
 from fastsandbox.errors import InvalidArgument
 

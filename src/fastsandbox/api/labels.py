@@ -15,7 +15,7 @@ API_GROUP: Final = "fastsandbox.io"
 ApiVersion = Literal["fastsandbox.io/v1alpha1"]
 API_VERSION: Final[ApiVersion] = "fastsandbox.io/v1alpha1"
 
-# Held by every Sandbox until its slot and ports are released (control/sandboxes.py).
+# Held by every Sandbox until its slot and ports are released (control/sandbox_delete.py).
 CLEANUP_FINALIZER: Final = "fastsandbox.io/cleanup"
 API_TOKEN_LABEL: Final = "fastsandbox.io/api-token"
 # On an agent Pod's own credentials Secret (Kubernetes): which agent it belongs to.

@@ -37,7 +37,8 @@ from fastsandbox.api.models import (
 )
 from fastsandbox.api.phases import HOLDS_SLOT, condition, set_condition, transition
 from fastsandbox.control.leases import lease_lapses_at, lease_left
-from fastsandbox.control.sandboxes import MODE, Key, SandboxService, _ms
+from fastsandbox.control.sandbox_start import ms_since
+from fastsandbox.control.sandboxes import MODE, Key, SandboxService
 from fastsandbox.errors import CapacityExhausted, FsbError, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class SandboxLifecycle:
             if left > 0:
                 return left
         arrived = time.perf_counter() - max((now() - created).total_seconds(), 0.0)
-        timings = sb.status.timings or Timings(accepted_ms=_ms(arrived))
+        timings = sb.status.timings or Timings(accepted_ms=ms_since(arrived))
         return await self._start_or_wait(sb, arrived, timings)
 
     async def _start_or_wait(self, sb: Sandbox, arrived: float, timings: Timings) -> float | None:

@@ -5,13 +5,8 @@ stop) from a snapshot of the pool's agents and its pending demand, and writes th
 (agents, slots, cached images) when it changes. The agents' heartbeats are `heartbeats`'s; the
 manager owns them (and shares its drains with them) so callers keep one entry point.
 
-Draining is the agent's to enforce, not only this registry's: every control-plane replica
-places sandboxes, and only the leader's pool loop drains. So a drain cordons the agent (it
-refuses new creates from any replica), and a draining agent is stopped only once a Status asked
-after the cordon succeeded shows it cordoned with no slot (creates in flight included) and no
-container. Every replica's heartbeat reads the agent's `cordoned` into its registry, so the
-others stop placing there within a heartbeat; a plan that takes the agent back uncordons it, and
-an agent restarted while draining (it starts uncordoned) is cordoned again on the next pass.
+Draining (cordon, make sure the agent is empty, stop it) is `agent_drains`'s, on this manager's
+plans.
 
 Agents start in the background: a pool pass never waits for one, so a slow start in one pool
 delays no other pool and a rolling update sees its surge agent become Ready on a later pass.
@@ -46,6 +41,7 @@ from fastsandbox.api.models import (
 from fastsandbox.api.phases import condition
 from fastsandbox.control import pool_planner
 from fastsandbox.control.agent_client import AgentClients
+from fastsandbox.control.agent_drains import AgentDrains
 from fastsandbox.control.heartbeats import AgentHeartbeats
 from fastsandbox.control.pool_planner import AgentView, Plan
 from fastsandbox.control.registry import AgentRecord, Registry
@@ -127,9 +123,13 @@ class PoolManager:
         self._launching: dict[tuple[str, str], int] = defaultdict(int)
         # (namespace, pool) -> (no start before, last delay) after failed starts.
         self._backoff: dict[tuple[str, str], tuple[float, float]] = {}
-        # Agents this replica's pool loop drains (leader only). A heartbeat that finds one of
-        # them uncordoned (restarted) keeps it draining and has the next pass cordon it again.
-        self._drains: set[str] = set()
+        self.drains = AgentDrains(
+            registry,
+            agents,
+            fleet,
+            call_timeout=lambda: self.heartbeats.call_timeout,
+            on_event=self._event,
+        )
         # Recent agent steps of every pool, for diagnostics and tests.
         self.events: deque[PoolEvent] = deque(maxlen=1000)
         # With several control-plane replicas: hands demand noted here on to the leader, whose
@@ -148,7 +148,7 @@ class PoolManager:
             registry,
             agents,
             heartbeat_seconds=heartbeat_seconds,
-            drains=self._drains,
+            drains=self.drains.names,
             poke=self.poke,
             on_ready=self._agent_ready,
         )
@@ -169,10 +169,6 @@ class PoolManager:
                 version=handle.version,
             )
         )
-
-    @property
-    def _call_timeout(self) -> float:
-        return self.heartbeats.call_timeout
 
     async def heartbeat(self, agent: AgentRecord) -> None:
         await self.heartbeats.heartbeat(agent)
@@ -303,13 +299,13 @@ class PoolManager:
             live = {(p.metadata.namespace, p.metadata.name) for p in pools}
             for agent in self.registry.agents():
                 if (agent.namespace, agent.pool) not in live and not agent.slots:
-                    self._mark_draining(agent)
+                    self.drains.mark(agent)
                     # Its pool is gone: an agent that cannot be asked is stopped all the same.
-                    if await self._empty_on_agent(agent) is False or agent.slots:
+                    if await self.drains.empty_on_agent(agent) is False or agent.slots:
                         continue
                     log.info("stopping agent of a deleted pool", extra={"agent": agent.name})
-                    await self._stop_agent(agent)
-            self._drains &= {a.name for a in self.registry.agents()}
+                    await self.drains.stop(agent)
+            self.drains.names &= {a.name for a in self.registry.agents()}
             by_pool: dict[tuple[str, str], list[Sandbox]] = defaultdict(list)
             for sb in sandboxes:
                 by_pool[(sb.metadata.namespace, sb.spec.pool_ref)].append(sb)
@@ -334,9 +330,9 @@ class PoolManager:
             sandboxes = [s for s in await self.store.list(Sandbox, ns) if s.spec.pool_ref == name]
         agents = self.registry.agents(ns, name)
         for record in agents:
-            if record.cordoned and record.name not in self._drains:
+            if record.cordoned and record.name not in self.drains.names:
                 # Cordoned by an earlier leader: carry its drain on (the plan may undo it).
-                self._mark_draining(record)
+                self.drains.mark(record)
         plan = pool_planner.plan(
             pool.spec,
             [self._view(a) for a in agents],
@@ -357,21 +353,21 @@ class PoolManager:
             )
         for agent_name in plan.drain:
             agent = self.registry.get_agent(agent_name)
-            if agent is not None and agent.name not in self._drains:
+            if agent is not None and agent.name not in self.drains.names:
                 # Synchronous with the snapshot: placement here skips it from now on; the
                 # cordon below makes the agent refuse other replicas' creates too.
-                self._mark_draining(agent)
+                self.drains.mark(agent)
                 self._event("draining", agent)
                 log.info("agent draining", extra={"agent": agent_name, "pool": name})
         for agent_name in plan.undrain:
             agent = self.registry.get_agent(agent_name)
             if agent is not None:
-                await self._undrain(agent)
+                await self.drains.undrain(agent)
         await asyncio.gather(
             *(
-                self._cordon(a)
+                self.drains.cordon(a)
                 for a in self.registry.agents(ns, name)
-                if a.name in self._drains and a.ready and not a.cordoned
+                if a.name in self.drains.names and a.ready and not a.cordoned
             )
         )
         for agent_name in plan.stop:
@@ -380,8 +376,8 @@ class PoolManager:
             # placed on it until its cordon: only the agent can say it is empty.
             if agent is None or not agent.draining or agent.slots:
                 continue
-            if await self._empty_on_agent(agent) and agent.draining and not agent.slots:
-                await self._stop_agent(agent)
+            if await self.drains.empty_on_agent(agent) and agent.draining and not agent.slots:
+                await self.drains.stop(agent)
         for _ in range(plan.start):
             task = asyncio.create_task(self._start_agent(pool), name=f"start-agent-{name}")
             self._starting[key].add(task)
@@ -402,66 +398,6 @@ class PoolManager:
             agent_used=agent.agent_slots,
         )
 
-    # -- draining ----------------------------------------------------------------------------
-    def _mark_draining(self, agent: AgentRecord) -> None:
-        agent.draining = True
-        self._drains.add(agent.name)
-
-    async def _cordon(self, agent: AgentRecord, cordon: bool = True) -> bool:
-        """Ask the agent to refuse (or take again) new sandboxes. False when it cannot be
-        asked; the next pass tries again."""
-        try:
-            reply = await self.agents.get(agent.target).cordon(cordon, timeout=self._call_timeout)
-        except FsbError as exc:
-            log.warning(
-                "could not cordon agent" if cordon else "could not uncordon agent",
-                extra={"agent": agent.name, "err": str(exc)},
-            )
-            return False
-        # Stamped once answered: a Status asked before this may not show the change.
-        agent.cordon_changed_at = time.monotonic()
-        agent.cordoned = reply.cordoned
-        return True
-
-    async def _undrain(self, agent: AgentRecord) -> None:
-        """The pool needs the agent again: uncordon it first, then place on it."""
-        if not await self._cordon(agent, False):
-            return  # still draining; the plan asks again next pass if it still wants it
-        self._drains.discard(agent.name)
-        agent.draining = False
-        self._event("undrained", agent)
-        log.info("agent takes sandboxes again", extra={"agent": agent.name, "pool": agent.pool})
-
-    async def _empty_on_agent(self, agent: AgentRecord) -> bool | None:
-        """Cordon the agent, then ask its Status: True when it is cordoned and holds nothing
-        (no slot, no create in flight, no container); False when it holds something or is not
-        cordoned (restarted in between); None when it cannot be asked (not Ready, no answer)."""
-        if not agent.ready:
-            return None
-        client = self.agents.get(agent.target)
-        if not await self._cordon(agent):
-            return None
-        try:
-            status = await client.status(timeout=self._call_timeout)
-        except FsbError as exc:
-            log.warning("agent unreachable", extra={"agent": agent.name, "err": str(exc)})
-            return None
-        agent.agent_slots = status.used_slots
-        if not status.cordoned:
-            return False
-        if status.used_slots or status.creating or status.sandboxes:
-            log.info(
-                "draining agent is not empty yet; not stopping it",
-                extra={
-                    "agent": agent.name,
-                    "slots": status.used_slots,
-                    "creating": status.creating,
-                    "containers": len(status.sandboxes),
-                },
-            )
-            return False
-        return True
-
     def _started(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
         self._starting[key].discard(task)
         if not self._starting[key]:
@@ -479,23 +415,11 @@ class PoolManager:
     async def close(self) -> None:
         """Cancel the agent starts in flight (the agents already started stay). The drains
         are the next leader's now: from here on heartbeats follow the agents' cordons."""
-        self._drains.clear()
+        self.drains.names.clear()
         tasks = [t for tasks in self._starting.values() for t in tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _stop_agent(self, agent: AgentRecord) -> None:
-        # Placement skips it from here on: stopping takes a while (graceful exit, a Pod's
-        # deletion), and not every caller drained it first (deleted pool, start timeout).
-        self._mark_draining(agent)
-        log.info("stopping agent", extra={"agent": agent.name, "pool": agent.pool})
-        with contextlib.suppress(NotFound):
-            await self.fleet.stop_agent(agent.name)
-        self.registry.remove_agent(agent.name)
-        self._drains.discard(agent.name)
-        self._event("stopped", agent)
-        await self.agents.drop(agent.target)
 
     async def _start_agent(self, pool: SandboxPool) -> None:
         key = (pool.metadata.namespace, pool.metadata.name)
@@ -516,13 +440,13 @@ class PoolManager:
                 "agent not ready in time; stopping it",
                 extra={"agent": agent.name, "seconds": self.start_timeout},
             )
-            self._mark_draining(agent)
+            self.drains.mark(agent)
             # It may have answered its heartbeat task once and taken a sandbox meanwhile
             # (here, or through another replica): then it stays, draining, until the pool
             # finds it idle.
-            idle = not agent.slots and await self._empty_on_agent(agent) is not False
+            idle = not agent.slots and await self.drains.empty_on_agent(agent) is not False
             if idle and not agent.slots:
-                await self._stop_agent(agent)
+                await self.drains.stop(agent)
             raise Unavailable(f"agent {agent.name} was not ready after {self.start_timeout}s")
         for image in pool.spec.prewarm_images:
             try:

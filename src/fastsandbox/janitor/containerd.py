@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from fastsandbox.agent.runtime._containerd_api import ContainerdApi
-from fastsandbox.agent.runtime.containerd import is_index, platform_manifest
+from fastsandbox.agent.runtime.containerd_images import is_index, platform_manifest
 from fastsandbox.errors import NotFound, RuntimeFailure
 from fastsandbox.janitor.images import CachedImage
 from fastsandbox.janitor.janitor import SnapshotSeen
