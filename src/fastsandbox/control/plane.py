@@ -103,10 +103,13 @@ class ControlPlane:
         return {("ready",): ready, ("unready",): len(agents) - ready}
 
     def _slot_counts(self) -> dict[tuple[str, ...], float]:
+        # "used" is what this replica placed (its registry's slots, held from placement on),
+        # not the agents' own counts: those arrive with the next heartbeat, so a scrape right
+        # after a create would not yet see it.
         agents = self.registry.agents()
         return {
             ("capacity",): sum(a.capacity for a in agents),
-            ("used",): sum(a.agent_slots for a in agents),
+            ("used",): sum(len(a.slots) for a in agents),
         }
 
     def __init__(self, store: ObjectStore, fleet: AgentFleet, settings: PlaneSettings) -> None:
