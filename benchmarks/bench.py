@@ -62,9 +62,11 @@ def targets(r: Results) -> None:
     cold, strong = p("create", "cold fast running"), p("create", "cold strong running")
     _check(r, "cold create p50 (running) <= 1.3 x runc run -d", cold,
            1.3 * runc if runc else None)  # fmt: skip
-    _check(r, "Strong over Fast p50 (running) <= +5 ms", strong,
+    _check(r, "Strong over Fast p50 (cold, running) <= +5 ms", strong,
            cold + 5 if cold is not None else None)  # fmt: skip
     warm = p("create", "warm fast running")
+    _check(r, "Strong over Fast p50 (warm, running) <= +5 ms", p("create", "warm strong running"),
+           warm + 5 if warm is not None else None)  # fmt: skip
     _check(r, "warm create p50 <= 10 ms", warm, 10.0)
     _check(r, "warm create p99 <= 30 ms", r.quantile("create", "warm fast running", "p99"), 30.0)
     docker = p("create", "docker run -d")
