@@ -154,6 +154,20 @@ def wait_marker(path: Path | list[Path] | None, timeout: float = 30.0) -> float 
     return None
 
 
+def _keep_logs(data_dir: Path) -> None:
+    """FSB_BENCH_LOGS=DIR: copy the run's logs (the server's, its agents', their containers')
+    there before the data dir goes, to see afterwards why a run went wrong."""
+    keep = os.environ.get("FSB_BENCH_LOGS")
+    if not keep:
+        return
+    for log in data_dir.rglob("*.log"):
+        if log.is_file():
+            to = Path(keep) / log.relative_to(data_dir)
+            to.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(log, to)
+    print(f"logs of this run kept in {keep}", flush=True)
+
+
 @contextlib.contextmanager
 def bench_server(*server_args: str) -> Iterator[Bench]:
     if os.geteuid() != 0:
@@ -175,6 +189,7 @@ def bench_server(*server_args: str) -> Iterator[Bench]:
         os.environ["FSB_ENDPOINT"] = server.endpoint
         yield Bench(work, server, f"{registry_addr}/busybox:latest")
     finally:
+        _keep_logs(server.data_dir)
         purge(server)
         with contextlib.suppress(Exception):
             out = subprocess.run(

@@ -196,6 +196,34 @@ async def test_the_refill_defers_only_so_long(
     await until(lambda: ready(manager) == 1, "the refill despite the stream of creates")
 
 
+async def test_a_slot_that_could_not_be_made_is_tried_again_without_a_create(
+    runtime: SupervisedFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refill used to give up after a failed slot until the next create or delete woke it:
+    an agent that nothing touched kept one slot fewer for good."""
+    monkeypatch.setattr("fastsandbox.agent.warm.RETRY_SECONDS", 0.05)
+    await runtime.pull(HOT)
+    real_create = runtime.create
+    failures = [2]
+
+    async def failing_twice(spec: ContainerSpec) -> ContainerState:
+        if spec.warm and failures[0] > 0:
+            failures[0] -= 1
+            raise RuntimeFailure("containerd said no")
+        return await real_create(spec)
+
+    runtime.create = failing_twice  # type: ignore[method-assign]
+    m = SandboxManager(runtime, settings(tmp_path))
+    await m.start()
+    try:
+        # No create, no delete, no cordon: only the refill's own retries can make it.
+        await until(lambda: ready(m) == 1, "the slot, after two failed tries")
+        assert failures == [0]
+        assert m.warm is not None and m.warm.busy() == 0
+    finally:
+        await m.aclose()
+
+
 async def test_cordon_retires_slots_and_counts_them_until_gone(
     manager: SandboxManager, runtime: SupervisedFake
 ) -> None:

@@ -85,7 +85,10 @@ REFILL_QUIET_SECONDS = 0.2
 REFILL_MAX_DEFER_SECONDS = 2.0
 
 SLOT_PREFIX = "w-"
+# A slot that could not be made is tried again after this, doubling up to the cap, until one is
+# made (then from the start again).
 RETRY_SECONDS = 2.0
+RETRY_MAX_SECONDS = 30.0
 REFILL_DELAY_SECONDS = 0.02
 
 
@@ -398,6 +401,7 @@ class WarmSlots:
         return None
 
     async def _run(self) -> None:
+        failures = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -412,15 +416,19 @@ class WarmSlots:
                         break
                 try:
                     await self._make(kind)
+                    failures = 0
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    # Then look again (room, kinds): nothing else may wake this loop, and a
+                    # slot given up on would stay missing until the next create or delete.
+                    failures += 1
+                    delay = min(RETRY_SECONDS * 2 ** (failures - 1), RETRY_MAX_SECONDS)
                     log.warning(
-                        "could not make a warm slot; retrying later",
-                        extra={"image": kind.image, "err": str(exc)},
+                        "could not make a warm slot; retrying",
+                        extra={"image": kind.image, "err": str(exc), "retry_in": delay},
                     )
-                    await asyncio.sleep(RETRY_SECONDS)
-                    break
+                    await asyncio.sleep(delay)
 
     async def _quiet(self) -> bool:
         """Wait until no create was served for REFILL_QUIET_SECONDS, at most
