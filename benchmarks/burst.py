@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import MARKER_CMD, Bench, Results, bench_server
 
 WARM_POOL_WAIT_SECONDS = 180.0
+STALE_STATUS_SECONDS = 3.0  # three heartbeats
 
 SECTION = "burst"
 
@@ -56,7 +57,15 @@ def _watch(
 
 
 async def _warm_ready(client: object, pool: str, count: int) -> None:
-    """Until the pool shows `count` ready warm slots (untimed; the status lags a heartbeat)."""
+    """Until the pool shows `count` ready warm slots (untimed). The status lags the agents by a
+    heartbeat: right after a round (or the warm-up) claimed slots it may still show the count
+    from before the claims, so first wait (a few heartbeats at most) until it shows fewer."""
+    caught_up = time.monotonic() + STALE_STATUS_SECONDS
+    while time.monotonic() < caught_up:
+        got = await client.get_pool(pool)  # type: ignore[attr-defined]
+        if sum(w.ready for w in got.status.warm_slots) < count:
+            break
+        await asyncio.sleep(0.1)
     deadline = time.monotonic() + WARM_POOL_WAIT_SECONDS
     ready = 0
     while time.monotonic() < deadline:

@@ -224,6 +224,40 @@ async def test_a_slot_that_could_not_be_made_is_tried_again_without_a_create(
         await m.aclose()
 
 
+async def test_a_create_waits_for_the_room_a_slot_being_made_holds(
+    manager: SandboxManager, runtime: SupervisedFake
+) -> None:
+    """Capacity 3, all of it sandboxes but for one slot whose container is still being made:
+    a create used to be refused "full" by an agent running two sandboxes."""
+    await until(lambda: ready(manager) == 1, "a warm slot")
+    for sid in ("sb-1", "sb-2", "sb-3"):  # the third retires the ready slot for its room
+        assert not (await manager.create(req(sid, OTHER))).warm
+    gate = asyncio.Event()
+    real_create = runtime.create
+
+    async def held_slot(spec: ContainerSpec) -> ContainerState:
+        if spec.warm:
+            await gate.wait()
+        return await real_create(spec)
+
+    runtime.create = held_slot  # type: ignore[method-assign]
+    assert await manager.delete("sb-3")
+    warm = manager.warm
+    assert warm is not None
+    await until(lambda: warm.busy() == 1, "the refill making a slot in the room")
+    assert manager.free_slots() == 0
+    create = asyncio.create_task(manager.create(req("sb-4", OTHER)))
+    await asyncio.sleep(0.3)
+    assert not create.done()  # waiting for the slot, not refused
+    gate.set()
+    made = await asyncio.wait_for(create, BOUND)
+    assert made.id == "sb-4" and not made.warm  # the new slot was retired for it
+    status = await manager.status()
+    assert sorted(s.id for s in status.sandboxes) == ["sb-1", "sb-2", "sb-4"]
+    with pytest.raises(CapacityExhausted, match=r"full \(3 sandbox\(es\)"):
+        await manager.create(req("sb-5", OTHER))
+
+
 async def test_cordon_retires_slots_and_counts_them_until_gone(
     manager: SandboxManager, runtime: SupervisedFake
 ) -> None:

@@ -90,9 +90,11 @@ class Capacity:
             )
 
     def full(self) -> CapacityExhausted:
+        warm = self.warm_count()
+        slots = f" and {warm} warm slot(s)" if warm else ""
         return CapacityExhausted(
-            f"agent {self.settings.name} is full ({self.settings.capacity} sandboxes running); "
-            "delete a sandbox or schedule on another agent"
+            f"agent {self.settings.name} is full ({len(self.held)} sandbox(es){slots} of "
+            f"{self.settings.capacity} slots); delete a sandbox or schedule on another agent"
         )
 
     def cordon(self, cordoned: bool) -> bool:

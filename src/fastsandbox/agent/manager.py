@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 
 AGENT_LABEL = labels.AGENT_LABEL
 WARM_SLOT_LABEL = labels.WARM_SLOT_LABEL
+# How long a create that finds the agent's room held by warm slots being made or removed waits
+# for them (a slot takes well under a second to make, a few under a burst's load).
+ROOM_WAIT_SECONDS = 10.0
 
 
 class SandboxManager:
@@ -334,9 +337,16 @@ class SandboxManager:
             return
         if sandbox_id in slots.held:
             return
-        slots.check_not_cordoned()
-        if not slots.take_if_room(sandbox_id, ports):
-            raise slots.full()
+        # Capacity a slot being made (or removed) holds is no sandbox's: wait for it rather
+        # than refuse a create on an agent running fewer sandboxes than it holds.
+        deadline = time.monotonic() + ROOM_WAIT_SECONDS
+        while True:
+            slots.check_not_cordoned()
+            if slots.take_if_room(sandbox_id, ports):
+                return
+            left = deadline - time.monotonic()
+            if self.warm is None or left <= 0 or not await self.warm.settle_one(left):
+                raise slots.full()
 
     def cordon(self, cordoned: bool) -> bool:
         """Refuse (True) or accept again (False) new sandboxes. Returns whether this changed

@@ -151,6 +151,8 @@ class WarmSlots:
         # Cold creates waiting for an address a retired slot gives back: refill keeps off it.
         self._address_waiters = 0
         self._wake = asyncio.Event()
+        # Set whenever a slot being made or removed is done with (creates waiting for room).
+        self._settled = asyncio.Event()
         # time.monotonic() of the last served create (the refill keeps out of its way).
         self.clock: Callable[[], float] = time.monotonic
         self._last_served = float("-inf")
@@ -348,6 +350,19 @@ class WarmSlots:
             while queue:
                 self.retire(queue.pop())
 
+    async def settle_one(self, bound: float) -> bool:
+        """For a create that found no room while slots are being made or removed: wait until
+        one of them is done (made, `retire_one` can give it up; removed, its room is free).
+        False: none is busy, or none was done within `bound` seconds."""
+        if self.busy() == 0:
+            return False
+        self._settled.clear()
+        try:
+            await asyncio.wait_for(self._settled.wait(), bound)
+        except TimeoutError:
+            return False
+        return True
+
     async def free_address(self) -> bool:
         """For a cold create that found no private address: wait for the slots being removed,
         retiring one first when none is. False: no slot holds one to give."""
@@ -483,6 +498,7 @@ class WarmSlots:
         finally:
             self._making[kind] -= 1
             self._making_ids.discard(cid)
+            self._settled.set()
         if manager.cordoned:
             self.retire(cid)
             return
@@ -524,6 +540,7 @@ class WarmSlots:
             log.exception("could not remove a warm slot", extra={"slot": container_id})
         finally:
             self._retiring.discard(container_id)
+            self._settled.set()
             self.poke()
 
 
