@@ -1,8 +1,9 @@
 # ruff: noqa: F811  (pytest fixtures imported from supervisor_fixtures are parameters here)
 """The agent's channel (`ChannelHub`) against the real fsb-supervisor binary: after a channel's
 first stream, later streams ride parked data connections (PROTOCOL.md `park`), with output,
-order and exit codes as a dialled stream has them; a supervisor restart (a new control
-connection) drops the parked ones and streams still work."""
+order and exit codes as a dialled stream has them; `park()` (what a warm slot does before it is
+claimed) parks them before any stream, so the first one dials nothing; a supervisor restart (a
+new control connection) drops the parked ones and streams still work."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from fastsandbox.agent.supervisor import ChannelHub, ExitStatus, Output, SupervisorClient
+from fastsandbox.agent.supervisor.channel import SPARES
 from tests.unit.supervisor_fixtures import (  # noqa: F401 (fixture)
     SANDBOX_ID,
     start_supervisor,
@@ -88,6 +90,27 @@ async def test_later_streams_ride_parked_connections(
             await client.exec(["/nosuch"], env=[])
         _, status = await _run(client, "exit 7")
         assert status.code == 7 and seen[-1] is True
+    finally:
+        stop(proc)
+
+
+async def test_park_before_the_first_stream(
+    hub: ChannelHub, supervisor_bin: Path, tmp_path: Path
+) -> None:
+    proc = _start(hub, supervisor_bin, tmp_path)
+    try:
+        client = hub.client(SANDBOX_ID)
+        assert client is not None
+        seen = _counting(client)
+        await client.channel.control()
+        await client.channel.park()
+        assert len(client.channel._spares) == SPARES
+        await client.channel.park()  # already full: nothing more is parked
+        assert len(client.channel._spares) == SPARES
+        outputs, status = await _run(client, "echo first")
+        assert status.code == 0
+        assert b"".join(o.data for o in outputs if o.stream == "stdout") == b"first\n"
+        assert seen == [True]  # the first stream rode a parked connection
     finally:
         stop(proc)
 

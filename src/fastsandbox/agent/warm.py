@@ -487,6 +487,7 @@ class WarmSlots:
             await manager.runtime.create(spec)
             made = True
             await channel.control()  # ready only once its supervisor waits on the channel
+            await channel.park()  # the claim's first exec then finds its data connection
         except BaseException:
             if made:
                 self.retire(cid)

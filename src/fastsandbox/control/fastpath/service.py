@@ -259,14 +259,17 @@ class FastPathService(IoRelayRpcs, TokenRpcs, fastpath_pb2_grpc.FastPathServicer
 
         sb = await self._guard(context, create())
         status, timings = sb.status, sb.status.timings
-        log.info(
-            "sandbox created",
-            extra={
-                "sandbox": f"{sb.metadata.namespace}/{sb.metadata.name}",
-                "agent": status.assigned_agent,
-                "ms": timings.runtime_ready_ms if timings else None,
-            },
-        )
+        fields = {
+            "sandbox": f"{sb.metadata.namespace}/{sb.metadata.name}",
+            "agent": status.assigned_agent,
+            "ms": timings.runtime_ready_ms if timings else None,
+        }
+        # Logged once the answer is out: a formatted record costs 0.2 to 0.4 ms here, which a
+        # warm create's caller would otherwise wait for.
+        if replied is None:
+            log.info("sandbox created", extra=fields)
+        else:
+            replied.add_done_callback(lambda _: log.info("sandbox created", extra=fields))
         return fastpath_pb2.CreateResponse(
             name=sb.metadata.name,
             namespace=sb.metadata.namespace,
