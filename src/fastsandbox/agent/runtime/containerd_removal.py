@@ -71,17 +71,30 @@ async def stop_task(api: ContainerdApi, container_id: str, grace_seconds: float)
     if task.status == pb.CTD_TASK_STATUS_STOPPED:
         return True
     if grace_seconds > 0:
-        with contextlib.suppress(NotFound):
-            await api.kill(container_id, signal.SIGTERM, all_processes=True)
+        await _kill(api, container_id, signal.SIGTERM)
         if await api.wait(container_id, timeout=grace_seconds) is not None:
             return True
-    with contextlib.suppress(NotFound):
-        await api.kill(container_id, signal.SIGKILL, all_processes=True)
+    refused = await _kill(api, container_id, signal.SIGKILL)
     if await api.wait(container_id, timeout=KILL_WAIT_SECONDS) is None:
+        why = f" (the kill failed: {refused.message})" if refused else ""
         raise RuntimeFailure(
-            f"container {container_id} did not exit {KILL_WAIT_SECONDS:.0f}s after SIGKILL"
+            f"container {container_id} did not exit {KILL_WAIT_SECONDS:.0f}s after SIGKILL{why}"
         )
     return True
+
+
+async def _kill(api: ContainerdApi, container_id: str, sig: int) -> RuntimeFailure | None:
+    """Signal every process of the task. A refusal is returned, not raised: the wait that
+    follows decides. runsc refuses a kill of a sandbox already on its way out ("connecting to
+    control server ... connection refused"), and that sandbox then exits by itself."""
+    try:
+        await api.kill(container_id, sig, all_processes=True)
+    except NotFound:
+        pass
+    except RuntimeFailure as exc:
+        log.debug("kill refused", extra={"sandbox": container_id, "signal": sig, "err": str(exc)})
+        return exc
+    return None
 
 
 class CleanupRetries:
