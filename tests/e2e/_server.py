@@ -277,13 +277,25 @@ def _task_ids(server: Server) -> set[str]:
 
 
 def _kill_processes_mentioning(needle: str) -> None:
+    """SIGKILL every process whose command line names `needle` (a data dir), or that runs in a
+    cgroup of one of its agents (`/fastsandbox/<agent>/<container>`): a sandbox's processes
+    (PID 1 `/.fsb/init` and what it runs), which containerd did not get to kill (its calls
+    time out under a heavy load), would otherwise outlive their shims and keep their rootfs and
+    disk layer (a loop device) alive."""
+    agents_dir = Path(needle) / "agents"
+    agents = {d.name for d in agents_dir.iterdir()} if agents_dir.is_dir() else set()
     me = os.getpid()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == me:
             continue
         with contextlib.suppress(OSError):
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if needle in cmdline:
+            groups = {
+                part
+                for line in (proc / "cgroup").read_text().splitlines()
+                for part in line.rpartition(":")[2].split("/")
+            }
+            if needle in cmdline or groups & agents:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(proc.name), signal.SIGKILL)
 

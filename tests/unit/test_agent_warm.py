@@ -232,6 +232,9 @@ async def test_a_create_waits_for_the_room_a_slot_being_made_holds(
     await until(lambda: ready(manager) == 1, "a warm slot")
     for sid in ("sb-1", "sb-2", "sb-3"):  # the third retires the ready slot for its room
         assert not (await manager.create(req(sid, OTHER))).warm
+    warm = manager.warm
+    assert warm is not None
+    await until(lambda: warm.busy() == 0, "the retired slot's removal")
     gate = asyncio.Event()
     real_create = runtime.create
 
@@ -242,8 +245,6 @@ async def test_a_create_waits_for_the_room_a_slot_being_made_holds(
 
     runtime.create = held_slot  # type: ignore[method-assign]
     assert await manager.delete("sb-3")
-    warm = manager.warm
-    assert warm is not None
     await until(lambda: warm.busy() == 1, "the refill making a slot in the room")
     assert manager.free_slots() == 0
     create = asyncio.create_task(manager.create(req("sb-4", OTHER)))
