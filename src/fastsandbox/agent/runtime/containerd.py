@@ -109,6 +109,7 @@ class ContainerdRuntime:
         shim_group: str | None = None,
         apparmor: AppArmor | None = None,
         containerd_state: Path | None = None,
+        spare_layers: int = 0,
     ) -> None:
         self.socket = str(socket)
         self.namespace = namespace
@@ -135,7 +136,10 @@ class ContainerdRuntime:
         # containerd's state dir known: its shim mounts each sandbox's size-limited layer, so
         # the agent needs no mount privilege (agent/runtime/disk.py; a Kubernetes agent Pod).
         bundles = containerd_state / TASK_BUNDLES / namespace if containerd_state else None
-        self._layers = WritableLayers(self.state_dir / "disks", bundle_root=bundles)
+        # `spare_layers` formatted layer images per size kept ready (spare_layers.py).
+        self._layers = WritableLayers(
+            self.state_dir / "disks", bundle_root=bundles, spares=spare_layers
+        )
         # Claimed slots' records: journalled before a claim is answered, written after.
         self._claims = ClaimRecords(
             self._api, self.state_dir / "claims", f"{self.socket}|{namespace}"
@@ -175,7 +179,9 @@ class ContainerdRuntime:
     async def create(self, spec: ContainerSpec) -> ContainerState:
         async with self._id_locks.hold(spec.id):
             try:
-                return await self._create(spec)
+                # A create in flight: spare layers are not made meanwhile (spare_layers.py).
+                with self._layers.spares.busy():
+                    return await self._create(spec)
             except _Exists:
                 # A retried create (or the id taken): what exists is the answer. No Get
                 # before the create: one round trip fewer on every create that is new.
@@ -371,6 +377,7 @@ class ContainerdRuntime:
         return process_defaults_of(spec)
 
     async def close(self) -> None:
+        await self._layers.close()
         await self._claims.close()
         await self._cleanups.close()
         await self._api.close()
