@@ -10,7 +10,8 @@ host's disk and other sandboxes are untouched, the sandbox keeps running.
 Cost: `truncate` + `mkfs.ext4` (no journal, lazy inode tables: a few hundred KiB are written) +
 a loop mount (in-process: `loop_mount.py`, ~1 ms; `mount -o loop` was ~7 ms), ~10 ms per create
 here (docs/performance.md, "Cold create"), and a loop device per sandbox. The image is
-sparse: the host pays only for what is written.
+sparse: the host pays only for what is written. An agent keeps a few images formatted ahead
+(`spare_layers.py`), so a cold create usually takes one by rename and skips the mkfs.
 Without a journal a host crash may leave the image unclean; the layer is scratch space that
 dies with the sandbox, so that is accepted.
 
