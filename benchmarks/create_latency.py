@@ -150,11 +150,30 @@ def run(bench: Bench, results: Results, n: int, docker: tuple[Docker, str] | Non
         results.add(SECTION, "docker run -d", peer.bench_run(tag, n), boundary)
 
 
+def run_cold(bench: Bench, results: Results, n: int) -> None:
+    """The cold series alone (Fast), then `runc run -d` in the same run for the ratio."""
+    print(f"\n== cold create -> user process running (n={n}, one at a time)", flush=True)
+    bench.pool("bench", agents=1, per_agent=10)
+    _report(results, "cold", asyncio.run(_series(bench, "bench", n, ("fast",))))
+    runc = RuncBundle.unpack(bench.layout, bench.work)
+    results.add(SECTION, "runc run -d", runc.bench_run(n),
+                "runc process spawned -> exited (unpacked bundle, no containerd)")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=30, help="samples per series")
+    parser.add_argument(
+        "--cold-only", action="store_true",
+        help="only the cold series (Fast) and `runc run -d` beside it: the quick A/B of a "
+        "change to the cold create path",
+    )  # fmt: skip
     args = parser.parse_args()
     results = Results()
+    if args.cold_only:
+        with bench_server() as bench:
+            run_cold(bench, results, args.n)
+        return 0
     with bench_server() as bench, contextlib.ExitStack() as stack:
         docker = None
         if Docker.missing() is None:

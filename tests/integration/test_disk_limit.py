@@ -100,6 +100,65 @@ async def test_writes_past_the_limit_fail_inside_and_the_neighbour_is_unaffected
     assert not loop_devices_of(layers), "a loop device outlived its sandbox"
 
 
+@pytest.fixture(params=["agent", "shim"])
+async def spare_runtime(
+    containerd: ContainerdProc, demo_image: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[ContainerdRuntime]:
+    """A runtime keeping one spare layer per size (agent/runtime/spare_layers.py)."""
+    rt = ContainerdRuntime(
+        containerd.socket,
+        "fsb-disk-test",
+        [demo_image.split("/", 1)[0]],
+        state_dir=tmp_path / "runtime",
+        containerd_state=containerd.home / "state" if request.param == "shim" else None,
+        spare_layers=1,
+    )
+    await rt.pull(demo_image)
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+async def _spares_ready(runtime: ContainerdRuntime, size: int, timeout: float = 60.0) -> None:
+    async with asyncio.timeout(timeout):
+        while runtime._layers.spares.count(size) < 1:
+            await asyncio.sleep(0.05)
+
+
+async def test_a_spare_layer_limits_the_same_and_nothing_outlives_the_runtime(
+    spare_runtime: ContainerdRuntime, demo_image: str, cgroup_parent: str, tmp_path: Path
+) -> None:
+    layers = tmp_path / "runtime" / "disks"
+
+    def spec(sid: str) -> ContainerSpec:
+        return ContainerSpec(
+            id=sid, image=demo_image, log_path=str(tmp_path / f"{sid}.log"),
+            command=("sh", "-c", FILL), cgroup_parent=cgroup_parent, disk_bytes=8 * MiB,
+        )  # fmt: skip
+
+    # The first create of a size formats its own layer; the refill then makes a spare of it.
+    await spare_runtime.create(spec("disk-first"))
+    await spare_runtime.delete("disk-first", 0)
+    await _spares_ready(spare_runtime, 8 * MiB)
+    (spare,) = layers.glob(".spare-*.img")
+    try:
+        await spare_runtime.create(spec("disk-spare"))
+        # It took the spare (renamed to its own image), and the limit holds as ever.
+        assert not spare.exists()
+        out = await _output_until(tmp_path / "disk-spare.log", "alive")
+        assert "No space left on device" in out and "dd-exit=1" in out, out
+        assert (await spare_runtime.get("disk-spare")).status is ContainerStatus.RUNNING
+    finally:
+        await spare_runtime.delete("disk-spare", 0)
+    await _spares_ready(spare_runtime, 8 * MiB)
+    await spare_runtime.close()
+    # Closed: the spares are gone with it; no layer, mount or loop device is left.
+    assert not layers.exists() or list(layers.iterdir()) == []
+    assert str(layers) not in Path("/proc/self/mountinfo").read_text()
+    assert not loop_devices_of(layers), "a loop device outlived its sandbox"
+
+
 def loop_devices_of(path: Path) -> list[str]:
     """Loop devices whose backing file is `path` or under it."""
     found = []

@@ -376,6 +376,7 @@ async def run(
     owned = runtime is None
     if runtime is None:
         from fastsandbox.agent.runtime.containerd import ContainerdRuntime
+        from fastsandbox.agent.runtime.spare_layers import DEFAULT_SPARE_LAYERS
 
         runtime = ContainerdRuntime(
             settings.containerd_socket,
@@ -383,6 +384,7 @@ async def run(
             settings.insecure_registries,
             state_dir=settings.state_dir / "runtime",
             containerd_state=settings.containerd_state,
+            spare_layers=DEFAULT_SPARE_LAYERS,
         )
     try:
         await serve(SandboxManager(runtime, settings), ready=ready, stop=stop)

@@ -42,6 +42,7 @@ from typing import Protocol
 
 from fastsandbox.agent.runtime.base import Runtime
 from fastsandbox.agent.runtime.disk import WritableLayers
+from fastsandbox.agent.runtime.spare_layers import SPARE_PREFIX
 from fastsandbox.errors import FsbError
 from fastsandbox.janitor.images import ImageCollector
 from fastsandbox.janitor.scanner import Known, Reason, Seen, decide
@@ -272,6 +273,12 @@ class Janitor:
             return []
         removed = []
         for root in self.agents_dir.glob("*/runtime/disks"):
+            # Spare images (agent/runtime/spare_layers.py) an agent that died left: plain files
+            # (or a format's template dir), never mounted; a live agent skips one gone.
+            for spare in root.glob(f"{SPARE_PREFIX}*"):
+                remove = shutil.rmtree if spare.is_dir() else Path.unlink
+                if self._remove_if_old(spare, remove, "spare writable layer"):
+                    removed.append(str(spare))
             layers = WritableLayers(root)
             for container_id in layers.known():
                 if container_id in keep or not _ID.match(container_id):

@@ -10,6 +10,9 @@
  *   ro <path> <0|1>|absent    whether the mount holding <path> is read-only (statvfs)
  *   wopen <path> <errno>      open(O_WRONLY), closed without writing (ENOENT: absent)
  *   create <path> <errno>     creating a new file (removed again when it worked)
+ *   compat int80 ok|sigsys|err<N>|n/a   a 32-bit syscall (`int 0x80`, i386 getpid) made by a
+ *                             child of this 64-bit process: it returned the pid, the child was
+ *                             killed by SIGSYS, or it returned -N (n/a: not x86_64)
  *
  * Each refused syscall probe is a call that succeeds (or fails with another errno) without the
  * filter, so EPERM/ENOSYS proves the profile, not a missing capability; the test runs this same
@@ -124,6 +127,33 @@ static void masked(const char *path)
     printf("readable %s %ld\n", path, n);
 }
 
+/* A syscall through the i386 ABI from a 64-bit process, in a child (a seccomp kill takes
+ * only the thread that made it, here the child's only one). Unfiltered, on a kernel with
+ * IA32 emulation, it returns the child's pid. */
+static void compat_int80(void)
+{
+#if defined(__x86_64__)
+    pid_t pid = fork();
+    if (pid == 0) {
+        long rc = 20; /* __NR_getpid in the i386 table */
+        __asm__ volatile("int $0x80" : "+a"(rc) : : "memory");
+        _exit(rc > 0 ? 0 : (int)(-rc & 0x7f));
+    }
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) < 0)
+        printf("compat int80 err%d\n", errno);
+    else if (WIFSIGNALED(status) && WTERMSIG(status) == SIGSYS)
+        puts("compat int80 sigsys");
+    else if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        puts("compat int80 ok");
+    else
+        printf("compat int80 err%d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+#else
+    puts("compat int80 n/a");
+#endif
+    fflush(stdout);
+}
+
 int main(int argc, char **argv)
 {
     report("set_mempolicy", syscall(SYS_set_mempolicy, 0 /* MPOL_DEFAULT */, NULL, 0));
@@ -167,6 +197,7 @@ int main(int argc, char **argv)
     long rc = child < 0 ? -1 : waitpid(child, &status, 0);
     report("fork_exec_true", rc < 0 || !WIFEXITED(status) || WEXITSTATUS(status) ? -1 : 0);
 
+    compat_int80();
     status_lines();
     printf("nnp %d\n", prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0));
 

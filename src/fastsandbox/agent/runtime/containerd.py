@@ -86,6 +86,10 @@ def log_uri(spec: ContainerSpec) -> str:
     return f"binary://{quote(spec.logger_path)}?{query}"
 
 
+class _Exists(Exception):
+    """The container record exists already (`_create` made nothing)."""
+
+
 class ContainerdRuntime:
     """`Runtime` on containerd. `socket` is containerd's gRPC socket; containers live in
     `namespace`; registries in `insecure_registries` (host:port) are pulled over plain HTTP."""
@@ -105,6 +109,7 @@ class ContainerdRuntime:
         shim_group: str | None = None,
         apparmor: AppArmor | None = None,
         containerd_state: Path | None = None,
+        spare_layers: int = 0,
     ) -> None:
         self.socket = str(socket)
         self.namespace = namespace
@@ -131,7 +136,10 @@ class ContainerdRuntime:
         # containerd's state dir known: its shim mounts each sandbox's size-limited layer, so
         # the agent needs no mount privilege (agent/runtime/disk.py; a Kubernetes agent Pod).
         bundles = containerd_state / TASK_BUNDLES / namespace if containerd_state else None
-        self._layers = WritableLayers(self.state_dir / "disks", bundle_root=bundles)
+        # `spare_layers` formatted layer images per size kept ready (spare_layers.py).
+        self._layers = WritableLayers(
+            self.state_dir / "disks", bundle_root=bundles, spares=spare_layers
+        )
         # Claimed slots' records: journalled before a claim is answered, written after.
         self._claims = ClaimRecords(
             self._api, self.state_dir / "claims", f"{self.socket}|{namespace}"
@@ -170,10 +178,14 @@ class ContainerdRuntime:
 
     async def create(self, spec: ContainerSpec) -> ContainerState:
         async with self._id_locks.hold(spec.id):
-            with contextlib.suppress(NotFound):
-                await self._api.get_container(spec.id)
+            try:
+                # A create in flight: spare layers are not made meanwhile (spare_layers.py).
+                with self._layers.spares.busy():
+                    return await self._create(spec)
+            except _Exists:
+                # A retried create (or the id taken): what exists is the answer. No Get
+                # before the create: one round trip fewer on every create that is new.
                 return await self.get(spec.id)
-            return await self._create(spec)
 
     async def _create(self, spec: ContainerSpec) -> ContainerState:
         if not Path(spec.log_path).is_absolute():
@@ -230,12 +242,12 @@ class ContainerdRuntime:
         # snapshot safe from containerd's garbage collector from the moment it exists.
         # The record containerd stored (its labels, created time) is the state's container
         # half: no Get after the start, one round trip fewer on every create.
-        stored = await self._api.create_container(container)
         try:
-            mounts = await self._prepare_snapshot(spec.id, image.chain_id)
-            if spec.disk_bytes is not None:
-                layer = await self._layers.make(spec.id, spec.disk_bytes)
-                mounts = self._layers.rootfs(spec.id, mounts, layer)
+            stored = await self._api.create_container(container)
+        except AlreadyExists:
+            raise _Exists from None
+        try:
+            mounts = await self._rootfs(spec, image.chain_id)
             uri = log_uri(spec)
             Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
             created = await self._api.create_task(
@@ -265,10 +277,28 @@ class ContainerdRuntime:
         log.info("started container", extra={"sandbox": spec.id, "pid": created.pid})
         if spec.warm:
             self._warm.made(spec.id, (container, oci, image, created.pid))
-        task: pb.CtdProcess | None = None
-        with contextlib.suppress(NotFound):
-            task = await self._api.get_task(spec.id)
+        # Start answered: the task is running with the pid Create gave. No Get to learn what
+        # we know (a process that exits at once is seen stopped by the next `get`).
+        task = pb.CtdProcess(
+            id=spec.id, container_id=spec.id, pid=created.pid, status=pb.CTD_TASK_STATUS_RUNNING
+        )
         return state_of(stored if stored.id else container, task)
+
+    async def _rootfs(self, spec: ContainerSpec, chain_id: str) -> list[pb.CtdMount]:
+        """The task's rootfs mounts: the snapshot, and the size-limited layer made beside its
+        Prepare (the two do not depend on each other; each cleans up after itself and
+        `_remove` takes whatever was made)."""
+        if spec.disk_bytes is None:
+            return await self._prepare_snapshot(spec.id, chain_id)
+        try:
+            # Both finish (or clean up after themselves) before this goes on.
+            async with asyncio.TaskGroup() as tg:
+                snapshot = tg.create_task(self._prepare_snapshot(spec.id, chain_id))
+                layer = tg.create_task(self._layers.make(spec.id, spec.disk_bytes))
+        except BaseExceptionGroup as group:
+            # The caller's `except NotFound` (an image pruned) sees the error itself.
+            raise group.exceptions[0] from None
+        return self._layers.rootfs(spec.id, snapshot.result(), layer.result())
 
     async def _prepare_snapshot(self, key: str, parent: str) -> list[pb.CtdMount]:
         try:
@@ -347,6 +377,7 @@ class ContainerdRuntime:
         return process_defaults_of(spec)
 
     async def close(self) -> None:
+        await self._layers.close()
         await self._claims.close()
         await self._cleanups.close()
         await self._api.close()

@@ -8,8 +8,10 @@ file systems: a write past the limit fails inside the sandbox with ENOSPC, and o
 host's disk and other sandboxes are untouched, the sandbox keeps running.
 
 Cost: `truncate` + `mkfs.ext4` (no journal, lazy inode tables: a few hundred KiB are written) +
-`mount -o loop`, measured ~15-25 ms per create here (benchmarks/README, docs/security.md), and
-a loop device per sandbox. The image is sparse: the host pays only for what is written.
+a loop mount (in-process: `loop_mount.py`, ~1 ms; `mount -o loop` was ~7 ms), ~10 ms per create
+here (docs/performance.md, "Cold create"), and a loop device per sandbox. The image is
+sparse: the host pays only for what is written. An agent keeps a few images formatted ahead
+(`spare_layers.py`), so a cold create usually takes one by rename and skips the mkfs.
 Without a journal a host crash may leave the image unclean; the layer is scratch space that
 dies with the sandbox, so that is accepted.
 
@@ -38,6 +40,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastsandbox.agent.runtime import loop_mount
+from fastsandbox.agent.runtime.spare_layers import SPARE_PREFIX, SpareLayers
 from fastsandbox.api._proto.fastsandbox.v1 import containerd_subset_pb2 as pb
 from fastsandbox.api.quantity import MIN_DISK_BYTES
 from fastsandbox.errors import InvalidArgument, RuntimeFailure
@@ -74,13 +78,23 @@ class WritableLayers:
     """Size-limited upper dirs, one per container id, under `root` (`<id>.img`, `<id>/`)."""
 
     def __init__(
-        self, root: Path, mkfs: str = "mkfs.ext4", bundle_root: Path | None = None
+        self,
+        root: Path,
+        mkfs: str = "mkfs.ext4",
+        bundle_root: Path | None = None,
+        *,
+        spares: int = 0,
     ) -> None:
         self.root = root
         self.mkfs = mkfs
         # containerd's task bundles (`<state>/io.containerd.runtime.v2.task/<namespace>`):
         # set, the shim mounts each layer (see the module docstring); None, the agent does.
         self.bundle_root = bundle_root
+        # Loop device and mount by ioctl + mount(2) (loop_mount.py) until the host says it
+        # cannot; then by `mount -o loop`.
+        self._in_process = True
+        # Images formatted ahead, off the request path (spare_layers.py).
+        self.spares = SpareLayers(root, self._format_spare, per_size=spares)
 
     def image_path(self, container_id: str) -> Path:
         return self.root / f"{container_id}.img"
@@ -105,10 +119,9 @@ class WritableLayers:
         self.root.mkdir(parents=True, exist_ok=True)
         mnt.mkdir(exist_ok=True)
         try:
-            with image.open("wb") as f:
-                f.truncate(size_bytes)
-            await _run([self.mkfs, *_MKFS_OPTIONS, "-E", _MKFS_EXTENDED, str(image)])
-            await _run(["mount", "-o", "loop", str(image), str(mnt)])
+            if not self.spares.take(size_bytes, image):
+                await self._format(image, size_bytes, self._template(container_id))
+            await self._mount(image, mnt)
             for sub in ("upper", "work"):
                 (mnt / sub).mkdir(exist_ok=True)
         except BaseException:
@@ -116,11 +129,34 @@ class WritableLayers:
             raise
         return mnt
 
+    async def _mount(self, image: Path, mnt: Path) -> None:
+        if self._in_process:
+            try:
+                loop_mount.mount_image(str(image), str(mnt))
+                return
+            except loop_mount.Unsupported as why:
+                log.info("loop-mounting with mount(8) from now on", extra={"why": str(why)})
+                self._in_process = False
+        await _run(["mount", "-o", "loop", str(image), str(mnt)])
+
+    def _template(self, container_id: str) -> Path:
+        return self.root / f".{container_id}{_TEMPLATE}"
+
     async def _make_image(self, container_id: str, size_bytes: int) -> None:
         """The image only, with empty `upper/` and `work/` in it, for the shim to mount."""
         image = self.image_path(container_id)
-        template = self.root / f".{container_id}{_TEMPLATE}"
         self.root.mkdir(parents=True, exist_ok=True)
+        if not self.spares.take(size_bytes, image):
+            await self._format(image, size_bytes, self._template(container_id))
+
+    async def _format_spare(self, image: Path, size_bytes: int) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        await self._format(image, size_bytes, image.with_suffix(_TEMPLATE))
+
+    async def _format(self, image: Path, size_bytes: int, template: Path) -> None:
+        """A sparse ext4 image of exactly `size_bytes` at `image`, with empty `upper/` and
+        `work/` (from `template`, a scratch directory removed after); nothing left when it
+        fails."""
         try:
             for sub in ("upper", "work"):
                 (template / sub).mkdir(parents=True, exist_ok=True)
@@ -155,9 +191,9 @@ class WritableLayers:
         if mnt.is_mount():
             # Lazy: the task's overlay may still hold it for a moment; the loop device is freed
             # with its last user.
-            await _run(["umount", "-l", str(mnt)])
+            loop_mount.unmount_lazy(str(mnt))
             existed = True
-        for leftover in (mnt, self.root / f".{container_id}{_TEMPLATE}"):
+        for leftover in (mnt, self._template(container_id)):
             if leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
                 existed = True
@@ -166,14 +202,18 @@ class WritableLayers:
             existed = True
         return existed
 
+    async def close(self) -> None:
+        """Stop making spares and delete them (the layers in use stay with their containers)."""
+        await self.spares.close()
+
     def known(self) -> list[str]:
         """Container ids that have a layer here (for the janitor's orphan sweep)."""
         if not self.root.is_dir():
             return []
-        ids = {p.stem for p in self.root.glob("*.img")}
+        ids = {p.stem for p in self.root.glob("*.img") if not p.name.startswith(SPARE_PREFIX)}
         for p in self.root.iterdir():
-            if not p.is_dir():
-                continue
+            if not p.is_dir() or p.name.startswith(SPARE_PREFIX):
+                continue  # a spare's template: the spares' own sweep takes it
             name = p.name
             if name.startswith(".") and name.endswith(_TEMPLATE):
                 # An image's template an agent left when it died in `make`.

@@ -28,8 +28,11 @@ differences, each stricter:
   userfaultfd widens kernel race windows).
 - `socket` is allowed only for AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK; every other family
   (AF_PACKET, AF_VSOCK, AF_ALG, AF_KEY, AF_BLUETOOTH, ...) fails with EPERM. `socketcall` (the
-  32-bit multiplexer, whose arguments live in memory seccomp cannot read) is refused, so 32-bit
-  programs must use the direct socket syscalls, which are filtered.
+  32-bit multiplexer, whose arguments live in memory seccomp cannot read) is refused by name too.
+- Only the native ABI is listed (Docker lists x86, x32 / ARM as well): a syscall through any
+  other ABI (`int 0x80` from a 64-bit process, a 32-bit binary, x32) **kills the thread** that
+  made it (libseccomp's bad-architecture action, which runc keeps), so no 32-bit syscall
+  table is reachable at all. 32-bit binaries do not run in a sandbox.
 - `clone` is allowed only without namespace flags; `clone3` fails with ENOSYS (its flags live in
   memory seccomp cannot inspect), so libc falls back to `clone`.
 - `personality` is allowed only for the values Docker allows (PER_LINUX, UNAME26,
@@ -169,9 +172,15 @@ CLONE_NAMESPACE_MASK = 0
 for _flag in CLONE_NAMESPACE_FLAGS.values():
     CLONE_NAMESPACE_MASK |= _flag
 
+# The native ABI only. A syscall made through another ABI (int 0x80 or sysenter from a 64-bit
+# process: the i386 table; x32; AArch32) matches no architecture of the filter, so libseccomp's
+# bad-architecture action applies: SCMP_ACT_KILL_THREAD, which runc leaves as it is (its ENOSYS
+# stub covers only the listed architectures). Hostile code gets no second, 32-bit syscall table
+# (with `socketcall`, `ipc`, old calls the 64-bit table lacks) to slip past the rules. Listing
+# one architecture also makes runc's filter compile 8-12 ms faster on every create.
 _ARCHITECTURES = {
-    "x86_64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-    "aarch64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+    "x86_64": ["SCMP_ARCH_X86_64"],
+    "aarch64": ["SCMP_ARCH_AARCH64"],
 }
 
 
