@@ -194,6 +194,10 @@ class Channel:
         self._spares: list[tuple[str, DataConnection, _Control]] = []
         self._park = True  # False once the supervisor says it has no `park`
         self._parking: asyncio.Task[None] | None = None
+        # Every accepted connection until its handler ends (a handshake in progress too): closed
+        # with the channel, so none outlives it (a supervisor parks data connections at any time).
+        self._accepted: set[asyncio.StreamWriter] = set()
+        self._closed = False
 
     @property
     def socket_path(self) -> Path:
@@ -216,9 +220,12 @@ class Channel:
             raise
 
     async def close(self) -> None:
+        self._closed = True
         if self._server is not None:
             self._server.close()
             self._server = None
+        for writer in list(self._accepted):
+            writer.close()
         if self._control is not None:
             self._control.lose()
         if self._parking is not None:
@@ -362,6 +369,18 @@ class Channel:
         return future is not None and not future.done()
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closed:  # accepted just before the listener closed
+            writer.close()
+            return
+        self._accepted.add(writer)
+        try:
+            await self._serve_connection(reader, writer)
+        finally:
+            self._accepted.discard(writer)
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             hello = await accept(
                 reader,
