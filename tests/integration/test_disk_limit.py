@@ -27,23 +27,33 @@ MiB = 1 << 20
 FILL = "dd if=/dev/zero of=/fill bs=1M count=24 2>&1; echo dd-exit=$?; echo alive; sleep 600"
 
 
-@pytest.fixture(params=["agent", "shim"])
-async def runtime(
-    containerd: ContainerdProc, demo_image: str, tmp_path: Path, request: pytest.FixtureRequest
+@contextlib.asynccontextmanager
+async def _disk_runtime(
+    containerd: ContainerdProc, demo_image: str, tmp_path: Path, mode: str, spare_layers: int = 0
 ) -> AsyncIterator[ContainerdRuntime]:
+    """`mode`: who mounts the layer, "agent" or "shim" (the Pod shape)."""
     rt = ContainerdRuntime(
         containerd.socket,
         "fsb-disk-test",
         [demo_image.split("/", 1)[0]],
         state_dir=tmp_path / "runtime",
         # tests/infra.py's containerd layout: state next to the socket.
-        containerd_state=containerd.home / "state" if request.param == "shim" else None,
+        containerd_state=containerd.home / "state" if mode == "shim" else None,
+        spare_layers=spare_layers,
     )
     await rt.pull(demo_image)
     try:
         yield rt
     finally:
         await rt.close()
+
+
+@pytest.fixture(params=["agent", "shim"])
+async def runtime(
+    containerd: ContainerdProc, demo_image: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[ContainerdRuntime]:
+    async with _disk_runtime(containerd, demo_image, tmp_path, request.param) as rt:
+        yield rt
 
 
 async def _output_until(path: Path, needle: str, timeout: float = 60.0) -> str:
@@ -105,19 +115,8 @@ async def spare_runtime(
     containerd: ContainerdProc, demo_image: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[ContainerdRuntime]:
     """A runtime keeping one spare layer per size (agent/runtime/spare_layers.py)."""
-    rt = ContainerdRuntime(
-        containerd.socket,
-        "fsb-disk-test",
-        [demo_image.split("/", 1)[0]],
-        state_dir=tmp_path / "runtime",
-        containerd_state=containerd.home / "state" if request.param == "shim" else None,
-        spare_layers=1,
-    )
-    await rt.pull(demo_image)
-    try:
+    async with _disk_runtime(containerd, demo_image, tmp_path, request.param, 1) as rt:
         yield rt
-    finally:
-        await rt.close()
 
 
 async def _spares_ready(runtime: ContainerdRuntime, size: int, timeout: float = 60.0) -> None:
