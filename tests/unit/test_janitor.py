@@ -455,3 +455,34 @@ async def test_a_writable_layer_without_its_container_goes_once_old(tmp_path: Pa
     assert report.layers_removed == [str(disks / "gone")]
     assert not (disks / "gone").exists() and not (disks / "gone.img").exists()
     assert (disks / "live.img").exists() and (disks / "fresh.img").exists()
+
+
+async def test_spare_layer_images_an_agent_left_go_once_old(tmp_path: Path) -> None:
+    """Spares (agent/runtime/spare_layers.py: formatted images, or a format's template dir) of
+    an agent that died: old ones go, a fresh one (a live agent's, being made) stays."""
+    from fastsandbox.agent.runtime.spare_layers import SPARE_PREFIX
+
+    rt, clock = FakeRuntime(), Clock()
+    disks = tmp_path / "agents" / "a1" / "runtime" / "disks"
+    disks.mkdir(parents=True)
+    old_image, old_dir, fresh = (
+        disks / f"{SPARE_PREFIX}1-a.img",
+        disks / f"{SPARE_PREFIX}1-b",
+        disks / f"{SPARE_PREFIX}1-c.img",
+    )
+    old_image.write_bytes(b"")
+    (old_dir / "lost+found").mkdir(parents=True)
+    fresh.write_bytes(b"")
+    age(old_image, TIMEOUT + 1)
+    age(old_dir, TIMEOUT + 1)
+    j = Janitor(
+        rt,
+        Known_({"a1"}, set()),
+        orphan_timeout=TIMEOUT,
+        interval=1,
+        agents_dir=tmp_path / "agents",
+        clock=clock,
+    )
+    report = await j.scan()
+    assert sorted(report.layers_removed) == sorted([str(old_image), str(old_dir)])
+    assert not old_image.exists() and not old_dir.exists() and fresh.exists()
