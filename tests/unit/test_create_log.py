@@ -1,6 +1,6 @@
-"""A Create's "sandbox created" line is written once the answer has left (so the caller does not
-wait for its formatting), and is still written, with the sandbox, its agent and its time — over
-a real gRPC server."""
+"""A Create's "sandbox created" line, now written once the answer has left (so the caller does
+not wait for its formatting), is still written once, with the sandbox, its agent and its time —
+over a real gRPC server. That it comes after the reply is not asserted: only a timing could."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ async def stub(tmp_path: Path) -> AsyncIterator[fastpath_pb2_grpc.FastPathStub]:
         await store.close()
 
 
-async def test_the_created_line_is_logged_after_the_answer(
+async def test_the_created_line_is_still_logged_once_with_its_fields(
     stub: fastpath_pb2_grpc.FastPathStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=SERVICE_LOGGER)
